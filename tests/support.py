@@ -1,0 +1,177 @@
+"""Test helpers: a stand-in gateway that writes its database, and a real redis-server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from usage_service.demo import GATEWAY_SCHEMA, new_key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    key: str  # as stored, without "sk-"
+    user_id: int
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer sk-{self.key}"}
+
+
+class Gateway:
+    """Writes a new-api database the way the gateway does: short autocommit transactions."""
+
+    def __init__(self, path: Path, *, schema: str = GATEWAY_SCHEMA, journal_mode: str = "delete") -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self.db.execute(f"PRAGMA journal_mode={journal_mode}")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone():
+            self.db.executescript(schema)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add_user(self, *, status: int = 1, deleted: bool = False, quota: int = 0) -> int:
+        cur = self.db.execute(
+            "INSERT INTO users (username, password, status, quota, deleted_at) VALUES (?, '!', ?, ?, ?)",
+            (f"user{time.monotonic_ns()}", status, quota, "2024-01-01 00:00:00" if deleted else None),
+        )
+        return int(cur.lastrowid or 0)
+
+    def add_token(
+        self,
+        *,
+        user_id: int | None = None,
+        key: str | None = None,
+        name: str = "my token",
+        status: int = 1,
+        remain: int = 1000,
+        used: int = 0,
+        unlimited: object = 0,
+        model_limits_enabled: object = 0,
+        model_limits: str | None = "",
+        expired_time: int | None = -1,
+        deleted: bool = False,
+    ) -> Token:
+        if user_id is None:
+            user_id = self.add_user()
+        key = key or new_key()
+        cur = self.db.execute(
+            "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time, remain_quota,"
+            " used_quota, unlimited_quota, model_limits_enabled, model_limits, deleted_at)"
+            " VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                user_id,
+                key,
+                status,
+                name,
+                expired_time,
+                remain,
+                used,
+                unlimited,
+                model_limits_enabled,
+                model_limits,
+                "2024-01-01 00:00:00" if deleted else None,
+            ),
+        )
+        return Token(int(cur.lastrowid or 0), key, user_id)
+
+    def update_token(self, token: Token, **columns: object) -> None:
+        sets = ", ".join(f"`{name}` = ?" for name in columns)
+        self.db.execute(f"UPDATE tokens SET {sets} WHERE id = ?", (*columns.values(), token.id))
+
+    def update_user(self, user_id: int, **columns: object) -> None:
+        sets = ", ".join(f"`{name}` = ?" for name in columns)
+        self.db.execute(f"UPDATE users SET {sets} WHERE id = ?", (*columns.values(), user_id))
+
+    def charge(self, token: Token, amount: int) -> None:
+        """Bill a relay request against a token, as the gateway does."""
+        self.db.execute(
+            "UPDATE tokens SET remain_quota = remain_quota - ?, used_quota = used_quota + ?, accessed_time = ?"
+            " WHERE id = ?",
+            (amount, amount, int(time.time()), token.id),
+        )
+
+    @contextlib.contextmanager
+    def exclusive_lock(self) -> Iterator[None]:
+        """Hold an exclusive write transaction, as a gateway migration would."""
+        lock = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            lock.execute("UPDATE tokens SET accessed_time = accessed_time")
+            yield
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, which tests may stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed; run scripts/test, which installs it")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [*args, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def environ_without_gateway_settings() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in list(env):
+        if name.startswith("USAGE_") or name in ("SQL_DSN", "SQLITE_PATH", "REDIS_CONN_STRING", "PORT"):
+            del env[name]
+    return env

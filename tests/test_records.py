@@ -1,0 +1,131 @@
+"""The record: how it reads gateway columns, renders the usage body and survives the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+import pytest
+
+from usage_service.records import (
+    CorruptCacheValue,
+    TokenRecord,
+    as_bool,
+    as_int,
+    decode_cached,
+    encode_cached,
+    parse_model_limits,
+)
+
+RECORD = TokenRecord(7, 3, "ci", 1, 1893456000, 900, 100, False, True, ("gpt-4o", "o3"), 1)
+
+
+@pytest.mark.parametrize(
+    ("column", "expected"),
+    [
+        pytest.param(None, (), id="null"),
+        pytest.param("", (), id="empty"),
+        pytest.param("gpt-4o", ("gpt-4o",), id="one"),
+        pytest.param("gpt-4o,o3", ("gpt-4o", "o3"), id="two"),
+        pytest.param(" gpt-4o , o3 ,", ("gpt-4o", "o3"), id="spaces-and-trailing-comma"),
+        pytest.param(",,", (), id="only-commas"),
+        pytest.param("a,a", ("a",), id="duplicates"),
+        pytest.param(42, (), id="not-text"),
+    ],
+)
+def test_parse_model_limits(column: object, expected: tuple[str, ...]) -> None:
+    assert parse_model_limits(column) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1, True),
+        (0, False),
+        (None, False),
+        ("1", True),
+        ("0", False),
+        ("true", True),
+        ("false", False),
+        ("t", True),
+        (b"1", True),
+        (1.0, True),
+        (True, True),
+    ],
+)
+def test_as_bool(value: object, expected: bool) -> None:
+    assert as_bool(value) is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(5, 5), (None, 0), ("12", 12), ("x", 0), (2.9, 2), (float("nan"), 0), (2**63 - 1, 2**63 - 1)],
+)
+def test_as_int(value: object, expected: int) -> None:
+    assert as_int(value) == expected
+
+
+def test_usage_body_has_exactly_the_contract_fields() -> None:
+    body = orjson.loads(RECORD.usage_body)
+    assert body == {
+        "code": True,
+        "message": "ok",
+        "data": {
+            "object": "token_usage",
+            "name": "ci",
+            "total_granted": 1000,
+            "total_used": 100,
+            "total_available": 900,
+            "unlimited_quota": False,
+            "model_limits": {"gpt-4o": True, "o3": True},
+            "model_limits_enabled": True,
+            "expires_at": 1893456000,
+        },
+    }
+
+
+def test_never_expires_is_reported_as_zero() -> None:
+    assert orjson.loads(dataclasses.replace(RECORD, expired_time=-1).usage_body)["data"]["expires_at"] == 0
+
+
+def test_quotas_are_64_bit_and_negative_remain_passes_through() -> None:
+    record = dataclasses.replace(RECORD, remain_quota=-(2**40), used_quota=2**62, unlimited_quota=True)
+    data = orjson.loads(record.usage_body)["data"]
+    assert data["total_available"] == -(2**40)
+    assert data["total_used"] == 2**62
+    assert data["total_granted"] == 2**62 - 2**40
+
+
+def test_etag_follows_the_body() -> None:
+    same = dataclasses.replace(RECORD)
+    changed = dataclasses.replace(RECORD, remain_quota=899)
+    assert RECORD.usage_etag == same.usage_etag
+    assert RECORD.usage_etag != changed.usage_etag
+    assert RECORD.usage_etag.startswith(b'"') and RECORD.usage_etag.endswith(b'"')
+
+
+@pytest.mark.parametrize("record", [RECORD, None], ids=["record", "unknown-key"])
+def test_cache_round_trip(record: TokenRecord | None) -> None:
+    assert decode_cached(encode_cached(record, 1700000000.5)) == (record, 1700000000.5)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\x80\x81", id="binary"),
+        pytest.param(b"{}", id="object"),
+        pytest.param(b"[1, 2]", id="short"),
+        pytest.param(b"[99, 1.0, null]", id="other-format"),
+        pytest.param(b'[1, "x", null]', id="bad-time"),
+        pytest.param(b"[1, 1.0, [1]]", id="few-fields"),
+        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [], "1"]]', id="string-status"),
+        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, 0, false, [], 1]]', id="int-for-bool"),
+        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [3], 1]]', id="bad-limits"),
+        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 99999999999999999999, 1, false, false, [], 1]]', id="huge"),
+        pytest.param(b'{"id": 1, "key": "abc"}', id="foreign-json"),
+    ],
+)
+def test_corrupt_cache_values_are_rejected(raw: bytes) -> None:
+    with pytest.raises(CorruptCacheValue):
+        decode_cached(raw)

@@ -1,0 +1,80 @@
+"""The ASGI application: middleware, routes, and the lifespan that owns the connections."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+
+from ._circuit import CircuitBreaker
+from .auth import TokenAuthMiddleware
+from .cache import RedisCache
+from .config import Settings, load_settings
+from .lookup import TokenLookup
+from .routes import http_error, routes, server_error
+from .store import open_store
+
+logger = logging.getLogger("usage_service")
+
+# Consecutive Redis failures that open the circuit: one stale connection after a Redis restart
+# must not, three refused connections in a row should.
+REDIS_FAILURE_THRESHOLD = 3
+# Connections per worker; a burst of misses waits for one rather than opening hundreds.
+REDIS_MAX_CONNECTIONS = 32
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the application; connections are opened by its lifespan, not here."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = await open_store(settings)
+        redis = _open_redis(settings)
+        if redis is not None and not await redis.ping():
+            logger.warning("redis does not answer at start; serving from the database until it does")
+        app.state.store = store
+        app.state.redis = redis
+        app.state.lookup = TokenLookup(store, redis, settings)
+        try:
+            yield
+        finally:
+            if redis is not None:
+                await redis.close()
+            await store.close()
+
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(TokenAuthMiddleware, retry_after=settings.retry_after)],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+
+
+def create_app_from_env() -> Starlette:
+    """Factory for uvicorn workers: each process reads the same environment."""
+    return create_app(load_settings())
+
+
+def _open_redis(settings: Settings) -> RedisCache | None:
+    if settings.redis_url is None:
+        return None
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=settings.redis_timeout,  # waiting for a free connection
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        # One immediate retry replaces a pooled connection that died with a Redis restart;
+        # the caller's timeout still bounds the whole call.
+        retry=Retry(NoBackoff(), 1),
+    )
+    client = Redis.from_pool(pool)
+    breaker = CircuitBreaker(REDIS_FAILURE_THRESHOLD, settings.redis_cooldown)
+    return RedisCache(client, prefix=settings.redis_prefix, timeout=settings.redis_timeout, breaker=breaker)

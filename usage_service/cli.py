@@ -1,0 +1,117 @@
+"""The `usage-service` command: check the configuration, then hand over to uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from . import __version__
+from .config import VARIABLES, ConfigError, Settings, check_database_file, load_settings
+from .demo import DEMO_DB, ensure_demo_db
+from .store import SchemaError, open_store
+
+logger = logging.getLogger("usage_service")
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    variables = "\n".join(f"  {name:<26} default {default}: {text}" for name, default, text in VARIABLES)
+    parser = argparse.ArgumentParser(
+        prog="usage-service",
+        description="Answer new-api's GET /api/usage/token from the gateway's database, through Redis "
+        "and an in-process cache. The database is opened read-only.",
+        epilog=f"environment variables:\n{variables}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", default=None, help="port to listen on (default: $PORT or 3001)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default: 1)")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"serve ./{DEMO_DB} (created in the gateway's schema with one token if missing) "
+        "instead of SQLITE_PATH, and print a curl line for the demo token",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        port = _port(args.port)
+        if args.workers < 1:
+            raise ConfigError("--workers: expected 1 or more")
+        demo_key = None
+        if args.demo:
+            demo_key = ensure_demo_db(DEMO_DB)
+            # The workers read the same environment: point them at the demo file.
+            os.environ["SQL_DSN"] = ""
+            os.environ["SQLITE_PATH"] = str(DEMO_DB.resolve())
+        settings = load_settings()
+        check_database_file(settings)
+        asyncio.run(_check_schema(settings))
+    except (ConfigError, SchemaError) as exc:
+        print(f"usage-service: error: {exc}", file=sys.stderr)
+        return 2
+
+    if settings.redis_url is None:
+        logger.info("REDIS_CONN_STRING is not set: caching in-process only")
+    if demo_key is not None:
+        print(
+            f"usage-service demo: database {DEMO_DB.resolve()}\n"
+            f"  curl -s http://127.0.0.1:{port}/api/usage/token -H 'Authorization: Bearer sk-{demo_key}'",
+            flush=True,
+        )
+    uvicorn.run(
+        "usage_service.app:create_app_from_env",
+        factory=True,
+        host=args.host,
+        port=port,
+        workers=args.workers,
+        log_level=args.log_level,
+        log_config=_uvicorn_log_config(args.log_level),
+        # uvicorn's access line would carry query strings verbatim; keys must never reach a log.
+        access_log=False,
+        server_header=False,
+    )
+    return 0
+
+
+def _port(flag: str | None) -> int:
+    raw, name = (flag, "--port") if flag is not None else (os.environ.get("PORT", "") or "3001", "PORT")
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a port number (got {raw!r})") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}: expected a port number between 1 and 65535 (got {port})")
+    return port
+
+
+async def _check_schema(settings: Settings) -> None:
+    # Fail here, with one line, rather than inside every worker's lifespan with a traceback.
+    store = await open_store(settings)
+    await store.close()
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(message)s", stream=sys.stderr)
+
+
+def _uvicorn_log_config(level: str) -> dict[str, Any]:
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["usage_service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config

@@ -1,0 +1,175 @@
+"""Configuration, read from the environment in one place.
+
+The gateway's own variables (``SQL_DSN``, ``SQLITE_PATH``, ``REDIS_CONN_STRING``) locate its
+database and Redis, so the sidecar drops in beside an existing deployment; everything of our
+own is prefixed ``USAGE_``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names the variable and is meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    sqlite_path: Path = Path("one-api.db")
+    # Secret (may carry a password): kept out of repr.
+    redis_url: str | None = field(default=None, repr=False)
+    cache_ttl: float = 5.0
+    local_ttl: float = 1.0
+    local_cache_size: int = 100_000
+    negative_ttl: float = 5.0
+    negative_cache_size: int = 20_000
+    redis_timeout: float = 0.25
+    redis_cooldown: float = 5.0
+    redis_prefix: str = "usage:"
+    db_timeout: float = 2.0
+    db_pool_size: int = 4
+    retry_after: int = 1
+
+    @property
+    def redis_configured(self) -> bool:
+        return self.redis_url is not None
+
+
+# (variable, default, description) for every variable; `--help` and the README print this.
+VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("SQL_DSN", "(empty)", "gateway database DSN; empty or 'local…' means SQLite (PostgreSQL/MySQL not supported yet)"),
+    ("SQLITE_PATH", "one-api.db", "gateway SQLite file, opened read-only; a '?query' suffix is accepted and ignored"),
+    ("REDIS_CONN_STRING", "(unset)", "redis:// or rediss:// URL; unset runs on the in-process cache alone"),
+    ("PORT", "3001", "listen port (same as --port)"),
+    ("USAGE_CACHE_TTL", "5", "seconds a token record may be served from cache (Redis and in-process)"),
+    ("USAGE_LOCAL_TTL", "1", "seconds a record stays in the in-process layer (capped at USAGE_CACHE_TTL)"),
+    ("USAGE_LOCAL_CACHE_SIZE", "100000", "max records in the in-process layer per worker"),
+    ("USAGE_NEGATIVE_TTL", "5", "seconds an unknown key is remembered as unknown (0 disables)"),
+    ("USAGE_NEGATIVE_CACHE_SIZE", "20000", "max unknown keys remembered in-process per worker"),
+    ("USAGE_REDIS_TIMEOUT", "0.25", "seconds any Redis call may take before the database is asked instead"),
+    ("USAGE_REDIS_COOLDOWN", "5", "seconds Redis is left alone after it failed, before one probe"),
+    ("USAGE_REDIS_PREFIX", "usage:", "prefix of every key the service writes to Redis"),
+    ("USAGE_DB_TIMEOUT", "2", "seconds a query waits on a locked database before answering 503"),
+    ("USAGE_DB_POOL_SIZE", "4", "read-only database connections per worker"),
+    ("USAGE_RETRY_AFTER", "1", "Retry-After seconds sent with 503 answers"),
+)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build validated settings from the environment; raise ConfigError naming the bad variable."""
+    env = os.environ if environ is None else environ
+
+    dsn = env.get("SQL_DSN", "").strip()
+    if dsn and not dsn.startswith("local"):
+        engine = "PostgreSQL" if dsn.startswith(("postgres://", "postgresql://")) else "MySQL"
+        raise ConfigError(f"SQL_DSN: {engine} gateways are not supported yet; unset SQL_DSN to read SQLITE_PATH")
+
+    sqlite_path = _sqlite_path(env.get("SQLITE_PATH", "") or "one-api.db")
+    redis_url = _redis_url(env.get("REDIS_CONN_STRING", "").strip())
+
+    cache_ttl = _read(env, "USAGE_CACHE_TTL", 5.0, _seconds(minimum=0.001))
+    local_ttl = min(_read(env, "USAGE_LOCAL_TTL", 1.0, _seconds(minimum=0.0)), cache_ttl)
+    prefix = env.get("USAGE_REDIS_PREFIX", "usage:")
+    if not prefix or any(c.isspace() for c in prefix):
+        raise ConfigError("USAGE_REDIS_PREFIX: must be non-empty and contain no spaces")
+
+    return Settings(
+        sqlite_path=sqlite_path,
+        redis_url=redis_url,
+        cache_ttl=cache_ttl,
+        local_ttl=local_ttl,
+        local_cache_size=_read(env, "USAGE_LOCAL_CACHE_SIZE", 100_000, _count(minimum=1)),
+        negative_ttl=_read(env, "USAGE_NEGATIVE_TTL", 5.0, _seconds(minimum=0.0)),
+        negative_cache_size=_read(env, "USAGE_NEGATIVE_CACHE_SIZE", 20_000, _count(minimum=1)),
+        redis_timeout=_read(env, "USAGE_REDIS_TIMEOUT", 0.25, _seconds(minimum=0.001)),
+        redis_cooldown=_read(env, "USAGE_REDIS_COOLDOWN", 5.0, _seconds(minimum=0.0)),
+        redis_prefix=prefix,
+        db_timeout=_read(env, "USAGE_DB_TIMEOUT", 2.0, _seconds(minimum=0.0)),
+        db_pool_size=_read(env, "USAGE_DB_POOL_SIZE", 4, _count(minimum=1, maximum=64)),
+        retry_after=_read(env, "USAGE_RETRY_AFTER", 1, _count(minimum=0)),
+    )
+
+
+def check_database_file(settings: Settings) -> None:
+    """Fail start-up when the database file is missing: never let SQLite create an empty one."""
+    path = settings.sqlite_path
+    if not path.exists():
+        raise ConfigError(f"SQLITE_PATH: database file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"SQLITE_PATH: {str(path)!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"SQLITE_PATH: database file {str(path)!r} is not readable")
+
+
+def _sqlite_path(value: str) -> Path:
+    # The gateway's driver takes connection options after '?', e.g. one-api.db?_busy_timeout=30000.
+    # They tune the gateway's writers; we open our own read-only connections and ignore them.
+    path = value.split("?", 1)[0].strip()
+    if path.startswith("file:"):
+        path = path[len("file:") :]
+    if not path:
+        raise ConfigError(f"SQLITE_PATH: {value!r} names no file")
+    return Path(path)
+
+
+def _redis_url(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_CONN_STRING: malformed URL ({exc})") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"REDIS_CONN_STRING: expected a redis://, rediss:// or unix:// URL, got scheme {parts.scheme!r}"
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("REDIS_CONN_STRING: the URL names no host")
+    return value
+
+
+def _read(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc} (got {raw!r})") from None
+
+
+def _seconds(minimum: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number of seconds") from None
+        if not math.isfinite(value) or value < minimum:
+            raise ValueError(f"expected a finite number of seconds >= {minimum:g}")
+        return value
+
+    return parse
+
+
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"expected a whole number {bound}")
+        return value
+
+    return parse

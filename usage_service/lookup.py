@@ -1,0 +1,119 @@
+"""Resolve a token key to its record: in-process layer → Redis → the gateway's database.
+
+Also: a negative cache for unknown keys, and single flight, so concurrent misses for one key
+in one process cost one trip down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from .cache import LocalCache, RedisCache, key_digest
+from .config import Settings
+from .records import TokenRecord, encode_cached
+from .store import TokenStore
+
+
+@dataclass
+class LookupStats:
+    """Where answers came from since start (read by tests, benchmarks and later metrics)."""
+
+    local_hits: int = 0
+    negative_hits: int = 0
+    redis_hits: int = 0
+    db_reads: int = 0
+    coalesced: int = 0  # requests that waited on another request's trip down
+
+
+class _NotFound:
+    """The negative cache's value: this key is known not to exist."""
+
+
+_NOT_FOUND = _NotFound()
+
+
+class TokenLookup:
+    def __init__(self, store: TokenStore, redis: RedisCache | None, settings: Settings) -> None:
+        self.store = store
+        self.redis = redis
+        self.cache_ttl = settings.cache_ttl
+        self.local_ttl = settings.local_ttl
+        self.negative_ttl = settings.negative_ttl
+        self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
+        self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
+        self.stats = LookupStats()
+        self._inflight: dict[bytes, asyncio.Task[TokenRecord | None]] = {}
+
+    async def resolve(self, key: str) -> TokenRecord | None:
+        """Return the record for a key (without 'sk-'), or None when no live token has it.
+
+        Raises StoreUnavailable when the answer is in no cache and the database cannot give it.
+        """
+        digest = key_digest(key)
+        now = time.monotonic()
+        record = self.local.get(digest, now)
+        if record is not None:
+            self.stats.local_hits += 1
+            return record
+        if self.negative.get(digest, now) is not None:
+            self.stats.negative_hits += 1
+            return None
+
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._load(key, digest))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda t: self._finished(digest, t))
+        else:
+            self.stats.coalesced += 1
+        # Shielded: a client that goes away must not cancel the trip others are waiting on.
+        return await asyncio.shield(task)
+
+    def forget(self, digest: bytes) -> None:
+        """Drop a key's in-process entries, so the next request reads a lower layer."""
+        self.local.discard(digest)
+        self.negative.discard(digest)
+
+    def _finished(self, digest: bytes, task: asyncio.Task[TokenRecord | None]) -> None:
+        if self._inflight.get(digest) is task:
+            del self._inflight[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an error nobody awaited is not reported as lost
+
+    async def _load(self, key: str, digest: bytes) -> TokenRecord | None:
+        if self.redis is not None:
+            cached = await self.redis.get(digest)
+            if cached is not None:
+                record, fetched_at = cached
+                ttl = self.cache_ttl if record is not None else self.negative_ttl
+                remaining = fetched_at + ttl - time.time()
+                # Another instance's clock may run ahead; an entry already past its TTL is a miss.
+                if remaining > 0:
+                    self.stats.redis_hits += 1
+                    self._remember(digest, record, remaining)
+                    return record
+
+        self.stats.db_reads += 1
+        record = await self.store.fetch(key)
+        fetched_at = time.time()
+        self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
+        if self.redis is not None:
+            if record is not None:
+                await self.redis.set(digest, encode_cached(record, fetched_at), self.cache_ttl)
+            elif self.negative_ttl > 0:
+                await self.redis.set(digest, encode_cached(None, fetched_at), self.negative_ttl)
+        return record
+
+    def _remember(self, digest: bytes, record: TokenRecord | None, remaining: float) -> None:
+        """Keep a record in-process for the local TTL, never beyond what is left of its cache TTL."""
+        now = time.monotonic()
+        if record is not None:
+            ttl = min(self.local_ttl, remaining)
+            if ttl > 0:
+                self.local.put(digest, record, now + ttl)
+            self.negative.discard(digest)
+        elif remaining > 0:
+            self.negative.put(digest, _NOT_FOUND, now + remaining)
+            self.local.discard(digest)

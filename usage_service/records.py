@@ -1,0 +1,147 @@
+"""What the service knows about one token: its record, how it is cached, how it is shown."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import orjson
+
+# new-api's token and user statuses.
+TOKEN_ENABLED, TOKEN_DISABLED, TOKEN_EXPIRED, TOKEN_EXHAUSTED = 1, 2, 3, 4
+USER_ENABLED = 1
+
+# Bumped whenever the cached layout changes, so old and new workers never misread each other.
+CACHE_FORMAT = 1
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True, eq=True)
+class TokenRecord:
+    """A token joined with its owner, as read from the gateway's database (never its key)."""
+
+    id: int
+    user_id: int
+    name: str
+    status: int
+    expired_time: int  # Unix seconds; -1 means never
+    remain_quota: int
+    used_quota: int
+    unlimited_quota: bool
+    model_limits_enabled: bool
+    model_limits: tuple[str, ...]
+    user_status: int
+
+    def usage_data(self) -> dict[str, Any]:
+        """Return the `data` object of GET /api/usage/token."""
+        return {
+            "object": "token_usage",
+            "name": self.name,
+            "total_granted": self.used_quota + self.remain_quota,
+            "total_used": self.used_quota,
+            "total_available": self.remain_quota,
+            "unlimited_quota": self.unlimited_quota,
+            "model_limits": {model: True for model in self.model_limits},
+            "model_limits_enabled": self.model_limits_enabled,
+            "expires_at": 0 if self.expired_time == -1 else self.expired_time,
+        }
+
+    # Rendered once per record, not per request: a polled record is served many times unchanged.
+    @cached_property
+    def usage_body(self) -> bytes:
+        return orjson.dumps({"code": True, "message": "ok", "data": self.usage_data()})
+
+    @cached_property
+    def usage_etag(self) -> bytes:
+        return b'"' + hashlib.blake2b(self.usage_body, digest_size=12).hexdigest().encode() + b'"'
+
+
+def parse_model_limits(value: object) -> tuple[str, ...]:
+    """Split the gateway's comma-separated model list, trimming spaces and dropping empty entries."""
+    if not isinstance(value, str) or not value:
+        return ()
+    return tuple(dict.fromkeys(m for m in (part.strip() for part in value.split(",")) if m))
+
+
+def as_bool(value: object) -> bool:
+    """Read a gateway boolean: 1/0 in numeric columns, occasionally 'true'/'false' text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str | bytes):
+        text = value.decode() if isinstance(value, bytes) else value
+        return text.strip().lower() in ("1", "t", "true", "y", "yes")
+    return False
+
+
+def as_int(value: object, default: int = 0) -> int:
+    """Read an integer column defensively: NULL and junk become the default, floats are truncated."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value == value and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, str | bytes):
+        try:
+            return int(value)
+        except ValueError:
+            return default
+    return default
+
+
+# --- the cached form -----------------------------------------------------------------------
+# A cache value is `[format, fetched_at, record-or-null]`: compact, versioned and carrying the
+# time the database was read, so that no layer serves a record older than USAGE_CACHE_TTL.
+
+
+class CorruptCacheValue(ValueError):
+    """A cached value this version cannot read (corrupt, foreign, or another format)."""
+
+
+def encode_cached(record: TokenRecord | None, fetched_at: float) -> bytes:
+    if record is None:
+        return orjson.dumps([CACHE_FORMAT, fetched_at, None])
+    fields = [
+        record.id,
+        record.user_id,
+        record.name,
+        record.status,
+        record.expired_time,
+        record.remain_quota,
+        record.used_quota,
+        record.unlimited_quota,
+        record.model_limits_enabled,
+        list(record.model_limits),
+        record.user_status,
+    ]
+    return orjson.dumps([CACHE_FORMAT, fetched_at, fields])
+
+
+def decode_cached(raw: bytes | str) -> tuple[TokenRecord | None, float]:
+    """Return (record or None for a remembered unknown key, fetched_at); raise CorruptCacheValue."""
+    try:
+        value = orjson.loads(raw)
+        fmt, fetched_at, fields = value
+        if fmt != CACHE_FORMAT or type(fetched_at) not in (int, float):
+            raise CorruptCacheValue("unknown cache format")
+        if fields is None:
+            return None, float(fetched_at)
+        (tid, uid, name, status, expired, remain, used, unlimited, mle, limits, user_status) = fields
+        ints = (tid, uid, status, expired, remain, used, user_status)
+        if not all(type(i) is int and INT64_MIN <= i <= INT64_MAX for i in ints):
+            raise CorruptCacheValue("bad integer field")
+        if type(name) is not str or type(unlimited) is not bool or type(mle) is not bool:
+            raise CorruptCacheValue("bad field type")
+        if type(limits) is not list or not all(type(m) is str for m in limits):
+            raise CorruptCacheValue("bad model limits")
+    except CorruptCacheValue:
+        raise
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise CorruptCacheValue(str(exc)) from None
+    record = TokenRecord(tid, uid, name, status, expired, remain, used, unlimited, mle, tuple(limits), user_status)
+    return record, float(fetched_at)

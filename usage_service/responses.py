@@ -1,0 +1,41 @@
+"""JSON answers sent straight over ASGI: the hot path builds no framework Response objects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+Headers = list[tuple[bytes, bytes]]
+
+JSON_TYPE = (b"content-type", b"application/json")
+NO_CACHE = (b"cache-control", b"private, no-cache")
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"success": False, "message": message})
+
+
+async def send_body(scope: Scope, send: Send, status: int, headers: Headers, body: bytes) -> None:
+    """Send a complete response; HEAD gets the same headers and no body."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+class JSONError:
+    """A prepared error answer: body and headers are built once, sent many times."""
+
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        self.status = status
+        self.message = message
+        self.body = error_body(message)
+        self.headers: Headers = [
+            JSON_TYPE,
+            NO_CACHE,
+            (b"content-length", str(len(self.body)).encode()),
+            *headers,
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_body(scope, send, self.status, self.headers, self.body)

@@ -1,0 +1,105 @@
+"""Routes: the usage answer for an authenticated token, health and readiness, JSON errors."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .auth import SCOPE_KEY
+from .records import TokenRecord
+from .responses import JSON_TYPE, NO_CACHE, error_body, send_body
+from .store import StoreUnavailable
+
+logger = logging.getLogger("usage_service.routes")
+
+
+async def token_usage(scope: Scope, receive: Receive, send: Send) -> None:
+    """GET /api/usage/token: the record the auth middleware admitted, with ETag revalidation."""
+    record: TokenRecord = scope[SCOPE_KEY]
+    etag = record.usage_etag
+    for name, value in scope["headers"]:
+        if name == b"if-none-match":
+            if etag_matches(value, etag):
+                await send_body(scope, send, 304, [NO_CACHE, (b"etag", etag)], b"")
+                return
+            break
+    body = record.usage_body
+    headers = [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", str(len(body)).encode())]
+    await send_body(scope, send, 200, headers, body)
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """RFC 9110 weak comparison of an If-None-Match list against our (strong) ETag."""
+    if if_none_match == etag:
+        return True
+    for candidate in if_none_match.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*" or candidate.removeprefix(b"W/") == etag:
+            return True
+    return False
+
+
+class _ASGIEndpoint:
+    # Starlette treats a plain function as request/response; wrapping marks it as raw ASGI.
+    def __init__(self, app: object) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)  # type: ignore[operator]
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the database answers; Redis is reported but never makes the service unready."""
+    state = request.app.state
+    try:
+        await state.store.ping()
+        database = "ok"
+    except StoreUnavailable:
+        database = "unavailable"
+    if state.redis is None:
+        redis = "disabled"
+    else:
+        redis = "ok" if await state.redis.ping() else "unavailable"
+    ready = database == "ok"
+    return json_response({"ready": ready, "database": database, "redis": redis}, status=200 if ready else 503)
+
+
+def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content),
+        status,
+        headers={"cache-control": "no-store", **(headers or {})},
+        media_type="application/json",
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and any other HTTP error as the gateway's JSON error shape."""
+    assert isinstance(exc, HTTPException)
+    messages = {404: "not found", 405: "method not allowed"}
+    message = messages.get(exc.status_code, exc.detail)
+    return Response(error_body(message), exc.status_code, headers=exc.headers, media_type="application/json")
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """Last resort: log the traceback here, tell the client nothing about it."""
+    return Response(error_body("internal server error"), 500, media_type="application/json")
+
+
+usage = _ASGIEndpoint(token_usage)
+routes = [
+    Route("/api/usage/token", usage, methods=["GET", "HEAD"]),
+    Route("/api/usage/token/", usage, methods=["GET", "HEAD"]),
+    Route("/healthz", healthz, methods=["GET", "HEAD"]),
+    Route("/readyz", readyz, methods=["GET", "HEAD"]),
+]

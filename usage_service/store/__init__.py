@@ -1,0 +1,41 @@
+"""Where token records come from: the gateway's own database, read-only.
+
+Everything above this package sees the `TokenStore` interface only; one module per engine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..config import Settings
+from ..records import TokenRecord
+
+
+class StoreUnavailable(Exception):
+    """The database could not answer (locked, missing, timed out); the request may be retried."""
+
+
+class SchemaError(Exception):
+    """The database does not look like a new-api gateway's; raised at start-up."""
+
+
+class TokenStore(Protocol):
+    statements: int
+    """Statements sent to the database since start (read by tests and benchmarks)."""
+
+    async def fetch(self, key: str) -> TokenRecord | None:
+        """Return the live token with this key (without 'sk-') joined with its live user, or None."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers a query now."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def open_store(settings: Settings) -> TokenStore:
+    """Open the configured engine's store (only SQLite for now)."""
+    from .sqlite import SQLiteStore
+
+    return await SQLiteStore.open(settings.sqlite_path, timeout=settings.db_timeout, pool_size=settings.db_pool_size)

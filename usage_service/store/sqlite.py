@@ -1,0 +1,241 @@
+"""The gateway's SQLite file, through a small pool of read-only aiosqlite connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..records import TokenRecord, as_bool, as_int, parse_model_limits
+from . import SchemaError, StoreUnavailable
+
+logger = logging.getLogger("usage_service.store")
+
+# Columns we cannot do without; older gateways (one-api) lack the model-limit columns, which
+# then read as "no limits".
+_REQUIRED = {
+    "tokens": {
+        "id",
+        "user_id",
+        "key",
+        "status",
+        "name",
+        "expired_time",
+        "remain_quota",
+        "used_quota",
+        "unlimited_quota",
+        "deleted_at",
+    },
+    "users": {"id", "status", "deleted_at"},
+}
+_OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
+
+# How often to check whether the file at SQLITE_PATH is still the one our connections hold
+# (a gateway restore replaces it; open connections would go on reading the old inode).
+_IDENTITY_CHECK_INTERVAL = 1.0
+
+
+class SQLiteStore:
+    """Read token records from a new-api SQLite database without ever writing to it."""
+
+    def __init__(self, path: Path, *, timeout: float, pool_size: int, query: str) -> None:
+        self.path = path
+        self.statements = 0
+        self._uri = path.resolve().as_uri() + "?mode=ro"
+        self._timeout = timeout
+        self._query = query
+        self._size = pool_size
+        self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
+        self._open = 0  # connections that exist, idle or lent out
+        self._slots = asyncio.Semaphore(pool_size)
+        self._identity = _file_identity(path)
+        self._generation = 0
+        self._conn_generation: dict[int, int] = {}
+        self._checked_at = time.monotonic()
+        self._failing = False
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
+        """Open the store, checking that the file is a gateway database; raise SchemaError if not."""
+        probe = cls(path, timeout=timeout, pool_size=pool_size, query="")
+        try:
+            async with probe._connection() as conn:
+                columns = {table: await _columns(conn, table) for table in _REQUIRED}
+        except StoreUnavailable as exc:
+            await probe.close()
+            raise SchemaError(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
+        for table, needed in _REQUIRED.items():
+            if not columns[table]:
+                await probe.close()
+                raise SchemaError(f"SQLITE_PATH: {str(path)!r} has no {table} table; is it new-api's database?")
+            missing = needed - columns[table]
+            if missing:
+                await probe.close()
+                raise SchemaError(f"SQLITE_PATH: table {table} lacks columns {', '.join(sorted(missing))}")
+        probe._query = _token_query(columns["tokens"])
+        return probe
+
+    async def fetch(self, key: str) -> TokenRecord | None:
+        rows = await self._execute(self._query, (key,))
+        return _record(rows[0]) if rows else None
+
+    async def ping(self) -> None:
+        await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
+
+    async def close(self) -> None:
+        self._closed = True
+        while not self._idle.empty():
+            await self._discard(self._idle.get_nowait())
+
+    async def _execute(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
+        # covers waiting for a free connection and a query that hangs for any other reason.
+        try:
+            async with asyncio.timeout(self._timeout + 1.0):
+                async with self._connection() as conn:
+                    self.statements += 1
+                    try:
+                        async with conn.execute(sql, params) as cursor:
+                            rows = list(await cursor.fetchall())
+                    except asyncio.CancelledError:
+                        await conn.interrupt()
+                        raise
+        except TimeoutError:
+            self._note_failure("timed out")
+            raise StoreUnavailable("database timed out") from None
+        if self._failing:
+            self._failing = False
+            logger.warning("database answers again")
+        return rows
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        self._check_identity()
+        async with self._slots:
+            conn = None
+            while not self._idle.empty():
+                candidate = self._idle.get_nowait()
+                if self._conn_generation.get(id(candidate)) == self._generation:
+                    conn = candidate
+                    break
+                await self._discard(candidate)
+            try:
+                if conn is None:
+                    conn = await self._connect()
+                yield conn
+            except sqlite3.Error as exc:
+                self._note_failure(str(exc))
+                # A connection that failed for any reason but a lock may be broken (file replaced,
+                # disk error): drop it and let the next request open a fresh one.
+                if conn is not None and not _is_busy(exc):
+                    await self._discard(conn)
+                    conn = None
+                raise StoreUnavailable(str(exc)) from None
+            except BaseException:
+                if conn is not None:
+                    await self._discard(conn)
+                    conn = None
+                raise
+            finally:
+                if conn is not None:
+                    if self._closed:
+                        await self._discard(conn)
+                    else:
+                        self._idle.put_nowait(conn)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # mode=ro: SQLite opens the file O_RDONLY and refuses every write; it never creates a
+        # missing file. query_only is a second lock on the same door.
+        conn = await aiosqlite.connect(self._uri, uri=True, timeout=self._timeout, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            await conn.execute("PRAGMA query_only = 1")
+        except BaseException:
+            await conn.close()
+            raise
+        self._open += 1
+        self._conn_generation[id(conn)] = self._generation
+        return conn
+
+    async def _discard(self, conn: aiosqlite.Connection) -> None:
+        self._conn_generation.pop(id(conn), None)
+        self._open -= 1
+        try:
+            await conn.close()
+        except (sqlite3.Error, ValueError):
+            pass
+
+    def _check_identity(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < _IDENTITY_CHECK_INTERVAL:
+            return
+        self._checked_at = now
+        identity = _file_identity(self.path)
+        if identity is not None and identity != self._identity:
+            logger.warning("database file %s was replaced; reopening connections", self.path)
+            self._identity = identity
+            self._generation += 1
+
+    def _note_failure(self, reason: str) -> None:
+        if not self._failing:
+            self._failing = True
+            logger.warning("database unavailable: %s", reason)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
+        "locked" in str(exc)
+    )
+
+
+async def _columns(conn: aiosqlite.Connection, table: str) -> set[str]:
+    async with conn.execute(f"PRAGMA table_info({table})") as cursor:
+        return {row[1] for row in await cursor.fetchall()}
+
+
+def _token_query(token_columns: set[str]) -> str:
+    optional = [f't."{c}"' if c in token_columns else f'NULL AS "{c}"' for c in _OPTIONAL_TOKEN_COLUMNS]
+    # One statement, only the columns we need; the join drops tokens whose user is missing or
+    # soft-deleted, which the contract treats exactly like a missing token.
+    return (
+        'SELECT t."id", t."user_id", t."name", t."status", t."expired_time", t."remain_quota", '
+        f't."used_quota", t."unlimited_quota", {", ".join(optional)}, u."status" AS "user_status" '
+        'FROM "tokens" AS t JOIN "users" AS u ON u."id" = t."user_id" AND u."deleted_at" IS NULL '
+        'WHERE t."key" = ? AND t."deleted_at" IS NULL LIMIT 1'
+    )
+
+
+def _record(row: sqlite3.Row) -> TokenRecord:
+    name = row["name"]
+    return TokenRecord(
+        id=as_int(row["id"]),
+        user_id=as_int(row["user_id"]),
+        name=name if isinstance(name, str) else "",
+        status=as_int(row["status"], default=1),
+        expired_time=as_int(row["expired_time"], default=-1),
+        remain_quota=as_int(row["remain_quota"]),
+        used_quota=as_int(row["used_quota"]),
+        unlimited_quota=as_bool(row["unlimited_quota"]),
+        model_limits_enabled=as_bool(row["model_limits_enabled"]),
+        model_limits=parse_model_limits(row["model_limits"]),
+        user_status=as_int(row["user_status"], default=1),
+    )
