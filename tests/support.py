@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from usage_service.demo import GATEWAY_SCHEMA, new_key
 
@@ -175,3 +180,53 @@ def environ_without_gateway_settings() -> dict[str, str]:
         if name.startswith("USAGE_") or name in ("SQL_DSN", "SQLITE_PATH", "REDIS_CONN_STRING", "PORT"):
             del env[name]
     return env
+
+
+class Service:
+    """The real `usage-service` process on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], *args: str, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "usage_service", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            command, env={**environ_without_gateway_settings(), **env}, cwd=cwd, stdout=self.log, stderr=self.log
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> Service:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"usage-service exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"usage-service did not become healthy:\n{self.output()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        if self.log.closed:
+            return self._final_output
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def __enter__(self) -> Service:
+        return self.wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._final_output = self.output()
+        self.log.close()

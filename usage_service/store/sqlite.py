@@ -54,7 +54,6 @@ class SQLiteStore:
         self._query = query
         self._size = pool_size
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
-        self._open = 0  # connections that exist, idle or lent out
         self._slots = asyncio.Semaphore(pool_size)
         self._identity = _file_identity(path)
         self._generation = 0
@@ -112,6 +111,9 @@ class SQLiteStore:
         except TimeoutError:
             self._note_failure("timed out")
             raise StoreUnavailable("database timed out") from None
+        except StoreUnavailable as exc:
+            self._note_failure(str(exc))
+            raise
         if self._failing:
             self._failing = False
             logger.warning("database answers again")
@@ -135,7 +137,6 @@ class SQLiteStore:
                     conn = await self._connect()
                 yield conn
             except sqlite3.Error as exc:
-                self._note_failure(str(exc))
                 # A connection that failed for any reason but a lock may be broken (file replaced,
                 # disk error): drop it and let the next request open a fresh one.
                 if conn is not None and not _is_busy(exc):
@@ -164,13 +165,11 @@ class SQLiteStore:
         except BaseException:
             await conn.close()
             raise
-        self._open += 1
         self._conn_generation[id(conn)] = self._generation
         return conn
 
     async def _discard(self, conn: aiosqlite.Connection) -> None:
         self._conn_generation.pop(id(conn), None)
-        self._open -= 1
         try:
             await conn.close()
         except (sqlite3.Error, ValueError):
