@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import threading
 import time
@@ -238,3 +239,36 @@ async def test_redis_killed_and_restarted(gateway: Gateway, app_client: AppClien
             assert app.state.redis.breaker.state == "closed"
     finally:
         server.stop()
+
+
+async def test_replaced_database_file_is_followed(gateway: Gateway, app_client: AppClient, tmp_path: Path) -> None:
+    """A gateway restore swaps the file: the service reads the new one without a restart."""
+    token = gateway.add_token(used=1)
+    async with app_client(cache_ttl=0.1, local_ttl=0.1) as (_, client):
+        assert await used(client, token) == 1
+        restored = Gateway(tmp_path / "restore.db")
+        restored.add_token(key=token.key, user_id=restored.add_user(), used=2)
+        restored.close()
+        os.replace(restored.path, gateway.path)
+        deadline = time.monotonic() + 5
+        while await used(client, token) != 2:
+            assert time.monotonic() < deadline, "still reading the replaced file"
+            await asyncio.sleep(0.05)
+
+
+async def test_briefly_missing_database_file(gateway: Gateway, app_client: AppClient, tmp_path: Path) -> None:
+    token, other = gateway.add_token(used=1), gateway.add_token(used=5)
+    async with app_client(cache_ttl=0.1, local_ttl=0.1) as (_, client):
+        assert await used(client, token) == 1
+        aside = tmp_path / "aside.db"
+        os.replace(gateway.path, aside)
+        await asyncio.sleep(1.2)  # long enough for the service to notice the file is gone
+        response = await client.get(URL, headers=other.bearer)
+        # Open connections hold the file itself, not its name: they go on reading it meanwhile.
+        assert response.status_code == 200
+        os.replace(aside, gateway.path)
+        deadline = time.monotonic() + 5
+        while (await client.get(URL, headers=other.bearer)).status_code != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await used(client, other) == 5
