@@ -9,7 +9,7 @@ from usage_service.cache import LocalCache, key_digest
 def test_digest_is_sha256_of_the_key() -> None:
     import hashlib
 
-    assert key_digest("abc") == hashlib.sha256(b"abc").digest()
+    assert key_digest(b"abc") == hashlib.sha256(b"abc").digest()
 
 
 def test_local_cache_expires_entries() -> None:

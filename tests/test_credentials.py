@@ -56,7 +56,8 @@ KEY = "AbCdEf0123456789AbCdEf0123456789AbCdEf0123456789"
     ],
 )
 def test_parse_authorization(header: str | None, expected: object) -> None:
-    assert parse_authorization(header) == expected
+    raw = header.encode() if header is not None else None
+    assert parse_authorization(raw) == (expected.encode() if isinstance(expected, str) else expected)
 
 
 def test_rejections_carry_www_authenticate() -> None:

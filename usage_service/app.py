@@ -5,20 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._circuit import CircuitBreaker
 from .auth import TokenAuthMiddleware
 from .cache import RedisCache
 from .config import Settings, load_settings
 from .lookup import TokenLookup
-from .routes import http_error, routes, server_error
+from .responses import JSONError
+from .routes import UsageRoutes, http_error, routes, server_error
 from .store import open_store
 
 logger = logging.getLogger("usage_service")
@@ -30,7 +32,51 @@ REDIS_FAILURE_THRESHOLD = 3
 REDIS_MAX_CONNECTIONS = 32
 
 
-def create_app(settings: Settings) -> Starlette:
+class UsageService(Starlette):
+    """Starlette for the lifespan, health routes and errors; /api/usage on a short path of its own.
+
+    Polling is the whole workload, so requests under /api/usage go straight through the auth
+    middleware to the usage routes instead of through Starlette's general middleware and router.
+    """
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+
+    def build_middleware_stack(self) -> ASGIApp:
+        rest = super().build_middleware_stack()
+        usage = TokenAuthMiddleware(UsageRoutes(fallback=rest), retry_after=self.settings.retry_after)
+        return _UsagePrefix(usage, rest, prefix=usage.prefix)
+
+
+class _UsagePrefix:
+    """Send /api/usage requests down the usage path, with a JSON 500 if anything there fails."""
+
+    def __init__(self, usage: ASGIApp, rest: ASGIApp, prefix: str) -> None:
+        self.usage = usage
+        self.rest = rest
+        self.prefix = prefix
+        self.prefix_slash = prefix + "/"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or (path != self.prefix and not path.startswith(self.prefix_slash)):
+            await self.rest(scope, receive, send)
+            return
+        try:
+            await self.usage(scope, receive, send)
+        except Exception:
+            logger.exception("unexpected error answering %s", path)
+            try:
+                await INTERNAL_ERROR(scope, receive, send)
+            except Exception:  # the response had already started: nothing more to tell the client
+                pass
+
+
+INTERNAL_ERROR = JSONError(500, "internal server error")
+
+
+def create_app(settings: Settings) -> UsageService:
     """Build the application; connections are opened by its lifespan, not here."""
 
     @asynccontextmanager
@@ -49,15 +95,15 @@ def create_app(settings: Settings) -> Starlette:
                 await redis.close()
             await store.close()
 
-    return Starlette(
+    return UsageService(
+        settings,
         routes=routes,
-        middleware=[Middleware(TokenAuthMiddleware, retry_after=settings.retry_after)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
 
 
-def create_app_from_env() -> Starlette:
+def create_app_from_env() -> UsageService:
     """Factory for uvicorn workers: each process reads the same environment."""
     return create_app(load_settings())
 

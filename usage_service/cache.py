@@ -22,9 +22,9 @@ logger = logging.getLogger("usage_service.cache")
 V = TypeVar("V")
 
 
-def key_digest(key: str) -> bytes:
+def key_digest(key: bytes) -> bytes:
     """Return the digest that stands for a token key in every cache."""
-    return hashlib.sha256(key.encode()).digest()
+    return hashlib.sha256(key).digest()
 
 
 class LocalCache(Generic[V]):

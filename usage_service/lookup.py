@@ -46,8 +46,8 @@ class TokenLookup:
         self.stats = LookupStats()
         self._inflight: dict[bytes, asyncio.Task[TokenRecord | None]] = {}
 
-    async def resolve(self, key: str) -> TokenRecord | None:
-        """Return the record for a key (without 'sk-'), or None when no live token has it.
+    async def resolve(self, key: bytes) -> TokenRecord | None:
+        """Return the record for a key (ASCII, without 'sk-'), or None when no live token has it.
 
         Raises StoreUnavailable when the answer is in no cache and the database cannot give it.
         """
@@ -82,7 +82,7 @@ class TokenLookup:
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
-    async def _load(self, key: str, digest: bytes) -> TokenRecord | None:
+    async def _load(self, key: bytes, digest: bytes) -> TokenRecord | None:
         if self.redis is not None:
             cached = await self.redis.get(digest)
             if cached is not None:
@@ -96,7 +96,7 @@ class TokenLookup:
                     return record
 
         self.stats.db_reads += 1
-        record = await self.store.fetch(key)
+        record = await self.store.fetch(key.decode("ascii"))
         fetched_at = time.time()
         self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
         if self.redis is not None:

@@ -9,11 +9,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import SCOPE_KEY
 from .records import TokenRecord
-from .responses import JSON_TYPE, NO_CACHE, error_body, send_body
+from .responses import JSON_TYPE, NO_CACHE, JSONError, error_body, send_body
 from .store import StoreUnavailable
 
 logger = logging.getLogger("usage_service.routes")
@@ -45,13 +45,24 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     return False
 
 
-class _ASGIEndpoint:
-    # Starlette treats a plain function as request/response; wrapping marks it as raw ASGI.
-    def __init__(self, app: object) -> None:
-        self.app = app
+class UsageRoutes:
+    """The /api/usage routes, dispatched by exact path: polling skips the general router.
+
+    Everything else under the prefix (404s) goes on to `fallback`, the Starlette app's stack.
+    """
+
+    def __init__(self, fallback: ASGIApp) -> None:
+        self.fallback = fallback
+        self.endpoints = {"/api/usage/token": token_usage, "/api/usage/token/": token_usage}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)  # type: ignore[operator]
+        endpoint = self.endpoints.get(scope["path"])
+        if endpoint is None:
+            await self.fallback(scope, receive, send)
+        elif scope["method"] in ("GET", "HEAD"):
+            await endpoint(scope, receive, send)
+        else:
+            await METHOD_NOT_ALLOWED(scope, receive, send)
 
 
 async def healthz(request: Request) -> Response:
@@ -96,10 +107,9 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return Response(error_body("internal server error"), 500, media_type="application/json")
 
 
-usage = _ASGIEndpoint(token_usage)
+METHOD_NOT_ALLOWED = JSONError(405, "method not allowed", [(b"allow", b"GET, HEAD")])
+
 routes = [
-    Route("/api/usage/token", usage, methods=["GET", "HEAD"]),
-    Route("/api/usage/token/", usage, methods=["GET", "HEAD"]),
     Route("/healthz", healthz, methods=["GET", "HEAD"]),
     Route("/readyz", readyz, methods=["GET", "HEAD"]),
 ]
