@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import redis
 
 from usage_service.demo import GATEWAY_SCHEMA, new_key
 
@@ -230,3 +231,20 @@ class Service:
         self.stop()
         self._final_output = self.output()
         self.log.close()
+
+
+def redis_contents(client: redis.Redis) -> dict[bytes, bytes]:
+    """Every key in Redis with its value flattened to bytes, whatever its type."""
+    contents = {}
+    for name in client.scan_iter("*"):
+        kind = client.type(name)
+        if kind == b"string":
+            value = client.get(name) or b""
+        elif kind == b"zset":
+            value = b" ".join(client.zrange(name, 0, -1))
+        elif kind == b"hash":
+            value = b" ".join(k + b"=" + v for k, v in client.hgetall(name).items())
+        else:
+            value = b" ".join(client.lrange(name, 0, -1) if kind == b"list" else client.smembers(name))
+        contents[name] = value
+    return contents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from .auth import TokenAuthMiddleware
 from .cache import RedisCache
 from .config import Settings, load_settings
 from .lookup import TokenLookup
+from .refresh import Refresher
 from .responses import JSONError
 from .routes import UsageRoutes, http_error, routes, server_error
 from .store import open_store
@@ -85,12 +87,25 @@ def create_app(settings: Settings) -> UsageService:
         redis = _open_redis(settings)
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
+        lookup = TokenLookup(store, redis, settings)
+        refresher = Refresher(lookup, store, redis, settings)
         app.state.store = store
         app.state.redis = redis
-        app.state.lookup = TokenLookup(store, redis, settings)
+        app.state.lookup = lookup
+        app.state.refresher = refresher
+        tasks = []
+        if settings.refresh_interval > 0:
+            tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
+            if redis is not None:
+                tasks.append(
+                    asyncio.create_task(redis.listen_invalidations(refresher.invalidate), name="invalidations")
+                )
         try:
             yield
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if redis is not None:
                 await redis.close()
             await store.close()

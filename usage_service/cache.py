@@ -6,9 +6,11 @@ Both are keyed by a SHA-256 digest of the token key, never by the key itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
@@ -20,6 +22,7 @@ from .records import CorruptCacheValue, TokenRecord, decode_cached
 logger = logging.getLogger("usage_service.cache")
 
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 def key_digest(key: bytes) -> bytes:
@@ -60,36 +63,73 @@ class LocalCache(Generic[V]):
         self._entries.clear()
 
 
-class RedisCache:
-    """Token records in Redis, shared by every worker and instance.
+class RedisUnavailable(Exception):
+    """Redis failed, timed out, or is being left alone by the circuit breaker."""
 
-    Redis is optional at run time: every call is bounded by `timeout`, failures open a circuit
-    breaker so a dead Redis is not waited on request after request, and every failure reads as
-    a miss so the caller falls back to the database.
+
+# Extend the leader lock if we hold it, else take it if it is free: one key, so Cluster-safe.
+_LEAD_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+_RESIGN_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisCache:
+    """Token records in Redis, shared by every worker and instance, and the refresher's state.
+
+    Redis is optional at run time: every call is bounded by a timeout, failures open a circuit
+    breaker so a dead Redis is not waited on request after request, and the request path reads
+    every failure as a miss so the caller falls back to the database.
     """
 
     def __init__(self, client: Redis, *, prefix: str, timeout: float, breaker: CircuitBreaker) -> None:
         self.client = client
         self.timeout = timeout
+        # Background batches (a whole hot set) may take longer than one request's lookup.
+        self.batch_timeout = max(1.0, 4 * timeout)
         self.breaker = breaker
         self._prefix = prefix + "tok:"
+        self.hot_key = prefix + "hot"
+        self.leader_key = prefix + "leader"
+        self.channel = prefix + "invalidate"
+        self._lead = client.register_script(_LEAD_SCRIPT)
+        self._resign = client.register_script(_RESIGN_SCRIPT)
         self.errors = 0
         self.corrupt = 0
 
     def _key(self, digest: bytes) -> str:
         return self._prefix + digest.hex()
 
-    async def get(self, digest: bytes) -> tuple[TokenRecord | None, float] | None:
-        """Return (record or None for a known-unknown key, fetched_at), or None on a miss."""
+    async def _run(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        """Run one Redis call under the breaker and a timeout; raise RedisUnavailable on any failure."""
         if not self.breaker.allow():
-            return None
+            raise RedisUnavailable("circuit open")
         try:
-            async with asyncio.timeout(self.timeout):
-                raw = await self.client.get(self._key(digest))
+            async with asyncio.timeout(timeout or self.timeout):
+                result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
-            return None
+            raise RedisUnavailable(type(exc).__name__) from None
         self._succeeded()
+        return result
+
+    # --- the request path ------------------------------------------------------------------
+
+    async def get(self, digest: bytes) -> tuple[TokenRecord | None, float] | None:
+        """Return (record or None for a known-unknown key, fetched_at), or None on a miss."""
+        try:
+            raw = await self._run(lambda: self.client.get(self._key(digest)))
+        except RedisUnavailable:
+            return None
         if raw is None:
             return None
         try:
@@ -100,15 +140,76 @@ class RedisCache:
             return None
 
     async def set(self, digest: bytes, value: bytes, ttl: float) -> None:
-        if not self.breaker.allow():
-            return
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.client.set(self._key(digest), value, px=max(1, int(ttl * 1000)))
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc)
-        else:
-            self._succeeded()
+        with contextlib.suppress(RedisUnavailable):
+            await self._run(lambda: self.client.set(self._key(digest), value, px=_ms(ttl)))
+
+    # --- the refresher ---------------------------------------------------------------------
+
+    async def note_polled(self, polled: Mapping[bytes, int], now: float) -> None:
+        """Mark tokens as polled now in the shared hot set (members are 'id:digest', never keys)."""
+        members = {f"{token_id}:{digest.hex()}": now for digest, token_id in polled.items()}
+        await self._run(lambda: self.client.zadd(self.hot_key, members), self.batch_timeout)
+
+    async def lead(self, instance: str, ttl: float) -> bool:
+        """Take or keep the refresher's leader lock; say whether this instance holds it."""
+        held = await self._run(lambda: self._lead(keys=[self.leader_key], args=[instance, _ms(ttl)]))
+        return bool(held)
+
+    async def resign(self, instance: str) -> None:
+        """Give up the leader lock if this instance holds it, so another takes over at once."""
+        await self._run(lambda: self._resign(keys=[self.leader_key], args=[instance]))
+
+    async def hot_members(self, since: float, limit: int) -> dict[bytes, int]:
+        """Forget tokens not polled since `since`; return {digest: id} of the most recent others."""
+
+        async def trim_and_read() -> list[bytes]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(self.hot_key, "-inf", f"({since}")
+                pipe.zrevrangebyscore(self.hot_key, "+inf", since, start=0, num=limit)
+                _, members = await pipe.execute()
+            return list(members)
+
+        hot: dict[bytes, int] = {}
+        for member in await self._run(trim_and_read, self.batch_timeout):
+            token_id, _, digest = member.partition(b":")
+            with contextlib.suppress(ValueError):
+                hot[bytes.fromhex(digest.decode())] = int(token_id)
+        return hot
+
+    async def store_many(self, values: Mapping[bytes, bytes], ttl: float) -> None:
+        """Write many cached values in one round trip."""
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for digest, value in values.items():
+                    pipe.set(self._key(digest), value, px=_ms(ttl))
+                await pipe.execute()
+
+        await self._run(write, self.batch_timeout)
+
+    async def publish_invalidation(self, digests: Iterable[bytes]) -> None:
+        """Tell every worker to drop these tokens from its in-process layer."""
+        message = ",".join(d.hex() for d in digests)
+        await self._run(lambda: self.client.publish(self.channel, message))
+
+    async def listen_invalidations(self, on_digests: Callable[[list[bytes]], None]) -> None:
+        """Deliver invalidation messages until cancelled, subscribing again after a failure."""
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        on_digests(_parse_digests(message["data"]))
+            except (RedisError, OSError, TimeoutError):
+                # Missed messages cost nothing lasting: in-process entries expire in USAGE_LOCAL_TTL.
+                await asyncio.sleep(min(1.0, self.breaker.cooldown) or 0.1)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # --- health ----------------------------------------------------------------------------
 
     async def ping(self) -> bool:
         """Say whether Redis answers now (bypasses the breaker: this is what readiness reports)."""
@@ -134,3 +235,20 @@ class RedisCache:
     def _succeeded(self) -> None:
         if self.breaker.success():
             logger.warning("redis is back; caching through it again")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _parse_digests(data: object) -> list[bytes]:
+    if not isinstance(data, bytes | str):
+        return []
+    text = data.decode("ascii", "replace") if isinstance(data, bytes) else data
+    digests = []
+    for part in text.split(","):
+        with contextlib.suppress(ValueError):
+            digest = bytes.fromhex(part)
+            if len(digest) == 32:
+                digests.append(digest)
+    return digests

@@ -38,6 +38,9 @@ class Settings:
     db_timeout: float = 2.0
     db_pool_size: int = 4
     retry_after: int = 1
+    refresh_interval: float = 1.0
+    hot_window: float = 60.0
+    hot_max: int = 20_000
 
     @property
     def redis_configured(self) -> bool:
@@ -61,6 +64,13 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("USAGE_DB_TIMEOUT", "2", "seconds a query waits on a locked database before answering 503"),
     ("USAGE_DB_POOL_SIZE", "4", "read-only database connections per worker"),
     ("USAGE_RETRY_AFTER", "1", "Retry-After seconds sent with 503 answers"),
+    (
+        "USAGE_REFRESH_INTERVAL",
+        "1",
+        "seconds between re-reads of the recently polled tokens (0 turns the refresher off)",
+    ),
+    ("USAGE_HOT_WINDOW", "60", "a token polled within this many seconds is kept fresh by the refresher"),
+    ("USAGE_HOT_MAX", "20000", "most tokens the refresher keeps fresh (the most recently polled win)"),
 )
 
 
@@ -96,6 +106,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         db_timeout=_read(env, "USAGE_DB_TIMEOUT", 2.0, _seconds(minimum=0.0)),
         db_pool_size=_read(env, "USAGE_DB_POOL_SIZE", 4, _count(minimum=1, maximum=64)),
         retry_after=_read(env, "USAGE_RETRY_AFTER", 1, _count(minimum=0)),
+        refresh_interval=_read(env, "USAGE_REFRESH_INTERVAL", 1.0, _seconds(minimum=0.0)),
+        hot_window=_read(env, "USAGE_HOT_WINDOW", 60.0, _seconds(minimum=0.001)),
+        hot_max=_read(env, "USAGE_HOT_MAX", 20_000, _count(minimum=1)),
     )
 
 

@@ -45,6 +45,8 @@ class TokenLookup:
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
         self._inflight: dict[bytes, asyncio.Task[TokenRecord | None]] = {}
+        # Tokens answered since the refresher last asked: digest -> token id (never the key).
+        self._polled: dict[bytes, int] = {}
 
     async def resolve(self, key: bytes) -> TokenRecord | None:
         """Return the record for a key (ASCII, without 'sk-'), or None when no live token has it.
@@ -56,6 +58,7 @@ class TokenLookup:
         record = self.local.get(digest, now)
         if record is not None:
             self.stats.local_hits += 1
+            self._polled[digest] = record.id
             return record
         if self.negative.get(digest, now) is not None:
             self.stats.negative_hits += 1
@@ -69,12 +72,24 @@ class TokenLookup:
         else:
             self.stats.coalesced += 1
         # Shielded: a client that goes away must not cancel the trip others are waiting on.
-        return await asyncio.shield(task)
+        record = await asyncio.shield(task)
+        if record is not None:
+            self._polled[digest] = record.id
+        return record
+
+    def take_polled(self) -> dict[bytes, int]:
+        """Return the tokens answered since the last call, as {digest: token id}."""
+        polled, self._polled = self._polled, {}
+        return polled
 
     def forget(self, digest: bytes) -> None:
         """Drop a key's in-process entries, so the next request reads a lower layer."""
         self.local.discard(digest)
         self.negative.discard(digest)
+
+    def refreshed(self, digest: bytes, record: TokenRecord | None) -> None:
+        """Take a record the refresher just read from the database into the in-process layer."""
+        self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
 
     def _finished(self, digest: bytes, task: asyncio.Task[TokenRecord | None]) -> None:
         if self._inflight.get(digest) is task:

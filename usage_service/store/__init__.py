@@ -5,6 +5,7 @@ Everything above this package sees the `TokenStore` interface only; one module p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..config import Settings
@@ -25,6 +26,14 @@ class TokenStore(Protocol):
 
     async def fetch(self, key: str) -> TokenRecord | None:
         """Return the live token with this key (without 'sk-') joined with its live user, or None."""
+        ...
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
+        """Return {id: (key, record)} for the live tokens among these ids, in batched statements.
+
+        The key comes back so the caller can check it still hashes to what it cached; it must
+        not keep it.
+        """
         ...
 
     async def ping(self) -> None:

@@ -38,6 +38,9 @@ _REQUIRED = {
 }
 _OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
 
+# Ids per statement when re-reading the hot set (well under SQLite's 999-variable floor).
+FETCH_BATCH = 500
+
 # How often to check whether the file at SQLITE_PATH is still the one our connections hold
 # (a gateway restore replaces it; open connections would go on reading the old inode).
 _IDENTITY_CHECK_INTERVAL = 1.0
@@ -46,12 +49,12 @@ _IDENTITY_CHECK_INTERVAL = 1.0
 class SQLiteStore:
     """Read token records from a new-api SQLite database without ever writing to it."""
 
-    def __init__(self, path: Path, *, timeout: float, pool_size: int, query: str) -> None:
+    def __init__(self, path: Path, *, timeout: float, pool_size: int, columns: str = "") -> None:
         self.path = path
         self.statements = 0
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._timeout = timeout
-        self._query = query
+        self._columns = columns
         self._size = pool_size
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
@@ -65,7 +68,7 @@ class SQLiteStore:
     @classmethod
     async def open(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
         """Open the store, checking that the file is a gateway database; raise SchemaError if not."""
-        probe = cls(path, timeout=timeout, pool_size=pool_size, query="")
+        probe = cls(path, timeout=timeout, pool_size=pool_size)
         try:
             async with probe._connection() as conn:
                 columns = {table: await _columns(conn, table) for table in _REQUIRED}
@@ -80,12 +83,22 @@ class SQLiteStore:
             if missing:
                 await probe.close()
                 raise SchemaError(f"SQLITE_PATH: table {table} lacks columns {', '.join(sorted(missing))}")
-        probe._query = _token_query(columns["tokens"])
+        probe._columns = _select_columns(columns["tokens"])
         return probe
 
     async def fetch(self, key: str) -> TokenRecord | None:
-        rows = await self._execute(self._query, (key,))
+        rows = await self._execute(f'{self._columns} WHERE t."key" = ? AND t."deleted_at" IS NULL LIMIT 1', (key,))
         return _record(rows[0]) if rows else None
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
+        found: dict[int, tuple[str, TokenRecord]] = {}
+        for start in range(0, len(ids), FETCH_BATCH):
+            batch = ids[start : start + FETCH_BATCH]
+            where = f'WHERE t."id" IN ({", ".join("?" * len(batch))}) AND t."deleted_at" IS NULL'
+            for row in await self._execute(f"{self._columns} {where}", batch):
+                record = _record(row)
+                found[record.id] = (row["key"], record)
+        return found
 
     async def ping(self) -> None:
         await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
@@ -211,15 +224,14 @@ async def _columns(conn: aiosqlite.Connection, table: str) -> set[str]:
         return {row[1] for row in await cursor.fetchall()}
 
 
-def _token_query(token_columns: set[str]) -> str:
+def _select_columns(token_columns: set[str]) -> str:
     optional = [f't."{c}"' if c in token_columns else f'NULL AS "{c}"' for c in _OPTIONAL_TOKEN_COLUMNS]
-    # One statement, only the columns we need; the join drops tokens whose user is missing or
-    # soft-deleted, which the contract treats exactly like a missing token.
+    # Only the columns we need; the join drops tokens whose user is missing or soft-deleted,
+    # which the contract treats exactly like a missing token.
     return (
-        'SELECT t."id", t."user_id", t."name", t."status", t."expired_time", t."remain_quota", '
+        'SELECT t."id", t."key", t."user_id", t."name", t."status", t."expired_time", t."remain_quota", '
         f't."used_quota", t."unlimited_quota", {", ".join(optional)}, u."status" AS "user_status" '
-        'FROM "tokens" AS t JOIN "users" AS u ON u."id" = t."user_id" AND u."deleted_at" IS NULL '
-        'WHERE t."key" = ? AND t."deleted_at" IS NULL LIMIT 1'
+        'FROM "tokens" AS t JOIN "users" AS u ON u."id" = t."user_id" AND u."deleted_at" IS NULL'
     )
 
 

@@ -1,0 +1,174 @@
+"""The hot-set refresher: changes reach every instance within an interval, at a bounded DB cost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import AppClient
+from support import Gateway, Token, redis_contents
+
+pytestmark = pytest.mark.asyncio
+
+URL = "/api/usage/token"
+# Long cache TTLs: a test that sees a change in time can only have seen it through the refresher.
+SLOW_CACHE: dict[str, Any] = {"cache_ttl": 60.0, "local_ttl": 60.0, "refresh_interval": 0.1}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 3.0) -> float:
+    """Wait until `check` passes; return how long it took."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < within, "not within the deadline"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+def answer_is(client: httpx.AsyncClient, token: Token, status: int, **data: Any) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        response = await client.get(URL, headers=token.bearer)
+        if response.status_code != status:
+            return False
+        return all(response.json()["data"][k] == v for k, v in data.items())
+
+    return check
+
+
+CHANGES = [
+    pytest.param(lambda gw, t: gw.charge(t, 25), 200, {"total_used": 25}, id="charge"),
+    pytest.param(lambda gw, t: gw.update_token(t, status=2), 401, {}, id="token-disabled"),
+    pytest.param(lambda gw, t: gw.update_user(t.user_id, status=2), 403, {}, id="user-banned"),
+    pytest.param(lambda gw, t: gw.update_token(t, deleted_at="2025-01-01"), 401, {}, id="token-deleted"),
+    pytest.param(lambda gw, t: gw.update_user(t.user_id, deleted_at="2025-01-01"), 401, {}, id="user-deleted"),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "data"), CHANGES)
+async def test_changes_reach_every_instance_through_redis(
+    gateway: Gateway, app_client: AppClient, redis_url: str, change: Any, status: int, data: dict[str, Any]
+) -> None:
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, **SLOW_CACHE) as (a, first):
+        async with app_client(redis_url=redis_url, **SLOW_CACHE) as (b, second):
+            for client in (first, second):
+                assert (await client.get(URL, headers=token.bearer)).status_code == 200
+            await eventually(lambda: _true(a.state.refresher.stats.leader or b.state.refresher.stats.leader))
+            change(gateway, token)
+            for client in (first, second):
+                await eventually(answer_is(client, token, status, **data), within=2.0)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize(("change", "status", "data"), CHANGES)
+async def test_changes_are_refreshed_without_redis(
+    gateway: Gateway, app_client: AppClient, change: Any, status: int, data: dict[str, Any]
+) -> None:
+    token = gateway.add_token()
+    async with app_client(**SLOW_CACHE) as (_, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        await asyncio.sleep(0.15)  # the refresher has seen the token polled
+        change(gateway, token)
+        await eventually(answer_is(client, token, status, **data), within=2.0)
+
+
+async def test_falls_back_to_refreshing_alone_while_redis_is_down(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client(redis_url="redis://127.0.0.1:1/0", redis_cooldown=60, **SLOW_CACHE) as (app, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        await asyncio.sleep(0.15)
+        gateway.charge(token, 9)
+        await eventually(answer_is(client, token, 200, total_used=9), within=2.0)
+        assert not app.state.refresher.stats.leader
+
+
+async def test_one_leader_and_a_successor(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    settings = {"redis_url": redis_url, **SLOW_CACHE}
+    first, second = contextlib.AsyncExitStack(), contextlib.AsyncExitStack()
+    a, _ = await first.enter_async_context(app_client(**settings))
+    b, _ = await second.enter_async_context(app_client(**settings))
+    try:
+        await eventually(lambda: _true(a.state.refresher.stats.leader or b.state.refresher.stats.leader))
+        await asyncio.sleep(0.3)
+        leaders = [app.state.refresher.stats.leader for app in (a, b)]
+        assert leaders.count(True) == 1
+        # A leader that dies without a word loses the lock when it expires...
+        lock_ttl = redis_client.pttl(a.state.redis.leader_key)
+        assert 0 < lock_ttl <= a.state.refresher.lock_ttl * 1000
+        # ...one that shuts down hands it over at once.
+        leader_stack, follower = (first, b) if leaders[0] else (second, a)
+        await leader_stack.aclose()
+        took = await eventually(lambda: _true(follower.state.refresher.stats.leader), within=3.0)
+        assert took < 0.5
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_database_cost_follows_the_hot_set_not_the_polling(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    tokens = [gateway.add_token() for _ in range(120)]
+    async with app_client(redis_url=redis_url, cache_ttl=60.0, local_ttl=60.0, refresh_interval=0.2) as (app, c):
+        for token in tokens:
+            await c.get(URL, headers=token.bearer)
+        misses = app.state.store.statements
+        assert misses == len(tokens)
+        runs_before = app.state.refresher.stats.runs
+        for _ in range(5):  # lots of polling...
+            await asyncio.gather(*(c.get(URL, headers=t.bearer) for t in tokens))
+        await asyncio.sleep(0.5)
+        runs = app.state.refresher.stats.runs - runs_before
+        # ...costs nothing: one statement per refresh for 120 hot tokens, give or take the run
+        # in progress when we looked.
+        assert app.state.refresher.stats.tokens == len(tokens)
+        assert runs - 1 <= app.state.store.statements - misses <= runs + 1
+
+
+async def test_only_the_leader_reads_the_database(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
+    tokens = [gateway.add_token() for _ in range(10)]
+    settings = {"redis_url": redis_url, **SLOW_CACHE}
+    async with app_client(**settings) as (a, first), app_client(**settings) as (b, second):
+        for token in tokens:
+            await first.get(URL, headers=token.bearer)
+            await second.get(URL, headers=token.bearer)  # from Redis
+        before = {app: app.state.store.statements for app in (a, b)}
+        await asyncio.sleep(0.6)
+        grew = [app.state.store.statements > before[app] for app in (a, b)]
+        leaders = [app.state.refresher.stats.leader for app in (a, b)]
+        assert grew == leaders and leaders.count(True) == 1
+
+
+async def test_hot_set_holds_ids_and_digests_never_keys(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    tokens = [gateway.add_token() for _ in range(5)]
+    async with app_client(redis_url=redis_url, **SLOW_CACHE) as (app, client):
+        for token in tokens:
+            await client.get(URL, headers=token.bearer)
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == len(tokens)))
+        hot = redis_client.zrange(app.state.redis.hot_key, 0, -1)
+    assert sorted(int(member.split(b":")[0]) for member in hot) == sorted(t.id for t in tokens)
+    everything = b"".join(k + v for k, v in redis_contents(redis_client).items())
+    for token in tokens:
+        assert token.key.encode() not in everything
+
+
+async def test_tokens_leave_the_hot_set_when_nobody_polls(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, hot_window=0.3, **SLOW_CACHE) as (app, client):
+        await client.get(URL, headers=token.bearer)
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == 1))
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == 0))

@@ -1,0 +1,154 @@
+"""The hot-set refresher: fresh numbers for polled tokens at a database cost that does not grow.
+
+Every worker notes which tokens it answered (by id and digest, never by key). Every
+USAGE_REFRESH_INTERVAL one leader, elected through a Redis lock, re-reads exactly the tokens
+polled within USAGE_HOT_WINDOW in batched `WHERE id IN (...)` statements, writes them through to
+Redis and tells every worker (pub/sub) to drop the ones that changed from its in-process layer.
+Without Redis, or while Redis is down, each worker refreshes its own hot set instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from .cache import RedisCache, RedisUnavailable, key_digest
+from .config import Settings
+from .lookup import TokenLookup
+from .records import TokenRecord, encode_cached
+from .store import StoreUnavailable, TokenStore
+
+logger = logging.getLogger("usage_service.refresh")
+
+
+@dataclass
+class RefreshStats:
+    runs: int = 0  # refreshes this worker performed (as leader, or on its own)
+    tokens: int = 0  # tokens re-read by the last refresh
+    changed: int = 0  # records that changed, since start
+    vanished: int = 0  # tokens that were deleted or lost their user, since start
+    last_duration: float = 0.0
+    leader: bool = False
+
+
+class Refresher:
+    def __init__(self, lookup: TokenLookup, store: TokenStore, redis: RedisCache | None, settings: Settings) -> None:
+        self.lookup = lookup
+        self.store = store
+        self.redis = redis
+        self.interval = settings.refresh_interval
+        self.window = settings.hot_window
+        self.hot_max = settings.hot_max
+        self.cache_ttl = settings.cache_ttl
+        self.negative_ttl = settings.negative_ttl
+        # A lock outlives a couple of missed renewals, so leadership does not flap.
+        self.lock_ttl = max(3 * self.interval, 1.0)
+        self.instance = uuid.uuid4().hex
+        self.stats = RefreshStats()
+        self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
+        self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
+
+    async def run(self) -> None:
+        """Refresh every interval until cancelled; on the way out, hand leadership over."""
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self.tick()
+                except StoreUnavailable as exc:
+                    logger.debug("refresh skipped: %s", exc)
+                except Exception:
+                    logger.exception("refresh failed")
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            if self.stats.leader and self.redis is not None:
+                with contextlib.suppress(RedisUnavailable):
+                    await self.redis.resign(self.instance)
+
+    async def tick(self) -> None:
+        """Do one round: share what was polled, then refresh as leader or on our own."""
+        now = time.time()
+        polled = self.lookup.take_polled()
+        for digest, token_id in polled.items():
+            self._hot[digest] = (token_id, now)
+        self._hot = {d: entry for d, entry in self._hot.items() if entry[1] >= now - self.window}
+
+        if self.redis is not None:
+            try:
+                await self._shared_round(self.redis, polled, now)
+                return
+            except RedisUnavailable:
+                self.stats.leader = False
+                self._last_seen.clear()
+        await self._own_round()
+
+    async def _shared_round(self, redis: RedisCache, polled: dict[bytes, int], now: float) -> None:
+        if polled:
+            await redis.note_polled(polled, now)
+        self.stats.leader = await redis.lead(self.instance, self.lock_ttl)
+        if not self.stats.leader:
+            self._last_seen.clear()
+            return
+        hot = await redis.hot_members(now - self.window, self.hot_max)
+        started = time.monotonic()
+        fresh = await self._read(hot)
+        fetched_at = time.time()
+        values = {
+            digest: encode_cached(record, fetched_at)
+            for digest, record in fresh.items()
+            if record is not None or self.negative_ttl > 0
+        }
+        if values:
+            # Every hot record is rewritten, changed or not: that also repairs an entry a
+            # request wrote from an older read, and keeps hot records from expiring.
+            await redis.store_many(values, self.cache_ttl)
+        changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) != record]
+        if changed:
+            await redis.publish_invalidation(changed)
+        self._last_seen = fresh
+        self._finish(fresh, len(changed), started)
+
+    async def _own_round(self) -> None:
+        started = time.monotonic()
+        fresh = await self._read({digest: token_id for digest, (token_id, _) in self._hot.items()})
+        for digest, record in fresh.items():
+            self.lookup.refreshed(digest, record)
+        self._finish(fresh, 0, started)
+
+    async def _read(self, hot: dict[bytes, int]) -> dict[bytes, TokenRecord | None]:
+        """Re-read hot tokens by id; a token that vanished, or whose key changed, reads as None."""
+        if not hot:
+            return {}
+        found = await self.store.fetch_many(sorted(set(hot.values())))
+        fresh: dict[bytes, TokenRecord | None] = {}
+        for digest, token_id in hot.items():
+            row = found.get(token_id)
+            fresh[digest] = row[1] if row is not None and key_digest(row[0].encode()) == digest else None
+        return fresh
+
+    def _finish(self, fresh: dict[bytes, TokenRecord | None], changed: int, started: float) -> None:
+        self.stats.runs += 1
+        self.stats.tokens = len(fresh)
+        self.stats.changed += changed
+        self.stats.vanished += sum(1 for record in fresh.values() if record is None)
+        self.stats.last_duration = time.monotonic() - started
+        # Vanished tokens leave this worker's hot set; clients polling them get "token not found".
+        for digest, record in fresh.items():
+            if record is None:
+                self._hot.pop(digest, None)
+
+    def invalidate(self, digests: list[bytes]) -> None:
+        """Drop tokens the leader saw change from this worker's in-process layer."""
+        for digest in digests:
+            self.lookup.forget(digest)
+
+
+class _Unseen:
+    pass
+
+
+_UNSEEN = _Unseen()
