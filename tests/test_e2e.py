@@ -255,3 +255,26 @@ def test_help_documents_every_flag_and_variable() -> None:
         assert flag in result.stdout
     for name, _, _ in VARIABLES:
         assert name in result.stdout
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def test_metrics_add_up_across_workers(gateway: Gateway, redis_url: str) -> None:
+    tokens = [gateway.add_token() for _ in range(30)]
+    env = {"SQLITE_PATH": str(gateway.path), "REDIS_CONN_STRING": redis_url, "USAGE_REFRESH_INTERVAL": "0"}
+    with Service(env, "--workers", "2") as service, httpx.Client(base_url=service.url) as client:
+        for token in tokens:  # new connections: spread over both workers
+            assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+        time.sleep(1.5)  # each worker publishes once a second
+        text = client.get("/metrics").text
+    assert _metric(text, "usage_db_statements_total") == len(tokens)
+    assert _metric(text, "usage_db_lookups_total") == len(tokens)
+    for line in text.splitlines():
+        for token in tokens:
+            assert token.key not in line

@@ -20,6 +20,7 @@ from .auth import TokenAuthMiddleware
 from .cache import RedisCache
 from .config import Settings, load_settings
 from .lookup import TokenLookup
+from .metrics import Publisher
 from .refresh import Refresher
 from .responses import JSONError
 from .routes import UsageRoutes, http_error, routes, server_error
@@ -93,7 +94,8 @@ def create_app(settings: Settings) -> UsageService:
         app.state.redis = redis
         app.state.lookup = lookup
         app.state.refresher = refresher
-        tasks = []
+        app.state.publisher = publisher = Publisher(store, lookup, refresher)
+        tasks = [asyncio.create_task(publisher.run(), name="metrics")]
         if settings.refresh_interval > 0:
             tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
             if redis is not None:

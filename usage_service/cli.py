@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import copy
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -70,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if settings.redis_url is None:
         logger.info("REDIS_CONN_STRING is not set: caching in-process only")
+    if args.workers > 1:
+        _share_metrics_between_workers()
     if demo_key is not None:
         print(
             f"usage-service demo: database {DEMO_DB.resolve()}\n"
@@ -93,6 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_header=False,
     )
     return 0
+
+
+def _share_metrics_between_workers() -> None:
+    # prometheus-client adds up the workers' metrics through files in this directory; it must
+    # be set before the workers import it, and start empty.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        for stale in Path(directory).glob("*.db"):
+            stale.unlink()
+        return
+    directory = tempfile.mkdtemp(prefix="usage-service-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 
 def _note_shutdown_signal(signum: int, frame: object) -> None:

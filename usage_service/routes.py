@@ -12,6 +12,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import SCOPE_KEY
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import render
 from .records import TokenRecord
 from .responses import JSON_TYPE, NO_CACHE, JSONError, error_body, send_body
 from .store import StoreUnavailable
@@ -85,6 +87,12 @@ async def readyz(request: Request) -> Response:
     return json_response({"ready": ready, "database": database, "redis": redis}, status=200 if ready else 503)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of every worker (keep this port off the public load balancer)."""
+    request.app.state.publisher.publish()
+    return Response(render(), headers={"cache-control": "no-store"}, media_type=METRICS_TYPE)
+
+
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(content),
@@ -112,4 +120,5 @@ METHOD_NOT_ALLOWED = JSONError(405, "method not allowed", [(b"allow", b"GET, HEA
 routes = [
     Route("/healthz", healthz, methods=["GET", "HEAD"]),
     Route("/readyz", readyz, methods=["GET", "HEAD"]),
+    Route("/metrics", metrics, methods=["GET"]),
 ]
