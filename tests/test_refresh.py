@@ -173,3 +173,36 @@ async def test_tokens_leave_the_hot_set_when_nobody_polls(
         await client.get(URL, headers=token.bearer)
         await eventually(lambda: _true(app.state.refresher.stats.tokens == 1))
         await eventually(lambda: _true(app.state.refresher.stats.tokens == 0))
+
+
+@pytest.mark.parametrize(("refresh_interval", "kept_in_process"), [(0.1, True), (0, False)], ids=["pushed", "not"])
+async def test_pushed_invalidations_let_records_stay_in_process(
+    gateway: Gateway, app_client: AppClient, redis_url: str, refresh_interval: float, kept_in_process: bool
+) -> None:
+    """With the refresher's invalidations arriving, USAGE_LOCAL_TTL gives way to USAGE_CACHE_TTL."""
+    token = gateway.add_token()
+    settings = {"redis_url": redis_url, "cache_ttl": 5.0, "local_ttl": 0.1, "refresh_interval": refresh_interval}
+    async with app_client(**settings) as (app, client):
+        if refresh_interval:
+            await eventually(lambda: _true(app.state.lookup.invalidations_live))
+        await client.get(URL, headers=token.bearer)
+        await asyncio.sleep(0.3)  # the leader's first sight of a token counts as a change
+        await client.get(URL, headers=token.bearer)
+        stats = app.state.lookup.stats
+        local, redis_hits = stats.local_hits, stats.redis_hits
+        await asyncio.sleep(0.3)
+        await client.get(URL, headers=token.bearer)
+        # Unchanged for 0.3 s, three times USAGE_LOCAL_TTL: still in-process only if changes are pushed.
+        assert (stats.local_hits - local, stats.redis_hits - redis_hits) == ((1, 0) if kept_in_process else (0, 1))
+
+
+async def test_losing_the_invalidation_channel_empties_the_in_process_layer(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, **SLOW_CACHE) as (app, client):
+        await eventually(lambda: _true(app.state.lookup.invalidations_live))
+        await client.get(URL, headers=token.bearer)
+        assert len(app.state.lookup.local) == 1
+        app.state.refresher.invalidations_live(False)
+        assert len(app.state.lookup.local) == 0

@@ -99,9 +99,8 @@ def create_app(settings: Settings) -> UsageService:
         if settings.refresh_interval > 0:
             tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
             if redis is not None:
-                tasks.append(
-                    asyncio.create_task(redis.listen_invalidations(refresher.invalidate), name="invalidations")
-                )
+                listener = redis.listen_invalidations(refresher.invalidate, refresher.invalidations_live)
+                tasks.append(asyncio.create_task(listener, name="invalidations"))
         try:
             yield
         finally:

@@ -192,20 +192,27 @@ class RedisCache:
         message = ",".join(d.hex() for d in digests)
         await self._run(lambda: self.client.publish(self.channel, message))
 
-    async def listen_invalidations(self, on_digests: Callable[[list[bytes]], None]) -> None:
-        """Deliver invalidation messages until cancelled, subscribing again after a failure."""
+    async def listen_invalidations(
+        self, on_digests: Callable[[list[bytes]], None], on_live: Callable[[bool], None]
+    ) -> None:
+        """Deliver invalidation messages until cancelled, subscribing again after a failure.
+
+        `on_live` hears whether messages can currently arrive.
+        """
         while True:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                on_live(True)
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         on_digests(_parse_digests(message["data"]))
             except (RedisError, OSError, TimeoutError):
-                # Missed messages cost nothing lasting: in-process entries expire in USAGE_LOCAL_TTL.
+                on_live(False)
                 await asyncio.sleep(min(1.0, self.breaker.cooldown) or 0.1)
             finally:
+                on_live(False)
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 

@@ -40,6 +40,9 @@ class TokenLookup:
         self.redis = redis
         self.cache_ttl = settings.cache_ttl
         self.local_ttl = settings.local_ttl
+        # While the refresher's invalidations reach this worker, a change is pushed here within
+        # an interval, so records may stay in-process for as long as Redis keeps them.
+        self.invalidations_live = False
         self.negative_ttl = settings.negative_ttl
         self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
@@ -125,7 +128,7 @@ class TokenLookup:
         """Keep a record in-process for the local TTL, never beyond what is left of its cache TTL."""
         now = time.monotonic()
         if record is not None:
-            ttl = min(self.local_ttl, remaining)
+            ttl = min(self.cache_ttl if self.invalidations_live else self.local_ttl, remaining)
             if ttl > 0:
                 self.local.put(digest, record, now + ttl)
             self.negative.discard(digest)

@@ -146,6 +146,13 @@ class Refresher:
         for digest in digests:
             self.lookup.forget(digest)
 
+    def invalidations_live(self, live: bool) -> None:
+        """Hear whether invalidations reach this worker; without them, records expire sooner."""
+        if not live and self.lookup.invalidations_live:
+            # Whatever was kept on the promise of invalidations may now miss one.
+            self.lookup.local.clear()
+        self.lookup.invalidations_live = live
+
 
 class _Unseen:
     pass
