@@ -27,6 +27,13 @@ logger = logging.getLogger("usage_service")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
+# How uvicorn serves the app (the benchmark serves its peers the same way).
+SERVER_OPTIONS: dict[str, Any] = {
+    # uvicorn's access line would carry query strings verbatim; keys must never reach a log.
+    "access_log": False,
+    "server_header": False,
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     variables = "\n".join(f"  {name:<26} default {default}: {text}" for name, default, text in VARIABLES)
@@ -94,9 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         log_level=args.log_level,
         log_config=_uvicorn_log_config(args.log_level),
-        # uvicorn's access line would carry query strings verbatim; keys must never reach a log.
-        access_log=False,
-        server_header=False,
+        **SERVER_OPTIONS,
     )
     return 0
 

@@ -1,0 +1,672 @@
+"""usage-service against the HTTP stack's ceiling and a naive peer, on loopback, in one run.
+
+Run through `bash bench/run` (it installs wrk and redis-server if missing). Prints and writes
+to bench/results/: a table per server and load, a latency-versus-throughput chart, and the
+refresher's freshness and database cost under paced polling of 10,000 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from usage_service.demo import GATEWAY_SCHEMA, new_key  # noqa: E402
+
+TOKENS = 10_000
+COLD_KEYS = 100_000
+CONNECTIONS = 50
+SERVER_CORE, LOAD_CORE = "0", "1"
+
+# --- wrk scripts -----------------------------------------------------------------------------
+
+REPORT = """
+done = function(summary, latency, requests)
+  local f = io.open(os.getenv("WRK_REPORT"), "w")
+  local e = summary.errors
+  f:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "non2xx": %d, '
+    .. '"socket_errors": %d}', summary.requests, summary.duration, latency:percentile(50),
+    latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+  f:close()
+end
+"""
+
+LOADS = {
+    "hot": """
+wrk.headers["Authorization"] = "Bearer sk-" .. os.getenv("WRK_KEY")
+""",
+    "spread": """
+local keys = {}
+for line in io.lines(os.getenv("WRK_KEYS")) do keys[#keys + 1] = "Bearer sk-" .. line end
+local i = 0
+request = function()
+  i = i % #keys + 1
+  return wrk.format(nil, nil, {["Authorization"] = keys[i]})
+end
+""",
+    "cold": """
+local limit = tonumber(os.getenv("WRK_LIMIT"))
+local i, answered = 0, 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, {["Authorization"] = string.format("Bearer sk-cold%044d", i)})
+end
+response = function(status, headers, body)
+  answered = answered + 1
+  if answered >= limit then wrk.thread:stop() end
+end
+""",
+    "bad": """
+local forms = {"Bearer sk-%d!", "Basic %d", "Bearer", "Token sk-%d", "Bearer sk-%d-%d-x", "Bearer a/%d"}
+local i = 0
+request = function()
+  i = i + 1
+  local form = forms[i % #forms + 1]
+  return wrk.format(nil, nil, {["Authorization"] = string.format(form, i, i)})
+end
+""",
+    # 10,000 tokens in rotation, each connection pausing so the total rate is WRK_RATE.
+    "paced": """
+local keys = {}
+for line in io.lines(os.getenv("WRK_KEYS")) do keys[#keys + 1] = "Bearer sk-" .. line end
+local pause = tonumber(os.getenv("WRK_PAUSE_MS"))
+local i = 0
+init = function(args) i = math.random(#keys) end
+request = function()
+  i = i % #keys + 1
+  return wrk.format(nil, nil, {["Authorization"] = keys[i]})
+end
+delay = function() return pause end
+""",
+}
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: str) -> list[str]:
+    """taskset prefix when the machine has the cores to keep server and load apart."""
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", core]
+    return []
+
+
+def make_database(path: Path) -> list[tuple[int, str, int]]:
+    """A gateway database with TOKENS tokens across 1,000 users; returns (id, key, user_id)."""
+    db = sqlite3.connect(path)
+    db.executescript(GATEWAY_SCHEMA)
+    db.executemany(
+        "INSERT INTO users (id, username, password, status, quota) VALUES (?, ?, '!', 1, 0)",
+        [(u, f"user{u}") for u in range(1, 1001)],
+    )
+    rows = [(i, new_key(), (i % 1000) + 1) for i in range(1, TOKENS + 1)]
+    db.executemany(
+        "INSERT INTO tokens (id, `key`, user_id, status, name, created_time, accessed_time, expired_time,"
+        " remain_quota, used_quota, unlimited_quota, model_limits_enabled, model_limits)"
+        " VALUES (?, ?, ?, 1, 'bench', 0, 0, -1, 10000000, 0, 0, 1, 'gpt-4o,o3')",
+        rows,
+    )
+    db.commit()
+    db.close()
+    return rows
+
+
+class Process:
+    """A server process on a free port, with its peak RSS sampled on demand."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], health: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [part.replace("{port}", str(self.port)) for part in command]
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"{name} did not start:\n{self.log.read().decode(errors='replace')}")
+            try:
+                if httpx.get(self.url + health, timeout=1).status_code < 500:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        extra = [int(p) for p in children.read_text().split()] if children.exists() else []
+        return [self.process.pid, *extra]
+
+    def rss_mib(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    command = [
+        *pinned(SERVER_CORE),
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        process.kill()
+        process.wait()
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    server: str
+    load: str
+    connections: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+    db_per_s: float
+    peak_rss_mib: float
+    vs_ceiling: float | None = None
+    vs_naive: float | None = None
+
+
+class Scenario:
+    def __init__(self, workdir: Path, keys_file: Path, hot_key: str) -> None:
+        self.workdir = workdir
+        self.keys_file = keys_file
+        self.hot_key = hot_key
+
+    def wrk(
+        self,
+        target: Process,
+        load: str,
+        seconds: float,
+        connections: int = CONNECTIONS,
+        db_count: Callable[[], int] = lambda: 0,
+        extra_env: dict[str, str] | None = None,
+    ) -> Result:
+        script = self.workdir / f"{load}.lua"
+        script.write_text(LOADS[load] + REPORT)
+        report = self.workdir / "report.json"
+        report.unlink(missing_ok=True)
+        env = {
+            **os.environ,
+            "WRK_REPORT": str(report),
+            "WRK_KEY": self.hot_key,
+            "WRK_KEYS": str(self.keys_file),
+            "WRK_LIMIT": str(COLD_KEYS),
+            **(extra_env or {}),
+        }
+        command = [
+            *pinned(LOAD_CORE),
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            f"{target.url}/api/usage/token",
+        ]
+        peak = [target.rss_mib()]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.1):
+                peak.append(target.rss_mib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        statements = db_count()
+        sampler.start()
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        stop.set()
+        sampler.join()
+        data = json.loads(report.read_text())
+        duration = data["duration_us"] / 1e6
+        return Result(
+            server=target.name,
+            load=load,
+            connections=connections,
+            rps=data["requests"] / duration,
+            p50_ms=data["p50_us"] / 1000,
+            p99_ms=data["p99_us"] / 1000,
+            non2xx=data["non2xx"],
+            socket_errors=data["socket_errors"],
+            db_per_s=(db_count() - statements) / duration,
+            peak_rss_mib=max(peak),
+        )
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0].split("{")[0] == name)
+
+
+def db_counter(server: Process) -> Callable[[], int]:
+    if server.name == "naive":
+        return lambda: int(httpx.get(server.url + "/_stats").json()["statements"])
+    if server.name.startswith("usage-service"):
+        return lambda: int(metric(server.url, "usage_db_statements_total"))
+    return lambda: 0
+
+
+# --- the runs --------------------------------------------------------------------------------
+
+
+def start_servers(db: Path, hot_key: str, redis_url: str) -> dict[str, Callable[[], Process]]:
+    python = sys.executable
+    servers = str(HERE / "servers.py")
+    service_env = {"SQLITE_PATH": str(db), "REDIS_CONN_STRING": redis_url, "PYTHONPATH": str(HERE.parent)}
+    return {
+        "ceiling": lambda: Process(
+            "ceiling",
+            [*pinned(SERVER_CORE), python, servers, "ceiling", "--port", "{port}", "--db", str(db), "--key", hot_key],
+            {"PYTHONPATH": str(HERE.parent)},
+            "/",
+        ),
+        "naive": lambda: Process(
+            "naive",
+            [*pinned(SERVER_CORE), python, servers, "naive", "--port", "{port}", "--db", str(db)],
+            {"PYTHONPATH": str(HERE.parent)},
+            "/_stats",
+        ),
+        "usage-service": lambda: Process(
+            "usage-service",
+            [
+                *pinned(SERVER_CORE),
+                python,
+                "-m",
+                "usage_service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--log-level",
+                "warning",
+            ],
+            service_env,
+            "/healthz",
+        ),
+    }
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    client.close()
+
+
+def run_matrix(
+    scenario: Scenario, factories: dict[str, Callable[[], Process]], redis_url: str, seconds: float
+) -> list[Result]:
+    results = []
+    for name, factory in factories.items():
+        flush_redis(redis_url)
+        server = factory()
+        try:
+            count = db_counter(server)
+            scenario.wrk(server, "hot", 2, db_count=count)  # warm-up: JIT-free, but caches and pools
+            for load in ("hot", "spread", "cold", "bad"):
+                result = scenario.wrk(server, load, seconds if load != "cold" else max(seconds, 30), db_count=count)
+                results.append(result)
+                print(f"  {name:14} {load:7} {result.rps:9.0f} req/s  p99 {result.p99_ms:6.2f} ms", flush=True)
+        finally:
+            server.stop()
+    for result in results:
+        ceiling = next(r for r in results if r.server == "ceiling" and r.load == result.load)
+        naive = next(r for r in results if r.server == "naive" and r.load == result.load)
+        result.vs_ceiling = result.rps / ceiling.rps
+        result.vs_naive = result.rps / naive.rps
+    return results
+
+
+def run_curve(
+    scenario: Scenario, factories: dict[str, Callable[[], Process]], redis_url: str, seconds: float
+) -> list[Result]:
+    points = []
+    for factory in factories.values():
+        flush_redis(redis_url)
+        server = factory()
+        try:
+            scenario.wrk(server, "hot", 1)
+            for connections in (1, 2, 5, 10, 25, 50, 100, 200):
+                points.append(scenario.wrk(server, "hot", seconds, connections=connections))
+        finally:
+            server.stop()
+    return points
+
+
+@dataclass
+class Freshness:
+    config: str
+    target_rps: int
+    rps: float = 0.0
+    db_per_s: float = 0.0
+    charge_p50_s: float = 0.0
+    charge_p99_s: float = 0.0
+    charge_max_s: float = 0.0
+    charges: int = 0
+    disable_max_s: float = 0.0
+    ban_max_s: float = 0.0
+    delete_max_s: float = 0.0
+    non2xx: int = 0
+    samples: list[float] = field(default_factory=list, repr=False)
+
+
+def propagation(url: str, db_path: Path, tokens: list[tuple[int, str, int]], seconds: float) -> Freshness:
+    """Change tokens as the gateway would and time until the service answers with the change."""
+    result = Freshness("", 0)
+    gateway = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=10)
+    lock = threading.Lock()
+    rng = random.Random(7)
+    reserved = tokens[-300:]  # disabled, banned or deleted along the way: not charged
+    chargeable = tokens[:-300]
+    deadline = time.monotonic() + seconds
+
+    def write(sql: str, *args: object) -> float:
+        with lock:
+            gateway.execute(sql, args)
+            return time.monotonic()
+
+    def wait_for(client: httpx.Client, key: str, done: Callable[[httpx.Response], bool]) -> float:
+        while True:
+            response = client.get(url + "/api/usage/token", headers={"Authorization": f"Bearer sk-{key}"})
+            if done(response):
+                return time.monotonic()
+            time.sleep(0.01)
+
+    def charger() -> None:
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                token_id, key, _ = rng.choice(chargeable)
+                before = client.get(url + "/api/usage/token", headers={"Authorization": f"Bearer sk-{key}"})
+                used = before.json()["data"]["total_used"] + 100
+                written = write(
+                    "UPDATE tokens SET remain_quota = remain_quota - 100, used_quota = used_quota + 100 WHERE id = ?",
+                    token_id,
+                )
+                seen = wait_for(
+                    client, key, lambda r, used=used: r.status_code == 200 and r.json()["data"]["total_used"] >= used
+                )
+                with lock:
+                    result.samples.append(seen - written)
+                time.sleep(rng.uniform(0.05, 0.3))
+
+    def changer(kind: str, picks: list[tuple[int, str, int]]) -> float:
+        worst = 0.0
+        with httpx.Client() as client:
+            for token_id, key, user_id in picks:
+                client.get(url + "/api/usage/token", headers={"Authorization": f"Bearer sk-{key}"})
+                time.sleep(rng.uniform(0.1, 0.5))
+                if kind == "disable":
+                    written, status = write("UPDATE tokens SET status = 2 WHERE id = ?", token_id), 401
+                elif kind == "ban":
+                    written, status = write("UPDATE users SET status = 2 WHERE id = ?", user_id), 403
+                else:
+                    written, status = write("UPDATE tokens SET deleted_at = '2025-01-01' WHERE id = ?", token_id), 401
+                worst = max(worst, wait_for(client, key, lambda r, status=status: r.status_code == status) - written)
+        return worst
+
+    threads = [threading.Thread(target=charger) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    # Ban users whose tokens are all reserved: user ids 1000 and below serve many tokens, so pick
+    # tokens of their own users for bans by giving each a fresh user.
+    banned = reserved[200:210]
+    for i, (token_id, _, _) in enumerate(banned):
+        write("INSERT INTO users (id, username, password, status) VALUES (?, ?, '!', 1)", 5000 + i, f"ban{i}")
+        write("UPDATE tokens SET user_id = ? WHERE id = ?", 5000 + i, token_id)
+    banned = [(t, k, 5000 + i) for i, (t, k, _) in enumerate(banned)]
+    time.sleep(1.5)
+    result.disable_max_s = changer("disable", reserved[:10])
+    result.ban_max_s = changer("ban", banned)
+    result.delete_max_s = changer("delete", reserved[100:110])
+    for thread in threads:
+        thread.join()
+    gateway.close()
+    samples = sorted(result.samples)
+    result.charges = len(samples)
+    result.charge_p50_s = statistics.median(samples)
+    result.charge_p99_s = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    result.charge_max_s = samples[-1]
+    return result
+
+
+def run_freshness(
+    scenario: Scenario, db_template: Path, tokens: list[tuple[int, str, int]], redis_url: str, seconds: float
+) -> list[Freshness]:
+    """10,000 tokens each polled once a second (and twice, and by two workers): freshness and DB cost."""
+    runs = []
+    for config, rate, workers in (
+        ("1 worker", TOKENS, 1),
+        ("1 worker, 2x rate", 2 * TOKENS, 1),
+        ("2 workers", TOKENS, 2),
+    ):
+        flush_redis(redis_url)
+        db = scenario.workdir / "fresh.db"
+        shutil.copy(db_template, db)
+        env = {"SQLITE_PATH": str(db), "REDIS_CONN_STRING": redis_url, "PYTHONPATH": str(HERE.parent)}
+        core = pinned(SERVER_CORE) if workers == 1 else []
+        server = Process(
+            f"usage-service x{workers}",
+            [
+                *core,
+                sys.executable,
+                "-m",
+                "usage_service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "{port}",
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+            ],
+            env,
+            "/healthz",
+        )
+        try:
+            connections = 100
+            pause = max(0, int(1000 * connections / rate) - 1)
+            extra = {"WRK_PAUSE_MS": str(pause)}
+            # The first pass reads every token once; measure from the steady state on.
+            scenario.wrk(server, "paced", 3, connections=connections, extra_env=extra)
+            holder: dict[str, Result] = {}
+
+            def paced_load(
+                server: Process = server, extra: dict[str, str] = extra, holder: dict[str, Result] = holder
+            ) -> None:
+                count = db_counter(server)
+                holder["r"] = scenario.wrk(server, "paced", seconds, connections=100, db_count=count, extra_env=extra)
+
+            load = threading.Thread(target=paced_load)
+            load.start()
+            time.sleep(1)
+            fresh = propagation(server.url, db, tokens, seconds - 6)
+            load.join()
+            fresh.config, fresh.target_rps = config, rate
+            fresh.rps, fresh.db_per_s, fresh.non2xx = holder["r"].rps, holder["r"].db_per_s, holder["r"].non2xx
+            runs.append(fresh)
+            print(
+                f"  {config:18} {fresh.rps:7.0f} req/s  {fresh.db_per_s:5.1f} DB statements/s  "
+                f"charge p99 {fresh.charge_p99_s:.2f} s",
+                flush=True,
+            )
+        finally:
+            server.stop()
+    return runs
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| server | load | req/s | p50 ms | p99 ms | non-2xx | × ceiling | × naive | DB stmts/s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(results, key=lambda r: (["hot", "spread", "cold", "bad"].index(r.load), r.server)):
+        lines.append(
+            f"| {r.server} | {r.load} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.non2xx:,} | "
+            f"{r.vs_ceiling:.2f} | {r.vs_naive:.2f} | {r.db_per_s:,.1f} | {r.peak_rss_mib:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def freshness_table(runs: list[Freshness]) -> str:
+    lines = [
+        "| usage-service | target req/s | req/s | DB stmts/s | charges | charge p50 s | charge p99 s | charge max s "
+        "| disable max s | ban max s | delete max s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in runs:
+        lines.append(
+            f"| {f.config} | {f.target_rps:,} | {f.rps:,.0f} | {f.db_per_s:.1f} | {f.charges} | "
+            f"{f.charge_p50_s:.2f} | {f.charge_p99_s:.2f} | {f.charge_max_s:.2f} | {f.disable_max_s:.2f} | "
+            f"{f.ban_max_s:.2f} | {f.delete_max_s:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(points: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for name, color in (("ceiling", "#888888"), ("naive", "#d62728"), ("usage-service", "#1f77b4")):
+        mine = [p for p in points if p.server == name]
+        ax.plot([p.rps for p in mine], [p.p99_ms for p in mine], "o-", color=color, label=f"{name} p99")
+        ax.plot([p.rps for p in mine], [p.p50_ms for p in mine], "o--", color=color, alpha=0.6, label=f"{name} p50")
+    ax.set_xlabel("requests/s (hot token, 1 to 200 connections)")
+    ax.set_ylabel("latency, ms")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("GET /api/usage/token, 1 worker pinned to one core, wrk on the other")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10, help="per load (default 10; cold runs up to 30)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["matrix", "curve", "freshness"])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix="usage-bench-") as tmp:
+        workdir = Path(tmp)
+        db = workdir / "one-api.db"
+        tokens = make_database(db)
+        keys_file = workdir / "keys.txt"
+        keys_file.write_text("\n".join(key for _, key, _ in tokens) + "\n")
+        scenario = Scenario(workdir, keys_file, tokens[0][1])
+        print(
+            f"bench: {TOKENS:,} tokens, {os.cpu_count()} cores; servers on core {SERVER_CORE}, wrk on core {LOAD_CORE}"
+            if pinned(SERVER_CORE)
+            else "bench: not pinned (fewer than 2 cores)",
+            flush=True,
+        )
+        with redis_server(workdir) as redis_url:
+            factories = start_servers(db, tokens[0][1], redis_url)
+            report: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count()}
+            sections = []
+            if "matrix" not in args.skip:
+                results = run_matrix(scenario, factories, redis_url, args.seconds)
+                report["matrix"] = [asdict(r) for r in results]
+                sections.append("## Throughput (1 worker, 50 connections)\n\n" + table(results))
+            if "curve" not in args.skip:
+                points = run_curve(scenario, factories, redis_url, min(args.seconds, 3))
+                report["curve"] = [asdict(p) for p in points]
+                chart(points, args.out / "latency-throughput.png")
+            if "freshness" not in args.skip:
+                runs = run_freshness(scenario, db, tokens, redis_url, max(args.seconds * 2, 20))
+                report["freshness"] = [{k: v for k, v in asdict(f).items() if k != "samples"} for f in runs]
+                sections.append(
+                    "## Freshness and database cost (10,000 tokens, each polled once a second)\n\n"
+                    + freshness_table(runs)
+                )
+    text = "\n\n".join(sections) + "\n"
+    print("\n" + text)
+    (args.out / "results.md").write_text(f"Run at {report['when']} on {report['cores']} cores.\n\n{text}")
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {args.out / 'latency-throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()
