@@ -275,3 +275,29 @@ async def test_briefly_missing_database_file(gateway: Gateway, app_client: AppCl
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert await used(client, other) == 5
+
+
+async def test_a_burst_of_misses_is_batched(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Concurrent misses for different keys share statements and Redis round trips."""
+    tokens = [gateway.add_token(used=i) for i in range(60)]
+    unknown = [{"Authorization": f"Bearer sk-{i:048d}"} for i in range(60)]
+    async with app_client(redis_url=redis_url, db_pool_size=1, refresh_interval=0) as (app, client):
+        redis_client.config_resetstat()
+        found, missing = await asyncio.gather(
+            asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens)),
+            asyncio.gather(*(client.get(URL, headers=h) for h in unknown)),
+        )
+        assert [r.json()["data"]["total_used"] for r in found] == list(range(60))
+        assert {r.status_code for r in missing} == {401}
+        assert app.state.lookup.stats.db_reads == 120
+        assert app.state.store.statements < 120 / 4
+        reads = redis_client.info("commandstats")
+        assert "cmdstat_get" not in reads
+        assert reads["cmdstat_mget"]["calls"] < 120 / 4
+        # Written behind the answers.
+        deadline = time.monotonic() + 5
+        while redis_client.dbsize() < 120:
+            assert time.monotonic() < deadline, "the cache was not written behind the answers"
+            await asyncio.sleep(0.02)

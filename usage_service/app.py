@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,8 @@ logger = logging.getLogger("usage_service")
 # Consecutive Redis failures that open the circuit: one stale connection after a Redis restart
 # must not, three refused connections in a row should.
 REDIS_FAILURE_THRESHOLD = 3
+# Seconds the lifespan waits for background tasks and Redis to stop.
+SHUTDOWN_GRACE = 2.0
 # Connections per worker; a burst of misses waits for one rather than opening hundreds.
 REDIS_MAX_CONNECTIONS = 32
 
@@ -106,9 +109,14 @@ def create_app(settings: Settings) -> UsageService:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: a client library that swallows a cancellation must not hang shutdown.
+            _, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            if stuck:
+                logger.warning("background tasks did not stop in time: %s", ", ".join(t.get_name() for t in stuck))
             if redis is not None:
-                await redis.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SHUTDOWN_GRACE):
+                        await redis.close()
             await store.close()
 
     return UsageService(

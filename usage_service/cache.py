@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from ._batch import Batcher
 from ._circuit import CircuitBreaker
 from .records import CorruptCacheValue, TokenRecord, decode_cached
 
@@ -101,6 +103,11 @@ class RedisCache:
         self.hot_key = prefix + "hot"
         self.leader_key = prefix + "leader"
         self.channel = prefix + "invalidate"
+        # A burst of misses costs a few MGETs, not one GET each; writes go out behind the
+        # request, pipelined.
+        self._reads: Batcher[bytes, bytes | str] = Batcher(self._read_many, max_batch=256, slots=2)
+        self._writes: dict[bytes, tuple[bytes, float]] = {}
+        self._writer: asyncio.Task[None] | None = None
         self._lead = client.register_script(_LEAD_SCRIPT)
         self._resign = client.register_script(_RESIGN_SCRIPT)
         self.errors = 0
@@ -126,10 +133,7 @@ class RedisCache:
 
     async def get(self, digest: bytes) -> tuple[TokenRecord | None, float] | None:
         """Return (record or None for a known-unknown key, fetched_at), or None on a miss."""
-        try:
-            raw = await self._run(lambda: self.client.get(self._key(digest)))
-        except RedisUnavailable:
-            return None
+        raw = await self._reads.load(digest)
         if raw is None:
             return None
         try:
@@ -139,9 +143,33 @@ class RedisCache:
             self.corrupt += 1
             return None
 
-    async def set(self, digest: bytes, value: bytes, ttl: float) -> None:
-        with contextlib.suppress(RedisUnavailable):
-            await self._run(lambda: self.client.set(self._key(digest), value, px=_ms(ttl)))
+    async def _read_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes | str]:
+        try:
+            values = await self._run(lambda: self.client.mget([self._key(d) for d in digests]))
+        except RedisUnavailable:
+            return {}
+        return {digest: value for digest, value in zip(digests, values, strict=True) if value is not None}
+
+    def write(self, digest: bytes, value: bytes, ttl: float) -> None:
+        """Store a value soon, without making the caller wait for Redis."""
+        self._writes[digest] = (value, ttl)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._writes:
+                batch, self._writes = self._writes, {}
+                with contextlib.suppress(RedisUnavailable):
+                    await self._run(functools.partial(self._set_many, batch), self.batch_timeout)
+        finally:
+            self._writer = None
+
+    async def _set_many(self, values: Mapping[bytes, tuple[bytes, float]]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for digest, (value, ttl) in values.items():
+                pipe.set(self._key(digest), value, px=_ms(ttl))
+            await pipe.execute()
 
     # --- the refresher ---------------------------------------------------------------------
 
@@ -178,14 +206,7 @@ class RedisCache:
 
     async def store_many(self, values: Mapping[bytes, bytes], ttl: float) -> None:
         """Write many cached values in one round trip."""
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for digest, value in values.items():
-                    pipe.set(self._key(digest), value, px=_ms(ttl))
-                await pipe.execute()
-
-        await self._run(write, self.batch_timeout)
+        await self._run(lambda: self._set_many({d: (v, ttl) for d, v in values.items()}), self.batch_timeout)
 
     async def publish_invalidation(self, digests: Iterable[bytes]) -> None:
         """Tell every worker to drop these tokens from its in-process layer."""
@@ -210,11 +231,13 @@ class RedisCache:
                         on_digests(_parse_digests(message["data"]))
             except (RedisError, OSError, TimeoutError):
                 on_live(False)
+                _reraise_cancellation()
                 await asyncio.sleep(min(1.0, self.breaker.cooldown) or 0.1)
             finally:
                 on_live(False)
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(self.timeout):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # --- health ----------------------------------------------------------------------------
 
@@ -228,6 +251,10 @@ class RedisCache:
         return True
 
     async def close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.batch_timeout):
+                    await asyncio.shield(self._writer)
         await self.client.aclose()
 
     def _failed(self, exc: BaseException) -> None:
@@ -242,6 +269,13 @@ class RedisCache:
     def _succeeded(self) -> None:
         if self.breaker.success():
             logger.warning("redis is back; caching through it again")
+
+
+def _reraise_cancellation() -> None:
+    """Honour a cancellation that a client library turned into an ordinary error."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _ms(seconds: float) -> int:

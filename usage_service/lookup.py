@@ -119,9 +119,9 @@ class TokenLookup:
         self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
         if self.redis is not None:
             if record is not None:
-                await self.redis.set(digest, encode_cached(record, fetched_at), self.cache_ttl)
+                self.redis.write(digest, encode_cached(record, fetched_at), self.cache_ttl)
             elif self.negative_ttl > 0:
-                await self.redis.set(digest, encode_cached(None, fetched_at), self.negative_ttl)
+                self.redis.write(digest, encode_cached(None, fetched_at), self.negative_ttl)
         return record
 
     def _remember(self, digest: bytes, record: TokenRecord | None, remaining: float) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .cache import RedisCache, RedisUnavailable, key_digest
@@ -23,6 +24,10 @@ from .records import TokenRecord, encode_cached
 from .store import StoreUnavailable, TokenStore
 
 logger = logging.getLogger("usage_service.refresh")
+
+# Tokens re-read, written and compared at a time: one statement each, and short enough not to
+# hold up requests waiting on the same event loop.
+REFRESH_CHUNK = 500
 
 
 @dataclass
@@ -95,29 +100,37 @@ class Refresher:
             return
         hot = await redis.hot_members(now - self.window, self.hot_max)
         started = time.monotonic()
-        fresh = await self._read(hot)
-        fetched_at = time.time()
-        values = {
-            digest: encode_cached(record, fetched_at)
-            for digest, record in fresh.items()
-            if record is not None or self.negative_ttl > 0
-        }
-        if values:
-            # Every hot record is rewritten, changed or not: that also repairs an entry a
-            # request wrote from an older read, and keeps hot records from expiring.
-            await redis.store_many(values, self.cache_ttl)
-        changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) != record]
-        if changed:
-            await redis.publish_invalidation(changed)
-        self._last_seen = fresh
-        self._finish(fresh, len(changed), started)
+        seen: dict[bytes, TokenRecord | None] = {}
+        changes = 0
+        for chunk in _chunks(hot):
+            fresh = await self._read(chunk)
+            fetched_at = time.time()
+            values = {
+                digest: encode_cached(record, fetched_at)
+                for digest, record in fresh.items()
+                if record is not None or self.negative_ttl > 0
+            }
+            if values:
+                # Every hot record is rewritten, changed or not: that also repairs an entry a
+                # request wrote from an older read, and keeps hot records from expiring.
+                await redis.store_many(values, self.cache_ttl)
+            changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) != record]
+            if changed:
+                await redis.publish_invalidation(changed)
+            changes += len(changed)
+            seen.update(fresh)
+        self._last_seen = seen
+        self._finish(seen, changes, started)
 
     async def _own_round(self) -> None:
         started = time.monotonic()
-        fresh = await self._read({digest: token_id for digest, (token_id, _) in self._hot.items()})
-        for digest, record in fresh.items():
-            self.lookup.refreshed(digest, record)
-        self._finish(fresh, 0, started)
+        seen: dict[bytes, TokenRecord | None] = {}
+        for chunk in _chunks({digest: token_id for digest, (token_id, _) in self._hot.items()}):
+            fresh = await self._read(chunk)
+            for digest, record in fresh.items():
+                self.lookup.refreshed(digest, record)
+            seen.update(fresh)
+        self._finish(seen, 0, started)
 
     async def _read(self, hot: dict[bytes, int]) -> dict[bytes, TokenRecord | None]:
         """Re-read hot tokens by id; a token that vanished, or whose key changed, reads as None."""
@@ -152,6 +165,13 @@ class Refresher:
             # Whatever was kept on the promise of invalidations may now miss one.
             self.lookup.local.clear()
         self.lookup.invalidations_live = live
+
+
+def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:
+    """Split a hot set so each piece is one statement and the event loop breathes in between."""
+    items = list(hot.items())
+    for start in range(0, len(items), REFRESH_CHUNK):
+        yield dict(items[start : start + REFRESH_CHUNK])
 
 
 class _Unseen:

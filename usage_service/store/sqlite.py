@@ -14,6 +14,7 @@ from typing import Any
 
 import aiosqlite
 
+from .._batch import Batcher
 from ..records import TokenRecord, as_bool, as_int, parse_model_limits
 from . import SchemaError, StoreUnavailable
 
@@ -55,6 +56,8 @@ class SQLiteStore:
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._timeout = timeout
         self._columns = columns
+        # Concurrent misses for different keys share one statement per free connection.
+        self._by_key: Batcher[str, TokenRecord] = Batcher(self._fetch_keys, max_batch=FETCH_BATCH, slots=pool_size)
         self._size = pool_size
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
@@ -87,8 +90,11 @@ class SQLiteStore:
         return probe
 
     async def fetch(self, key: str) -> TokenRecord | None:
-        rows = await self._execute(f'{self._columns} WHERE t."key" = ? AND t."deleted_at" IS NULL LIMIT 1', (key,))
-        return _record(rows[0]) if rows else None
+        return await self._by_key.load(key)
+
+    async def _fetch_keys(self, keys: Sequence[str]) -> dict[str, TokenRecord]:
+        where = f'WHERE t."key" IN ({", ".join("?" * len(keys))}) AND t."deleted_at" IS NULL'
+        return {row["key"]: _record(row) for row in await self._execute(f"{self._columns} {where}", keys)}
 
     async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
         found: dict[int, tuple[str, TokenRecord]] = {}
@@ -116,8 +122,7 @@ class SQLiteStore:
                 async with self._connection() as conn:
                     self.statements += 1
                     try:
-                        async with conn.execute(sql, params) as cursor:
-                            rows = list(await cursor.fetchall())
+                        rows = list(await conn.execute_fetchall(sql, params))
                     except asyncio.CancelledError:
                         await conn.interrupt()
                         raise

@@ -1,0 +1,65 @@
+"""Coalesce concurrent lookups into batched calls.
+
+A lookup that finds a free slot goes out at once, alone: no added latency when traffic is
+light. Lookups that arrive while every slot is busy wait together and go out as one batch
+when a slot frees up, so a burst of misses costs a few round trips instead of one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Batcher(Generic[K, V]):
+    def __init__(
+        self, load_many: Callable[[Sequence[K]], Awaitable[Mapping[K, V]]], *, max_batch: int, slots: int
+    ) -> None:
+        self._load_many = load_many
+        self.max_batch = max_batch
+        self.slots = slots
+        self._busy = 0
+        self._pending: dict[K, asyncio.Future[V | None]] = {}
+        self.batches = 0  # calls made, for tests and metrics
+
+    async def load(self, key: K) -> V | None:
+        """Return the value for `key` (None when `load_many` did not return it)."""
+        future = self._pending.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[key] = future
+            self._dispatch()
+        # Shielded: one caller giving up must not cancel the answer others wait on.
+        return await asyncio.shield(future)
+
+    def _dispatch(self) -> None:
+        while self._pending and self._busy < self.slots:
+            keys = list(self._pending)[: self.max_batch]
+            batch = {key: self._pending.pop(key) for key in keys}
+            self._busy += 1
+            self.batches += 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: dict[K, asyncio.Future[V | None]]) -> None:
+        try:
+            values = await self._load_many(list(batch))
+        except asyncio.CancelledError:
+            for future in batch.values():
+                future.cancel()
+            raise
+        except Exception as exc:
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # counted as seen even if every waiter went away
+        else:
+            for key, future in batch.items():
+                if not future.done():
+                    future.set_result(values.get(key))
+        finally:
+            self._busy -= 1
+            self._dispatch()
