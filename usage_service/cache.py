@@ -226,6 +226,9 @@ class RedisCache:
                 await pubsub.subscribe(self.channel)
                 on_live(True)
                 while True:
+                    # redis-py can turn a cancellation that lands as its read times out into an
+                    # ordinary empty read; without this check the listener would outlive shutdown.
+                    _reraise_cancellation()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         on_digests(_parse_digests(message["data"]))
