@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from .responses import JSON_TYPE, NO_CACHE
+
 # new-api's token and user statuses.
 TOKEN_ENABLED, TOKEN_DISABLED, TOKEN_EXPIRED, TOKEN_EXHAUSTED = 1, 2, 3, 4
 USER_ENABLED = 1
@@ -57,6 +59,11 @@ class TokenRecord:
     @cached_property
     def usage_etag(self) -> bytes:
         return b'"' + hashlib.blake2b(self.usage_body, digest_size=12).hexdigest().encode() + b'"'
+
+    @cached_property
+    def usage_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        length = str(len(self.usage_body)).encode()
+        return (JSON_TYPE, NO_CACHE, (b"etag", self.usage_etag), (b"content-length", length))
 
 
 def parse_model_limits(value: object) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from .auth import SCOPE_KEY
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render
 from .records import TokenRecord
-from .responses import JSON_TYPE, NO_CACHE, JSONError, error_body, send_body
+from .responses import NO_CACHE, JSONError, error_body, send_body
 from .store import StoreUnavailable
 
 logger = logging.getLogger("usage_service.routes")
@@ -31,9 +31,8 @@ async def token_usage(scope: Scope, receive: Receive, send: Send) -> None:
                 await send_body(scope, send, 304, [NO_CACHE, (b"etag", etag)], b"")
                 return
             break
-    body = record.usage_body
-    headers = [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", str(len(body)).encode())]
-    await send_body(scope, send, 200, headers, body)
+    # A fresh list: the server or a middleware may add to the headers it is given.
+    await send_body(scope, send, 200, [*record.usage_headers], record.usage_body)
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
