@@ -56,6 +56,7 @@ class Refresher:
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
+        self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
 
     async def run(self) -> None:
         """Refresh every interval until cancelled; on the way out, hand leadership over."""
@@ -87,8 +88,7 @@ class Refresher:
                 await self._shared_round(self.redis, polled, now)
                 return
             except RedisUnavailable:
-                self.stats.leader = False
-                self._last_seen.clear()
+                self._step_down()
         await self._own_round()
 
     async def _shared_round(self, redis: RedisCache, polled: dict[bytes, int], now: float) -> None:
@@ -96,7 +96,7 @@ class Refresher:
             await redis.note_polled(polled, now)
         self.stats.leader = await redis.lead(self.instance, self.lock_ttl)
         if not self.stats.leader:
-            self._last_seen.clear()
+            self._step_down()
             return
         hot = await redis.hot_members(now - self.window, self.hot_max)
         started = time.monotonic()
@@ -104,23 +104,36 @@ class Refresher:
         changes = 0
         for chunk in _chunks(hot):
             fresh = await self._read(chunk)
+            # An unchanged record keeps its old object, and with it its encoded form.
+            fresh = {d: _same_or(self._last_seen.get(d, _UNSEEN), record) for d, record in fresh.items()}
             fetched_at = time.time()
+            changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) is not record]
+            # Changed records are written now; unchanged ones once half their TTL has gone, which
+            # keeps them from ageing out of the cache and repairs, within that time, an entry a
+            # request wrote from a read older than ours.
+            due = fetched_at - self.cache_ttl / 2
+            rewrite = [d for d in fresh if self._written.get(d, 0.0) <= due]
             values = {
-                digest: encode_cached(record, fetched_at)
-                for digest, record in fresh.items()
-                if record is not None or self.negative_ttl > 0
+                digest: encode_cached(fresh[digest], fetched_at)
+                for digest in {*changed, *rewrite}
+                if fresh[digest] is not None or self.negative_ttl > 0
             }
             if values:
-                # Every hot record is rewritten, changed or not: that also repairs an entry a
-                # request wrote from an older read, and keeps hot records from expiring.
                 await redis.store_many(values, self.cache_ttl)
-            changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) != record]
+                self._written.update(dict.fromkeys(values, fetched_at))
             if changed:
                 await redis.publish_invalidation(changed)
             changes += len(changed)
             seen.update(fresh)
         self._last_seen = seen
+        self._written = {d: at for d, at in self._written.items() if d in seen}
         self._finish(seen, changes, started)
+
+    def _step_down(self) -> None:
+        # What this worker knew as leader may be outdated by the time it leads again.
+        self.stats.leader = False
+        self._last_seen.clear()
+        self._written.clear()
 
     async def _own_round(self) -> None:
         started = time.monotonic()
@@ -172,6 +185,10 @@ def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:
     items = list(hot.items())
     for start in range(0, len(items), REFRESH_CHUNK):
         yield dict(items[start : start + REFRESH_CHUNK])
+
+
+def _same_or(old: TokenRecord | None | _Unseen, new: TokenRecord | None) -> TokenRecord | None:
+    return new if isinstance(old, _Unseen) or old != new else old
 
 
 class _Unseen:

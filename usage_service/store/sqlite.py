@@ -241,17 +241,20 @@ def _select_columns(token_columns: set[str]) -> str:
 
 
 def _record(row: sqlite3.Row) -> TokenRecord:
-    name = row["name"]
+    # The refresher builds thousands of these a second: take the common column types as they
+    # come and fall back to the careful readers only for odd values.
+    tid, uid, name, status, expired, remain, used = row[0], row[2], row[3], row[4], row[5], row[6], row[7]
+    unlimited, enabled, limits, user_status = row[8], row[9], row[10], row[11]
     return TokenRecord(
-        id=as_int(row["id"]),
-        user_id=as_int(row["user_id"]),
-        name=name if isinstance(name, str) else "",
-        status=as_int(row["status"], default=1),
-        expired_time=as_int(row["expired_time"], default=-1),
-        remain_quota=as_int(row["remain_quota"]),
-        used_quota=as_int(row["used_quota"]),
-        unlimited_quota=as_bool(row["unlimited_quota"]),
-        model_limits_enabled=as_bool(row["model_limits_enabled"]),
-        model_limits=parse_model_limits(row["model_limits"]),
-        user_status=as_int(row["user_status"], default=1),
+        tid if type(tid) is int else as_int(tid),
+        uid if type(uid) is int else as_int(uid),
+        name if type(name) is str else "",
+        status if type(status) is int else as_int(status, default=1),
+        expired if type(expired) is int else as_int(expired, default=-1),
+        remain if type(remain) is int else as_int(remain),
+        used if type(used) is int else as_int(used),
+        unlimited != 0 if type(unlimited) is int else as_bool(unlimited),
+        enabled != 0 if type(enabled) is int else as_bool(enabled),
+        parse_model_limits(limits) if limits else (),
+        user_status if type(user_status) is int else as_int(user_status, default=1),
     )
