@@ -206,3 +206,46 @@ async def test_losing_the_invalidation_channel_empties_the_in_process_layer(
         assert len(app.state.lookup.local) == 1
         app.state.refresher.invalidations_live(False)
         assert len(app.state.lookup.local) == 0
+
+
+async def test_confirmed_rounds_keep_records_in_process(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    """Each complete round vouches for what workers hold: hot records need no trip to Redis."""
+    token = gateway.add_token()
+    settings = {"redis_url": redis_url, "cache_ttl": 0.5, "local_ttl": 0.1, "refresh_interval": 0.1}
+    async with app_client(**settings) as (app, client):
+        await eventually(lambda: _true(app.state.lookup.invalidations_live))
+        await client.get(URL, headers=token.bearer)
+        await asyncio.sleep(0.4)  # past the leader's first sight of the token
+        await client.get(URL, headers=token.bearer)
+        stats = app.state.lookup.stats
+        local, redis_hits, reads = stats.local_hits, stats.redis_hits, stats.db_reads
+        for _ in range(4):  # 1.2 s, more than twice USAGE_CACHE_TTL
+            await asyncio.sleep(0.3)
+            assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        assert (stats.local_hits - local, stats.redis_hits - redis_hits, stats.db_reads - reads) == (4, 0, 0)
+        gateway.charge(token, 3)  # and a change still gets through
+        await eventually(answer_is(client, token, 200, total_used=3), within=2.0)
+
+
+async def test_a_request_never_overwrites_a_newer_refresh(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    from usage_service.cache import key_digest
+    from usage_service.records import decode_cached, encode_cached
+
+    token = gateway.add_token(used=1)
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, client):
+        await client.get(URL, headers=token.bearer)
+        digest = key_digest(token.key.encode())
+        record = app.state.lookup.local.get(digest, 0.0)
+        cache = app.state.redis
+        await cache.store_many({digest: encode_cached(record, 2000.0)}, 60)  # the refresher's, read at 2000
+        cache.write(digest, encode_cached(record, 1000.0), 60)  # a request's, read earlier
+        await asyncio.sleep(0.2)
+        stored = redis_client.get(cache._key(digest))
+        assert decode_cached(stored)[1] == 2000.0
+        cache.write(digest, encode_cached(record, 3000.0), 60)  # a newer read does replace it
+        await asyncio.sleep(0.2)
+        assert decode_cached(redis_client.get(cache._key(digest)))[1] == 3000.0

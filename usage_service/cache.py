@@ -61,6 +61,13 @@ class LocalCache(Generic[V]):
     def discard(self, digest: bytes) -> None:
         self._entries.pop(digest, None)
 
+    def extend(self, expires_at: float) -> None:
+        """Let every entry live at least until `expires_at`."""
+        entries = self._entries
+        for digest, (deadline, value) in entries.items():
+            if deadline < expires_at:
+                entries[digest] = (expires_at, value)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -89,6 +96,20 @@ return #KEYS
 _HOT_SCRIPT = """
 redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
 return table.concat(redis.call('zrevrangebyscore', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3]), ',')
+"""
+
+# Many SETs, each only if what is there was read from the database earlier than ours (values
+# start "[format,fetched_at,"): a request's write-behind never undoes a newer refresh.
+_SET_NEWER_SCRIPT = """
+local function stamp(value)
+  return value and tonumber(string.match(value, '^%[%d+,([^,]+),'))
+end
+for i, key in ipairs(KEYS) do
+  local new = ARGV[i + 1]
+  local old = stamp(redis.call('get', key))
+  if not old or old < stamp(new) then redis.call('set', key, new, 'PX', ARGV[1]) end
+end
+return #KEYS
 """
 
 _RESIGN_SCRIPT = """
@@ -123,6 +144,7 @@ class RedisCache:
         self._lead = client.register_script(_LEAD_SCRIPT)
         self._resign = client.register_script(_RESIGN_SCRIPT)
         self._set_script = client.register_script(_SET_MANY_SCRIPT)
+        self._set_newer_script = client.register_script(_SET_NEWER_SCRIPT)
         self._hot_script = client.register_script(_HOT_SCRIPT)
         self.errors = 0
         self.corrupt = 0
@@ -178,18 +200,19 @@ class RedisCache:
             while self._writes:
                 batch, self._writes = self._writes, {}
                 with contextlib.suppress(RedisUnavailable):
-                    await self._run(functools.partial(self._set_many, batch), self.batch_timeout)
+                    await self._run(functools.partial(self._set_many, batch, newer_only=True), self.batch_timeout)
         finally:
             self._writer = None
 
-    async def _set_many(self, values: Mapping[bytes, tuple[bytes, float]]) -> None:
+    async def _set_many(self, values: Mapping[bytes, tuple[bytes, float]], newer_only: bool = False) -> None:
         by_ttl: dict[int, tuple[list[str], list[bytes]]] = {}
         for digest, (value, ttl) in values.items():
             keys, payloads = by_ttl.setdefault(_ms(ttl), ([], []))
             keys.append(self._key(digest))
             payloads.append(value)
+        script = self._set_newer_script if newer_only else self._set_script
         for ttl_ms, (keys, payloads) in by_ttl.items():
-            await self._set_script(keys=keys, args=[ttl_ms, *payloads])
+            await script(keys=keys, args=[ttl_ms, *payloads])
 
     # --- the refresher ---------------------------------------------------------------------
 
@@ -229,12 +252,20 @@ class RedisCache:
         message = ",".join(d.hex() for d in digests)
         await self._run(lambda: self.client.publish(self.channel, message))
 
-    async def listen_invalidations(
-        self, on_digests: Callable[[list[bytes]], None], on_live: Callable[[bool], None]
-    ) -> None:
-        """Deliver invalidation messages until cancelled, subscribing again after a failure.
+    async def publish_confirmation(self, as_of: float) -> None:
+        """Tell every worker that all hot records were checked against the database as of `as_of`."""
+        await self._run(lambda: self.client.publish(self.channel, f"@{as_of!r}"))
 
-        `on_live` hears whether messages can currently arrive.
+    async def listen_invalidations(
+        self,
+        on_digests: Callable[[list[bytes]], None],
+        on_confirm: Callable[[float], None],
+        on_live: Callable[[bool], None],
+    ) -> None:
+        """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
+
+        Both travel on one channel, so a worker that hears a round's confirmation has heard its
+        invalidations. `on_live` hears whether messages can currently arrive.
         """
         while not self._closed:
             pubsub = self.client.pubsub()
@@ -246,8 +277,14 @@ class RedisCache:
                     # ordinary empty read; without this check the listener would outlive shutdown.
                     _reraise_cancellation()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None:
-                        on_digests(_parse_digests(message["data"]))
+                    if message is None:
+                        continue
+                    data = message["data"]
+                    if isinstance(data, bytes) and data.startswith(b"@"):
+                        with contextlib.suppress(ValueError):
+                            on_confirm(float(data[1:]))
+                    else:
+                        on_digests(_parse_digests(data))
             except (RedisError, OSError, TimeoutError):
                 on_live(False)
                 _reraise_cancellation()

@@ -90,6 +90,15 @@ class TokenLookup:
         self.local.discard(digest)
         self.negative.discard(digest)
 
+    def confirm(self, as_of: float) -> None:
+        """Every hot record was checked against the database as of `as_of` (wall clock), and the
+        changed ones were dropped from here: what is left stays good for another cache TTL."""
+        if not self.invalidations_live:
+            return
+        remaining = as_of + self.cache_ttl - time.time()
+        if remaining > 0:
+            self.local.extend(time.monotonic() + remaining)
+
     def refreshed(self, digest: bytes, record: TokenRecord | None) -> None:
         """Take a record the refresher just read from the database into the in-process layer."""
         self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
@@ -114,9 +123,10 @@ class TokenLookup:
                     return record
 
         self.stats.db_reads += 1
+        fetched_at = time.time()  # before the read: the record is at least this fresh
         record = await self.store.fetch(key.decode("ascii"))
-        fetched_at = time.time()
-        self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
+        ttl = self.cache_ttl if record is not None else self.negative_ttl
+        self._remember(digest, record, fetched_at + ttl - time.time())
         if self.redis is not None:
             if record is not None:
                 self.redis.write(digest, encode_cached(record, fetched_at), self.cache_ttl)

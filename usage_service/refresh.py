@@ -27,7 +27,7 @@ logger = logging.getLogger("usage_service.refresh")
 
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
-REFRESH_CHUNK = 500
+REFRESH_CHUNK = 1000
 
 
 @dataclass
@@ -102,11 +102,12 @@ class Refresher:
         started = time.monotonic()
         seen: dict[bytes, TokenRecord | None] = {}
         changes = 0
+        as_of = time.time()
         for chunk in _chunks(hot):
+            fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
             # An unchanged record keeps its old object, and with it its encoded form.
             fresh = {d: _same_or(self._last_seen.get(d, _UNSEEN), record) for d, record in fresh.items()}
-            fetched_at = time.time()
             changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) is not record]
             # Changed records are written now; unchanged ones once half their TTL has gone, which
             # keeps them from ageing out of the cache and repairs, within that time, an entry a
@@ -127,6 +128,10 @@ class Refresher:
             seen.update(fresh)
         self._last_seen = seen
         self._written = {d: at for d, at in self._written.items() if d in seen}
+        if len(hot) < self.hot_max:
+            # Every token polled lately was checked: workers may keep what they hold. (With the
+            # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.)
+            await redis.publish_confirmation(as_of)
         self._finish(seen, changes, started)
 
     def _step_down(self) -> None:
@@ -172,6 +177,10 @@ class Refresher:
         for digest in digests:
             self.lookup.forget(digest)
 
+    def confirm(self, as_of: float) -> None:
+        """Hear that a round checked every hot token as of `as_of`."""
+        self.lookup.confirm(as_of)
+
     def invalidations_live(self, live: bool) -> None:
         """Hear whether invalidations reach this worker; without them, records expire sooner."""
         if not live and self.lookup.invalidations_live:
@@ -188,6 +197,8 @@ def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:
 
 
 def _same_or(old: TokenRecord | None | _Unseen, new: TokenRecord | None) -> TokenRecord | None:
+    if old is new:
+        return new
     return new if isinstance(old, _Unseen) or old != new else old
 
 

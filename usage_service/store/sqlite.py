@@ -39,8 +39,11 @@ _REQUIRED = {
 }
 _OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
 
-# Ids per statement when re-reading the hot set (well under SQLite's 999-variable floor).
-FETCH_BATCH = 500
+# Keys or ids per statement: SQLite allows 32766 variables since 3.32, 999 before.
+FETCH_BATCH = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 900
+
+# Rows fetch_many remembers, to hand back the same record for an unchanged row.
+ROW_MEMORY = 50_000
 
 # How often to check whether the file at SQLITE_PATH is still the one our connections hold
 # (a gateway restore replaces it; open connections would go on reading the old inode).
@@ -56,6 +59,7 @@ class SQLiteStore:
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._timeout = timeout
         self._columns = columns
+        self._rows: dict[object, tuple[tuple[object, ...], TokenRecord]] = {}  # fetch_many's last rows, by id
         # Concurrent misses for different keys share one statement per free connection.
         self._by_key: Batcher[str, TokenRecord] = Batcher(self._fetch_keys, max_batch=FETCH_BATCH, slots=pool_size)
         self._size = pool_size
@@ -98,12 +102,21 @@ class SQLiteStore:
 
     async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
         found: dict[int, tuple[str, TokenRecord]] = {}
+        previous = self._rows
         for start in range(0, len(ids), FETCH_BATCH):
             batch = ids[start : start + FETCH_BATCH]
             where = f'WHERE t."id" IN ({", ".join("?" * len(batch))}) AND t."deleted_at" IS NULL'
             for row in await self._execute(f"{self._columns} {where}", batch):
-                record = _record(row)
+                values = tuple(row)
+                seen = previous.get(values[0])
+                # The refresher re-reads the same rows every second and most have not changed:
+                # an identical row gives back the same record object, built once.
+                record = seen[1] if seen is not None and seen[0] == values else _record(row)
                 found[record.id] = (row["key"], record)
+                previous.pop(values[0], None)
+                previous[values[0]] = (values, record)  # most recently read last
+        while len(previous) > ROW_MEMORY:
+            del previous[next(iter(previous))]
         return found
 
     async def ping(self) -> None:
