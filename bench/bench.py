@@ -319,6 +319,25 @@ def db_counter(server: Process) -> Callable[[], int]:
 # --- the runs --------------------------------------------------------------------------------
 
 
+def service_command(workers: int) -> list[str]:
+    """usage-service as an operator runs it; one worker is pinned beside the load generator."""
+    pin = pinned(SERVER_CORE) if workers == 1 else []
+    return [
+        *pin,
+        sys.executable,
+        "-m",
+        "usage_service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+    ]
+
+
 def start_servers(db: Path, hot_key: str, redis_url: str) -> dict[str, Callable[[], Process]]:
     python = sys.executable
     servers = str(HERE / "servers.py")
@@ -338,18 +357,7 @@ def start_servers(db: Path, hot_key: str, redis_url: str) -> dict[str, Callable[
         ),
         "usage-service": lambda: Process(
             "usage-service",
-            [
-                *pinned(SERVER_CORE),
-                python,
-                "-m",
-                "usage_service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "{port}",
-                "--log-level",
-                "warning",
-            ],
+            service_command(workers=1),
             service_env,
             "/healthz",
         ),
@@ -515,23 +523,9 @@ def run_freshness(
         db = scenario.workdir / "fresh.db"
         shutil.copy(db_template, db)
         env = {"SQLITE_PATH": str(db), "REDIS_CONN_STRING": redis_url, "PYTHONPATH": str(HERE.parent)}
-        core = pinned(SERVER_CORE) if workers == 1 else []
         server = Process(
             f"usage-service x{workers}",
-            [
-                *core,
-                sys.executable,
-                "-m",
-                "usage_service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "{port}",
-                "--workers",
-                str(workers),
-                "--log-level",
-                "warning",
-            ],
+            service_command(workers),
             env,
             "/healthz",
         )
