@@ -42,10 +42,6 @@ class Settings:
     hot_window: float = 60.0
     hot_max: int = 20_000
 
-    @property
-    def redis_configured(self) -> bool:
-        return self.redis_url is not None
-
 
 # (variable, default, description) for every variable; `--help` and the README print this.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
