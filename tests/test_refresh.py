@@ -249,3 +249,11 @@ async def test_a_request_never_overwrites_a_newer_refresh(
         cache.write(digest, encode_cached(record, 3000.0), 60)  # a newer read does replace it
         await asyncio.sleep(0.2)
         assert decode_cached(redis_client.get(cache._key(digest)))[1] == 3000.0
+
+
+async def test_without_a_refresher_polls_are_not_noted(gateway: Gateway, app_client: AppClient) -> None:
+    tokens = [gateway.add_token() for _ in range(3)]
+    async with app_client(refresh_interval=0) as (app, client):
+        for token in tokens * 2:
+            assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        assert app.state.lookup.take_polled() == {}

@@ -49,7 +49,9 @@ class TokenLookup:
         self.stats = LookupStats()
         self._inflight: dict[bytes, asyncio.Task[TokenRecord | None]] = {}
         # Tokens answered since the refresher last asked: digest -> token id (never the key).
+        # Without a refresher nobody asks, so nothing is noted.
         self._polled: dict[bytes, int] = {}
+        self._note_polls = settings.refresh_interval > 0
 
     async def resolve(self, key: bytes) -> TokenRecord | None:
         """Return the record for a key (ASCII, without 'sk-'), or None when no live token has it.
@@ -61,7 +63,8 @@ class TokenLookup:
         record = self.local.get(digest, now)
         if record is not None:
             self.stats.local_hits += 1
-            self._polled[digest] = record.id
+            if self._note_polls:
+                self._polled[digest] = record.id
             return record
         if self.negative.get(digest, now) is not None:
             self.stats.negative_hits += 1
@@ -76,7 +79,7 @@ class TokenLookup:
             self.stats.coalesced += 1
         # Shielded: a client that goes away must not cancel the trip others are waiting on.
         record = await asyncio.shield(task)
-        if record is not None:
+        if record is not None and self._note_polls:
             self._polled[digest] = record.id
         return record
 
