@@ -87,14 +87,16 @@ class TokenAuthMiddleware:
             return
 
         lookup: TokenLookup = scope["app"].state.lookup
-        try:
-            record = await lookup.resolve(key)
-        except StoreUnavailable:
-            await self.unavailable(scope, receive, send)
-            return
+        record = lookup.cached(key)
         if record is None:
-            await NOT_FOUND(scope, receive, send)
-            return
+            try:
+                record = await lookup.resolve(key)
+            except StoreUnavailable:
+                await self.unavailable(scope, receive, send)
+                return
+            if record is None:
+                await NOT_FOUND(scope, receive, send)
+                return
         rejection = usage_verdict(record)
         if rejection is not None:
             await rejection(scope, receive, send)

@@ -72,6 +72,10 @@ class LocalCache(Generic[V]):
         self._entries.clear()
 
 
+# Hot-set members per command, both ways: bounded work between two awaits of the event loop.
+HOT_SLICE = 1000
+
+
 class RedisUnavailable(Exception):
     """Redis failed, timed out, or is being left alone by the circuit breaker."""
 
@@ -218,8 +222,11 @@ class RedisCache:
 
     async def note_polled(self, polled: Mapping[bytes, int], now: float) -> None:
         """Mark tokens as polled now in the shared hot set (members are 'id:digest', never keys)."""
-        members = {f"{token_id}:{digest.hex()}": now for digest, token_id in polled.items()}
-        await self._run(lambda: self.client.zadd(self.hot_key, members), self.batch_timeout)
+        items = list(polled.items())
+        # In slices: packing one command of 10,000 members would hold up the event loop.
+        for start in range(0, len(items), HOT_SLICE):
+            members = {f"{token_id}:{digest.hex()}": now for digest, token_id in items[start : start + HOT_SLICE]}
+            await self._run(functools.partial(self.client.zadd, self.hot_key, members), self.batch_timeout)
 
     async def lead(self, instance: str, ttl: float) -> bool:
         """Take or keep the refresher's leader lock; say whether this instance holds it."""
@@ -230,18 +237,14 @@ class RedisCache:
         """Give up the leader lock if this instance holds it, so another takes over at once."""
         await self._run(lambda: self._resign(keys=[self.leader_key], args=[instance]))
 
-    async def hot_members(self, since: float, limit: int) -> dict[bytes, int]:
-        """Forget tokens not polled since `since`; return {digest: id} of the most recent others."""
-        # One bulk string instead of thousands of replies: far cheaper for us to parse.
+    async def hot_members(self, since: float, limit: int) -> list[bytes]:
+        """Forget tokens not polled since `since`; return the most recent others, unparsed (see
+        `parse_hot`: the caller reads them a slice at a time, between its own awaits)."""
+        # One bulk string instead of thousands of replies: far cheaper for us to read.
         joined = await self._run(
             lambda: self._hot_script(keys=[self.hot_key], args=[f"({since}", since, limit]), self.batch_timeout
         )
-        hot: dict[bytes, int] = {}
-        for member in bytes(joined or b"").split(b","):
-            token_id, _, digest = member.partition(b":")
-            with contextlib.suppress(ValueError):
-                hot[bytes.fromhex(digest.decode())] = int(token_id)
-        return hot
+        return bytes(joined).split(b",") if joined else []
 
     async def store_many(self, values: Mapping[bytes, bytes], ttl: float) -> None:
         """Write many cached values in one round trip."""
@@ -333,6 +336,16 @@ def _reraise_cancellation() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def parse_hot(members: Iterable[bytes]) -> dict[bytes, int]:
+    """Read hot-set members ('id:digest') as {digest: id}, skipping any that are malformed."""
+    hot: dict[bytes, int] = {}
+    for member in members:
+        token_id, _, digest = member.partition(b":")
+        with contextlib.suppress(ValueError):
+            hot[bytes.fromhex(digest.decode())] = int(token_id)
+    return hot
 
 
 def _ms(seconds: float) -> int:

@@ -53,20 +53,27 @@ class TokenLookup:
         self._polled: dict[bytes, int] = {}
         self._note_polls = settings.refresh_interval > 0
 
+    def cached(self, key: bytes) -> TokenRecord | None:
+        """Return the record when the in-process layer has it, else None: resolve() without a
+        coroutine, for the polling path, where nearly every request is answered here."""
+        digest = key_digest(key)
+        record = self.local.get(digest, time.monotonic())
+        if record is not None:
+            self.stats.local_hits += 1
+            if self._note_polls:
+                self._polled[digest] = record.id
+        return record
+
     async def resolve(self, key: bytes) -> TokenRecord | None:
         """Return the record for a key (ASCII, without 'sk-'), or None when no live token has it.
 
         Raises StoreUnavailable when the answer is in no cache and the database cannot give it.
         """
-        digest = key_digest(key)
-        now = time.monotonic()
-        record = self.local.get(digest, now)
+        record = self.cached(key)
         if record is not None:
-            self.stats.local_hits += 1
-            if self._note_polls:
-                self._polled[digest] = record.id
             return record
-        if self.negative.get(digest, now) is not None:
+        digest = key_digest(key)
+        if self.negative.get(digest, time.monotonic()) is not None:
             self.stats.negative_hits += 1
             return None
 

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .cache import RedisCache, RedisUnavailable, key_digest
+from .cache import HOT_SLICE, RedisCache, RedisUnavailable, key_digest, parse_hot
 from .config import Settings
 from .lookup import TokenLookup
 from .records import TokenRecord, encode_cached
@@ -27,7 +27,7 @@ logger = logging.getLogger("usage_service.refresh")
 
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
-REFRESH_CHUNK = 1000
+REFRESH_CHUNK = HOT_SLICE
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Refresher:
         self.instance = uuid.uuid4().hex
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
+        self._pruned_at = 0.0
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
 
@@ -81,7 +82,9 @@ class Refresher:
         polled = self.lookup.take_polled()
         for digest, token_id in polled.items():
             self._hot[digest] = (token_id, now)
-        self._hot = {d: entry for d, entry in self._hot.items() if entry[1] >= now - self.window}
+        if now - self._pruned_at >= self.window:
+            # Only our own rounds read this: pruning it once a window keeps it bounded.
+            self._prune_hot(now)
 
         if self.redis is not None:
             try:
@@ -98,12 +101,13 @@ class Refresher:
         if not self.stats.leader:
             self._step_down()
             return
-        hot = await redis.hot_members(now - self.window, self.hot_max)
+        members = await redis.hot_members(now - self.window, self.hot_max)
         started = time.monotonic()
         seen: dict[bytes, TokenRecord | None] = {}
         changes = 0
         as_of = time.time()
-        for chunk in _chunks(hot):
+        for start in range(0, len(members), REFRESH_CHUNK):
+            chunk = parse_hot(members[start : start + REFRESH_CHUNK])
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
             # An unchanged record keeps its old object, and with it its encoded form.
@@ -128,7 +132,7 @@ class Refresher:
             seen.update(fresh)
         self._last_seen = seen
         self._written = {d: at for d, at in self._written.items() if d in seen}
-        if len(hot) < self.hot_max:
+        if len(members) < self.hot_max:
             # Every token polled lately was checked: workers may keep what they hold. (With the
             # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.)
             await redis.publish_confirmation(as_of)
@@ -141,6 +145,7 @@ class Refresher:
         self._written.clear()
 
     async def _own_round(self) -> None:
+        self._prune_hot(time.time())
         started = time.monotonic()
         seen: dict[bytes, TokenRecord | None] = {}
         for chunk in _chunks({digest: token_id for digest, (token_id, _) in self._hot.items()}):
@@ -156,10 +161,21 @@ class Refresher:
             return {}
         found = await self.store.fetch_many(sorted(set(hot.values())))
         fresh: dict[bytes, TokenRecord | None] = {}
+        last_seen = self._last_seen
         for digest, token_id in hot.items():
             row = found.get(token_id)
-            fresh[digest] = row[1] if row is not None and key_digest(row[0].encode()) == digest else None
+            if row is None:
+                fresh[digest] = None
+                continue
+            key, record = row
+            # A store hands back the very record it gave last time only for an identical row,
+            # key included: that one needs no hashing to know the key is still this digest's.
+            fresh[digest] = record if last_seen.get(digest) is record or key_digest(key.encode()) == digest else None
         return fresh
+
+    def _prune_hot(self, now: float) -> None:
+        self._pruned_at = now
+        self._hot = {d: entry for d, entry in self._hot.items() if entry[1] >= now - self.window}
 
     def _finish(self, fresh: dict[bytes, TokenRecord | None], changed: int, started: float) -> None:
         self.stats.runs += 1
