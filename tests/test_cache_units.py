@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import LocalCache, key_digest
+from usage_service.cache import LocalCache, key_digest, parse_hot
 
 
 def test_digest_is_sha256_of_the_key() -> None:
@@ -77,3 +77,9 @@ def test_breaker_success_resets_the_failure_count() -> None:
     assert not breaker.success()
     breaker.failure()
     assert breaker.state == "closed"
+
+
+def test_hot_members_parse_to_digests_and_ids_skipping_malformed_ones() -> None:
+    digest = key_digest(b"k")
+    members = [b"7:" + digest.hex().encode(), b"x:" + digest.hex().encode(), b"8:zz", b"", b"9"]
+    assert parse_hot(members) == {digest: 7}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 import redis
 from conftest import AppClient
 from support import Gateway, Token, redis_contents
+
+from usage_service.cache import HOT_SLICE, parse_hot
 
 pytestmark = pytest.mark.asyncio
 
@@ -257,3 +260,13 @@ async def test_without_a_refresher_polls_are_not_noted(gateway: Gateway, app_cli
         for token in tokens * 2:
             assert (await client.get(URL, headers=token.bearer)).status_code == 200
         assert app.state.lookup.take_polled() == {}
+
+
+async def test_hot_set_larger_than_a_slice_round_trips_through_redis(app_client: AppClient, redis_url: str) -> None:
+    polled = {hashlib.sha256(str(i).encode()).digest(): i for i in range(1, 2 * HOT_SLICE + 500)}
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        now = time.time()
+        await app.state.redis.note_polled(polled, now)
+        members = await app.state.redis.hot_members(now - 10, limit=10 * HOT_SLICE)
+        assert parse_hot(members) == polled
+        assert len(await app.state.redis.hot_members(now - 10, limit=HOT_SLICE)) == HOT_SLICE

@@ -6,6 +6,7 @@ Both are keyed by a SHA-256 digest of the token key, never by the key itself.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import functools
 import hashlib
@@ -96,6 +97,18 @@ for i, key in ipairs(KEYS) do redis.call('set', key, ARGV[i + 1], 'PX', ARGV[1])
 return #KEYS
 """
 
+# Add comma-separated members to the hot set, all scored ARGV[1] (unpack takes so many at a time).
+_NOTE_SCRIPT = """
+local args = {}
+for member in string.gmatch(ARGV[2], '[^,]+') do
+  args[#args + 1] = ARGV[1]
+  args[#args + 1] = member
+  if #args == 1000 then redis.call('zadd', KEYS[1], unpack(args)); args = {} end
+end
+if #args > 0 then redis.call('zadd', KEYS[1], unpack(args)) end
+return 1
+"""
+
 # Trim the hot set and return the most recently polled members joined into one string.
 _HOT_SCRIPT = """
 redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
@@ -150,6 +163,7 @@ class RedisCache:
         self._set_script = client.register_script(_SET_MANY_SCRIPT)
         self._set_newer_script = client.register_script(_SET_NEWER_SCRIPT)
         self._hot_script = client.register_script(_HOT_SCRIPT)
+        self._note_script = client.register_script(_NOTE_SCRIPT)
         self.errors = 0
         self.corrupt = 0
         self._closed = False
@@ -223,10 +237,13 @@ class RedisCache:
     async def note_polled(self, polled: Mapping[bytes, int], now: float) -> None:
         """Mark tokens as polled now in the shared hot set (members are 'id:digest', never keys)."""
         items = list(polled.items())
-        # In slices: packing one command of 10,000 members would hold up the event loop.
+        # In slices, each one string that Redis splits: packing a ZADD of 10,000 members, two
+        # arguments each, would hold up the event loop.
         for start in range(0, len(items), HOT_SLICE):
-            members = {f"{token_id}:{digest.hex()}": now for digest, token_id in items[start : start + HOT_SLICE]}
-            await self._run(functools.partial(self.client.zadd, self.hot_key, members), self.batch_timeout)
+            members = ",".join([f"{token_id}:{digest.hex()}" for digest, token_id in items[start : start + HOT_SLICE]])
+            await self._run(
+                functools.partial(self._note_script, keys=[self.hot_key], args=[now, members]), self.batch_timeout
+            )
 
     async def lead(self, instance: str, ttl: float) -> bool:
         """Take or keep the refresher's leader lock; say whether this instance holds it."""
@@ -343,8 +360,12 @@ def parse_hot(members: Iterable[bytes]) -> dict[bytes, int]:
     hot: dict[bytes, int] = {}
     for member in members:
         token_id, _, digest = member.partition(b":")
-        with contextlib.suppress(ValueError):
-            hot[bytes.fromhex(digest.decode())] = int(token_id)
+        if len(digest) != 64:
+            continue
+        try:
+            hot[binascii.unhexlify(digest)] = int(token_id)
+        except ValueError:  # binascii.Error is one
+            pass
     return hot
 
 
