@@ -18,13 +18,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._circuit import CircuitBreaker
 from .auth import TokenAuthMiddleware
+from .billing import GatewayOptions
 from .cache import RedisCache
 from .config import Settings, load_settings
 from .lookup import TokenLookup
 from .metrics import Publisher
 from .refresh import Refresher
-from .responses import JSONError
-from .routes import UsageRoutes, http_error, routes, server_error
+from .routes import ShortRoutes, http_error, route_table, routes, server_error
+from .routing import ROUTE_KEY, RouteTable
 from .store import open_store
 
 logger = logging.getLogger("usage_service")
@@ -39,10 +40,10 @@ REDIS_MAX_CONNECTIONS = 32
 
 
 class UsageService(Starlette):
-    """Starlette for the lifespan, health routes and errors; /api/usage on a short path of its own.
+    """Starlette for the lifespan, health routes and errors; the polled routes on a short path.
 
-    Polling is the whole workload, so requests under /api/usage go straight through the auth
-    middleware to the usage routes instead of through Starlette's general middleware and router.
+    Polling is the whole workload, so the usage and billing routes go straight through the auth
+    middleware to their endpoints instead of through Starlette's general middleware and router.
     """
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
@@ -51,35 +52,33 @@ class UsageService(Starlette):
 
     def build_middleware_stack(self) -> ASGIApp:
         rest = super().build_middleware_stack()
-        usage = TokenAuthMiddleware(UsageRoutes(fallback=rest), retry_after=self.settings.retry_after)
-        return _UsagePrefix(usage, rest, prefix=usage.prefix)
+        short = TokenAuthMiddleware(ShortRoutes())
+        return _ShortPath(short, rest, route_table(self.settings.retry_after))
 
 
-class _UsagePrefix:
-    """Send /api/usage requests down the usage path, with a JSON 500 if anything there fails."""
+class _ShortPath:
+    """Send the table's paths down the short path, with a JSON 500 in the route's shape if anything
+    there fails; everything else goes to Starlette."""
 
-    def __init__(self, usage: ASGIApp, rest: ASGIApp, prefix: str) -> None:
-        self.usage = usage
+    def __init__(self, short: ASGIApp, rest: ASGIApp, table: RouteTable) -> None:
+        self.short = short
         self.rest = rest
-        self.prefix = prefix
-        self.prefix_slash = prefix + "/"
+        self.match = table.match
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or (path != self.prefix and not path.startswith(self.prefix_slash)):
+        route = self.match(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
             await self.rest(scope, receive, send)
             return
+        scope[ROUTE_KEY] = route
         try:
-            await self.usage(scope, receive, send)
+            await self.short(scope, receive, send)
         except Exception:
-            logger.exception("unexpected error answering %s", path)
+            logger.exception("unexpected error answering %s", scope["path"])
             try:
-                await INTERNAL_ERROR(scope, receive, send)
+                await route.rules.internal_error(scope, receive, send)
             except Exception:  # the response had already started: nothing more to tell the client
                 pass
-
-
-INTERNAL_ERROR = JSONError(500, "internal server error")
 
 
 def create_app(settings: Settings) -> UsageService:
@@ -98,7 +97,12 @@ def create_app(settings: Settings) -> UsageService:
         app.state.lookup = lookup
         app.state.refresher = refresher
         app.state.publisher = publisher = Publisher(store, lookup, refresher)
-        tasks = [asyncio.create_task(publisher.run(), name="metrics")]
+        app.state.options = options = GatewayOptions(store, settings.options_interval)
+        await options.refresh()
+        tasks = [
+            asyncio.create_task(publisher.run(), name="metrics"),
+            asyncio.create_task(options.run(), name="options"),
+        ]
         if settings.refresh_interval > 0:
             tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
             if redis is not None:

@@ -1,19 +1,22 @@
-"""Bearer authentication for /api/usage: every rejection is answered here, before routing.
+"""Bearer authentication for the short path: every rejection is answered here, before routing.
 
 The middleware reads the credential, resolves it through the cache layers and applies the
-usage route's rules; only an accepted token's record travels on, in `scope["usage.token"]`.
+matched route's rules (the usage route's, or the gateway's relay rules for the OpenAI-style
+billing routes); only an accepted token's record travels on, in `scope["usage.token"]`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .lookup import TokenLookup
 from .records import TOKEN_DISABLED, TOKEN_ENABLED, TOKEN_EXHAUSTED, TOKEN_EXPIRED, USER_ENABLED, TokenRecord
-from .responses import JSONError
+from .responses import JSONError, OpenAIError
+from .routing import ROUTE_KEY, Rules, ShortRoute
 from .store import StoreUnavailable
 
 logger = logging.getLogger("usage_service.auth")
@@ -56,48 +59,119 @@ def usage_verdict(record: TokenRecord) -> JSONError | None:
     return DISABLED if record.status == TOKEN_DISABLED else UNUSABLE
 
 
-class TokenAuthMiddleware:
-    """Pure-ASGI middleware guarding every path under `prefix`."""
+def usage_rules(retry_after: int) -> Rules:
+    """The usage route's rules and its errors, in the gateway's `{"success": false, ...}` shape."""
+    return Rules(
+        verdict=usage_verdict,
+        no_header=NO_HEADER,
+        invalid_bearer=INVALID_BEARER,
+        unknown_key=NOT_FOUND,
+        unavailable=JSONError(503, "database unavailable, retry later", [_retry_after(retry_after)]),
+        not_found=JSONError(404, "not found"),
+        method_not_allowed=JSONError(405, "method not allowed", [(b"allow", b"GET, HEAD")]),
+        internal_error=JSONError(500, "internal server error"),
+    )
 
-    def __init__(self, app: ASGIApp, prefix: str = "/api/usage", retry_after: int = 1) -> None:
+
+# --- the gateway's relay rules (its TokenAuth), in OpenAI's error shape ------------------------
+# OpenAI clients (NextChat, chatgpt-web, key checkers) read `error.message` and `error.code`.
+
+
+def _relay_401(message: str) -> OpenAIError:
+    return OpenAIError(401, message, "invalid_api_key", [_WWW_AUTHENTICATE])
+
+
+RELAY_NO_HEADER = _relay_401("No Authorization header")
+RELAY_INVALID_BEARER = _relay_401("Invalid Bearer token")
+RELAY_NOT_FOUND = _relay_401("token not found")
+RELAY_DISABLED = _relay_401("token is disabled")
+RELAY_EXPIRED = _relay_401("token has expired")
+RELAY_EXHAUSTED = _relay_401("token quota is exhausted")
+RELAY_UNUSABLE = _relay_401("token status is not usable")
+RELAY_USER_BANNED = OpenAIError(403, "user is banned", "account_deactivated")
+_RELAY_BY_STATUS = {TOKEN_DISABLED: RELAY_DISABLED, TOKEN_EXPIRED: RELAY_EXPIRED, TOKEN_EXHAUSTED: RELAY_EXHAUSTED}
+
+
+def relay_verdict(record: TokenRecord) -> OpenAIError | None:
+    """Apply the gateway's relay rules, in its order: the token must be usable, then its user enabled."""
+    if record.status != TOKEN_ENABLED:
+        return _RELAY_BY_STATUS.get(record.status, RELAY_UNUSABLE)
+    # The gateway compares with whole seconds: a token is still usable during its last second.
+    if record.expired_time != -1 and record.expired_time < int(time.time()):
+        return RELAY_EXPIRED
+    if not record.unlimited_quota and record.remain_quota <= 0:
+        return RELAY_EXHAUSTED
+    if record.user_status != USER_ENABLED:
+        return RELAY_USER_BANNED
+    return None
+
+
+def relay_rules(retry_after: int) -> Rules:
+    """The billing routes' rules: the gateway's relay checks, every error in OpenAI's shape."""
+    return Rules(
+        verdict=relay_verdict,
+        no_header=RELAY_NO_HEADER,
+        invalid_bearer=RELAY_INVALID_BEARER,
+        unknown_key=RELAY_NOT_FOUND,
+        unavailable=OpenAIError(
+            503,
+            "database unavailable, retry later",
+            "service_unavailable",
+            [_retry_after(retry_after)],
+            type_="server_error",
+        ),
+        not_found=OpenAIError(404, "not found", "not_found"),
+        method_not_allowed=OpenAIError(405, "method not allowed", "method_not_allowed", [(b"allow", b"GET, HEAD")]),
+        internal_error=OpenAIError(500, "internal server error", "internal_error", type_="server_error"),
+    )
+
+
+def _retry_after(seconds: int) -> tuple[bytes, bytes]:
+    return (b"retry-after", str(seconds).encode())
+
+
+class TokenAuthMiddleware:
+    """Pure-ASGI middleware guarding every request the front door matched to a short-path route.
+
+    The route (in `scope["usage.route"]`) says which rules apply; requests without one pass on.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.prefix = prefix
-        self.prefix_slash = prefix + "/"
-        self.unavailable = JSONError(
-            503, "database unavailable, retry later", [(b"retry-after", str(retry_after).encode())]
-        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        route: ShortRoute | None = scope.get(ROUTE_KEY) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        if path != self.prefix and not path.startswith(self.prefix_slash):
-            await self.app(scope, receive, send)
-            return
+        rules = route.rules
 
         header = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 header = value
                 break
-        key = parse_authorization(header)
-        if isinstance(key, JSONError):
-            await key(scope, receive, send)
+        if not header:
+            await rules.no_header(scope, receive, send)
+            return
+        bearer = _BEARER.fullmatch(header)
+        if bearer is None:
+            await rules.invalid_bearer(scope, receive, send)
             return
 
         lookup: TokenLookup = scope["app"].state.lookup
+        key = bearer.group(1)
         record = lookup.cached(key)
         if record is None:
             try:
                 record = await lookup.resolve(key)
             except StoreUnavailable:
-                await self.unavailable(scope, receive, send)
+                await rules.unavailable(scope, receive, send)
                 return
             if record is None:
-                await NOT_FOUND(scope, receive, send)
+                await rules.unknown_key(scope, receive, send)
                 return
-        rejection = usage_verdict(record)
+        rejection = rules.verdict(record)
         if rejection is not None:
             await rejection(scope, receive, send)
             return

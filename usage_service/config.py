@@ -41,6 +41,7 @@ class Settings:
     refresh_interval: float = 1.0
     hot_window: float = 60.0
     hot_max: int = 20_000
+    options_interval: float = 10.0
 
 
 # (variable, default, description) for every variable; `--help` and the README print this.
@@ -67,6 +68,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ),
     ("USAGE_HOT_WINDOW", "60", "a token polled within this many seconds is kept fresh by the refresher"),
     ("USAGE_HOT_MAX", "20000", "most tokens the refresher keeps fresh (the most recently polled win)"),
+    ("USAGE_OPTIONS_INTERVAL", "10", "seconds between re-reads of the gateway's billing options (0: at start only)"),
 )
 
 
@@ -105,6 +107,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         refresh_interval=_read(env, "USAGE_REFRESH_INTERVAL", 1.0, _seconds(minimum=0.0)),
         hot_window=_read(env, "USAGE_HOT_WINDOW", 60.0, _seconds(minimum=0.001)),
         hot_max=_read(env, "USAGE_HOT_MAX", 20_000, _count(minimum=1)),
+        options_interval=_read(env, "USAGE_OPTIONS_INTERVAL", 10.0, _seconds(minimum=0.0)),
     )
 
 

@@ -16,7 +16,7 @@ TOKEN_ENABLED, TOKEN_DISABLED, TOKEN_EXPIRED, TOKEN_EXHAUSTED = 1, 2, 3, 4
 USER_ENABLED = 1
 
 # Bumped whenever the cached layout changes, so old and new workers never misread each other.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -36,6 +36,9 @@ class TokenRecord:
     model_limits_enabled: bool
     model_limits: tuple[str, ...]
     user_status: int
+    # The owner's balance, which the billing routes report when the gateway shows user totals.
+    user_quota: int = 0
+    user_used_quota: int = 0
 
     def usage_data(self) -> dict[str, Any]:
         """Return the `data` object of GET /api/usage/token."""
@@ -75,8 +78,16 @@ class TokenRecord:
             self.model_limits_enabled,
             list(self.model_limits),
             self.user_status,
+            self.user_quota,
+            self.user_used_quota,
         ]
         return orjson.dumps(fields)
+
+    @cached_property
+    def rendered(self) -> dict[str, tuple[object, Any]]:
+        """Answers that also depend on something else (the gateway's options), rendered once per
+        (record, that thing): name -> (what it was rendered for, answer)."""
+        return {}
 
     @cached_property
     def usage_headers(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -142,8 +153,8 @@ def decode_cached(raw: bytes | str) -> tuple[TokenRecord | None, float]:
             raise CorruptCacheValue("unknown cache format")
         if fields is None:
             return None, float(fetched_at)
-        (tid, uid, name, status, expired, remain, used, unlimited, mle, limits, user_status) = fields
-        ints = (tid, uid, status, expired, remain, used, user_status)
+        (tid, uid, name, status, expired, remain, used, unlimited, mle, limits, user_status, uq, uuq) = fields
+        ints = (tid, uid, status, expired, remain, used, user_status, uq, uuq)
         if not all(type(i) is int and INT64_MIN <= i <= INT64_MAX for i in ints):
             raise CorruptCacheValue("bad integer field")
         if type(name) is not str or type(unlimited) is not bool or type(mle) is not bool:
@@ -154,5 +165,7 @@ def decode_cached(raw: bytes | str) -> tuple[TokenRecord | None, float]:
         raise
     except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise CorruptCacheValue(str(exc)) from None
-    record = TokenRecord(tid, uid, name, status, expired, remain, used, unlimited, mle, tuple(limits), user_status)
+    record = TokenRecord(
+        tid, uid, name, status, expired, remain, used, unlimited, mle, tuple(limits), user_status, uq, uuq
+    )
     return record, float(fetched_at)

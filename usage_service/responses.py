@@ -17,6 +17,11 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"success": False, "message": message})
 
 
+def openai_error_body(message: str, type_: str, code: str) -> bytes:
+    """The error shape OpenAI clients parse (chat front-ends, key checkers)."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+
+
 async def send_body(scope: Scope, send: Send, status: int, headers: Headers, body: bytes) -> None:
     """Send a complete response; HEAD gets the same headers and no body."""
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -24,12 +29,12 @@ async def send_body(scope: Scope, send: Send, status: int, headers: Headers, bod
 
 
 class JSONError:
-    """A prepared error answer: body and headers are built once, sent many times."""
+    """A prepared error answer in the gateway's shape: body and headers are built once, sent many times."""
 
     def __init__(self, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         self.status = status
         self.message = message
-        self.body = error_body(message)
+        self.body = self.render(message)
         self.headers: Headers = [
             JSON_TYPE,
             NO_CACHE,
@@ -37,5 +42,27 @@ class JSONError:
             *headers,
         ]
 
+    def render(self, message: str) -> bytes:
+        return error_body(message)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_body(scope, send, self.status, self.headers, self.body)
+
+
+class OpenAIError(JSONError):
+    """A prepared error answer in OpenAI's shape: `{"error": {"message", "type", "code"}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        type_: str = "invalid_request_error",
+    ) -> None:
+        self.code = code
+        self.type = type_
+        super().__init__(status, message, headers)
+
+    def render(self, message: str) -> bytes:
+        return openai_error_body(message, self.type, self.code)

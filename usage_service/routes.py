@@ -1,4 +1,4 @@
-"""Routes: the usage answer for an authenticated token, health and readiness, JSON errors."""
+"""Routes: the short path's table and dispatch, the usage answer, health and readiness, JSON errors."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from .auth import SCOPE_KEY
+from .auth import SCOPE_KEY, relay_rules, usage_rules
+from .billing import billing_subscription, billing_usage
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render
 from .records import TokenRecord
-from .responses import NO_CACHE, JSONError, error_body, send_body
+from .responses import NO_CACHE, error_body, send_body
+from .routing import ROUTE_KEY, RouteTable, ShortRoute, both_slashes
 from .store import StoreUnavailable
 
 logger = logging.getLogger("usage_service.routes")
@@ -46,24 +48,38 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     return False
 
 
-class UsageRoutes:
-    """The /api/usage routes, dispatched by exact path: polling skips the general router.
+USAGE_PATHS = ("/api/usage/token",)
+SUBSCRIPTION_PATHS = ("/dashboard/billing/subscription", "/v1/dashboard/billing/subscription")
+BILLING_USAGE_PATHS = ("/dashboard/billing/usage", "/v1/dashboard/billing/usage")
 
-    Everything else under the prefix (404s) goes on to `fallback`, the Starlette app's stack.
-    """
 
-    def __init__(self, fallback: ASGIApp) -> None:
-        self.fallback = fallback
-        self.endpoints = {"/api/usage/token": token_usage, "/api/usage/token/": token_usage}
+def route_table(retry_after: int) -> RouteTable:
+    """Every "how much is left" route, with the rules it follows; anything else under the
+    prefixes is a 404 in that family's shape (after authentication, like the routes)."""
+    usage, relay = usage_rules(retry_after), relay_rules(retry_after)
+    return RouteTable(
+        {
+            **both_slashes(USAGE_PATHS, ShortRoute(token_usage, usage)),
+            **both_slashes(SUBSCRIPTION_PATHS, ShortRoute(billing_subscription, relay)),
+            **both_slashes(BILLING_USAGE_PATHS, ShortRoute(billing_usage, relay)),
+        },
+        prefixes={"/api/usage": usage, "/dashboard/billing": relay, "/v1/dashboard/billing": relay},
+    )
+
+
+class ShortRoutes:
+    """Dispatch the route the front door matched (in `scope["usage.route"]`): polling skips the
+    general router."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.endpoints.get(scope["path"])
+        route: ShortRoute = scope[ROUTE_KEY]
+        endpoint = route.endpoint
         if endpoint is None:
-            await self.fallback(scope, receive, send)
+            await route.rules.not_found(scope, receive, send)
         elif scope["method"] in ("GET", "HEAD"):
             await endpoint(scope, receive, send)
         else:
-            await METHOD_NOT_ALLOWED(scope, receive, send)
+            await route.rules.method_not_allowed(scope, receive, send)
 
 
 async def healthz(request: Request) -> Response:
@@ -113,8 +129,6 @@ async def server_error(request: Request, exc: Exception) -> Response:
     """Last resort: log the traceback here, tell the client nothing about it."""
     return Response(error_body("internal server error"), 500, media_type="application/json")
 
-
-METHOD_NOT_ALLOWED = JSONError(405, "method not allowed", [(b"allow", b"GET, HEAD")])
 
 routes = [
     Route("/healthz", healthz, methods=["GET", "HEAD"]),

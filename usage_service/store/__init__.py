@@ -22,7 +22,9 @@ class SchemaError(Exception):
 
 class TokenStore(Protocol):
     statements: int
-    """Statements sent to the database since start (read by tests and benchmarks)."""
+    """Statements sent to the database for token records since start (read by tests, benchmarks, metrics)."""
+    option_statements: int
+    """Statements sent to read the gateway's options: a fixed background cost, not the polling's."""
 
     async def fetch(self, key: str) -> TokenRecord | None:
         """Return the live token with this key (without 'sk-') joined with its live user, or None."""
@@ -34,6 +36,10 @@ class TokenStore(Protocol):
         The key comes back so the caller can check it still hashes to what it cached; it must
         not keep it.
         """
+        ...
+
+    async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
+        """Return {key: value} of the gateway's `options` rows among these keys ({} without the table)."""
         ...
 
     async def ping(self) -> None:

@@ -38,6 +38,8 @@ _REQUIRED = {
     "users": {"id", "status", "deleted_at"},
 }
 _OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
+# The owner's balance (billing routes); one-api era users tables may lack used_quota.
+_OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
 
 # Keys or ids per statement: SQLite allows 32766 variables since 3.32, 999 before.
 FETCH_BATCH = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 900
@@ -56,6 +58,7 @@ class SQLiteStore:
     def __init__(self, path: Path, *, timeout: float, pool_size: int, columns: str = "") -> None:
         self.path = path
         self.statements = 0
+        self.option_statements = 0
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._timeout = timeout
         self._columns = columns
@@ -71,6 +74,7 @@ class SQLiteStore:
         self._checked_at = time.monotonic()
         self._failing = False
         self._closed = False
+        self._has_options = False
 
     @classmethod
     async def open(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
@@ -90,7 +94,7 @@ class SQLiteStore:
             if missing:
                 await probe.close()
                 raise SchemaError(f"SQLITE_PATH: table {table} lacks columns {', '.join(sorted(missing))}")
-        probe._columns = _select_columns(columns["tokens"])
+        probe._columns = _select_columns(columns["tokens"], columns["users"])
         return probe
 
     async def fetch(self, key: str) -> TokenRecord | None:
@@ -119,6 +123,17 @@ class SQLiteStore:
             del previous[next(iter(previous))]
         return found
 
+    async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
+        # The gateway creates its options table at start; a database without one has defaults.
+        if not self._has_options:
+            probe = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'options'"
+            if not await self._execute(probe, (), options=True):
+                return {}
+            self._has_options = True
+        where = f'WHERE "key" IN ({", ".join("?" * len(keys))})'
+        rows = await self._execute(f'SELECT "key", "value" FROM "options" {where}', keys, options=True)
+        return {str(row[0]): str(row[1]) for row in rows if row[0] is not None and row[1] is not None}
+
     async def ping(self) -> None:
         await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
 
@@ -127,13 +142,16 @@ class SQLiteStore:
         while not self._idle.empty():
             await self._discard(self._idle.get_nowait())
 
-    async def _execute(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    async def _execute(self, sql: str, params: Sequence[Any], options: bool = False) -> list[sqlite3.Row]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
             async with asyncio.timeout(self._timeout + 1.0):
                 async with self._connection() as conn:
-                    self.statements += 1
+                    if options:
+                        self.option_statements += 1
+                    else:
+                        self.statements += 1
                     try:
                         rows = list(await conn.execute_fetchall(sql, params))
                     except asyncio.CancelledError:
@@ -242,13 +260,15 @@ async def _columns(conn: aiosqlite.Connection, table: str) -> set[str]:
         return {row[1] for row in await cursor.fetchall()}
 
 
-def _select_columns(token_columns: set[str]) -> str:
+def _select_columns(token_columns: set[str], user_columns: set[str]) -> str:
     optional = [f't."{c}"' if c in token_columns else f'NULL AS "{c}"' for c in _OPTIONAL_TOKEN_COLUMNS]
+    user = [f'u."{c}" AS "{a}"' if c in user_columns else f'0 AS "{a}"' for c, a in _OPTIONAL_USER_COLUMNS.items()]
     # Only the columns we need; the join drops tokens whose user is missing or soft-deleted,
     # which the contract treats exactly like a missing token.
     return (
         'SELECT t."id", t."key", t."user_id", t."name", t."status", t."expired_time", t."remain_quota", '
-        f't."used_quota", t."unlimited_quota", {", ".join(optional)}, u."status" AS "user_status" '
+        f't."used_quota", t."unlimited_quota", {", ".join(optional)}, u."status" AS "user_status", '
+        f"{', '.join(user)} "
         'FROM "tokens" AS t JOIN "users" AS u ON u."id" = t."user_id" AND u."deleted_at" IS NULL'
     )
 
@@ -258,6 +278,7 @@ def _record(row: sqlite3.Row) -> TokenRecord:
     # come and fall back to the careful readers only for odd values.
     tid, uid, name, status, expired, remain, used = row[0], row[2], row[3], row[4], row[5], row[6], row[7]
     unlimited, enabled, limits, user_status = row[8], row[9], row[10], row[11]
+    user_quota, user_used = row[12], row[13]
     return TokenRecord(
         tid if type(tid) is int else as_int(tid),
         uid if type(uid) is int else as_int(uid),
@@ -270,4 +291,6 @@ def _record(row: sqlite3.Row) -> TokenRecord:
         enabled != 0 if type(enabled) is int else as_bool(enabled),
         parse_model_limits(limits) if limits else (),
         user_status if type(user_status) is int else as_int(user_status, default=1),
+        user_quota if type(user_quota) is int else as_int(user_quota),
+        user_used if type(user_used) is int else as_int(user_used),
     )

@@ -1,0 +1,60 @@
+"""The short path's route table: the paths answered without Starlette's router, and their rules.
+
+Built once when the app starts. A path is looked up exactly first (the polled routes, with and
+without a trailing slash); only a miss scans the few prefixes, whose other paths are 404s once
+the credential has been checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp
+
+from .records import TokenRecord
+
+# Where the front door leaves the matched route for the auth middleware and the dispatcher.
+ROUTE_KEY = "usage.route"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """How a family of routes admits a token and what its prepared error answers look like."""
+
+    verdict: Callable[[TokenRecord], ASGIApp | None]  # None admits the token, else the rejection to send
+    no_header: ASGIApp
+    invalid_bearer: ASGIApp
+    unknown_key: ASGIApp
+    unavailable: ASGIApp
+    not_found: ASGIApp
+    method_not_allowed: ASGIApp
+    internal_error: ASGIApp
+
+
+@dataclass(frozen=True, slots=True)
+class ShortRoute:
+    endpoint: ASGIApp | None  # None: a path under a prefix that names no route
+    rules: Rules
+
+
+class RouteTable:
+    """Exact paths first, then prefixes; `match` returns None for paths the short path does not own."""
+
+    def __init__(self, routes: Mapping[str, ShortRoute], prefixes: Mapping[str, Rules]) -> None:
+        self.routes = dict(routes)
+        self._prefixes = tuple((prefix, prefix + "/", ShortRoute(None, rules)) for prefix, rules in prefixes.items())
+
+    def match(self, path: str) -> ShortRoute | None:
+        route = self.routes.get(path)
+        if route is not None:
+            return route
+        for prefix, prefix_slash, unknown in self._prefixes:
+            if path == prefix or path.startswith(prefix_slash):
+                return unknown
+        return None
+
+
+def both_slashes(paths: Iterable[str], route: ShortRoute) -> dict[str, ShortRoute]:
+    """Map each path, with and without a trailing slash, to `route` (some clients add one, none redirect)."""
+    return {form: route for path in paths for form in (path, path + "/")}
