@@ -53,12 +53,21 @@ class Gateway:
     def close(self) -> None:
         self.db.close()
 
-    def add_user(self, *, status: int = 1, deleted: bool = False, quota: int = 0) -> int:
+    def add_user(self, *, status: int = 1, deleted: bool = False, quota: int = 0, used_quota: int = 0) -> int:
         cur = self.db.execute(
             "INSERT INTO users (username, password, status, quota, deleted_at) VALUES (?, '!', ?, ?, ?)",
             (f"user{time.monotonic_ns()}", status, quota, "2024-01-01 00:00:00" if deleted else None),
         )
+        if used_quota:  # one-api era schemas lack the column
+            self.update_user(int(cur.lastrowid or 0), used_quota=used_quota)
         return int(cur.lastrowid or 0)
+
+    def set_option(self, key: str, value: str | None) -> None:
+        """Write one of the gateway's settings as its admin page does (None deletes the row)."""
+        if value is None:
+            self.db.execute("DELETE FROM options WHERE `key` = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO options (`key`, `value`) VALUES (?, ?)", (key, value))
 
     def add_token(
         self,

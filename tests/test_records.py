@@ -104,7 +104,10 @@ def test_etag_follows_the_body() -> None:
     assert RECORD.usage_etag.startswith(b'"') and RECORD.usage_etag.endswith(b'"')
 
 
-@pytest.mark.parametrize("record", [RECORD, None], ids=["record", "unknown-key"])
+OWNED = dataclasses.replace(RECORD, user_quota=2**40, user_used_quota=12345)
+
+
+@pytest.mark.parametrize("record", [RECORD, OWNED, None], ids=["record", "with-owner-quota", "unknown-key"])
 def test_cache_round_trip(record: TokenRecord | None) -> None:
     assert decode_cached(encode_cached(record, 1700000000.5)) == (record, 1700000000.5)
 
@@ -118,11 +121,13 @@ def test_cache_round_trip(record: TokenRecord | None) -> None:
         pytest.param(b"[1, 2]", id="short"),
         pytest.param(b"[99, 1.0, null]", id="other-format"),
         pytest.param(b'[1, "x", null]', id="bad-time"),
-        pytest.param(b"[1, 1.0, [1]]", id="few-fields"),
-        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [], "1"]]', id="string-status"),
-        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, 0, false, [], 1]]', id="int-for-bool"),
-        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [3], 1]]', id="bad-limits"),
-        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 99999999999999999999, 1, false, false, [], 1]]', id="huge"),
+        pytest.param(b"[2, 1.0, [1]]", id="few-fields"),
+        pytest.param(b'[2, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [], "1", 0, 0]]', id="string-status"),
+        pytest.param(b'[2, 1.0, [1, 2, "n", 1, -1, 1, 1, 0, false, [], 1, 0, 0]]', id="int-for-bool"),
+        pytest.param(b'[2, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [3], 1, 0, 0]]', id="bad-limits"),
+        pytest.param(b'[2, 1.0, [1, 2, "n", 1, -1, 99999999999999999999, 1, false, false, [], 1, 0, 0]]', id="huge"),
+        pytest.param(b'[2, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [], 1, "5", 0]]', id="string-user-quota"),
+        pytest.param(b'[1, 1.0, [1, 2, "n", 1, -1, 1, 1, false, false, [], 1]]', id="format-1-of-an-older-worker"),
         pytest.param(b'{"id": 1, "key": "abc"}', id="foreign-json"),
     ],
 )

@@ -83,6 +83,7 @@ class SQLiteStore:
         try:
             async with probe._connection() as conn:
                 columns = {table: await _columns(conn, table) for table in _REQUIRED}
+                probe._has_options = bool(await _columns(conn, "options"))
         except StoreUnavailable as exc:
             await probe.close()
             raise SchemaError(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
@@ -125,6 +126,7 @@ class SQLiteStore:
 
     async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
         # The gateway creates its options table at start; a database without one has defaults.
+        # (Checked again while it is missing: a gateway started after us may create it.)
         if not self._has_options:
             probe = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'options'"
             if not await self._execute(probe, (), options=True):
