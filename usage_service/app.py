@@ -63,10 +63,15 @@ class _ShortPath:
     def __init__(self, short: ASGIApp, rest: ASGIApp, table: RouteTable) -> None:
         self.short = short
         self.rest = rest
+        self.routes = table.routes
         self.match = table.match
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.match(scope["path"]) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.rest(scope, receive, send)
+            return
+        # The polled paths are one dict lookup; only the rest scan the table's prefixes.
+        route = self.routes.get(scope["path"]) or self.match(scope["path"])
         if route is None:
             await self.rest(scope, receive, send)
             return
