@@ -149,7 +149,10 @@ class GatewayOptions:
             return
         while True:
             await asyncio.sleep(self.interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # never let one odd failure stop the refreshes for good
+                logger.exception("reading the gateway's options failed")
 
 
 # --- the endpoints ---------------------------------------------------------------------------
