@@ -469,3 +469,19 @@ def test_relay_expiry_is_against_the_clock(offset: int, admitted: bool) -> None:
     record = TokenRecord(1, 1, "t", 1, int(time.time()) + offset, 10, 0, False, False, (), 1)
     assert (relay_verdict(record) is None) is admitted
     assert usage_verdict(record) is None  # the usage route reads expired tokens all the same
+
+
+async def test_answers_are_rendered_once_per_record_and_options(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client(local_ttl=60, cache_ttl=60, options_interval=0) as (app, client):
+        await billing(client, token)
+        record = app.state.lookup.cached(token.key.encode())
+        first = dict(record.rendered)
+        assert set(first) == {"subscription", "usage"}
+        assert all(entry[0] is app.state.options.current for entry in first.values())
+        await billing(client, token)
+        assert all(record.rendered[name] is first[name] for name in first)  # reused, not rendered again
+        gateway.set_option("general_setting.quota_display_type", "TOKENS")
+        await app.state.options.refresh()
+        await billing(client, token)
+        assert all(record.rendered[name] is not first[name] for name in first)  # new options: rendered anew
