@@ -67,10 +67,11 @@ end
     # Distinct unknown keys, each asked once (a server faster than 100,000 in the run wraps).
     "cold": """
 local limit = tonumber(os.getenv("WRK_LIMIT"))
+local offset = tonumber(os.getenv("WRK_OFFSET") or "0")
 local i = 0
 request = function()
   i = i % limit + 1
-  return wrk.format(nil, nil, {["Authorization"] = string.format("Bearer sk-cold%044d", i)})
+  return wrk.format(nil, nil, {["Authorization"] = string.format("Bearer sk-cold%044d", offset + i)})
 end
 """,
     "bad": """
@@ -373,21 +374,33 @@ def flush_redis(url: str) -> None:
 
 
 def run_matrix(
-    scenario: Scenario, factories: dict[str, Callable[[], Process]], redis_url: str, seconds: float
+    scenario: Scenario, factories: dict[str, Callable[[], Process]], redis_url: str, seconds: float, rounds: int
 ) -> list[Result]:
+    """Every load against every server, the servers taking turns round after round: a machine
+    whose speed drifts during the run then weighs on all of them alike. Each figure is the
+    median round (by requests/s)."""
+    flush_redis(redis_url)
+    servers = {name: factory() for name, factory in factories.items()}
     results = []
-    for name, factory in factories.items():
-        flush_redis(redis_url)
-        server = factory()
-        try:
-            count = db_counter(server)
-            for load in ("hot", "spread", "cold", "bad"):
-                if load != "cold":  # warm-up: polling is measured in its steady state; cold stays cold
-                    scenario.wrk(server, load, 5 if load == "spread" else 2)
-                result = scenario.wrk(server, load, seconds, db_count=count)
+    try:
+        counters = {name: db_counter(server) for name, server in servers.items()}
+        for load in ("hot", "spread", "cold", "bad"):
+            runs: dict[str, list[Result]] = {name: [] for name in servers}
+            for turn in range(rounds):
+                for name, server in servers.items():
+                    if load != "cold" and turn == 0:  # polling is measured in its steady state
+                        scenario.wrk(server, load, 5 if load == "spread" else 2)
+                    # Cold keys are new in every round: a later round must not find them cached.
+                    offset = {"WRK_OFFSET": str(turn * COLD_KEYS)}
+                    runs[name].append(scenario.wrk(server, load, seconds, db_count=counters[name], extra_env=offset))
+            for name, attempts in runs.items():
+                result = sorted(attempts, key=lambda r: r.rps)[len(attempts) // 2]
+                result.peak_rss_mib = max(r.peak_rss_mib for r in attempts)
                 results.append(result)
-                print(f"  {name:14} {load:7} {result.rps:9.0f} req/s  p99 {result.p99_ms:6.2f} ms", flush=True)
-        finally:
+                rps = ", ".join(f"{r.rps:.0f}" for r in attempts)
+                print(f"  {name:14} {load:7} {result.rps:9.0f} req/s  p99 {result.p99_ms:6.2f} ms  ({rps})", flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
     for result in results:
         ceiling = next(r for r in results if r.server == "ceiling" and r.load == result.load)
@@ -615,7 +628,8 @@ def chart(points: list[Result], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10, help="per load (default 10)")
+    parser.add_argument("--seconds", type=float, default=8, help="per load and round (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each server takes at each load (default 3)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--skip", nargs="*", default=[], choices=["matrix", "curve", "freshness"])
     args = parser.parse_args()
@@ -639,9 +653,12 @@ def main() -> None:
             report: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count()}
             sections = []
             if "matrix" not in args.skip:
-                results = run_matrix(scenario, factories, redis_url, args.seconds)
+                results = run_matrix(scenario, factories, redis_url, args.seconds, args.rounds)
                 report["matrix"] = [asdict(r) for r in results]
-                sections.append("## Throughput (1 worker, 50 connections)\n\n" + table(results))
+                sections.append(
+                    f"## Throughput (1 worker, 50 connections; median of {args.rounds} rounds of "
+                    f"{args.seconds:g} s, servers taking turns)\n\n" + table(results)
+                )
             if "curve" not in args.skip:
                 points = run_curve(scenario, factories, redis_url, min(args.seconds, 3))
                 report["curve"] = [asdict(p) for p in points]
