@@ -16,13 +16,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import metrics, openapi
 from ._circuit import CircuitBreaker
+from .access import AccessMiddleware, RequestStats
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
 from .cache import RedisCache
 from .config import Settings, load_settings
+from .cors import CORSMiddleware
 from .lookup import TokenLookup
-from .metrics import Publisher
 from .refresh import Refresher
 from .routes import ShortRoutes, http_error, route_table, routes, server_error
 from .routing import ROUTE_KEY, RouteTable
@@ -46,14 +48,22 @@ class UsageService(Starlette):
     middleware to their endpoints instead of through Starlette's general middleware and router.
     """
 
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+    def __init__(self, settings: Settings, request_stats: RequestStats | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        self.request_stats = request_stats
 
     def build_middleware_stack(self) -> ASGIApp:
+        settings = self.settings
         rest = super().build_middleware_stack()
         short = TokenAuthMiddleware(ShortRoutes())
-        return _ShortPath(short, rest, route_table(self.settings.retry_after))
+        app: ASGIApp = _ShortPath(short, rest, route_table(settings.retry_after))
+        # Outside authentication: a preflight carries no credential, and rejections need the headers too.
+        if settings.cors_origins:
+            app = CORSMiddleware(app, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
+        if self.request_stats is not None or settings.access_log:
+            app = AccessMiddleware(app, routes=openapi.ROUTE_LABELS, stats=self.request_stats, log=settings.access_log)
+        return app
 
 
 class _ShortPath:
@@ -101,13 +111,16 @@ def create_app(settings: Settings) -> UsageService:
         app.state.redis = redis
         app.state.lookup = lookup
         app.state.refresher = refresher
-        app.state.publisher = publisher = Publisher(store, lookup, refresher)
         app.state.options = options = GatewayOptions(store, settings.options_interval)
         await options.refresh()
-        tasks = [
-            asyncio.create_task(publisher.run(), name="metrics"),
-            asyncio.create_task(options.run(), name="options"),
-        ]
+        tasks = [asyncio.create_task(options.run(), name="options")]
+        if settings.metrics:
+            publisher = metrics.Publisher(store, lookup, refresher, request_stats)
+            app.state.metrics = registry = metrics.scrape_registry(publisher)
+            tasks.append(asyncio.create_task(publisher.run(), name="metrics"))
+            if settings.metrics_address is not None:
+                host, port = settings.metrics_address
+                tasks.append(asyncio.create_task(metrics.serve_separately(registry, host, port), name="metrics server"))
         if settings.refresh_interval > 0:
             tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
             if redis is not None:
@@ -121,7 +134,7 @@ def create_app(settings: Settings) -> UsageService:
             for task in tasks:
                 task.cancel()
             # Bounded: a client library that swallows a cancellation must not hang shutdown.
-            _, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            _, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE) if tasks else (set(), set())
             if stuck:
                 logger.warning("background tasks did not stop in time: %s", ", ".join(t.get_name() for t in stuck))
             if redis is not None:
@@ -129,10 +142,15 @@ def create_app(settings: Settings) -> UsageService:
                     async with asyncio.timeout(SHUTDOWN_GRACE):
                         await redis.close()
             await store.close()
+            metrics.worker_exited()
 
+    request_stats = RequestStats() if settings.metrics else None
+    # /metrics is served here unless it is off or has an address of its own.
+    served = [r for r in routes if r.path != "/metrics" or (settings.metrics and settings.metrics_address is None)]
     return UsageService(
         settings,
-        routes=routes,
+        request_stats,
+        routes=served,
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )

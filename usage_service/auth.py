@@ -161,10 +161,10 @@ class TokenAuthMiddleware:
 
         lookup: TokenLookup = scope["app"].state.lookup
         key = bearer.group(1)
-        record = lookup.cached(key)
+        record = lookup.cached(key, scope)
         if record is None:
             try:
-                record = await lookup.resolve(key)
+                record = await lookup.resolve(key, scope)
             except StoreUnavailable:
                 await rules.unavailable(scope, receive, send)
                 return

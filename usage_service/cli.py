@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import copy
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -18,8 +18,8 @@ from typing import Any
 
 import uvicorn
 
-from . import __version__
-from .config import VARIABLES, ConfigError, Settings, check_database_file, load_settings
+from . import __version__, logs
+from .config import LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
 from .store import SchemaError, open_store
 
@@ -30,6 +30,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # How uvicorn serves the app (the benchmark serves its peers the same way).
 SERVER_OPTIONS: dict[str, Any] = {
     # uvicorn's access line would carry query strings verbatim; keys must never reach a log.
+    # Ours (--access-log) never logs a query string.
     "access_log": False,
     "server_header": False,
 }
@@ -49,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default: 1)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
     parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="log lines as text or one JSON object each (default: $USAGE_LOG_FORMAT or text)",
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (default: $USAGE_ACCESS_LOG or off)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help=f"serve ./{DEMO_DB} (created in the gateway's schema with one token if missing) "
@@ -61,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    # The workers read the same environment: flags travel to them through it.
+    if args.log_format is not None:
+        os.environ["USAGE_LOG_FORMAT"] = args.log_format
+    if args.access_log:
+        os.environ["USAGE_ACCESS_LOG"] = "on"
+    log_format = os.environ.get("USAGE_LOG_FORMAT", "").strip()
+    logs.configure(args.log_level, log_format)
     try:
         port = _port(args.port)
         if args.workers < 1:
@@ -75,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         check_database_file(settings)
         asyncio.run(_check_schema(settings))
+        if settings.metrics and settings.metrics_address is not None:
+            _check_metrics_address(settings.metrics_address, args.host, port)
     except (ConfigError, SchemaError) as exc:
         print(f"usage-service: error: {exc}", file=sys.stderr)
         return 2
@@ -100,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=port,
         workers=args.workers,
         log_level=args.log_level,
-        log_config=_uvicorn_log_config(args.log_level),
+        log_config=logs.uvicorn_config(args.log_level, settings.log_format),
         **SERVER_OPTIONS,
     )
     return 0
@@ -140,11 +160,16 @@ async def _check_schema(settings: Settings) -> None:
     await store.close()
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(message)s", stream=sys.stderr)
-
-
-def _uvicorn_log_config(level: str) -> dict[str, Any]:
-    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["usage_service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return config
+def _check_metrics_address(address: tuple[str, int], host: str, port: int) -> None:
+    # A worker binds it later; say now, in one line, if it cannot be had.
+    metrics_host, metrics_port = address
+    if metrics_port == port:
+        raise ConfigError(f"USAGE_METRICS_ADDRESS: port {port} is the service's own port; choose another")
+    try:
+        family = socket.AF_INET6 if ":" in metrics_host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((metrics_host, metrics_port))
+    except OSError as exc:
+        where = f"{metrics_host}:{metrics_port}"
+        raise ConfigError(f"USAGE_METRICS_ADDRESS: cannot listen on {where} ({exc.strerror})") from None

@@ -42,6 +42,12 @@ class Settings:
     hot_window: float = 60.0
     hot_max: int = 20_000
     options_interval: float = 10.0
+    # Operators' and integrators' features (metrics, logs, CORS).
+    metrics: bool = True
+    metrics_address: tuple[str, int] | None = None  # serve /metrics there instead of on the main port
+    log_format: str = "text"
+    access_log: bool = False
+    cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
 
 
 # (variable, default, description) for every variable; `--help` and the README print this.
@@ -69,7 +75,14 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("USAGE_HOT_WINDOW", "60", "a token polled within this many seconds is kept fresh by the refresher"),
     ("USAGE_HOT_MAX", "20000", "most tokens the refresher keeps fresh (the most recently polled win)"),
     ("USAGE_OPTIONS_INTERVAL", "10", "seconds between re-reads of the gateway's billing options (0: at start only)"),
+    ("USAGE_METRICS", "on", "serve Prometheus metrics at /metrics (on/off)"),
+    ("USAGE_METRICS_ADDRESS", "(unset)", "host:port serving /metrics instead of the main port"),
+    ("USAGE_LOG_FORMAT", "text", "log lines as 'text' or 'json' (same as --log-format)"),
+    ("USAGE_ACCESS_LOG", "off", "one log line per request (on/off; same as --access-log)"),
+    ("USAGE_CORS_ORIGINS", "*", "browser origins allowed to read the API, comma-separated; '*' any, empty none"),
 )
+
+LOG_FORMATS = ("text", "json")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +121,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         hot_window=_read(env, "USAGE_HOT_WINDOW", 60.0, _seconds(minimum=0.001)),
         hot_max=_read(env, "USAGE_HOT_MAX", 20_000, _count(minimum=1)),
         options_interval=_read(env, "USAGE_OPTIONS_INTERVAL", 10.0, _seconds(minimum=0.0)),
+        metrics=_read(env, "USAGE_METRICS", True, _switch),
+        metrics_address=_read(env, "USAGE_METRICS_ADDRESS", None, _address),
+        log_format=_read(env, "USAGE_LOG_FORMAT", "text", _log_format),
+        access_log=_read(env, "USAGE_ACCESS_LOG", False, _switch),
+        cors_origins=_cors_origins(env.get("USAGE_CORS_ORIGINS")),
     )
 
 
@@ -185,3 +203,42 @@ def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _switch(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError("expected on or off")
+
+
+def _address(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:9100
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9100")
+    return host, int(port)
+
+
+def _log_format(raw: str) -> str:
+    if raw not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}")
+    return raw
+
+
+def _cors_origins(raw: str | None) -> tuple[str, ...]:
+    """'*' (the default), nothing (no CORS), or a list of origins as browsers send them."""
+    if raw is None:
+        return ("*",)
+    origins = tuple(dict.fromkeys(part.strip().rstrip("/").lower() for part in raw.split(",") if part.strip()))
+    if "*" in origins:
+        return ("*",)
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+            raise ConfigError(
+                f"USAGE_CORS_ORIGINS: expected origins like https://dash.example.com, or '*' (got {origin!r})"
+            )
+    return origins

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from .cache import LocalCache, RedisCache, key_digest
@@ -25,6 +26,14 @@ class LookupStats:
     redis_hits: int = 0
     db_reads: int = 0
     coalesced: int = 0  # requests that waited on another request's trip down
+    # Requests a rate limiter turned away; a limiter counts them here and /metrics publishes
+    # them as usage_limiter_rejections_total.
+    limited: int = 0
+
+
+# Where resolve() notes the layer that answered, in the mapping it is given (the ASGI scope):
+# "local", "negative", "redis" or "database". The access log reports it.
+LAYER = "usage.layer"
 
 
 class _NotFound:
@@ -47,34 +56,39 @@ class TokenLookup:
         self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
-        self._inflight: dict[bytes, asyncio.Task[TokenRecord | None]] = {}
+        self._inflight: dict[bytes, asyncio.Task[tuple[TokenRecord | None, str]]] = {}
         # Tokens answered since the refresher last asked: digest -> token id (never the key).
         # Without a refresher nobody asks, so nothing is noted.
         self._polled: dict[bytes, int] = {}
         self._note_polls = settings.refresh_interval > 0
 
-    def cached(self, key: bytes) -> TokenRecord | None:
+    def cached(self, key: bytes, note: MutableMapping[str, object] | None = None) -> TokenRecord | None:
         """Return the record when the in-process layer has it, else None: resolve() without a
         coroutine, for the polling path, where nearly every request is answered here."""
         digest = key_digest(key)
         record = self.local.get(digest, time.monotonic())
         if record is not None:
             self.stats.local_hits += 1
+            if note is not None:
+                note[LAYER] = "local"
             if self._note_polls:
                 self._polled[digest] = record.id
         return record
 
-    async def resolve(self, key: bytes) -> TokenRecord | None:
+    async def resolve(self, key: bytes, note: MutableMapping[str, object] | None = None) -> TokenRecord | None:
         """Return the record for a key (ASCII, without 'sk-'), or None when no live token has it.
 
-        Raises StoreUnavailable when the answer is in no cache and the database cannot give it.
+        Notes the layer that answered under LAYER in `note`, when given. Raises StoreUnavailable
+        when the answer is in no cache and the database cannot give it.
         """
-        record = self.cached(key)
+        record = self.cached(key, note)
         if record is not None:
             return record
         digest = key_digest(key)
         if self.negative.get(digest, time.monotonic()) is not None:
             self.stats.negative_hits += 1
+            if note is not None:
+                note[LAYER] = "negative"
             return None
 
         task = self._inflight.get(digest)
@@ -85,7 +99,9 @@ class TokenLookup:
         else:
             self.stats.coalesced += 1
         # Shielded: a client that goes away must not cancel the trip others are waiting on.
-        record = await asyncio.shield(task)
+        record, layer = await asyncio.shield(task)
+        if note is not None:
+            note[LAYER] = layer
         if record is not None and self._note_polls:
             self._polled[digest] = record.id
         return record
@@ -113,13 +129,13 @@ class TokenLookup:
         """Take a record the refresher just read from the database into the in-process layer."""
         self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
 
-    def _finished(self, digest: bytes, task: asyncio.Task[TokenRecord | None]) -> None:
+    def _finished(self, digest: bytes, task: asyncio.Task[tuple[TokenRecord | None, str]]) -> None:
         if self._inflight.get(digest) is task:
             del self._inflight[digest]
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
-    async def _load(self, key: bytes, digest: bytes) -> TokenRecord | None:
+    async def _load(self, key: bytes, digest: bytes) -> tuple[TokenRecord | None, str]:
         if self.redis is not None:
             cached = await self.redis.get(digest)
             if cached is not None:
@@ -130,7 +146,7 @@ class TokenLookup:
                 if remaining > 0:
                     self.stats.redis_hits += 1
                     self._remember(digest, record, remaining)
-                    return record
+                    return record, "redis"
 
         self.stats.db_reads += 1
         fetched_at = time.time()  # before the read: the record is at least this fresh
@@ -142,7 +158,7 @@ class TokenLookup:
                 self.redis.write(digest, encode_cached(record, fetched_at), self.cache_ttl)
             elif self.negative_ttl > 0:
                 self.redis.write(digest, encode_cached(None, fetched_at), self.negative_ttl)
-        return record
+        return record, "database"
 
     def _remember(self, digest: bytes, record: TokenRecord | None, remaining: float) -> None:
         """Keep a record in-process for the local TTL, never beyond what is left of its cache TTL."""

@@ -3,31 +3,66 @@
 The request path counts in plain integers (an attribute increment costs nothing); a
 publisher copies their growth into prometheus-client metrics once a second and before every
 scrape. With several workers, prometheus-client's multiprocess mode adds them up: the CLI
-points PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start.
+points PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start, and any worker
+can render everyone's metrics. No label ever carries a token or a key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
+from .access import BUCKETS, RequestStats
 from .lookup import TokenLookup
 from .refresh import Refresher
 from .store import TokenStore
 
+logger = logging.getLogger("usage_service.metrics")
+
+REQUESTS = Counter("usage_http_requests", "HTTP requests answered, by route and status", ["route", "status"])
+REQUEST_SECONDS = Histogram(
+    "usage_http_request_duration_seconds", "Time from request to last byte, by route", ["route"], buckets=BUCKETS
+)
 DB_STATEMENTS = Counter("usage_db_statements", "Statements sent to the gateway's database")
+DB_ERRORS = Counter("usage_db_errors", "Database statements that failed or timed out")
 CACHE_HITS = Counter("usage_cache_hits", "Lookups answered by a cache layer", ["layer"])
+CACHE_MISSES = Counter("usage_cache_misses", "Lookups a cache layer could not answer", ["layer"])
 DB_LOOKUPS = Counter("usage_db_lookups", "Lookups that had to read the database (cache misses)")
 COALESCED = Counter("usage_coalesced_lookups", "Lookups that waited on another request's database read")
 REDIS_ERRORS = Counter("usage_redis_errors", "Redis calls that failed or timed out")
+REDIS_CIRCUIT_OPEN = Gauge(
+    "usage_redis_circuit_open", "1 while a worker leaves Redis alone after failures", multiprocess_mode="livemax"
+)
+LIMITER_REJECTIONS = Counter("usage_limiter_rejections", "Requests a rate limiter turned away")
 REFRESH_RUNS = Counter("usage_refresh_runs", "Hot-set refreshes performed")
 REFRESH_CHANGED = Counter("usage_refresh_changed", "Records the refresher found changed")
+REFRESH_READ = Counter("usage_refresh_tokens_read", "Tokens re-read by refreshes")
 REFRESH_TOKENS = Gauge("usage_refresh_tokens", "Tokens re-read by the last refresh", multiprocess_mode="max")
 REFRESH_SECONDS = Gauge("usage_refresh_duration_seconds", "Duration of the last refresh", multiprocess_mode="max")
+REFRESH_LAST = Gauge(
+    "usage_refresh_last_run_timestamp_seconds", "Unix time the last refresh finished", multiprocess_mode="max"
+)
+REFRESH_LEADER = Gauge("usage_refresh_leader", "1 while a worker leads the refresher", multiprocess_mode="livemax")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -35,31 +70,75 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Publisher:
     """Copy the service's plain counters into the Prometheus metrics."""
 
-    def __init__(self, store: TokenStore, lookup: TokenLookup, refresher: Refresher) -> None:
+    def __init__(
+        self, store: TokenStore, lookup: TokenLookup, refresher: Refresher, requests: RequestStats | None = None
+    ) -> None:
         stats, refresh = lookup.stats, refresher.stats
         redis = lookup.redis
         self._counters: list[tuple[Counter, Callable[[], int]]] = [
             (DB_STATEMENTS, lambda: store.statements),
+            (DB_ERRORS, lambda: store.errors),
             (CACHE_HITS.labels("local"), lambda: stats.local_hits),
             (CACHE_HITS.labels("negative"), lambda: stats.negative_hits),
-            (CACHE_HITS.labels("redis"), lambda: stats.redis_hits),
+            # Found in neither in-process layer: the trip down, or a wait on another request's.
+            (CACHE_MISSES.labels("local"), lambda: stats.coalesced + stats.redis_hits + stats.db_reads),
             (DB_LOOKUPS, lambda: stats.db_reads),
             (COALESCED, lambda: stats.coalesced),
-            (REDIS_ERRORS, lambda: redis.errors if redis is not None else 0),
+            (LIMITER_REJECTIONS, lambda: stats.limited),
             (REFRESH_RUNS, lambda: refresh.runs),
             (REFRESH_CHANGED, lambda: refresh.changed),
+            (REFRESH_READ, lambda: refresh.tokens_read),
         ]
+        if redis is not None:
+            self._counters += [
+                (CACHE_HITS.labels("redis"), lambda: stats.redis_hits),
+                (CACHE_MISSES.labels("redis"), lambda: stats.db_reads),
+                (REDIS_ERRORS, lambda: redis.errors),
+            ]
         self._published = [0] * len(self._counters)
+        self._redis = redis
         self._refresh = refresh
+        self._requests = requests
+        self._responses: dict[tuple[str, int], int] = {}
+        self._durations: dict[str, tuple[list[int], float]] = {}
+        # A scrape on the separate metrics address publishes from its own thread.
+        self._lock = threading.Lock()
 
     def publish(self) -> None:
-        for i, (counter, read) in enumerate(self._counters):
-            value = read()
-            if value > self._published[i]:
-                counter.inc(value - self._published[i])
-                self._published[i] = value
-        REFRESH_TOKENS.set(self._refresh.tokens)
-        REFRESH_SECONDS.set(self._refresh.last_duration)
+        with self._lock:
+            for i, (counter, read) in enumerate(self._counters):
+                value = read()
+                if value > self._published[i]:
+                    counter.inc(value - self._published[i])
+                    self._published[i] = value
+            REFRESH_TOKENS.set(self._refresh.tokens)
+            REFRESH_SECONDS.set(self._refresh.last_duration)
+            REFRESH_LAST.set(self._refresh.finished_at)
+            REFRESH_LEADER.set(self._refresh.leader)
+            REDIS_CIRCUIT_OPEN.set(self._redis is not None and self._redis.breaker.is_open)
+            if self._requests is not None:
+                self._publish_requests(self._requests)
+
+    def _publish_requests(self, requests: RequestStats) -> None:
+        # list(): the event loop may add a key meanwhile when this runs in the scrape thread.
+        for key, count in list(requests.responses.items()):
+            done = self._responses.get(key, 0)
+            if count > done:
+                REQUESTS.labels(key[0], str(key[1])).inc(count - done)
+                self._responses[key] = count
+        for route, live in list(requests.durations.items()):
+            counts, seconds = list(live), requests.seconds.get(route, 0.0)
+            done_counts, done_seconds = self._durations.get(route, ([0] * len(counts), 0.0))
+            if counts == done_counts:
+                continue
+            # prometheus-client observes one value at a time; adding a bucket's growth in one step
+            # goes through the histogram's per-bucket values (non-cumulative, +Inf last).
+            child = REQUEST_SECONDS.labels(route)
+            for i, bucket in enumerate(child._buckets):
+                if counts[i] > done_counts[i]:
+                    bucket.inc(counts[i] - done_counts[i])
+            child._sum.inc(seconds - done_seconds)
+            self._durations[route] = (counts, seconds)
 
     async def run(self, interval: float = 1.0) -> None:
         while True:
@@ -67,10 +146,58 @@ class Publisher:
             self.publish()
 
 
-def render() -> bytes:
-    """The metrics of every worker, in the Prometheus text format."""
+class _Scrape(Collector):
+    """Everything there is to expose, published fresh first."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self.source: Collector = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.source = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        self.publisher.publish()
+        yield from self.source.collect()
+
+
+def scrape_registry(publisher: Publisher) -> CollectorRegistry:
+    """A registry whose every collection renders the metrics of every worker, fresh."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Scrape(publisher))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The metrics in the Prometheus text format."""
+    return generate_latest(registry)
+
+
+async def serve_separately(registry: CollectorRegistry, host: str, port: int, retry: float = 5.0) -> None:
+    """Serve the metrics on their own address until cancelled.
+
+    With several workers each tries to bind it; one succeeds, and the others keep trying, so a
+    worker that takes over from one that died serves them again within `retry` seconds.
+    """
+    server: WSGIServer | None = None
+    try:
+        while server is None:
+            try:
+                server, _ = start_http_server(port, host, registry)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    logger.error("cannot serve metrics on %s:%d: %s", host, port, exc)
+                    return
+                await asyncio.sleep(retry)
+        logger.info("serving metrics on http://%s:%d/metrics", host, port)
+        await asyncio.Event().wait()
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+
+def worker_exited() -> None:
+    """Drop this worker's gauges that only count while it lives (multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry)
-    return generate_latest(REGISTRY)
+        with contextlib.suppress(OSError):
+            mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -37,6 +37,8 @@ class RefreshStats:
     changed: int = 0  # records that changed, since start
     vanished: int = 0  # tokens that were deleted or lost their user, since start
     last_duration: float = 0.0
+    finished_at: float = 0.0  # wall clock at the end of the last refresh
+    tokens_read: int = 0  # tokens re-read, since start
     leader: bool = False
 
 
@@ -183,6 +185,8 @@ class Refresher:
         self.stats.changed += changed
         self.stats.vanished += sum(1 for record in fresh.values() if record is None)
         self.stats.last_duration = time.monotonic() - started
+        self.stats.finished_at = time.time()
+        self.stats.tokens_read += len(fresh)
         # Vanished tokens leave this worker's hot set; clients polling them get "token not found".
         for digest, record in fresh.items():
             if record is None:

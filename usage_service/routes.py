@@ -15,6 +15,7 @@ from .auth import SCOPE_KEY, relay_rules, usage_rules
 from .billing import billing_subscription, billing_usage
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render
+from .openapi import DOCUMENT as OPENAPI_DOCUMENT
 from .records import TokenRecord
 from .responses import NO_CACHE, error_body, send_body
 from .routing import ROUTE_KEY, RouteTable, ShortRoute, both_slashes
@@ -104,8 +105,12 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of every worker (keep this port off the public load balancer)."""
-    request.app.state.publisher.publish()
-    return Response(render(), headers={"cache-control": "no-store"}, media_type=METRICS_TYPE)
+    return Response(render(request.app.state.metrics), headers={"cache-control": "no-store"}, media_type=METRICS_TYPE)
+
+
+async def openapi_document(request: Request) -> Response:
+    """The OpenAPI 3.1 document of this service."""
+    return Response(OPENAPI_DOCUMENT, media_type="application/json")
 
 
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -134,4 +139,5 @@ routes = [
     Route("/healthz", healthz, methods=["GET", "HEAD"]),
     Route("/readyz", readyz, methods=["GET", "HEAD"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
 ]

@@ -25,6 +25,8 @@ class TokenStore(Protocol):
     """Statements sent to the database for token records since start (read by tests, benchmarks, metrics)."""
     option_statements: int
     """Statements sent to read the gateway's options: a fixed background cost, not the polling's."""
+    errors: int
+    """Statements that failed or timed out since start (read by the metrics)."""
 
     async def fetch(self, key: str) -> TokenRecord | None:
         """Return the live token with this key (without 'sk-') joined with its live user, or None."""

@@ -59,6 +59,7 @@ class SQLiteStore:
         self.path = path
         self.statements = 0
         self.option_statements = 0
+        self.errors = 0
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._timeout = timeout
         self._columns = columns
@@ -238,6 +239,7 @@ class SQLiteStore:
             self._generation += 1
 
     def _note_failure(self, reason: str) -> None:
+        self.errors += 1
         if not self._failing:
             self._failing = True
             logger.warning("database unavailable: %s", reason)

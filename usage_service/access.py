@@ -1,0 +1,117 @@
+"""Per-request accounting: counts and latencies for the metrics, and the optional access log.
+
+One pure-ASGI middleware outside everything else. The request path only increments plain
+integers here; metrics.py publishes them to prometheus-client once a second and at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from bisect import bisect_left
+from collections.abc import Callable, Mapping
+from time import perf_counter
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .lookup import LAYER
+
+access_logger = logging.getLogger("usage_service.access")
+
+# Upper bounds (seconds) of the latency histogram: a poll answered in-process takes tens of
+# microseconds, a database read milliseconds, a locked database up to USAGE_DB_TIMEOUT.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# The route label of a path no route serves: paths are client input, labels must stay few.
+OTHER = "other"
+
+# A path no route serves is logged with anything that could be a key blanked out.
+_KEYLIKE = re.compile(r"(?:sk-)?[0-9A-Za-z_-]{16,}")
+_MAX_LOGGED_PATH = 200
+
+ACCESS_FORMAT = '%(client)s - "%(method)s %(path)s" %(status)d %(duration_ms).3fms %(layer)s'
+
+
+class RequestStats:
+    """Responses by (route, status) and latency histograms by route, in plain numbers."""
+
+    def __init__(self) -> None:
+        self.responses: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, list[int]] = {}  # route -> count per bucket of BUCKETS, then +Inf
+        self.seconds: dict[str, float] = {}  # route -> sum of durations
+
+    def note(self, route: str, status: int, elapsed: float) -> None:
+        key = (route, status)
+        self.responses[key] = self.responses.get(key, 0) + 1
+        counts = self.durations.get(route)
+        if counts is None:
+            counts = self.durations[route] = [0] * (len(BUCKETS) + 1)
+        counts[bisect_left(BUCKETS, elapsed)] += 1
+        self.seconds[route] = self.seconds.get(route, 0.0) + elapsed
+
+
+def client_address(scope: Scope) -> str:
+    """The address the request came from, as logged. (One place to teach about trusted proxies.)"""
+    client = scope.get("client")
+    return str(client[0]) if client else "-"
+
+
+def logged_path(path: str, routes: Mapping[str, str]) -> str:
+    """The path as it may appear in a log: a route's own path as is, any other without key material."""
+    if path in routes:
+        return path
+    return _KEYLIKE.sub("[redacted]", path[:_MAX_LOGGED_PATH])
+
+
+class AccessMiddleware:
+    """Time every HTTP request, count it by route and status, and log it when asked."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Mapping[str, str],
+        stats: RequestStats | None,
+        log: bool,
+        client: Callable[[Scope], str] = client_address,
+    ) -> None:
+        self.app = app
+        self.routes = routes  # path -> route label
+        self.stats = stats
+        self.log = log
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = perf_counter()
+        status = 500  # what the server answers when the app fails before starting a response
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            elapsed = perf_counter() - started
+            path: str = scope["path"]
+            if self.stats is not None:
+                self.stats.note(self.routes.get(path, OTHER), status, elapsed)
+            if self.log:
+                self._log(scope, path, status, elapsed)
+
+    def _log(self, scope: Scope, path: str, status: int, elapsed: float) -> None:
+        # The query string is never logged: a client may have put its key there.
+        fields = {
+            "client": self.client(scope),
+            "method": scope["method"],
+            "path": logged_path(path, self.routes),
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "layer": scope.get(LAYER, "-"),
+        }
+        access_logger.info(ACCESS_FORMAT, fields)

@@ -1,0 +1,108 @@
+"""CORS for browser dashboards that poll the API from another origin with a Bearer header.
+
+Pure ASGI and outside the auth middleware: a preflight carries no credential, so it is answered
+here, and the headers reach every answer, 401/403/304/503 included. A request without an
+Origin header (every non-browser client) costs one scan of its headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .responses import JSONError
+
+ALLOW_METHODS = (b"GET", b"HEAD")
+ALLOW_HEADERS = frozenset({b"authorization", b"if-none-match", b"cache-control"})
+EXPOSE_HEADERS = b"ETag, Retry-After, WWW-Authenticate"
+MAX_AGE = 600  # seconds a browser may reuse a preflight (Chromium caps it at 7200)
+
+ORIGIN_REFUSED = JSONError(403, "origin not allowed")
+METHOD_REFUSED = JSONError(403, "CORS method not allowed")
+HEADERS_REFUSED = JSONError(403, "CORS request headers not allowed")
+
+
+class CORSMiddleware:
+    """Answer preflights and add Access-Control-* headers, on `paths` only."""
+
+    def __init__(self, app: ASGIApp, *, origins: Iterable[str], paths: Collection[str]) -> None:
+        self.app = app
+        self.paths = paths
+        origins = tuple(origins)
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origin.encode() for origin in origins)
+        self.preflight_headers = [
+            (b"access-control-allow-methods", b", ".join(ALLOW_METHODS)),
+            (b"access-control-allow-headers", b"Authorization, If-None-Match, Cache-Control"),
+            (b"access-control-max-age", str(MAX_AGE).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        self.simple_headers = [(b"access-control-expose-headers", EXPOSE_HEADERS)]
+        if self.any_origin:
+            self.simple_headers.append((b"access-control-allow-origin", b"*"))
+        else:
+            # The answer depends on the Origin header: caches must keep one per origin.
+            self.simple_headers.append((b"vary", b"Origin"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        origin = request_method = request_headers = None
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                origin = value
+            elif name == b"access-control-request-method":
+                request_method = value
+            elif name == b"access-control-request-headers":
+                request_headers = value
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS" and request_method is not None:
+            await self.preflight(origin, request_method, request_headers, scope, receive, send)
+            return
+
+        allowed = self.any_origin or origin in self.origins
+        headers = self.response_headers(origin) if allowed else [(b"vary", b"Origin")]
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # A fresh list: prepared answers share theirs between requests.
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    def response_headers(self, origin: bytes) -> list[tuple[bytes, bytes]]:
+        if self.any_origin:
+            return self.simple_headers
+        return [(b"access-control-allow-origin", origin), *self.simple_headers]
+
+    async def preflight(
+        self,
+        origin: bytes,
+        method: bytes,
+        request_headers: bytes | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        # A refusal carries no Access-Control-Allow-Origin: the browser blocks the real request.
+        if not (self.any_origin or origin in self.origins):
+            refusal = ORIGIN_REFUSED
+        elif method.strip() not in ALLOW_METHODS:
+            refusal = METHOD_REFUSED
+        elif request_headers and not _headers_allowed(request_headers):
+            refusal = HEADERS_REFUSED
+        else:
+            headers = [*self.preflight_headers, *self.response_headers(origin)]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await refusal(scope, receive, send)
+
+
+def _headers_allowed(value: bytes) -> bool:
+    return all(not name or name in ALLOW_HEADERS for name in (part.strip().lower() for part in value.split(b",")))
