@@ -32,22 +32,31 @@ _MAX_LOGGED_PATH = 200
 ACCESS_FORMAT = '%(client)s - "%(method)s %(path)s" %(status)d %(duration_ms).3fms %(layer)s'
 
 
-class RequestStats:
-    """Responses by (route, status) and latency histograms by route, in plain numbers."""
+class RouteStats:
+    """One route's responses by status and its latency histogram, in plain numbers."""
+
+    __slots__ = ("statuses", "buckets", "seconds")
 
     def __init__(self) -> None:
-        self.responses: dict[tuple[str, int], int] = {}
-        self.durations: dict[str, list[int]] = {}  # route -> count per bucket of BUCKETS, then +Inf
-        self.seconds: dict[str, float] = {}  # route -> sum of durations
+        self.statuses: dict[int, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)  # count per bucket of BUCKETS, then +Inf
+        self.seconds = 0.0  # sum of durations
 
-    def note(self, route: str, status: int, elapsed: float) -> None:
-        key = (route, status)
-        self.responses[key] = self.responses.get(key, 0) + 1
-        counts = self.durations.get(route)
-        if counts is None:
-            counts = self.durations[route] = [0] * (len(BUCKETS) + 1)
-        counts[bisect_left(BUCKETS, elapsed)] += 1
-        self.seconds[route] = self.seconds.get(route, 0.0) + elapsed
+
+class RequestStats:
+    """Every route's RouteStats, reachable from the request path in one dict lookup."""
+
+    def __init__(self, routes: Mapping[str, str]) -> None:
+        self.routes: dict[str, RouteStats] = {label: RouteStats() for label in {*routes.values(), OTHER}}
+        self.by_path = {path: self.routes[label] for path, label in routes.items()}
+        self.other = self.routes[OTHER]
+
+    def note(self, path: str, status: int, elapsed: float) -> None:
+        route = self.by_path.get(path, self.other)
+        statuses = route.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        route.buckets[bisect_left(BUCKETS, elapsed)] += 1
+        route.seconds += elapsed
 
 
 def client_address(scope: Scope) -> str:
@@ -100,7 +109,7 @@ class AccessMiddleware:
             elapsed = perf_counter() - started
             path: str = scope["path"]
             if self.stats is not None:
-                self.stats.note(self.routes.get(path, OTHER), status, elapsed)
+                self.stats.note(path, status, elapsed)
             if self.log:
                 self._log(scope, path, status, elapsed)
 

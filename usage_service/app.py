@@ -144,7 +144,7 @@ def create_app(settings: Settings) -> UsageService:
             await store.close()
             metrics.worker_exited()
 
-    request_stats = RequestStats() if settings.metrics else None
+    request_stats = RequestStats(openapi.ROUTE_LABELS) if settings.metrics else None
     # /metrics is served here unless it is off or has an address of its own.
     served = [r for r in routes if r.path != "/metrics" or (settings.metrics and settings.metrics_address is None)]
     return UsageService(

@@ -47,7 +47,7 @@ class Settings:
     metrics_address: tuple[str, int] | None = None  # serve /metrics there instead of on the main port
     log_format: str = "text"
     access_log: bool = False
-    cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all
+    cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all (USAGE_CORS_ORIGINS=off)
 
 
 # (variable, default, description) for every variable; `--help` and the README print this.
@@ -79,7 +79,7 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("USAGE_METRICS_ADDRESS", "(unset)", "host:port serving /metrics instead of the main port"),
     ("USAGE_LOG_FORMAT", "text", "log lines as 'text' or 'json' (same as --log-format)"),
     ("USAGE_ACCESS_LOG", "off", "one log line per request (on/off; same as --access-log)"),
-    ("USAGE_CORS_ORIGINS", "*", "browser origins allowed to read the API, comma-separated; '*' any, empty none"),
+    ("USAGE_CORS_ORIGINS", "*", "origins whose browsers may read the API, comma-separated; '*' any, 'off' none"),
 )
 
 LOG_FORMATS = ("text", "json")
@@ -229,9 +229,11 @@ def _log_format(raw: str) -> str:
 
 
 def _cors_origins(raw: str | None) -> tuple[str, ...]:
-    """'*' (the default), nothing (no CORS), or a list of origins as browsers send them."""
-    if raw is None:
+    """'*' (the default), 'off' (no CORS headers), or a list of origins as browsers send them."""
+    if raw is None or not raw.strip():
         return ("*",)
+    if raw.strip().lower() in ("off", "none"):
+        return ()
     origins = tuple(dict.fromkeys(part.strip().rstrip("/").lower() for part in raw.split(",") if part.strip()))
     if "*" in origins:
         return ("*",)

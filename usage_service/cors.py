@@ -49,20 +49,24 @@ class CORSMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        origin = request_method = request_headers = None
+        origin = None
         for name, value in scope["headers"]:
             if name == b"origin":
                 origin = value
-            elif name == b"access-control-request-method":
-                request_method = value
-            elif name == b"access-control-request-headers":
-                request_headers = value
+                break
         if origin is None:
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "OPTIONS" and request_method is not None:
-            await self.preflight(origin, request_method, request_headers, scope, receive, send)
-            return
+        if scope["method"] == "OPTIONS":
+            request_method = request_headers = None
+            for name, value in scope["headers"]:
+                if name == b"access-control-request-method":
+                    request_method = value
+                elif name == b"access-control-request-headers":
+                    request_headers = value
+            if request_method is not None:
+                await self.preflight(origin, request_method, request_headers, scope, receive, send)
+                return
 
         allowed = self.any_origin or origin in self.origins
         headers = self.response_headers(origin) if allowed else [(b"vary", b"Origin")]

@@ -49,9 +49,10 @@ def uvicorn_config(level: str, log_format: str) -> dict[str, Any]:
     config["loggers"]["usage_service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     # Access lines go to stdout, like uvicorn's own (which is off: it would log query strings).
     config["handlers"]["usage_access"] = {**config["handlers"]["default"], "stream": "ext://sys.stdout"}
+    # Asked for explicitly (--access-log), so not silenced by --log-level warning.
     config["loggers"]["usage_service.access"] = {
         "handlers": ["usage_access"],
-        "level": level.upper(),
+        "level": "INFO",
         "propagate": False,
     }
     if log_format == "json":

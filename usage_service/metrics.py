@@ -120,14 +120,14 @@ class Publisher:
                 self._publish_requests(self._requests)
 
     def _publish_requests(self, requests: RequestStats) -> None:
-        # list(): the event loop may add a key meanwhile when this runs in the scrape thread.
-        for key, count in list(requests.responses.items()):
-            done = self._responses.get(key, 0)
-            if count > done:
-                REQUESTS.labels(key[0], str(key[1])).inc(count - done)
-                self._responses[key] = count
-        for route, live in list(requests.durations.items()):
-            counts, seconds = list(live), requests.seconds.get(route, 0.0)
+        for route, stats in requests.routes.items():
+            # list(): the event loop may add a status meanwhile when this runs in the scrape thread.
+            for status, count in list(stats.statuses.items()):
+                done = self._responses.get((route, status), 0)
+                if count > done:
+                    REQUESTS.labels(route, str(status)).inc(count - done)
+                    self._responses[route, status] = count
+            counts, seconds = list(stats.buckets), stats.seconds
             done_counts, done_seconds = self._durations.get(route, ([0] * len(counts), 0.0))
             if counts == done_counts:
                 continue

@@ -1,0 +1,178 @@
+"""Prometheus metrics, in process: what is counted, how it is labelled, where it is served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from conftest import AppClient
+from prometheus_client.parser import text_string_to_metric_families
+from support import Gateway, free_port
+
+from usage_service.access import BUCKETS
+
+pytestmark = pytest.mark.asyncio
+
+URL = "/api/usage/token"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(client: httpx.AsyncClient) -> Samples:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return parse(response.text)
+
+
+def grown(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def test_requests_by_route_and_status(gateway: Gateway, app_client: AppClient) -> None:
+    token, banned = gateway.add_token(), gateway.add_token(user_id=gateway.add_user(status=2))
+    async with app_client() as (_, client):
+        before = await scrape(client)
+        for _ in range(3):
+            assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        assert (await client.get(URL + "/", headers=token.bearer)).status_code == 200
+        assert (await client.get(URL)).status_code == 401
+        assert (await client.get(URL, headers=banned.bearer)).status_code == 403
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get(f"/no/such/sk-{token.key}")).status_code == 404
+        after = await scrape(client)
+    route = {"route": URL}
+    assert grown(before, after, "usage_http_requests_total", **route, status="200") == 4  # both spellings
+    assert grown(before, after, "usage_http_requests_total", **route, status="401") == 1
+    assert grown(before, after, "usage_http_requests_total", **route, status="403") == 1
+    assert grown(before, after, "usage_http_requests_total", route="/healthz", status="200") == 1
+    assert grown(before, after, "usage_http_requests_total", route="other", status="404") == 1
+    # The histogram saw every usage request; buckets are cumulative and end at +Inf.
+    histogram = "usage_http_request_duration_seconds"
+    assert grown(before, after, histogram + "_count", **route) == 6
+    assert grown(before, after, histogram + "_bucket", **route, le="+Inf") == 6
+    assert 0 < grown(before, after, histogram + "_sum", **route) < 6
+    cumulative = [value(after, histogram + "_bucket", **route, le=str(bound)) for bound in BUCKETS]
+    assert cumulative == sorted(cumulative)
+
+
+async def test_no_key_material_in_metrics(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
+    tokens = [gateway.add_token() for _ in range(5)]
+    async with app_client(redis_url=redis_url) as (_, client):
+        for token in tokens:
+            await client.get(URL, headers=token.bearer)
+            await client.get(f"/api/usage/{token.key}", headers=token.bearer)
+        text = (await client.get("/metrics")).text
+    for token in tokens:
+        assert token.key not in text
+        assert token.key[:16] not in text
+
+
+async def test_cache_layers_database_and_limiter(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url) as (first, client):
+        before = await scrape(client)
+        await client.get(URL, headers=token.bearer)  # database
+        await client.get(URL, headers=token.bearer)  # in-process
+        await client.get(URL, headers={"Authorization": "Bearer sk-unknownkey1"})  # database, then negative
+        await client.get(URL, headers={"Authorization": "Bearer sk-unknownkey1"})
+        first.state.lookup.stats.limited += 2  # what a rate limiter does when it turns requests away
+        after = await scrape(client)
+    async with app_client(redis_url=redis_url) as (_, client):  # another instance: Redis has it
+        await client.get(URL, headers=token.bearer)
+        shared = await scrape(client)
+    assert grown(before, after, "usage_cache_hits_total", layer="local") == 1
+    assert grown(before, after, "usage_cache_hits_total", layer="negative") == 1
+    assert grown(before, after, "usage_cache_misses_total", layer="local") == 2
+    assert grown(before, after, "usage_cache_misses_total", layer="redis") == 2
+    assert grown(before, after, "usage_db_lookups_total") == 2
+    assert grown(before, after, "usage_db_statements_total") == 2
+    assert grown(before, after, "usage_limiter_rejections_total") == 2
+    assert grown(after, shared, "usage_cache_hits_total", layer="redis") == 1
+    assert grown(after, shared, "usage_db_statements_total") == 0
+
+
+async def test_database_errors(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client() as (_, client):
+        before = await scrape(client)
+        with gateway.exclusive_lock():
+            assert (await client.get(URL, headers=token.bearer)).status_code == 503
+        after = await scrape(client)
+    assert grown(before, after, "usage_db_errors_total") >= 1
+    assert grown(before, after, "usage_http_requests_total", route=URL, status="503") == 1
+
+
+async def test_redis_circuit_state(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url) as (_, client):
+        assert value(await scrape(client), "usage_redis_circuit_open") == 0
+    async with app_client(redis_url=f"redis://127.0.0.1:{free_port()}/0", local_ttl=0) as (_, client):
+        for _ in range(4):  # three failures in a row open the circuit
+            assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        samples = await scrape(client)
+    assert value(samples, "usage_redis_circuit_open") == 1
+    assert value(samples, "usage_redis_errors_total") >= 3
+
+
+async def test_refresher_lag_and_batch_size(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
+    tokens = [gateway.add_token() for _ in range(3)]
+    async with app_client(redis_url=redis_url, refresh_interval=0.1) as (_, client):
+        before = await scrape(client)
+        for token in tokens:
+            await client.get(URL, headers=token.bearer)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            after = await scrape(client)
+            if value(after, "usage_refresh_tokens") == 3:
+                break
+    assert value(after, "usage_refresh_tokens") == 3
+    assert value(after, "usage_refresh_leader") == 1
+    assert value(after, "usage_refresh_last_run_timestamp_seconds") > value(
+        before, "usage_refresh_last_run_timestamp_seconds"
+    )
+    assert grown(before, after, "usage_refresh_runs_total") >= 1
+    assert grown(before, after, "usage_refresh_tokens_read_total") >= 3
+
+
+async def test_metrics_can_be_turned_off(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client(metrics=False) as (app, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        response = await client.get("/metrics")
+        assert app.request_stats is None  # type: ignore[attr-defined]
+    assert response.status_code == 404
+    assert response.json() == {"success": False, "message": "not found"}
+
+
+async def test_metrics_on_their_own_address(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    port = free_port()
+    async with app_client(metrics_address=("127.0.0.1", port)) as (_, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        assert (await client.get("/metrics")).status_code == 404  # not on the main port
+        async with httpx.AsyncClient() as outside:
+            for _ in range(100):  # the server starts with the lifespan
+                try:
+                    response = await outside.get(f"http://127.0.0.1:{port}/metrics")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+    assert response.status_code == 200
+    # Published at scrape time: the request just made is already counted.
+    assert value(parse(response.text), "usage_http_requests_total", route=URL, status="200") >= 1
+    # The lifespan closed it.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
