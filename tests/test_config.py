@@ -36,6 +36,21 @@ def test_defaults_match_the_gateway() -> None:
         pytest.param({"USAGE_LOCAL_TTL": "0.2"}, "local_ttl", 0.2, id="local-ttl"),
         pytest.param({"USAGE_NEGATIVE_TTL": "0"}, "negative_ttl", 0.0, id="negative-cache-off"),
         pytest.param({"USAGE_DB_POOL_SIZE": "2"}, "db_pool_size", 2, id="pool-size"),
+        pytest.param({"USAGE_METRICS": "off"}, "metrics", False, id="metrics-off"),
+        pytest.param({"USAGE_METRICS": "ON"}, "metrics", True, id="metrics-on"),
+        pytest.param({"USAGE_METRICS_ADDRESS": "127.0.0.1:9100"}, "metrics_address", ("127.0.0.1", 9100), id="addr"),
+        pytest.param({"USAGE_METRICS_ADDRESS": "[::1]:9100"}, "metrics_address", ("::1", 9100), id="addr-ipv6"),
+        pytest.param({"USAGE_LOG_FORMAT": "json"}, "log_format", "json", id="json-logs"),
+        pytest.param({"USAGE_ACCESS_LOG": "yes"}, "access_log", True, id="access-log"),
+        pytest.param({"USAGE_CORS_ORIGINS": ""}, "cors_origins", ("*",), id="cors-default"),
+        pytest.param({"USAGE_CORS_ORIGINS": "off"}, "cors_origins", (), id="cors-off"),
+        pytest.param(
+            {"USAGE_CORS_ORIGINS": "https://Dash.example.com/, http://127.0.0.1:8080"},
+            "cors_origins",
+            ("https://dash.example.com", "http://127.0.0.1:8080"),
+            id="cors-list",
+        ),
+        pytest.param({"USAGE_CORS_ORIGINS": "https://a.example, *"}, "cors_origins", ("*",), id="cors-star-wins"),
     ],
 )
 def test_reads_variables(env: dict[str, str], field: str, expected: object) -> None:
@@ -61,6 +76,12 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         pytest.param({"USAGE_LOCAL_CACHE_SIZE": "1e3"}, "USAGE_LOCAL_CACHE_SIZE", "whole number", id="size-float"),
         pytest.param({"USAGE_DB_POOL_SIZE": "1000"}, "USAGE_DB_POOL_SIZE", "between", id="pool-too-big"),
         pytest.param({"USAGE_REDIS_PREFIX": "a b"}, "USAGE_REDIS_PREFIX", "spaces", id="prefix-space"),
+        pytest.param({"USAGE_METRICS": "maybe"}, "USAGE_METRICS", "on or off", id="metrics-switch"),
+        pytest.param({"USAGE_METRICS_ADDRESS": "9100"}, "USAGE_METRICS_ADDRESS", "host:port", id="addr-no-host"),
+        pytest.param({"USAGE_METRICS_ADDRESS": "h:99999"}, "USAGE_METRICS_ADDRESS", "host:port", id="addr-port"),
+        pytest.param({"USAGE_LOG_FORMAT": "xml"}, "USAGE_LOG_FORMAT", "text, json", id="log-format"),
+        pytest.param({"USAGE_CORS_ORIGINS": "dash.example.com"}, "USAGE_CORS_ORIGINS", "origins like", id="no-scheme"),
+        pytest.param({"USAGE_CORS_ORIGINS": "https://a.example/app"}, "USAGE_CORS_ORIGINS", "origins", id="path"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str, words: str) -> None:

@@ -1,0 +1,84 @@
+"""End to end: logs, metrics on their own address with several workers, start-up checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support import Gateway, Service, environ_without_gateway_settings, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+URL = "/api/usage/token"
+
+
+def test_json_access_log(gateway: Gateway) -> None:
+    token = gateway.add_token()
+    env = {"SQLITE_PATH": str(gateway.path)}
+    with Service(env, "--log-format", "json", "--access-log") as service:
+        assert httpx.get(service.url + URL + f"?k=sk-{token.key}", headers=token.bearer).status_code == 200
+        assert httpx.get(service.url + f"/sk-{token.key}").status_code == 404
+        assert wait_until(lambda: service.output().count('"usage_service.access"') >= 3)  # with /healthz
+    output = service.output()
+    entries = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is JSON
+    access = [e for e in entries if e["logger"] == "usage_service.access"]
+    usage = next(e for e in access if e["path"] == URL)
+    assert usage["method"] == "GET" and usage["status"] == 200 and usage["layer"] == "database"
+    assert usage["client"] == "127.0.0.1" and usage["duration_ms"] > 0
+    assert any(e["status"] == 404 and e["path"] == "/[redacted]" for e in access)
+    assert any(e["logger"] == "uvicorn.error" and "startup complete" in e["message"] for e in entries)
+    assert token.key not in output
+
+
+def test_metrics_address_with_workers(gateway: Gateway) -> None:
+    tokens = [gateway.add_token() for _ in range(20)]
+    port = free_port()
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+    with Service(env, "--workers", "2") as service:
+        for token in tokens:  # new connections: spread over both workers
+            assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+        assert httpx.get(service.url + "/metrics").status_code == 404
+
+        def served() -> float:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.TransportError:
+                return 0
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "usage_http_requests_total" and sample.labels == {"route": URL, "status": "200"}
+            )
+
+        # Each worker publishes once a second; whichever worker serves the address shows both.
+        assert wait_until(lambda: served() == len(tokens), timeout=15)
+
+
+def test_metrics_address_in_use_stops_start_up(gateway: Gateway) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {
+            **environ_without_gateway_settings(),
+            "SQLITE_PATH": str(gateway.path),
+            "USAGE_METRICS_ADDRESS": f"127.0.0.1:{port}",
+        }
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "usage_service", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 2
+    assert "USAGE_METRICS_ADDRESS: cannot listen on" in result.stderr
+    assert time.monotonic() - started < 30
