@@ -38,10 +38,12 @@ async def test_preflight_any_origin(gateway: Gateway, app_client: AppClient, pat
     [
         pytest.param(preflight(OTHER), "origin not allowed", id="origin"),
         pytest.param(preflight(DASH, method="DELETE"), "CORS method not allowed", id="method"),
-        pytest.param(preflight(DASH, headers="authorization, x-secret"), "CORS request headers not allowed", id="header"),
+        pytest.param(preflight(DASH, headers="authorization, x-a"), "CORS request headers not allowed", id="header"),
     ],
 )
-async def test_preflight_refused(gateway: Gateway, app_client: AppClient, headers: dict[str, str], message: str) -> None:
+async def test_preflight_refused(
+    gateway: Gateway, app_client: AppClient, headers: dict[str, str], message: str
+) -> None:
     async with app_client(cors_origins=(DASH,)) as (_, client):
         response = await client.options(URL, headers=headers)
     assert response.status_code == 403
