@@ -50,6 +50,16 @@ async def test_one_line_per_request(
 
 
 @pytest.mark.asyncio
+async def test_access_log_without_metrics(
+    gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="usage_service.access")
+    async with app_client(access_log=True, metrics=False) as (_, client):
+        await client.get("/healthz")
+    assert [(line["path"], line["status"]) for line in access_lines(caplog)] == [("/healthz", 200)]
+
+
+@pytest.mark.asyncio
 async def test_access_log_is_off_by_default(
     gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -66,6 +76,7 @@ async def test_access_log_is_off_by_default(
         pytest.param("/api/usage/sk-" + "a1B2" * 12, "/api/usage/[redacted]", id="key-in-path"),
         pytest.param("/v1/" + "Z9" * 24 + "/x", "/v1/[redacted]/x", id="bare-key-in-path"),
         pytest.param("/api/usage/tok", "/api/usage/tok", id="short-words-stay"),
+        pytest.param("/.well-known/openid-configuration", "/.well-known/openid-configuration", id="words-stay"),
     ],
 )
 def test_paths_are_logged_without_key_material(path: str, logged: str) -> None:

@@ -26,7 +26,7 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 OTHER = "other"
 
 # A path no route serves is logged with anything that could be a key blanked out.
-_KEYLIKE = re.compile(r"(?:sk-)?[0-9A-Za-z_-]{16,}")
+_KEYLIKE = re.compile(r"(?:sk-)?[0-9A-Za-z]{16,}")
 _MAX_LOGGED_PATH = 200
 
 ACCESS_FORMAT = '%(client)s - "%(method)s %(path)s" %(status)d %(duration_ms).3fms %(layer)s'
