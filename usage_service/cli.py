@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_database_file(settings)
         asyncio.run(_check_schema(settings))
         if settings.metrics and settings.metrics_address is not None:
-            _check_metrics_address(settings.metrics_address, args.host, port)
+            _check_metrics_address(settings.metrics_address, port)
     except (ConfigError, SchemaError) as exc:
         print(f"usage-service: error: {exc}", file=sys.stderr)
         return 2
@@ -160,7 +160,7 @@ async def _check_schema(settings: Settings) -> None:
     await store.close()
 
 
-def _check_metrics_address(address: tuple[str, int], host: str, port: int) -> None:
+def _check_metrics_address(address: tuple[str, int], port: int) -> None:
     # A worker binds it later; say now, in one line, if it cannot be had.
     metrics_host, metrics_port = address
     if metrics_port == port:
