@@ -45,7 +45,7 @@ def test_metrics_address_with_workers(gateway: Gateway) -> None:
             assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
         assert httpx.get(service.url + "/metrics").status_code == 404
 
-        def served() -> float:
+        def served(name: str, **labels: str) -> float:
             try:
                 text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
             except httpx.TransportError:
@@ -54,11 +54,14 @@ def test_metrics_address_with_workers(gateway: Gateway) -> None:
                 sample.value
                 for family in text_string_to_metric_families(text)
                 for sample in family.samples
-                if sample.name == "usage_http_requests_total" and sample.labels == {"route": URL, "status": "200"}
+                if sample.name == name and sample.labels == labels
             )
 
         # Each worker publishes once a second; whichever worker serves the address shows both.
-        assert wait_until(lambda: served() == len(tokens), timeout=15)
+        assert wait_until(lambda: served("usage_http_requests_total", route=URL, status="200") == len(tokens), 15)
+        histogram = "usage_http_request_duration_seconds"
+        assert served(histogram + "_count", route=URL) == len(tokens)
+        assert served(histogram + "_bucket", route=URL, le="+Inf") == len(tokens)
 
 
 def test_metrics_address_in_use_stops_start_up(gateway: Gateway) -> None:
