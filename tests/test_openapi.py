@@ -64,7 +64,7 @@ def run_schemathesis(url: str, workdir: Path, *headers: str) -> subprocess.Compl
         "--checks",
         "all",
         "--max-examples",
-        "25",
+        "15",
         "--seed",
         "20261129",
         "--generation-database",
