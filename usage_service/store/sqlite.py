@@ -14,58 +14,27 @@ from typing import Any
 
 import aiosqlite
 
-from .._batch import Batcher
-from ..records import TokenRecord, as_bool, as_int, parse_model_limits
 from . import SchemaError, StoreUnavailable
+from ._sql import Column, SQLStore, check_schema, select_sql
 
 logger = logging.getLogger("usage_service.store")
-
-# Columns we cannot do without; older gateways (one-api) lack the model-limit columns, which
-# then read as "no limits".
-_REQUIRED = {
-    "tokens": {
-        "id",
-        "user_id",
-        "key",
-        "status",
-        "name",
-        "expired_time",
-        "remain_quota",
-        "used_quota",
-        "unlimited_quota",
-        "deleted_at",
-    },
-    "users": {"id", "status", "deleted_at"},
-}
-_OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
-# The owner's balance (billing routes); one-api era users tables may lack used_quota.
-_OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
-
-# Keys or ids per statement: SQLite allows 32766 variables since 3.32, 999 before.
-FETCH_BATCH = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 900
-
-# Rows fetch_many remembers, to hand back the same record for an unchanged row.
-ROW_MEMORY = 50_000
 
 # How often to check whether the file at SQLITE_PATH is still the one our connections hold
 # (a gateway restore replaces it; open connections would go on reading the old inode).
 _IDENTITY_CHECK_INTERVAL = 1.0
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStore):
     """Read token records from a new-api SQLite database without ever writing to it."""
 
-    def __init__(self, path: Path, *, timeout: float, pool_size: int, columns: str = "") -> None:
+    # Keys or ids per statement: SQLite allows 32766 variables since 3.32, 999 before.
+    fetch_batch = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 900
+
+    def __init__(self, path: Path, *, timeout: float, pool_size: int) -> None:
+        super().__init__(pool_size=pool_size)
         self.path = path
-        self.statements = 0
-        self.option_statements = 0
-        self.errors = 0
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._timeout = timeout
-        self._columns = columns
-        self._rows: dict[object, tuple[tuple[object, ...], TokenRecord]] = {}  # fetch_many's last rows, by id
-        # Concurrent misses for different keys share one statement per free connection.
-        self._by_key: Batcher[str, TokenRecord] = Batcher(self._fetch_keys, max_batch=FETCH_BATCH, slots=pool_size)
         self._size = pool_size
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
@@ -73,103 +42,56 @@ class SQLiteStore:
         self._generation = 0
         self._conn_generation: dict[int, int] = {}
         self._checked_at = time.monotonic()
-        self._failing = False
         self._closed = False
-        self._has_options = False
 
     @classmethod
     async def open(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
         """Open the store, checking that the file is a gateway database; raise SchemaError if not."""
-        probe = cls(path, timeout=timeout, pool_size=pool_size)
+        store = cls(path, timeout=timeout, pool_size=pool_size)
         try:
-            async with probe._connection() as conn:
-                columns = {table: await _columns(conn, table) for table in _REQUIRED}
-                probe._has_options = bool(await _columns(conn, "options"))
+            async with store._connection() as conn:
+                columns = {table: await _columns(conn, table) for table in ("tokens", "users")}
+                store._has_options = bool(await _columns(conn, "options"))
+            check_schema(columns, f"SQLITE_PATH: {str(path)!r}")
         except StoreUnavailable as exc:
-            await probe.close()
+            await store.close()
             raise SchemaError(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
-        for table, needed in _REQUIRED.items():
-            if not columns[table]:
-                await probe.close()
-                raise SchemaError(f"SQLITE_PATH: {str(path)!r} has no {table} table; is it new-api's database?")
-            missing = needed - columns[table]
-            if missing:
-                await probe.close()
-                raise SchemaError(f"SQLITE_PATH: table {table} lacks columns {', '.join(sorted(missing))}")
-        probe._columns = _select_columns(columns["tokens"], columns["users"])
-        return probe
+        except SchemaError:
+            await store.close()
+            raise
+        store._select = select_sql(columns["tokens"], columns["users"], '"')
+        return store
 
-    async def fetch(self, key: str) -> TokenRecord | None:
-        return await self._by_key.load(key)
+    def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        return f't."{column}" IN ({", ".join("?" * len(values))})', values
 
-    async def _fetch_keys(self, keys: Sequence[str]) -> dict[str, TokenRecord]:
-        where = f'WHERE t."key" IN ({", ".join("?" * len(keys))}) AND t."deleted_at" IS NULL'
-        return {row["key"]: _record(row) for row in await self._execute(f"{self._columns} {where}", keys)}
+    def _live(self) -> str:
+        return 't."deleted_at" IS NULL'
 
-    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
-        found: dict[int, tuple[str, TokenRecord]] = {}
-        previous = self._rows
-        for start in range(0, len(ids), FETCH_BATCH):
-            batch = ids[start : start + FETCH_BATCH]
-            where = f'WHERE t."id" IN ({", ".join("?" * len(batch))}) AND t."deleted_at" IS NULL'
-            for row in await self._execute(f"{self._columns} {where}", batch):
-                values = tuple(row)
-                seen = previous.get(values[0])
-                # The refresher re-reads the same rows every second and most have not changed:
-                # an identical row gives back the same record object, built once.
-                record = seen[1] if seen is not None and seen[0] == values else _record(row)
-                found[record.id] = (row["key"], record)
-                previous.pop(values[0], None)
-                previous[values[0]] = (values, record)  # most recently read last
-        while len(previous) > ROW_MEMORY:
-            del previous[next(iter(previous))]
-        return found
+    def _options_probe(self) -> str:
+        return "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'options'"
 
-    async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
-        # The gateway creates its options table at start; a database without one has defaults.
-        # (Checked again while it is missing: a gateway started after us may create it.)
-        if not self._has_options:
-            probe = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'options'"
-            if not await self._execute(probe, (), options=True):
-                return {}
-            self._has_options = True
-        where = f'WHERE "key" IN ({", ".join("?" * len(keys))})'
-        rows = await self._execute(f'SELECT "key", "value" FROM "options" {where}', keys, options=True)
-        return {str(row[0]): str(row[1]) for row in rows if row[0] is not None and row[1] is not None}
-
-    async def ping(self) -> None:
-        await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
+    def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        return f'SELECT "key", "value" FROM "options" WHERE "key" IN ({", ".join("?" * len(keys))})', keys
 
     async def close(self) -> None:
         self._closed = True
         while not self._idle.empty():
             await self._discard(self._idle.get_nowait())
 
-    async def _execute(self, sql: str, params: Sequence[Any], options: bool = False) -> list[sqlite3.Row]:
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
             async with asyncio.timeout(self._timeout + 1.0):
                 async with self._connection() as conn:
-                    if options:
-                        self.option_statements += 1
-                    else:
-                        self.statements += 1
                     try:
-                        rows = list(await conn.execute_fetchall(sql, params))
+                        return list(await conn.execute_fetchall(sql, params))
                     except asyncio.CancelledError:
                         await conn.interrupt()
                         raise
         except TimeoutError:
-            self._note_failure("timed out")
             raise StoreUnavailable("database timed out") from None
-        except StoreUnavailable as exc:
-            self._note_failure(str(exc))
-            raise
-        if self._failing:
-            self._failing = False
-            logger.warning("database answers again")
-        return rows
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -238,12 +160,6 @@ class SQLiteStore:
             self._identity = identity
             self._generation += 1
 
-    def _note_failure(self, reason: str) -> None:
-        self.errors += 1
-        if not self._failing:
-            self._failing = True
-            logger.warning("database unavailable: %s", reason)
-
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
@@ -262,39 +178,3 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 async def _columns(conn: aiosqlite.Connection, table: str) -> set[str]:
     async with conn.execute(f"PRAGMA table_info({table})") as cursor:
         return {row[1] for row in await cursor.fetchall()}
-
-
-def _select_columns(token_columns: set[str], user_columns: set[str]) -> str:
-    optional = [f't."{c}"' if c in token_columns else f'NULL AS "{c}"' for c in _OPTIONAL_TOKEN_COLUMNS]
-    user = [f'u."{c}" AS "{a}"' if c in user_columns else f'0 AS "{a}"' for c, a in _OPTIONAL_USER_COLUMNS.items()]
-    # Only the columns we need; the join drops tokens whose user is missing or soft-deleted,
-    # which the contract treats exactly like a missing token.
-    return (
-        'SELECT t."id", t."key", t."user_id", t."name", t."status", t."expired_time", t."remain_quota", '
-        f't."used_quota", t."unlimited_quota", {", ".join(optional)}, u."status" AS "user_status", '
-        f"{', '.join(user)} "
-        'FROM "tokens" AS t JOIN "users" AS u ON u."id" = t."user_id" AND u."deleted_at" IS NULL'
-    )
-
-
-def _record(row: sqlite3.Row) -> TokenRecord:
-    # The refresher builds thousands of these a second: take the common column types as they
-    # come and fall back to the careful readers only for odd values.
-    tid, uid, name, status, expired, remain, used = row[0], row[2], row[3], row[4], row[5], row[6], row[7]
-    unlimited, enabled, limits, user_status = row[8], row[9], row[10], row[11]
-    user_quota, user_used = row[12], row[13]
-    return TokenRecord(
-        tid if type(tid) is int else as_int(tid),
-        uid if type(uid) is int else as_int(uid),
-        name if type(name) is str else "",
-        status if type(status) is int else as_int(status, default=1),
-        expired if type(expired) is int else as_int(expired, default=-1),
-        remain if type(remain) is int else as_int(remain),
-        used if type(used) is int else as_int(used),
-        unlimited != 0 if type(unlimited) is int else as_bool(unlimited),
-        enabled != 0 if type(enabled) is int else as_bool(enabled),
-        parse_model_limits(limits) if limits else (),
-        user_status if type(user_status) is int else as_int(user_status, default=1),
-        user_quota if type(user_quota) is int else as_int(user_quota),
-        user_used if type(user_used) is int else as_int(user_used),
-    )

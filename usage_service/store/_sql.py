@@ -1,0 +1,226 @@
+"""What every engine shares: the gateway's columns, the one SELECT, rows into records.
+
+Each engine module supplies a connection pool, its parameter style and identifier quoting;
+`SQLStore` gives them the same fetch, fetch_many and ping, so the three engines answer alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from .._batch import Batcher
+from ..records import TokenRecord, as_bool, as_int, parse_model_limits
+from . import SchemaError, StoreUnavailable
+
+logger = logging.getLogger("usage_service.store")
+
+# Columns we cannot do without; older gateways (one-api) lack the model-limit columns, which
+# then read as "no limits".
+REQUIRED = {
+    "tokens": {
+        "id",
+        "user_id",
+        "key",
+        "status",
+        "name",
+        "expired_time",
+        "remain_quota",
+        "used_quota",
+        "unlimited_quota",
+        "deleted_at",
+    },
+    "users": {"id", "status", "deleted_at"},
+}
+OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
+# The owner's balance (billing routes); one-api era users tables may lack used_quota.
+OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
+
+# Rows fetch_many remembers, to hand back the same record for an unchanged row.
+ROW_MEMORY = 50_000
+
+Column = Literal["id", "key"]
+
+
+def check_schema(columns: dict[str, set[str]], where: str) -> None:
+    """Raise SchemaError unless both tables are there with the columns we read."""
+    for table, needed in REQUIRED.items():
+        if not columns.get(table):
+            raise SchemaError(f"{where} has no {table} table; is it new-api's database?")
+        missing = needed - columns[table]
+        if missing:
+            raise SchemaError(f"{where}: table {table} lacks columns {', '.join(sorted(missing))}")
+
+
+def select_sql(token_columns: set[str], user_columns: set[str], quote: str) -> str:
+    """The SELECT of a token joined with its live user, identifiers quoted with `quote`.
+
+    `key` and `group` are reserved words on MySQL and PostgreSQL: every identifier is quoted,
+    with backticks on MySQL and double quotes elsewhere.
+    """
+
+    def q(name: str) -> str:
+        return f"{quote}{name}{quote}"
+
+    optional = [f"t.{q(c)}" if c in token_columns else f"NULL AS {q(c)}" for c in OPTIONAL_TOKEN_COLUMNS]
+    user = [f"u.{q(c)} AS {q(a)}" if c in user_columns else f"0 AS {q(a)}" for c, a in OPTIONAL_USER_COLUMNS.items()]
+    # Only the columns we need; the join drops tokens whose user is missing or soft-deleted,
+    # which the contract treats exactly like a missing token.
+    return (
+        f"SELECT t.{q('id')}, t.{q('key')}, t.{q('user_id')}, t.{q('name')}, t.{q('status')}, "
+        f"t.{q('expired_time')}, t.{q('remain_quota')}, t.{q('used_quota')}, t.{q('unlimited_quota')}, "
+        f"{', '.join(optional)}, u.{q('status')} AS {q('user_status')}, {', '.join(user)} "
+        f"FROM {q('tokens')} AS t JOIN {q('users')} AS u ON u.{q('id')} = t.{q('user_id')} "
+        f"AND u.{q('deleted_at')} IS NULL"
+    )
+
+
+def row_key(row: Sequence[Any]) -> str:
+    """The key column of a row; a char(48) column on PostgreSQL comes back blank-padded."""
+    key = row[1]
+    if isinstance(key, bytes):
+        key = key.decode()
+    return key.rstrip(" ") if isinstance(key, str) else str(key)
+
+
+def row_record(row: Sequence[Any]) -> TokenRecord:
+    """Build a record from a row of `select_sql`, whatever types the engine gave the columns."""
+    # The refresher builds thousands of these a second: take the common column types as they
+    # come and fall back to the careful readers only for odd values (bool on PostgreSQL,
+    # 'true'/'false' text in some old databases, Decimal or bytes from MySQL).
+    tid, uid, name, status, expired, remain, used = row[0], row[2], row[3], row[4], row[5], row[6], row[7]
+    unlimited, enabled, limits, user_status = row[8], row[9], row[10], row[11]
+    user_quota, user_used = row[12], row[13]
+    if isinstance(limits, bytes):
+        limits = limits.decode()
+    return TokenRecord(
+        tid if type(tid) is int else as_int(tid),
+        uid if type(uid) is int else as_int(uid),
+        name if type(name) is str else "",
+        status if type(status) is int else as_int(status, default=1),
+        expired if type(expired) is int else as_int(expired, default=-1),
+        remain if type(remain) is int else as_int(remain),
+        used if type(used) is int else as_int(used),
+        unlimited != 0 if type(unlimited) is int else as_bool(unlimited),
+        enabled != 0 if type(enabled) is int else as_bool(enabled),
+        parse_model_limits(limits) if limits else (),
+        user_status if type(user_status) is int else as_int(user_status, default=1),
+        user_quota if type(user_quota) is int else as_int(user_quota),
+        user_used if type(user_used) is int else as_int(user_used),
+    )
+
+
+class RowMemory:
+    """The rows fetch_many read last, by id, so that an unchanged row gives back the same record."""
+
+    def __init__(self, size: int = ROW_MEMORY) -> None:
+        self.size = size
+        self._rows: dict[object, tuple[tuple[object, ...], TokenRecord]] = {}
+
+    def record(self, values: tuple[object, ...]) -> TokenRecord:
+        # The refresher re-reads the same rows every second and most have not changed:
+        # an identical row gives back the same record object, built once.
+        seen = self._rows.pop(values[0], None)
+        record = seen[1] if seen is not None and seen[0] == values else row_record(values)
+        self._rows[values[0]] = (values, record)  # most recently read last
+        return record
+
+    def trim(self) -> None:
+        while len(self._rows) > self.size:
+            del self._rows[next(iter(self._rows))]
+
+
+class SQLStore(ABC):
+    """fetch, fetch_many and ping for an engine that supplies `_query` and `_match`."""
+
+    fetch_batch = 1000  # keys or ids per statement
+
+    def __init__(self, *, pool_size: int) -> None:
+        self.statements = 0
+        self.option_statements = 0
+        self.errors = 0  # statements that failed or timed out (metrics)
+        self._has_options = False  # whether the gateway's options table was there when last looked
+        self._select = ""  # set once the schema has been read
+        self._rows = RowMemory()
+        self._failing = False
+        # Concurrent misses for different keys share one statement per free connection.
+        self._by_key: Batcher[str, TokenRecord] = Batcher(self._fetch_keys, max_batch=self.fetch_batch, slots=pool_size)
+
+    @abstractmethod
+    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        """Run one read statement; raise StoreUnavailable if the database cannot answer."""
+
+    @abstractmethod
+    def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        """A condition `t.column IN values` in the engine's dialect, and its parameters."""
+
+    @abstractmethod
+    def _live(self) -> str:
+        """The condition that the token is not soft-deleted, in the engine's quoting."""
+
+    @abstractmethod
+    def _options_probe(self) -> str:
+        """A statement returning a row if the options table exists."""
+
+    @abstractmethod
+    def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        """`SELECT key, value FROM options WHERE key IN keys` in the engine's dialect."""
+
+    async def fetch(self, key: str) -> TokenRecord | None:
+        return await self._by_key.load(key)
+
+    async def _fetch_keys(self, keys: Sequence[str]) -> dict[str, TokenRecord]:
+        condition, params = self._match("key", keys)
+        rows = await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params)
+        # Keyed by the stored key: a case-insensitive collation (MySQL's default) may return a
+        # row for a key that differs in case, and that is not the key asked for.
+        return {row_key(row): row_record(row) for row in rows}
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
+        found: dict[int, tuple[str, TokenRecord]] = {}
+        for start in range(0, len(ids), self.fetch_batch):
+            condition, params = self._match("id", ids[start : start + self.fetch_batch])
+            for row in await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params):
+                record = self._rows.record(tuple(row))
+                found[record.id] = (row_key(row), record)
+        self._rows.trim()
+        return found
+
+    async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
+        # The gateway creates its options table at start; a database without one has defaults.
+        # (Checked again while it is missing: a gateway started after us may create it.)
+        if not self._has_options:
+            if not await self._execute(self._options_probe(), (), options=True):
+                return {}
+            self._has_options = True
+        sql, params = self._options_sql(keys)
+        rows = await self._execute(sql, params, options=True)
+        return {_text(row[0]): _text(row[1]) for row in rows if row[0] is not None and row[1] is not None}
+
+    async def ping(self) -> None:
+        # A read of the table itself: a database that answers but has the table locked is not ready.
+        await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
+
+    async def _execute(self, sql: str, params: Sequence[Any], options: bool = False) -> Sequence[Sequence[Any]]:
+        try:
+            if options:
+                self.option_statements += 1
+            else:
+                self.statements += 1
+            rows = await self._query(sql, params)
+        except StoreUnavailable as exc:
+            self.errors += 1
+            if not self._failing:
+                self._failing = True
+                logger.warning("database unavailable: %s", exc)
+            raise
+        if self._failing:
+            self._failing = False
+            logger.warning("database answers again")
+        return rows
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
