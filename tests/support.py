@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,12 @@ class Token:
 
 
 class Gateway:
-    """Writes a new-api database the way the gateway does: short autocommit transactions."""
+    """Writes a new-api database the way the gateway does: short autocommit transactions.
+
+    This one writes a SQLite file; tests/dbservers.py has the PostgreSQL and MySQL ones.
+    """
+
+    database: object = None  # what Settings.database is for this gateway (None: SQLite at `path`)
 
     def __init__(self, path: Path, *, schema: str = GATEWAY_SCHEMA, journal_mode: str = "delete") -> None:
         self.path = path
@@ -53,14 +58,18 @@ class Gateway:
     def close(self) -> None:
         self.db.close()
 
+    def _execute(self, sql: str, params: Sequence[object]) -> int:
+        """Run one statement written for SQLite (`?`, backticks); return the new row's id."""
+        return int(self.db.execute(sql, params).lastrowid or 0)
+
     def add_user(self, *, status: int = 1, deleted: bool = False, quota: int = 0, used_quota: int = 0) -> int:
-        cur = self.db.execute(
+        user_id = self._execute(
             "INSERT INTO users (username, password, status, quota, deleted_at) VALUES (?, '!', ?, ?, ?)",
             (f"user{time.monotonic_ns()}", status, quota, "2024-01-01 00:00:00" if deleted else None),
         )
         if used_quota:  # one-api era schemas lack the column
-            self.update_user(int(cur.lastrowid or 0), used_quota=used_quota)
-        return int(cur.lastrowid or 0)
+            self.update_user(user_id, used_quota=used_quota)
+        return user_id
 
     def set_option(self, key: str, value: str | None) -> None:
         """Write one of the gateway's settings as its admin page does (None deletes the row)."""
@@ -87,7 +96,7 @@ class Gateway:
         if user_id is None:
             user_id = self.add_user()
         key = key or new_key()
-        cur = self.db.execute(
+        token_id = self._execute(
             "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time, remain_quota,"
             " used_quota, unlimited_quota, model_limits_enabled, model_limits, deleted_at)"
             " VALUES (?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?)",
@@ -105,19 +114,19 @@ class Gateway:
                 "2024-01-01 00:00:00" if deleted else None,
             ),
         )
-        return Token(int(cur.lastrowid or 0), key, user_id)
+        return Token(token_id, key, user_id)
 
     def update_token(self, token: Token, **columns: object) -> None:
         sets = ", ".join(f"`{name}` = ?" for name in columns)
-        self.db.execute(f"UPDATE tokens SET {sets} WHERE id = ?", (*columns.values(), token.id))
+        self._execute(f"UPDATE tokens SET {sets} WHERE id = ?", (*columns.values(), token.id))
 
     def update_user(self, user_id: int, **columns: object) -> None:
         sets = ", ".join(f"`{name}` = ?" for name in columns)
-        self.db.execute(f"UPDATE users SET {sets} WHERE id = ?", (*columns.values(), user_id))
+        self._execute(f"UPDATE users SET {sets} WHERE id = ?", (*columns.values(), user_id))
 
     def charge(self, token: Token, amount: int) -> None:
         """Bill a relay request against a token, as the gateway does."""
-        self.db.execute(
+        self._execute(
             "UPDATE tokens SET remain_quota = remain_quota - ?, used_quota = used_quota + ?, accessed_time = ?"
             " WHERE id = ?",
             (amount, amount, int(time.time()), token.id),

@@ -421,7 +421,7 @@ async def test_the_refresher_keeps_billing_answers_fresh(
 
 
 async def test_older_gateway_without_user_used_quota(tmp_path: Path, app_client: AppClient) -> None:
-    from test_contract import OLD_GATEWAY_SCHEMA
+    from conftest import SQLITE_OLD_SCHEMA as OLD_GATEWAY_SCHEMA
 
     old = Gateway(tmp_path / "old.db", schema=OLD_GATEWAY_SCHEMA)
     # Written by hand: this users table has no used_quota column.

@@ -1,4 +1,8 @@
-"""The HTTP contract of /api/usage/token, in process, against real SQLite files (and real Redis)."""
+"""The HTTP contract of /api/usage/token, in process, on each database engine (and real Redis).
+
+Every test here runs against a SQLite file, a PostgreSQL server and a MariaDB server, each
+written by a stand-in gateway in the layout new-api gives it on that engine.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import AppClient
+from conftest import ENGINES, AppClient, GatewayFactory
 from support import Gateway, Token
 
 pytestmark = pytest.mark.asyncio
@@ -26,6 +30,17 @@ def assert_error(response: httpx.Response, status: int, message: str) -> None:
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"success": False, "message": message}
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def gateway(engine: str, make_gateway: GatewayFactory) -> Gateway:
+    """The gateway's database, on each engine in turn."""
+    return make_gateway(engine)
 
 
 @pytest.fixture(params=["in-process-only", "with-redis"])
@@ -291,33 +306,19 @@ async def test_unexpected_error_is_json_500_without_traceback(gateway: Gateway, 
     assert "secret" not in response.text and "Traceback" not in response.text
 
 
-OLD_GATEWAY_SCHEMA = """
-CREATE TABLE tokens (
-  id integer PRIMARY KEY AUTOINCREMENT, user_id integer, `key` char(48), status integer DEFAULT 1, name text,
-  created_time integer, accessed_time integer, expired_time integer DEFAULT -1, remain_quota integer DEFAULT 0,
-  unlimited_quota numeric, used_quota integer DEFAULT 0, deleted_at datetime
-);
-CREATE UNIQUE INDEX idx_tokens_key ON tokens(`key`);
-CREATE TABLE users (
-  id integer PRIMARY KEY AUTOINCREMENT, username text UNIQUE, password text NOT NULL, status integer DEFAULT 1,
-  quota integer DEFAULT 0, deleted_at datetime
-);
-"""
-
-
-async def test_older_gateway_schema(tmp_path: Any, app_client: AppClient) -> None:
+async def test_older_gateway_schema(make_gateway: GatewayFactory, engine: str, app_client: AppClient) -> None:
     """one-api era: key as char(48), no model-limit columns, booleans as 0/1 or text."""
-    old = Gateway(tmp_path / "old.db", schema=OLD_GATEWAY_SCHEMA)
+    old = make_gateway(engine, old=True)
     user = old.add_user()
     key = "k" * 48
-    old.db.execute(
+    true = 1 if engine == "mysql" else "true"  # text in SQLite, a boolean literal on PostgreSQL
+    old._execute(
         "INSERT INTO tokens (user_id, `key`, name, remain_quota, used_quota, unlimited_quota)"
-        " VALUES (?, ?, 'o', 5, 1, 'true')",
-        (user, key),
+        " VALUES (?, ?, 'o', 5, 1, ?)",
+        (user, key, true),
     )
-    async with app_client(sqlite_path=old.path) as (_, client):
+    async with app_client(sqlite_path=old.path, database=old.database) as (_, client):
         response = await client.get(URL, headers={"Authorization": f"Bearer sk-{key}"})
-    old.close()
     assert response.status_code == 200
     data = response.json()["data"]
     assert data["model_limits"] == {} and data["model_limits_enabled"] is False

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from ._dsn import MySQLDSN, PostgresDSN, parse_sql_dsn
+
 T = TypeVar("T")
 
 
@@ -25,6 +27,8 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Settings:
     sqlite_path: Path = Path("one-api.db")
+    # From SQL_DSN: the PostgreSQL or MySQL database, or None for SQLite at sqlite_path.
+    database: PostgresDSN | MySQLDSN | None = None
     # Secret (may carry a password): kept out of repr.
     redis_url: str | None = field(default=None, repr=False)
     cache_ttl: float = 5.0
@@ -52,7 +56,11 @@ class Settings:
 
 # (variable, default, description) for every variable; `--help` and the README print this.
 VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("SQL_DSN", "(empty)", "gateway database DSN; empty or 'local…' means SQLite (PostgreSQL/MySQL not supported yet)"),
+    (
+        "SQL_DSN",
+        "(empty)",
+        "gateway database: postgres(ql)://… is PostgreSQL, user:pass@tcp(host:3306)/db MySQL; empty or 'local…' SQLite",
+    ),
     ("SQLITE_PATH", "one-api.db", "gateway SQLite file, opened read-only; a '?query' suffix is accepted and ignored"),
     ("REDIS_CONN_STRING", "(unset)", "redis:// or rediss:// URL; unset runs on the in-process cache alone"),
     ("PORT", "3001", "listen port (same as --port)"),
@@ -89,11 +97,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build validated settings from the environment; raise ConfigError naming the bad variable."""
     env = os.environ if environ is None else environ
 
-    dsn = env.get("SQL_DSN", "").strip()
-    if dsn and not dsn.startswith("local"):
-        engine = "PostgreSQL" if dsn.startswith(("postgres://", "postgresql://")) else "MySQL"
-        raise ConfigError(f"SQL_DSN: {engine} gateways are not supported yet; unset SQL_DSN to read SQLITE_PATH")
-
+    try:
+        database = parse_sql_dsn(env.get("SQL_DSN", ""))
+    except ValueError as exc:
+        raise ConfigError(f"SQL_DSN: {exc}") from None
     sqlite_path = _sqlite_path(env.get("SQLITE_PATH", "") or "one-api.db")
     redis_url = _redis_url(env.get("REDIS_CONN_STRING", "").strip())
 
@@ -105,6 +112,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     return Settings(
         sqlite_path=sqlite_path,
+        database=database,
         redis_url=redis_url,
         cache_ttl=cache_ttl,
         local_ttl=local_ttl,
@@ -131,6 +139,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 def check_database_file(settings: Settings) -> None:
     """Fail start-up when the database file is missing: never let SQLite create an empty one."""
+    if settings.database is not None:
+        return  # SQL_DSN names a database server; SQLITE_PATH is not read
     path = settings.sqlite_path
     if not path.exists():
         raise ConfigError(f"SQLITE_PATH: database file {str(path)!r} does not exist")

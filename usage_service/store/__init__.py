@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from .._dsn import MySQLDSN, PostgresDSN
 from ..config import Settings
 from ..records import TokenRecord
 
@@ -52,7 +53,17 @@ class TokenStore(Protocol):
 
 
 async def open_store(settings: Settings) -> TokenStore:
-    """Open the configured engine's store (only SQLite for now)."""
+    """Open the store of the engine SQL_DSN names (SQLite at SQLITE_PATH when it names none)."""
+    database, timeout, pool_size = settings.database, settings.db_timeout, settings.db_pool_size
+    # Imported here: each engine's driver loads only where that engine runs.
+    if isinstance(database, PostgresDSN):
+        from .postgres import PostgresStore
+
+        return await PostgresStore.open(database, timeout=timeout, pool_size=pool_size)
+    if isinstance(database, MySQLDSN):
+        from .mysql import MySQLStore
+
+        return await MySQLStore.open(database, timeout=timeout, pool_size=pool_size)
     from .sqlite import SQLiteStore
 
-    return await SQLiteStore.open(settings.sqlite_path, timeout=settings.db_timeout, pool_size=settings.db_pool_size)
+    return await SQLiteStore.open(settings.sqlite_path, timeout=timeout, pool_size=pool_size)

@@ -1,0 +1,191 @@
+"""The gateway's SQL_DSN, read with the gateway's own conventions.
+
+Empty or starting with 'local': SQLite (SQLITE_PATH). 'postgres://' or 'postgresql://': a
+PostgreSQL URL. Anything else: a DSN in the form of Go's MySQL driver (go-sql-driver/mysql),
+`[user[:password]@][protocol[(address)]]/dbname[?param=value&...]`, parsed the way that driver
+parses it, so a DSN the gateway accepts is accepted here and one it rejects is rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+MYSQL_PORT = 3306
+
+
+@dataclass(frozen=True)
+class PostgresDSN:
+    # The whole URL goes to asyncpg as it is (it reads sslmode and the like); it may carry a
+    # password, so it stays out of repr.
+    url: str = field(repr=False)
+    host: str = ""
+    database: str = ""
+
+    def describe(self) -> str:
+        """Where the database is, without credentials, for logs and errors."""
+        return f"PostgreSQL database {self.database or '(default)'!r} on {self.host or 'the local socket'}"
+
+
+@dataclass(frozen=True)
+class MySQLDSN:
+    user: str = ""
+    password: str = field(default="", repr=False)
+    host: str = "127.0.0.1"
+    port: int = MYSQL_PORT
+    unix_socket: str | None = None
+    database: str = ""
+    charset: str = "utf8mb4"
+    connect_timeout: float | None = None
+    tls: str = "false"  # "false", "true" (verified), "skip-verify" or "preferred" (not verified)
+
+    def describe(self) -> str:
+        where = self.unix_socket if self.unix_socket else f"{self.host}:{self.port}"
+        return f"MySQL database {self.database!r} on {where}"
+
+
+def parse_sql_dsn(value: str) -> PostgresDSN | MySQLDSN | None:
+    """Return the database SQL_DSN names, or None for SQLite; raise ValueError on a malformed one."""
+    value = value.strip()
+    if not value or value.startswith("local"):
+        return None
+    if value.startswith(("postgres://", "postgresql://")):
+        return _postgres(value)
+    return parse_mysql_dsn(value)
+
+
+def _postgres(value: str) -> PostgresDSN:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"malformed PostgreSQL URL ({exc})") from None
+    return PostgresDSN(value, host=parts.hostname or "", database=unquote(parts.path.lstrip("/")))
+
+
+# Messages say what is wrong without echoing the DSN, which carries the password.
+_NO_SLASH = "malformed MySQL DSN: missing the '/' before the database name"
+_UNTERMINATED = "malformed MySQL DSN: network address not terminated (missing ')')"
+_UNESCAPED = "malformed MySQL DSN: did you forget to escape a parameter value ('/' as %2F)?"
+
+
+def parse_mysql_dsn(dsn: str) -> MySQLDSN:
+    """Parse `[user[:password]@][protocol[(address)]]/dbname[?params]` as go-sql-driver/mysql does."""
+    # The last '/' ends the address (a password or a socket path may contain '/').
+    slash = dsn.rfind("/")
+    if slash < 0:
+        raise ValueError(_NO_SLASH)
+    left, right = dsn[:slash], dsn[slash + 1 :]
+    user = password = ""
+    at = left.rfind("@")  # the last '@': a password may contain '@'
+    if at >= 0:
+        user, _, password = left[:at].partition(":")  # the first ':': a password may contain ':'
+    net_addr = left[at + 1 :]
+    net, addr = net_addr, ""
+    paren = net_addr.find("(")
+    if paren >= 0:
+        if not net_addr.endswith(")"):
+            raise ValueError(_UNESCAPED if ")" in net_addr[paren:] else _UNTERMINATED)
+        net, addr = net_addr[:paren], net_addr[paren + 1 : -1]
+    database, _, query = right.partition("?")
+    try:
+        database = unquote(database, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("malformed MySQL DSN: bad escape in the database name") from None
+
+    params = _params(query)
+    net = net or "tcp"
+    host, port, unix_socket = "127.0.0.1", MYSQL_PORT, None
+    if net == "unix":
+        unix_socket = addr or "/tmp/mysql.sock"
+    elif net in ("tcp", "tcp4", "tcp6"):
+        if addr:
+            host, port = _host_port(addr)
+    else:
+        raise ValueError(f"malformed MySQL DSN: unknown protocol {net!r} (expected tcp or unix)")
+
+    charset = params.get("charset", "utf8mb4").split(",")[0].strip() or "utf8mb4"
+    timeout = _duration("timeout", params["timeout"]) if "timeout" in params else None
+    for name in ("readTimeout", "writeTimeout"):
+        if name in params:
+            _duration(name, params[name])  # checked like the driver does; our own timeouts apply
+    for name in ("parseTime", "allowNativePasswords", "allowOldPasswords", "clientFoundRows", "multiStatements"):
+        if name in params:
+            _bool(name, params[name])
+    tls = params.get("tls", "false")
+    if tls.lower() in ("1", "true"):
+        tls = "true"
+    elif tls.lower() in ("0", "false"):
+        tls = "false"
+    elif tls not in ("skip-verify", "preferred"):
+        raise ValueError("malformed MySQL DSN: tls must be true, false, skip-verify or preferred")
+    return MySQLDSN(
+        user=user,
+        password=password,
+        host=host,
+        port=port,
+        unix_socket=unix_socket,
+        database=database,
+        charset=charset,
+        connect_timeout=timeout,
+        tls=tls,
+    )
+
+
+def _params(query: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for item in query.split("&") if query else ():
+        name, found, raw = item.partition("=")
+        if not found:
+            continue  # the driver skips a parameter without '='
+        try:
+            params[name] = unquote(raw.replace("+", " "), errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError(f"malformed MySQL DSN: bad escape in parameter {name!r}") from None
+    return params
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    if addr.startswith("["):  # [IPv6]:port or [IPv6]
+        host, _, rest = addr[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError("malformed MySQL DSN: bad IPv6 address")
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    else:  # a bare host, or a bare IPv6 address
+        host, port = addr, ""
+    if not port:
+        return host, MYSQL_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("malformed MySQL DSN: the port is not a number between 1 and 65535")
+    return host, int(port)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(name: str, value: str) -> float:
+    """Read a Go duration ('30s', '1m30s', '500ms') as seconds."""
+    text = value.lstrip("+")
+    if text == "0":
+        return 0.0
+    seconds, position = 0.0, 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        seconds += float(match.group(1)) * _UNITS[match.group(2)]
+        position = match.end()
+    if not text or position != len(text):
+        raise ValueError(f"malformed MySQL DSN: {name} is not a duration such as 10s or 500ms")
+    return seconds
+
+
+def _bool(name: str, value: str) -> bool:
+    if value in ("1", "true", "TRUE", "True"):
+        return True
+    if value in ("0", "false", "FALSE", "False"):
+        return False
+    raise ValueError(f"malformed MySQL DSN: {name} must be true or false")

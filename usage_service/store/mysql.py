@@ -1,0 +1,191 @@
+"""A MySQL or MariaDB gateway database, through a small pool of read-only asyncmy sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncmy
+from asyncmy.errors import MySQLError
+
+from .._dsn import MySQLDSN
+from . import SchemaError, StoreUnavailable
+from ._sql import Column, SQLStore, check_schema, select_sql
+
+logger = logging.getLogger("usage_service.store")
+
+# Seconds a connection may sit idle in the pool before it is closed rather than reused (the
+# server drops idle sessions after its wait_timeout; a proxy may do so much sooner).
+IDLE_LIFETIME = 60.0
+
+_COLUMNS_SQL = (
+    "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS"
+    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ('tokens', 'users', 'options')"
+)
+
+
+class MySQLStore(SQLStore):
+    """Read token records from a new-api MySQL/MariaDB database without ever writing to it."""
+
+    def __init__(self, dsn: MySQLDSN, *, timeout: float, pool_size: int) -> None:
+        super().__init__(pool_size=pool_size)
+        self.dsn = dsn
+        self._timeout = timeout
+        self._idle: list[tuple[asyncmy.Connection, float]] = []  # (connection, idle since), newest last
+        self._slots = asyncio.Semaphore(pool_size)
+        self._closed = False
+
+    @classmethod
+    async def open(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4) -> MySQLStore:
+        """Connect, check that the database is a gateway's; raise SchemaError if not."""
+        store = cls(dsn, timeout=timeout, pool_size=pool_size)
+        where = f"SQL_DSN: {dsn.describe()}"
+        try:
+            rows = await store._query(_COLUMNS_SQL, ())
+            columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
+            for table, column in rows:
+                columns[str(table).lower()].add(str(column).lower())
+            check_schema(columns, where)
+            store._select = select_sql(columns["tokens"], columns["users"], "`")
+            store._has_options = bool(columns["options"])
+            # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
+            await store._query(f"{store._select} LIMIT 0", ())
+        except StoreUnavailable as exc:
+            await store.close()
+            raise SchemaError(f"{where}: cannot read it: {exc}") from None
+        except SchemaError:
+            await store.close()
+            raise
+        return store
+
+    def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        return f"t.`{column}` IN ({', '.join(['%s'] * len(values))})", tuple(values)
+
+    def _live(self) -> str:
+        return "t.`deleted_at` IS NULL"
+
+    def _options_probe(self) -> str:
+        return "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'options'"
+
+    def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        return f"SELECT `key`, `value` FROM `options` WHERE `key` IN ({', '.join(['%s'] * len(keys))})", tuple(keys)
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        try:
+            # Bounds waiting for a free connection, connecting and the statement together.
+            async with asyncio.timeout(self._timeout + 1.0):
+                async with self._connection() as conn:
+                    async with conn.cursor() as cursor:
+                        await cursor.execute(sql, tuple(params) or None)
+                        rows: Sequence[Sequence[Any]] = await cursor.fetchall()
+                        return rows
+        except TimeoutError:
+            raise StoreUnavailable("database timed out") from None
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncmy.Connection]:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        async with self._slots:
+            conn = self._take_idle()
+            try:
+                if conn is None:
+                    conn = await self._connect()
+                yield conn
+            except (MySQLError, OSError, EOFError) as exc:
+                # Whatever failed, the session may be unusable (dropped, mid-result): never reuse it.
+                self._discard(conn)
+                conn = None
+                raise StoreUnavailable(_reason(exc)) from None
+            except BaseException:
+                # Cancelled or timed out mid-statement: the protocol state is unknown.
+                self._discard(conn)
+                conn = None
+                raise
+            finally:
+                if conn is not None:
+                    if self._closed:
+                        self._discard(conn)
+                    else:
+                        self._idle.append((conn, time.monotonic()))
+
+    def _take_idle(self) -> asyncmy.Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn, since = self._idle.pop()
+            if now - since < IDLE_LIFETIME and conn.connected:
+                return conn
+            self._discard(conn)
+        return None
+
+    async def _connect(self) -> asyncmy.Connection:
+        dsn = self.dsn
+        timeout = max(self._timeout, 1.0)
+        conn = await asyncmy.connect(
+            host=dsn.host,
+            port=dsn.port,
+            unix_socket=dsn.unix_socket,
+            user=dsn.user,
+            password=dsn.password,
+            database=dsn.database or None,
+            charset=dsn.charset,
+            connect_timeout=max(1, math.ceil(dsn.connect_timeout or timeout)),
+            read_timeout=self._timeout + 1.0,
+            ssl=_ssl_context(dsn.tls),
+            # Each statement its own transaction: every read sees the gateway's latest commits.
+            autocommit=True,
+        )
+        try:
+            async with conn.cursor() as cursor:
+                # Every transaction of this session is read-only: the server refuses any write.
+                await cursor.execute("SET SESSION TRANSACTION READ ONLY")
+                # Waiting on a table lock (a gateway migration) gives up in time...
+                await cursor.execute(f"SET SESSION lock_wait_timeout = {max(1, math.ceil(self._timeout))}")
+                # ...and so does any statement: MariaDB counts seconds, MySQL milliseconds.
+                await cursor.execute("SELECT VERSION()")
+                (version,) = await cursor.fetchone()
+                if "mariadb" in str(version).lower():
+                    await cursor.execute(f"SET SESSION max_statement_time = {self._timeout:.3f}")
+                else:
+                    await cursor.execute(f"SET SESSION max_execution_time = {max(1, round(self._timeout * 1000))}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _discard(self, conn: asyncmy.Connection | None) -> None:
+        if conn is not None:
+            conn.close()  # closes the socket at once, no round trip
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            conn, _ = self._idle.pop()
+            try:
+                async with asyncio.timeout(1.0):
+                    await conn.ensure_closed()
+            except (MySQLError, OSError, TimeoutError):
+                conn.close()
+
+
+def _ssl_context(tls: str) -> ssl.SSLContext | None:
+    if tls == "false":
+        return None
+    context = ssl.create_default_context()
+    if tls != "true":  # skip-verify, preferred: encrypted, certificate not checked (as the Go driver)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _reason(exc: BaseException) -> str:
+    args: tuple[Any, ...] = exc.args
+    if isinstance(exc, MySQLError) and len(args) == 2:
+        return f"({args[0]}) {args[1]}"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,119 @@
+"""A PostgreSQL gateway database, through a bounded asyncpg pool of read-only sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import asyncpg
+
+from .._dsn import PostgresDSN
+from . import SchemaError, StoreUnavailable
+from ._sql import Column, SQLStore, check_schema, select_sql
+
+# Seconds a connection may sit idle in the pool before it is closed.
+IDLE_LIFETIME = 60.0
+
+# Columns of both tables, resolved through the session's search_path like the query itself.
+_COLUMNS_SQL = """
+SELECT c.relname, a.attname
+FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_class AS c ON c.oid = a.attrelid
+WHERE a.attrelid IN (to_regclass('tokens'), to_regclass('users'), to_regclass('options'))
+  AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+# The ids and keys of one batch go as one array parameter: one prepared statement serves
+# every batch size.
+_ARRAY_TYPES = {"id": "bigint[]", "key": "text[]"}
+
+
+class PostgresStore(SQLStore):
+    """Read token records from a new-api PostgreSQL database without ever writing to it."""
+
+    def __init__(self, dsn: PostgresDSN, *, timeout: float, pool_size: int) -> None:
+        super().__init__(pool_size=pool_size)
+        self.dsn = dsn
+        self._timeout = timeout
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    @classmethod
+    async def open(cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4) -> PostgresStore:
+        """Connect, check that the database is a gateway's; raise SchemaError if not."""
+        store = cls(dsn, timeout=timeout, pool_size=pool_size)
+        where = f"SQL_DSN: {dsn.describe()}"
+        try:
+            store._pool = await asyncio.wait_for(store._create_pool(), timeout=max(timeout, 1.0) + 5.0)
+            rows = await store._query(_COLUMNS_SQL, ())
+            columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
+            for table, column in rows:
+                columns[table].add(column)
+            check_schema(columns, where)
+            store._select = select_sql(columns["tokens"], columns["users"], '"')
+            store._has_options = bool(columns["options"])
+            # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
+            await store._query(f"{store._select} LIMIT 0", ())
+        except (StoreUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await store.close()
+            raise SchemaError(f"{where}: cannot read it: {_reason(exc)}") from None
+        except SchemaError:
+            await store.close()
+            raise
+        return store
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self.dsn.url,
+            min_size=0,
+            max_size=self._pool_size,
+            max_inactive_connection_lifetime=IDLE_LIFETIME,
+            timeout=max(self._timeout, 1.0),  # connecting
+            server_settings={
+                # Every transaction of these sessions is read-only: the server refuses any write.
+                "default_transaction_read_only": "on",
+                # A statement waiting on a gateway's lock (or anything else) gives up in time.
+                "statement_timeout": str(max(1, round(self._timeout * 1000))),
+                "application_name": "usage-service",
+            },
+        )
+
+    def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        return f't."{column}" = ANY($1::{_ARRAY_TYPES[column]})', (list(values),)
+
+    def _live(self) -> str:
+        return 't."deleted_at" IS NULL'
+
+    def _options_probe(self) -> str:
+        return "SELECT 1 WHERE to_regclass('options') IS NOT NULL"
+
+    def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        return 'SELECT "key", "value" FROM "options" WHERE "key" = ANY($1::text[])', (list(keys),)
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        pool = self._pool
+        if pool is None or pool.is_closing():
+            raise StoreUnavailable("store is closed")
+        try:
+            # Bounds waiting for a free connection, connecting and the statement together.
+            async with asyncio.timeout(self._timeout + 1.0):
+                async with pool.acquire() as conn:
+                    # Records index like tuples.
+                    return cast(Sequence[Sequence[Any]], await conn.fetch(sql, *params))
+        except TimeoutError:
+            raise StoreUnavailable("database timed out") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(_reason(exc)) from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=self._timeout + 1.0)
+            except TimeoutError:
+                self._pool.terminate()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
