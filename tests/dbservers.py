@@ -90,7 +90,7 @@ class PostgresServer(_Server):
     """PostgreSQL as the `postgres` user when we are root (it refuses to run as root)."""
 
     name = "postgres"
-    superuser = "postgres"
+    superuser, superuser_password = "postgres", "gateway-pw"
 
     def start(self) -> None:
         initdb = _find("initdb", ("/usr/lib/postgresql/*/bin/initdb",))
@@ -101,8 +101,14 @@ class PostgresServer(_Server):
         if user is not None:
             shutil.chown(self.dir, user, user)
             shutil.chown(data, user, user)
+        # Passwords over TCP, as a real server asks for them.
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(self.superuser_password + "\n")
+        if user is not None:
+            shutil.chown(pwfile, user, user)
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         subprocess.run(
-            [initdb, "-D", str(data), "-U", self.superuser, "--auth=trust", "-E", "UTF8", "--no-sync"],
+            [initdb, "-D", str(data), "-U", self.superuser, *auth, "-E", "UTF8", "--no-sync"],
             check=True,
             capture_output=True,
             user=user,
@@ -124,6 +130,7 @@ class PostgresServer(_Server):
 
     def url(self, database: str, user: str | None = None, password: str | None = None) -> str:
         credentials = user or self.superuser
+        password = password if user else self.superuser_password
         if password:
             credentials += f":{password}"
         return f"postgresql://{credentials}@127.0.0.1:{self.port}/{database}"
@@ -306,6 +313,14 @@ class PostgresGateway(Gateway):
         if schema == POSTGRES_SCHEMA:
             self.conn.execute("TRUNCATE options")
         self.database = parse_sql_dsn(server.url(database, READER, _url_quote(READER_PASSWORD)))
+        self.owner_database = parse_sql_dsn(server.url(database))  # the gateway's own, all-powerful user
+
+    def drop_reader_sessions(self) -> int:
+        """Close the service's sessions from the server side, as a restart or failover would."""
+        rows = self.conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (READER,)
+        ).fetchall()
+        return len(rows)
 
     def close(self) -> None:
         self.conn.close()
@@ -382,13 +397,23 @@ class MySQLGateway(Gateway):
         self.database = parse_sql_dsn(
             f"{READER}:{READER_PASSWORD}@tcp(127.0.0.1:{server.port})/{database}?charset=utf8mb4&parseTime=True&loc=Local"
         )
+        self.owner_database = parse_sql_dsn(f"root@tcp(127.0.0.1:{server.port})/{database}")
+
+    def drop_reader_sessions(self) -> int:
+        """Close the service's sessions from the server side, as a restart or failover would."""
+        with self.conn.cursor() as cursor:
+            cursor.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (READER,))
+            ids = [row[0] for row in cursor.fetchall()]
+            for session in ids:
+                cursor.execute(f"KILL {int(session)}")
+        return len(ids)
 
     def close(self) -> None:
         self.conn.close()
 
     def _execute(self, sql: str, params: Sequence[object]) -> int:
         with self.conn.cursor() as cursor:
-            cursor.execute(sql.replace("?", "%s"), params)
+            cursor.execute(sql.replace("?", "%s"), tuple(params) or None)
             return int(cursor.lastrowid or 0)
 
     def set_option(self, key: str, value: str | None) -> None:

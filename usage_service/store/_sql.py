@@ -44,11 +44,13 @@ ROW_MEMORY = 50_000
 Column = Literal["id", "key"]
 
 
-def check_schema(columns: dict[str, set[str]], where: str) -> None:
+def check_schema(columns: dict[str, set[str]], where: str, *, server: bool = False) -> None:
     """Raise SchemaError unless both tables are there with the columns we read."""
     for table, needed in REQUIRED.items():
         if not columns.get(table):
-            raise SchemaError(f"{where} has no {table} table; is it new-api's database?")
+            # A server hides the tables a user has no privilege on.
+            hint = f" (or the user has no SELECT on {table})" if server else ""
+            raise SchemaError(f"{where} has no {table} table{hint}; is it new-api's database?")
         missing = needed - columns[table]
         if missing:
             raise SchemaError(f"{where}: table {table} lacks columns {', '.join(sorted(missing))}")

@@ -51,7 +51,7 @@ class MySQLStore(SQLStore):
             columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
             for table, column in rows:
                 columns[str(table).lower()].add(str(column).lower())
-            check_schema(columns, where)
+            check_schema(columns, where, server=True)
             store._select = select_sql(columns["tokens"], columns["users"], "`")
             store._has_options = bool(columns["options"])
             # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
@@ -78,15 +78,23 @@ class MySQLStore(SQLStore):
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
         try:
-            # Bounds waiting for a free connection, connecting and the statement together.
+            # Bounds waiting for a free connection, connecting and the statement(s) together.
             async with asyncio.timeout(self._timeout + 1.0):
-                async with self._connection() as conn:
-                    async with conn.cursor() as cursor:
-                        await cursor.execute(sql, tuple(params) or None)
-                        rows: Sequence[Sequence[Any]] = await cursor.fetchall()
-                        return rows
+                try:
+                    return await self._fetch(sql, params)
+                except _ConnectionLost:
+                    # A pooled connection the server dropped (restart, failover, wait_timeout):
+                    # it has been discarded; one more try on a fresh one.
+                    return await self._fetch(sql, params)
         except TimeoutError:
             raise StoreUnavailable("database timed out") from None
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        async with self._connection() as conn:
+            async with conn.cursor() as cursor:
+                await cursor.execute(sql, tuple(params) or None)
+                rows: Sequence[Sequence[Any]] = await cursor.fetchall()
+                return rows
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncmy.Connection]:
@@ -94,14 +102,17 @@ class MySQLStore(SQLStore):
             raise StoreUnavailable("store is closed")
         async with self._slots:
             conn = self._take_idle()
+            fresh = None
             try:
                 if conn is None:
-                    conn = await self._connect()
+                    conn = fresh = await self._connect()
                 yield conn
             except (MySQLError, OSError, EOFError) as exc:
                 # Whatever failed, the session may be unusable (dropped, mid-result): never reuse it.
                 self._discard(conn)
-                conn = None
+                reused, conn = conn is not None and conn is not fresh, None
+                if reused and _is_connection_lost(exc):
+                    raise _ConnectionLost(_reason(exc)) from None
                 raise StoreUnavailable(_reason(exc)) from None
             except BaseException:
                 # Cancelled or timed out mid-statement: the protocol state is unknown.
@@ -172,6 +183,20 @@ class MySQLStore(SQLStore):
                     await conn.ensure_closed()
             except (MySQLError, OSError, TimeoutError):
                 conn.close()
+
+
+class _ConnectionLost(StoreUnavailable):
+    """A pooled connection turned out to be dead; a fresh one may well work."""
+
+
+# Client-side errors for a session the server has closed: gone away, lost during a query.
+_LOST_ERRNOS = {2006, 2013, 2055}
+
+
+def _is_connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, OSError | EOFError):
+        return True
+    return bool(exc.args) and exc.args[0] in _LOST_ERRNOS
 
 
 def _ssl_context(tls: str) -> ssl.SSLContext | None:

@@ -23,6 +23,14 @@ WHERE a.attrelid IN (to_regclass('tokens'), to_regclass('users'), to_regclass('o
   AND a.attnum > 0 AND NOT a.attisdropped
 """
 
+# Errors that mean the connection, not the statement, failed.
+_CONNECTION_LOST = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InterfaceError,
+)
+
 # The ids and keys of one batch go as one array parameter: one prepared statement serves
 # every batch size.
 _ARRAY_TYPES = {"id": "bigint[]", "key": "text[]"}
@@ -49,7 +57,7 @@ class PostgresStore(SQLStore):
             columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
             for table, column in rows:
                 columns[table].add(column)
-            check_schema(columns, where)
+            check_schema(columns, where, server=True)
             store._select = select_sql(columns["tokens"], columns["users"], '"')
             store._has_options = bool(columns["options"])
             # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
@@ -95,15 +103,24 @@ class PostgresStore(SQLStore):
         if pool is None or pool.is_closing():
             raise StoreUnavailable("store is closed")
         try:
-            # Bounds waiting for a free connection, connecting and the statement together.
+            # Bounds waiting for a free connection, connecting and the statement(s) together.
             async with asyncio.timeout(self._timeout + 1.0):
-                async with pool.acquire() as conn:
-                    # Records index like tuples.
-                    return cast(Sequence[Sequence[Any]], await conn.fetch(sql, *params))
+                try:
+                    return await self._fetch(pool, sql, params)
+                except _CONNECTION_LOST:
+                    # A pooled connection the server dropped (restart, failover, idle kill): the
+                    # pool has discarded it; one more try on a fresh one.
+                    return await self._fetch(pool, sql, params)
         except TimeoutError:
             raise StoreUnavailable("database timed out") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
+
+    @staticmethod
+    async def _fetch(pool: asyncpg.Pool, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        async with pool.acquire() as conn:
+            # Records index like tuples.
+            return cast(Sequence[Sequence[Any]], await conn.fetch(sql, *params))
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -1,0 +1,140 @@
+"""What each database engine must get right beyond the contract: read-only sessions, start-up
+checks, dropped connections, batching, and the refresher's re-reads."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+from conftest import AppClient, GatewayFactory
+from support import Gateway
+
+from usage_service.config import Settings
+from usage_service.store import SchemaError, StoreUnavailable, open_store
+from usage_service.store._sql import SQLStore
+
+pytestmark = pytest.mark.asyncio
+
+URL = "/api/usage/token"
+SERVERS = ["postgres", "mysql"]
+
+
+@pytest.fixture(params=["sqlite", *SERVERS])
+def gateway(request: pytest.FixtureRequest, make_gateway: GatewayFactory) -> Gateway:
+    return make_gateway(request.param)
+
+
+# For the tests that only a database server can fail.
+on_servers = pytest.mark.parametrize("gateway", SERVERS, indirect=True)
+
+
+async def test_store_sessions_refuse_writes(gateway: Gateway, settings: Settings) -> None:
+    """Even with the gateway's own all-powerful credentials, the store's sessions cannot write."""
+    token = gateway.add_token(name="before")
+    owner = dataclasses.replace(settings, database=getattr(gateway, "owner_database", None))
+    store = await open_store(owner)
+    assert isinstance(store, SQLStore)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"(?i)read.only|readonly"):
+            await store._query("UPDATE tokens SET name = 'after'", ())
+        record = await store.fetch(token.key)
+        assert record is not None and record.name == "before"
+    finally:
+        await store.close()
+
+
+async def test_keys_match_exactly(gateway: Gateway, app_client: AppClient) -> None:
+    """MySQL compares text case-insensitively by default: a key differing in case is not the key."""
+    token = gateway.add_token(key="AbCdEf" + "x" * 42)
+    async with app_client() as (_, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        response = await client.get(URL, headers={"Authorization": f"Bearer sk-{token.key.lower()}"})
+    assert response.status_code == 401
+    assert response.json()["message"] == "token not found"
+
+
+async def test_fetch_many_batches_and_reuses_unchanged_records(gateway: Gateway, app_client: AppClient) -> None:
+    tokens = [gateway.add_token(used=i) for i in range(25)]
+    deleted = gateway.add_token(deleted=True)
+    async with app_client(refresh_interval=0) as (app, _):
+        store = app.state.store
+        store.fetch_batch = 10
+        before = store.statements
+        ids = [t.id for t in tokens] + [deleted.id, 999_999]
+        first = await store.fetch_many(ids)
+        assert store.statements - before == 3
+        assert sorted(first) == [t.id for t in tokens]
+        assert all(first[t.id][0] == t.key and first[t.id][1].used_quota == i for i, t in enumerate(tokens))
+        gateway.charge(tokens[0], 5)
+        second = await store.fetch_many(ids)
+    assert second[tokens[0].id][1].used_quota == 5
+    assert second[tokens[1].id][1] is first[tokens[1].id][1]  # unchanged row, same record object
+
+
+async def test_a_burst_of_misses_shares_statements(gateway: Gateway, app_client: AppClient) -> None:
+    tokens = [gateway.add_token(used=i) for i in range(40)]
+    async with app_client(db_pool_size=1, refresh_interval=0) as (app, client):
+        responses = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens))
+        assert [r.json()["data"]["total_used"] for r in responses] == list(range(40))
+        assert app.state.store.statements < 40 / 4
+
+
+@on_servers
+async def test_dropped_sessions_are_replaced(gateway: Gateway, app_client: AppClient) -> None:
+    """A database restart or failover closes the service's sessions: the next request reconnects."""
+    first, second = gateway.add_token(used=1), gateway.add_token(used=2)
+    async with app_client(refresh_interval=0) as (_, client):
+        assert (await client.get(URL, headers=first.bearer)).status_code == 200
+        assert gateway.drop_reader_sessions() >= 1  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        response = await client.get(URL, headers=second.bearer)
+    assert response.status_code == 200
+    assert response.json()["data"]["total_used"] == 2
+
+
+@on_servers
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        pytest.param({"port": 1}, "cannot read it", id="unreachable"),
+        pytest.param({"password": "wrong"}, "cannot read it", id="bad-password"),
+        pytest.param({"database": "nope"}, "", id="no-such-database"),
+    ],
+)
+async def test_start_up_errors_name_sql_dsn(
+    gateway: Gateway, settings: Settings, change: dict[str, Any], words: str
+) -> None:
+    database: Any = gateway.database
+    if hasattr(database, "url"):  # PostgreSQL: change the URL the same way
+        url = database.url
+        if "port" in change:
+            url = url.replace(f":{database.url.rsplit(':', 1)[1].split('/')[0]}/", ":1/")
+        if "password" in change:
+            url = url.replace(url.split("//")[1].split("@")[0], "usage_service:wrong")
+        if "database" in change:
+            url = url.rsplit("/", 1)[0] + "/nope"
+        database = dataclasses.replace(database, url=url)
+    else:
+        database = dataclasses.replace(database, **change)
+    with pytest.raises(SchemaError) as info:
+        await open_store(dataclasses.replace(settings, database=database))
+    message = str(info.value)
+    assert message.startswith("SQL_DSN: ") and words in message
+    assert "\n" not in message
+    assert "r3ad-only" not in message and "wrong" not in message  # no password, ever
+
+
+@on_servers
+async def test_missing_grant_fails_start_up(gateway: Gateway, settings: Settings) -> None:
+    gateway._execute("REVOKE SELECT ON users FROM " + _reader(gateway), ())
+    try:
+        with pytest.raises(SchemaError, match=r"^SQL_DSN: .*(cannot read it|no SELECT on users)"):
+            await open_store(settings)
+    finally:
+        gateway._execute("GRANT SELECT ON users TO " + _reader(gateway), ())
+
+
+def _reader(gateway: Gateway) -> str:
+    return "usage_service" if hasattr(gateway.database, "url") else "'usage_service'@'%'"
