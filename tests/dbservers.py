@@ -312,7 +312,8 @@ class PostgresGateway(Gateway):
         self.conn.execute("TRUNCATE tokens, users RESTART IDENTITY")
         if schema == POSTGRES_SCHEMA:
             self.conn.execute("TRUNCATE options")
-        self.database = parse_sql_dsn(server.url(database, READER, _url_quote(READER_PASSWORD)))
+        self.dsn = server.url(database, READER, _url_quote(READER_PASSWORD))  # SQL_DSN, as the gateway has it
+        self.database = parse_sql_dsn(self.dsn)
         self.owner_database = parse_sql_dsn(server.url(database))  # the gateway's own, all-powerful user
 
     def drop_reader_sessions(self) -> int:
@@ -394,9 +395,9 @@ class MySQLGateway(Gateway):
             if schema == MYSQL_SCHEMA:
                 cursor.execute("DELETE FROM options")
         # The gateway's own form of DSN, as an operator would copy it from the gateway's settings.
-        self.database = parse_sql_dsn(
-            f"{READER}:{READER_PASSWORD}@tcp(127.0.0.1:{server.port})/{database}?charset=utf8mb4&parseTime=True&loc=Local"
-        )
+        address, params = f"tcp(127.0.0.1:{server.port})", "charset=utf8mb4&parseTime=True&loc=Local"
+        self.dsn = f"{READER}:{READER_PASSWORD}@{address}/{database}?{params}"
+        self.database = parse_sql_dsn(self.dsn)
         self.owner_database = parse_sql_dsn(f"root@tcp(127.0.0.1:{server.port})/{database}")
 
     def drop_reader_sessions(self) -> int:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from usage_service._dsn import MySQLDSN, PostgresDSN
 from usage_service.config import ConfigError, Settings, check_database_file, load_settings
 
 
@@ -60,9 +61,17 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
 @pytest.mark.parametrize(
     ("env", "variable", "words"),
     [
-        pytest.param({"SQL_DSN": "postgres://u:p@db/new-api"}, "SQL_DSN", "PostgreSQL", id="postgres"),
-        pytest.param({"SQL_DSN": "postgresql://u:p@db/new-api"}, "SQL_DSN", "not supported yet", id="postgresql"),
-        pytest.param({"SQL_DSN": "root:pw@tcp(db:3306)/new-api"}, "SQL_DSN", "MySQL", id="mysql"),
+        pytest.param({"SQL_DSN": "postgres://u:s3cret@db:port/x"}, "SQL_DSN", "PostgreSQL URL", id="postgres-bad-port"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db:3306)"}, "SQL_DSN", "missing the '/'", id="mysql-no-slash"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db:3306/new-api"}, "SQL_DSN", "missing ')'", id="mysql-unterminated"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?loc=Asia/Shanghai"}, "SQL_DSN", "escape", id="mysql-unescaped"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db:port)/d"}, "SQL_DSN", "port", id="mysql-bad-port"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db:0)/d"}, "SQL_DSN", "port", id="mysql-port-zero"),
+        pytest.param({"SQL_DSN": "root:s3cret@db:3306/new-api"}, "SQL_DSN", "protocol", id="mysql-no-protocol"),
+        pytest.param({"SQL_DSN": "root:s3cret@udp(db)/d"}, "SQL_DSN", "protocol", id="mysql-udp"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?timeout=soon"}, "SQL_DSN", "duration", id="mysql-timeout"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?parseTime=yes"}, "SQL_DSN", "true or false", id="mysql-bool"),
+        pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?tls=custom"}, "SQL_DSN", "tls", id="mysql-custom-tls"),
         pytest.param({"SQLITE_PATH": "?_busy_timeout=1"}, "SQLITE_PATH", "names no file", id="no-file"),
         pytest.param({"REDIS_CONN_STRING": "http://cache"}, "REDIS_CONN_STRING", "scheme", id="bad-scheme"),
         pytest.param({"REDIS_CONN_STRING": "redis://cache:port"}, "REDIS_CONN_STRING", "malformed", id="bad-port"),
@@ -91,6 +100,7 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str, words:
     assert message.startswith(f"{variable}: ")
     assert words in message
     assert "\n" not in message
+    assert "s3cret" not in message
 
 
 def test_redis_password_stays_out_of_repr() -> None:
@@ -108,3 +118,67 @@ def test_missing_database_file_is_an_error_and_is_not_created(tmp_path: Path) ->
 def test_directory_is_not_a_database(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^SQLITE_PATH: .*not a file"):
         check_database_file(load_settings({"SQLITE_PATH": str(tmp_path)}))
+
+
+@pytest.mark.parametrize(
+    ("dsn", "expected"),
+    [
+        pytest.param(
+            "root:pw@tcp(db:3306)/new-api?charset=utf8mb4&parseTime=True&loc=Local",
+            MySQLDSN(user="root", password="pw", host="db", port=3306, database="new-api"),
+            id="gateway-example",
+        ),
+        pytest.param(
+            "u:pw@tcp(db:3307)/x", MySQLDSN(user="u", password="pw", host="db", port=3307, database="x"), id="port"
+        ),
+        pytest.param("u:pw@tcp(db)/x", MySQLDSN(user="u", password="pw", host="db", database="x"), id="default-port"),
+        pytest.param(
+            "u:p@ss:w/rd@tcp(db)/x",
+            MySQLDSN(user="u", password="p@ss:w/rd", host="db", database="x"),
+            id="odd-password",
+        ),
+        pytest.param("u@tcp([::1]:3310)/x", MySQLDSN(user="u", host="::1", port=3310, database="x"), id="ipv6"),
+        pytest.param("/new-api", MySQLDSN(database="new-api"), id="all-defaults"),
+        pytest.param("u:pw@/new-api", MySQLDSN(user="u", password="pw", database="new-api"), id="default-address"),
+        pytest.param(
+            "u@unix(/run/mysqld/mysqld.sock)/x",
+            MySQLDSN(user="u", unix_socket="/run/mysqld/mysqld.sock", database="x"),
+            id="unix-socket",
+        ),
+        pytest.param("u@unix/x", MySQLDSN(user="u", unix_socket="/tmp/mysql.sock", database="x"), id="unix-default"),
+        pytest.param("u@tcp(db)/new%2Dapi", MySQLDSN(user="u", host="db", database="new-api"), id="escaped-name"),
+        pytest.param(
+            "u@tcp(db)/x?timeout=1m30s&charset=utf8mb4,utf8&tls=skip-verify&loc=Asia%2FShanghai",
+            MySQLDSN(user="u", host="db", database="x", connect_timeout=90.0, tls="skip-verify"),
+            id="params",
+        ),
+        pytest.param(
+            "u@tcp(db)/x?timeout=500ms&tls=true",
+            MySQLDSN(user="u", host="db", database="x", connect_timeout=0.5, tls="true"),
+            id="ms",
+        ),
+        pytest.param(
+            "postgres://u:pw@db:5432/new-api?sslmode=disable",
+            PostgresDSN("postgres://u:pw@db:5432/new-api?sslmode=disable", host="db", database="new-api"),
+            id="postgres",
+        ),
+        pytest.param(
+            "postgresql://u:pw@db/x", PostgresDSN("postgresql://u:pw@db/x", host="db", database="x"), id="postgresql"
+        ),
+        pytest.param("local", None, id="local"),
+        pytest.param("local-sqlite", None, id="local-anything"),
+    ],
+)
+def test_sql_dsn_in_the_gateways_forms(dsn: str, expected: object) -> None:
+    assert load_settings({"SQL_DSN": dsn}).database == expected
+
+
+def test_database_password_stays_out_of_repr() -> None:
+    for dsn in ("root:hunter2@tcp(db:3306)/new-api", "postgres://root:hunter2@db/new-api"):
+        settings = load_settings({"SQL_DSN": dsn})
+        assert "hunter2" not in repr(settings)
+        assert settings.database is not None and "hunter2" not in settings.database.describe()
+
+
+def test_database_server_needs_no_sqlite_file(tmp_path: Path) -> None:
+    check_database_file(load_settings({"SQL_DSN": "u@tcp(db)/x", "SQLITE_PATH": str(tmp_path / "nope.db")}))

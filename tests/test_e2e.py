@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from conftest import GatewayFactory
 from support import Gateway, RedisServer, Service, Token, environ_without_gateway_settings, free_port
 
 pytestmark = pytest.mark.e2e
@@ -73,6 +74,31 @@ def test_serves_a_database_the_gateway_is_writing(tmp_path: Path, redis_url: str
             assert time.monotonic() - stopped < 1 + 1, "a charge was not served within USAGE_CACHE_TTL + 1 s"
             time.sleep(0.02)
     gateway.close()
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+def test_serves_a_database_server_the_gateway_is_writing(
+    make_gateway: GatewayFactory, redis_url: str, engine: str
+) -> None:
+    """SQL_DSN in the gateway's own form, two workers, a gateway charging the token meanwhile."""
+    gateway = make_gateway(engine)
+    token = gateway.add_token(remain=1_000_000, used=0)
+    env = {"SQL_DSN": gateway.dsn, "REDIS_CONN_STRING": redis_url, "USAGE_CACHE_TTL": "1"}  # type: ignore[attr-defined]
+    with Service(env, "--workers", "2") as service, httpx.Client(base_url=service.url, headers=token.bearer) as client:
+        with GatewayWriter(gateway, token) as writer:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                response = client.get(URL)
+                assert response.status_code == 200
+                assert response.json()["data"]["total_granted"] == 1_000_000
+                time.sleep(0.01)
+        stopped, final = time.monotonic(), writer.charged
+        assert final > 0
+        while client.get(URL).json()["data"]["total_used"] != final:
+            assert time.monotonic() - stopped < 1 + 1, "a charge was not served within USAGE_CACHE_TTL + 1 s"
+            time.sleep(0.02)
+        assert client.get("/readyz").json()["database"] == "ok"
+    assert "r3ad-only" not in service.output()  # the password, in any form
 
 
 def test_redis_killed_mid_run(tmp_path: Path) -> None:
@@ -218,8 +244,11 @@ def test_demo_prints_a_working_curl_line(demo_dir: Path) -> None:
     ("env", "words"),
     [
         pytest.param({"SQLITE_PATH": "{tmp}/missing.db"}, "SQLITE_PATH: database file", id="missing-file"),
-        pytest.param({"SQL_DSN": "postgres://u:p@db/x"}, "SQL_DSN: PostgreSQL gateways are not supported yet", id="pg"),
-        pytest.param({"SQL_DSN": "u:p@tcp(db:3306)/x"}, "SQL_DSN: MySQL gateways are not supported yet", id="mysql"),
+        pytest.param({"SQL_DSN": "postgres://u:p@127.0.0.1:1/x"}, "SQL_DSN: PostgreSQL database 'x'", id="pg-down"),
+        pytest.param(
+            {"SQL_DSN": "u:p@tcp(127.0.0.1:1)/x"}, "SQL_DSN: MySQL database 'x' on 127.0.0.1:1", id="mysql-down"
+        ),
+        pytest.param({"SQL_DSN": "u:p@tcp(db:3306/x"}, "SQL_DSN: malformed MySQL DSN", id="mysql-malformed"),
         pytest.param({"SQLITE_PATH": "{tmp}/other.db"}, "has no tokens table", id="not-a-gateway-db"),
         pytest.param({"SQLITE_PATH": "{tmp}/garbage.db"}, "SQLITE_PATH: cannot read", id="not-sqlite"),
         pytest.param({"USAGE_CACHE_TTL": "soon"}, "USAGE_CACHE_TTL:", id="bad-ttl"),

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from conftest import AppClient, GatewayFactory
 from support import Gateway
+from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
 from usage_service.config import Settings
 from usage_service.store import SchemaError, StoreUnavailable, open_store
@@ -138,3 +139,21 @@ async def test_missing_grant_fails_start_up(gateway: Gateway, settings: Settings
 
 def _reader(gateway: Gateway) -> str:
     return "usage_service" if hasattr(gateway.database, "url") else "'usage_service'@'%'"
+
+
+@on_servers
+@pytest.mark.parametrize(("change", "status", "data"), CHANGES)
+async def test_the_refresher_follows_changes(
+    gateway: Gateway, app_client: AppClient, redis_url: str, change: Any, status: int, data: dict[str, Any]
+) -> None:
+    """Charges, disabled tokens, bans and deletions, re-read in batches by the refresher."""
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, **SLOW_CACHE) as (app, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        await eventually(lambda: _true(app.state.refresher.stats.leader))
+        change(gateway, token)
+        await eventually(answer_is(client, token, status, **data), within=2.0)
+
+
+async def _true(value: bool) -> bool:
+    return value
