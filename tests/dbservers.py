@@ -267,22 +267,13 @@ CREATE TABLE `users` (
 READER, READER_PASSWORD = "usage_service", "r3ad-only:p@ss"
 
 
-def postgres_grants(database: str) -> list[str]:
-    """The README's statements for a read-only PostgreSQL user (the role itself exists already)."""
-    return [
-        f'GRANT CONNECT ON DATABASE "{database}" TO {READER}',
-        f"GRANT USAGE ON SCHEMA public TO {READER}",
-        f"GRANT SELECT ON tokens, users TO {READER}",
-        f"ALTER ROLE {READER} SET default_transaction_read_only = on",
-    ]
-
-
-def mysql_grants(database: str) -> list[str]:
-    """The README's statements for a read-only MySQL user (the user itself exists already)."""
-    return [
-        f"GRANT SELECT ON `{database}`.`tokens` TO '{READER}'@'%'",
-        f"GRANT SELECT ON `{database}`.`users` TO '{READER}'@'%'",
-    ]
+def readme_grants(engine_heading: str, database: str) -> list[str]:
+    """The README's statements for a read-only user, for this database: the tests run as that user."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split(f"### {engine_heading}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    sql = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    sql = sql.replace("CHANGE-ME", READER_PASSWORD).replace("new-api", database)
+    return [statement.strip() for statement in sql.split(";") if statement.strip()]
 
 
 class PostgresGateway(Gateway):
@@ -301,13 +292,13 @@ class PostgresGateway(Gateway):
             exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
             if not exists:
                 admin.execute(f'CREATE DATABASE "{database}"')
-            if not admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,)).fetchone():
-                admin.execute(f"CREATE ROLE {READER} LOGIN PASSWORD '{READER_PASSWORD}'")
+            role = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,)).fetchone()
         self.conn = psycopg.connect(server.url(database), autocommit=True)
         if not exists:
             self.conn.execute(schema)  # type: ignore[arg-type]
-            for statement in postgres_grants(database):
-                self.conn.execute(statement)  # type: ignore[arg-type]
+            for statement in readme_grants("PostgreSQL", database):
+                if not (role and statement.startswith("CREATE ROLE")):  # one role for the cluster
+                    self.conn.execute(statement)  # type: ignore[arg-type]
         # A fresh gateway per test, on tables made once per session.
         self.conn.execute("TRUNCATE tokens, users RESTART IDENTITY")
         if schema == POSTGRES_SCHEMA:
@@ -383,13 +374,13 @@ class MySQLGateway(Gateway):
             exists = cursor.execute("SHOW DATABASES LIKE %s", (database,))
             if not exists:
                 cursor.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
-                cursor.execute(f"CREATE USER IF NOT EXISTS '{READER}'@'%' IDENTIFIED BY '{READER_PASSWORD}'")
             cursor.execute(f"USE `{database}`")
             if not exists:
                 for statement in filter(str.strip, schema.split(";")):
                     cursor.execute(statement)
-                for statement in mysql_grants(database):
-                    cursor.execute(statement)
+                for statement in readme_grants("MySQL and MariaDB", database):
+                    # One user for the server, however many databases.
+                    cursor.execute(statement.replace("CREATE USER ", "CREATE USER IF NOT EXISTS ", 1))
             cursor.execute("DELETE FROM tokens")
             cursor.execute("DELETE FROM users")
             if schema == MYSQL_SCHEMA:
