@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from conftest import AppClient, GatewayFactory
 from support import Gateway
+from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
 from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
 from usage_service.config import Settings
@@ -157,3 +158,29 @@ async def test_the_refresher_follows_changes(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize(
+    ("options", "expected_subscription", "expected_usage"),
+    [
+        pytest.param({"DisplayTokenStatEnabled": "false"}, subscription(10), 200, id="owner-totals"),
+        pytest.param({"general_setting.quota_display_type": "CNY"}, subscription(14.6, FUTURE), 438, id="cny"),
+    ],
+)
+async def test_billing_reads_options_and_owner_quota(
+    gateway: Gateway,
+    app_client: AppClient,
+    options: dict[str, str],
+    expected_subscription: dict[str, Any],
+    expected_usage: float,
+) -> None:
+    """The gateway's options table and the owner's quota columns, on each engine."""
+    for key, value in options.items():
+        gateway.set_option(key, value)
+    token = gateway.add_token(user_id=gateway.add_user(**USER), **TOKEN)
+    async with app_client() as (app, client):
+        sub = await client.get(SUBSCRIPTION, headers=token.bearer)
+        use = await client.get(USAGE, headers=token.bearer)
+        assert app.state.store.option_statements >= 1
+    assert sub.json() == expected_subscription
+    assert use.json() == {"object": "list", "total_usage": expected_usage}
