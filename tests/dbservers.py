@@ -248,6 +248,7 @@ CREATE TABLE users (
   id bigserial PRIMARY KEY, username text UNIQUE, password text NOT NULL, status int DEFAULT 1,
   quota bigint DEFAULT 0, deleted_at timestamptz
 );
+CREATE TABLE options ("key" text PRIMARY KEY, "value" text);
 """
 
 MYSQL_OLD_SCHEMA = """
@@ -261,6 +262,7 @@ CREATE TABLE `users` (
   `id` bigint AUTO_INCREMENT PRIMARY KEY, `username` varchar(191) UNIQUE, `password` longtext NOT NULL,
   `status` int DEFAULT 1, `quota` bigint DEFAULT 0, `deleted_at` datetime(3) NULL
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+CREATE TABLE `options` (`key` varchar(191) PRIMARY KEY, `value` longtext) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
 
 # The read-only user the service connects as, granted exactly what the README tells operators.
@@ -294,15 +296,17 @@ class PostgresGateway(Gateway):
                 admin.execute(f'CREATE DATABASE "{database}"')
             role = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,)).fetchone()
         self.conn = psycopg.connect(server.url(database), autocommit=True)
-        if not exists:
-            self.conn.execute(schema)  # type: ignore[arg-type]
-            for statement in readme_grants("PostgreSQL", database):
-                if not (role and statement.startswith("CREATE ROLE")):  # one role for the cluster
-                    self.conn.execute(statement)  # type: ignore[arg-type]
-        # A fresh gateway per test, on tables made once per session.
-        self.conn.execute("TRUNCATE tokens, users RESTART IDENTITY")
-        if schema == POSTGRES_SCHEMA:
-            self.conn.execute("TRUNCATE options")
+        try:
+            if not exists:
+                self.conn.execute(schema)  # type: ignore[arg-type]
+                for statement in readme_grants("PostgreSQL", database):
+                    if not (role and statement.startswith("CREATE ROLE")):  # one role for the cluster
+                        self.conn.execute(statement)  # type: ignore[arg-type]
+            # A fresh gateway per test, on tables made once per session.
+            self.conn.execute("TRUNCATE tokens, users, options RESTART IDENTITY")
+        except BaseException:
+            self.conn.close()
+            raise
         self.dsn = server.url(database, READER, _url_quote(READER_PASSWORD))  # SQL_DSN, as the gateway has it
         self.database = parse_sql_dsn(self.dsn)
         self.owner_database = parse_sql_dsn(server.url(database))  # the gateway's own, all-powerful user
@@ -370,21 +374,24 @@ class MySQLGateway(Gateway):
         self.server, self.name = server, database
         self.path = server.dir / database  # not a file: what SQLITE_PATH would be, unused
         self.conn = pymysql.connect(unix_socket=str(server.socket), user="root", autocommit=True)
-        with self.conn.cursor() as cursor:
-            exists = cursor.execute("SHOW DATABASES LIKE %s", (database,))
-            if not exists:
-                cursor.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
-            cursor.execute(f"USE `{database}`")
-            if not exists:
-                for statement in filter(str.strip, schema.split(";")):
-                    cursor.execute(statement)
-                for statement in readme_grants("MySQL and MariaDB", database):
-                    # One user for the server, however many databases.
-                    cursor.execute(statement.replace("CREATE USER ", "CREATE USER IF NOT EXISTS ", 1))
-            cursor.execute("DELETE FROM tokens")
-            cursor.execute("DELETE FROM users")
-            if schema == MYSQL_SCHEMA:
+        try:
+            with self.conn.cursor() as cursor:
+                exists = cursor.execute("SHOW DATABASES LIKE %s", (database,))
+                if not exists:
+                    cursor.execute(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
+                cursor.execute(f"USE `{database}`")
+                if not exists:
+                    for statement in filter(str.strip, schema.split(";")):
+                        cursor.execute(statement)
+                    for statement in readme_grants("MySQL and MariaDB", database):
+                        # One user for the server, however many databases.
+                        cursor.execute(statement.replace("CREATE USER ", "CREATE USER IF NOT EXISTS ", 1))
+                cursor.execute("DELETE FROM tokens")
+                cursor.execute("DELETE FROM users")
                 cursor.execute("DELETE FROM options")
+        except BaseException:
+            self.conn.close()
+            raise
         # The gateway's own form of DSN, as an operator would copy it from the gateway's settings.
         address, params = f"tcp(127.0.0.1:{server.port})", "charset=utf8mb4&parseTime=True&loc=Local"
         self.dsn = f"{READER}:{READER_PASSWORD}@{address}/{database}?{params}"
