@@ -5,6 +5,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from dbservers import (
     PostgresGateway,
     PostgresServer,
 )
+from redis_topologies import RedisClusterNodes, RedisTopology, SentinelGroup
 from starlette.applications import Starlette
 from support import Gateway, RedisServer
 
@@ -33,18 +35,64 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A master, a replica and three sentinels for the session; the failover test starts its own."""
+    group = SentinelGroup(tmp_path_factory.mktemp("sentinel"))
+    group.start()
+    yield group
+    group.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """A three-master Redis Cluster for the session."""
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+REDIS_TOPOLOGIES = ("standalone", "sentinel", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run tests marked `redis_topologies` once per Redis topology; others use standalone Redis."""
+    marker = metafunc.definition.get_closest_marker("redis_topologies")
+    if marker is None or "redis_topology" not in metafunc.fixturenames:
+        return
+    names = marker.args or REDIS_TOPOLOGIES
+    params = [
+        pytest.param(name, id=name, marks=() if name == "standalone" else pytest.mark.slow_topology) for name in names
+    ]
+    metafunc.parametrize("redis_topology", params, indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
-    client = redis.Redis.from_url(redis_server.url)
+def redis_topology(request: pytest.FixtureRequest) -> RedisTopology:
+    name = getattr(request, "param", "standalone")
+    if name == "sentinel":
+        return request.getfixturevalue("redis_sentinel").topology()  # type: ignore[no-any-return]
+    if name == "cluster":
+        return request.getfixturevalue("redis_cluster").topology()  # type: ignore[no-any-return]
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return RedisTopology("standalone", server.url, client=lambda: redis.Redis.from_url(server.url))
+
+
+@pytest.fixture
+def redis_url(redis_topology: RedisTopology) -> Iterator[str]:
+    """The Redis to test with, emptied; the `settings` fixture carries its topology."""
+    client = redis_topology.client()
     client.flushall()
-    yield redis_server.url
+    yield redis_topology.url
     client.flushall()
     client.close()
 
 
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+def redis_client(redis_topology: RedisTopology, redis_url: str) -> Iterator[Any]:
+    """A plain client of the test's Redis (redis.Redis, or redis.RedisCluster on Cluster)."""
+    client = redis_topology.client()
     yield client
     client.close()
 
@@ -57,14 +105,19 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
 
 
 @pytest.fixture
-def settings(gateway: Gateway) -> Settings:
+def settings(gateway: Gateway, request: pytest.FixtureRequest) -> Settings:
     # A unique prefix per test keeps tests from reading each other's Redis entries.
-    return Settings(
+    settings = Settings(
         sqlite_path=gateway.path,
         database=gateway.database,  # type: ignore[arg-type]
         db_timeout=0.3,
         redis_prefix=f"t{uuid.uuid4().hex[:8]}:",
     )
+    if "redis_topology" in request.fixturenames:
+        # The test talks to Redis through `redis_url`: connect the way its topology needs.
+        topology: RedisTopology = request.getfixturevalue("redis_topology")
+        settings = dataclasses.replace(settings, **topology.mode_settings)
+    return settings
 
 
 # The database engines a gateway runs on; tests parametrised over them use `make_gateway`.

@@ -14,7 +14,7 @@ import pytest
 from conftest import ENGINES, AppClient, GatewayFactory
 from support import Gateway, Token
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.redis_topologies]
 
 URL = "/api/usage/token"
 
@@ -171,6 +171,7 @@ async def test_unlimited_token_reports_negative_available(gateway: Gateway, app_
         pytest.param({"Authorization": "Bearer sk-not/a/key"}, "Invalid Bearer token", id="not-a-key"),
     ],
 )
+@pytest.mark.redis_topologies("standalone")  # counts every command one server sees
 async def test_header_rejections_touch_neither_redis_nor_database(
     gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: Any, headers: dict[str, str], message: str
 ) -> None:

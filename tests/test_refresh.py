@@ -17,7 +17,7 @@ from support import Gateway, Token, redis_contents
 
 from usage_service.cache import HOT_SLICE, parse_hot
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.redis_topologies]
 
 URL = "/api/usage/token"
 # Long cache TTLs: a test that sees a change in time can only have seen it through the refresher.

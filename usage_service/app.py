@@ -9,9 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,6 +22,7 @@ from .cache import RedisCache
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
 from .lookup import TokenLookup
+from .redis_client import create_client
 from .refresh import Refresher
 from .routes import ShortRoutes, http_error, route_table, routes, server_error
 from .routing import ROUTE_KEY, RouteTable
@@ -37,8 +35,6 @@ logger = logging.getLogger("usage_service")
 REDIS_FAILURE_THRESHOLD = 3
 # Seconds the lifespan waits for background tasks and Redis to stop.
 SHUTDOWN_GRACE = 2.0
-# Connections per worker; a burst of misses waits for one rather than opening hundreds.
-REDIS_MAX_CONNECTIONS = 32
 
 
 class UsageService(Starlette):
@@ -164,16 +160,6 @@ def create_app_from_env() -> UsageService:
 def _open_redis(settings: Settings) -> RedisCache | None:
     if settings.redis_url is None:
         return None
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=settings.redis_timeout,  # waiting for a free connection
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        # One immediate retry replaces a pooled connection that died with a Redis restart;
-        # the caller's timeout still bounds the whole call.
-        retry=Retry(NoBackoff(), 1),
-    )
-    client = Redis.from_pool(pool)
     breaker = CircuitBreaker(REDIS_FAILURE_THRESHOLD, settings.redis_cooldown)
+    client = create_client(settings)
     return RedisCache(client, prefix=settings.redis_prefix, timeout=settings.redis_timeout, breaker=breaker)

@@ -15,12 +15,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from ._batch import Batcher
 from ._circuit import CircuitBreaker
 from .records import CorruptCacheValue, TokenRecord, decode_cached
+from .redis_client import RedisClient
 
 logger = logging.getLogger("usage_service.cache")
 
@@ -75,6 +77,9 @@ class LocalCache(Generic[V]):
 
 # Hot-set members per command, both ways: bounded work between two awaits of the event loop.
 HOT_SLICE = 1000
+
+# What a Redis call may raise when Redis is down, slow or (on Cluster) has no node for a slot.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class RedisUnavailable(Exception):
@@ -143,8 +148,13 @@ class RedisCache:
     every failure as a miss so the caller falls back to the database.
     """
 
-    def __init__(self, client: Redis, *, prefix: str, timeout: float, breaker: CircuitBreaker) -> None:
+    def __init__(self, client: RedisClient, *, prefix: str, timeout: float, breaker: CircuitBreaker) -> None:
         self.client = client
+        # On Cluster, multi-key commands must stay within one hash slot: reads and writes of many
+        # records are split by slot (see _set_many). Every other key is used alone: the hot set,
+        # the leader lock, the channel (pub/sub reaches every node).
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._mget = client.mget if self._cluster is None else self._cluster.mget_nonatomic
         self.timeout = timeout
         # Background batches (a whole hot set) may take longer than one request's lookup.
         self.batch_timeout = max(1.0, 4 * timeout)
@@ -180,9 +190,13 @@ class RedisCache:
         try:
             async with asyncio.timeout(timeout or self.timeout):
                 result = await call()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
+            _reraise_cancellation()
             self._failed(exc)
             raise RedisUnavailable(type(exc).__name__) from None
+        # redis-py can swallow a cancellation that lands while it connects, or turn it into an
+        # error: honour it either way, or a background task would outlive shutdown.
+        _reraise_cancellation()
         self._succeeded()
         return result
 
@@ -202,7 +216,7 @@ class RedisCache:
 
     async def _read_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes | str]:
         try:
-            values = await self._run(lambda: self.client.mget([self._key(d) for d in digests]))
+            values = await self._run(lambda: self._mget([self._key(d) for d in digests]))
         except RedisUnavailable:
             return {}
         return {digest: value for digest, value in zip(digests, values, strict=True) if value is not None}
@@ -230,7 +244,40 @@ class RedisCache:
             payloads.append(value)
         script = self._set_newer_script if newer_only else self._set_script
         for ttl_ms, (keys, payloads) in by_ttl.items():
-            await script(keys=keys, args=[ttl_ms, *payloads])
+            if self._cluster is None:
+                await script(keys=keys, args=[ttl_ms, *payloads])
+            else:
+                await self._set_by_slot(self._cluster, script, ttl_ms, keys, payloads)
+
+    async def _set_by_slot(
+        self, cluster: RedisCluster, script: AsyncScript, ttl_ms: int, keys: list[str], payloads: list[bytes]
+    ) -> None:
+        """Run a many-key SET script once per hash slot, all slots in one pipeline per node.
+
+        Record keys carry no hash tag, so they spread over every slot and node like any keys and
+        the cluster can rebalance them slot by slot. The price is that a batch of N records is
+        about N script calls instead of one; they still travel as one pipeline per node, so the
+        round trips do not grow. Tagging keys into a few shared slots would cut the calls but pin
+        the records (and their load) to those slots' nodes.
+        """
+        by_slot: dict[int, tuple[list[str], list[bytes]]] = {}
+        for key, payload in zip(keys, payloads, strict=True):
+            slot_keys, slot_payloads = by_slot.setdefault(cluster.keyslot(key), ([], []))
+            slot_keys.append(key)
+            slot_payloads.append(payload)
+        for attempt in range(2):
+            pipe = cluster.pipeline()
+            for slot_keys, slot_payloads in by_slot.values():
+                # (The pipeline's evalsha() is refused on Cluster; the command itself routes by key.)
+                pipe.execute_command("EVALSHA", script.sha, len(slot_keys), *slot_keys, ttl_ms, *slot_payloads)
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:
+                # A node that never saw the script (new, restarted, promoted): load it everywhere.
+                if attempt:
+                    raise
+                await cluster.script_load(script.script)
 
     # --- the refresher ---------------------------------------------------------------------
 
@@ -305,13 +352,13 @@ class RedisCache:
                             on_confirm(float(data[1:]))
                     else:
                         on_digests(_parse_digests(data))
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_FAILURES:
                 on_live(False)
                 _reraise_cancellation()
                 await asyncio.sleep(min(1.0, self.breaker.cooldown) or 0.1)
             finally:
                 on_live(False)
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     async with asyncio.timeout(self.timeout):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -322,7 +369,7 @@ class RedisCache:
         try:
             async with asyncio.timeout(self.timeout):
                 await self.client.ping()
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_FAILURES:
             return False
         return True
 

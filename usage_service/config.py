@@ -12,12 +12,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from ._dsn import MySQLDSN, PostgresDSN, parse_sql_dsn
 
 T = TypeVar("T")
+
+RedisMode = Literal["standalone", "sentinel", "cluster"]
+REDIS_MODES: tuple[RedisMode, ...] = ("standalone", "sentinel", "cluster")
 
 
 class ConfigError(Exception):
@@ -39,6 +42,13 @@ class Settings:
     redis_timeout: float = 0.25
     redis_cooldown: float = 5.0
     redis_prefix: str = "usage:"
+    # Redis topology (USAGE_REDIS_MODE): REDIS_CONN_STRING still carries the credentials, TLS and
+    # database; Sentinel names the master, Cluster seeds from its host plus `redis_cluster_nodes`.
+    redis_mode: RedisMode = "standalone"
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_master_name: str = "mymaster"
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
     db_timeout: float = 2.0
     db_pool_size: int = 4
     retry_after: int = 1
@@ -72,6 +82,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("USAGE_REDIS_TIMEOUT", "0.25", "seconds any Redis call may take before the database is asked instead"),
     ("USAGE_REDIS_COOLDOWN", "5", "seconds Redis is left alone after it failed, before one probe"),
     ("USAGE_REDIS_PREFIX", "usage:", "prefix of every key the service writes to Redis"),
+    ("USAGE_REDIS_MODE", "standalone", "Redis topology: standalone, sentinel or cluster"),
+    ("USAGE_REDIS_SENTINELS", "(empty)", "sentinel mode: comma-separated host:port of the sentinels (port 26379)"),
+    ("USAGE_REDIS_MASTER_NAME", "mymaster", "sentinel mode: the master's name in the sentinels' configuration"),
+    ("USAGE_REDIS_SENTINEL_PASSWORD", "(empty)", "sentinel mode: password of the sentinels themselves, if any"),
+    ("USAGE_REDIS_CLUSTER_NODES", "(empty)", "cluster mode: more host:port seed nodes besides REDIS_CONN_STRING's"),
     ("USAGE_DB_TIMEOUT", "2", "seconds a query waits on a locked database before answering 503"),
     ("USAGE_DB_POOL_SIZE", "4", "read-only database connections per worker"),
     ("USAGE_RETRY_AFTER", "1", "Retry-After seconds sent with 503 answers"),
@@ -110,10 +125,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if not prefix or any(c.isspace() for c in prefix):
         raise ConfigError("USAGE_REDIS_PREFIX: must be non-empty and contain no spaces")
 
+    mode, sentinels, cluster_nodes = _redis_topology(env, redis_url)
+
     return Settings(
         sqlite_path=sqlite_path,
         database=database,
         redis_url=redis_url,
+        redis_mode=mode,
+        redis_sentinels=sentinels,
+        redis_master_name=env.get("USAGE_REDIS_MASTER_NAME", "").strip() or "mymaster",
+        redis_sentinel_password=env.get("USAGE_REDIS_SENTINEL_PASSWORD") or None,
+        redis_cluster_nodes=cluster_nodes,
         cache_ttl=cache_ttl,
         local_ttl=local_ttl,
         local_cache_size=_read(env, "USAGE_LOCAL_CACHE_SIZE", 100_000, _count(minimum=1)),
@@ -176,6 +198,61 @@ def _redis_url(value: str) -> str | None:
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("REDIS_CONN_STRING: the URL names no host")
     return value
+
+
+def _redis_topology(
+    env: Mapping[str, str], redis_url: str | None
+) -> tuple[RedisMode, tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+    raw = env.get("USAGE_REDIS_MODE", "").strip().lower() or "standalone"
+    mode = next((m for m in REDIS_MODES if m == raw), None)
+    if mode is None:
+        raise ConfigError(f"USAGE_REDIS_MODE: expected one of {', '.join(REDIS_MODES)} (got {raw!r})")
+    none: tuple[tuple[str, int], ...] = ()
+    sentinels = _read(env, "USAGE_REDIS_SENTINELS", none, _addresses(26379))
+    cluster_nodes = _read(env, "USAGE_REDIS_CLUSTER_NODES", none, _addresses(6379))
+    # A list set for another mode is a mistake worth stopping for: it would be silently ignored.
+    if sentinels and mode != "sentinel":
+        raise ConfigError(f"USAGE_REDIS_SENTINELS: set, but USAGE_REDIS_MODE is {mode!r} (set it to 'sentinel')")
+    if cluster_nodes and mode != "cluster":
+        raise ConfigError(f"USAGE_REDIS_CLUSTER_NODES: set, but USAGE_REDIS_MODE is {mode!r} (set it to 'cluster')")
+    if mode == "standalone":
+        return mode, sentinels, cluster_nodes
+    if redis_url is None:
+        raise ConfigError(
+            f"USAGE_REDIS_MODE: {mode} needs REDIS_CONN_STRING too (it carries the password, TLS and database)"
+        )
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        raise ConfigError(f"REDIS_CONN_STRING: a unix:// socket cannot be used with USAGE_REDIS_MODE={mode}")
+    if mode == "sentinel" and not sentinels:
+        raise ConfigError("USAGE_REDIS_SENTINELS: sentinel mode needs the sentinels' host:port list")
+    if mode == "cluster" and parts.path.strip("/") not in ("", "0"):
+        raise ConfigError("REDIS_CONN_STRING: Redis Cluster has only database 0; drop the database number")
+    return mode, sentinels, cluster_nodes
+
+
+def _addresses(default_port: int) -> Callable[[str], tuple[tuple[str, int], ...]]:
+    """Parse 'host:port, host, [::1]:port' into (host, port) pairs."""
+
+    def parse(raw: str) -> tuple[tuple[str, int], ...]:
+        addresses = []
+        for item in raw.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                parts = urlsplit("//" + item)
+                host, port = parts.hostname, parts.port
+            except ValueError:
+                host = port = None
+            if not host or parts.path or parts.username or parts.password:
+                raise ValueError(f"expected comma-separated host:port addresses, {item!r} is not one")
+            addresses.append((host, port or default_port))
+        if not addresses:
+            raise ValueError("expected at least one host:port address")
+        return tuple(addresses)
+
+    return parse
 
 
 def _read(env: Mapping[str, str], name: str, default: T, parse: Callable[[str], T]) -> T:
