@@ -76,7 +76,9 @@ def redis_topology(request: pytest.FixtureRequest) -> RedisTopology:
     if name == "cluster":
         return request.getfixturevalue("redis_cluster").topology()  # type: ignore[no-any-return]
     server: RedisServer = request.getfixturevalue("redis_server")
-    return RedisTopology("standalone", server.url, client=lambda: redis.Redis.from_url(server.url))
+    return RedisTopology(
+        "standalone", server.url, env={"REDIS_CONN_STRING": server.url}, client=lambda: redis.Redis.from_url(server.url)
+    )
 
 
 @pytest.fixture

@@ -1,0 +1,319 @@
+"""Redis topologies: settings, Cluster's hash slots, the real process on each topology, and a
+Sentinel failover under load. (The data-path, refresher and contract tests also run on every
+topology: see `redis_topologies` in conftest.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import redis.asyncio
+from conftest import AppClient
+from redis_topologies import RedisClusterNodes, RedisTopology, SentinelGroup
+from support import Gateway, Service
+
+from usage_service.config import ConfigError, load_settings
+from usage_service.redis_client import create_client
+
+URL = "/api/usage/token"
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({"REDIS_CONN_STRING": "redis://cache:6379/0"}, {"redis_mode": "standalone"}, id="default"),
+        pytest.param(
+            {
+                "REDIS_CONN_STRING": "redis://:pw@ignored:6379/2",
+                "USAGE_REDIS_MODE": "Sentinel",
+                "USAGE_REDIS_SENTINELS": "s1:26379, s2 ,[::1]:5000",
+                "USAGE_REDIS_MASTER_NAME": "gateway",
+                "USAGE_REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+            },
+            {
+                "redis_mode": "sentinel",
+                "redis_sentinels": (("s1", 26379), ("s2", 26379), ("::1", 5000)),
+                "redis_master_name": "gateway",
+                "redis_sentinel_password": "sentinel-secret",
+            },
+            id="sentinel",
+        ),
+        pytest.param(
+            {
+                "REDIS_CONN_STRING": "redis://n1:7000",
+                "USAGE_REDIS_MODE": "cluster",
+                "USAGE_REDIS_CLUSTER_NODES": "n2:7001",
+            },
+            {"redis_mode": "cluster", "redis_cluster_nodes": (("n2", 7001),)},
+            id="cluster",
+        ),
+    ],
+)
+def test_reads_the_topology(env: dict[str, str], expected: dict[str, object]) -> None:
+    settings = load_settings(env)
+    assert {name: getattr(settings, name) for name in expected} == expected
+    assert "sentinel-secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "words"),
+    [
+        pytest.param({"USAGE_REDIS_MODE": "ring"}, "USAGE_REDIS_MODE", "standalone, sentinel, cluster", id="bad-mode"),
+        pytest.param({"USAGE_REDIS_MODE": "cluster"}, "USAGE_REDIS_MODE", "REDIS_CONN_STRING", id="no-url"),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://x", "USAGE_REDIS_MODE": "sentinel"},
+            "USAGE_REDIS_SENTINELS",
+            "host:port",
+            id="sentinel-without-sentinels",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://x", "USAGE_REDIS_SENTINELS": "s1"},
+            "USAGE_REDIS_SENTINELS",
+            "USAGE_REDIS_MODE",
+            id="sentinels-without-sentinel-mode",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://x", "USAGE_REDIS_MODE": "sentinel", "USAGE_REDIS_SENTINELS": "s1:port"},
+            "USAGE_REDIS_SENTINELS",
+            "'s1:port' is not one",
+            id="bad-sentinel-port",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://x", "USAGE_REDIS_MODE": "sentinel", "USAGE_REDIS_SENTINELS": " , "},
+            "USAGE_REDIS_SENTINELS",
+            "at least one",
+            id="empty-sentinel-list",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://x:6379/3", "USAGE_REDIS_MODE": "cluster"},
+            "REDIS_CONN_STRING",
+            "database 0",
+            id="cluster-database",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "unix:///run/redis.sock", "USAGE_REDIS_MODE": "cluster"},
+            "REDIS_CONN_STRING",
+            "unix://",
+            id="cluster-unix-socket",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://x", "USAGE_REDIS_CLUSTER_NODES": "n2:7001"},
+            "USAGE_REDIS_CLUSTER_NODES",
+            "USAGE_REDIS_MODE",
+            id="cluster-nodes-without-cluster-mode",
+        ),
+    ],
+)
+def test_bad_topology_settings_name_the_variable(env: dict[str, str], variable: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert str(info.value).startswith(f"{variable}: ")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "client_class"),
+    [
+        pytest.param({"REDIS_CONN_STRING": "redis://127.0.0.1:1/0"}, redis.asyncio.Redis, id="standalone"),
+        pytest.param(
+            {"REDIS_CONN_STRING": "rediss://:pw@x/1", "USAGE_REDIS_MODE": "sentinel", "USAGE_REDIS_SENTINELS": "s:1"},
+            redis.asyncio.Redis,
+            id="sentinel",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://127.0.0.1:1", "USAGE_REDIS_MODE": "cluster"},
+            redis.asyncio.RedisCluster,
+            id="cluster",
+        ),
+    ],
+)
+async def test_one_function_builds_the_client_for_each_topology(env: dict[str, str], client_class: type) -> None:
+    settings = load_settings(env)
+    client = create_client(settings)  # connects lazily: nothing needs to listen
+    try:
+        assert isinstance(client, client_class)
+        if settings.redis_mode == "sentinel":
+            pool = client.connection_pool
+            assert pool.service_name == "mymaster"  # type: ignore[attr-defined]
+            assert pool.connection_kwargs["password"] == "pw" and pool.connection_kwargs["db"] == 1
+            assert "SSL" in pool.connection_class.__name__  # rediss:// means TLS to the master
+            assert pool.max_connections == 32
+    finally:
+        await client.aclose()
+
+
+# --- Cluster: keys spread over slots and nodes -----------------------------------------------
+
+
+async def test_records_spread_over_every_cluster_node(
+    gateway: Gateway, app_client: AppClient, redis_cluster: RedisClusterNodes
+) -> None:
+    """A burst of misses reads and writes across many slots in one go, and the keys land on every node."""
+    topology = redis_cluster.topology()
+    tokens = [gateway.add_token(used=i) for i in range(90)]
+    unknown = [{"Authorization": f"Bearer sk-{i:048d}"} for i in range(30)]
+    async with app_client(redis_url=topology.url, db_pool_size=1, **topology.mode_settings) as (app, client):
+        prefix = app.state.redis._prefix
+        found, missing = await asyncio.gather(
+            asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens)),
+            asyncio.gather(*(client.get(URL, headers=h) for h in unknown)),
+        )
+        assert [r.json()["data"]["total_used"] for r in found] == list(range(90))
+        assert {r.status_code for r in missing} == {401}
+        deadline = time.monotonic() + 10
+        while sum(per_node := redis_cluster.keys_per_node(prefix + "*")) < 120:
+            assert time.monotonic() < deadline, f"records and negative entries not all written: {per_node}"
+            await asyncio.sleep(0.05)
+        assert all(count > 0 for count in per_node), per_node
+        assert app.state.redis.errors == 0
+        # A second instance reads them all back through Redis (MGET split by slot), not the database.
+        async with app_client(redis_url=topology.url, **topology.mode_settings) as (second, other):
+            again = await asyncio.gather(*(other.get(URL, headers=t.bearer) for t in tokens))
+            assert [r.json()["data"]["total_used"] for r in again] == list(range(90))
+            assert second.state.lookup.stats.db_reads == 0
+            assert second.state.lookup.stats.redis_hits == 90
+
+
+# --- the real process on each topology --------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.redis_topologies
+def test_the_service_process_on_each_topology(tmp_path: Path, redis_url: str, redis_topology: RedisTopology) -> None:
+    """Configured from the environment alone, as an operator would, the process caches through Redis."""
+    gateway = Gateway(tmp_path / "one-api.db")
+    token = gateway.add_token(used=7)
+    env = {"SQLITE_PATH": str(gateway.path), **redis_topology.env}
+    with Service(env) as service:
+        response = httpx.get(service.url + URL, headers=token.bearer)
+        assert response.status_code == 200 and response.json()["data"]["total_used"] == 7
+        assert httpx.get(service.url + "/readyz").json()["redis"] == "ok"
+        name = "usage:tok:" + hashlib.sha256(token.key.encode()).hexdigest()
+        client = redis_topology.client()
+        try:
+            deadline = time.monotonic() + 5
+            while not client.exists(name):
+                assert time.monotonic() < deadline, service.output()
+                time.sleep(0.05)
+        finally:
+            client.close()
+    gateway.close()
+
+
+# --- Sentinel failover under load -------------------------------------------------------------
+
+CONCURRENCY = 8
+WARM_UP = 2.0  # seconds of load before the master is killed
+FOLLOW_DEADLINE = 30.0  # seconds after the kill within which the service must use the new master
+COOL_DOWN = 1.0  # seconds of load after it did
+
+
+@pytest.mark.e2e
+@pytest.mark.slow_topology
+def test_sentinel_failover_under_load(tmp_path: Path) -> None:
+    """Kill the Sentinel master under load: no valid request fails, and the service follows the new master."""
+    group = SentinelGroup(tmp_path / "sentinel", down_after_ms=1000)
+    group.start()
+    gateway = Gateway(tmp_path / "one-api.db")
+    try:
+        polled = [gateway.add_token(used=i) for i in range(200)]
+        probes = [gateway.add_token(used=1_000_000 + i) for i in range(400)]  # each asked for once, after the kill
+        env = {
+            "SQLITE_PATH": str(gateway.path),
+            **group.topology().env,
+            "USAGE_REDIS_TIMEOUT": "0.2",
+            "USAGE_REDIS_COOLDOWN": "0.5",
+            "USAGE_LOCAL_TTL": "0",  # every request goes to Redis (or the database): no shelter in-process
+            "USAGE_REFRESH_INTERVAL": "0.5",
+        }
+        with Service(env) as service:
+            figures = asyncio.run(_failover_under_load(service, group, polled, probes))
+            output = service.output()
+    finally:
+        gateway.close()
+        group.stop()
+    print(
+        f"\nsentinel failover: {figures['requests']} requests, {figures['failures']} failed, "
+        f"new master named by the sentinels {figures['promoted']:.2f} s after the kill, "
+        f"followed by the service (a fresh record written there) {figures['followed']:.2f} s after the kill, "
+        f"slowest answer {figures['slowest'] * 1000:.0f} ms"
+    )
+    assert figures["failures"] == 0, (figures["failed"][:5], output)
+    assert figures["requests"] > 100
+    assert figures["followed"] < FOLLOW_DEADLINE, output
+    assert figures["leader_on_new_master"], "the refresher's leader lock was not renewed on the new master"
+
+
+async def _failover_under_load(
+    service: Service, group: SentinelGroup, polled: list[Any], probes: list[Any]
+) -> dict[str, Any]:
+    old_master = group.master.port
+    new_master = redis.asyncio.Redis(port=group.replica.port)
+    stats: dict[str, Any] = {"requests": 0, "failures": 0, "failed": [], "slowest": 0.0, "leader_on_new_master": False}
+    stop = asyncio.Event()
+
+    async def ask(client: httpx.AsyncClient, token: Any) -> None:
+        started = time.monotonic()
+        try:
+            response = await client.get(URL, headers=token.bearer)
+            ok = response.status_code == 200 and response.json()["data"]["total_used"] == token_used[token.id]
+            detail: object = (response.status_code, response.text[:200])
+        except httpx.HTTPError as exc:
+            ok, detail = False, repr(exc)
+        stats["requests"] += 1
+        stats["slowest"] = max(stats["slowest"], time.monotonic() - started)
+        if not ok:
+            stats["failures"] += 1
+            stats["failed"].append(detail)
+
+    token_used = {t.id: i for i, t in enumerate(polled)} | {t.id: 1_000_000 + i for i, t in enumerate(probes)}
+
+    async def poll(client: httpx.AsyncClient, offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            await ask(client, polled[i % len(polled)])
+            i += CONCURRENCY
+
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+        workers = [asyncio.create_task(poll(client, n)) for n in range(CONCURRENCY)]
+        await asyncio.sleep(WARM_UP)
+        assert stats["requests"] > 0 and stats["failures"] == 0, stats["failed"][:5]
+
+        group.master.stop()  # SIGKILL: no goodbye to the sentinels or the clients
+        killed = time.monotonic()
+        promoted = followed = None
+        probe_iter = iter(probes)
+        while followed is None and time.monotonic() - killed < FOLLOW_DEADLINE:
+            if promoted is None and await asyncio.to_thread(group.master_address) != ("127.0.0.1", old_master):
+                promoted = time.monotonic() - killed
+            # A token never asked for before: its record can only reach the new master by a write
+            # the service made after the kill.
+            probe = next(probe_iter)
+            await ask(client, probe)
+            name = "usage:tok:" + hashlib.sha256(probe.key.encode()).hexdigest()
+            for _ in range(10):
+                with contextlib.suppress(redis.RedisError):  # while the replica is being promoted
+                    if await new_master.exists(name):
+                        followed = time.monotonic() - killed
+                        break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(COOL_DOWN)
+        stop.set()
+        await asyncio.gather(*workers)
+    with contextlib.suppress(redis.RedisError):  # while the replica is being promoted
+        stats["leader_on_new_master"] = bool(await new_master.exists("usage:leader"))
+    await new_master.aclose()
+    stats["promoted"] = promoted if promoted is not None else float("inf")
+    stats["followed"] = followed if followed is not None else float("inf")
+    return stats
