@@ -1,0 +1,293 @@
+"""The deployment files: docker-compose.yml against the Compose specification, the nginx
+configuration (checked by `nginx -t` and run in front of real sidecars), the Kubernetes example.
+
+No Docker engine or cluster runs here, so the files are checked for what a schema and a close
+reading can tell: that Compose would accept them, and that each profile wires up what it says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import json
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+from support import Gateway, Service, free_port, wait_until
+
+from usage_service.config import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+NGINX_CONF = ROOT / "config" / "nginx" / "scaled.conf"
+K8S_FILE = ROOT / "config" / "k8s" / "new-api-with-usage-service.yaml"
+GATEWAY_IMAGE = "calciumion/new-api"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
+    return document
+
+
+def compose_schema() -> dict[str, Any]:
+    """The Compose specification's JSON schema, as the check-jsonschema package ships it.
+
+    Source: https://github.com/compose-spec/compose-spec/blob/main/schema/compose-spec.json,
+    Apache License 2.0 (the package carries the licence in builtin_schemas/vendor/licenses/).
+    """
+    vendor = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    schema: dict[str, Any] = json.loads((vendor / "compose-spec.json").read_text())
+    return schema
+
+
+def services_in(compose: dict[str, Any], profile: str | None) -> dict[str, dict[str, Any]]:
+    """The services `docker compose` starts with this profile enabled (None: no profile)."""
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if not service.get("profiles") or profile in service["profiles"]
+    }
+
+
+# --- docker-compose.yml -----------------------------------------------------------------------
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+    assert errors == []
+
+
+def test_the_schema_check_can_fail(compose: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["usage-service"]["restart"] = ["always"]
+    broken["services"]["proxy"]["profiles"] = "scaled"
+    schema = compose_schema()
+    assert len(list(jsonschema.validators.validator_for(schema)(schema).iter_errors(broken))) == 2
+
+
+@pytest.mark.parametrize("profile", [None, "scaled"])
+def test_every_dependency_starts_with_its_profile(compose: dict[str, Any], profile: str | None) -> None:
+    enabled = services_in(compose, profile)
+    for name, service in enabled.items():
+        assert set(service.get("depends_on", {})) <= set(enabled), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
+            else:
+                assert source in compose["volumes"], f"{name} mounts undeclared volume {source}"
+
+
+def test_embedded_default_reads_the_gateways_sqlite_file_read_only(compose: dict[str, Any]) -> None:
+    default = services_in(compose, None)
+    assert set(default) == {"redis", "new-api", "usage-service"}
+    gateway, sidecar = default["new-api"], default["usage-service"]
+    assert gateway["image"].startswith(GATEWAY_IMAGE)
+    assert "new-api-data:/data:ro" in sidecar["volumes"]
+    for name in ("SQLITE_PATH", "REDIS_CONN_STRING"):
+        assert sidecar["environment"][name] == gateway["environment"][name]
+    load_settings(sidecar["environment"])  # the sidecar would start with it
+
+
+def test_scaled_profile_runs_two_sidecars_behind_nginx(compose: dict[str, Any]) -> None:
+    scaled = {name: s for name, s in compose["services"].items() if "scaled" in s.get("profiles", [])}
+    assert set(scaled) == {"postgres", "gateway", "usage-service-1", "usage-service-2", "proxy"}
+    gateway = scaled["gateway"]
+    assert gateway["image"].startswith(GATEWAY_IMAGE)
+    assert gateway["environment"]["SQL_DSN"].startswith("postgresql://")
+    sidecars = [scaled["usage-service-1"], scaled["usage-service-2"]]
+    for sidecar in sidecars:
+        env = sidecar["environment"]
+        # The gateway's conventions: a postgresql:// DSN on the same database, the same Redis,
+        # but as the read-only role that config/postgres/init-readonly.sh creates.
+        assert env["SQL_DSN"].startswith("postgresql://usage_ro:")
+        assert env["SQL_DSN"].rsplit("@", 1)[1] == gateway["environment"]["SQL_DSN"].rsplit("@", 1)[1]
+        assert env["REDIS_CONN_STRING"] == gateway["environment"]["REDIS_CONN_STRING"]
+        assert "volumes" not in sidecar  # nothing of the gateway's to mount: it reads the database
+        load_settings({k: v for k, v in env.items() if k != "SQL_DSN"})
+    proxy = scaled["proxy"]
+    assert proxy["image"].startswith("nginx:")
+    assert "./config/nginx/scaled.conf:/etc/nginx/conf.d/default.conf:ro" in proxy["volumes"]
+    assert set(proxy["depends_on"]) == {"gateway", "usage-service-1", "usage-service-2"}
+    # nginx's upstreams name exactly these services on the ports they listen on.
+    upstreams = dict(re.findall(r"upstream (\w+) \{(.*?)\}", NGINX_CONF.read_text(), re.S))
+    assert re.findall(r"server ([\w-]+:\d+)", upstreams["usage_service"]) == [
+        "usage-service-1:3001",
+        "usage-service-2:3001",
+    ]
+    assert re.findall(r"server ([\w-]+:\d+)", upstreams["new_api"]) == ["gateway:3000"]
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+
+
+def local_nginx_conf(workdir: Path, port: int, usage: tuple[int, int], gateway: int) -> Path:
+    """The scaled configuration as nginx would load it in the image, with loopback addresses."""
+    site = NGINX_CONF.read_text()
+    site = site.replace("usage-service-1:3001", f"127.0.0.1:{usage[0]}")
+    site = site.replace("usage-service-2:3001", f"127.0.0.1:{usage[1]}")
+    site = site.replace("gateway:3000", f"127.0.0.1:{gateway}").replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (workdir / "default.conf").write_text(site)
+    main = workdir / "nginx.conf"
+    main.write_text(
+        f"daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log;\n"
+        "events {}\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n  proxy_temp_path {workdir}/proxy;\n"
+        f"  include {workdir}/default.conf;\n}}\n"
+    )
+    return main
+
+
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    nginx = nginx_binary()
+    if nginx is None:
+        # scripts/test installs nginx; without it, at least check the blocks and statements.
+        text = re.sub(r"#.*", "", NGINX_CONF.read_text())
+        assert text.count("{") == text.count("}")
+        assert all(line.rstrip().endswith((";", "{", "}")) for line in text.splitlines() if line.strip())
+        return
+    main = local_nginx_conf(tmp_path, free_port(), (free_port(), free_port()), free_port())
+    result = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(main)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+
+
+class _StubGateway(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"gateway": True, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stub_gateway() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.e2e
+def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path: Path, redis_url: str) -> None:
+    """The scaled profile's nginx, in front of two real sidecars and a stand-in gateway."""
+    nginx = nginx_binary()
+    if nginx is None:
+        pytest.skip("nginx is not installed (scripts/test installs it)")
+    db = Gateway(tmp_path / "one-api.db")
+    token = db.add_token(used=11)
+    env = {"SQLITE_PATH": str(db.path), "REDIS_CONN_STRING": redis_url}
+    with stub_gateway() as gateway_port, Service(env) as first, Service(env) as second:
+        port = free_port()
+        main = local_nginx_conf(tmp_path, port, (first.port, second.port), gateway_port)
+        proxy = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(main)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            assert wait_until(lambda: _answers(base + "/api/status"), timeout=10), (tmp_path / "error.log").read_text()
+            assert httpx.get(base + "/api/status").json() == {"gateway": True, "path": "/api/status"}
+            assert httpx.get(base + "/v1/models").json()["gateway"] is True
+            for path in ("/api/usage/token", "/api/usage/token/"):
+                for _ in range(4):  # round robin: both sidecars answer
+                    response = httpx.get(base + path, headers=token.bearer)
+                    assert response.status_code == 200, response.text
+                    assert response.json()["data"]["total_used"] == 11
+            assert _polls_answered(first) > 0 and _polls_answered(second) > 0
+            # One sidecar goes away: polls keep being answered by the other.
+            first.stop()
+            for _ in range(6):
+                response = httpx.get(base + "/api/usage/token", headers=token.bearer)
+                assert response.status_code == 200, response.text
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=10)
+    db.close()
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=1).status_code == 200
+    return False
+
+
+def _polls_answered(service: Service) -> float:
+    """Token lookups this sidecar resolved, whatever the layer, read from its /metrics."""
+    text = httpx.get(service.url + "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(("usage_cache_hits_total", "usage_db_lookups_total")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict[str, Any]]:
+    documents = [d for d in yaml.safe_load_all(K8S_FILE.read_text()) if d]
+    return {d["kind"]: d for d in documents}
+
+
+def test_k8s_sidecar_runs_in_the_gateways_pod_with_probes(k8s: dict[str, dict[str, Any]]) -> None:
+    assert set(k8s) == {"Deployment", "PersistentVolumeClaim", "Service", "Ingress"}
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"new-api", "usage-service"}
+    gateway, sidecar = containers["new-api"], containers["usage-service"]
+    assert gateway["image"].startswith(GATEWAY_IMAGE)
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"usage": 3001}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "usage"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "usage"}
+    # The same database file and Redis as the gateway, the file mounted read-only.
+    env = {e["name"]: e for e in sidecar["env"]}
+    gateway_env = {e["name"]: e for e in gateway["env"]}
+    for name in ("SQLITE_PATH", "REDIS_CONN_STRING"):
+        assert env[name] == gateway_env[name]
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    gateway_mounts = {m["name"]: m for m in gateway["volumeMounts"]}
+    assert mounts["data"]["readOnly"] is True and mounts["data"]["mountPath"] == gateway_mounts["data"]["mountPath"]
+    assert {v["name"] for v in pod["volumes"]} >= {m["name"] for m in sidecar["volumeMounts"]}
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_k8s_routes_usage_polls_to_the_sidecar_port(k8s: dict[str, dict[str, Any]]) -> None:
+    service = k8s["Service"]
+    assert service["spec"]["selector"] == k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert service_ports["usage"]["targetPort"] == "usage" and service_ports["http"]["targetPort"] == "http"
+    paths = {
+        p["path"]: (p["pathType"], p["backend"]["service"]["name"], p["backend"]["service"]["port"]["name"])
+        for rule in k8s["Ingress"]["spec"]["rules"]
+        for p in rule["http"]["paths"]
+    }
+    name = service["metadata"]["name"]
+    assert paths == {"/api/usage/": ("Prefix", name, "usage"), "/": ("Prefix", name, "http")}
