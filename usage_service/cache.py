@@ -194,6 +194,13 @@ class RedisCache:
             _reraise_cancellation()
             self._failed(exc)
             raise RedisUnavailable(type(exc).__name__) from None
+        except Exception as exc:
+            # Not an error redis-py documents (a client bug in some failover corner, a reply
+            # that does not parse): Redis still must not fail a request. Logged in full.
+            _reraise_cancellation()
+            logger.warning("unexpected error from the redis client; treated as redis unavailable", exc_info=True)
+            self._failed(exc)
+            raise RedisUnavailable(type(exc).__name__) from None
         # redis-py can swallow a cancellation that lands while it connects, or turn it into an
         # error: honour it either way, or a background task would outlive shutdown.
         _reraise_cancellation()
@@ -215,11 +222,15 @@ class RedisCache:
             return None
 
     async def _read_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes | str]:
+        async def read() -> dict[bytes, bytes | str]:
+            values = await self._mget([self._key(d) for d in digests])
+            # Inside _run: a reply that does not match the request is a Redis failure, not a 500.
+            return {digest: value for digest, value in zip(digests, values, strict=True) if value is not None}
+
         try:
-            values = await self._run(lambda: self._mget([self._key(d) for d in digests]))
+            return await self._run(read)
         except RedisUnavailable:
             return {}
-        return {digest: value for digest, value in zip(digests, values, strict=True) if value is not None}
 
     def write(self, digest: bytes, value: bytes, ttl: float) -> None:
         """Store a value soon, without making the caller wait for Redis."""
