@@ -219,6 +219,10 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
                     response = httpx.get(base + path, headers=token.bearer)
                     assert response.status_code == 200, response.text
                     assert response.json()["data"]["total_used"] == 11
+            for path in ("/v1/dashboard/billing/subscription", "/dashboard/billing/usage/"):
+                response = httpx.get(base + path, headers=token.bearer)
+                assert response.status_code == 200 and "gateway" not in response.json(), response.text
+            assert httpx.get(base + "/v1/dashboard/billing/other").json()["gateway"] is True
             assert _polls_answered(first) > 0 and _polls_answered(second) > 0
             # One sidecar goes away: polls keep being answered by the other.
             first.stop()
@@ -290,4 +294,9 @@ def test_k8s_routes_usage_polls_to_the_sidecar_port(k8s: dict[str, dict[str, Any
         for p in rule["http"]["paths"]
     }
     name = service["metadata"]["name"]
-    assert paths == {"/api/usage/": ("Prefix", name, "usage"), "/": ("Prefix", name, "http")}
+    billing = [f"{v1}/dashboard/billing/{what}" for v1 in ("", "/v1") for what in ("subscription", "usage")]
+    assert paths == {
+        "/api/usage/": ("Prefix", name, "usage"),
+        **{path: ("Prefix", name, "usage") for path in billing},
+        "/": ("Prefix", name, "http"),
+    }
