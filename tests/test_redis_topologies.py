@@ -222,6 +222,8 @@ def test_the_service_process_on_each_topology(tmp_path: Path, redis_url: str, re
         response = httpx.get(service.url + URL, headers=token.bearer)
         assert response.status_code == 200 and response.json()["data"]["total_used"] == 7
         assert httpx.get(service.url + "/readyz").json()["redis"] == "ok"
+        if redis_topology.name != "standalone":
+            assert f"redis: {'the master' if redis_topology.name == 'sentinel' else 'a cluster'}" in service.output()
         name = "usage:tok:" + hashlib.sha256(token.key.encode()).hexdigest()
         client = redis_topology.client()
         try:

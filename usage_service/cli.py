@@ -101,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if settings.redis_url is None:
         logger.info("REDIS_CONN_STRING is not set: caching in-process only")
+    elif settings.redis_mode == "sentinel":
+        sentinels = ", ".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
+        logger.info("redis: the master %r named by the sentinels %s", settings.redis_master_name, sentinels)
+    elif settings.redis_mode == "cluster":
+        logger.info("redis: a cluster, found through %d seed node(s)", 1 + len(settings.redis_cluster_nodes))
     if args.workers > 1:
         _share_metrics_between_workers()
     if demo_key is not None:
