@@ -104,7 +104,7 @@ def test_embedded_default_reads_the_gateways_sqlite_file_read_only(compose: dict
 
 def test_scaled_profile_runs_two_sidecars_behind_nginx(compose: dict[str, Any]) -> None:
     scaled = {name: s for name, s in compose["services"].items() if "scaled" in s.get("profiles", [])}
-    assert set(scaled) == {"postgres", "gateway", "usage-service-1", "usage-service-2", "proxy"}
+    assert set(scaled) == {"postgres", "postgres-grants", "gateway", "usage-service-1", "usage-service-2", "proxy"}
     gateway = scaled["gateway"]
     assert gateway["image"].startswith(GATEWAY_IMAGE)
     assert gateway["environment"]["SQL_DSN"].startswith("postgresql://")
@@ -112,12 +112,14 @@ def test_scaled_profile_runs_two_sidecars_behind_nginx(compose: dict[str, Any]) 
     for sidecar in sidecars:
         env = sidecar["environment"]
         # The gateway's conventions: a postgresql:// DSN on the same database, the same Redis,
-        # but as the read-only role that config/postgres/init-readonly.sh creates.
-        assert env["SQL_DSN"].startswith("postgresql://usage_ro:")
+        # but as the read-only role that config/postgres/init-readonly.sh creates, once the
+        # gateway's tables exist and it may read them.
+        assert env["SQL_DSN"].startswith("postgresql://usage_service:")
+        assert sidecar["depends_on"]["postgres-grants"] == {"condition": "service_completed_successfully"}
         assert env["SQL_DSN"].rsplit("@", 1)[1] == gateway["environment"]["SQL_DSN"].rsplit("@", 1)[1]
         assert env["REDIS_CONN_STRING"] == gateway["environment"]["REDIS_CONN_STRING"]
         assert "volumes" not in sidecar  # nothing of the gateway's to mount: it reads the database
-        load_settings({k: v for k, v in env.items() if k != "SQL_DSN"})
+        assert load_settings(env).database.host == "postgres"  # type: ignore[union-attr]
     proxy = scaled["proxy"]
     assert proxy["image"].startswith("nginx:")
     assert "./config/nginx/scaled.conf:/etc/nginx/conf.d/default.conf:ro" in proxy["volumes"]
