@@ -343,6 +343,8 @@ def start_servers(db: Path, hot_key: str, redis_url: str) -> dict[str, Callable[
     python = sys.executable
     servers = str(HERE / "servers.py")
     service_env = {"SQLITE_PATH": str(db), "REDIS_CONN_STRING": redis_url, "PYTHONPATH": str(HERE.parent)}
+    # The cold and bad loads are failures from one address: measure the lookup, not the limiter's 429.
+    service_env["USAGE_AUTH_FAIL_LIMIT"] = "0"
     return {
         "ceiling": lambda: Process(
             "ceiling",

@@ -108,12 +108,14 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
 
 @pytest.fixture
 def settings(gateway: Gateway, request: pytest.FixtureRequest) -> Settings:
-    # A unique prefix per test keeps tests from reading each other's Redis entries.
+    # A unique prefix per test keeps tests from reading each other's Redis entries. Tests send
+    # many bad credentials from one address: the limiter is off unless a test turns it on.
     settings = Settings(
         sqlite_path=gateway.path,
         database=gateway.database,  # type: ignore[arg-type]
         db_timeout=0.3,
         redis_prefix=f"t{uuid.uuid4().hex[:8]}:",
+        auth_fail_limit=0,
     )
     if "redis_topology" in request.fixturenames:
         # The test talks to Redis through `redis_url`: connect the way its topology needs.

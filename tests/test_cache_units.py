@@ -17,7 +17,16 @@ def test_local_cache_expires_entries() -> None:
     cache.put(b"a", "A", expires_at=10.0)
     assert cache.get(b"a", now=9.9) == "A"
     assert cache.get(b"a", now=10.0) is None
-    assert len(cache) == 0
+    assert cache.peek(b"a") == (10.0, "A")  # kept as a stale copy until pushed out
+
+
+def test_local_cache_extends_only_live_entries() -> None:
+    cache: LocalCache[str] = LocalCache(10)
+    cache.put(b"live", "L", expires_at=10.0)
+    cache.put(b"gone", "G", expires_at=5.0)
+    cache.extend(20.0, now=6.0)
+    assert cache.get(b"live", now=15.0) == "L"
+    assert cache.get(b"gone", now=6.0) is None
 
 
 def test_local_cache_is_bounded_and_evicts_oldest() -> None:

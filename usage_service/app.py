@@ -16,11 +16,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import metrics, openapi
 from ._circuit import CircuitBreaker
 from .access import AccessMiddleware, RequestStats
+from .addresses import ClientAddresses
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
 from .cache import RedisCache
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
+from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .redis_client import create_client
 from .refresh import Refresher
@@ -58,7 +60,13 @@ class UsageService(Starlette):
         if settings.cors_origins:
             app = CORSMiddleware(app, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
         if self.request_stats is not None or settings.access_log:
-            app = AccessMiddleware(app, routes=openapi.ROUTE_LABELS, stats=self.request_stats, log=settings.access_log)
+            app = AccessMiddleware(
+                app,
+                routes=openapi.ROUTE_LABELS,
+                stats=self.request_stats,
+                log=settings.access_log,
+                client=ClientAddresses(settings.trusted_proxies),  # the client the limiter counts
+            )
         return app
 
 
@@ -102,6 +110,7 @@ def create_app(settings: Settings) -> UsageService:
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
         lookup = TokenLookup(store, redis, settings)
+        app.state.limiter = AuthFailureLimiter.from_settings(settings, redis)
         refresher = Refresher(lookup, store, redis, settings)
         app.state.store = store
         app.state.redis = redis

@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import re
 import time
+from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .records import TOKEN_DISABLED, TOKEN_ENABLED, TOKEN_EXHAUSTED, TOKEN_EXPIRED, USER_ENABLED, TokenRecord
 from .responses import JSONError, OpenAIError
@@ -130,6 +132,34 @@ def _retry_after(seconds: int) -> tuple[bytes, bytes]:
     return (b"retry-after", str(seconds).encode())
 
 
+# --- the failed-authentication limiter's answer ------------------------------------------------
+
+TOO_MANY_FAILURES = "too many failed authentications, retry later"
+
+
+async def _refuse(rejection: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a credential that names no token: the route's 401, or 429 once its address failed too often.
+
+    Known tokens that are disabled or banned are not failures to guess with and are not counted.
+    """
+    limiter: AuthFailureLimiter | None = scope["app"].state.limiter
+    if limiter is not None:
+        retry_after = await limiter.failed(scope)
+        if retry_after is not None:
+            scope["app"].state.lookup.stats.limited += 1
+            rejection = _too_many(isinstance(rejection, OpenAIError), retry_after)
+    await rejection(scope, receive, send)
+
+
+@lru_cache(maxsize=512)
+def _too_many(openai_shape: bool, retry_after: int) -> JSONError:
+    """429 in the route's error shape (OpenAI clients back off on rate_limit_exceeded)."""
+    headers = [_retry_after(retry_after)]
+    if openai_shape:
+        return OpenAIError(429, TOO_MANY_FAILURES, "rate_limit_exceeded", headers, type_="requests")
+    return JSONError(429, TOO_MANY_FAILURES, headers)
+
+
 class TokenAuthMiddleware:
     """Pure-ASGI middleware guarding every request the front door matched to a short-path route.
 
@@ -152,11 +182,11 @@ class TokenAuthMiddleware:
                 header = value
                 break
         if not header:
-            await rules.no_header(scope, receive, send)
+            await _refuse(rules.no_header, scope, receive, send)
             return
         bearer = _BEARER.fullmatch(header)
         if bearer is None:
-            await rules.invalid_bearer(scope, receive, send)
+            await _refuse(rules.invalid_bearer, scope, receive, send)
             return
 
         lookup: TokenLookup = scope["app"].state.lookup
@@ -169,7 +199,7 @@ class TokenAuthMiddleware:
                 await rules.unavailable(scope, receive, send)
                 return
             if record is None:
-                await rules.unknown_key(scope, receive, send)
+                await _refuse(rules.unknown_key, scope, receive, send)
                 return
         rejection = rules.verdict(record)
         if rejection is not None:

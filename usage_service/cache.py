@@ -46,13 +46,17 @@ class LocalCache(Generic[V]):
         return len(self._entries)
 
     def get(self, digest: bytes, now: float) -> V | None:
+        """Return the entry's value while it has not expired."""
         entry = self._entries.get(digest)
-        if entry is None:
-            return None
-        if entry[0] <= now:
-            del self._entries[digest]
+        if entry is None or entry[0] <= now:
+            # An expired entry stays until it is replaced or pushed out by newer ones: it is
+            # what stale-if-error serves while the database cannot answer.
             return None
         return entry[1]
+
+    def peek(self, digest: bytes) -> tuple[float, V] | None:
+        """Return (expires_at, value) of the entry, expired or not."""
+        return self._entries.get(digest)
 
     def put(self, digest: bytes, value: V, expires_at: float) -> None:
         entries = self._entries
@@ -64,11 +68,11 @@ class LocalCache(Generic[V]):
     def discard(self, digest: bytes) -> None:
         self._entries.pop(digest, None)
 
-    def extend(self, expires_at: float) -> None:
-        """Let every entry live at least until `expires_at`."""
+    def extend(self, expires_at: float, now: float) -> None:
+        """Let every entry that has not expired by `now` live at least until `expires_at`."""
         entries = self._entries
         for digest, (deadline, value) in entries.items():
-            if deadline < expires_at:
+            if now < deadline < expires_at:
                 entries[digest] = (expires_at, value)
 
     def clear(self) -> None:
@@ -134,6 +138,18 @@ end
 return #KEYS
 """
 
+# Count failures in a window that the first failure opens; return the count and what is left
+# of the window. One key (Cluster-safe); a key found without an expiry gets one.
+_COUNT_FAILURE_SCRIPT = """
+local n = redis.call('incrby', KEYS[1], ARGV[2])
+local ttl = redis.call('pttl', KEYS[1])
+if ttl < 0 then
+  redis.call('pexpire', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+"""
+
 _RESIGN_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -163,6 +179,7 @@ class RedisCache:
         self.hot_key = prefix + "hot"
         self.leader_key = prefix + "leader"
         self.channel = prefix + "invalidate"
+        self.auth_fail_prefix = prefix + "authfail:"
         # A burst of misses costs a few MGETs, not one GET each; writes go out behind the
         # request, pipelined.
         self._reads: Batcher[bytes, bytes | str] = Batcher(self._read_many, max_batch=256, slots=2)
@@ -174,6 +191,7 @@ class RedisCache:
         self._set_newer_script = client.register_script(_SET_NEWER_SCRIPT)
         self._hot_script = client.register_script(_HOT_SCRIPT)
         self._note_script = client.register_script(_NOTE_SCRIPT)
+        self._count_failure = client.register_script(_COUNT_FAILURE_SCRIPT)
         self.errors = 0
         self.corrupt = 0
         self._closed = False
@@ -372,6 +390,33 @@ class RedisCache:
                 with contextlib.suppress(*REDIS_FAILURES):
                     async with asyncio.timeout(self.timeout):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # --- the failed-authentication limiter -------------------------------------------------
+
+    async def count_failures(self, failures: Mapping[str, int], window: float) -> dict[str, tuple[int, float]]:
+        """Add failures per bucket (a client address); return {bucket: (failures, seconds left in its window)}.
+
+        One script call per bucket, each on its own key (Cluster routes each by its slot), in one
+        pipeline: one round trip for a burst.
+        """
+        script = self._count_failure
+
+        async def count() -> list[tuple[int, int]]:
+            for attempt in range(2):
+                pipe = self.client.pipeline() if self._cluster is None else self._cluster.pipeline()
+                for bucket, n in failures.items():
+                    pipe.execute_command("EVALSHA", script.sha, 1, self.auth_fail_prefix + bucket, _ms(window), n)
+                try:
+                    return list(await pipe.execute())
+                except NoScriptError:
+                    # A server or node that never saw the script (new, restarted, promoted).
+                    if attempt:
+                        raise
+                    await self.client.script_load(script.script)
+            raise AssertionError("unreachable")
+
+        replies = await self._run(count)
+        return {bucket: (int(n), int(ttl) / 1000) for bucket, (n, ttl) in zip(failures, replies, strict=True)}
 
     # --- health ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 from . import __version__, logs
+from ._http import LimitedHttpToolsProtocol
 from .config import LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
 from .store import SchemaError, open_store
@@ -33,6 +34,11 @@ SERVER_OPTIONS: dict[str, Any] = {
     # Ours (--access-log) never logs a query string.
     "access_log": False,
     "server_header": False,
+    # uvicorn would rewrite the client address from X-Forwarded-For for any peer on 127.0.0.1;
+    # the service decides whom to believe itself (USAGE_TRUSTED_PROXIES, addresses.py).
+    "proxy_headers": False,
+    # Bounded request heads and JSON for the server's own 400s (_http.py).
+    "http": LimitedHttpToolsProtocol,
 }
 
 

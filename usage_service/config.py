@@ -7,17 +7,19 @@ own is prefixed ``USAGE_``.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from ._dsn import MySQLDSN, PostgresDSN, parse_sql_dsn
 
 T = TypeVar("T")
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 RedisMode = Literal["standalone", "sentinel", "cluster"]
 REDIS_MODES: tuple[RedisMode, ...] = ("standalone", "sentinel", "cluster")
@@ -62,6 +64,10 @@ class Settings:
     log_format: str = "text"
     access_log: bool = False
     cors_origins: tuple[str, ...] = ("*",)  # empty: no CORS headers at all (USAGE_CORS_ORIGINS=off)
+    stale_if_error: float = 300.0
+    auth_fail_limit: int = 30
+    auth_fail_window: float = 60.0
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 # (variable, default, description) for every variable; `--help` and the README print this.
@@ -103,6 +109,10 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("USAGE_LOG_FORMAT", "text", "log lines as 'text' or 'json' (same as --log-format)"),
     ("USAGE_ACCESS_LOG", "off", "one log line per request (on/off; same as --access-log)"),
     ("USAGE_CORS_ORIGINS", "*", "origins whose browsers may read the API, comma-separated; '*' any, 'off' none"),
+    ("USAGE_STALE_IF_ERROR", "300", "seconds past its freshness a cached record is served while the database is down"),
+    ("USAGE_AUTH_FAIL_LIMIT", "30", "failed authentications per client address per window before 429 (0 disables)"),
+    ("USAGE_AUTH_FAIL_WINDOW", "60", "seconds of the failed-authentication window (the longest Retry-After)"),
+    ("USAGE_TRUSTED_PROXIES", "(empty)", "CIDRs of proxies whose X-Forwarded-For names the client, comma-separated"),
 )
 
 LOG_FORMATS = ("text", "json")
@@ -156,6 +166,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_format=_read(env, "USAGE_LOG_FORMAT", "text", _log_format),
         access_log=_read(env, "USAGE_ACCESS_LOG", False, _switch),
         cors_origins=_cors_origins(env.get("USAGE_CORS_ORIGINS")),
+        stale_if_error=_read(env, "USAGE_STALE_IF_ERROR", 300.0, _seconds(minimum=0.0)),
+        auth_fail_limit=_read(env, "USAGE_AUTH_FAIL_LIMIT", 30, _count(minimum=0)),
+        auth_fail_window=_read(env, "USAGE_AUTH_FAIL_WINDOW", 60.0, _seconds(minimum=0.001)),
+        trusted_proxies=_read(env, "USAGE_TRUSTED_PROXIES", (), _networks),
     )
 
 
@@ -276,6 +290,19 @@ def _seconds(minimum: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _networks(raw: str) -> tuple[Network, ...]:
+    networks = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"expected comma-separated addresses or CIDRs such as 10.0.0.0/8, not {part!r}") from None
+    return tuple(networks)
 
 
 def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

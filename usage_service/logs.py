@@ -13,6 +13,10 @@ import uvicorn
 
 _TEXT_FORMAT = "%(levelname)s:     %(message)s"
 
+# Libraries that log what they send at DEBUG, token keys among it (aiosqlite logs every
+# statement with its parameters): they stay at INFO whatever --log-level says.
+_VERBOSE_LIBRARIES = ("aiosqlite",)
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, then the message or the record's fields.
@@ -41,6 +45,8 @@ def configure(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JSONFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in _VERBOSE_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def uvicorn_config(level: str, log_format: str) -> dict[str, Any]:
@@ -55,6 +61,8 @@ def uvicorn_config(level: str, log_format: str) -> dict[str, Any]:
         "level": "INFO",
         "propagate": False,
     }
+    for name in _VERBOSE_LIBRARIES:
+        config["loggers"][name] = {"level": "INFO" if level.upper() == "DEBUG" else level.upper()}
     if log_format == "json":
         for name in config["formatters"]:
             config["formatters"][name] = {"()": "usage_service.logs.JSONFormatter"}

@@ -1,7 +1,8 @@
 """Resolve a token key to its record: in-process layer → Redis → the gateway's database.
 
-Also: a negative cache for unknown keys, and single flight, so concurrent misses for one key
-in one process cost one trip down.
+Also: a negative cache for unknown keys; single flight, so concurrent misses for one key in
+one process cost one trip down; and stale-if-error, so a token whose record is still in a
+cache layer is answered from it while the database cannot answer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from .cache import LocalCache, RedisCache, key_digest
 from .config import Settings
 from .records import TokenRecord, encode_cached
-from .store import TokenStore
+from .store import StoreUnavailable, TokenStore
 
 
 @dataclass
@@ -29,10 +30,11 @@ class LookupStats:
     # Requests a rate limiter turned away; a limiter counts them here and /metrics publishes
     # them as usage_limiter_rejections_total.
     limited: int = 0
+    stale_served: int = 0  # answered from an expired record because the database could not answer
 
 
 # Where resolve() notes the layer that answered, in the mapping it is given (the ASGI scope):
-# "local", "negative", "redis" or "database". The access log reports it.
+# "local", "negative", "redis", "database" or "stale". The access log reports it.
 LAYER = "usage.layer"
 
 
@@ -53,6 +55,9 @@ class TokenLookup:
         # an interval, so records may stay in-process for as long as Redis keeps them.
         self.invalidations_live = False
         self.negative_ttl = settings.negative_ttl
+        self.stale_if_error = settings.stale_if_error
+        # Redis keeps records past their freshness so that they can stand in for the database.
+        self.redis_ttl = settings.cache_ttl + settings.stale_if_error
         self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
@@ -98,8 +103,14 @@ class TokenLookup:
             task.add_done_callback(lambda t: self._finished(digest, t))
         else:
             self.stats.coalesced += 1
-        # Shielded: a client that goes away must not cancel the trip others are waiting on.
-        record, layer = await asyncio.shield(task)
+        try:
+            # Shielded: a client that goes away must not cancel the trip others are waiting on.
+            record, layer = await asyncio.shield(task)
+        except StoreUnavailable:
+            record, layer = self._stale(digest), "stale"
+            if record is None:
+                raise
+            self.stats.stale_served += 1
         if note is not None:
             note[LAYER] = layer
         if record is not None and self._note_polls:
@@ -123,7 +134,8 @@ class TokenLookup:
             return
         remaining = as_of + self.cache_ttl - time.time()
         if remaining > 0:
-            self.local.extend(time.monotonic() + remaining)
+            now = time.monotonic()
+            self.local.extend(now + remaining, now)
 
     def refreshed(self, digest: bytes, record: TokenRecord | None) -> None:
         """Take a record the refresher just read from the database into the in-process layer."""
@@ -135,7 +147,15 @@ class TokenLookup:
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
+    def _stale(self, digest: bytes) -> TokenRecord | None:
+        """The expired record kept in-process for this key, if it expired within USAGE_STALE_IF_ERROR."""
+        entry = self.local.peek(digest)
+        if entry is None or time.monotonic() - entry[0] > self.stale_if_error:
+            return None
+        return entry[1]
+
     async def _load(self, key: bytes, digest: bytes) -> tuple[TokenRecord | None, str]:
+        stale: tuple[TokenRecord, float] | None = None
         if self.redis is not None:
             cached = await self.redis.get(digest)
             if cached is not None:
@@ -147,18 +167,32 @@ class TokenLookup:
                     self.stats.redis_hits += 1
                     self._remember(digest, record, remaining)
                     return record, "redis"
+                if record is not None:
+                    stale = record, remaining
 
         self.stats.db_reads += 1
         fetched_at = time.time()  # before the read: the record is at least this fresh
-        record = await self.store.fetch(key.decode("ascii"))
+        try:
+            record = await self.store.fetch(key.decode("ascii"))
+        except StoreUnavailable:
+            if stale is not None:
+                self._keep_stale(digest, *stale)
+            raise
         ttl = self.cache_ttl if record is not None else self.negative_ttl
         self._remember(digest, record, fetched_at + ttl - time.time())
         if self.redis is not None:
             if record is not None:
-                self.redis.write(digest, encode_cached(record, fetched_at), self.cache_ttl)
+                self.redis.write(digest, encode_cached(record, fetched_at), self.redis_ttl)
             elif self.negative_ttl > 0:
                 self.redis.write(digest, encode_cached(None, fetched_at), self.negative_ttl)
         return record, "database"
+
+    def _keep_stale(self, digest: bytes, record: TokenRecord, remaining: float) -> None:
+        """Keep an expired record from Redis in-process, already expired, for _stale to find."""
+        expired_at = time.monotonic() + remaining
+        held = self.local.peek(digest)
+        if held is None or held[0] < expired_at:
+            self.local.put(digest, record, expired_at)
 
     def _remember(self, digest: bytes, record: TokenRecord | None, remaining: float) -> None:
         """Keep a record in-process for the local TTL, never beyond what is left of its cache TTL."""

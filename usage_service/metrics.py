@@ -49,6 +49,7 @@ CACHE_HITS = Counter("usage_cache_hits", "Lookups answered by a cache layer", ["
 CACHE_MISSES = Counter("usage_cache_misses", "Lookups a cache layer could not answer", ["layer"])
 DB_LOOKUPS = Counter("usage_db_lookups", "Lookups that had to read the database (cache misses)")
 COALESCED = Counter("usage_coalesced_lookups", "Lookups that waited on another request's database read")
+STALE_SERVED = Counter("usage_stale_served", "Answers served from an expired record while the database was unavailable")
 REDIS_ERRORS = Counter("usage_redis_errors", "Redis calls that failed or timed out")
 REDIS_CIRCUIT_OPEN = Gauge(
     "usage_redis_circuit_open", "1 while a worker leaves Redis alone after failures", multiprocess_mode="livemax"
@@ -85,6 +86,7 @@ class Publisher:
             (DB_LOOKUPS, lambda: stats.db_reads),
             (COALESCED, lambda: stats.coalesced),
             (LIMITER_REJECTIONS, lambda: stats.limited),
+            (STALE_SERVED, lambda: stats.stale_served),
             (REFRESH_RUNS, lambda: refresh.runs),
             (REFRESH_CHANGED, lambda: refresh.changed),
             (REFRESH_READ, lambda: refresh.tokens_read),

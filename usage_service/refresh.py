@@ -84,8 +84,9 @@ class Refresher:
         polled = self.lookup.take_polled()
         for digest, token_id in polled.items():
             self._hot[digest] = (token_id, now)
-        if now - self._pruned_at >= self.window:
-            # Only our own rounds read this: pruning it once a window keeps it bounded.
+        if now - self._pruned_at >= self.window or len(self._hot) > self.hot_max:
+            # Only our own rounds read this: pruning it once a window keeps it bounded in time,
+            # and the cap bounds it in size when a sweep of distinct tokens arrives within one.
             self._prune_hot(now)
 
         if self.redis is not None:
@@ -126,7 +127,7 @@ class Refresher:
                 if fresh[digest] is not None or self.negative_ttl > 0
             }
             if values:
-                await redis.store_many(values, self.cache_ttl)
+                await redis.store_many(values, self.lookup.redis_ttl)
                 self._written.update(dict.fromkeys(values, fetched_at))
             if changed:
                 await redis.publish_invalidation(changed)
@@ -178,6 +179,9 @@ class Refresher:
     def _prune_hot(self, now: float) -> None:
         self._pruned_at = now
         self._hot = {d: entry for d, entry in self._hot.items() if entry[1] >= now - self.window}
+        if len(self._hot) > self.hot_max:  # the most recently polled win
+            recent = sorted(self._hot.items(), key=lambda item: item[1][1], reverse=True)[: self.hot_max]
+            self._hot = dict(recent)
 
     def _finish(self, fresh: dict[bytes, TokenRecord | None], changed: int, started: float) -> None:
         self.stats.runs += 1

@@ -56,11 +56,13 @@ def check_schema(columns: dict[str, set[str]], where: str, *, server: bool = Fal
             raise SchemaError(f"{where}: table {table} lacks columns {', '.join(sorted(missing))}")
 
 
-def select_sql(token_columns: set[str], user_columns: set[str], quote: str) -> str:
+def select_sql(token_columns: set[str], user_columns: set[str], quote: str, *, fixed_order: bool = False) -> str:
     """The SELECT of a token joined with its live user, identifiers quoted with `quote`.
 
     `key` and `group` are reserved words on MySQL and PostgreSQL: every identifier is quoted,
-    with backticks on MySQL and double quotes elsewhere.
+    with backticks on MySQL and double quotes elsewhere. `fixed_order` (SQLite, which plans
+    without statistics) reads the tokens first, by key or id, then each one's user by primary
+    key: CROSS JOIN fixes the order there, and + keeps the users' deleted_at index out of it.
     """
 
     def q(name: str) -> str:
@@ -74,8 +76,8 @@ def select_sql(token_columns: set[str], user_columns: set[str], quote: str) -> s
         f"SELECT t.{q('id')}, t.{q('key')}, t.{q('user_id')}, t.{q('name')}, t.{q('status')}, "
         f"t.{q('expired_time')}, t.{q('remain_quota')}, t.{q('used_quota')}, t.{q('unlimited_quota')}, "
         f"{', '.join(optional)}, u.{q('status')} AS {q('user_status')}, {', '.join(user)} "
-        f"FROM {q('tokens')} AS t JOIN {q('users')} AS u ON u.{q('id')} = t.{q('user_id')} "
-        f"AND u.{q('deleted_at')} IS NULL"
+        f"FROM {q('tokens')} AS t {'CROSS JOIN' if fixed_order else 'JOIN'} {q('users')} AS u "
+        f"ON u.{q('id')} = t.{q('user_id')} AND {'+' if fixed_order else ''}u.{q('deleted_at')} IS NULL"
     )
 
 

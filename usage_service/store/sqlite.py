@@ -59,14 +59,18 @@ class SQLiteStore(SQLStore):
         except SchemaError:
             await store.close()
             raise
-        store._select = select_sql(columns["tokens"], columns["users"], '"')
+        store._select = select_sql(columns["tokens"], columns["users"], '"', fixed_order=True)
         return store
 
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
         return f't."{column}" IN ({", ".join("?" * len(values))})', values
 
     def _live(self) -> str:
-        return 't."deleted_at" IS NULL'
+        # The gateway indexes tokens.deleted_at; without statistics SQLite may prefer that
+        # index for "deleted_at IS NULL" over the key's unique index once an IN list holds more
+        # than a few keys, and scan every live token per statement. The unary + keeps the term
+        # off any index.
+        return '+t."deleted_at" IS NULL'
 
     def _options_probe(self) -> str:
         return "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'options'"

@@ -1,0 +1,131 @@
+"""Faults injected for real, in process: the database locked while records are stale, Redis
+slow or black-holed behind a proxy we control."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from conftest import AppClient
+from support import Gateway, RedisServer, Token
+from tcpproxy import TCPProxy
+
+URL = "/api/usage/token"
+
+
+async def used(client: httpx.AsyncClient, token: Token) -> int:
+    response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200, response.text
+    return int(response.json()["data"]["total_used"])
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503
+    assert response.json() == {"success": False, "message": "database unavailable, retry later"}
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_stale_in_process_record_is_served_while_the_database_is_locked(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    cached, never = gateway.add_token(used=4), gateway.add_token()
+    async with app_client(cache_ttl=0.1, local_ttl=0.1, refresh_interval=0) as (app, client):
+        assert await used(client, cached) == 4
+        await asyncio.sleep(0.2)  # past its freshness
+        with gateway.exclusive_lock():
+            assert await used(client, cached) == 4
+            assert_unavailable(await client.get(URL, headers=never.bearer))
+            metrics = (await client.get("/metrics")).text
+        stats = app.state.lookup.stats
+        assert stats.stale_served == 1
+        assert "usage_stale_served_total 1.0" in metrics
+        gateway.charge(cached, 1)
+        assert await used(client, cached) == 5  # the database answers again: fresh records
+        assert stats.stale_served == 1
+
+
+async def test_stale_redis_record_is_served_while_the_database_is_locked(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    token = gateway.add_token(used=9)
+    fast = {"redis_url": redis_url, "cache_ttl": 0.1, "local_ttl": 0.1, "refresh_interval": 0}
+    async with app_client(**fast) as (_, first):
+        assert await used(first, token) == 9
+        await asyncio.sleep(0.3)  # written behind the answer, then past its freshness
+    async with app_client(**fast) as (second, client):  # a worker that never saw the token
+        with gateway.exclusive_lock():
+            assert await used(client, token) == 9
+            assert await used(client, token) == 9
+        assert second.state.lookup.stats.stale_served == 2
+
+
+async def test_stale_if_error_is_bounded(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client(cache_ttl=0.1, local_ttl=0.1, refresh_interval=0, stale_if_error=0.2) as (app, client):
+        await used(client, token)
+        await asyncio.sleep(0.4)  # expired 0.3 s ago, more than USAGE_STALE_IF_ERROR
+        with gateway.exclusive_lock():
+            assert_unavailable(await client.get(URL, headers=token.bearer))
+        assert app.state.lookup.stats.stale_served == 0
+
+
+async def test_locked_database_misses_wait_at_most_the_busy_timeout(gateway: Gateway, app_client: AppClient) -> None:
+    tokens = [gateway.add_token() for _ in range(5)]
+    async with app_client(db_timeout=0.3) as (_, client):
+        with gateway.exclusive_lock():
+            started = time.monotonic()
+            responses = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens))
+            waited = time.monotonic() - started
+        for response in responses:
+            assert_unavailable(response)
+        # The busy timeout plus the store's one-second guard, with room for a loaded machine.
+        assert waited < 0.3 + 1.0 + 1.0
+
+
+@pytest.fixture
+def proxied_redis(redis_server: RedisServer, redis_url: str) -> Iterator[TCPProxy]:
+    with TCPProxy(("127.0.0.1", redis_server.port)) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize("fault", ["black-hole", "slow"])
+async def test_redis_slow_or_black_holed(
+    gateway: Gateway, app_client: AppClient, proxied_redis: TCPProxy, redis_client: redis.Redis, fault: str
+) -> None:
+    """No request waits longer than the Redis timeout (plus the database read); the circuit opens
+    and closes again when Redis answers."""
+    tokens = [gateway.add_token(used=i) for i in range(20)]
+    timeout = 0.2
+    # Every request asks Redis: no in-process layer, no refresher keeping records there.
+    overrides = {"redis_url": proxied_redis.url, "redis_timeout": timeout, "redis_cooldown": 0.5}
+    overrides |= {"local_ttl": 0, "refresh_interval": 0}
+    async with app_client(**overrides) as (app, client):
+        for i, token in enumerate(tokens):
+            assert await used(client, token) == i
+        breaker = app.state.redis.breaker
+        if fault == "black-hole":
+            proxied_redis.black_hole()
+        else:
+            proxied_redis.delay(timeout * 3)
+        slowest = 0.0
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for i, token in enumerate(tokens):
+                started = time.monotonic()
+                assert await used(client, token) == i
+                slowest = max(slowest, time.monotonic() - started)
+        assert breaker.state in ("open", "half-open")
+        # One Redis read bounded by the timeout, then the database; generous for a loaded machine.
+        assert slowest < timeout + 0.8, f"a request waited {slowest:.2f}s"
+
+        proxied_redis.heal()
+        redis_client.flushall()
+        deadline = time.monotonic() + 10
+        while redis_client.dbsize() == 0 or breaker.state != "closed":
+            assert time.monotonic() < deadline, "the circuit did not close again"
+            await used(client, tokens[0])
+            await asyncio.sleep(0.05)

@@ -1,0 +1,88 @@
+"""Memory stays bounded: a sweep of distinct keys (valid and invalid, each from its own address)
+leaves every per-key structure at its size limit. bench/faults/key_sweep.py is the 1,000,000-key
+version against the real process, with RSS figures."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import pytest
+from asgi import call
+from conftest import AppClient
+from support import Gateway
+
+from usage_service.demo import new_key
+
+LIMIT = 1000
+SWEEP = 20_000
+
+
+def add_tokens(gateway: Gateway, count: int) -> list[str]:
+    """Insert many tokens in one transaction (the Gateway helper commits each one)."""
+    user = gateway.add_user()
+    keys = [new_key() for _ in range(count)]
+    gateway.db.execute("BEGIN")
+    gateway.db.executemany(
+        "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time, remain_quota,"
+        " used_quota, unlimited_quota) VALUES (?, ?, 1, 'sweep', 0, 0, -1, 1000, 0, 0)",
+        [(user, key) for key in keys],
+    )
+    gateway.db.execute("COMMIT")
+    return keys
+
+
+async def test_a_sweep_of_distinct_keys_leaves_the_caches_at_their_limits(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    valid = add_tokens(gateway, SWEEP // 2)
+    invalid = [new_key() for _ in range(SWEEP // 2)]
+    overrides = {
+        "local_cache_size": LIMIT,
+        "negative_cache_size": LIMIT,
+        "hot_max": LIMIT,
+        "refresh_interval": 0.2,
+        "auth_fail_limit": 30,
+        "trusted_proxies": (ipaddress.ip_network("127.0.0.0/8"),),
+    }
+    async with app_client(**overrides) as (app, _):
+        limiter, lookup, refresher = app.state.limiter, app.state.lookup, app.state.refresher
+        limiter._counts.max_size = limiter._blocked.max_size = LIMIT
+        statuses: dict[int, int] = {}
+
+        async def poll(i: int, key: str) -> None:
+            address = str(ipaddress.ip_address("10.0.0.0") + i)  # every request from its own client
+            headers = [(b"authorization", f"Bearer sk-{key}".encode()), (b"x-forwarded-for", address.encode())]
+            answer = await call(app, headers=headers)
+            statuses[answer.status] = statuses.get(answer.status, 0) + 1
+
+        keys = [k for pair in zip(valid, invalid, strict=True) for k in pair]
+        for start in range(0, len(keys), 250):
+            await asyncio.gather(*(poll(start + i, k) for i, k in enumerate(keys[start : start + 250])))
+        await asyncio.sleep(0.5)  # a refresher round or two trims its hot set
+
+        assert statuses == {200: SWEEP // 2, 401: SWEEP // 2}
+        assert len(lookup.local) == LIMIT
+        assert len(lookup.negative) == LIMIT
+        assert len(limiter._counts) == LIMIT
+        assert len(refresher._hot) <= LIMIT
+        assert len(lookup._inflight) == 0
+
+
+@pytest.mark.parametrize("count", [1, 50, 1000])
+async def test_batched_statements_use_the_key_and_id_indexes(gateway: Gateway, count: int) -> None:
+    """A batch of keys must not become a scan of every live token (found by the key sweep)."""
+    from usage_service.store.sqlite import SQLiteStore
+
+    store = await SQLiteStore.open(gateway.path, timeout=1.0)
+    try:
+        for column, index in (("key", "idx_tokens_key"), ("id", "PRIMARY KEY")):
+            condition, params = store._match(column, [0] * count)  # type: ignore[arg-type]
+            statement = f"{store._select} WHERE {condition} AND {store._live()}"
+            rows = gateway.db.execute("EXPLAIN QUERY PLAN " + statement, list(params))
+            plan = " ".join(row[3].replace("SEARCH TABLE ", "SEARCH ") for row in rows)  # older SQLite says TABLE
+            tokens, _, users = plan.partition("SEARCH u ")
+            assert tokens.startswith("SEARCH t ") and index in tokens and "deleted_at" not in tokens, plan
+            assert "PRIMARY KEY" in users, plan
+    finally:
+        await store.close()

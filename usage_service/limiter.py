@@ -1,0 +1,125 @@
+"""The failed-authentication limiter: an address that keeps failing gets 429 instead of 401.
+
+Only failures reach it. A request whose token resolves is answered before the limiter is
+asked anything, so valid tokens are never throttled and polling costs no extra round trip.
+
+Each address (an IPv6 client by its /64, which one machine usually holds whole) has a fixed
+window that starts with its first failure. Counts live in Redis, one key per address with an
+expiry, so every worker and instance shares them; each Redis operation touches that one key,
+which keeps it Cluster-safe. Without Redis, or while it is down, each worker counts alone.
+Once an address is over the limit the worker remembers it until its window ends and answers
+its further failures without asking Redis.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.types import Scope
+
+from ._batch import Batcher
+from .addresses import ClientAddresses
+from .cache import LocalCache, RedisCache, RedisUnavailable
+from .config import Settings
+
+# Addresses each worker tracks in-process (counts while Redis is away, and known-blocked ones);
+# the oldest are forgotten first, so a flood of distinct addresses cannot grow memory.
+MAX_TRACKED_ADDRESSES = 100_000
+
+
+@dataclass
+class LimiterStats:
+    failures: int = 0  # failed authentications seen
+    throttled: int = 0  # of which answered 429
+
+
+class AuthFailureLimiter:
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        redis: RedisCache | None,
+        addresses: ClientAddresses,
+        max_tracked: int = MAX_TRACKED_ADDRESSES,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.redis = redis
+        self.addresses = addresses
+        self.stats = LimiterStats()
+        self._counts: LocalCache[list[float]] = LocalCache(max_tracked)  # bucket -> [count, window end]
+        self._blocked: LocalCache[float] = LocalCache(max_tracked)  # bucket -> window end (monotonic)
+        # Failures that arrive together go to Redis as one pipeline. Each call is its own batch
+        # entry (bucket, sequence number), so concurrent failures from one address all count.
+        self._shared: Batcher[tuple[str, int], tuple[int, float]] = Batcher(self._count_shared, max_batch=256, slots=2)
+        self._sequence = itertools.count()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, redis: RedisCache | None) -> AuthFailureLimiter | None:
+        """The configured limiter, or None when USAGE_AUTH_FAIL_LIMIT is 0."""
+        if settings.auth_fail_limit <= 0:
+            return None
+        addresses = ClientAddresses(settings.trusted_proxies)
+        return cls(settings.auth_fail_limit, settings.auth_fail_window, redis, addresses)
+
+    async def failed(self, scope: Scope) -> int | None:
+        """Count a failed authentication; once over the limit, return the Retry-After seconds of a 429."""
+        self.stats.failures += 1
+        bucket = address_bucket(self.addresses(scope))
+        name = bucket.encode()
+        now = time.monotonic()
+        blocked_until = self._blocked.get(name, now)
+        if blocked_until is None:
+            count, remaining = await self._count(bucket, name, now)
+            if count <= self.limit:
+                return None
+            blocked_until = now + remaining
+            self._blocked.put(name, blocked_until, blocked_until)
+        self.stats.throttled += 1
+        return max(1, math.ceil(blocked_until - now))
+
+    async def _count(self, bucket: str, name: bytes, now: float) -> tuple[int, float]:
+        if self.redis is not None:
+            shared = await self._shared.load((bucket, next(self._sequence)))
+            if shared is not None:
+                return shared
+        entry = self._counts.get(name, now)
+        if entry is None:
+            entry = [0, now + self.window]
+            self._counts.put(name, entry, entry[1])
+        entry[0] += 1
+        return int(entry[0]), entry[1] - now
+
+    async def _count_shared(self, calls: Sequence[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, float]]:
+        assert self.redis is not None
+        failures: dict[str, int] = {}
+        for bucket, _ in calls:
+            failures[bucket] = failures.get(bucket, 0) + 1
+        try:
+            counts = await self.redis.count_failures(failures, self.window)
+        except RedisUnavailable:
+            return {}  # each caller counts in-process instead
+        # Hand each caller its own place in the count, as if they had come one by one.
+        results = {}
+        for call in reversed(calls):
+            bucket = call[0]
+            total, remaining = counts[bucket]
+            results[call] = (total - failures[bucket] + 1, remaining)
+            failures[bucket] -= 1
+        return results
+
+
+def address_bucket(address: str) -> str:
+    """The unit counted: an IPv4 address, an IPv6 /64, or whatever the server called the peer."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
