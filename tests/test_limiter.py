@@ -112,6 +112,26 @@ async def test_an_address_that_keeps_failing_gets_429(
         assert app.state.limiter.stats.failures == 5
 
 
+async def test_billing_routes_get_429_in_openais_shape(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client(**LIMITED) as (app, client):
+        for _ in range(3):
+            assert (await client.get("/v1/dashboard/billing/usage", headers=WRONG)).status_code == 401
+        response = await client.get("/v1/dashboard/billing/subscription", headers=WRONG)
+        assert response.status_code == 429
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert response.json() == {
+            "error": {
+                "message": "too many failed authentications, retry later",
+                "type": "requests",
+                "code": "rate_limit_exceeded",
+            }
+        }
+        assert (await client.get("/v1/dashboard/billing/usage", headers=token.bearer)).status_code == 200
+        # Published as usage_limiter_rejections_total.
+        assert app.state.lookup.stats.limited == 1
+
+
 async def test_disabled_and_banned_tokens_are_not_failures(gateway: Gateway, app_client: AppClient) -> None:
     disabled = gateway.add_token(status=2)
     banned = gateway.add_token(user_id=gateway.add_user(status=2))
