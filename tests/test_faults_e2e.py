@@ -236,7 +236,14 @@ def test_oversized_or_malformed_requests_are_refused_by_the_server(
     assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
 
 
-def test_no_key_material_in_logs_redis_metrics_or_answers(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(["--log-level", "debug"], id="debug"),
+        pytest.param(["--log-level", "debug", "--access-log", "--log-format", "json"], id="debug-access-json"),
+    ],
+)
+def test_no_key_material_in_logs_redis_metrics_or_answers(tmp_path: Path, redis_url: str, flags: list[str]) -> None:
     """Run the real process at debug level through every path that sees a key, then look for
     the raw keys of the run everywhere they could leak."""
     gateway = Gateway(tmp_path / "one-api.db")
@@ -248,7 +255,7 @@ def test_no_key_material_in_logs_redis_metrics_or_answers(tmp_path: Path, redis_
     env = {"SQLITE_PATH": str(gateway.path), "REDIS_CONN_STRING": redis_url, "USAGE_AUTH_FAIL_LIMIT": "3"}
     env |= {"USAGE_DB_TIMEOUT": "0.2", "USAGE_REFRESH_INTERVAL": "0.2", "USAGE_CACHE_TTL": "0.5"}
     seen: list[bytes] = []
-    with Service(env, "--log-level", "debug") as service, httpx.Client(base_url=service.url) as client:
+    with Service(env, *flags) as service, httpx.Client(base_url=service.url) as client:
 
         def send(method: str, path: str, **headers: str) -> None:
             response = client.request(method, path, headers=headers)
@@ -276,6 +283,9 @@ def test_no_key_material_in_logs_redis_metrics_or_answers(tmp_path: Path, redis_
             stored = redis_contents(probe)
         log = service.output()
     assert "DEBUG" in log or "debug" in log.lower()
+    if "--access-log" in flags:
+        # Every request was logged but the oversized ones, refused before the app (one per key).
+        assert log.count("usage_service.access") >= len(seen) - len(secrets)
     assert any(b"429" in s or b"too many" in s for s in seen)  # the limiter's path was taken too
     places = {
         "log": log.encode(),
