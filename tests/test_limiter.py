@@ -80,6 +80,12 @@ def test_limiter_settings() -> None:
         load_settings({"USAGE_TRUSTED_PROXIES": "10.0.0.300"})
     with pytest.raises(ConfigError, match="USAGE_AUTH_FAIL_LIMIT"):
         load_settings({"USAGE_AUTH_FAIL_LIMIT": "-1"})
+    with pytest.raises(ConfigError, match="USAGE_AUTH_FAIL_WINDOW"):
+        load_settings({"USAGE_AUTH_FAIL_WINDOW": "0"})
+    assert load_settings({}).stale_if_error == 300.0
+    assert load_settings({"USAGE_STALE_IF_ERROR": "0"}).stale_if_error == 0.0
+    with pytest.raises(ConfigError, match="USAGE_STALE_IF_ERROR"):
+        load_settings({"USAGE_STALE_IF_ERROR": "-5"})
 
 
 async def fail(client: httpx.AsyncClient, times: int, headers: dict[str, str] = WRONG) -> list[httpx.Response]:
