@@ -86,3 +86,21 @@ async def test_batched_statements_use_the_key_and_id_indexes(gateway: Gateway, c
             assert "PRIMARY KEY" in users, plan
     finally:
         await store.close()
+
+
+def test_rendered_answers_kept_with_records_are_their_own_size() -> None:
+    """orjson's output keeps a 4 KiB buffer; kept per cached record it dominated a worker's RSS."""
+    import tracemalloc
+
+    from usage_service.records import TokenRecord
+
+    records = [TokenRecord(i, 1, "t", 1, -1, 1000, 0, False, False, (), 1) for i in range(2000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [(r.usage_body, r.cache_fields) for r in records]
+        per_record = (tracemalloc.get_traced_memory()[0] - before) / len(records)
+    finally:
+        tracemalloc.stop()
+    assert len(kept[0][0]) < 400
+    assert per_record < 1500, f"{per_record:.0f} bytes kept per record"

@@ -13,11 +13,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import orjson
 from starlette.types import Receive, Scope, Send
 
 from .auth import SCOPE_KEY
-from .records import TokenRecord
+from .records import TokenRecord, compact_json
 from .responses import JSON_TYPE, NO_CACHE, Headers, send_body
 from .store import StoreUnavailable, TokenStore
 
@@ -159,7 +158,7 @@ class GatewayOptions:
 
 
 def _answer(data: dict[str, object]) -> tuple[Headers, bytes]:
-    body = orjson.dumps(data)
+    body = compact_json(data)  # kept with the record
     return [JSON_TYPE, NO_CACHE, (b"content-length", str(len(body)).encode())], body
 
 

@@ -104,7 +104,7 @@ def main() -> None:
 
             httpx.get(service.url + URL, headers={"Authorization": f"Bearer sk-{valid[0]}"})
             rss, _ = rss_mib(pid)
-            print(f"before: RSS {rss:.1f} MiB (pid {pid}, 1 worker, default cache sizes)")
+            print(f"before: RSS {rss:.1f} MiB (pid {pid}, 1 worker, settings {args.env or 'defaults'})")
             began = time.monotonic()
             statuses = asyncio.run(sweep(service.port, keys, args.connections, began + args.max_seconds, report))
             elapsed = time.monotonic() - began
