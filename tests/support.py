@@ -71,6 +71,19 @@ class Gateway:
             self.update_user(user_id, used_quota=used_quota)
         return user_id
 
+    def add_tokens(self, count: int) -> list[str]:
+        """Insert many usable tokens of one new user in one transaction (SQLite); return their keys."""
+        user = self.add_user()
+        keys = [new_key() for _ in range(count)]
+        self.db.execute("BEGIN")
+        self.db.executemany(
+            "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time, remain_quota,"
+            " used_quota, unlimited_quota) VALUES (?, ?, 1, 'sweep', 0, 0, -1, 1000, 0, 0)",
+            [(user, key) for key in keys],
+        )
+        self.db.execute("COMMIT")
+        return keys
+
     def set_option(self, key: str, value: str | None) -> None:
         """Write one of the gateway's settings as its admin page does (None deletes the row)."""
         if value is None:

@@ -18,24 +18,10 @@ LIMIT = 1000
 SWEEP = 20_000
 
 
-def add_tokens(gateway: Gateway, count: int) -> list[str]:
-    """Insert many tokens in one transaction (the Gateway helper commits each one)."""
-    user = gateway.add_user()
-    keys = [new_key() for _ in range(count)]
-    gateway.db.execute("BEGIN")
-    gateway.db.executemany(
-        "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time, remain_quota,"
-        " used_quota, unlimited_quota) VALUES (?, ?, 1, 'sweep', 0, 0, -1, 1000, 0, 0)",
-        [(user, key) for key in keys],
-    )
-    gateway.db.execute("COMMIT")
-    return keys
-
-
 async def test_a_sweep_of_distinct_keys_leaves_the_caches_at_their_limits(
     gateway: Gateway, app_client: AppClient
 ) -> None:
-    valid = add_tokens(gateway, SWEEP // 2)
+    valid = gateway.add_tokens(SWEEP // 2)
     invalid = [new_key() for _ in range(SWEEP // 2)]
     overrides = {
         "local_cache_size": LIMIT,

@@ -28,19 +28,6 @@ from support import Gateway, RedisServer, Service
 from usage_service.demo import new_key
 
 
-def add_tokens(gateway: Gateway, count: int) -> list[str]:
-    user = gateway.add_user()
-    keys = [new_key() for _ in range(count)]
-    gateway.db.execute("BEGIN")
-    gateway.db.executemany(
-        "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time, remain_quota,"
-        " used_quota, unlimited_quota) VALUES (?, ?, 1, 'sweep', 0, 0, -1, 1000, 0, 0)",
-        [(user, key) for key in keys],
-    )
-    gateway.db.execute("COMMIT")
-    return keys
-
-
 async def sweep(port: int, keys: list[str], connections: int, deadline: float, report: object) -> dict[int, int]:
     statuses: dict[int, int] = {}
     counter = itertools.count()
@@ -83,7 +70,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="usage-sweep-"))
     gateway = Gateway(tmp / "one-api.db")
     started = time.monotonic()
-    valid = add_tokens(gateway, args.keys // 2)
+    valid = gateway.add_tokens(args.keys // 2)
     invalid = [new_key() for _ in range(args.keys - len(valid))]
     keys = [k for pair in itertools.zip_longest(valid, invalid) for k in pair if k is not None]
     print(f"database: {len(valid):,} tokens in {time.monotonic() - started:.0f} s; {len(invalid):,} unknown keys")
