@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from usage_service.auth import (
     DISABLED,
@@ -12,6 +14,8 @@ from usage_service.auth import (
     NO_HEADER,
     UNUSABLE,
     USER_BANNED,
+    _BEARER,
+    bearer_key,
     parse_authorization,
     usage_verdict,
 )
@@ -53,11 +57,27 @@ KEY = "AbCdEf0123456789AbCdEf0123456789AbCdEf0123456789"
         pytest.param("Bearer \u00e9t\u00e9", INVALID_BEARER, id="non-ascii"),
         pytest.param("Bearer \tabc", INVALID_BEARER, id="tab-is-not-sp"),
         pytest.param("Bearer sk-sk-abc", "sk", id="double-prefix-splits-like-the-gateway"),
+        pytest.param("Bearer sk-" + "a" * 128, "a" * 128, id="longest-key-with-prefix"),
+        pytest.param("Bearer sk-" + "a" * 129, INVALID_BEARER, id="too-long-with-prefix"),
+        pytest.param("Bearer sk-\u00e9t\u00e9", INVALID_BEARER, id="non-ascii-with-prefix"),
     ],
 )
 def test_parse_authorization(header: str | None, expected: object) -> None:
     raw = header.encode() if header is not None else None
     assert parse_authorization(raw) == (expected.encode() if isinstance(expected, str) else expected)
+
+
+# Headers near the accepted shapes: scheme spellings, prefixes, keys, suffixes, spaces, junk.
+_PIECES = st.sampled_from([b"Bearer", b"bearer", b"BEARER", b"Basic", b" ", b"  ", b"\t", b"sk-", b"sk", b"-"])
+_HEADERS = st.lists(_PIECES | st.binary(max_size=3) | st.text("aZ09", min_size=1, max_size=140).map(str.encode))
+
+
+@given(parts=_HEADERS)
+def test_fast_parse_agrees_with_the_pattern(parts: list[bytes]) -> None:
+    """The hot path skips the regex for the common shape; it must accept exactly what the pattern does."""
+    header = b"".join(parts)
+    bearer = _BEARER.fullmatch(header)
+    assert bearer_key(header) == (None if bearer is None else bearer.group(1))
 
 
 def test_rejections_carry_www_authenticate() -> None:

@@ -72,23 +72,53 @@ def logged_path(path: str, routes: Mapping[str, str]) -> str:
     return _KEYLIKE.sub("[redacted]", path[:_MAX_LOGGED_PATH])
 
 
-class AccessMiddleware:
-    """Time every HTTP request, count it by route and status, and log it when asked."""
+class AccessLog:
+    """What happens once a request has been answered: its count, its latency, its log line."""
 
     def __init__(
         self,
-        app: ASGIApp,
         *,
         routes: Mapping[str, str],
         stats: RequestStats | None,
         log: bool,
         client: Callable[[Scope], str] = client_address,
     ) -> None:
-        self.app = app
         self.routes = routes  # path -> route label
         self.stats = stats
         self.log = log
         self.client = client
+
+    def record(self, scope: Scope, status: int, started: float) -> None:
+        """Account for a request answered with `status` that came in at `started` (perf_counter)."""
+        elapsed = perf_counter() - started
+        path: str = scope["path"]
+        if self.stats is not None:
+            self.stats.note(path, status, elapsed)
+        if self.log:
+            self._log(scope, path, status, elapsed)
+
+    def _log(self, scope: Scope, path: str, status: int, elapsed: float) -> None:
+        # The query string is never logged: a client may have put its key there.
+        fields = {
+            "client": self.client(scope),
+            "method": scope["method"],
+            "path": logged_path(path, self.routes),
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "layer": scope.get(LAYER, "-"),
+        }
+        access_logger.info(ACCESS_FORMAT, fields)
+
+
+class AccessMiddleware:
+    """Time, count and log every HTTP request of an app that does not note its own status.
+
+    (The short path notes it under STATUS_KEY and is accounted for by the front door.)
+    """
+
+    def __init__(self, app: ASGIApp, access: AccessLog) -> None:
+        self.app = app
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,21 +136,4 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, send_noting_status)
         finally:
-            elapsed = perf_counter() - started
-            path: str = scope["path"]
-            if self.stats is not None:
-                self.stats.note(path, status, elapsed)
-            if self.log:
-                self._log(scope, path, status, elapsed)
-
-    def _log(self, scope: Scope, path: str, status: int, elapsed: float) -> None:
-        # The query string is never logged: a client may have put its key there.
-        fields = {
-            "client": self.client(scope),
-            "method": scope["method"],
-            "path": logged_path(path, self.routes),
-            "status": status,
-            "duration_ms": round(elapsed * 1000, 3),
-            "layer": scope.get(LAYER, "-"),
-        }
-        access_logger.info(ACCESS_FORMAT, fields)
+            self.access.record(scope, status, started)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import Any
 
 from starlette.applications import Starlette
@@ -15,19 +16,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics, openapi
 from ._circuit import CircuitBreaker
-from .access import AccessMiddleware, RequestStats
+from .access import AccessLog, AccessMiddleware, RequestStats
 from .addresses import ClientAddresses
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
 from .cache import RedisCache
 from .config import Settings, load_settings
-from .cors import CORSMiddleware
+from .cors import CORSMiddleware, request_origin
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .redis_client import create_client
 from .refresh import Refresher
+from .responses import STATUS_KEY
 from .routes import ShortRoutes, http_error, route_table, routes, server_error
-from .routing import ROUTE_KEY, RouteTable
+from .routing import ROUTE_KEY
 from .store import open_store
 
 logger = logging.getLogger("usage_service")
@@ -40,64 +42,66 @@ SHUTDOWN_GRACE = 2.0
 
 
 class UsageService(Starlette):
-    """Starlette for the lifespan, health routes and errors; the polled routes on a short path.
+    """The front door: the polled routes go down a short path, everything else through Starlette.
 
-    Polling is the whole workload, so the usage and billing routes go straight through the auth
-    middleware to their endpoints instead of through Starlette's general middleware and router.
+    Polling is the whole workload, so the usage and billing routes skip Starlette's middleware
+    and router: one table lookup, then CORS when a browser asks, then the auth middleware and
+    the endpoint. Starlette serves the lifespan, the health routes and the errors.
     """
 
     def __init__(self, settings: Settings, request_stats: RequestStats | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.request_stats = request_stats
-
-    def build_middleware_stack(self) -> ASGIApp:
-        settings = self.settings
-        rest = super().build_middleware_stack()
-        short = TokenAuthMiddleware(ShortRoutes())
-        app: ASGIApp = _ShortPath(short, rest, route_table(settings.retry_after))
+        table = route_table(settings.retry_after)
+        self.short_routes, self.match = table.routes, table.match
+        self.short: ASGIApp = TokenAuthMiddleware(ShortRoutes())
         # Outside authentication: a preflight carries no credential, and rejections need the headers too.
-        if settings.cors_origins:
-            app = CORSMiddleware(app, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
-        if self.request_stats is not None or settings.access_log:
-            app = AccessMiddleware(
-                app,
+        self.cors = (
+            CORSMiddleware(self.short, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
+            if settings.cors_origins
+            else None
+        )
+        self.access = (
+            AccessLog(
                 routes=openapi.ROUTE_LABELS,
-                stats=self.request_stats,
+                stats=request_stats,
                 log=settings.access_log,
                 client=ClientAddresses(settings.trusted_proxies),  # the client the limiter counts
             )
-        return app
-
-
-class _ShortPath:
-    """Send the table's paths down the short path, with a JSON 500 in the route's shape if anything
-    there fails; everything else goes to Starlette."""
-
-    def __init__(self, short: ASGIApp, rest: ASGIApp, table: RouteTable) -> None:
-        self.short = short
-        self.rest = rest
-        self.routes = table.routes
-        self.match = table.match
+            if request_stats is not None or settings.access_log
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.rest(scope, receive, send)
-            return
         # The polled paths are one dict lookup; only the rest scan the table's prefixes.
-        route = self.routes.get(scope["path"]) or self.match(scope["path"])
+        route = (self.short_routes.get(scope["path"]) or self.match(scope["path"])) if scope["type"] == "http" else None
         if route is None:
-            await self.rest(scope, receive, send)
+            await super().__call__(scope, receive, send)
             return
+        scope["app"] = self
         scope[ROUTE_KEY] = route
+        started = perf_counter()
         try:
-            await self.short(scope, receive, send)
+            cors = self.cors
+            if cors is not None and scope["path"] in cors.paths and (origin := request_origin(scope)) is not None:
+                await cors.cross_origin(origin, scope, receive, send)
+            else:
+                await self.short(scope, receive, send)
         except Exception:
             logger.exception("unexpected error answering %s", scope["path"])
             try:
                 await route.rules.internal_error(scope, receive, send)
             except Exception:  # the response had already started: nothing more to tell the client
                 pass
+        finally:
+            if self.access is not None:
+                # The short path's senders note the status (a failure before any answer is a 500).
+                self.access.record(scope, scope.get(STATUS_KEY, 500), started)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app = super().build_middleware_stack()
+        return app if self.access is None else AccessMiddleware(app, self.access)
 
 
 def create_app(settings: Settings) -> UsageService:

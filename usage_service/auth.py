@@ -42,14 +42,23 @@ UNUSABLE = JSONError(401, "token status is not usable", [_WWW_AUTHENTICATE])
 USER_BANNED = JSONError(403, "user is banned")
 
 
+def bearer_key(value: bytes) -> bytes | None:
+    """The token key in an Authorization value, or None when it is no credential we accept."""
+    # What nearly every client sends, checked without the regex engine: half the cost.
+    if value[:10] == b"Bearer sk-":
+        key = value[10:]
+        if len(key) <= 128 and key.isalnum():  # bytes.isalnum() is ASCII-only, like the pattern
+            return key
+    bearer = _BEARER.fullmatch(value)
+    return None if bearer is None else bearer.group(1)
+
+
 def parse_authorization(value: bytes | None) -> bytes | JSONError:
     """Return the token key (without 'sk-' or a channel suffix) or the rejection to send."""
     if not value:
         return NO_HEADER
-    bearer = _BEARER.fullmatch(value)
-    if bearer is None:
-        return INVALID_BEARER
-    return bearer.group(1)
+    key = bearer_key(value)
+    return INVALID_BEARER if key is None else key
 
 
 def usage_verdict(record: TokenRecord) -> JSONError | None:
@@ -184,13 +193,12 @@ class TokenAuthMiddleware:
         if not header:
             await _refuse(rules.no_header, scope, receive, send)
             return
-        bearer = _BEARER.fullmatch(header)
-        if bearer is None:
+        key = bearer_key(header)
+        if key is None:
             await _refuse(rules.invalid_bearer, scope, receive, send)
             return
 
         lookup: TokenLookup = scope["app"].state.lookup
-        key = bearer.group(1)
         record = lookup.cached(key, scope)
         if record is None:
             try:

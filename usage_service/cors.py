@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .responses import JSONError
+from .responses import JSONError, send_body
 
 ALLOW_METHODS = (b"GET", b"HEAD")
 ALLOW_HEADERS = frozenset({b"authorization", b"if-none-match", b"cache-control"})
@@ -46,17 +46,15 @@ class CORSMiddleware:
             self.simple_headers.append((b"vary", b"Origin"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        origin = None
-        for name, value in scope["headers"]:
-            if name == b"origin":
-                origin = value
-                break
+        origin = request_origin(scope) if scope["type"] == "http" and scope["path"] in self.paths else None
         if origin is None:
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.cross_origin(origin, scope, receive, send)
+
+    async def cross_origin(self, origin: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a request that came with an Origin header: a preflight here, anything else with
+        the Access-Control-* headers added to the app's answer."""
         if scope["method"] == "OPTIONS":
             request_method = request_headers = None
             for name, value in scope["headers"]:
@@ -101,11 +99,18 @@ class CORSMiddleware:
         elif request_headers and not _headers_allowed(request_headers):
             refusal = HEADERS_REFUSED
         else:
-            headers = [*self.preflight_headers, *self.response_headers(origin)]
-            await send({"type": "http.response.start", "status": 204, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
+            await send_body(scope, send, 204, [*self.preflight_headers, *self.response_headers(origin)], b"")
             return
         await refusal(scope, receive, send)
+
+
+def request_origin(scope: Scope) -> bytes | None:
+    """The request's Origin header: only browsers send one."""
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"origin":
+            return value
+    return None
 
 
 def _headers_allowed(value: bytes) -> bool:

@@ -12,6 +12,10 @@ Headers = list[tuple[bytes, bytes]]
 JSON_TYPE = (b"content-type", b"application/json")
 NO_CACHE = (b"cache-control", b"private, no-cache")
 
+# Where a short-path answer notes its status for the accounting: the short path's senders write
+# it here instead of the front door wrapping `send` on every request.
+STATUS_KEY = "usage.status"
+
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"success": False, "message": message})
@@ -24,6 +28,7 @@ def openai_error_body(message: str, type_: str, code: str) -> bytes:
 
 async def send_body(scope: Scope, send: Send, status: int, headers: Headers, body: bytes) -> None:
     """Send a complete response; HEAD gets the same headers and no body."""
+    scope[STATUS_KEY] = status
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
