@@ -53,6 +53,12 @@ class UsageService(Starlette):
         super().__init__(**kwargs)
         self.settings = settings
         self.request_stats = request_stats
+        # What the short path reads on every request, set by the lifespan. Plain attributes:
+        # `app.state` resolves each name through a Python-level __getattr__ (a tenth of the cost
+        # of a polled request). `state` holds them too, with everything else.
+        self.lookup: TokenLookup | None = None
+        self.limiter: AuthFailureLimiter | None = None
+        self.options: GatewayOptions | None = None
         table = route_table(settings.retry_after)
         self.short_routes, self.match = table.routes, table.match
         self.short: ASGIApp = TokenAuthMiddleware(ShortRoutes())
@@ -109,18 +115,19 @@ def create_app(settings: Settings) -> UsageService:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        assert isinstance(app, UsageService)
         store = await open_store(settings)
         redis = _open_redis(settings)
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
         lookup = TokenLookup(store, redis, settings)
-        app.state.limiter = AuthFailureLimiter.from_settings(settings, redis)
+        app.state.limiter = app.limiter = AuthFailureLimiter.from_settings(settings, redis)
         refresher = Refresher(lookup, store, redis, settings)
         app.state.store = store
         app.state.redis = redis
-        app.state.lookup = lookup
+        app.state.lookup = app.lookup = lookup
         app.state.refresher = refresher
-        app.state.options = options = GatewayOptions(store, settings.options_interval)
+        app.state.options = app.options = options = GatewayOptions(store, settings.options_interval)
         await options.refresh()
         tasks = [asyncio.create_task(options.run(), name="options")]
         if settings.metrics:

@@ -151,11 +151,11 @@ async def _refuse(rejection: ASGIApp, scope: Scope, receive: Receive, send: Send
 
     Known tokens that are disabled or banned are not failures to guess with and are not counted.
     """
-    limiter: AuthFailureLimiter | None = scope["app"].state.limiter
+    limiter: AuthFailureLimiter | None = scope["app"].limiter
     if limiter is not None:
         retry_after = await limiter.failed(scope)
         if retry_after is not None:
-            scope["app"].state.lookup.stats.limited += 1
+            scope["app"].lookup.stats.limited += 1
             rejection = _too_many(isinstance(rejection, OpenAIError), retry_after)
     await rejection(scope, receive, send)
 
@@ -198,7 +198,7 @@ class TokenAuthMiddleware:
             await _refuse(rules.invalid_bearer, scope, receive, send)
             return
 
-        lookup: TokenLookup = scope["app"].state.lookup
+        lookup: TokenLookup = scope["app"].lookup
         record = lookup.cached(key, scope)
         if record is None:
             try:

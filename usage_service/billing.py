@@ -177,7 +177,7 @@ _RENDER = {"subscription": subscription_data, "usage": usage_data}
 
 async def _send(scope: Scope, send: Send, name: str) -> None:
     record: TokenRecord = scope[SCOPE_KEY]
-    options: BillingOptions = scope["app"].state.options.current
+    options: BillingOptions = scope["app"].options.current
     # Rendered once per (record, options): a polled record is answered many times unchanged.
     memo = record.rendered
     entry = memo.get(name)
