@@ -180,6 +180,33 @@ async def test_tokens_leave_the_hot_set_when_nobody_polls(
         await eventually(lambda: _true(app.state.refresher.stats.tokens == 0))
 
 
+async def test_a_token_polled_without_pause_is_noted_once_per_renote_period(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Noting every polled token every interval cost the workers more than the refresh itself:
+    a token is noted again once a quarter of the hot window has passed (here 1 s), not every round."""
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, hot_window=4.0, **SLOW_CACHE) as (app, client):
+        assert app.state.refresher.renote == 1.0
+        hot_key = app.state.redis.hot_key
+
+        async def poll_and_watch(seconds: float) -> list[float]:
+            scores = []
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                assert (await client.get(URL, headers=token.bearer)).status_code == 200
+                scores += [score for _, score in redis_client.zrange(hot_key, 0, -1, withscores=True)]
+                await asyncio.sleep(0.03)
+            return scores
+
+        scores = await poll_and_watch(1.7)  # about 17 rounds
+        assert 2 <= len(set(scores)) <= 3, sorted(set(scores))
+        # A Redis that lost the set (a restart without persistence) has it back within the period.
+        redis_client.delete(hot_key)
+        await poll_and_watch(1.3)
+        assert redis_client.zcard(hot_key) == 1
+
+
 @pytest.mark.parametrize(("refresh_interval", "kept_in_process"), [(0.1, True), (0, False)], ids=["pushed", "not"])
 async def test_pushed_invalidations_let_records_stay_in_process(
     gateway: Gateway, app_client: AppClient, redis_url: str, refresh_interval: float, kept_in_process: bool

@@ -29,6 +29,12 @@ logger = logging.getLogger("usage_service.refresh")
 # hold up requests waiting on the same event loop.
 REFRESH_CHUNK = HOT_SLICE
 
+# A worker notes a token in the shared hot set again once this part of USAGE_HOT_WINDOW has
+# passed since it last did (at most every RENOTE_MAX seconds), not every interval: tokens polled
+# without pause stay in the set, and noting costs a fraction of what it did.
+RENOTE_FRACTION = 0.25
+RENOTE_MAX = 5.0
+
 
 @dataclass
 class RefreshStats:
@@ -57,6 +63,8 @@ class Refresher:
         self.instance = uuid.uuid4().hex
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
+        self._noted: dict[bytes, float] = {}  # when this worker last noted each token in the shared set
+        self.renote = min(self.window * RENOTE_FRACTION, RENOTE_MAX)
         self._pruned_at = 0.0
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
@@ -81,25 +89,32 @@ class Refresher:
     async def tick(self) -> None:
         """Do one round: share what was polled, then refresh as leader or on our own."""
         now = time.time()
-        polled = self.lookup.take_polled()
-        for digest, token_id in polled.items():
-            self._hot[digest] = (token_id, now)
-        if now - self._pruned_at >= self.window or len(self._hot) > self.hot_max:
-            # Only our own rounds read this: pruning it once a window keeps it bounded in time,
-            # and the cap bounds it in size when a sweep of distinct tokens arrives within one.
+        hot, noted = self._hot, self._noted
+        renote_before = now - self.renote
+        unnoted: dict[bytes, int] = {}  # polled, and not noted in the shared set lately
+        for digest, token_id in self.lookup.take_polled().items():
+            hot[digest] = (token_id, now)
+            if noted.get(digest, 0.0) <= renote_before:
+                unnoted[digest] = token_id
+        if now - self._pruned_at >= self.window or len(hot) > self.hot_max:
+            # Pruning once a window keeps these bounded in time, and the cap bounds them in size
+            # when a sweep of distinct tokens arrives within one.
             self._prune_hot(now)
 
         if self.redis is not None:
             try:
-                await self._shared_round(self.redis, polled, now)
+                await self._shared_round(self.redis, unnoted, now)
                 return
             except RedisUnavailable:
                 self._step_down()
+                # Redis may come back empty: note everything again once it answers.
+                self._noted.clear()
         await self._own_round()
 
-    async def _shared_round(self, redis: RedisCache, polled: dict[bytes, int], now: float) -> None:
-        if polled:
-            await redis.note_polled(polled, now)
+    async def _shared_round(self, redis: RedisCache, unnoted: dict[bytes, int], now: float) -> None:
+        if unnoted:
+            await redis.note_polled(unnoted, now)
+            self._noted.update(dict.fromkeys(unnoted, now))
         self.stats.leader = await redis.lead(self.instance, self.lock_ttl)
         if not self.stats.leader:
             self._step_down()
@@ -109,23 +124,24 @@ class Refresher:
         seen: dict[bytes, TokenRecord | None] = {}
         changes = 0
         as_of = time.time()
+        last_seen, written = self._last_seen, self._written
         for start in range(0, len(members), REFRESH_CHUNK):
             chunk = parse_hot(members[start : start + REFRESH_CHUNK])
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
-            # An unchanged record keeps its old object, and with it its encoded form.
-            fresh = {d: _same_or(self._last_seen.get(d, _UNSEEN), record) for d, record in fresh.items()}
-            changed = [d for d, record in fresh.items() if self._last_seen.get(d, _UNSEEN) is not record]
             # Changed records are written now; unchanged ones once half their TTL has gone, which
             # keeps them from ageing out of the cache and repairs, within that time, an entry a
             # request wrote from a read older than ours.
             due = fetched_at - self.cache_ttl / 2
-            rewrite = [d for d in fresh if self._written.get(d, 0.0) <= due]
-            values = {
-                digest: encode_cached(fresh[digest], fetched_at)
-                for digest in {*changed, *rewrite}
-                if fresh[digest] is not None or self.negative_ttl > 0
-            }
+            changed = []
+            values = {}
+            for digest, record in fresh.items():
+                if last_seen.get(digest, _UNSEEN) is not record:
+                    changed.append(digest)
+                elif written.get(digest, 0.0) > due:
+                    continue
+                if record is not None or self.negative_ttl > 0:
+                    values[digest] = encode_cached(record, fetched_at)
             if values:
                 await redis.store_many(values, self.lookup.redis_ttl)
                 self._written.update(dict.fromkeys(values, fetched_at))
@@ -171,14 +187,21 @@ class Refresher:
                 fresh[digest] = None
                 continue
             key, record = row
+            seen = last_seen.get(digest, _UNSEEN)
             # A store hands back the very record it gave last time only for an identical row,
             # key included: that one needs no hashing to know the key is still this digest's.
-            fresh[digest] = record if last_seen.get(digest) is record or key_digest(key.encode()) == digest else None
+            if seen is record:
+                fresh[digest] = record
+            elif key_digest(key.encode()) != digest:
+                fresh[digest] = None
+            else:  # an equal record keeps its old object, and with it its encoded form
+                fresh[digest] = seen if isinstance(seen, TokenRecord) and seen == record else record
         return fresh
 
     def _prune_hot(self, now: float) -> None:
         self._pruned_at = now
         self._hot = {d: entry for d, entry in self._hot.items() if entry[1] >= now - self.window}
+        self._noted = {d: at for d, at in self._noted.items() if at >= now - self.window}
         if len(self._hot) > self.hot_max:  # the most recently polled win
             recent = sorted(self._hot.items(), key=lambda item: item[1][1], reverse=True)[: self.hot_max]
             self._hot = dict(recent)
@@ -218,12 +241,6 @@ def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:
     items = list(hot.items())
     for start in range(0, len(items), REFRESH_CHUNK):
         yield dict(items[start : start + REFRESH_CHUNK])
-
-
-def _same_or(old: TokenRecord | None | _Unseen, new: TokenRecord | None) -> TokenRecord | None:
-    if old is new:
-        return new
-    return new if isinstance(old, _Unseen) or old != new else old
 
 
 class _Unseen:

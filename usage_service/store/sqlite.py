@@ -83,7 +83,7 @@ class SQLiteStore(SQLStore):
         while not self._idle.empty():
             await self._discard(self._idle.get_nowait())
 
-    async def _query(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
@@ -138,7 +138,7 @@ class SQLiteStore(SQLStore):
         # missing file. query_only is a second lock on the same door.
         conn = await aiosqlite.connect(self._uri, uri=True, timeout=self._timeout, isolation_level=None)
         try:
-            conn.row_factory = sqlite3.Row
+            # Rows stay plain tuples (sqlite3.Row objects would cost the refresher thousands a second).
             await conn.execute("PRAGMA query_only = 1")
         except BaseException:
             await conn.close()
