@@ -9,12 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from usage_service.auth import (
+    _BEARER,
     DISABLED,
     INVALID_BEARER,
     NO_HEADER,
     UNUSABLE,
     USER_BANNED,
-    _BEARER,
     bearer_key,
     parse_authorization,
     usage_verdict,

@@ -120,6 +120,9 @@ class Refresher:
             self._step_down()
             return
         members = await redis.hot_members(now - self.window, self.hot_max)
+        # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
+        # the front): each token is then re-read at the same point of every round, one interval apart.
+        members.sort()
         started = time.monotonic()
         seen: dict[bytes, TokenRecord | None] = {}
         changes = 0
