@@ -1,0 +1,130 @@
+"""Instructions per hot-path request, in process, counted by valgrind (callgrind).
+
+Timings on a shared machine move by tens of percent from one minute to the next; instruction
+counts do not. This drives the ASGI app directly (no sockets) with one token answered from the
+in-process layer, twice under callgrind with different request counts, and prints the
+difference per request: what the app's own code costs, repeatable to a few instructions.
+
+    .venv/bin/python bench/instructions.py [--requests 5000] [--metrics on|off] [--cors on|off]
+
+Needs valgrind (Debian package). Compare two checkouts by running each one's copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from usage_service.demo import GATEWAY_SCHEMA, new_key  # noqa: E402
+
+WARM_UP = 200
+
+
+async def drive(db: Path, key: str, requests: int, metrics: bool, cors: bool) -> None:
+    """Answer `requests` polls of one token from the in-process layer (after a warm-up)."""
+    from usage_service.app import create_app
+    from usage_service.config import Settings
+
+    settings = Settings(
+        sqlite_path=db, refresh_interval=0, local_ttl=600, metrics=metrics, cors_origins=("*",) if cors else ()
+    )
+    app = create_app(settings)
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/api/usage/token",
+        "raw_path": b"/api/usage/token",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:3001"), (b"authorization", b"Bearer sk-" + key.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 3001),
+    }
+    statuses: set[int] = set()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.add(message["status"])
+
+    async with app.router.lifespan_context(app):
+        for _ in range(WARM_UP + requests):
+            await app(dict(scope), receive, send)
+    assert statuses == {200}, statuses
+
+
+def count(args: argparse.Namespace, db: Path, key: str, requests: int, workdir: Path) -> int:
+    """Total instructions of one process answering `requests` polls."""
+    out = workdir / f"callgrind.{requests}"
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        __file__,
+        "--child",
+        str(db),
+        key,
+        str(requests),
+        args.metrics,
+        args.cors,
+    ]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = re.search(rb"^summary: (\d+)", out.read_bytes(), re.MULTILINE)
+    assert summary is not None, "no summary line in the callgrind output"
+    return int(summary.group(1))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        db, key, requests, metrics, cors = sys.argv[2:7]
+        asyncio.run(drive(Path(db), key, int(requests), metrics == "on", cors == "on"))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--metrics", choices=["on", "off"], default="on")
+    parser.add_argument("--cors", choices=["on", "off"], default="on")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("bench/instructions.py: valgrind is needed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        db, key = workdir / "one-api.db", new_key()
+        conn = sqlite3.connect(db)
+        conn.executescript(GATEWAY_SCHEMA)
+        conn.execute("INSERT INTO users (id, username, password, status, quota) VALUES (1, 'u', '!', 1, 0)")
+        conn.execute(
+            "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time,"
+            " remain_quota, used_quota, unlimited_quota) VALUES (1, ?, 1, 'bench', 0, 0, -1, 1000, 0, 0)",
+            (key,),
+        )
+        conn.commit()
+        conn.close()
+        few = count(args, db, key, 1000, workdir)
+        many = count(args, db, key, 1000 + args.requests, workdir)
+    per_request = (many - few) / args.requests
+    print(
+        f"{per_request:,.0f} instructions per hot request in process "
+        f"(metrics {args.metrics}, CORS {args.cors}; python {sys.version.split()[0]}, pid {os.getpid()})"
+    )
+
+
+if __name__ == "__main__":
+    main()
