@@ -17,7 +17,6 @@ import asyncio
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,36 +24,23 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from usage_service.demo import GATEWAY_SCHEMA, new_key  # noqa: E402
+from overhead import hot_database, hot_scope  # noqa: E402
+
+from usage_service.app import create_app  # noqa: E402
+from usage_service.config import Settings  # noqa: E402
 
 WARM_UP = 200
 
 
 async def drive(db: Path, key: str, requests: int, metrics: bool, cors: bool) -> None:
     """Answer `requests` polls of one token from the in-process layer (after a warm-up)."""
-    from usage_service.app import create_app
-    from usage_service.config import Settings
-
     settings = Settings(
         sqlite_path=db, refresh_interval=0, local_ttl=600, metrics=metrics, cors_origins=("*",) if cors else ()
     )
     app = create_app(settings)
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/api/usage/token",
-        "raw_path": b"/api/usage/token",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:3001"), (b"authorization", b"Bearer sk-" + key.encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 3001),
-    }
+    scope = hot_scope([(b"authorization", b"Bearer sk-" + key.encode())])
     statuses: set[int] = set()
 
     async def receive() -> dict[str, Any]:
@@ -106,17 +92,8 @@ def main() -> None:
         sys.exit("bench/instructions.py: valgrind is needed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        db, key = workdir / "one-api.db", new_key()
-        conn = sqlite3.connect(db)
-        conn.executescript(GATEWAY_SCHEMA)
-        conn.execute("INSERT INTO users (id, username, password, status, quota) VALUES (1, 'u', '!', 1, 0)")
-        conn.execute(
-            "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time,"
-            " remain_quota, used_quota, unlimited_quota) VALUES (1, ?, 1, 'bench', 0, 0, -1, 1000, 0, 0)",
-            (key,),
-        )
-        conn.commit()
-        conn.close()
+        db = workdir / "one-api.db"
+        key = hot_database(db)
         few = count(args, db, key, 1000, workdir)
         many = count(args, db, key, 1000 + args.requests, workdir)
     per_request = (many - few) / args.requests

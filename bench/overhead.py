@@ -46,9 +46,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[tuple[bytes, bytes]]]] = {
 }
 
 
-async def per_request_us(settings: Settings, headers: list[tuple[bytes, bytes]], requests: int, repeat: int) -> float:
-    app = create_app(settings)
-    scope: dict[str, Any] = {
+def hot_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a poll of /api/usage/token with these headers (besides host)."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -58,10 +58,31 @@ async def per_request_us(settings: Settings, headers: list[tuple[bytes, bytes]],
         "raw_path": b"/api/usage/token",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:3001"), (b"user-agent", b"bench"), *headers],
+        "headers": [(b"host", b"127.0.0.1:3001"), *headers],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 3001),
     }
+
+
+def hot_database(db: Path) -> str:
+    """Write a gateway database with one usable token; return its key."""
+    key = new_key()
+    conn = sqlite3.connect(db)
+    conn.executescript(GATEWAY_SCHEMA)
+    conn.execute("INSERT INTO users (id, username, password, status, quota) VALUES (1, 'u', '!', 1, 0)")
+    conn.execute(
+        "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time,"
+        " remain_quota, used_quota, unlimited_quota) VALUES (1, ?, 1, 'bench', 0, 0, -1, 1000, 0, 0)",
+        (key,),
+    )
+    conn.commit()
+    conn.close()
+    return key
+
+
+async def per_request_us(settings: Settings, headers: list[tuple[bytes, bytes]], requests: int, repeat: int) -> float:
+    app = create_app(settings)
+    scope = hot_scope([(b"user-agent", b"bench"), *headers])
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -93,17 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "one-api.db"
-        key = new_key()
-        conn = sqlite3.connect(db)
-        conn.executescript(GATEWAY_SCHEMA)
-        conn.execute("INSERT INTO users (id, username, password, status, quota) VALUES (1, 'u', '!', 1, 0)")
-        conn.execute(
-            "INSERT INTO tokens (user_id, `key`, status, name, created_time, accessed_time, expired_time,"
-            " remain_quota, used_quota, unlimited_quota) VALUES (1, ?, 1, 'bench', 0, 0, -1, 1000, 0, 0)",
-            (key,),
-        )
-        conn.commit()
-        conn.close()
+        key = hot_database(db)
         base = Settings(sqlite_path=db, refresh_interval=0, local_ttl=5)
         # Access lines go to a real file, as they would under a supervisor.
         log_file = open(Path(tmp) / "access.log", "w")  # noqa: SIM115
