@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"environment variables:\n{variables}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--host", default=None, help="address to listen on (default: 0.0.0.0; with --demo, 127.0.0.1)")
     parser.add_argument("--port", default=None, help="port to listen on (default: $PORT or 3001)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default: 1)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
@@ -120,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  curl -s http://127.0.0.1:{port}/api/usage/token -H 'Authorization: Bearer sk-{demo_key}'",
             flush=True,
         )
+    # The demo prints its token and serves /metrics: it stays off the network unless asked.
+    host = args.host if args.host is not None else ("127.0.0.1" if args.demo else "0.0.0.0")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found installed. Installing ours first turns a clean shutdown into exit status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uvicorn.run(
         "usage_service.app:create_app_from_env",
         factory=True,
-        host=args.host,
+        host=host,
         port=port,
         workers=args.workers,
         log_level=args.log_level,
