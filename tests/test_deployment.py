@@ -154,6 +154,11 @@ def test_scaled_sidecars_trust_nginx_and_nothing_else(compose: dict[str, Any]) -
         # Not the containers' range, nor the network's gateway (Docker's userland proxy
         # connects from there): those could name any client they like.
         assert not any(proxy.overlaps(dynamic) or docker_gateway in proxy for proxy in trusted), name
+    # And nginx appends the client it sees on every route to the sidecars.
+    locations = re.findall(r"location ([^{]+)\{(.*?)\n    \}", NGINX_CONF.read_text(), re.S)
+    to_sidecars = [body for _, body in locations if "proxy_pass http://usage_service;" in body]
+    assert len(to_sidecars) == 2
+    assert all("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in body for body in to_sidecars)
 
 
 # --- nginx ------------------------------------------------------------------------------------
