@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 
 from . import __version__, logs
-from ._http import LimitedHttpToolsProtocol
+from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
 from .config import LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
 from .store import SchemaError, open_store
@@ -27,6 +27,10 @@ from .store import SchemaError, open_store
 logger = logging.getLogger("usage_service")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+# Requests in flight per worker (a poll answered in-process takes tens of microseconds: that many
+# in flight means the database or Redis is stuck, and waiting longer would not help).
+MAX_IN_FLIGHT = 1000
 
 # How uvicorn serves the app (the benchmark serves its peers the same way).
 SERVER_OPTIONS: dict[str, Any] = {
@@ -37,8 +41,14 @@ SERVER_OPTIONS: dict[str, Any] = {
     # uvicorn would rewrite the client address from X-Forwarded-For for any peer on 127.0.0.1;
     # the service decides whom to believe itself (USAGE_TRUSTED_PROXIES, addresses.py).
     "proxy_headers": False,
-    # Bounded request heads and JSON for the server's own 400s (_http.py).
+    # Bounded request heads, a head-read timeout and JSON for the server's own 400, 431 and 503 (_http.py).
     "http": LimitedHttpToolsProtocol,
+    # Past this many requests in flight in a worker, each new one is answered 503 and its
+    # connection closed. Connections themselves are bounded by the descriptor limit and by
+    # USAGE_HEADER_TIMEOUT, after which one that sends no whole request is closed.
+    "limit_concurrency": MAX_IN_FLIGHT,
+    # Connections the kernel queues for a worker that is not accepting fast enough (uvicorn's default).
+    "backlog": 2048,
 }
 
 
@@ -122,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     # The demo prints its token and serves /metrics: it stays off the network unless asked.
     host = args.host if args.host is not None else ("127.0.0.1" if args.demo else "0.0.0.0")
+    logger.info("open files limit %d: about as many connections per worker", raise_descriptor_limit())
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found installed. Installing ours first turns a clean shutdown into exit status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -134,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         log_level=args.log_level,
         log_config=logs.uvicorn_config(args.log_level, settings.log_format),
+        # Also how long a connection may take to send a request head (_http.py).
+        timeout_keep_alive=settings.header_timeout,
         **SERVER_OPTIONS,
     )
     return 0

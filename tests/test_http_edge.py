@@ -1,0 +1,309 @@
+"""The HTTP edge of the real server: bounded request heads (pipelined ones too), slow and idle
+connections closed, and JSON for the server's own answers.
+
+Every test here talks to the server through raw sockets on 127.0.0.1. The server is one
+parameter (`server_args`, the flags that choose it), so the same tests hold for every server the
+command can run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import selectors
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from starlette.types import Receive, Scope, Send
+from support import Gateway, Service, Token, free_port, wait_until
+
+from usage_service._http import LimitedHttpToolsProtocol
+
+pytestmark = pytest.mark.e2e
+
+URL = "/api/usage/token"
+HEAD_TIMEOUT = 1  # USAGE_HEADER_TIMEOUT of the server under test, in seconds
+
+
+@pytest.fixture(scope="module", params=[pytest.param((), id="uvicorn")])
+def server_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The command-line flags that choose the server under test."""
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory, server_args: tuple[str, ...]) -> Iterator[tuple[Service, Token]]:
+    gateway = Gateway(tmp_path_factory.mktemp("edge") / "one-api.db")
+    token = gateway.add_token()
+    gateway.close()
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_HEADER_TIMEOUT": str(HEAD_TIMEOUT)}
+    with Service(env, *server_args) as service:
+        yield service, token
+        assert service.stop() == 0
+    assert "Traceback" not in service.output()
+
+
+def get(token: Token, *extra: bytes) -> bytes:
+    return b"".join(
+        [b"GET " + URL.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-" + token.key.encode() + b"\r\n"]
+        + [header + b"\r\n" for header in extra]
+        + [b"\r\n"]
+    )
+
+
+def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Read one response (status, headers, body) from `sock`, keeping what follows it in `buffer`."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a whole response; got {bytes(buffer[:200])!r}")
+        buffer += chunk
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {name.lower(): value for name, _, value in (line.partition(b": ") for line in lines)}
+    length = int(headers.get(b"content-length", b"0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a body")
+        rest += chunk
+    buffer[:] = rest[length:]
+    return int(status_line.split()[1]), headers, rest[:length]
+
+
+def is_closed(sock: socket.socket) -> bool:
+    """Whether the server has closed `sock` (without sending anything more)."""
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        return True
+    assert data == b"", f"the server answered a connection it should have closed: {data[:200]!r}"
+    return True
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_pipelined_requests_under_the_bound_are_all_answered(edge: tuple[Service, Token]) -> None:
+    service, token = edge
+    padding = b"X-Pad: " + b"p" * 20_000  # each head well under the bound, together well over it
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(get(token, padding) * 3)
+        buffer = bytearray()
+        statuses = [read_response(sock, buffer)[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+
+
+def test_a_request_with_a_body_then_a_pipelined_request(edge: tuple[Service, Token]) -> None:
+    service, token = edge
+    body = b"b" * 50_000  # a body is not a head: it does not count against the bound
+    post = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    chunked = b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked += b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(post + chunked + get(token))
+        buffer = bytearray()
+        statuses = [read_response(sock, buffer)[0] for _ in range(3)]
+    assert statuses == [405, 405, 200]
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        pytest.param(False, id="same-read"),
+        pytest.param(True, id="across-reads"),
+    ],
+)
+def test_a_pipelined_oversized_head_is_refused(edge: tuple[Service, Token], split: bool) -> None:
+    """The bound holds for every request of a connection, not only the first of a read."""
+    service, token = edge
+    # Over the 32 KiB bound, but under it in what follows the first read (the old check's blind spot).
+    oversized = get(token, b"X-Big: " + b"a" * 50_000)
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        buffer = bytearray()
+        if split:
+            # The first request and the start of the second; the server answers the first
+            # before the rest of the second arrives, in reads each under the bound.
+            sock.sendall(get(token) + oversized[:20_000])
+            assert read_response(sock, buffer)[0] == 200
+            try:
+                for start in range(20_000, len(oversized), 20_000):
+                    sock.sendall(oversized[start : start + 20_000])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before we finished sending: the answer is there to read
+        else:
+            sock.sendall(get(token) + oversized)
+            assert read_response(sock, buffer)[0] == 200
+        status, headers, body = read_response(sock, buffer)
+        assert status == 431
+        assert headers[b"content-type"] == b"application/json"
+        assert orjson.loads(body)["success"] is False
+        assert is_closed(sock)
+    assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+
+
+def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> None:
+    """Slowloris: connections that never finish a head, or go quiet after an answer, are closed
+    after the head timeout, and the descriptors they held come back."""
+    service, token = edge
+    pid = service.process.pid
+    before = descriptors(pid)
+    slow = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(30)]
+    idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(10)]
+    kept_alive = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(5)]
+    for sock in kept_alive:
+        sock.sendall(get(token))
+        assert read_response(sock, bytearray())[0] == 200
+    trickle = get(token)[:-2] + b"X-Slow: " + b"s" * 10_000  # a head that never ends
+    everyone = slow + idle + kept_alive
+    try:
+        assert wait_until(lambda: descriptors(pid) >= before + len(everyone), timeout=5)
+        selector = selectors.DefaultSelector()
+        for sock in everyone:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        open_ = set(everyone)
+        sent = 0
+        # The server's own timer closes them; bounded by a few times its timeout.
+        deadline = time.monotonic() + 5 * HEAD_TIMEOUT + 5
+        while open_ and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.1):
+                sock = key.fileobj  # type: ignore[assignment]
+                if is_closed(sock):  # type: ignore[arg-type]
+                    selector.unregister(sock)
+                    open_.discard(sock)  # type: ignore[arg-type]
+            if sent < len(trickle):  # one more byte of each slow head per round
+                for sock in slow:
+                    if sock in open_:
+                        try:
+                            sock.send(trickle[sent : sent + 1])
+                        except OSError:
+                            pass  # closed: the selector reports it
+                sent += 1
+        selector.close()
+        assert not open_, f"{len(open_)} of {len(everyone)} slow or idle connections still open"
+        assert sent < len(trickle)  # the slow heads were cut off while still trickling
+    finally:
+        for sock in everyone:
+            sock.close()
+    assert wait_until(lambda: descriptors(pid) <= before, timeout=5), (before, descriptors(pid))
+    assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+
+
+def test_a_connection_that_keeps_asking_stays_open(edge: tuple[Service, Token]) -> None:
+    """The timeout bounds each head, not the connection's life."""
+    service, token = edge
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        buffer = bytearray()
+        deadline = time.monotonic() + 3 * HEAD_TIMEOUT
+        answered = 0
+        while time.monotonic() < deadline:
+            sock.sendall(get(token))
+            assert read_response(sock, buffer)[0] == 200
+            answered += 1
+        assert answered > 3
+
+
+def test_the_header_timeout_is_checked() -> None:
+    from usage_service.config import ConfigError, load_settings
+
+    assert load_settings({}).header_timeout == 10
+    assert load_settings({"USAGE_HEADER_TIMEOUT": "30"}).header_timeout == 30
+    for bad in ("0", "1.5", "301", "soon"):
+        with pytest.raises(ConfigError, match="USAGE_HEADER_TIMEOUT"):
+            load_settings({"USAGE_HEADER_TIMEOUT": bad})
+
+
+@contextlib.contextmanager
+def soft_descriptor_limit(limit: int) -> Iterator[None]:
+    """Lower this process's soft open-files limit, which a process started meanwhile inherits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048, reason="needs a hard limit of 2048 files")
+def test_idle_connections_past_the_soft_descriptor_limit(
+    tmp_path: Path, server_args: tuple[str, ...], edge: tuple[Service, Token]
+) -> None:
+    """Started with 256 descriptors (as under a default systemd or shell limit), the service
+    raises its own limit to the hard one: 400 idle connections from one client do not make a
+    real request fail."""
+    _, token = edge
+    gateway = Gateway(tmp_path / "one-api.db")
+    gateway.add_token(key=token.key)
+    gateway.close()
+    with soft_descriptor_limit(256):
+        service = Service({"SQLITE_PATH": str(gateway.path)}, *server_args)
+    with service:
+        idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(400)]
+        try:
+            assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+@pytest.mark.asyncio
+async def test_past_the_in_flight_limit_requests_are_answered_503_in_json() -> None:
+    """uvicorn's `limit_concurrency` counts requests in flight, not idle connections, and its
+    503 is JSON like the service's own."""
+    release = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = uvicorn.Config(app, port=port, lifespan="off", log_level="critical", limit_concurrency=2)
+    config.http = LimitedHttpToolsProtocol  # type: ignore[assignment]
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):  # uvicorn's own start-up, at most 5 s
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+
+        async def ask(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            return reader, writer
+
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        slow = [await ask("/slow") for _ in range(2)]
+        reader, writer = await ask("/fast")  # the third in flight
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        assert b"content-type: application/json" in head and b"retry-after: 1" in head
+        body = await reader.read()  # then the connection is closed
+        assert orjson.loads(body)["success"] is False
+        writer.close()
+        release.set()
+        for reader, writer in slow:
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        reader, writer = await ask("/fast")  # idle connections are not requests in flight
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        for _, idle_writer in idle:
+            idle_writer.close()
+    finally:
+        server.should_exit = True
+        await serving
