@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import selectors
 import socket
@@ -307,3 +308,31 @@ async def test_past_the_in_flight_limit_requests_are_answered_503_in_json() -> N
     finally:
         server.should_exit = True
         await serving
+
+
+def test_the_access_log_keeps_one_request_to_a_line(tmp_path: Path, server_args: tuple[str, ...]) -> None:
+    """Text access lines from the real process: a decoded %0a, %0d or %22 forges no line and
+    breaks no quotes, and a key in a long path is redacted wherever the path is cut."""
+    key = "Q7w" * 16
+    paths = [
+        b"/a%0aINFO:%20%20%20%20%20forged",
+        b"/a%0d%0aINFO:%20forged",
+        b"/a%22%20200%200.1ms%20local%22",
+        b"/a%1b[2J%e2%80%a8",
+        b"/" + b"a/" * 92 + b"-" + key.encode(),
+    ]
+    gateway = Gateway(tmp_path / "one-api.db")
+    gateway.close()
+    with Service({"SQLITE_PATH": str(gateway.path)}, "--access-log", *server_args) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(b"".join(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n" for path in paths))
+            buffer = bytearray()
+            assert [read_response(sock, buffer)[0] for _ in paths] == [404] * len(paths)
+        service.stop()
+        output = service.output()
+    lines = [line for line in output.splitlines() if ' - "GET /a' in line]
+    assert len(lines) == len(paths), output
+    for line in lines:
+        assert re.fullmatch(r'INFO:     127\.0\.0\.1 - "GET \S+" 404 \d+\.\d{3}ms -', line), line
+    assert all(line in lines for line in output.splitlines() if "forged" in line)
+    assert key[:12] not in output
