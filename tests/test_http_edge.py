@@ -157,6 +157,7 @@ def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> No
     after the head timeout, and the descriptors they held come back."""
     service, token = edge
     pid = service.process.pid
+    assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200  # the database is open
     before = descriptors(pid)
     slow = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(30)]
     idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(10)]
@@ -236,15 +237,12 @@ def soft_descriptor_limit(limit: int) -> Iterator[None]:
 
 
 @pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048, reason="needs a hard limit of 2048 files")
-def test_idle_connections_past_the_soft_descriptor_limit(
-    tmp_path: Path, server_args: tuple[str, ...], edge: tuple[Service, Token]
-) -> None:
+def test_idle_connections_past_the_soft_descriptor_limit(tmp_path: Path, server_args: tuple[str, ...]) -> None:
     """Started with 256 descriptors (as under a default systemd or shell limit), the service
     raises its own limit to the hard one: 400 idle connections from one client do not make a
     real request fail."""
-    _, token = edge
     gateway = Gateway(tmp_path / "one-api.db")
-    gateway.add_token(key=token.key)
+    token = gateway.add_token()
     gateway.close()
     with soft_descriptor_limit(256):
         service = Service({"SQLITE_PATH": str(gateway.path)}, *server_args)

@@ -81,7 +81,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # between requests, or reading one's head
         self._head_bytes = 0  # of the head being read
         self._body_left: int | None = None  # bytes of a Content-Length body still to come, else None
-        self._tail = b""  # the last bytes fed, where a blank line may have begun
+        self._tail = b""  # the last 3 bytes received, where a blank line may have begun
         self._head_timer: asyncio.TimerHandle | None = None
         self._oversized = False  # a head went over MAX_REQUEST_HEAD: answer 431 once the pipeline is done
 
@@ -119,14 +119,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             else:  # a chunked body, which ends with a blank line too
                 stop = self._blank_line_end(data, start)
             in_head = self._in_head
-            # Where a blank line may have begun, unless the piece ends a head or a message.
-            self._tail = (self._tail + data[max(start, stop - 3) : stop])[-3:]
             super().data_received(data[start:stop])
             if self.transport.is_closing():
                 return
             if in_head and not self._in_head:  # a head is over, and its message is not: a body follows
                 self._body_left = self._content_length()
             start = stop
+        # A blank line may have begun in the last bytes. (If they ended a head instead, a blank
+        # line seen across them only ends a piece early, which costs nothing.)
+        self._tail = data[-3:] if size >= 3 else (self._tail + data)[-3:]
 
     def _blank_line_end(self, data: bytes, start: int) -> int:
         """Where the first blank line in data[start:] ends (one begun in the last data counts), or len(data)."""
@@ -140,7 +141,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._tail = b""
         self._cancel_head_timer()
         # Requests in flight, not connections: idle connections cost no work, and counting them
         # would let a client that opens many turn every other client's request into a 503.
@@ -166,7 +166,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._body_left = None
-        self._tail = b""
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to a request it cannot parse is text/plain; ours are all JSON.
