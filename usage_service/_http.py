@@ -4,9 +4,10 @@ httptools buffers a request line and headers of any size, for as long as a clien
 them; uvicorn closes a connection only once it has been idle after a response. Without bounds,
 one client sending endless or endlessly slow headers holds a worker's memory and descriptors.
 Here every request head, pipelined ones included, is bounded in size (MAX_REQUEST_HEAD: over it,
-431 and the connection closed before the parser buffers more) and in time (uvicorn's
-`timeout_keep_alive`, which the command sets from USAGE_HEADER_TIMEOUT: a connection that has not
-sent a whole head that long after opening or after its last response is closed).
+nothing more is read, the requests before it are answered, then 431 and the connection closed)
+and in time (uvicorn's `timeout_keep_alive`, which the command sets from USAGE_HEADER_TIMEOUT: a
+connection that has not sent a whole head that long after opening or after its last response is
+closed). Past `limit_concurrency` requests in flight, a request is answered 503, in JSON.
 """
 
 from __future__ import annotations
