@@ -122,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("redis: the master %r named by the sentinels %s", settings.redis_master_name, sentinels)
     elif settings.redis_mode == "cluster":
         logger.info("redis: a cluster, found through %d seed node(s)", 1 + len(settings.redis_cluster_nodes))
+    logger.info("open files limit %d: about as many connections per worker", raise_descriptor_limit())
     if args.workers > 1:
         _share_metrics_between_workers()
     if demo_key is not None:
@@ -132,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     # The demo prints its token and serves /metrics: it stays off the network unless asked.
     host = args.host if args.host is not None else ("127.0.0.1" if args.demo else "0.0.0.0")
-    logger.info("open files limit %d: about as many connections per worker", raise_descriptor_limit())
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found installed. Installing ours first turns a clean shutdown into exit status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
