@@ -52,7 +52,8 @@ class TokenLookup:
     its key is never served fresh after N, and no confirmation extends an entry read before the
     invalidation channel was last lost or regained. Enforced by:
     - `invalidate` expiring the entry in place (it stays as a stale copy, so stale-if-error
-      holds) and marking a load of that key still in flight, which then lands expired;
+      holds) and detaching a load of that key still in flight: it answers those already
+      waiting and lands expired, and later requests start a load of their own;
     - confirmations moving one watermark that covers only entries of the current generation
       (`LocalCache.confirm`), and a new generation whenever the channel is lost or regained;
     - a hard bound besides: no entry is served fresh more than `max_age` after the database
@@ -79,10 +80,8 @@ class TokenLookup:
         self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
+        # The load each key's requests wait on; a load an invalidation overtook is no longer here.
         self._inflight: dict[bytes, asyncio.Task[tuple[TokenRecord | None, str]]] = {}
-        # Keys invalidated while a load of theirs was in flight: what that load read is older
-        # than what the leader saw, and lands expired.
-        self._spoiled: set[bytes] = set()
         # Tokens answered since the refresher last asked: digest -> token id (never the key).
         # Without a refresher nobody asks, so nothing is noted.
         self._polled: dict[bytes, int] = {}
@@ -151,8 +150,7 @@ class TokenLookup:
         for digest in digests:
             self.local.expire(digest, now)  # kept, expired, for stale-if-error
             self.negative.discard(digest)
-            if digest in self._inflight:
-                self._spoiled.add(digest)
+            self._inflight.pop(digest, None)  # what it reads may predate the change
 
     def confirm(self, as_of: float) -> None:
         """Hear that a round checked every hot token against the database as of `as_of` (wall
@@ -170,12 +168,11 @@ class TokenLookup:
     def refreshed(self, digest: bytes, record: TokenRecord | None) -> None:
         """Take a record this worker's own refresh just read from the database (no channel:
         only its own TTL keeps it fresh)."""
-        self._remember(digest, record, 0.0, UNCONFIRMED)
+        self._remember(digest, record, 0.0, UNCONFIRMED, overtaken=False)
 
     def _finished(self, digest: bytes, task: asyncio.Task[tuple[TokenRecord | None, str]]) -> None:
         if self._inflight.get(digest) is task:
             del self._inflight[digest]
-            self._spoiled.discard(digest)
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
@@ -197,7 +194,7 @@ class TokenLookup:
                 age = max(0.0, time.time() - fetched_at)
                 if age < (self.cache_ttl if record is not None else self.negative_ttl):
                     self.stats.redis_hits += 1
-                    self._remember(digest, record, age, generation)
+                    self._remember(digest, record, age, generation, overtaken=self._overtaken(digest))
                     return record, "redis"
                 if record is not None:
                     stale = record, age
@@ -210,7 +207,7 @@ class TokenLookup:
             if stale is not None:
                 self._keep_stale(digest, *stale)
             raise
-        self._remember(digest, record, time.time() - fetched_at, generation)
+        self._remember(digest, record, time.time() - fetched_at, generation, overtaken=self._overtaken(digest))
         if self.redis is not None:
             if record is not None:
                 self.redis.write(digest, encode_cached(record, fetched_at), self.redis_ttl)
@@ -225,21 +222,31 @@ class TokenLookup:
         if held is None or held[1] < expired_at:
             self.local.put(digest, record, expired_at)
 
-    def _remember(self, digest: bytes, record: TokenRecord | None, age: float, generation: int) -> None:
+    def _overtaken(self, digest: bytes) -> bool:
+        """Whether an invalidation detached the running load of this key (see invalidate)."""
+        return self._inflight.get(digest) is not asyncio.current_task()
+
+    def _remember(
+        self, digest: bytes, record: TokenRecord | None, age: float, generation: int, *, overtaken: bool
+    ) -> None:
         """Keep what was read from the database `age` seconds ago: fresh for the local TTL (never
         beyond its cache TTL), longer while confirmations cover it if it was loaded under the
-        current generation, and never more than `max_age` after that read."""
+        current generation, and never more than `max_age` after that read. What an invalidation
+        overtook is at most a stale copy, and never replaces what a later load may have put."""
         now = time.monotonic()
         read_at = now - age
+        if overtaken:
+            if record is not None and self.local.peek(digest) is None:
+                self.local.put(digest, record, now)
+            return
         if record is None:
             if age < self.negative_ttl:
                 self.negative.put(digest, _NOT_FOUND, read_at + self.negative_ttl)
             self.local.discard(digest)
             return
         self.negative.discard(digest)
-        if digest in self._spoiled or self.local_ttl <= 0:
-            # Invalidated while it was read, or the layer is off: a stale copy only.
-            self.local.put(digest, record, now)
+        if self.local_ttl <= 0:
+            self.local.put(digest, record, now)  # the layer is off: a stale copy only
             return
         self.local.put(
             digest,
