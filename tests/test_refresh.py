@@ -207,34 +207,39 @@ async def test_a_token_polled_without_pause_is_noted_once_per_renote_period(
         assert redis_client.zcard(hot_key) == 1
 
 
-async def test_rounds_read_the_hot_set_in_a_fixed_order(
+async def test_each_token_is_read_at_the_same_point_of_every_round(
     gateway: Gateway, app_client: AppClient, redis_url: str
 ) -> None:
-    """Redis returns the most recently noted first; a round reads in member order instead, so a
-    token is re-read at the same point of every round, whatever was noted in between."""
+    """Redis returns the most recently noted first, and noting moves a token to the front; yet
+    a token is re-read in the same statement of every round (one interval apart), whatever was
+    noted in between."""
     gateway.add_tokens(2 * HOT_SLICE + 100)
     tokens = {int(row[0]): str(row[1]) for row in gateway.db.execute("SELECT id, `key` FROM tokens")}
     async with app_client(redis_url=redis_url, refresh_interval=3600.0) as (app, _):
         store, redis = app.state.store, app.state.redis
-        polled = {hashlib.sha256(key.encode()).digest(): token_id for token_id, key in tokens.items()}
-        members = sorted(f"{token_id}:{digest.hex()}".encode() for digest, token_id in polled.items())
-        now = time.time()
-        for offset, member in enumerate(members):  # the last member is the most recently noted
-            token_id, _, hexdigest = member.partition(b":")
-            await redis.note_polled({bytes.fromhex(hexdigest.decode()): int(token_id)}, now - 5 + offset * 1e-3)
-        reads: list[list[int]] = []
+        polled = list(tokens.items())
+        statements: list[set[int]] = []
         fetch_many = store.fetch_many
 
         async def recording(ids: list[int]) -> dict[int, Any]:
-            reads.append(sorted(ids))
+            statements.append(set(ids))
             return await fetch_many(ids)
 
         store.fetch_many = recording
-        await app.state.refresher.tick()
-        assert app.state.refresher.stats.leader
-        expected = [int(member.partition(b":")[0]) for member in members]
-        chunks = [sorted(expected[i : i + HOT_SLICE]) for i in range(0, len(expected), HOT_SLICE)]
-        assert reads == chunks
+
+        async def round_noted_in(order: list[tuple[int, str]]) -> dict[int, int]:
+            """Note the tokens one by one in this order, run a round: {token id: its statement}."""
+            now = time.time()
+            for offset, (token_id, key) in enumerate(order):
+                await redis.note_polled({hashlib.sha256(key.encode()).digest(): token_id}, now - 5 + offset * 1e-3)
+            statements.clear()
+            await app.state.refresher.tick()
+            assert app.state.refresher.stats.leader
+            return {token_id: n for n, ids in enumerate(statements) for token_id in ids}
+
+        first = await round_noted_in(polled)
+        assert len(set(first.values())) == 3 and len(first) == len(tokens)
+        assert await round_noted_in(polled[::-1]) == first
 
 
 @pytest.mark.parametrize(("refresh_interval", "kept_in_process"), [(0.1, True), (0, False)], ids=["pushed", "not"])
