@@ -18,13 +18,15 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio
 from conftest import AppClient
 from starlette.applications import Starlette
 from support import Gateway, RedisServer, Token
 from tcpproxy import TCPProxy
 
 import usage_service.lookup
-from usage_service.cache import key_digest
+from usage_service._circuit import CircuitBreaker
+from usage_service.cache import RedisCache, key_digest
 from usage_service.config import Settings
 from usage_service.records import TokenRecord, decode_cached, encode_cached
 from usage_service.refresh import STATEMENT_GUARD, Refresher
@@ -339,17 +341,17 @@ async def test_a_late_write_never_replaces_a_newer_record(
         assert decode_cached(redis_client.get(cache._key(digest)))[1] == now + 30
 
 
+@pytest.mark.parametrize("redis_timeout", [0.25, 2.0])
 @pytest.mark.parametrize("db_timeout", [0.3, 2.0, 10.0])
 @pytest.mark.parametrize("interval", [0.1, 1.0])
-async def test_the_leader_lock_outlives_two_worst_statements(
-    settings: Settings, db_timeout: float, interval: float
+async def test_the_leader_lock_outlives_a_statement_and_a_chunks_writes_twice(
+    settings: Settings, db_timeout: float, interval: float, redis_timeout: float
 ) -> None:
-    """A lock extended before a statement is still held after it (and after its writes)."""
-    refresher = Refresher(
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        None,
-        dataclasses.replace(settings, db_timeout=db_timeout, refresh_interval=interval),
-    )
+    """A lock extended before a statement is still held after it, and one checked before a
+    chunk's writes (two bulk calls and the check or confirmation after) still held after them."""
+    settings = dataclasses.replace(settings, db_timeout=db_timeout, refresh_interval=interval)
+    cache = RedisCache(redis.asyncio.Redis(), prefix="p:", timeout=redis_timeout, breaker=CircuitBreaker(3, 1.0))
+    refresher = Refresher(None, None, cache, settings)  # type: ignore[arg-type]
     assert refresher.lock_ttl >= 2 * (db_timeout + STATEMENT_GUARD)
+    assert refresher.lock_ttl >= 2 * 3 * cache.batch_timeout
     assert refresher.lock_ttl >= 3 * interval

@@ -63,10 +63,11 @@ class Refresher:
         self.hot_max = settings.hot_max
         self.cache_ttl = settings.cache_ttl
         self.negative_ttl = settings.negative_ttl
-        # The lock outlives a couple of missed renewals, so leadership does not flap, and two
-        # worst-case statements, so that a leader that extended it before a statement still
-        # holds it after (see _shared_round).
-        self.lock_ttl = max(3 * self.interval, 2 * (settings.db_timeout + STATEMENT_GUARD))
+        # The lock outlives a couple of missed renewals, so leadership does not flap, and twice
+        # the longest a leader may go between extending it and acting on it: one statement, or
+        # one chunk's writes and publications (see _shared_round).
+        writes = 3 * redis.batch_timeout if redis is not None else 0.0
+        self.lock_ttl = max(3 * self.interval, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
         self.instance = uuid.uuid4().hex
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
@@ -122,10 +123,11 @@ class Refresher:
         """Refresh the shared hot set if this instance leads.
 
         Leadership follows redis-py's Lock: the lock is extended before each statement and
-        checked again before its results are written, and a leader that finds it lost abandons
-        the round there, writing and publishing nothing more. The lock outlives a statement, so
-        a check that passed still holds when the writes go out; and the writes are only-if-newer
-        besides, so even a leader deposed in between never replaces a newer record.
+        checked (and extended) again before its results are written, and a leader that finds it
+        lost abandons the round there, writing and publishing nothing more, and forgets what it
+        saw. The lock outlives a statement and a chunk's writes, so a check that passed still
+        holds when they are done; and the writes are only-if-newer besides, so even a leader
+        deposed in between (an event loop stalled for seconds) never replaces a newer record.
         """
         if unnoted:
             await redis.note_polled(unnoted, now)
@@ -181,7 +183,7 @@ class Refresher:
         if len(members) < self.hot_max:
             # Every token polled lately was checked: workers may keep what they hold. (With the
             # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) The
-            # last chunk's check still holds: the lock outlives the writes since.
+            # last chunk's check still holds: the lock outlives its writes and this.
             await redis.publish_confirmation(as_of)
         self._finish(seen, changes, started)
 
