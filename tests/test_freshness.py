@@ -324,6 +324,31 @@ async def test_a_deposed_leader_abandons_its_round(
         pubsub.close()
 
 
+async def test_the_lock_is_long_only_while_a_round_runs(
+    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """During a statement the lock outlives it; between rounds it is short again, so a leader
+    that dies there is replaced within max(3 intervals, 1 s)."""
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        cache, gate = app.state.redis, Gate()
+        refresher = Refresher(
+            app.state.lookup,
+            GatedStore(app.state.store, gate),
+            cache,
+            dataclasses.replace(settings, redis_url=redis_url, refresh_interval=0.1, db_timeout=2.0),
+        )
+        assert refresher.round_lock_ttl > refresher.lock_ttl == 1.0
+        await cache.note_polled({key_digest(token.key.encode()): token.id}, time.time())
+        round_ = asyncio.create_task(refresher.tick())
+        await gate.reached.wait()
+        assert redis_client.pttl(cache.leader_key) > refresher.lock_ttl * 1000
+        gate.release.set()
+        await round_
+        assert refresher.stats.leader and refresher.stats.tokens == 1
+        assert 0 < redis_client.pttl(cache.leader_key) <= refresher.lock_ttl * 1000
+
+
 async def test_a_late_write_never_replaces_a_newer_record(
     gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -352,6 +377,7 @@ async def test_the_leader_lock_outlives_a_statement_and_a_chunks_writes_twice(
     settings = dataclasses.replace(settings, db_timeout=db_timeout, refresh_interval=interval)
     cache = RedisCache(redis.asyncio.Redis(), prefix="p:", timeout=redis_timeout, breaker=CircuitBreaker(3, 1.0))
     refresher = Refresher(None, None, cache, settings)  # type: ignore[arg-type]
-    assert refresher.lock_ttl >= 2 * (db_timeout + STATEMENT_GUARD)
-    assert refresher.lock_ttl >= 2 * 3 * cache.batch_timeout
-    assert refresher.lock_ttl >= 3 * interval
+    assert refresher.round_lock_ttl >= 2 * (db_timeout + STATEMENT_GUARD)
+    assert refresher.round_lock_ttl >= 2 * 3 * cache.batch_timeout
+    # Between rounds, a leader that died is replaced as soon as it stops renewing.
+    assert refresher.lock_ttl == max(3 * interval, 1.0)

@@ -108,7 +108,7 @@ async def test_one_leader_and_a_successor(
         assert leaders.count(True) == 1
         # A leader that dies without a word loses the lock when it expires...
         lock_ttl = redis_client.pttl(a.state.redis.leader_key)
-        assert 0 < lock_ttl <= a.state.refresher.lock_ttl * 1000
+        assert 0 < lock_ttl <= a.state.refresher.round_lock_ttl * 1000
         # ...one that shuts down hands it over at once.
         leader_stack, leader, follower = (first, a, b) if leaders[0] else (second, b, a)
         await leader_stack.aclose()

@@ -63,11 +63,13 @@ class Refresher:
         self.hot_max = settings.hot_max
         self.cache_ttl = settings.cache_ttl
         self.negative_ttl = settings.negative_ttl
-        # The lock outlives a couple of missed renewals, so leadership does not flap, and twice
-        # the longest a leader may go between extending it and acting on it: one statement, or
-        # one chunk's writes and publications (see _shared_round).
+        # Between rounds the lock outlives a couple of missed renewals, so leadership does not
+        # flap, and a leader that dies is replaced within seconds.
+        self.lock_ttl = max(3 * self.interval, 1.0)
+        # During a round it outlives twice the longest a leader may go between extending it and
+        # acting on it: one statement, or one chunk's writes and publications (see _shared_round).
         writes = 3 * redis.batch_timeout if redis is not None else 0.0
-        self.lock_ttl = max(3 * self.interval, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
+        self.round_lock_ttl = max(self.lock_ttl, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
         self.instance = uuid.uuid4().hex
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
@@ -122,12 +124,13 @@ class Refresher:
     async def _shared_round(self, redis: RedisCache, unnoted: dict[bytes, int], now: float) -> None:
         """Refresh the shared hot set if this instance leads.
 
-        Leadership follows redis-py's Lock: the lock is extended before each statement and
-        checked (and extended) again before its results are written, and a leader that finds it
-        lost abandons the round there, writing and publishing nothing more, and forgets what it
-        saw. The lock outlives a statement and a chunk's writes, so a check that passed still
-        holds when they are done; and the writes are only-if-newer besides, so even a leader
-        deposed in between (an event loop stalled for seconds) never replaces a newer record.
+        Leadership follows redis-py's Lock: the lock is extended (to `round_lock_ttl`) before
+        each statement and checked and extended again before its results are written, and a
+        leader that finds it lost abandons the round there, writing and publishing nothing more,
+        and forgets what it saw. The extension outlives a statement and a chunk's writes, so a
+        check that passed still holds when they are done; and the writes are only-if-newer
+        besides, so even a leader deposed in between (an event loop stalled for seconds) never
+        replaces a newer record.
         """
         if unnoted:
             await redis.note_polled(unnoted, now)
@@ -150,13 +153,13 @@ class Refresher:
         as_of = time.time()
         last_seen, written = self._last_seen, self._written
         for start in range(0, len(members), REFRESH_CHUNK):
-            if start and not await redis.keep_lead(self.instance, self.lock_ttl):
+            if not await redis.keep_lead(self.instance, self.round_lock_ttl):
                 self._deposed()
                 return
             chunk = parse_hot(members[start : start + REFRESH_CHUNK])
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
-            if not await redis.keep_lead(self.instance, self.lock_ttl):
+            if not await redis.keep_lead(self.instance, self.round_lock_ttl):
                 self._deposed()
                 return
             # Changed records are written now; unchanged ones once half their TTL has gone, which
@@ -185,6 +188,8 @@ class Refresher:
             # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) The
             # last chunk's check still holds: the lock outlives its writes and this.
             await redis.publish_confirmation(as_of)
+        if members and not await redis.keep_lead(self.instance, self.lock_ttl):  # back to the short expiry
+            self._step_down()
         self._finish(seen, changes, started)
 
     def _deposed(self) -> None:
