@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import LocalCache, key_digest, parse_hot
+from usage_service.cache import GENERATIONS_KEPT, LocalCache, key_digest, parse_hot
 
 
 def test_digest_is_sha256_of_the_key() -> None:
@@ -65,7 +65,8 @@ def test_a_new_generation_withdraws_confirmations_from_what_is_held() -> None:
     assert cache.get(b"new", now=20.0) == "new"
     cache.new_generation(now=21.0)
     cache.new_generation(now=22.0)
-    assert cache.peek(b"old") == ("old", 2.0)  # generations ago: its own deadline
+    assert cache.peek(b"old") == ("old", 5.0)  # generations ago: still when it stopped being fresh
+    assert cache.peek(b"new") == ("new", 21.0)
 
 
 def test_local_cache_is_bounded_and_evicts_oldest() -> None:
@@ -131,3 +132,12 @@ def test_hot_members_parse_to_digests_and_ids_skipping_malformed_ones() -> None:
     digest = key_digest(b"k")
     members = [b"7:" + digest.hex().encode(), b"x:" + digest.hex().encode(), b"8:zz", b"", b"9"]
     assert parse_hot(members) == {digest: 7}
+
+
+def test_a_long_forgotten_generation_counts_its_own_deadline() -> None:
+    cache: LocalCache[str] = LocalCache(10)
+    confirmable(cache, b"a", expires_at=2.0, hard_deadline=60.0)
+    cache.confirm(10.0)
+    for now in range(5, 5 + GENERATIONS_KEPT + 1):  # the channel flapped, more often than is remembered
+        cache.new_generation(now=float(now))
+    assert cache.peek(b"a") == ("a", 2.0)

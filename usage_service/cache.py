@@ -41,6 +41,10 @@ def key_digest(key: bytes) -> bytes:
 # and every entry put without a generation.
 UNCONFIRMED = -1
 
+# Past generations whose end LocalCache remembers (a generation ends when the invalidation
+# channel is lost or regained: a handful a day at most).
+GENERATIONS_KEPT = 16
+
 
 class LocalCache(Generic[V]):
     """A bounded in-process map whose entries expire; the oldest entry goes first when full.
@@ -57,9 +61,9 @@ class LocalCache(Generic[V]):
         self._entries: OrderedDict[bytes, tuple[float, V, float, int]] = OrderedDict()
         self.generation = 0
         self.confirmed_until = -math.inf
-        # The generation before this one, and when confirmations stopped covering it (read only
-        # by `peek`, to tell how long ago an entry stopped being fresh).
-        self._previous = (UNCONFIRMED, -math.inf)
+        # When confirmations stopped covering each of the last generations (read only by `peek`,
+        # to tell how long ago an entry stopped being fresh; older ones count their own deadline).
+        self._ended: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,18 +118,15 @@ class LocalCache(Generic[V]):
     def new_generation(self, now: float) -> None:
         """Withdraw every confirmation from the entries held so far: each is fresh only until its
         own deadline, and no later confirmation extends it."""
-        self._previous = (self.generation, min(self.confirmed_until, now))
+        self._ended[self.generation] = min(self.confirmed_until, now)
+        if len(self._ended) > GENERATIONS_KEPT:
+            del self._ended[min(self._ended)]
         self.generation += 1
         self.confirmed_until = -math.inf
 
     def _fresh_until(self, entry: tuple[float, V, float, int]) -> float:
         expires_at, _, hard_deadline, generation = entry
-        if generation == self.generation:
-            confirmed = self.confirmed_until
-        elif generation == self._previous[0]:
-            confirmed = self._previous[1]
-        else:
-            return expires_at
+        confirmed = self.confirmed_until if generation == self.generation else self._ended.get(generation, -math.inf)
         return max(expires_at, min(hard_deadline, confirmed))
 
 
