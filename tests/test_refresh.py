@@ -76,9 +76,9 @@ async def test_changes_are_refreshed_without_redis(
     gateway: Gateway, app_client: AppClient, change: Any, status: int, data: dict[str, Any]
 ) -> None:
     token = gateway.add_token()
-    async with app_client(**SLOW_CACHE) as (_, client):
+    async with app_client(**SLOW_CACHE) as (app, client):
         assert (await client.get(URL, headers=token.bearer)).status_code == 200
-        await asyncio.sleep(0.15)  # the refresher has seen the token polled
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == 1))  # a round re-read it
         change(gateway, token)
         await eventually(answer_is(client, token, status, **data), within=2.0)
 
@@ -87,7 +87,7 @@ async def test_falls_back_to_refreshing_alone_while_redis_is_down(gateway: Gatew
     token = gateway.add_token()
     async with app_client(redis_url="redis://127.0.0.1:1/0", redis_cooldown=60, **SLOW_CACHE) as (app, client):
         assert (await client.get(URL, headers=token.bearer)).status_code == 200
-        await asyncio.sleep(0.15)
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == 1))  # a round of its own re-read it
         gateway.charge(token, 9)
         await eventually(answer_is(client, token, 200, total_used=9), within=2.0)
         assert not app.state.refresher.stats.leader
