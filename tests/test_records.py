@@ -19,6 +19,7 @@ from usage_service.records import (
     encode_cached,
     parse_model_limits,
 )
+from usage_service.store._sql import row_record
 
 RECORD = TokenRecord(7, 3, "ci", 1, 1893456000, 900, 100, False, True, ("gpt-4o", "o3"), 1)
 
@@ -120,6 +121,30 @@ def test_totals_wrap_as_the_gateway_computes_them(remain: int, used: int, grante
         assert limit == pytest.approx(granted / 500_000)
     cached, _ = decode_cached(encode_cached(record, 1.0))
     assert cached == record and cached is not None and cached.usage_body == record.usage_body
+
+
+ROW = (7, "k" * 48, 3, "ci", 1, -1, 900, 100, 0, 1, "gpt-4o", 1, 5, 6)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param(6, 2**63, id="remain-past-int64"),
+        pytest.param(7, b"99999999999999999999", id="used-as-digits-past-int64"),
+        pytest.param(12, -(2**63) - 1, id="owner-quota-below-int64"),
+        pytest.param(0, 2**64, id="id-past-int64"),
+    ],
+)
+def test_rows_no_record_can_hold_are_refused(column: int, value: object) -> None:
+    row = list(ROW)
+    row[column] = value
+    with pytest.raises(ValueError, match="64 bits"):
+        row_record(row)
+
+
+def test_row_text_that_is_not_utf8_reads_with_replacement_characters() -> None:
+    record = row_record((*ROW[:3], b"n\xe9w", *ROW[4:10], b"gpt-4\xffo,o3", *ROW[11:]))
+    assert record.name == "n\ufffdw" and record.model_limits == ("gpt-4\ufffdo", "o3")
 
 
 def test_etag_follows_the_body() -> None:

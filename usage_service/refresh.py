@@ -22,7 +22,7 @@ from .cache import HOT_SLICE, Leadership, RedisCache, RedisUnavailable, key_dige
 from .config import Settings
 from .lookup import TokenLookup
 from .records import TokenRecord, encode_cached
-from .store import StoreUnavailable, TokenStore
+from .store import StoreUnavailable, TokenStore, UnreadableRow
 
 logger = logging.getLogger("usage_service.refresh")
 
@@ -224,6 +224,10 @@ class Refresher:
             row = found.get(token_id)
             if row is None:
                 fresh[digest] = None
+                continue
+            if isinstance(row, UnreadableRow):
+                # Left out of this round: whatever is cached for it stays as it is, and ages out.
+                logger.warning("%s; not refreshed", row)
                 continue
             key, record = row
             seen = last_seen.get(digest, _UNSEEN)

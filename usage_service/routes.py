@@ -90,17 +90,21 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when the database answers; Redis is reported but never makes the service unready."""
     state = request.app.state
+    reason = None
     try:
         await state.store.ping()
         database = "ok"
-    except StoreUnavailable:
-        database = "unavailable"
+    except StoreUnavailable as exc:
+        database, reason = "unavailable", str(exc)
     if state.redis is None:
         redis = "disabled"
     else:
         redis = "ok" if await state.redis.ping() else "unavailable"
     ready = database == "ok"
-    return json_response({"ready": ready, "database": database, "redis": redis}, status=200 if ready else 503)
+    body: dict[str, object] = {"ready": ready, "database": database, "redis": redis}
+    if reason is not None:
+        body["reason"] = reason  # what an operator must fix, in one line
+    return json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
