@@ -51,6 +51,11 @@ class SQLiteStore(SQLStore):
         # mtime) when they opened it. They see no change, so they serve only while it holds.
         self._snapshots: dict[int, tuple[int, int, int]] = {}
         self._snapshot_mode = False
+        # Descriptors the header is read through, by (device, inode), kept open until close():
+        # closing any descriptor of a file drops every POSIX lock this process holds on it, our
+        # SQLite connections' included, which would let the gateway write under their reads.
+        self._header_fds: dict[tuple[int, int], int] = {}
+        self._spare_fds: list[int] = []
         self.identity_check_interval = _IDENTITY_CHECK_INTERVAL  # tests set 0 to notice a swap at once
         self._checked_at = time.monotonic()
         self._schema_stale = False  # the file was replaced, or a statement missed a column
@@ -124,6 +129,10 @@ class SQLiteStore(SQLStore):
         self._closed = True
         while not self._idle.empty():
             await self._discard(self._idle.get_nowait())
+        for fd in [*self._header_fds.values(), *self._spare_fds]:
+            os.close(fd)
+        self._header_fds.clear()
+        self._spare_fds.clear()
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
@@ -210,9 +219,8 @@ class SQLiteStore(SQLStore):
         immutable, which creates nothing, for as long as it stays untouched.
         """
         try:
-            with open(self.path, "rb") as file:
-                header = file.read(20)
             stat = os.stat(self.path)
+            header = os.pread(self._header_fd((stat.st_dev, stat.st_ino)), 20, 0)
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {self.path.name}: {exc.strerror}") from None
         # Bytes 18 and 19 of the header are 2 for WAL, 1 for a rollback journal (which a
@@ -238,6 +246,18 @@ class SQLiteStore(SQLStore):
             )
         self._note_snapshot_mode(True)
         return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def _header_fd(self, identity: tuple[int, int]) -> int:
+        fd = self._header_fds.get(identity)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)  # the file may have been swapped since it was looked at
+            if (st.st_dev, st.st_ino) in self._header_fds:
+                self._spare_fds.append(fd)  # not closed: see _header_fds
+                fd = self._header_fds[st.st_dev, st.st_ino]
+            else:
+                self._header_fds[st.st_dev, st.st_ino] = fd
+        return fd
 
     def _note_snapshot_mode(self, snapshot: bool) -> None:
         if snapshot != self._snapshot_mode:
