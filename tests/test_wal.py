@@ -191,3 +191,22 @@ def test_a_rollback_journal_database_reads_as_before(shared_dir: Path) -> None:
     before = set(os.listdir(shared_dir))
     reading(path, body)
     assert set(os.listdir(shared_dir)) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to read as another user")
+def test_wal_files_the_reader_may_not_read_are_named_in_one_line(shared_dir: Path) -> None:
+    """A gateway running with umask 077: its -wal and -shm are its own alone."""
+    gateway = Gateway(shared_dir / "one-api.db", journal_mode="wal")
+    try:
+        gateway.add_token()
+        for name in ("one-api.db-wal", "one-api.db-shm"):
+            (shared_dir / name).chmod(0o600)
+        before = listing(shared_dir)
+        store = Reader(gateway.path)
+        store.close()
+        assert listing(shared_dir) == before
+    finally:
+        gateway.close()
+    assert store.opened[0] == "refused"
+    assert "\n" not in store.opened[1]
+    assert "may not read one-api.db-wal and one-api.db-shm" in store.opened[1]
