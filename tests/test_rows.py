@@ -198,3 +198,12 @@ async def test_a_restored_file_that_is_no_gateway_database_is_not_ready(
         assert (await client.get("/readyz")).json() == {"ready": True, "database": "ok", "redis": "disabled"}
         response = await client.get(URL, headers=token.bearer)
     assert response.status_code == 200 and response.json()["data"]["total_used"] == 1
+
+
+async def test_a_busy_database_gives_no_reason(gateway: Gateway, app_client: AppClient) -> None:
+    """Only what an operator must fix is spelled out; a lock passes by itself."""
+    async with app_client(refresh_interval=0) as (_, client):
+        with gateway.exclusive_lock():
+            ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "database": "unavailable", "redis": "disabled"}

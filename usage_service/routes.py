@@ -19,7 +19,7 @@ from .openapi import DOCUMENT as OPENAPI_DOCUMENT
 from .records import TokenRecord
 from .responses import NO_CACHE, error_body, send_body
 from .routing import ROUTE_KEY, RouteTable, ShortRoute, both_slashes
-from .store import StoreUnavailable
+from .store import StoreMisconfigured, StoreUnavailable
 
 logger = logging.getLogger("usage_service.routes")
 
@@ -94,8 +94,10 @@ async def readyz(request: Request) -> Response:
     try:
         await state.store.ping()
         database = "ok"
-    except StoreUnavailable as exc:
+    except StoreMisconfigured as exc:  # what an operator must fix, in one line
         database, reason = "unavailable", str(exc)
+    except StoreUnavailable:
+        database = "unavailable"
     if state.redis is None:
         redis = "disabled"
     else:
@@ -103,7 +105,7 @@ async def readyz(request: Request) -> Response:
     ready = database == "ok"
     body: dict[str, object] = {"ready": ready, "database": database, "redis": redis}
     if reason is not None:
-        body["reason"] = reason  # what an operator must fix, in one line
+        body["reason"] = reason
     return json_response(body, status=200 if ready else 503)
 
 

@@ -17,6 +17,14 @@ class StoreUnavailable(Exception):
     """The database could not answer (locked, missing, timed out); the request may be retried."""
 
 
+class StoreMisconfigured(StoreUnavailable):
+    """The database cannot be read as it is until someone acts (a replaced file that is no
+    gateway database, WAL files this user may not read or that SQLite would have to create).
+
+    The message says what in one line, without credentials or paths: /readyz shows it.
+    """
+
+
 class UnreadableRow(StoreUnavailable):
     """A token's row is there but cannot be made into a record (a value no record can hold).
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiosqlite
 
-from . import SchemaError, StoreUnavailable
+from . import SchemaError, StoreMisconfigured, StoreUnavailable
 from ._sql import Column, SQLStore, check_schema, select_sql
 
 logger = logging.getLogger("usage_service.store")
@@ -107,7 +107,7 @@ class SQLiteStore(SQLStore):
                             logger.warning("%s is a gateway database again", self.path)
                         self._schema_error = None
         if self._schema_error is not None:
-            raise StoreUnavailable(self._schema_error)
+            raise StoreMisconfigured(self._schema_error)
 
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
         return f't."{column}" IN ({", ".join("?" * len(values))})', values
@@ -231,7 +231,7 @@ class SQLiteStore(SQLStore):
         wal, shm = self._wal.exists(), self._shm.exists()
         if wal and shm:
             if not (os.access(self._wal, os.R_OK) and os.access(self._shm, os.R_OK)):
-                raise StoreUnavailable(
+                raise StoreMisconfigured(
                     f"{self.path.name} is in WAL mode and this user may not read {self._wal.name} and"
                     f" {self._shm.name}: give it read access to the gateway's -wal and -shm files"
                 )
@@ -239,7 +239,7 @@ class SQLiteStore(SQLStore):
             return None
         if wal or shm:
             present, missing = (self._wal, self._shm) if wal else (self._shm, self._wal)
-            raise StoreUnavailable(
+            raise StoreMisconfigured(
                 f"{self.path.name} is in WAL mode and {present.name} exists without {missing.name}: SQLite"
                 f" cannot read it without creating {missing.name}, which this service never does"
                 " (the gateway recreates or removes them when it next opens and closes the database)"
