@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from support import Gateway
 
-from usage_service.store import SchemaError, StoreUnavailable
+from usage_service.store import SchemaError, StoreMisconfigured, StoreUnavailable
 from usage_service.store.sqlite import SQLiteStore
 
 NOBODY = 65534
@@ -210,3 +210,22 @@ def test_wal_files_the_reader_may_not_read_are_named_in_one_line(shared_dir: Pat
     assert store.opened[0] == "refused"
     assert "\n" not in store.opened[1]
     assert "may not read one-api.db-wal and one-api.db-shm" in store.opened[1]
+
+
+@pytest.mark.asyncio
+async def test_a_wal_file_appearing_alone_makes_the_store_say_why(shared_dir: Path) -> None:
+    """While running: the reason reaches /readyz (StoreMisconfigured), and nothing is created."""
+    path, key = gateway_database(shared_dir, "wal")
+    store = await SQLiteStore.open(path, timeout=1.0, pool_size=1)
+    try:
+        assert (await store.fetch(key)) is not None  # read as a snapshot
+        (shared_dir / "one-api.db-wal").touch()  # what a half-finished copy leaves
+        with pytest.raises(StoreMisconfigured) as unavailable:
+            await store.ping()
+        assert "one-api.db-wal exists without one-api.db-shm" in str(unavailable.value)
+        assert sorted(os.listdir(shared_dir)) == ["one-api.db", "one-api.db-wal"]
+        (shared_dir / "one-api.db-wal").unlink()
+        await store.ping()
+        assert (await store.fetch(key)) is not None
+    finally:
+        await store.close()
