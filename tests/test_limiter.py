@@ -11,6 +11,7 @@ import pytest
 import redis
 from conftest import AppClient
 from support import Gateway
+from test_metrics import grown, scrape
 
 from usage_service.addresses import ClientAddresses
 from usage_service.config import ConfigError, load_settings
@@ -99,28 +100,58 @@ def assert_throttled(response: httpx.Response, window: float = 60) -> None:
     assert 1 <= int(response.headers["retry-after"]) <= window
 
 
+# A token polled before its address was blocked stays in-process for the whole test.
+HOT = {"local_ttl": 60.0, "cache_ttl": 60.0}
+
+
 @pytest.mark.parametrize("shared", ["in-process", "redis"])
 async def test_an_address_that_keeps_failing_gets_429(
     gateway: Gateway, app_client: AppClient, request: pytest.FixtureRequest, shared: str
 ) -> None:
     token = gateway.add_token()
     overrides: dict[str, Any] = {"redis_url": request.getfixturevalue("redis_url")} if shared == "redis" else {}
-    async with app_client(**LIMITED, **overrides) as (app, client):
+    async with app_client(**LIMITED, **HOT, **overrides) as (app, client):
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
         first = await fail(client, 3)
         assert [r.status_code for r in first] == [401] * 3
         # Malformed credentials and missing headers count as much as unknown keys.
         for rejected in await fail(client, 1, {"Authorization": "Basic abc"}) + await fail(client, 1, {}):
             assert_throttled(rejected)
-        assert app.state.limiter.stats.throttled == 2
-        # A valid token from the very same address is never throttled.
+        # Published as usage_limiter_rejections_total.
+        assert app.state.lookup.stats.limited == 2
+        # A token this worker is already answering is never throttled, even from the same address.
         for _ in range(5):
             assert (await client.get(URL, headers=token.bearer)).status_code == 200
-        assert app.state.limiter.stats.failures == 5
+
+
+@pytest.mark.parametrize("shared", ["in-process", "redis"])
+async def test_a_blocked_address_costs_no_lookup_and_no_statement(
+    gateway: Gateway, app_client: AppClient, request: pytest.FixtureRequest, shared: str
+) -> None:
+    hot, cold = gateway.add_token(), gateway.add_token()
+    overrides: dict[str, Any] = {"redis_url": request.getfixturevalue("redis_url")} if shared == "redis" else {}
+    quiet = {"refresh_interval": 0.0, "options_interval": 0.0, "metrics": True}  # no background statements
+    async with app_client(**LIMITED, **HOT, **quiet, **overrides) as (app, client):
+        assert (await client.get(URL, headers=hot.bearer)).status_code == 200
+        await fail(client, 4)  # the fourth is a 429: the address is blocked
+        before, statements = await scrape(client), app.state.store.statements
+        for i in range(20):
+            assert_throttled(await client.get(URL, headers={"Authorization": f"Bearer sk-{i:048d}"}))
+        # Even a real token is not looked up from a blocked address (guessing one must not pay)...
+        assert_throttled(await client.get(URL, headers=cold.bearer))
+        # ...but one already answered in-process is served.
+        assert (await client.get(URL, headers=hot.bearer)).status_code == 200
+        after = await scrape(client)
+        assert app.state.store.statements == statements
+    assert grown(before, after, "usage_db_lookups_total") == 0
+    assert grown(before, after, "usage_cache_misses_total", layer="local") == 0
+    assert grown(before, after, "usage_limiter_rejections_total") == 21
 
 
 async def test_billing_routes_get_429_in_openais_shape(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token()
-    async with app_client(**LIMITED) as (app, client):
+    async with app_client(**LIMITED, **HOT) as (app, client):
+        assert (await client.get("/v1/dashboard/billing/usage", headers=token.bearer)).status_code == 200
         for _ in range(3):
             assert (await client.get("/v1/dashboard/billing/usage", headers=WRONG)).status_code == 401
         response = await client.get("/v1/dashboard/billing/subscription", headers=WRONG)
@@ -145,7 +176,8 @@ async def test_disabled_and_banned_tokens_are_not_failures(gateway: Gateway, app
         for _ in range(5):
             assert (await client.get(URL, headers=disabled.bearer)).status_code == 401
             assert (await client.get(URL, headers=banned.bearer)).status_code == 403
-        assert app.state.limiter.stats.failures == 0
+        # None of the ten counted: an unknown key is still only the first failure.
+        assert [r.status_code for r in await fail(client, 3)] == [401] * 3
 
 
 async def test_the_window_ends(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:

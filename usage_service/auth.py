@@ -201,6 +201,12 @@ class TokenAuthMiddleware:
         lookup: TokenLookup = scope["app"].lookup
         record = lookup.cached(key, scope)
         if record is None:
+            # A blocked address is answered before resolution: guessing costs it no lookup at all.
+            limiter: AuthFailureLimiter | None = scope["app"].limiter
+            if limiter is not None and (retry_after := limiter.blocked(scope)) is not None:
+                lookup.stats.limited += 1
+                await _too_many(isinstance(rules.unknown_key, OpenAIError), retry_after)(scope, receive, send)
+                return
             try:
                 record = await lookup.resolve(key, scope)
             except StoreUnavailable:

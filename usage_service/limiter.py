@@ -1,14 +1,16 @@
 """The failed-authentication limiter: an address that keeps failing gets 429 instead of 401.
 
-Only failures reach it. A request whose token resolves is answered before the limiter is
-asked anything, so valid tokens are never throttled and polling costs no extra round trip.
+Failures are counted; a token answered in-process is never throttled and polling costs no
+extra round trip. Once this worker knows an address is over the limit, any other credential
+from it is answered 429 before its key is resolved: a blocked address costs no cache or
+database lookup, and is not counted again.
 
 Each address (an IPv6 client by its /64, which one machine usually holds whole) has a fixed
 window that starts with its first failure. Counts live in Redis, one key per address with an
 expiry, so every worker and instance shares them; each Redis operation touches that one key,
 which keeps it Cluster-safe. Without Redis, or while it is down, each worker counts alone.
 Once an address is over the limit the worker remembers it until its window ends and answers
-its further failures without asking Redis.
+its further requests without asking Redis.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import itertools
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from starlette.types import Scope
 
@@ -30,12 +31,6 @@ from .config import Settings
 # Addresses each worker tracks in-process (counts while Redis is away, and known-blocked ones);
 # the oldest are forgotten first, so a flood of distinct addresses cannot grow memory.
 MAX_TRACKED_ADDRESSES = 100_000
-
-
-@dataclass
-class LimiterStats:
-    failures: int = 0  # failed authentications seen
-    throttled: int = 0  # of which answered 429
 
 
 class AuthFailureLimiter:
@@ -51,7 +46,6 @@ class AuthFailureLimiter:
         self.window = window
         self.redis = redis
         self.addresses = addresses
-        self.stats = LimiterStats()
         self._counts: LocalCache[list[float]] = LocalCache(max_tracked)  # bucket -> [count, window end]
         self._blocked: LocalCache[float] = LocalCache(max_tracked)  # bucket -> window end (monotonic)
         # Failures that arrive together go to Redis as one pipeline. Each call is its own batch
@@ -67,12 +61,21 @@ class AuthFailureLimiter:
         addresses = ClientAddresses(settings.trusted_proxies)
         return cls(settings.auth_fail_limit, settings.auth_fail_window, redis, addresses)
 
+    def blocked(self, scope: Scope) -> int | None:
+        """Return the Retry-After seconds of a 429 when this worker knows the client's address is
+        over the limit, else None. Asked before a key is resolved; costs no Redis call."""
+        if not self._blocked:  # nobody blocked: not even the address is worked out
+            return None
+        now = time.monotonic()
+        blocked_until = self._blocked.get(address_bucket(self.addresses(scope)).encode(), now)
+        return None if blocked_until is None else max(1, math.ceil(blocked_until - now))
+
     async def failed(self, scope: Scope) -> int | None:
         """Count a failed authentication; once over the limit, return the Retry-After seconds of a 429."""
-        self.stats.failures += 1
         bucket = address_bucket(self.addresses(scope))
         name = bucket.encode()
         now = time.monotonic()
+        # Blocked meanwhile (a concurrent failure went over the limit): not counted again.
         blocked_until = self._blocked.get(name, now)
         if blocked_until is None:
             count, remaining = await self._count(bucket, name, now)
@@ -80,7 +83,6 @@ class AuthFailureLimiter:
                 return None
             blocked_until = now + remaining
             self._blocked.put(name, blocked_until, blocked_until)
-        self.stats.throttled += 1
         return max(1, math.ceil(blocked_until - now))
 
     async def _count(self, bucket: str, name: bytes, now: float) -> tuple[int, float]:
