@@ -17,9 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from usage_service.auth import parse_authorization, usage_verdict
+from usage_service.auth import bearer_key, usage_verdict
 from usage_service.cli import SERVER_OPTIONS
-from usage_service.responses import JSONError
 from usage_service.store.sqlite import SQLiteStore
 
 
@@ -46,9 +45,9 @@ def naive(db: Path) -> Starlette:
     store: SQLiteStore | None = None
 
     async def usage(request: Request) -> Response:
-        key = parse_authorization(request.headers.get("authorization", "").encode("latin-1"))
-        if isinstance(key, JSONError):
-            return JSONResponse({"success": False, "message": key.message}, key.status)
+        key = bearer_key(request.headers.get("authorization", "").encode("latin-1"))
+        if key is None:
+            return JSONResponse({"success": False, "message": "Invalid Bearer token"}, 401)
         assert store is not None
         record = await store.fetch(key.decode())
         if record is None:

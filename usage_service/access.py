@@ -1,7 +1,8 @@
 """Per-request accounting: counts and latencies for the metrics, and the optional access log.
 
-One pure-ASGI middleware outside everything else. The request path only increments plain
-integers here; metrics.py publishes them to prometheus-client once a second and at scrape time.
+The front door (app.py) records every request here once it is answered. The request path only
+increments plain integers here; metrics.py publishes them to prometheus-client once a second
+and at scrape time.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from time import perf_counter
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from .logs import escape_char
 from .lookup import LAYER
@@ -120,32 +121,3 @@ class AccessLog:
             "layer": scope.get(LAYER, "-"),
         }
         access_logger.info(ACCESS_FORMAT, fields)
-
-
-class AccessMiddleware:
-    """Time, count and log every HTTP request of an app that does not note its own status.
-
-    (The short path notes it under STATUS_KEY and is accounted for by the front door.)
-    """
-
-    def __init__(self, app: ASGIApp, access: AccessLog) -> None:
-        self.app = app
-        self.access = access
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = perf_counter()
-        status = 500  # what the server answers when the app fails before starting a response
-
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            self.access.record(scope, status, started)

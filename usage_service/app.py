@@ -1,4 +1,12 @@
-"""The ASGI application: middleware, routes, and the lifespan that owns the connections."""
+"""The ASGI application: the front door, its two pipelines, and the lifespan that owns the connections.
+
+    UsageService (route table lookup; errors and accounting, once, for every request)
+    ├── a polled route → CORSMiddleware (when configured) → TokenAuthMiddleware → dispatch → endpoint
+    └── anything else  → Starlette: lifespan, /healthz, /readyz, /metrics, /openapi.json, 404s
+
+Polling is the whole workload, so the polled routes skip Starlette's middleware and router: it
+was worth about a quarter of a hot poll.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +16,31 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import Any
+from typing import NoReturn
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics, openapi
 from ._circuit import CircuitBreaker
-from .access import AccessLog, AccessMiddleware, RequestStats
+from ._tasks import BackgroundTasks
+from .access import OTHER, AccessLog, RequestStats
 from .addresses import ClientAddresses
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
 from .cache import RedisCache
 from .config import Settings, load_settings
-from .cors import CORSMiddleware, request_origin
+from .cors import CORSMiddleware
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .redis_client import create_client
 from .refresh import Refresher
 from .responses import STATUS_KEY
-from .routes import ShortRoutes, http_error, route_table, routes, server_error
-from .routing import ROUTE_KEY
+from .routes import INTERNAL_ERROR, http_error, route_table, routes
+from .routing import ROUTE_KEY, RouteTable, dispatch
+from .services import Services
 from .store import open_store
 
 logger = logging.getLogger("usage_service")
@@ -41,116 +52,107 @@ REDIS_FAILURE_THRESHOLD = 3
 SHUTDOWN_GRACE = 2.0
 
 
-class UsageService(Starlette):
-    """The front door: the polled routes go down a short path, everything else through Starlette.
+class UsageService:
+    """The front door: hands each request to its pipeline, answers what fails, accounts for all.
 
-    Polling is the whole workload, so the usage and billing routes skip Starlette's middleware
-    and router: one table lookup, then CORS when a browser asks, then the auth middleware and
-    the endpoint. Starlette serves the lifespan, the health routes and the errors.
+    The status of every answer is noted in `scope["usage.status"]`: by the polled routes' senders
+    themselves (no `send` wrapper on the hot path), and on Starlette's side as its answer starts.
     """
 
-    def __init__(self, settings: Settings, request_stats: RequestStats | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
-        self.request_stats = request_stats
-        # What the short path reads on every request, set by the lifespan. Plain attributes:
-        # `app.state` resolves each name through a Python-level __getattr__ (a tenth of the cost
-        # of a polled request). `state` holds them too, with everything else.
-        self.lookup: TokenLookup | None = None
-        self.limiter: AuthFailureLimiter | None = None
-        self.options: GatewayOptions | None = None
-        table = route_table(settings.retry_after)
-        self.short_routes, self.match = table.routes, table.match
-        self.short: ASGIApp = TokenAuthMiddleware(ShortRoutes())
-        # Outside authentication: a preflight carries no credential, and rejections need the headers too.
-        self.cors = (
-            CORSMiddleware(self.short, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
-            if settings.cors_origins
-            else None
-        )
-        self.access = (
-            AccessLog(
-                routes=openapi.ROUTE_LABELS,
-                stats=request_stats,
-                log=settings.access_log,
-                client=ClientAddresses(settings.trusted_proxies),  # the client the limiter counts
-            )
-            if request_stats is not None or settings.access_log
-            else None
-        )
+    def __init__(
+        self,
+        *,
+        table: RouteTable,
+        polled: ASGIApp,
+        starlette: Starlette,
+        services: Services,
+        access: AccessLog | None,
+    ) -> None:
+        self.exact, self.match = table.routes, table.match
+        self.polled = polled
+        self.starlette = starlette
+        self.access = access
+        self.state = services  # what the lifespan opened (tests and benchmarks look at it)
+        self.router = starlette.router  # its lifespan_context runs the lifespan without a server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The polled paths are one dict lookup; only the rest scan the table's prefixes.
-        route = (self.short_routes.get(scope["path"]) or self.match(scope["path"])) if scope["type"] == "http" else None
-        if route is None:
-            await super().__call__(scope, receive, send)
+        if scope["type"] != "http":  # the lifespan (and websockets, which Starlette refuses)
+            await self.starlette(scope, receive, send)
             return
-        scope["app"] = self
-        scope[ROUTE_KEY] = route
+        path = scope["path"]
+        # The polled paths are one dict lookup; only the rest scan the table's prefixes.
+        route = self.exact.get(path) or self.match(path)
         started = perf_counter()
         try:
-            cors = self.cors
-            if cors is not None and scope["path"] in cors.paths and (origin := request_origin(scope)) is not None:
-                await cors.cross_origin(origin, scope, receive, send)
+            if route is not None:
+                scope[ROUTE_KEY] = route
+                await self.polled(scope, receive, send)
             else:
-                await self.short(scope, receive, send)
+                await self.starlette(scope, receive, _noting_status(scope, send))
         except Exception:
-            logger.exception("unexpected error answering %s", scope["path"])
-            try:
-                await route.rules.internal_error(scope, receive, send)
-            except Exception:  # the response had already started: nothing more to tell the client
-                pass
+            logger.exception("unexpected error answering %s", openapi.ROUTE_LABELS.get(path, OTHER))
+            if STATUS_KEY not in scope:  # nothing sent yet: a JSON 500 in the route's shape
+                await (INTERNAL_ERROR if route is None else route.rules.internal_error)(scope, receive, send)
         finally:
             if self.access is not None:
-                # The short path's senders note the status (a failure before any answer is a 500).
+                # No status noted: the request failed before any answer, and the server answers 500.
                 self.access.record(scope, scope.get(STATUS_KEY, 500), started)
 
-    def build_middleware_stack(self) -> ASGIApp:
-        app = super().build_middleware_stack()
-        return app if self.access is None else AccessMiddleware(app, self.access)
+
+def _noting_status(scope: Scope, send: Send) -> Send:
+    async def send_noting_status(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            scope[STATUS_KEY] = message["status"]
+        await send(message)
+
+    return send_noting_status
+
+
+async def _to_the_front_door(request: Request, exc: Exception) -> NoReturn:
+    """Starlette's last-resort handler: send nothing, hand the error to the front door, which
+    answers unexpected errors for both pipelines."""
+    raise exc
 
 
 def create_app(settings: Settings) -> UsageService:
     """Build the application; connections are opened by its lifespan, not here."""
+    services = Services()
+    request_stats = RequestStats(openapi.ROUTE_LABELS) if settings.metrics else None
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        assert isinstance(app, UsageService)
-        store = await open_store(settings)
-        redis = _open_redis(settings)
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        store = services.store = await open_store(settings)
+        redis = services.redis = _open_redis(settings)
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
-        lookup = TokenLookup(store, redis, settings)
-        app.state.limiter = app.limiter = AuthFailureLimiter.from_settings(settings, redis)
-        refresher = Refresher(lookup, store, redis, settings)
-        app.state.store = store
-        app.state.redis = redis
-        app.state.lookup = app.lookup = lookup
-        app.state.refresher = refresher
-        app.state.options = app.options = options = GatewayOptions(store, settings.options_interval)
+        lookup = services.lookup = TokenLookup(store, redis, settings)
+        services.limiter = AuthFailureLimiter.from_settings(settings, redis)
+        refresher = services.refresher = Refresher(lookup, store, redis, settings)
+        options = services.options = GatewayOptions(store, settings.options_interval)
+        services.metrics = None
         await options.refresh()
-        tasks = [asyncio.create_task(options.run(), name="options")]
+        tasks = BackgroundTasks()
+        tasks.start("options", options.run)
         if settings.metrics:
             publisher = metrics.Publisher(store, lookup, refresher, request_stats)
-            app.state.metrics = registry = metrics.scrape_registry(publisher)
-            tasks.append(asyncio.create_task(publisher.run(), name="metrics"))
+            registry = services.metrics = metrics.scrape_registry(publisher)
+            tasks.start("metrics", publisher.run)
             if settings.metrics_address is not None:
                 host, port = settings.metrics_address
-                tasks.append(asyncio.create_task(metrics.serve_separately(registry, host, port), name="metrics server"))
+                tasks.start("metrics server", lambda: metrics.serve_separately(registry, host, port))
         if settings.refresh_interval > 0:
-            tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
+            tasks.start("refresher", refresher.run)
             if redis is not None:
-                listener = redis.listen_invalidations(lookup.invalidate, lookup.confirm, lookup.set_invalidations_live)
-                tasks.append(asyncio.create_task(listener, name="invalidations"))
+                tasks.start(
+                    "invalidations",
+                    lambda: redis.listen_invalidations(
+                        lookup.invalidate, lookup.confirm, lookup.set_invalidations_live
+                    ),
+                )
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            # Bounded: a client library that swallows a cancellation must not hang shutdown.
-            _, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE) if tasks else (set(), set())
-            if stuck:
-                logger.warning("background tasks did not stop in time: %s", ", ".join(t.get_name() for t in stuck))
+            await tasks.stop(SHUTDOWN_GRACE)
             if redis is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SHUTDOWN_GRACE):
@@ -158,15 +160,32 @@ def create_app(settings: Settings) -> UsageService:
             await store.close()
             metrics.worker_exited()
 
-    request_stats = RequestStats(openapi.ROUTE_LABELS) if settings.metrics else None
-    # /metrics is served here unless it is off or has an address of its own.
-    served = [r for r in routes if r.path != "/metrics" or (settings.metrics and settings.metrics_address is None)]
-    return UsageService(
-        settings,
-        request_stats,
-        routes=served,
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+    polled: ASGIApp = TokenAuthMiddleware(dispatch, services=services)
+    if settings.cors_origins:
+        # Outside authentication: a preflight carries no credential, and rejections need the headers too.
+        polled = CORSMiddleware(polled, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
+    starlette = Starlette(
+        # /metrics is served here unless it is off or has an address of its own.
+        routes=routes(services, metrics=settings.metrics and settings.metrics_address is None),
+        exception_handlers={HTTPException: http_error, Exception: _to_the_front_door},
         lifespan=lifespan,
+    )
+    access = (
+        AccessLog(
+            routes=openapi.ROUTE_LABELS,
+            stats=request_stats,
+            log=settings.access_log,
+            client=ClientAddresses(settings.trusted_proxies),  # the client the limiter counts
+        )
+        if request_stats is not None or settings.access_log
+        else None
+    )
+    return UsageService(
+        table=route_table(settings.retry_after, services),
+        polled=polled,
+        starlette=starlette,
+        services=services,
+        access=access,
     )
 
 

@@ -1,4 +1,4 @@
-"""Bearer authentication for the short path: every rejection is answered here, before routing.
+"""Bearer authentication for the polled routes: every rejection is answered here, before dispatch.
 
 The middleware reads the credential, resolves it through the cache layers and applies the
 matched route's rules (the usage route's, or the gateway's relay rules for the OpenAI-style
@@ -14,16 +14,13 @@ from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .limiter import AuthFailureLimiter
-from .lookup import TokenLookup
 from .records import TOKEN_DISABLED, TOKEN_ENABLED, TOKEN_EXHAUSTED, TOKEN_EXPIRED, USER_ENABLED, TokenRecord
 from .responses import JSONError, OpenAIError
-from .routing import ROUTE_KEY, Rules, ShortRoute
+from .routing import ROUTE_KEY, SCOPE_KEY, Rules, ShortRoute
+from .services import Services
 from .store import StoreUnavailable
 
 logger = logging.getLogger("usage_service.auth")
-
-SCOPE_KEY = "usage.token"
 
 # RFC 7235: the scheme is case-insensitive and separated from the credential by 1*SP. The
 # credential is sk-KEY, KEY, or either with the gateway's "-CHANNEL" suffix; KEY is what the
@@ -51,14 +48,6 @@ def bearer_key(value: bytes) -> bytes | None:
             return key
     bearer = _BEARER.fullmatch(value)
     return None if bearer is None else bearer.group(1)
-
-
-def parse_authorization(value: bytes | None) -> bytes | JSONError:
-    """Return the token key (without 'sk-' or a channel suffix) or the rejection to send."""
-    if not value:
-        return NO_HEADER
-    key = bearer_key(value)
-    return INVALID_BEARER if key is None else key
 
 
 def usage_verdict(record: TokenRecord) -> JSONError | None:
@@ -146,20 +135,6 @@ def _retry_after(seconds: int) -> tuple[bytes, bytes]:
 TOO_MANY_FAILURES = "too many failed authentications, retry later"
 
 
-async def _refuse(rejection: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer a credential that names no token: the route's 401, or 429 once its address failed too often.
-
-    Known tokens that are disabled or banned are not failures to guess with and are not counted.
-    """
-    limiter: AuthFailureLimiter | None = scope["app"].limiter
-    if limiter is not None:
-        retry_after = await limiter.failed(scope)
-        if retry_after is not None:
-            scope["app"].lookup.stats.limited += 1
-            rejection = _too_many(isinstance(rejection, OpenAIError), retry_after)
-    await rejection(scope, receive, send)
-
-
 @lru_cache(maxsize=512)
 def _too_many(openai_shape: bool, retry_after: int) -> JSONError:
     """429 in the route's error shape (OpenAI clients back off on rate_limit_exceeded)."""
@@ -170,19 +145,18 @@ def _too_many(openai_shape: bool, retry_after: int) -> JSONError:
 
 
 class TokenAuthMiddleware:
-    """Pure-ASGI middleware guarding every request the front door matched to a short-path route.
+    """Pure-ASGI middleware guarding every request the front door matched to a polled route.
 
-    The route (in `scope["usage.route"]`) says which rules apply; requests without one pass on.
+    The route (in `scope["usage.route"]`) says which rules apply. Credentials that name no
+    token are failures the limiter counts; a token that is found but refused is not one.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, services: Services) -> None:
         self.app = app
+        self.services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route: ShortRoute | None = scope.get(ROUTE_KEY) if scope["type"] == "http" else None
-        if route is None:
-            await self.app(scope, receive, send)
-            return
+        route: ShortRoute = scope[ROUTE_KEY]
         rules = route.rules
 
         header = None
@@ -191,21 +165,20 @@ class TokenAuthMiddleware:
                 header = value
                 break
         if not header:
-            await _refuse(rules.no_header, scope, receive, send)
+            await self.refuse(rules.no_header, scope, receive, send)
             return
         key = bearer_key(header)
         if key is None:
-            await _refuse(rules.invalid_bearer, scope, receive, send)
+            await self.refuse(rules.invalid_bearer, scope, receive, send)
             return
 
-        lookup: TokenLookup = scope["app"].lookup
+        lookup = self.services.lookup
         record = lookup.cached(key, scope)
         if record is None:
             # A blocked address is answered before resolution: guessing costs it no lookup at all.
-            limiter: AuthFailureLimiter | None = scope["app"].limiter
+            limiter = self.services.limiter
             if limiter is not None and (retry_after := limiter.blocked(scope)) is not None:
-                lookup.stats.limited += 1
-                await _too_many(isinstance(rules.unknown_key, OpenAIError), retry_after)(scope, receive, send)
+                await self.too_many(rules, retry_after, scope, receive, send)
                 return
             try:
                 record = await lookup.resolve(key, scope)
@@ -213,7 +186,7 @@ class TokenAuthMiddleware:
                 await rules.unavailable(scope, receive, send)
                 return
             if record is None:
-                await _refuse(rules.unknown_key, scope, receive, send)
+                await self.refuse(rules.unknown_key, scope, receive, send)
                 return
         rejection = rules.verdict(record)
         if rejection is not None:
@@ -222,3 +195,17 @@ class TokenAuthMiddleware:
 
         scope[SCOPE_KEY] = record
         await self.app(scope, receive, send)
+
+    async def refuse(self, rejection: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a credential that names no token: the route's 401, or 429 once its address failed too often."""
+        limiter = self.services.limiter
+        if limiter is not None:
+            retry_after = await limiter.failed(scope)
+            if retry_after is not None:
+                await self.too_many(scope[ROUTE_KEY].rules, retry_after, scope, receive, send)
+                return
+        await rejection(scope, receive, send)
+
+    async def too_many(self, rules: Rules, retry_after: int, scope: Scope, receive: Receive, send: Send) -> None:
+        self.services.lookup.stats.limited += 1  # published as usage_limiter_rejections_total
+        await _too_many(isinstance(rules.unknown_key, OpenAIError), retry_after)(scope, receive, send)

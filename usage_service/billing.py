@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
-from .auth import SCOPE_KEY
 from .records import TokenRecord, compact_json, go_int_sum
 from .responses import JSON_TYPE, NO_CACHE, Headers, send_body
+from .routing import SCOPE_KEY
 from .store import StoreUnavailable, TokenStore
+
+if TYPE_CHECKING:  # services.py holds a GatewayOptions: a run-time import would be circular
+    from .services import Services
 
 logger = logging.getLogger("usage_service.billing")
 
@@ -143,15 +147,12 @@ class GatewayOptions:
         return self.current
 
     async def run(self) -> None:
-        """Refresh every interval until cancelled."""
+        """Refresh every interval until cancelled (the lifespan restarts it after an unexpected error)."""
         if self.interval <= 0:
             return
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                await self.refresh()
-            except Exception:  # never let one odd failure stop the refreshes for good
-                logger.exception("reading the gateway's options failed")
+            await self.refresh()
 
 
 # --- the endpoints ---------------------------------------------------------------------------
@@ -162,28 +163,25 @@ def _answer(data: dict[str, object]) -> tuple[Headers, bytes]:
     return [JSON_TYPE, NO_CACHE, (b"content-length", str(len(body)).encode())], body
 
 
-async def billing_subscription(scope: Scope, receive: Receive, send: Send) -> None:
-    """GET /dashboard/billing/subscription for the token the auth middleware admitted."""
-    await _send(scope, send, "subscription")
+class BillingEndpoint:
+    """GET /dashboard/billing/subscription or /usage for the token the auth middleware admitted."""
 
+    def __init__(
+        self, name: str, render: Callable[[TokenRecord, BillingOptions], dict[str, object]], services: Services
+    ) -> None:
+        self.name = name  # the answer's name in the record's memo
+        self.render = render
+        self.services = services
 
-async def billing_usage(scope: Scope, receive: Receive, send: Send) -> None:
-    """GET /dashboard/billing/usage for the token the auth middleware admitted."""
-    await _send(scope, send, "usage")
-
-
-_RENDER = {"subscription": subscription_data, "usage": usage_data}
-
-
-async def _send(scope: Scope, send: Send, name: str) -> None:
-    record: TokenRecord = scope[SCOPE_KEY]
-    options: BillingOptions = scope["app"].options.current
-    # Rendered once per (record, options): a polled record is answered many times unchanged.
-    memo = record.rendered
-    entry = memo.get(name)
-    if entry is None or entry[0] is not options:
-        entry = (options, _answer(_RENDER[name](record, options)))
-        memo[name] = entry
-    headers, body = entry[1]
-    # A fresh list: the server or a middleware may add to the headers it is given.
-    await send_body(scope, send, 200, [*headers], body)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record: TokenRecord = scope[SCOPE_KEY]
+        options = self.services.options.current
+        # Rendered once per (record, options): a polled record is answered many times unchanged.
+        memo = record.rendered
+        entry = memo.get(self.name)
+        if entry is None or entry[0] is not options:
+            entry = (options, _answer(self.render(record, options)))
+            memo[self.name] = entry
+        headers, body = entry[1]
+        # A fresh list: the server or a middleware may add to the headers it is given.
+        await send_body(scope, send, 200, [*headers], body)

@@ -46,11 +46,12 @@ class CORSMiddleware:
             self.simple_headers.append((b"vary", b"Origin"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = request_origin(scope) if scope["type"] == "http" and scope["path"] in self.paths else None
-        if origin is None:
-            await self.app(scope, receive, send)
-        else:
-            await self.cross_origin(origin, scope, receive, send)
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            for name, value in scope["headers"]:
+                if name == b"origin":  # only browsers send one
+                    await self.cross_origin(value, scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
     async def cross_origin(self, origin: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a request that came with an Origin header: a preflight here, anything else with
@@ -102,15 +103,6 @@ class CORSMiddleware:
             await send_body(scope, send, 204, [*self.preflight_headers, *self.response_headers(origin)], b"")
             return
         await refusal(scope, receive, send)
-
-
-def request_origin(scope: Scope) -> bytes | None:
-    """The request's Origin header: only browsers send one."""
-    value: bytes
-    for name, value in scope["headers"]:
-        if name == b"origin":
-            return value
-    return None
 
 
 def _headers_allowed(value: bytes) -> bool:

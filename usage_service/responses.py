@@ -12,8 +12,8 @@ Headers = list[tuple[bytes, bytes]]
 JSON_TYPE = (b"content-type", b"application/json")
 NO_CACHE = (b"cache-control", b"private, no-cache")
 
-# Where a short-path answer notes its status for the accounting: the short path's senders write
-# it here instead of the front door wrapping `send` on every request.
+# Where an answer notes its status for the front door's accounting and error handling: the
+# polled routes' senders write it here themselves, so the hot path wraps no `send`.
 STATUS_KEY = "usage.status"
 
 

@@ -1,4 +1,4 @@
-"""Routes: the short path's table and dispatch, the usage answer, health and readiness, JSON errors."""
+"""Routes: the polled routes' table and the usage answer; health, readiness, metrics and JSON errors."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .auth import SCOPE_KEY, relay_rules, usage_rules
-from .billing import billing_subscription, billing_usage
+from .auth import relay_rules, usage_rules
+from .billing import BillingEndpoint, subscription_data, usage_data
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render
 from .openapi import DOCUMENT as OPENAPI_DOCUMENT
 from .records import TokenRecord
-from .responses import NO_CACHE, error_body, send_body
-from .routing import ROUTE_KEY, RouteTable, ShortRoute, both_slashes
+from .responses import NO_CACHE, JSONError, error_body, send_body
+from .routing import SCOPE_KEY, RouteTable, ShortRoute, both_slashes
+from .services import Services
 from .store import StoreMisconfigured, StoreUnavailable
 
 logger = logging.getLogger("usage_service.routes")
@@ -54,64 +55,62 @@ SUBSCRIPTION_PATHS = ("/dashboard/billing/subscription", "/v1/dashboard/billing/
 BILLING_USAGE_PATHS = ("/dashboard/billing/usage", "/v1/dashboard/billing/usage")
 
 
-def route_table(retry_after: int) -> RouteTable:
+def route_table(retry_after: int, services: Services) -> RouteTable:
     """Every "how much is left" route, with the rules it follows; anything else under the
     prefixes is a 404 in that family's shape (after authentication, like the routes)."""
     usage, relay = usage_rules(retry_after), relay_rules(retry_after)
+    subscription = BillingEndpoint("subscription", subscription_data, services)
+    billing_usage = BillingEndpoint("usage", usage_data, services)
     return RouteTable(
         {
             **both_slashes(USAGE_PATHS, ShortRoute(token_usage, usage)),
-            **both_slashes(SUBSCRIPTION_PATHS, ShortRoute(billing_subscription, relay)),
+            **both_slashes(SUBSCRIPTION_PATHS, ShortRoute(subscription, relay)),
             **both_slashes(BILLING_USAGE_PATHS, ShortRoute(billing_usage, relay)),
         },
         prefixes={"/api/usage": usage, "/dashboard/billing": relay, "/v1/dashboard/billing": relay},
     )
 
 
-class ShortRoutes:
-    """Dispatch the route the front door matched (in `scope["usage.route"]`): polling skips the
-    general router."""
+def routes(services: Services, *, metrics: bool) -> list[Route]:
+    """Starlette's routes: health, readiness, the OpenAPI document and (when `metrics`) /metrics."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route: ShortRoute = scope[ROUTE_KEY]
-        endpoint = route.endpoint
-        if endpoint is None:
-            await route.rules.not_found(scope, receive, send)
-        elif scope["method"] in ("GET", "HEAD"):
-            await endpoint(scope, receive, send)
+    async def readyz(request: Request) -> Response:
+        """Ready when the database answers; Redis is reported but never makes the service unready."""
+        reason = None
+        try:
+            await services.store.ping()
+            database = "ok"
+        except StoreMisconfigured as exc:  # what an operator must fix, in one line
+            database, reason = "unavailable", str(exc)
+        except StoreUnavailable:
+            database = "unavailable"
+        if services.redis is None:
+            redis = "disabled"
         else:
-            await route.rules.method_not_allowed(scope, receive, send)
+            redis = "ok" if await services.redis.ping() else "unavailable"
+        ready = database == "ok"
+        body: dict[str, object] = {"ready": ready, "database": database, "redis": redis}
+        if reason is not None:
+            body["reason"] = reason
+        return json_response(body, status=200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        """Prometheus metrics of every worker (keep this port off the public load balancer)."""
+        assert services.metrics is not None  # the route exists only with metrics on
+        return Response(render(services.metrics), headers={"cache-control": "no-store"}, media_type=METRICS_TYPE)
+
+    served = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
+    ]
+    if metrics:
+        served.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    return served
 
 
 async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
-
-
-async def readyz(request: Request) -> Response:
-    """Ready when the database answers; Redis is reported but never makes the service unready."""
-    state = request.app.state
-    reason = None
-    try:
-        await state.store.ping()
-        database = "ok"
-    except StoreMisconfigured as exc:  # what an operator must fix, in one line
-        database, reason = "unavailable", str(exc)
-    except StoreUnavailable:
-        database = "unavailable"
-    if state.redis is None:
-        redis = "disabled"
-    else:
-        redis = "ok" if await state.redis.ping() else "unavailable"
-    ready = database == "ok"
-    body: dict[str, object] = {"ready": ready, "database": database, "redis": redis}
-    if reason is not None:
-        body["reason"] = reason
-    return json_response(body, status=200 if ready else 503)
-
-
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics of every worker (keep this port off the public load balancer)."""
-    return Response(render(request.app.state.metrics), headers={"cache-control": "no-store"}, media_type=METRICS_TYPE)
 
 
 async def openapi_document(request: Request) -> Response:
@@ -136,14 +135,5 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return Response(error_body(message), exc.status_code, headers=exc.headers, media_type="application/json")
 
 
-async def server_error(request: Request, exc: Exception) -> Response:
-    """Last resort: log the traceback here, tell the client nothing about it."""
-    return Response(error_body("internal server error"), 500, media_type="application/json")
-
-
-routes = [
-    Route("/healthz", healthz, methods=["GET", "HEAD"]),
-    Route("/readyz", readyz, methods=["GET", "HEAD"]),
-    Route("/metrics", metrics, methods=["GET"]),
-    Route("/openapi.json", openapi_document, methods=["GET"]),
-]
+# What an unexpected error answers on a path that is not a polled route (those have their own).
+INTERNAL_ERROR = JSONError(500, "internal server error")

@@ -1,8 +1,8 @@
-"""The short path's route table: the paths answered without Starlette's router, and their rules.
+"""The polled routes' table and dispatch: the paths answered without Starlette, and their rules.
 
-Built once when the app starts. A path is looked up exactly first (the polled routes, with and
-without a trailing slash); only a miss scans the few prefixes, whose other paths are 404s once
-the credential has been checked.
+Built once when the app is created. A path is looked up exactly first (the polled routes, with
+and without a trailing slash); only a miss scans the few prefixes, whose other paths are 404s
+once the credential has been checked.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .records import TokenRecord
 
 # Where the front door leaves the matched route for the auth middleware and the dispatcher.
 ROUTE_KEY = "usage.route"
+# Where the auth middleware leaves the admitted token's record for the endpoint.
+SCOPE_KEY = "usage.token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +60,15 @@ class RouteTable:
 def both_slashes(paths: Iterable[str], route: ShortRoute) -> dict[str, ShortRoute]:
     """Map each path, with and without a trailing slash, to `route` (some clients add one, none redirect)."""
     return {form: route for path in paths for form in (path, path + "/")}
+
+
+async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+    """Hand an admitted request to the endpoint of the route the front door matched."""
+    route: ShortRoute = scope[ROUTE_KEY]
+    endpoint = route.endpoint
+    if endpoint is None:
+        await route.rules.not_found(scope, receive, send)
+    elif scope["method"] in ("GET", "HEAD"):
+        await endpoint(scope, receive, send)
+    else:
+        await route.rules.method_not_allowed(scope, receive, send)

@@ -1,0 +1,31 @@
+"""What the lifespan opens and the request path uses, in one typed holder.
+
+create_app makes an empty Services and hands it to the auth middleware, the endpoints and the
+health routes as it builds them; the lifespan fills it before the first request and leaves it
+filled until the process ends. One object, read where it is used: nothing is fished out of
+the ASGI scope, nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from .billing import GatewayOptions
+from .cache import RedisCache
+from .limiter import AuthFailureLimiter
+from .lookup import TokenLookup
+from .refresh import Refresher
+from .store import TokenStore
+
+
+class Services:
+    # Declared, not set: reading one before the lifespan ran is an AttributeError, not a None.
+    __slots__ = ("store", "redis", "lookup", "limiter", "options", "refresher", "metrics")
+
+    store: TokenStore
+    redis: RedisCache | None  # None: USAGE_REDIS_URL is unset
+    lookup: TokenLookup
+    limiter: AuthFailureLimiter | None  # None: USAGE_AUTH_FAIL_LIMIT is 0
+    options: GatewayOptions
+    refresher: Refresher
+    metrics: CollectorRegistry | None  # None: USAGE_METRICS is off
