@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from usage_service._dsn import MySQLDSN, PostgresDSN
-from usage_service.config import ConfigError, Settings, check_database_file, load_settings
+from usage_service.cli import build_parser
+from usage_service.config import (
+    TABLE,
+    ConfigError,
+    Settings,
+    Variable,
+    check_database_file,
+    load_settings,
+    markdown_table,
+)
 
 
 def test_defaults_match_the_gateway() -> None:
@@ -182,3 +193,63 @@ def test_database_password_stays_out_of_repr() -> None:
 
 def test_database_server_needs_no_sqlite_file(tmp_path: Path) -> None:
     check_database_file(load_settings({"SQL_DSN": "u@tcp(db)/x", "SQLITE_PATH": str(tmp_path / "nope.db")}))
+
+
+# --- each default stated once: the table in config.py, and what is generated or checked from it
+
+ENV_FILE = Path(__file__).resolve().parents[1] / "config" / "usage-service.env"
+# What the example file sets, on purpose, to something other than the default.
+EXAMPLE_VALUES = {"REDIS_CONN_STRING": "redis://127.0.0.1:6379/0"}
+
+
+def env_file_entries() -> dict[str, tuple[str, str | None, bool]]:
+    """NAME -> (value, the "# Default:" line above it, commented out) for each variable line."""
+    entries: dict[str, tuple[str, str | None, bool]] = {}
+    default = None
+    for line in ENV_FILE.read_text().splitlines():
+        if line.startswith("# Default: "):
+            default = line.removeprefix("# Default: ")
+        elif match := re.fullmatch(r"(#?)([A-Z][A-Z0-9_]*)=(.*)", line):
+            commented, name, value = match.groups()
+            assert name not in entries, f"{name} is listed twice"
+            entries[name] = (value, default, bool(commented))
+            default = None
+    return entries
+
+
+def test_every_setting_has_one_row_and_takes_its_default_from_it() -> None:
+    fields = [v.field for v in TABLE if v.field is not None]
+    assert sorted(fields) == sorted(f.name for f in dataclasses.fields(Settings))
+    assert len({v.name for v in TABLE}) == len(TABLE)
+    for variable in TABLE:
+        if variable.field is not None:
+            assert getattr(Settings(), variable.field) == variable.default, variable.name
+    assert load_settings({}) == Settings()
+
+
+@pytest.mark.parametrize("variable", TABLE, ids=lambda v: v.name)
+def test_the_example_env_file_states_the_tables_default(variable: Variable) -> None:
+    entries = env_file_entries()
+    assert variable.name in entries, f"{variable.name} is missing from {ENV_FILE.name}"
+    value, stated, commented = entries[variable.name]
+    assert stated == variable.shown_default
+    if not commented:  # a commented-out line is an example of a value, not the default
+        default = "" if variable.shown_default.startswith("(") else variable.shown_default
+        assert value == EXAMPLE_VALUES.get(variable.name, default)
+
+
+def test_the_example_env_file_lists_nothing_else_and_loads() -> None:
+    entries = env_file_entries()
+    assert set(entries) == {v.name for v in TABLE}
+    load_settings({name: value for name, (value, _, commented) in entries.items() if not commented})
+
+
+def test_help_and_the_docs_table_come_from_the_table() -> None:
+    table = markdown_table().splitlines()
+    assert table[:2] == ["| Variable | Default | Meaning |", "|---|---|---|"]
+    assert len(table) == 2 + len(TABLE)
+    for row, variable in zip(table[2:], TABLE, strict=True):
+        assert row.startswith(f"| `{variable.name}` | `{variable.shown_default}` | ")
+    epilog = build_parser().epilog or ""
+    for variable in TABLE:
+        assert f"{variable.name:<26} default {variable.shown_default}: {variable.doc}" in epilog
