@@ -135,6 +135,9 @@ async def test_a_blocked_address_costs_no_lookup_and_no_statement(
         assert (await client.get(URL, headers=hot.bearer)).status_code == 200
         await fail(client, 4)  # the fourth is a 429: the address is blocked
         before, statements = await scrape(client), app.state.store.statements
+        redis_calls = request.getfixturevalue("redis_client") if shared == "redis" else None
+        if redis_calls is not None:
+            redis_calls.config_resetstat()
         for i in range(20):
             assert_throttled(await client.get(URL, headers={"Authorization": f"Bearer sk-{i:048d}"}))
         # Even a real token is not looked up from a blocked address (guessing one must not pay)...
@@ -143,6 +146,8 @@ async def test_a_blocked_address_costs_no_lookup_and_no_statement(
         assert (await client.get(URL, headers=hot.bearer)).status_code == 200
         after = await scrape(client)
         assert app.state.store.statements == statements
+        if redis_calls is not None:  # neither a record read nor a failure counted
+            assert {"cmdstat_get", "cmdstat_mget", "cmdstat_incrby"}.isdisjoint(redis_calls.info("commandstats"))
     assert grown(before, after, "usage_db_lookups_total") == 0
     assert grown(before, after, "usage_cache_misses_total", layer="local") == 0
     assert grown(before, after, "usage_limiter_rejections_total") == 21
