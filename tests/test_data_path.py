@@ -148,14 +148,17 @@ async def test_in_process_layer_never_outlives_the_redis_record(
 ) -> None:
     """A record taken from Redis late in its life expires in-process when it would have in Redis."""
     token = gateway.add_token()
-    async with app_client(redis_url=redis_url, cache_ttl=1.0, local_ttl=1.0) as (_, first):
+    # A TTL of 3 s leaves starting the second app (a Redis Cluster client, on a loaded machine) 2 s;
+    # no refresher, which would write the charge to Redis meanwhile.
+    slow = {"cache_ttl": 3.0, "local_ttl": 3.0, "refresh_interval": 0.0}
+    async with app_client(redis_url=redis_url, **slow) as (_, first):
         assert await used(first, token) == 0
         written = time.monotonic()
         gateway.charge(token, 1)
-        async with app_client(redis_url=redis_url, cache_ttl=1.0, local_ttl=1.0) as (_, second):
-            await asyncio.sleep(0.7 - (time.monotonic() - written))
-            assert await used(second, token) == 0  # from Redis, 0.3 s of its TTL left
-            await asyncio.sleep(1.1 - (time.monotonic() - written))
+        async with app_client(redis_url=redis_url, **slow) as (_, second):
+            await asyncio.sleep(2.0 - (time.monotonic() - written))
+            assert await used(second, token) == 0  # from Redis, 1 s of its TTL left
+            await asyncio.sleep(3.3 - (time.monotonic() - written))
             assert await used(second, token) == 1
 
 
