@@ -1,10 +1,11 @@
-"""The `usage-service` command: check the configuration, then hand over to uvicorn."""
+"""The `usage-service` command: check the configuration, then hand over to uvicorn or granian."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import atexit
+import importlib.util
 import logging
 import os
 import shutil
@@ -27,6 +28,8 @@ from .store import SchemaError, open_store
 logger = logging.getLogger("usage_service")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+SERVERS = ("uvicorn", "granian")
+APP_FACTORY = "usage_service.app:create_app_from_env"
 
 # How uvicorn serves the app (the benchmark serves its peers the same way).
 SERVER_OPTIONS: dict[str, Any] = {
@@ -54,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", default=None, help="port to listen on (default: $PORT or 3001)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default: 1)")
+    parser.add_argument(
+        "--server",
+        default="uvicorn",
+        choices=SERVERS,
+        help="HTTP server: uvicorn, or granian (faster; pip install 'usage-service[granian]') (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="(default: %(default)s)")
     parser.add_argument(
         "--log-format",
@@ -90,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = _port(args.port)
         if args.workers < 1:
             raise ConfigError("--workers: expected 1 or more")
+        if args.server == "granian" and importlib.util.find_spec("granian") is None:
+            raise ConfigError("--server granian: granian is not installed (pip install 'usage-service[granian]')")
         demo_key = None
         if args.demo:
             demo_key = ensure_demo_db(DEMO_DB)
@@ -120,18 +131,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  curl -s http://127.0.0.1:{port}/api/usage/token -H 'Authorization: Bearer sk-{demo_key}'",
             flush=True,
         )
+    log_config = logs.uvicorn_config(args.log_level, settings.log_format)
+    if args.server == "granian":
+        from . import _granian
+
+        _granian.serve(
+            target=APP_FACTORY,
+            host=args.host,
+            port=port,
+            workers=args.workers,
+            log_level=args.log_level,
+            log_config=log_config,
+        )
+        return 0
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found installed. Installing ours first turns a clean shutdown into exit status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _note_shutdown_signal)
     uvicorn.run(
-        "usage_service.app:create_app_from_env",
+        APP_FACTORY,
         factory=True,
         host=args.host,
         port=port,
         workers=args.workers,
         log_level=args.log_level,
-        log_config=logs.uvicorn_config(args.log_level, settings.log_format),
+        log_config=log_config,
         **SERVER_OPTIONS,
     )
     return 0

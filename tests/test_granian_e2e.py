@@ -1,0 +1,120 @@
+"""granian's HTTP/1 bounds as `usage-service --server granian` sets them (usage_service/_granian.py).
+
+The contract, fault, shutdown and hostile-input suites run on both servers (the `server`
+fixture); these are the bounds granian enforces itself, in hyper, and that only its settings set.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+import httpx
+import pytest
+from support import Gateway, Service
+
+from usage_service import _granian
+from usage_service._http import MAX_REQUEST_HEAD
+
+pytestmark = pytest.mark.e2e
+
+URL = "/api/usage/token"
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection or goes quiet for a second."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(1)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return answer
+
+
+@pytest.fixture(scope="module")
+def granian_service(tmp_path_factory: pytest.TempPathFactory) -> Service:
+    gateway = Gateway(tmp_path_factory.mktemp("granian") / "one-api.db")
+    gateway.close()
+    with Service({"SQLITE_PATH": str(gateway.path)}, server="granian") as service:
+        yield service  # type: ignore[misc]
+    assert "Traceback" not in service.output()
+
+
+@pytest.mark.parametrize(
+    ("header_bytes", "status"),
+    [
+        pytest.param(MAX_REQUEST_HEAD // 2 - 1024, b"404", id="under-half-the-bound"),
+        pytest.param(MAX_REQUEST_HEAD + 1024, b"431", id="over-the-bound"),
+    ],
+)
+def test_a_request_head_is_bounded_at_max_request_head(
+    granian_service: Service, header_bytes: int, status: bytes
+) -> None:
+    """No head over the bound uvicorn has (granian's own default would take a 400 KiB head)."""
+    request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * header_bytes + b"\r\n\r\n"
+    answer = _exchange(granian_service.port, request)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+
+
+def test_the_bound_holds_for_a_pipelined_request(granian_service: Service) -> None:
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 120_000 + b"\r\n\r\n"
+    answer = _exchange(granian_service.port, first + second)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 431 " in answer, answer[:400]
+
+
+def test_the_header_read_timeout_is_at_most_30_seconds() -> None:
+    assert _granian.HTTP1.header_read_timeout <= 30_000
+    assert _granian.HTTP1.max_buffer_size <= MAX_REQUEST_HEAD // 2  # see there
+
+
+def test_connections_that_send_no_whole_head_are_closed(gateway: Gateway) -> None:
+    """Silent, half-sent, trickling and idle keep-alive connections are all closed on the header-read
+    timeout (shortened here to 1 s), while the service goes on answering."""
+    token = gateway.add_token()
+    prelude = "import usage_service._granian as g\ng.HTTP1.header_read_timeout = 1000"
+    with Service({"SQLITE_PATH": str(gateway.path)}, server="granian", prelude=prelude) as service:
+        address = ("127.0.0.1", service.port)
+        silent = [socket.create_connection(address) for _ in range(20)]
+        half = [socket.create_connection(address) for _ in range(20)]
+        trickling = [socket.create_connection(address) for _ in range(20)]
+        idle = [socket.create_connection(address) for _ in range(20)]
+        for sock in half:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for sock in trickling:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for sock in idle:  # one whole request answered, then nothing
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        everyone = silent + half + trickling + idle
+        open_ = set(everyone)
+        deadline = time.monotonic() + 10
+        line = 0
+        while open_ and time.monotonic() < deadline:
+            readable, _, _ = select.select(list(open_), [], [], 0.2)
+            for sock in readable:
+                try:
+                    closed = sock.recv(65536) == b""  # the idle ones read their answer first
+                except OSError:
+                    closed = True
+                if closed:
+                    open_.discard(sock)
+            line += 1
+            for sock in trickling:  # a header line every 0.2 s or so: never a whole head
+                if sock in open_:
+                    try:
+                        sock.sendall(b"X-%d: 1\r\n" % line)
+                    except OSError:
+                        open_.discard(sock)
+        assert not open_, f"{len(open_)} of {len(everyone)} connections still open after 10 s"
+        assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+        for sock in everyone:
+            sock.close()

@@ -1,0 +1,69 @@
+"""Serving with granian (`usage-service --server granian`), with the guarantees uvicorn's setup keeps.
+
+granian parses HTTP in Rust (hyper) and only calls Python for the app, so a polled token costs
+less CPU than under uvicorn. What cli.py's SERVER_OPTIONS and _http.py give uvicorn is kept:
+- bounded request heads: hyper stops buffering a head at HTTP/1's buffer size and answers 431,
+  per request, pipelined ones included (and 431 to a head of more than 100 header fields);
+- a header-read timeout: a connection that has not sent a whole head in HEADER_READ_TIMEOUT is
+  closed, idle keep-alive connections included (hyper starts the timer as soon as it waits
+  for a head);
+- HTTP/1 only, as under uvicorn: HTTP/2 heads have a bound of their own (16 MiB by default);
+- no proxy-header rewriting (granian never does any) and no access log of its own (it would
+  log query strings, which may carry keys): ours, --access-log, never logs a query string;
+- graceful SIGTERM: the workers stop accepting, finish what is in flight, run the lifespan's
+  shutdown, and the command exits 0.
+
+granian's own answers to requests it cannot parse (400, 431) are written by hyper with an
+empty body: there is no hook to make them JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from granian import Granian
+from granian.constants import HTTPModes, Interfaces, Loops
+from granian.http import HTTP1Settings
+from granian.log import LogLevels
+
+from ._http import MAX_REQUEST_HEAD
+
+# Seconds a connection may take to send a request head, or stay idle between requests.
+HEADER_READ_TIMEOUT = 30
+
+HTTP1 = HTTP1Settings(
+    header_read_timeout=HEADER_READ_TIMEOUT * 1000,
+    keep_alive=True,
+    # hyper refuses a head once its read buffer holds this much without a whole head; one read
+    # (at most this much again) may land first. So every head up to half MAX_REQUEST_HEAD is
+    # read, and none over MAX_REQUEST_HEAD is.
+    max_buffer_size=MAX_REQUEST_HEAD // 2,
+)
+
+
+def serve(*, target: str, host: str, port: int, workers: int, log_level: str, log_config: dict[str, Any]) -> None:
+    """Serve the app factory `target` ("module:function") until SIGTERM or SIGINT.
+
+    `log_config` is the dictConfig uvicorn would be given (logs.uvicorn_config): granian's own
+    lines go through its "default" handler, so they come out in the same format as ours.
+    """
+    loggers = log_config["loggers"]
+    log_config = {**log_config, "loggers": {**loggers, "_granian": {**loggers["uvicorn"]}}}
+    server = Granian(
+        target,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,  # with the lifespan, run in every worker
+        factory=True,
+        workers=workers,
+        loop=Loops.uvloop if importlib.util.find_spec("uvloop") else Loops.asyncio,
+        http=HTTPModes.http1,
+        http1_settings=HTTP1,
+        websockets=False,
+        log_enabled=True,
+        log_level=LogLevels(log_level),
+        log_dictconfig=log_config,
+        log_access=False,
+    )
+    server.serve()
