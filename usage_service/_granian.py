@@ -26,6 +26,7 @@ from granian import Granian
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.http import HTTP1Settings
 from granian.log import LogLevels
+from granian.server.common import AbstractServer
 
 from ._http import MAX_REQUEST_HEAD
 
@@ -42,15 +43,17 @@ HTTP1 = HTTP1Settings(
 )
 
 
-def serve(*, target: str, host: str, port: int, workers: int, log_level: str, log_config: dict[str, Any]) -> None:
-    """Serve the app factory `target` ("module:function") until SIGTERM or SIGINT.
+def server(
+    target: str, *, host: str, port: int, workers: int, log_level: str, log_config: dict[str, Any]
+) -> AbstractServer[Any]:
+    """granian set up to serve the app factory `target` ("module:function"); `.serve()` runs it.
 
     `log_config` is the dictConfig uvicorn would be given (logs.uvicorn_config): granian's own
     lines go through its "default" handler, so they come out in the same format as ours.
     """
     loggers = log_config["loggers"]
     log_config = {**log_config, "loggers": {**loggers, "_granian": {**loggers["uvicorn"]}}}
-    server = Granian(
+    return Granian(
         target,
         address=host,
         port=port,
@@ -66,4 +69,3 @@ def serve(*, target: str, host: str, port: int, workers: int, log_level: str, lo
         log_dictconfig=log_config,
         log_access=False,
     )
-    server.serve()

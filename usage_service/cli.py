@@ -135,14 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.server == "granian":
         from . import _granian
 
-        _granian.serve(
-            target=APP_FACTORY,
+        granian = _granian.server(
+            APP_FACTORY,
             host=args.host,
             port=port,
             workers=args.workers,
             log_level=args.log_level,
             log_config=log_config,
         )
+        granian.serve()  # returns once the workers have stopped gracefully
         return 0
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found installed. Installing ours first turns a clean shutdown into exit status 0.
