@@ -5,16 +5,17 @@ less CPU than under uvicorn. What cli.py's SERVER_OPTIONS and _http.py give uvic
 - bounded request heads: hyper stops buffering a head at HTTP/1's buffer size and answers 431,
   per request, pipelined ones included (and 431 to a head of more than 100 header fields);
 - a header-read timeout: a connection that has not sent a whole head in HEADER_READ_TIMEOUT is
-  closed, idle keep-alive connections included (hyper starts the timer as soon as it waits
-  for a head);
+  closed (without an answer), idle keep-alive connections included (hyper starts the timer as
+  soon as it waits for a head);
 - HTTP/1 only, as under uvicorn: HTTP/2 heads have a bound of their own (16 MiB by default);
 - no proxy-header rewriting (granian never does any) and no access log of its own (it would
   log query strings, which may carry keys): ours, --access-log, never logs a query string;
 - graceful SIGTERM: the workers stop accepting, finish what is in flight, run the lifespan's
   shutdown, and the command exits 0.
 
-granian's own answers to requests it cannot parse (400, 431) are written by hyper with an
-empty body: there is no hook to make them JSON.
+Where granian differs, for want of a setting: its own answers to requests it cannot parse
+(400, 431) are written by hyper with an empty body (no hook makes them JSON), and every
+response carries `server: granian`.
 """
 
 from __future__ import annotations
