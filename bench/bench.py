@@ -171,6 +171,15 @@ class Process:
         extra = [int(p) for p in children.read_text().split()] if children.exists() else []
         return [self.process.pid, *extra]
 
+    def pause(self) -> None:
+        """Stop the process and its workers (SIGSTOP): its background tasks take no CPU meanwhile."""
+        for pid in self.pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.pids():
+            os.kill(pid, signal.SIGCONT)
+
     def cpu_seconds(self) -> float:
         """User and system CPU time of the process and its workers so far."""
         ticks = 0
@@ -425,12 +434,22 @@ def run_matrix(
     flush_redis(redis_url)
     servers = {name: factory() for name, factory in factories.items()}
     results = []
+
+    def alone(server: Process) -> None:
+        # The others are paused: a service's refresher keeps its polled tokens fresh for
+        # USAGE_HOT_WINDOW after its own round, which would run on the core being measured.
+        for other in servers.values():
+            if other is not server:
+                other.pause()
+        server.resume()
+
     try:
         counters = {name: db_counter(server) for name, server in servers.items()}
         for load in loads:
             runs: dict[str, list[Result]] = {name: [] for name in servers}
             for turn in range(rounds):
                 for name, server in servers.items():
+                    alone(server)
                     if load != "cold" and turn == 0:  # polling is measured in its steady state
                         scenario.wrk(server, load, 5 if load == "spread" else 2)
                     # Cold keys are new in every round: a later round must not find them cached.
@@ -448,6 +467,7 @@ def run_matrix(
                 )
     finally:
         for server in servers.values():
+            server.resume()
             server.stop()
     for result in results:
         # Each server against the ceiling of the HTTP server it runs on.
