@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import select
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-from support import Gateway, Service
+from support import Gateway, Service, environ_without_gateway_settings
 
 from usage_service import _granian
 from usage_service._http import MAX_REQUEST_HEAD
@@ -118,3 +120,18 @@ def test_connections_that_send_no_whole_head_are_closed(gateway: Gateway) -> Non
         assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
         for sock in everyone:
             sock.close()
+
+
+def test_a_port_in_use_stops_start_up_with_one_line(gateway: Gateway) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [sys.executable, "-m", "usage_service", "--server", "granian", "--host", "127.0.0.1"]
+        # With RUST_BACKTRACE set, granian's error carries a Rust backtrace: still one line.
+        env = {**environ_without_gateway_settings(), "SQLITE_PATH": str(gateway.path), "RUST_BACKTRACE": "1"}
+        result = subprocess.run([*command, "--port", str(port)], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"usage-service: error: cannot serve on 127.0.0.1:{port}: Address already in use (os error 98)"]
+    assert "Traceback" not in result.stderr and "backtrace" not in result.stderr.lower()

@@ -143,7 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=args.log_level,
             log_config=log_config,
         )
-        granian.serve()  # returns once the workers have stopped gracefully
+        try:
+            granian.serve()  # returns once the workers have stopped gracefully
+        except RuntimeError as exc:  # from granian's Rust side: the address cannot be had, say
+            # (with RUST_BACKTRACE set, the message goes on with a backtrace: its first line says it)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"usage-service: error: cannot serve on {args.host}:{port}: {reason}", file=sys.stderr)
+            return 1
         return 0
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
     # it found installed. Installing ours first turns a clean shutdown into exit status 0.
