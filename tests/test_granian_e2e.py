@@ -6,15 +6,18 @@ fixture); these are the bounds granian enforces itself, in hyper, and that only 
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from support import Gateway, Service, environ_without_gateway_settings
+from support import Gateway, Service, environ_without_gateway_settings, wait_until
 
 from usage_service import _granian
 from usage_service._http import MAX_REQUEST_HEAD
@@ -135,3 +138,26 @@ def test_a_port_in_use_stops_start_up_with_one_line(gateway: Gateway) -> None:
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == [f"usage-service: error: cannot serve on 127.0.0.1:{port}: Address already in use (os error 98)"]
     assert "Traceback" not in result.stderr and "backtrace" not in result.stderr.lower()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_that_dies_is_replaced(gateway: Gateway) -> None:
+    token = gateway.add_token()
+    with Service({"SQLITE_PATH": str(gateway.path)}, server="granian") as service:
+        [worker] = _children(service.process.pid)
+        os.kill(worker, signal.SIGKILL)
+
+        def replaced() -> bool:
+            try:
+                answered = httpx.get(service.url + URL, headers=token.bearer, timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+            return answered and worker not in _children(service.process.pid)
+
+        assert wait_until(replaced, timeout=15), service.output()
+        assert service.process.poll() is None
+        assert service.stop() == 0

@@ -22,7 +22,9 @@ def test_json_access_log(gateway: Gateway, server: str) -> None:
     token = gateway.add_token()
     env = {"SQLITE_PATH": str(gateway.path)}
     with Service(env, "--log-format", "json", "--access-log", server=server) as service:
-        assert httpx.get(service.url + URL + f"?k=sk-{token.key}", headers=token.bearer).status_code == 200
+        # The server does not rewrite the client from X-Forwarded-For: only USAGE_TRUSTED_PROXIES would.
+        headers = {**token.bearer, "X-Forwarded-For": "203.0.113.9"}
+        assert httpx.get(service.url + URL + f"?k=sk-{token.key}", headers=headers).status_code == 200
         assert httpx.get(service.url + f"/sk-{token.key}").status_code == 404
         assert wait_until(lambda: service.output().count('"usage_service.access"') >= 3)  # with /healthz
     output = service.output()

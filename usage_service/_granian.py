@@ -69,4 +69,6 @@ def server(
         log_level=LogLevels(log_level),
         log_dictconfig=log_config,
         log_access=False,
+        # A worker that dies is replaced (a crash loop still stops the server), as uvicorn's are.
+        respawn_failed_workers=True,
     )
