@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 
 from usage_service import logs
 from usage_service.auth import parse_authorization, usage_verdict
-from usage_service.cli import SERVER_OPTIONS
+from usage_service.cli import MAX_IN_FLIGHT, SERVER_OPTIONS
+from usage_service.config import Settings
 from usage_service.responses import JSONError
 from usage_service.store.sqlite import SQLiteStore
 
@@ -97,8 +98,16 @@ def main() -> None:
 
         os.environ |= {"BENCH_DB": str(args.db), "BENCH_KEY": args.key}
         config = logs.uvicorn_config("warning", "text")
-        options = {"host": "127.0.0.1", "port": args.port, "workers": 1, "log_level": "warning"}
-        _granian.server("servers:ceiling_from_env", **options, log_config=config).serve()  # type: ignore[arg-type]
+        _granian.server(
+            "servers:ceiling_from_env",
+            host="127.0.0.1",
+            port=args.port,
+            workers=1,
+            log_level="warning",
+            log_config=config,
+            header_timeout=Settings.header_timeout,
+            max_in_flight=MAX_IN_FLIGHT,
+        ).serve()
         return
     if args.kind == "ceiling":
         record = asyncio.run(_fetch(args.db, args.key))

@@ -265,16 +265,17 @@ CREATE TABLE `users` (
 CREATE TABLE `options` (`key` varchar(191) PRIMARY KEY, `value` longtext) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
 
-# The read-only user the service connects as, granted exactly what the README tells operators.
+# The read-only user the service connects as, granted exactly what docs/databases.md tells operators.
 READER, READER_PASSWORD = "usage_service", "r3ad-only:p@ss"
+DATABASES_DOC = Path(__file__).parent.parent / "docs" / "databases.md"
 
 
-def readme_grants(engine_heading: str, database: str) -> list[str]:
-    """The README's statements for a read-only user, for this database: the tests run as that user."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split(f"### {engine_heading}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+def documented_grants(engine_heading: str, database: str, gateway_user: str = "") -> list[str]:
+    """docs/databases.md's statements for a read-only user, for this database: the tests run as that user."""
+    section = DATABASES_DOC.read_text().split(f"\n## {engine_heading}\n", 1)[1].split("\n## ", 1)[0]
     sql = section.split("```sql\n", 1)[1].split("```", 1)[0]
     sql = sql.replace("CHANGE-ME", READER_PASSWORD).replace("new-api", database)
+    sql = sql.replace("GATEWAY-USER", gateway_user)
     return [statement.strip() for statement in sql.split(";") if statement.strip()]
 
 
@@ -299,7 +300,7 @@ class PostgresGateway(Gateway):
         try:
             if not exists:
                 self.conn.execute(schema)  # type: ignore[arg-type]
-                for statement in readme_grants("PostgreSQL", database):
+                for statement in documented_grants("PostgreSQL", database, server.superuser):
                     if not (role and statement.startswith("CREATE ROLE")):  # one role for the cluster
                         self.conn.execute(statement)  # type: ignore[arg-type]
             # A fresh gateway per test, on tables made once per session.
@@ -383,7 +384,7 @@ class MySQLGateway(Gateway):
                 if not exists:
                     for statement in filter(str.strip, schema.split(";")):
                         cursor.execute(statement)
-                    for statement in readme_grants("MySQL and MariaDB", database):
+                    for statement in documented_grants("MySQL and MariaDB", database):
                         # One user for the server, however many databases.
                         cursor.execute(statement.replace("CREATE USER ", "CREATE USER IF NOT EXISTS ", 1))
                 cursor.execute("DELETE FROM tokens")

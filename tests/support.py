@@ -222,15 +222,11 @@ WORKER_STARTED = {"uvicorn": "Application startup complete", "granian": "Started
 class Service:
     """The real `usage-service` process on a free loopback port, served by `server`."""
 
-    def __init__(
-        self, env: dict[str, str], *args: str, cwd: Path | None = None, server: str = "uvicorn", prelude: str = ""
-    ) -> None:
-        """`prelude`: Python run before the command, for a test that shortens one of the server's bounds."""
+    def __init__(self, env: dict[str, str], *args: str, cwd: Path | None = None, server: str = "uvicorn") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = server
-        run = ["-c", f"{prelude}\nfrom usage_service.cli import main\nraise SystemExit(main())"] if prelude else []
-        command = [sys.executable, *(run or ["-m", "usage_service"]), "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "usage_service", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--server", server, *args]
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(

@@ -1,5 +1,7 @@
 """The deployment files: docker-compose.yml against the Compose specification, the nginx
-configuration (checked by `nginx -t` and run in front of real sidecars), the Kubernetes example.
+configuration (checked by `nginx -t` and run in front of real sidecars), the Kubernetes example,
+and the operators' defaults they rely on: trusted proxies, the demo's address, the documented
+PostgreSQL grants.
 
 No Docker engine or cluster runs here, so the files are checked for what a schema and a close
 reading can tell: that Compose would accept them, and that each profile wires up what it says.
@@ -9,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +28,8 @@ import httpx
 import jsonschema
 import pytest
 import yaml
-from support import Gateway, Service, free_port, wait_until
+from dbservers import POSTGRES_SCHEMA, READER, READER_PASSWORD, PostgresServer, documented_grants
+from support import Gateway, Service, environ_without_gateway_settings, free_port, wait_until
 
 from usage_service.config import load_settings
 
@@ -133,6 +139,28 @@ def test_scaled_profile_runs_two_sidecars_behind_nginx(compose: dict[str, Any]) 
     assert re.findall(r"server ([\w-]+:\d+)", upstreams["new_api"]) == ["gateway:3000"]
 
 
+def test_scaled_sidecars_trust_nginx_and_nothing_else(compose: dict[str, Any]) -> None:
+    """Behind nginx every client would be nginx's address: one client's bad keys would give every
+    client 429. The sidecars believe nginx's X-Forwarded-For, and no other container's."""
+    (network,) = compose["networks"]["default"]["ipam"]["config"]
+    subnet, dynamic = ipaddress.ip_network(network["subnet"]), ipaddress.ip_network(network["ip_range"])
+    docker_gateway = ipaddress.ip_address(network["gateway"])
+    nginx = ipaddress.ip_address(compose["services"]["proxy"]["networks"]["default"]["ipv4_address"])
+    # nginx's address is pinned, in the subnet, where no other container can be given it.
+    assert nginx in subnet and nginx not in dynamic
+    for name in ("usage-service-1", "usage-service-2"):
+        trusted = load_settings(compose["services"][name]["environment"]).trusted_proxies
+        assert any(nginx in proxy for proxy in trusted), name
+        # Not the containers' range, nor the network's gateway (Docker's userland proxy
+        # connects from there): those could name any client they like.
+        assert not any(proxy.overlaps(dynamic) or docker_gateway in proxy for proxy in trusted), name
+    # And nginx appends the client it sees on every route to the sidecars.
+    locations = re.findall(r"location ([^{]+)\{(.*?)\n    \}", NGINX_CONF.read_text(), re.S)
+    to_sidecars = [body for _, body in locations if "proxy_pass http://usage_service;" in body]
+    assert len(to_sidecars) == 2
+    assert all("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in body for body in to_sidecars)
+
+
 # --- nginx ------------------------------------------------------------------------------------
 
 
@@ -237,6 +265,47 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
     db.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("trusted", "other_client_status"),
+    [
+        pytest.param("127.0.0.1", 401, id="nginx-trusted"),
+        # Without it, every client is nginx: one client's failures throttle everyone.
+        pytest.param("", 429, id="nginx-not-trusted"),
+    ],
+)
+def test_behind_nginx_the_limiter_counts_each_client(tmp_path: Path, trusted: str, other_client_status: int) -> None:
+    """nginx appends the client to X-Forwarded-For; a sidecar that trusts nginx (as the scaled
+    profile's do, 127.0.0.1 here standing for nginx's pinned address) counts each client alone."""
+    nginx = nginx_binary()
+    if nginx is None:
+        pytest.skip("nginx is not installed (scripts/test installs it)")
+    db = Gateway(tmp_path / "one-api.db")
+    env = {"SQLITE_PATH": str(db.path), "USAGE_AUTH_FAIL_LIMIT": "3", "USAGE_TRUSTED_PROXIES": trusted}
+    bad = {"Authorization": "Bearer sk-" + "x" * 48}
+    with stub_gateway() as gateway_port, Service(env) as sidecar:
+        port = free_port()
+        main = local_nginx_conf(tmp_path, port, (sidecar.port, sidecar.port), gateway_port)
+        proxy = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(main)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/api/usage/token"
+            assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}/api/status"), timeout=10)
+            # Two clients, told apart by the loopback address they connect from.
+            with _client_from("127.0.0.2") as first, _client_from("127.0.0.3") as second:
+                assert [first.get(url, headers=bad).status_code for _ in range(4)] == [401, 401, 401, 429]
+                assert second.get(url, headers=bad).status_code == other_client_status
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=10)
+    db.close()
+
+
+def _client_from(address: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=5)
+
+
 def _answers(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(url, timeout=1).status_code == 200
@@ -302,3 +371,100 @@ def test_k8s_routes_usage_polls_to_the_sidecar_port(k8s: dict[str, dict[str, Any
         **{path: ("Prefix", name, "usage") for path in billing},
         "/": ("Prefix", name, "http"),
     }
+
+
+def test_k8s_sidecar_trusts_the_ingress_controller(k8s: dict[str, dict[str, Any]]) -> None:
+    """The Ingress controller is every client's peer: its X-Forwarded-For must be believed."""
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    (sidecar,) = (c for c in pod["containers"] if c["name"] == "usage-service")
+    values = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    trusted = load_settings(values).trusted_proxies
+    assert trusted, "USAGE_TRUSTED_PROXIES is not set"
+    # A cluster's pod range: private, and not the whole address space.
+    assert all(proxy.is_private and proxy.prefixlen >= 8 for proxy in trusted)
+    assert any(ipaddress.ip_address("10.244.1.7") in proxy for proxy in trusted)  # an ingress-nginx pod on kind
+
+
+# --- the demo ---------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("flags", "listening"),
+    [
+        pytest.param([], {"127.0.0.1"}, id="loopback-by-default"),
+        pytest.param(["--host", "0.0.0.0"], {"0.0.0.0"}, id="network-when-asked"),
+    ],
+)
+def test_demo_listens_on_loopback_unless_told(tmp_path: Path, flags: list[str], listening: set[str]) -> None:
+    """The demo prints its token and serves /metrics: it must not be reachable from the network."""
+    port = free_port()
+    command = [sys.executable, "-m", "usage_service", "--demo", "--port", str(port), *flags]
+    env = environ_without_gateway_settings()
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as demo:
+        try:
+            assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=20)
+            assert _listening_addresses(port) == listening
+        finally:
+            demo.terminate()
+            demo.wait(timeout=15)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The addresses sockets listen on at this port, from the kernel's own table (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # each 32-bit word in the host's byte order
+                found.add(str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))))
+    return found
+
+
+# --- the documented PostgreSQL grants ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "public_create",
+    [
+        pytest.param(False, id="postgres-15-defaults"),
+        # PostgreSQL 14 and older let every role create tables in public.
+        pytest.param(True, id="postgres-14-defaults"),
+    ],
+)
+def test_documented_postgres_role_can_only_read(postgres_server: PostgresServer, public_create: bool) -> None:
+    """docs/databases.md's statements, run as it says (a superuser), leave a role that reads the
+    three tables and can neither write them nor create a table, even in a read-write session."""
+    import psycopg
+    from psycopg import errors
+
+    database = f"grants-{int(public_create)}"
+    with psycopg.connect(postgres_server.url("postgres"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}"')  # type: ignore[arg-type]
+        admin.execute(f'CREATE DATABASE "{database}"')  # type: ignore[arg-type]
+        role_exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,)).fetchone()
+    with psycopg.connect(postgres_server.url(database), autocommit=True) as owner:
+        if public_create:
+            owner.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        owner.execute(POSTGRES_SCHEMA)  # type: ignore[arg-type]
+        for statement in documented_grants("PostgreSQL", database, postgres_server.superuser):
+            if not (role_exists and statement.startswith("CREATE ROLE")):  # one role for the cluster
+                owner.execute(statement)  # type: ignore[arg-type]
+    reader_url = postgres_server.url(database, READER, urllib.parse.quote(READER_PASSWORD, safe=""))
+    with psycopg.connect(reader_url, autocommit=True) as reader:
+        for table in ("tokens", "users", "options"):
+            reader.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
+        # The session's read-only default is the role's own setting, which it may lift: the
+        # privileges must hold without it.
+        reader.execute("SET default_transaction_read_only = off")
+        for statement in (
+            "CREATE TABLE intruder (x int)",
+            "CREATE TABLE public.intruder (x int)",
+            "UPDATE tokens SET name = 'x'",
+            "INSERT INTO options (\"key\", \"value\") VALUES ('x', 'y')",
+            "DELETE FROM users",
+        ):
+            with pytest.raises(errors.InsufficientPrivilege):
+                reader.execute(statement)  # type: ignore[arg-type]

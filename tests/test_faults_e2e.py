@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -50,11 +51,16 @@ def test_sigterm_under_load(tmp_path: Path, server: str) -> None:
         loaders = [threading.Thread(target=load, args=(t,)) for t in warm[:3]]
         for thread in loaders:
             thread.start()
+        read_before = _db_lookups(service)
         with ThreadPoolExecutor(len(slow)) as pool:
             with gateway.exclusive_lock():
                 # Misses wait on the lock: these requests are in flight when the signal lands.
                 in_flight = [pool.submit(httpx.get, service.url + URL, headers=t.bearer, timeout=30) for t in slow]
-                time.sleep(1.0)
+                # In flight: the service has begun each of their database reads (a sleep could end,
+                # on a loaded machine, before the requests have even connected).
+                assert wait_until(lambda: _db_lookups(service) >= read_before + len(slow), timeout=20), (
+                    "requests not in flight"
+                )
                 assert not any(f.done() for f in in_flight)
                 terminated.set()
                 service.process.send_signal(signal.SIGTERM)
@@ -74,6 +80,13 @@ def test_sigterm_under_load(tmp_path: Path, server: str) -> None:
         assert "ConnectError" in after
         assert "Traceback" not in service.output()
     gateway.close()
+
+
+def _db_lookups(service: Service) -> float:
+    """The service's usage_db_lookups_total, as /metrics last published it."""
+    text = httpx.get(service.url + "/metrics", timeout=5).text
+    found = re.search(r"^usage_db_lookups_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def _refused(port: int) -> bool:

@@ -19,7 +19,6 @@ import httpx
 import pytest
 from support import Gateway, Service, environ_without_gateway_settings, wait_until
 
-from usage_service import _granian
 from usage_service._http import MAX_REQUEST_HEAD
 
 pytestmark = pytest.mark.e2e
@@ -56,14 +55,15 @@ def granian_service(tmp_path_factory: pytest.TempPathFactory) -> Service:
 @pytest.mark.parametrize(
     ("header_bytes", "status"),
     [
-        pytest.param(MAX_REQUEST_HEAD // 2 - 1024, b"404", id="under-half-the-bound"),
-        pytest.param(MAX_REQUEST_HEAD + 1024, b"431", id="over-the-bound"),
+        pytest.param(MAX_REQUEST_HEAD - 1024, b"404", id="under-the-bound"),
+        # hyper may read once more before it checks: at most twice the bound (see _granian.py).
+        pytest.param(2 * MAX_REQUEST_HEAD + 1024, b"431", id="over-twice-the-bound"),
     ],
 )
 def test_a_request_head_is_bounded_at_max_request_head(
     granian_service: Service, header_bytes: int, status: bytes
 ) -> None:
-    """No head over the bound uvicorn has (granian's own default would take a 400 KiB head)."""
+    """Heads up to the bound uvicorn has are read, none over twice it (granian's default takes 400 KiB)."""
     request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * header_bytes + b"\r\n\r\n"
     answer = _exchange(granian_service.port, request)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
@@ -77,17 +77,12 @@ def test_the_bound_holds_for_a_pipelined_request(granian_service: Service) -> No
     assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 431 " in answer, answer[:400]
 
 
-def test_the_header_read_timeout_is_at_most_30_seconds() -> None:
-    assert _granian.HTTP1.header_read_timeout <= 30_000
-    assert _granian.HTTP1.max_buffer_size <= MAX_REQUEST_HEAD // 2  # see there
-
-
 def test_connections_that_send_no_whole_head_are_closed(gateway: Gateway) -> None:
     """Silent, half-sent, trickling and idle keep-alive connections are all closed on the header-read
-    timeout (shortened here to 1 s), while the service goes on answering."""
+    timeout (USAGE_HEADER_TIMEOUT, 1 s here), while the service goes on answering."""
     token = gateway.add_token()
-    prelude = "import usage_service._granian as g\ng.HTTP1.header_read_timeout = 1000"
-    with Service({"SQLITE_PATH": str(gateway.path)}, server="granian", prelude=prelude) as service:
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_HEADER_TIMEOUT": "1"}
+    with Service(env, server="granian") as service:
         address = ("127.0.0.1", service.port)
         silent = [socket.create_connection(address) for _ in range(20)]
         half = [socket.create_connection(address) for _ in range(20)]

@@ -14,6 +14,7 @@ from time import perf_counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .logs import escape_char
 from .lookup import LAYER
 
 access_logger = logging.getLogger("usage_service.access")
@@ -25,9 +26,13 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # The route label of a path no route serves: paths are client input, labels must stay few.
 OTHER = "other"
 
-# A path no route serves is logged with anything that could be a key blanked out.
+# A path no route serves is logged with anything that could be a key blanked out, then cut
+# short, then escaped: one request is one line, whatever the client put in its path.
 _KEYLIKE = re.compile(r"(?:sk-)?[0-9A-Za-z]{16,}")
 _MAX_LOGGED_PATH = 200
+# Printable ASCII but space, '"' and backslash stays as is; anything else is written \xHH, \uHHHH
+# or \UHHHHHHHH (a decoded %0a would start a forged line; %22 would end the quoted path early).
+_UNSAFE = re.compile(r"[^\x21\x23-\x5b\x5d-\x7e]")
 
 ACCESS_FORMAT = '%(client)s - "%(method)s %(path)s" %(status)d %(duration_ms).3fms %(layer)s'
 
@@ -69,7 +74,14 @@ def logged_path(path: str, routes: Mapping[str, str]) -> str:
     """The path as it may appear in a log: a route's own path as is, any other without key material."""
     if path in routes:
         return path
-    return _KEYLIKE.sub("[redacted]", path[:_MAX_LOGGED_PATH])
+    # Redacted whole before it is cut: cutting first could leave a key's first 15 characters,
+    # too short a run to look like one.
+    path = _KEYLIKE.sub("[redacted]", path)[:_MAX_LOGGED_PATH]
+    return _UNSAFE.sub(_escape, path)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return escape_char(match.group())
 
 
 class AccessLog:

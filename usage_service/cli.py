@@ -20,7 +20,7 @@ from typing import Any
 import uvicorn
 
 from . import __version__, logs
-from ._http import LimitedHttpToolsProtocol
+from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
 from .config import LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
 from .store import SchemaError, open_store
@@ -31,6 +31,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SERVERS = ("uvicorn", "granian")
 APP_FACTORY = "usage_service.app:create_app_from_env"
 
+# Requests in flight per worker (a poll answered in-process takes tens of microseconds: that many
+# in flight means the database or Redis is stuck, and waiting longer would not help).
+MAX_IN_FLIGHT = 1000
+
 # How uvicorn serves the app (the benchmark serves its peers the same way).
 SERVER_OPTIONS: dict[str, Any] = {
     # uvicorn's access line would carry query strings verbatim; keys must never reach a log.
@@ -40,8 +44,14 @@ SERVER_OPTIONS: dict[str, Any] = {
     # uvicorn would rewrite the client address from X-Forwarded-For for any peer on 127.0.0.1;
     # the service decides whom to believe itself (USAGE_TRUSTED_PROXIES, addresses.py).
     "proxy_headers": False,
-    # Bounded request heads and JSON for the server's own 400s (_http.py).
+    # Bounded request heads, a head-read timeout and JSON for the server's own 400, 431 and 503 (_http.py).
     "http": LimitedHttpToolsProtocol,
+    # Past this many requests in flight in a worker, each new one is answered 503 and its
+    # connection closed. Connections themselves are bounded by the descriptor limit and by
+    # USAGE_HEADER_TIMEOUT, after which one that sends no whole request is closed.
+    "limit_concurrency": MAX_IN_FLIGHT,
+    # Connections the kernel queues for a worker that is not accepting fast enough (uvicorn's default).
+    "backlog": 2048,
 }
 
 
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"environment variables:\n{variables}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--host", default=None, help="address to listen on (default: 0.0.0.0; with --demo, 127.0.0.1)")
     parser.add_argument("--port", default=None, help="port to listen on (default: $PORT or 3001)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default: 1)")
     parser.add_argument(
@@ -123,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("redis: the master %r named by the sentinels %s", settings.redis_master_name, sentinels)
     elif settings.redis_mode == "cluster":
         logger.info("redis: a cluster, found through %d seed node(s)", 1 + len(settings.redis_cluster_nodes))
+    logger.info("open files limit %d: about as many connections per worker", raise_descriptor_limit())
     if args.workers > 1:
         _share_metrics_between_workers()
     if demo_key is not None:
@@ -131,24 +142,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  curl -s http://127.0.0.1:{port}/api/usage/token -H 'Authorization: Bearer sk-{demo_key}'",
             flush=True,
         )
+    # The demo prints its token and serves /metrics: it stays off the network unless asked.
+    host = args.host if args.host is not None else ("127.0.0.1" if args.demo else "0.0.0.0")
     log_config = logs.uvicorn_config(args.log_level, settings.log_format)
     if args.server == "granian":
         from . import _granian
 
         granian = _granian.server(
             APP_FACTORY,
-            host=args.host,
+            host=host,
             port=port,
             workers=args.workers,
             log_level=args.log_level,
             log_config=log_config,
+            header_timeout=settings.header_timeout,
+            max_in_flight=MAX_IN_FLIGHT,
         )
         try:
             granian.serve()  # returns once the workers have stopped gracefully
         except RuntimeError as exc:  # from granian's Rust side: the address cannot be had, say
             # (with RUST_BACKTRACE set, the message goes on with a backtrace: its first line says it)
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            print(f"usage-service: error: cannot serve on {args.host}:{port}: {reason}", file=sys.stderr)
+            print(f"usage-service: error: cannot serve on {host}:{port}: {reason}", file=sys.stderr)
             return 1
         return 0
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
@@ -158,11 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     uvicorn.run(
         APP_FACTORY,
         factory=True,
-        host=args.host,
+        host=host,
         port=port,
         workers=args.workers,
         log_level=args.log_level,
         log_config=log_config,
+        # Also how long a connection may take to send a request head (_http.py).
+        timeout_keep_alive=settings.header_timeout,
         **SERVER_OPTIONS,
     )
     return 0

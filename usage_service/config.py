@@ -68,6 +68,7 @@ class Settings:
     auth_fail_limit: int = 30
     auth_fail_window: float = 60.0
     trusted_proxies: tuple[Network, ...] = ()
+    header_timeout: int = 10
 
 
 # (variable, default, description) for every variable; `--help` and the README print this.
@@ -113,6 +114,11 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("USAGE_AUTH_FAIL_LIMIT", "30", "failed authentications per client address per window before 429 (0 disables)"),
     ("USAGE_AUTH_FAIL_WINDOW", "60", "seconds of the failed-authentication window (the longest Retry-After)"),
     ("USAGE_TRUSTED_PROXIES", "(empty)", "CIDRs of proxies whose X-Forwarded-For names the client, comma-separated"),
+    (
+        "USAGE_HEADER_TIMEOUT",
+        "10",
+        "seconds a connection has to send a whole request head, from its opening or its last answer (1-300)",
+    ),
 )
 
 LOG_FORMATS = ("text", "json")
@@ -170,6 +176,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         auth_fail_limit=_read(env, "USAGE_AUTH_FAIL_LIMIT", 30, _count(minimum=0)),
         auth_fail_window=_read(env, "USAGE_AUTH_FAIL_WINDOW", 60.0, _seconds(minimum=0.001)),
         trusted_proxies=_read(env, "USAGE_TRUSTED_PROXIES", (), _networks),
+        header_timeout=_read(env, "USAGE_HEADER_TIMEOUT", 10, _count(minimum=1, maximum=300)),
     )
 
 

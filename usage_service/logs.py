@@ -10,12 +10,43 @@ from typing import Any
 
 import orjson
 import uvicorn
+import uvicorn.logging
 
 _TEXT_FORMAT = "%(levelname)s:     %(message)s"
 
 # Libraries that log what they send at DEBUG, token keys among it (aiosqlite logs every
 # statement with its parameters): they stay at INFO whatever --log-level says.
 _VERBOSE_LIBRARIES = ("aiosqlite",)
+
+
+def escape_char(char: str) -> str:
+    """One character as a Python-style escape: \\xHH, \\uHHHH or \\UHHHHHHHH."""
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def one_line(text: str) -> str:
+    """`text` with its non-printable characters (line breaks among them) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else escape_char(char) for char in text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A text format in which each message is one line, whatever it quotes (a path, a header).
+
+    A traceback still follows on lines of its own, after the message.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not record.message.isprintable():
+            record = copy.copy(record)
+            record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+
+class TextFormatter(OneLineFormatter, uvicorn.logging.DefaultFormatter):
+    """uvicorn's text format (its level prefix, its colours on a terminal), one line a message."""
 
 
 class JSONFormatter(logging.Formatter):
@@ -43,7 +74,7 @@ class JSONFormatter(logging.Formatter):
 def configure(level: str, log_format: str) -> None:
     """Set up logging for the command itself, before uvicorn takes over."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JSONFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+    handler.setFormatter(JSONFormatter() if log_format == "json" else OneLineFormatter(_TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for name in _VERBOSE_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
@@ -66,4 +97,6 @@ def uvicorn_config(level: str, log_format: str) -> dict[str, Any]:
     if log_format == "json":
         for name in config["formatters"]:
             config["formatters"][name] = {"()": "usage_service.logs.JSONFormatter"}
+    else:
+        config["formatters"]["default"]["()"] = "usage_service.logs.TextFormatter"
     return config

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The one-shot "postgres-grants" service (docker-compose.yml, profile "scaled"): wait until the
 # gateway has created its tables, then let usage-service read the three it needs, and no more
-# (the same GRANT as in the README). Safe to run again: GRANT is idempotent.
+# (the same GRANT as in docs/databases.md). Safe to run again: GRANT is idempotent.
 set -eu
 tries=0
 until psql -qtA -c 'SELECT 1 FROM tokens, users, options LIMIT 0' >/dev/null 2>&1; do

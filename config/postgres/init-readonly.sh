@@ -10,4 +10,7 @@ CREATE ROLE usage_service LOGIN PASSWORD :'ro_password';
 ALTER ROLE usage_service SET default_transaction_read_only = on;
 GRANT CONNECT ON DATABASE :"db" TO usage_service;
 GRANT USAGE ON SCHEMA public TO usage_service;
+-- PostgreSQL 14 and older let every role create tables in public; keep that to the gateway's
+-- user (POSTGRES_USER, the superuser here, which needs no grant). A no-op from 15 on.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 SQL
