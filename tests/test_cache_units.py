@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import LocalCache, key_digest, parse_hot
+from usage_service.cache import GENERATIONS_KEPT, LocalCache, key_digest, parse_hot
 
 
 def test_digest_is_sha256_of_the_key() -> None:
@@ -17,16 +17,56 @@ def test_local_cache_expires_entries() -> None:
     cache.put(b"a", "A", expires_at=10.0)
     assert cache.get(b"a", now=9.9) == "A"
     assert cache.get(b"a", now=10.0) is None
-    assert cache.peek(b"a") == (10.0, "A")  # kept as a stale copy until pushed out
+    assert cache.peek(b"a") == ("A", 10.0)  # kept as a stale copy until pushed out
 
 
-def test_local_cache_extends_only_live_entries() -> None:
+def confirmable(cache: LocalCache[str], digest: bytes, *, expires_at: float, hard_deadline: float) -> None:
+    cache.put(digest, digest.decode(), expires_at, hard_deadline=hard_deadline, generation=cache.generation)
+
+
+def test_a_confirmation_keeps_entries_of_its_generation_fresh_up_to_their_hard_deadline() -> None:
     cache: LocalCache[str] = LocalCache(10)
-    cache.put(b"live", "L", expires_at=10.0)
-    cache.put(b"gone", "G", expires_at=5.0)
-    cache.extend(20.0, now=6.0)
-    assert cache.get(b"live", now=15.0) == "L"
-    assert cache.get(b"gone", now=6.0) is None
+    confirmable(cache, b"a", expires_at=1.0, hard_deadline=60.0)
+    confirmable(cache, b"b", expires_at=1.0, hard_deadline=8.0)
+    cache.put(b"own", "own", expires_at=1.0)  # put without a generation: its own deadline only
+    cache.confirm(10.0)
+    assert [cache.get(d, now=5.0) for d in (b"a", b"b", b"own")] == ["a", "b", None]
+    assert [cache.get(d, now=9.0) for d in (b"a", b"b")] == ["a", None]  # b's hard deadline holds
+    assert cache.get(b"a", now=10.0) is None  # and so does the watermark
+    assert cache.peek(b"a") == ("a", 10.0) and cache.peek(b"b") == ("b", 8.0)
+    cache.confirm(5.0)  # an older confirmation does not take back a newer one
+    assert cache.get(b"a", now=9.0) == "a"
+
+
+def test_no_confirmation_revives_an_expired_entry() -> None:
+    cache: LocalCache[str] = LocalCache(10)
+    confirmable(cache, b"a", expires_at=10.0, hard_deadline=60.0)
+    cache.confirm(20.0)
+    cache.expire(b"a", now=12.0)  # an invalidation
+    assert cache.get(b"a", now=12.0) is None
+    cache.confirm(50.0)
+    assert cache.get(b"a", now=13.0) is None
+    assert cache.peek(b"a") == ("a", 12.0)  # a stale copy, expired when it was invalidated
+    cache.expire(b"missing", now=12.0)  # nothing to expire: nothing happens
+    assert cache.peek(b"missing") is None
+
+
+def test_a_new_generation_withdraws_confirmations_from_what_is_held() -> None:
+    cache: LocalCache[str] = LocalCache(10)
+    confirmable(cache, b"old", expires_at=2.0, hard_deadline=60.0)
+    cache.confirm(10.0)
+    cache.new_generation(now=5.0)  # the channel was lost: invalidations may be missed from here
+    assert cache.get(b"old", now=1.0) == "old"  # its own deadline still holds
+    assert cache.get(b"old", now=5.0) is None
+    assert cache.peek(b"old") == ("old", 5.0)  # fresh until the channel was lost
+    confirmable(cache, b"new", expires_at=6.0, hard_deadline=60.0)
+    cache.confirm(30.0)  # a confirmation heard after the channel came back
+    assert cache.get(b"old", now=6.0) is None
+    assert cache.get(b"new", now=20.0) == "new"
+    cache.new_generation(now=21.0)
+    cache.new_generation(now=22.0)
+    assert cache.peek(b"old") == ("old", 5.0)  # generations ago: still when it stopped being fresh
+    assert cache.peek(b"new") == ("new", 21.0)
 
 
 def test_local_cache_is_bounded_and_evicts_oldest() -> None:
@@ -92,3 +132,12 @@ def test_hot_members_parse_to_digests_and_ids_skipping_malformed_ones() -> None:
     digest = key_digest(b"k")
     members = [b"7:" + digest.hex().encode(), b"x:" + digest.hex().encode(), b"8:zz", b"", b"9"]
     assert parse_hot(members) == {digest: 7}
+
+
+def test_a_long_forgotten_generation_counts_its_own_deadline() -> None:
+    cache: LocalCache[str] = LocalCache(10)
+    confirmable(cache, b"a", expires_at=2.0, hard_deadline=60.0)
+    cache.confirm(10.0)
+    for now in range(5, 5 + GENERATIONS_KEPT + 1):  # the channel flapped, more often than is remembered
+        cache.new_generation(now=float(now))
+    assert cache.peek(b"a") == ("a", 2.0)

@@ -7,7 +7,10 @@ import dataclasses
 import orjson
 import pytest
 
+from usage_service.billing import BillingOptions, subscription_data
 from usage_service.records import (
+    INT64_MAX,
+    INT64_MIN,
     CorruptCacheValue,
     TokenRecord,
     as_bool,
@@ -16,6 +19,7 @@ from usage_service.records import (
     encode_cached,
     parse_model_limits,
 )
+from usage_service.store._sql import row_record
 
 RECORD = TokenRecord(7, 3, "ci", 1, 1893456000, 900, 100, False, True, ("gpt-4o", "o3"), 1)
 
@@ -96,6 +100,53 @@ def test_quotas_are_64_bit_and_negative_remain_passes_through() -> None:
     assert data["total_granted"] == 2**62 - 2**40
 
 
+# The gateway adds remain_quota and used_quota as Go ints (64 bits), which wrap around.
+EDGES = [
+    pytest.param(INT64_MIN, 0, INT64_MIN, id="remain-int64-min"),
+    pytest.param(INT64_MIN, -1, INT64_MAX, id="wraps-below-int64-min"),
+    pytest.param(INT64_MAX, 10, INT64_MIN + 9, id="wraps-past-int64-max"),
+    pytest.param(INT64_MAX, INT64_MAX, -2, id="both-int64-max"),
+    pytest.param(INT64_MIN, INT64_MIN, 0, id="both-int64-min"),
+]
+
+
+@pytest.mark.parametrize(("remain", "used", "granted"), EDGES)
+def test_totals_wrap_as_the_gateway_computes_them(remain: int, used: int, granted: int) -> None:
+    record = dataclasses.replace(RECORD, remain_quota=remain, used_quota=used, user_quota=remain, user_used_quota=used)
+    data = orjson.loads(record.usage_body)["data"]
+    assert (data["total_granted"], data["total_available"], data["total_used"]) == (granted, remain, used)
+    # The billing routes show the same total, as float64(total) / QuotaPerUnit.
+    for token_stat in (True, False):
+        limit = subscription_data(record, BillingOptions(token_stat=token_stat))["hard_limit_usd"]
+        assert limit == pytest.approx(granted / 500_000)
+    cached, _ = decode_cached(encode_cached(record, 1.0))
+    assert cached == record and cached is not None and cached.usage_body == record.usage_body
+
+
+ROW = (7, "k" * 48, 3, "ci", 1, -1, 900, 100, 0, 1, "gpt-4o", 1, 5, 6)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param(6, 2**63, id="remain-past-int64"),
+        pytest.param(7, b"99999999999999999999", id="used-as-digits-past-int64"),
+        pytest.param(12, -(2**63) - 1, id="owner-quota-below-int64"),
+        pytest.param(0, 2**64, id="id-past-int64"),
+    ],
+)
+def test_rows_no_record_can_hold_are_refused(column: int, value: object) -> None:
+    row = list(ROW)
+    row[column] = value
+    with pytest.raises(ValueError, match="64 bits"):
+        row_record(row)
+
+
+def test_row_text_that_is_not_utf8_reads_with_replacement_characters() -> None:
+    record = row_record((*ROW[:3], b"n\xe9w", *ROW[4:10], b"gpt-4\xffo,o3", *ROW[11:]))
+    assert record.name == "n\ufffdw" and record.model_limits == ("gpt-4\ufffdo", "o3")
+
+
 def test_etag_follows_the_body() -> None:
     same = dataclasses.replace(RECORD)
     changed = dataclasses.replace(RECORD, remain_quota=899)
@@ -107,7 +158,12 @@ def test_etag_follows_the_body() -> None:
 OWNED = dataclasses.replace(RECORD, user_quota=2**40, user_used_quota=12345)
 
 
-@pytest.mark.parametrize("record", [RECORD, OWNED, None], ids=["record", "with-owner-quota", "unknown-key"])
+EXTREME = dataclasses.replace(RECORD, remain_quota=INT64_MIN, used_quota=INT64_MAX, user_quota=INT64_MIN)
+
+
+@pytest.mark.parametrize(
+    "record", [RECORD, OWNED, EXTREME, None], ids=["record", "with-owner-quota", "int64-edges", "unknown-key"]
+)
 def test_cache_round_trip(record: TokenRecord | None) -> None:
     assert decode_cached(encode_cached(record, 1700000000.5)) == (record, 1700000000.5)
 

@@ -76,9 +76,9 @@ async def test_changes_are_refreshed_without_redis(
     gateway: Gateway, app_client: AppClient, change: Any, status: int, data: dict[str, Any]
 ) -> None:
     token = gateway.add_token()
-    async with app_client(**SLOW_CACHE) as (_, client):
+    async with app_client(**SLOW_CACHE) as (app, client):
         assert (await client.get(URL, headers=token.bearer)).status_code == 200
-        await asyncio.sleep(0.15)  # the refresher has seen the token polled
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == 1))  # a round re-read it
         change(gateway, token)
         await eventually(answer_is(client, token, status, **data), within=2.0)
 
@@ -87,7 +87,7 @@ async def test_falls_back_to_refreshing_alone_while_redis_is_down(gateway: Gatew
     token = gateway.add_token()
     async with app_client(redis_url="redis://127.0.0.1:1/0", redis_cooldown=60, **SLOW_CACHE) as (app, client):
         assert (await client.get(URL, headers=token.bearer)).status_code == 200
-        await asyncio.sleep(0.15)
+        await eventually(lambda: _true(app.state.refresher.stats.tokens == 1))  # a round of its own re-read it
         gateway.charge(token, 9)
         await eventually(answer_is(client, token, 200, total_used=9), within=2.0)
         assert not app.state.refresher.stats.leader
@@ -108,7 +108,7 @@ async def test_one_leader_and_a_successor(
         assert leaders.count(True) == 1
         # A leader that dies without a word loses the lock when it expires...
         lock_ttl = redis_client.pttl(a.state.redis.leader_key)
-        assert 0 < lock_ttl <= a.state.refresher.lock_ttl * 1000
+        assert 0 < lock_ttl <= a.state.refresher.round_lock_ttl * 1000
         # ...one that shuts down hands it over at once.
         leader_stack, leader, follower = (first, a, b) if leaders[0] else (second, b, a)
         await leader_stack.aclose()
@@ -207,41 +207,46 @@ async def test_a_token_polled_without_pause_is_noted_once_per_renote_period(
         assert redis_client.zcard(hot_key) == 1
 
 
-async def test_rounds_read_the_hot_set_in_a_fixed_order(
+async def test_each_token_is_read_at_the_same_point_of_every_round(
     gateway: Gateway, app_client: AppClient, redis_url: str
 ) -> None:
-    """Redis returns the most recently noted first; a round reads in member order instead, so a
-    token is re-read at the same point of every round, whatever was noted in between."""
+    """Redis returns the most recently noted first, and noting moves a token to the front; yet
+    a token is re-read in the same statement of every round (one interval apart), whatever was
+    noted in between."""
     gateway.add_tokens(2 * HOT_SLICE + 100)
     tokens = {int(row[0]): str(row[1]) for row in gateway.db.execute("SELECT id, `key` FROM tokens")}
     async with app_client(redis_url=redis_url, refresh_interval=3600.0) as (app, _):
         store, redis = app.state.store, app.state.redis
-        polled = {hashlib.sha256(key.encode()).digest(): token_id for token_id, key in tokens.items()}
-        members = sorted(f"{token_id}:{digest.hex()}".encode() for digest, token_id in polled.items())
-        now = time.time()
-        for offset, member in enumerate(members):  # the last member is the most recently noted
-            token_id, _, hexdigest = member.partition(b":")
-            await redis.note_polled({bytes.fromhex(hexdigest.decode()): int(token_id)}, now - 5 + offset * 1e-3)
-        reads: list[list[int]] = []
+        polled = list(tokens.items())
+        statements: list[set[int]] = []
         fetch_many = store.fetch_many
 
         async def recording(ids: list[int]) -> dict[int, Any]:
-            reads.append(sorted(ids))
+            statements.append(set(ids))
             return await fetch_many(ids)
 
         store.fetch_many = recording
-        await app.state.refresher.tick()
-        assert app.state.refresher.stats.leader
-        expected = [int(member.partition(b":")[0]) for member in members]
-        chunks = [sorted(expected[i : i + HOT_SLICE]) for i in range(0, len(expected), HOT_SLICE)]
-        assert reads == chunks
+
+        async def round_noted_in(order: list[tuple[int, str]]) -> dict[int, int]:
+            """Note the tokens one by one in this order, run a round: {token id: its statement}."""
+            now = time.time()
+            for offset, (token_id, key) in enumerate(order):
+                await redis.note_polled({hashlib.sha256(key.encode()).digest(): token_id}, now - 5 + offset * 1e-3)
+            statements.clear()
+            await app.state.refresher.tick()
+            assert app.state.refresher.stats.leader
+            return {token_id: n for n, ids in enumerate(statements) for token_id in ids}
+
+        first = await round_noted_in(polled)
+        assert len(set(first.values())) == 3 and len(first) == len(tokens)
+        assert await round_noted_in(polled[::-1]) == first
 
 
 @pytest.mark.parametrize(("refresh_interval", "kept_in_process"), [(0.1, True), (0, False)], ids=["pushed", "not"])
 async def test_pushed_invalidations_let_records_stay_in_process(
     gateway: Gateway, app_client: AppClient, redis_url: str, refresh_interval: float, kept_in_process: bool
 ) -> None:
-    """With the refresher's invalidations arriving, USAGE_LOCAL_TTL gives way to USAGE_CACHE_TTL."""
+    """With the refresher's rounds confirming what workers hold, records outlive USAGE_LOCAL_TTL."""
     token = gateway.add_token()
     settings = {"redis_url": redis_url, "cache_ttl": 5.0, "local_ttl": 0.1, "refresh_interval": refresh_interval}
     async with app_client(**settings) as (app, client):
@@ -256,18 +261,6 @@ async def test_pushed_invalidations_let_records_stay_in_process(
         await client.get(URL, headers=token.bearer)
         # Unchanged for 0.3 s, three times USAGE_LOCAL_TTL: still in-process only if changes are pushed.
         assert (stats.local_hits - local, stats.redis_hits - redis_hits) == ((1, 0) if kept_in_process else (0, 1))
-
-
-async def test_losing_the_invalidation_channel_empties_the_in_process_layer(
-    gateway: Gateway, app_client: AppClient, redis_url: str
-) -> None:
-    token = gateway.add_token()
-    async with app_client(redis_url=redis_url, **SLOW_CACHE) as (app, client):
-        await eventually(lambda: _true(app.state.lookup.invalidations_live))
-        await client.get(URL, headers=token.bearer)
-        assert len(app.state.lookup.local) == 1
-        app.state.refresher.invalidations_live(False)
-        assert len(app.state.lookup.local) == 0
 
 
 async def test_confirmed_rounds_keep_records_in_process(
@@ -302,15 +295,16 @@ async def test_a_request_never_overwrites_a_newer_refresh(
         await client.get(URL, headers=token.bearer)
         digest = key_digest(token.key.encode())
         record = app.state.lookup.local.get(digest, 0.0)
-        cache = app.state.redis
-        await cache.store_many({digest: encode_cached(record, 2000.0)}, 60)  # the refresher's, read at 2000
-        cache.write(digest, encode_cached(record, 1000.0), 60)  # a request's, read earlier
-        await asyncio.sleep(0.2)
-        stored = redis_client.get(cache._key(digest))
-        assert decode_cached(stored)[1] == 2000.0
-        cache.write(digest, encode_cached(record, 3000.0), 60)  # a newer read does replace it
-        await asyncio.sleep(0.2)
-        assert decode_cached(redis_client.get(cache._key(digest)))[1] == 3000.0
+        cache, now = app.state.redis, time.time()  # later than the request's own write-behind
+
+        async def written_behind(fetched_at: float) -> float:
+            cache.write(digest, encode_cached(record, fetched_at), 60)
+            await cache._writer  # the write-behind task, done once Redis answered
+            return float(decode_cached(redis_client.get(cache._key(digest)))[1])
+
+        await cache.store_many({digest: encode_cached(record, now + 20)}, 60)  # the refresher's
+        assert await written_behind(now + 10) == now + 20  # a request's, read earlier
+        assert await written_behind(now + 30) == now + 30  # a newer read does replace it
 
 
 async def test_without_a_refresher_polls_are_not_noted(gateway: Gateway, app_client: AppClient) -> None:

@@ -140,9 +140,7 @@ def create_app(settings: Settings) -> UsageService:
         if settings.refresh_interval > 0:
             tasks.append(asyncio.create_task(refresher.run(), name="refresher"))
             if redis is not None:
-                listener = redis.listen_invalidations(
-                    refresher.invalidate, refresher.confirm, refresher.invalidations_live
-                )
+                listener = redis.listen_invalidations(lookup.invalidate, lookup.confirm, lookup.set_invalidations_live)
                 tasks.append(asyncio.create_task(listener, name="invalidations"))
         try:
             yield

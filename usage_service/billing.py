@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from starlette.types import Receive, Scope, Send
 
 from .auth import SCOPE_KEY
-from .records import TokenRecord, compact_json
+from .records import TokenRecord, compact_json, go_int_sum
 from .responses import JSON_TYPE, NO_CACHE, Headers, send_body
 from .store import StoreUnavailable, TokenStore
 
@@ -88,9 +88,9 @@ def _number(value: float) -> int | float:
 def subscription_data(record: TokenRecord, options: BillingOptions) -> dict[str, object]:
     """The body of GET /dashboard/billing/subscription, as the gateway computes it."""
     if options.token_stat:
-        quota, access_until = record.remain_quota + record.used_quota, max(record.expired_time, 0)
+        quota, access_until = go_int_sum(record.remain_quota, record.used_quota), max(record.expired_time, 0)
     else:
-        quota, access_until = record.user_quota + record.user_used_quota, 0
+        quota, access_until = go_int_sum(record.user_quota, record.user_used_quota), 0
     limit: int | float = _number(options.amount(quota))
     if options.token_stat and record.unlimited_quota:
         limit = UNLIMITED_AMOUNT

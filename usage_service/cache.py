@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import enum
 import functools
 import hashlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Generic, TypeVar
@@ -35,48 +37,97 @@ def key_digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+# The generation of an entry that no confirmation may extend: negative entries, expired ones,
+# and every entry put without a generation.
+UNCONFIRMED = -1
+
+# Past generations whose end LocalCache remembers (a generation ends when the invalidation
+# channel is lost or regained: a handful a day at most).
+GENERATIONS_KEPT = 16
+
+
 class LocalCache(Generic[V]):
-    """A bounded in-process map whose entries expire; the oldest entry goes first when full."""
+    """A bounded in-process map whose entries expire; the oldest entry goes first when full.
+
+    An entry is fresh until its own deadline. An entry put under the cache's current generation
+    may also be fresh until the confirmation watermark (`confirm`), but never past its own hard
+    deadline: moving the watermark is one assignment however many entries it vouches for, and a
+    new generation withdraws it from every entry held so far at once.
+    """
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._entries: OrderedDict[bytes, tuple[float, V]] = OrderedDict()
+        # digest -> (fresh until, value, hard deadline, generation)
+        self._entries: OrderedDict[bytes, tuple[float, V, float, int]] = OrderedDict()
+        self.generation = 0
+        self.confirmed_until = -math.inf
+        # When confirmations stopped covering each of the last generations (read only by `peek`,
+        # to tell how long ago an entry stopped being fresh; older ones count their own deadline).
+        self._ended: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, digest: bytes, now: float) -> V | None:
-        """Return the entry's value while it has not expired."""
+        """Return the entry's value while it is fresh."""
         entry = self._entries.get(digest)
-        if entry is None or entry[0] <= now:
-            # An expired entry stays until it is replaced or pushed out by newer ones: it is
-            # what stale-if-error serves while the database cannot answer.
+        if entry is None:
             return None
-        return entry[1]
+        if now < entry[0] or (entry[3] == self.generation and now < entry[2] and now < self.confirmed_until):
+            return entry[1]
+        # An entry that is no longer fresh stays until it is replaced or pushed out by newer
+        # ones: it is what stale-if-error serves while the database cannot answer.
+        return None
 
-    def peek(self, digest: bytes) -> tuple[float, V] | None:
-        """Return (expires_at, value) of the entry, expired or not."""
-        return self._entries.get(digest)
+    def peek(self, digest: bytes) -> tuple[V, float] | None:
+        """Return (value, when its freshness ends or ended) of the entry, fresh or not."""
+        entry = self._entries.get(digest)
+        return None if entry is None else (entry[1], self._fresh_until(entry))
 
-    def put(self, digest: bytes, value: V, expires_at: float) -> None:
+    def put(
+        self,
+        digest: bytes,
+        value: V,
+        expires_at: float,
+        *,
+        hard_deadline: float = -math.inf,
+        generation: int = UNCONFIRMED,
+    ) -> None:
+        """Keep a value, fresh until `expires_at`; with the current `generation`, confirmations
+        may keep it fresh longer, up to `hard_deadline`."""
         entries = self._entries
-        entries[digest] = (expires_at, value)
+        entries[digest] = (expires_at, value, hard_deadline, generation)
         entries.move_to_end(digest)
         while len(entries) > self.max_size:
             entries.popitem(last=False)
 
+    def expire(self, digest: bytes, now: float) -> None:
+        """End an entry's freshness now, for good: it stays as a stale copy that no confirmation revives."""
+        entry = self._entries.get(digest)
+        if entry is not None:
+            self._entries[digest] = (min(self._fresh_until(entry), now), entry[1], entry[2], UNCONFIRMED)
+
     def discard(self, digest: bytes) -> None:
         self._entries.pop(digest, None)
 
-    def extend(self, expires_at: float, now: float) -> None:
-        """Let every entry that has not expired by `now` live at least until `expires_at`."""
-        entries = self._entries
-        for digest, (deadline, value) in entries.items():
-            if now < deadline < expires_at:
-                entries[digest] = (expires_at, value)
+    def confirm(self, until: float) -> None:
+        """Let every entry of the current generation be fresh until `until` (within its hard deadline)."""
+        if until > self.confirmed_until:
+            self.confirmed_until = until
 
-    def clear(self) -> None:
-        self._entries.clear()
+    def new_generation(self, now: float) -> None:
+        """Withdraw every confirmation from the entries held so far: each is fresh only until its
+        own deadline, and no later confirmation extends it."""
+        self._ended[self.generation] = min(self.confirmed_until, now)
+        if len(self._ended) > GENERATIONS_KEPT:
+            del self._ended[min(self._ended)]
+        self.generation += 1
+        self.confirmed_until = -math.inf
+
+    def _fresh_until(self, entry: tuple[float, V, float, int]) -> float:
+        expires_at, _, hard_deadline, generation = entry
+        confirmed = self.confirmed_until if generation == self.generation else self._ended.get(generation, -math.inf)
+        return max(expires_at, min(hard_deadline, confirmed))
 
 
 # Hot-set members per command, both ways: bounded work between two awaits of the event loop.
@@ -90,21 +141,34 @@ class RedisUnavailable(Exception):
     """Redis failed, timed out, or is being left alone by the circuit breaker."""
 
 
-# Extend the leader lock if we hold it, else take it if it is free: one key, so Cluster-safe.
+class Leadership(enum.IntEnum):
+    """Where `RedisCache.lead` left this instance."""
+
+    FOLLOWER = 0  # another instance holds the lock
+    TOOK = 1  # the lock was free and is ours now: whatever we knew as leader before may be outdated
+    KEPT = 2  # we held it, and hold it for another lock TTL
+
+
+# Extend the leader lock if we hold it (2), else take it if it is free (1), else 0: one key,
+# so Cluster-safe. redis-py's Lock.reacquire and acquire in one round trip.
 _LEAD_SCRIPT = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 2
 end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
 
-
-# Many SETs with one expiry in one command: cheaper for us to send than a pipeline of SETs.
-_SET_MANY_SCRIPT = """
-for i, key in ipairs(KEYS) do redis.call('set', key, ARGV[i + 1], 'PX', ARGV[1]) end
-return #KEYS
+# Extend the leader lock only if we still hold it (redis-py's Lock.reacquire): never take it.
+_KEEP_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
 """
+
 
 # Add comma-separated members to the hot set, all scored ARGV[1] (unpack takes so many at a time).
 _NOTE_SCRIPT = """
@@ -124,8 +188,9 @@ redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
 return table.concat(redis.call('zrevrangebyscore', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3]), ',')
 """
 
-# Many SETs, each only if what is there was read from the database earlier than ours (values
-# start "[format,fetched_at,"): a request's write-behind never undoes a newer refresh.
+# Many SETs with one expiry in one command (cheaper for us to send than a pipeline of SETs),
+# each only if what is there was read from the database earlier than ours (values start
+# "[format,fetched_at,"): no write, a request's or a deposed leader's, undoes a newer read.
 _SET_NEWER_SCRIPT = """
 local function stamp(value)
   return value and tonumber(string.match(value, '^%[%d+,([^,]+),'))
@@ -186,8 +251,8 @@ class RedisCache:
         self._writes: dict[bytes, tuple[bytes, float]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._lead = client.register_script(_LEAD_SCRIPT)
+        self._keep = client.register_script(_KEEP_SCRIPT)
         self._resign = client.register_script(_RESIGN_SCRIPT)
-        self._set_script = client.register_script(_SET_MANY_SCRIPT)
         self._set_newer_script = client.register_script(_SET_NEWER_SCRIPT)
         self._hot_script = client.register_script(_HOT_SCRIPT)
         self._note_script = client.register_script(_NOTE_SCRIPT)
@@ -261,17 +326,17 @@ class RedisCache:
             while self._writes:
                 batch, self._writes = self._writes, {}
                 with contextlib.suppress(RedisUnavailable):
-                    await self._run(functools.partial(self._set_many, batch, newer_only=True), self.batch_timeout)
+                    await self._run(functools.partial(self._set_many, batch), self.batch_timeout)
         finally:
             self._writer = None
 
-    async def _set_many(self, values: Mapping[bytes, tuple[bytes, float]], newer_only: bool = False) -> None:
+    async def _set_many(self, values: Mapping[bytes, tuple[bytes, float]]) -> None:
         by_ttl: dict[int, tuple[list[str], list[bytes]]] = {}
         for digest, (value, ttl) in values.items():
             keys, payloads = by_ttl.setdefault(_ms(ttl), ([], []))
             keys.append(self._key(digest))
             payloads.append(value)
-        script = self._set_newer_script if newer_only else self._set_script
+        script = self._set_newer_script
         for ttl_ms, (keys, payloads) in by_ttl.items():
             if self._cluster is None:
                 await script(keys=keys, args=[ttl_ms, *payloads])
@@ -321,9 +386,14 @@ class RedisCache:
                 functools.partial(self._note_script, keys=[self.hot_key], args=[now, members]), self.batch_timeout
             )
 
-    async def lead(self, instance: str, ttl: float) -> bool:
-        """Take or keep the refresher's leader lock; say whether this instance holds it."""
+    async def lead(self, instance: str, ttl: float) -> Leadership:
+        """Take or keep the refresher's leader lock for `ttl` seconds; say how this instance stands."""
         held = await self._run(lambda: self._lead(keys=[self.leader_key], args=[instance, _ms(ttl)]))
+        return Leadership(int(held))
+
+    async def keep_lead(self, instance: str, ttl: float) -> bool:
+        """Extend the leader lock to `ttl` seconds if this instance still holds it; say whether it does."""
+        held = await self._run(lambda: self._keep(keys=[self.leader_key], args=[instance, _ms(ttl)]))
         return bool(held)
 
     async def resign(self, instance: str) -> None:
@@ -340,7 +410,7 @@ class RedisCache:
         return bytes(joined).split(b",") if joined else []
 
     async def store_many(self, values: Mapping[bytes, bytes], ttl: float) -> None:
-        """Write many cached values in one round trip."""
+        """Write many cached values in one round trip, each only over a value read earlier than it."""
         await self._run(lambda: self._set_many({d: (v, ttl) for d, v in values.items()}), self.batch_timeout)
 
     async def publish_invalidation(self, digests: Iterable[bytes]) -> None:

@@ -82,7 +82,14 @@ VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("REDIS_CONN_STRING", "(unset)", "redis:// or rediss:// URL; unset runs on the in-process cache alone"),
     ("PORT", "3001", "listen port (same as --port)"),
     ("USAGE_CACHE_TTL", "5", "seconds a token record may be served from cache (Redis and in-process)"),
-    ("USAGE_LOCAL_TTL", "1", "seconds a record stays in-process when changes are not pushed (<= USAGE_CACHE_TTL)"),
+    (
+        "USAGE_LOCAL_TTL",
+        "1",
+        "seconds a worker answers a record from its in-process layer after taking it in (<= USAGE_CACHE_TTL);"
+        " longer while the refresher's rounds confirm it, never past USAGE_HOT_WINDOW (or USAGE_CACHE_TTL"
+        " if longer) after its database read;"
+        " 0: never (expired copies stay for USAGE_STALE_IF_ERROR)",
+    ),
     ("USAGE_LOCAL_CACHE_SIZE", "100000", "max records in the in-process layer per worker"),
     ("USAGE_NEGATIVE_TTL", "5", "seconds an unknown key is remembered as unknown (0 disables)"),
     ("USAGE_NEGATIVE_CACHE_SIZE", "20000", "max unknown keys remembered in-process per worker"),

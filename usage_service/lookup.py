@@ -12,7 +12,7 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-from .cache import LocalCache, RedisCache, key_digest
+from .cache import UNCONFIRMED, LocalCache, RedisCache, key_digest
 from .config import Settings
 from .records import TokenRecord, encode_cached
 from .store import StoreUnavailable, TokenStore
@@ -46,13 +46,32 @@ _NOT_FOUND = _NotFound()
 
 
 class TokenLookup:
+    """The cache layers and the database, in that order, for one worker.
+
+    The in-process layer's invariant: an entry read before this worker hears invalidation N of
+    its key is never served fresh after N, and no confirmation extends an entry read before the
+    invalidation channel was last lost or regained. Enforced by:
+    - `invalidate` expiring the entry in place (it stays as a stale copy, so stale-if-error
+      holds) and detaching a load of that key still in flight: it answers those already
+      waiting and lands expired, and later requests start a load of their own;
+    - confirmations moving one watermark that covers only entries of the current generation
+      (`LocalCache.confirm`), and a new generation whenever the channel is lost or regained;
+    - a hard bound besides: no entry is served fresh more than `max_age` after the database
+      read it came from, whatever the confirmations say.
+    """
+
     def __init__(self, store: TokenStore, redis: RedisCache | None, settings: Settings) -> None:
         self.store = store
         self.redis = redis
         self.cache_ttl = settings.cache_ttl
+        # 0 turns the in-process layer off: entries are kept as stale copies only, never fresh.
         self.local_ttl = settings.local_ttl
-        # While the refresher's invalidations reach this worker, a change is pushed here within
-        # an interval, so records may stay in-process for as long as Redis keeps them.
+        # The hard bound. Confirmations vouch for tokens in the refresher's hot set, which a token
+        # leaves once nobody polled it for USAGE_HOT_WINDOW: past that, an entry is read again
+        # (from Redis, which the leader keeps fresh) rather than taken on trust. (An entry's own
+        # TTL never reaches past USAGE_CACHE_TTL after its read, should that be longer.)
+        self.max_age = max(settings.hot_window, settings.cache_ttl)
+        # Whether the refresher's invalidations can reach this worker now (the listener says).
         self.invalidations_live = False
         self.negative_ttl = settings.negative_ttl
         self.stale_if_error = settings.stale_if_error
@@ -61,6 +80,7 @@ class TokenLookup:
         self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
+        # The load each key's requests wait on; a load an invalidation overtook is no longer here.
         self._inflight: dict[bytes, asyncio.Task[tuple[TokenRecord | None, str]]] = {}
         # Tokens answered since the refresher last asked: digest -> token id (never the key).
         # Without a refresher nobody asks, so nothing is noted.
@@ -122,24 +142,33 @@ class TokenLookup:
         polled, self._polled = self._polled, {}
         return polled
 
-    def forget(self, digest: bytes) -> None:
-        """Drop a key's in-process entries, so the next request reads a lower layer."""
-        self.local.discard(digest)
-        self.negative.discard(digest)
+    # --- what the refresher's channel says (the invalidation listener calls these) ---------
+
+    def invalidate(self, digests: list[bytes]) -> None:
+        """Hear that the leader saw these tokens change: what this worker holds of them is outdated."""
+        now = time.monotonic()
+        for digest in digests:
+            self.local.expire(digest, now)  # kept, expired, for stale-if-error
+            self.negative.discard(digest)
+            self._inflight.pop(digest, None)  # what it reads may predate the change
 
     def confirm(self, as_of: float) -> None:
-        """Every hot record was checked against the database as of `as_of` (wall clock), and the
-        changed ones were dropped from here: what is left stays good for another cache TTL."""
-        if not self.invalidations_live:
-            return
-        remaining = as_of + self.cache_ttl - time.time()
-        if remaining > 0:
-            now = time.monotonic()
-            self.local.extend(now + remaining, now)
+        """Hear that a round checked every hot token against the database as of `as_of` (wall
+        clock) and published the changes: what this worker holds, unless invalidated since,
+        stays good for another cache TTL from then."""
+        self.local.confirm(time.monotonic() + as_of + self.cache_ttl - time.time())
+
+    def set_invalidations_live(self, live: bool) -> None:
+        """Hear whether invalidations can reach this worker. Either way, what it holds was
+        read while some may have been missed: no confirmation vouches for it any more."""
+        if live != self.invalidations_live:
+            self.invalidations_live = live
+            self.local.new_generation(time.monotonic())
 
     def refreshed(self, digest: bytes, record: TokenRecord | None) -> None:
-        """Take a record the refresher just read from the database into the in-process layer."""
-        self._remember(digest, record, self.cache_ttl if record is not None else self.negative_ttl)
+        """Take a record this worker's own refresh just read from the database (no channel:
+        only its own TTL keeps it fresh)."""
+        self._remember(digest, record, 0.0, UNCONFIRMED, overtaken=False)
 
     def _finished(self, digest: bytes, task: asyncio.Task[tuple[TokenRecord | None, str]]) -> None:
         if self._inflight.get(digest) is task:
@@ -148,27 +177,27 @@ class TokenLookup:
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
     def _stale(self, digest: bytes) -> TokenRecord | None:
-        """The expired record kept in-process for this key, if it expired within USAGE_STALE_IF_ERROR."""
-        entry = self.local.peek(digest)
-        if entry is None or time.monotonic() - entry[0] > self.stale_if_error:
+        """The record kept in-process for this key, if it stopped being fresh within USAGE_STALE_IF_ERROR."""
+        held = self.local.peek(digest)
+        if held is None or time.monotonic() - held[1] > self.stale_if_error:
             return None
-        return entry[1]
+        return held[0]
 
     async def _load(self, key: bytes, digest: bytes) -> tuple[TokenRecord | None, str]:
+        generation = self.local.generation  # what the load lands under, unless the channel changes meanwhile
         stale: tuple[TokenRecord, float] | None = None
         if self.redis is not None:
             cached = await self.redis.get(digest)
             if cached is not None:
                 record, fetched_at = cached
-                ttl = self.cache_ttl if record is not None else self.negative_ttl
-                remaining = fetched_at + ttl - time.time()
-                # Another instance's clock may run ahead; an entry already past its TTL is a miss.
-                if remaining > 0:
+                # Another instance's clock may run ahead: a record is never younger than now.
+                age = max(0.0, time.time() - fetched_at)
+                if age < (self.cache_ttl if record is not None else self.negative_ttl):
                     self.stats.redis_hits += 1
-                    self._remember(digest, record, remaining)
+                    self._remember(digest, record, age, generation, overtaken=self._overtaken(digest))
                     return record, "redis"
                 if record is not None:
-                    stale = record, remaining
+                    stale = record, age
 
         self.stats.db_reads += 1
         fetched_at = time.time()  # before the read: the record is at least this fresh
@@ -178,8 +207,7 @@ class TokenLookup:
             if stale is not None:
                 self._keep_stale(digest, *stale)
             raise
-        ttl = self.cache_ttl if record is not None else self.negative_ttl
-        self._remember(digest, record, fetched_at + ttl - time.time())
+        self._remember(digest, record, time.time() - fetched_at, generation, overtaken=self._overtaken(digest))
         if self.redis is not None:
             if record is not None:
                 self.redis.write(digest, encode_cached(record, fetched_at), self.redis_ttl)
@@ -187,21 +215,43 @@ class TokenLookup:
                 self.redis.write(digest, encode_cached(None, fetched_at), self.negative_ttl)
         return record, "database"
 
-    def _keep_stale(self, digest: bytes, record: TokenRecord, remaining: float) -> None:
+    def _keep_stale(self, digest: bytes, record: TokenRecord, age: float) -> None:
         """Keep an expired record from Redis in-process, already expired, for _stale to find."""
-        expired_at = time.monotonic() + remaining
+        expired_at = time.monotonic() - age + self.cache_ttl
         held = self.local.peek(digest)
-        if held is None or held[0] < expired_at:
+        if held is None or held[1] < expired_at:
             self.local.put(digest, record, expired_at)
 
-    def _remember(self, digest: bytes, record: TokenRecord | None, remaining: float) -> None:
-        """Keep a record in-process for the local TTL, never beyond what is left of its cache TTL."""
+    def _overtaken(self, digest: bytes) -> bool:
+        """Whether an invalidation detached the running load of this key (see invalidate)."""
+        return self._inflight.get(digest) is not asyncio.current_task()
+
+    def _remember(
+        self, digest: bytes, record: TokenRecord | None, age: float, generation: int, *, overtaken: bool
+    ) -> None:
+        """Keep what was read from the database `age` seconds ago: fresh for the local TTL (never
+        beyond its cache TTL), longer while confirmations cover it if it was loaded under the
+        current generation, and never more than `max_age` after that read. What an invalidation
+        overtook is at most a stale copy, and never replaces what a later load may have put."""
         now = time.monotonic()
-        if record is not None:
-            ttl = min(self.cache_ttl if self.invalidations_live else self.local_ttl, remaining)
-            if ttl > 0:
-                self.local.put(digest, record, now + ttl)
-            self.negative.discard(digest)
-        elif remaining > 0:
-            self.negative.put(digest, _NOT_FOUND, now + remaining)
+        read_at = now - age
+        if overtaken:
+            if record is not None and self.local.peek(digest) is None:
+                self.local.put(digest, record, now)
+            return
+        if record is None:
+            if age < self.negative_ttl:
+                self.negative.put(digest, _NOT_FOUND, read_at + self.negative_ttl)
             self.local.discard(digest)
+            return
+        self.negative.discard(digest)
+        if self.local_ttl <= 0:
+            self.local.put(digest, record, now)  # the layer is off: a stale copy only
+            return
+        self.local.put(
+            digest,
+            record,
+            now + min(self.local_ttl, self.cache_ttl - age),
+            hard_deadline=read_at + self.max_age,
+            generation=generation if generation == self.local.generation else UNCONFIRMED,
+        )

@@ -21,6 +21,15 @@ CACHE_FORMAT = 2
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+def go_int_sum(a: int, b: int) -> int:
+    """a + b as the gateway computes it: Go's 64-bit `int`, which wraps around on overflow.
+
+    The gateway shows remain_quota + used_quota as a total; past the int64 range it shows the
+    wrapped value (two's complement, as the Go spec defines), and so do we.
+    """
+    return (a + b - INT64_MIN) % 2**64 + INT64_MIN
+
+
 def compact_json(value: object) -> bytes:
     """orjson.dumps in a bytes object of its own size, for answers kept with a record.
 
@@ -54,7 +63,7 @@ class TokenRecord:
         return {
             "object": "token_usage",
             "name": self.name,
-            "total_granted": self.used_quota + self.remain_quota,
+            "total_granted": go_int_sum(self.remain_quota, self.used_quota),
             "total_used": self.used_quota,
             "total_available": self.remain_quota,
             "unlimited_quota": self.unlimited_quota,

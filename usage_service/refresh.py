@@ -3,7 +3,8 @@
 Every worker notes which tokens it answered (by id and digest, never by key). Every
 USAGE_REFRESH_INTERVAL one leader, elected through a Redis lock, re-reads exactly the tokens
 polled within USAGE_HOT_WINDOW in batched `WHERE id IN (...)` statements, writes them through to
-Redis and tells every worker (pub/sub) to drop the ones that changed from its in-process layer.
+Redis, tells every worker (pub/sub) which ones changed, and then that all were checked: workers
+expire the changed ones in their in-process layer and may keep the rest (see TokenLookup).
 Without Redis, or while Redis is down, each worker refreshes its own hot set instead.
 """
 
@@ -17,17 +18,21 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .cache import HOT_SLICE, RedisCache, RedisUnavailable, key_digest, parse_hot
+from .cache import HOT_SLICE, Leadership, RedisCache, RedisUnavailable, key_digest, parse_hot
 from .config import Settings
 from .lookup import TokenLookup
 from .records import TokenRecord, encode_cached
-from .store import StoreUnavailable, TokenStore
+from .store import StoreUnavailable, TokenStore, UnreadableRow
 
 logger = logging.getLogger("usage_service.refresh")
 
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
 REFRESH_CHUNK = HOT_SLICE
+
+# Seconds a statement may run past USAGE_DB_TIMEOUT before the store gives up on it (each
+# store's outer guard).
+STATEMENT_GUARD = 1.0
 
 # A worker notes a token in the shared hot set again once this part of USAGE_HOT_WINDOW has
 # passed since it last did (at most every RENOTE_MAX seconds), not every interval: tokens polled
@@ -58,8 +63,13 @@ class Refresher:
         self.hot_max = settings.hot_max
         self.cache_ttl = settings.cache_ttl
         self.negative_ttl = settings.negative_ttl
-        # A lock outlives a couple of missed renewals, so leadership does not flap.
+        # Between rounds the lock outlives a couple of missed renewals, so leadership does not
+        # flap, and a leader that dies is replaced within seconds.
         self.lock_ttl = max(3 * self.interval, 1.0)
+        # During a round it outlives twice the longest a leader may go between extending it and
+        # acting on it: one statement, or one chunk's writes and publications (see _shared_round).
+        writes = 3 * redis.batch_timeout if redis is not None else 0.0
+        self.round_lock_ttl = max(self.lock_ttl, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
         self.instance = uuid.uuid4().hex
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
@@ -112,13 +122,27 @@ class Refresher:
         await self._own_round()
 
     async def _shared_round(self, redis: RedisCache, unnoted: dict[bytes, int], now: float) -> None:
+        """Refresh the shared hot set if this instance leads.
+
+        Leadership follows redis-py's Lock: the lock is extended (to `round_lock_ttl`) before
+        each statement and checked and extended again before its results are written, and a
+        leader that finds it lost abandons the round there, writing and publishing nothing more,
+        and forgets what it saw. The extension outlives a statement and a chunk's writes, so a
+        check that passed still holds when they are done; and the writes are only-if-newer
+        besides, so even a leader deposed in between (an event loop stalled for seconds) never
+        replaces a newer record.
+        """
         if unnoted:
             await redis.note_polled(unnoted, now)
             self._noted.update(dict.fromkeys(unnoted, now))
-        self.stats.leader = await redis.lead(self.instance, self.lock_ttl)
-        if not self.stats.leader:
+        leadership = await redis.lead(self.instance, self.lock_ttl)
+        if leadership is not Leadership.KEPT:
+            # Not leading, or leading afresh: another leader may have come and gone since our
+            # last round, so what we saw then is no base to tell changes from.
             self._step_down()
+        if leadership is Leadership.FOLLOWER:
             return
+        self.stats.leader = True
         members = await redis.hot_members(now - self.window, self.hot_max)
         # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
         # the front): each token is then re-read at the same point of every round, one interval apart.
@@ -129,12 +153,17 @@ class Refresher:
         as_of = time.time()
         last_seen, written = self._last_seen, self._written
         for start in range(0, len(members), REFRESH_CHUNK):
+            if not await redis.keep_lead(self.instance, self.round_lock_ttl):
+                self._deposed()
+                return
             chunk = parse_hot(members[start : start + REFRESH_CHUNK])
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
+            if not await redis.keep_lead(self.instance, self.round_lock_ttl):
+                self._deposed()
+                return
             # Changed records are written now; unchanged ones once half their TTL has gone, which
-            # keeps them from ageing out of the cache and repairs, within that time, an entry a
-            # request wrote from a read older than ours.
+            # keeps them from ageing out of the cache.
             due = fetched_at - self.cache_ttl / 2
             changed = []
             values = {}
@@ -156,9 +185,16 @@ class Refresher:
         self._written = {d: at for d, at in self._written.items() if d in seen}
         if len(members) < self.hot_max:
             # Every token polled lately was checked: workers may keep what they hold. (With the
-            # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.)
+            # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) The
+            # last chunk's check still holds: the lock outlives its writes and this.
             await redis.publish_confirmation(as_of)
+        if members and not await redis.keep_lead(self.instance, self.lock_ttl):  # back to the short expiry
+            self._step_down()
         self._finish(seen, changes, started)
+
+    def _deposed(self) -> None:
+        logger.warning("the refresher lost its leader lock during a round; abandoned the round, wrote nothing more")
+        self._step_down()
 
     def _step_down(self) -> None:
         # What this worker knew as leader may be outdated by the time it leads again.
@@ -188,6 +224,10 @@ class Refresher:
             row = found.get(token_id)
             if row is None:
                 fresh[digest] = None
+                continue
+            if isinstance(row, UnreadableRow):
+                # Left out of this round: whatever is cached for it stays as it is, and ages out.
+                logger.warning("%s; not refreshed", row)
                 continue
             key, record = row
             seen = last_seen.get(digest, _UNSEEN)
@@ -221,22 +261,6 @@ class Refresher:
         for digest, record in fresh.items():
             if record is None:
                 self._hot.pop(digest, None)
-
-    def invalidate(self, digests: list[bytes]) -> None:
-        """Drop tokens the leader saw change from this worker's in-process layer."""
-        for digest in digests:
-            self.lookup.forget(digest)
-
-    def confirm(self, as_of: float) -> None:
-        """Hear that a round checked every hot token as of `as_of`."""
-        self.lookup.confirm(as_of)
-
-    def invalidations_live(self, live: bool) -> None:
-        """Hear whether invalidations reach this worker; without them, records expire sooner."""
-        if not live and self.lookup.invalidations_live:
-            # Whatever was kept on the promise of invalidations may now miss one.
-            self.lookup.local.clear()
-        self.lookup.invalidations_live = live
 
 
 def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:

@@ -19,7 +19,7 @@ from .openapi import DOCUMENT as OPENAPI_DOCUMENT
 from .records import TokenRecord
 from .responses import NO_CACHE, error_body, send_body
 from .routing import ROUTE_KEY, RouteTable, ShortRoute, both_slashes
-from .store import StoreUnavailable
+from .store import StoreMisconfigured, StoreUnavailable
 
 logger = logging.getLogger("usage_service.routes")
 
@@ -90,9 +90,12 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when the database answers; Redis is reported but never makes the service unready."""
     state = request.app.state
+    reason = None
     try:
         await state.store.ping()
         database = "ok"
+    except StoreMisconfigured as exc:  # what an operator must fix, in one line
+        database, reason = "unavailable", str(exc)
     except StoreUnavailable:
         database = "unavailable"
     if state.redis is None:
@@ -100,7 +103,10 @@ async def readyz(request: Request) -> Response:
     else:
         redis = "ok" if await state.redis.ping() else "unavailable"
     ready = database == "ok"
-    return json_response({"ready": ready, "database": database, "redis": redis}, status=200 if ready else 503)
+    body: dict[str, object] = {"ready": ready, "database": database, "redis": redis}
+    if reason is not None:
+        body["reason"] = reason
+    return json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:

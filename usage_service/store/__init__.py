@@ -17,6 +17,27 @@ class StoreUnavailable(Exception):
     """The database could not answer (locked, missing, timed out); the request may be retried."""
 
 
+class StoreMisconfigured(StoreUnavailable):
+    """The database cannot be read as it is until someone acts (a replaced file that is no
+    gateway database, WAL files this user may not read or that SQLite would have to create).
+
+    The message says what in one line, without credentials or paths: /readyz shows it.
+    """
+
+
+class UnreadableRow(StoreUnavailable):
+    """A token's row is there but cannot be made into a record (a value no record can hold).
+
+    Only that token fails: its requests are answered 503 (or from a stale record), the other
+    tokens read in the same statement are served, and the refresher leaves it alone.
+    """
+
+    def __init__(self, token_id: object, reason: str) -> None:
+        super().__init__(f"token id {token_id}: row cannot be read ({reason})")
+        self.token_id = token_id
+        self.reason = reason
+
+
 class SchemaError(Exception):
     """The database does not look like a new-api gateway's; raised at start-up."""
 
@@ -30,14 +51,17 @@ class TokenStore(Protocol):
     """Statements that failed or timed out since start (read by the metrics)."""
 
     async def fetch(self, key: str) -> TokenRecord | None:
-        """Return the live token with this key (without 'sk-') joined with its live user, or None."""
+        """Return the live token with this key (without 'sk-') joined with its live user, or None.
+
+        Raise UnreadableRow when the token's row is there but cannot be read.
+        """
         ...
 
-    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord] | UnreadableRow]:
         """Return {id: (key, record)} for the live tokens among these ids, in batched statements.
 
         The key comes back so the caller can check it still hashes to what it cached; it must
-        not keep it.
+        not keep it. A live token whose row cannot be read maps to an UnreadableRow instead.
         """
         ...
 

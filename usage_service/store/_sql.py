@@ -7,13 +7,14 @@ Each engine module supplies a connection pool, its parameter style and identifie
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from .._batch import Batcher
-from ..records import TokenRecord, as_bool, as_int, parse_model_limits
-from . import SchemaError, StoreUnavailable
+from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
+from . import SchemaError, StoreUnavailable, UnreadableRow
 
 logger = logging.getLogger("usage_service.store")
 
@@ -40,6 +41,9 @@ OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
 
 # Rows fetch_many remembers, to hand back the same record for an unchanged row.
 ROW_MEMORY = 50_000
+
+# A token whose row cannot be read is logged at most this often (seconds), however often it is asked for.
+UNREADABLE_LOG_INTERVAL = 60.0
 
 Column = Literal["id", "key"]
 
@@ -85,21 +89,28 @@ def row_key(row: Sequence[Any]) -> str:
     """The key column of a row; a char(48) column on PostgreSQL comes back blank-padded."""
     key = row[1]
     if isinstance(key, bytes):
-        key = key.decode()
+        key = key.decode(errors="replace")
     return key.rstrip(" ") if isinstance(key, str) else str(key)
 
 
 def row_record(row: Sequence[Any]) -> TokenRecord:
-    """Build a record from a row of `select_sql`, whatever types the engine gave the columns."""
+    """Build a record from a row of `select_sql`, whatever types the engine gave the columns.
+
+    Raise ValueError for a row no record can hold: a number beyond 64 bits (which the gateway,
+    reading it into a Go int, fails on too).
+    """
     # The refresher builds thousands of these a second: take the common column types as they
     # come and fall back to the careful readers only for odd values (bool on PostgreSQL,
     # 'true'/'false' text in some old databases, Decimal or bytes from MySQL).
     tid, uid, name, status, expired, remain, used = row[0], row[2], row[3], row[4], row[5], row[6], row[7]
     unlimited, enabled, limits, user_status = row[8], row[9], row[10], row[11]
     user_quota, user_used = row[12], row[13]
+    # Text that is not UTF-8 reads with U+FFFD in its place: what the gateway's JSON shows.
     if isinstance(limits, bytes):
-        limits = limits.decode()
-    return TokenRecord(
+        limits = limits.decode(errors="replace")
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    record = TokenRecord(
         tid if type(tid) is int else as_int(tid),
         uid if type(uid) is int else as_int(uid),
         name if type(name) is str else "",
@@ -114,6 +125,12 @@ def row_record(row: Sequence[Any]) -> TokenRecord:
         user_quota if type(user_quota) is int else as_int(user_quota),
         user_used if type(user_used) is int else as_int(user_used),
     )
+    # Out of range, a record could be neither cached (the cached form holds int64) nor rendered.
+    numbers = (record.id, record.user_id, record.status, record.expired_time, record.remain_quota)
+    for value in (*numbers, record.used_quota, record.user_status, record.user_quota, record.user_used_quota):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"{value} does not fit in 64 bits")
+    return record
 
 
 class RowMemory:
@@ -149,8 +166,11 @@ class SQLStore(ABC):
         self._select = ""  # set once the schema has been read
         self._rows = RowMemory()
         self._failing = False
+        self._unreadable_logged: dict[object, float] = {}  # token id -> when its unreadable row was last logged
         # Concurrent misses for different keys share one statement per free connection.
-        self._by_key: Batcher[str, TokenRecord] = Batcher(self._fetch_keys, max_batch=self.fetch_batch, slots=pool_size)
+        self._by_key: Batcher[str, TokenRecord | UnreadableRow] = Batcher(
+            self._fetch_keys, max_batch=self.fetch_batch, slots=pool_size
+        )
 
     @abstractmethod
     async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
@@ -172,25 +192,61 @@ class SQLStore(ABC):
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         """`SELECT key, value FROM options WHERE key IN keys` in the engine's dialect."""
 
-    async def fetch(self, key: str) -> TokenRecord | None:
-        return await self._by_key.load(key)
+    async def _prepare(self) -> None:
+        """Make sure the SELECT fits the database before a statement is built from it.
 
-    async def _fetch_keys(self, keys: Sequence[str]) -> dict[str, TokenRecord]:
+        Raise StoreUnavailable, with the reason, while no SELECT can fit it. Engines whose
+        schema may change under us (a replaced SQLite file) override this.
+        """
+        return None
+
+    async def fetch(self, key: str) -> TokenRecord | None:
+        found = await self._by_key.load(key)
+        if isinstance(found, UnreadableRow):
+            # A fresh exception per caller: requests coalesced on one statement each raise their own.
+            self._log_unreadable(found)
+            raise UnreadableRow(found.token_id, found.reason)
+        return found
+
+    async def _fetch_keys(self, keys: Sequence[str]) -> dict[str, TokenRecord | UnreadableRow]:
+        await self._prepare()
         condition, params = self._match("key", keys)
         rows = await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params)
         # Keyed by the stored key: a case-insensitive collation (MySQL's default) may return a
         # row for a key that differs in case, and that is not the key asked for.
-        return {row_key(row): row_record(row) for row in rows}
+        found: dict[str, TokenRecord | UnreadableRow] = {}
+        for row in rows:
+            try:
+                found[row_key(row)] = row_record(row)
+            except (ValueError, TypeError) as exc:  # this row alone: the others were read
+                found[row_key(row)] = UnreadableRow(row[0], str(exc))
+        return found
 
-    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
-        found: dict[int, tuple[str, TokenRecord]] = {}
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord] | UnreadableRow]:
+        await self._prepare()
+        found: dict[int, tuple[str, TokenRecord] | UnreadableRow] = {}
         for start in range(0, len(ids), self.fetch_batch):
             condition, params = self._match("id", ids[start : start + self.fetch_batch])
             for row in await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params):
-                record = self._rows.record(tuple(row))
+                values = tuple(row)
+                try:
+                    record = self._rows.record(values)
+                except (ValueError, TypeError) as exc:  # this row alone: the others were read
+                    token_id = as_int(values[0])
+                    found[token_id] = UnreadableRow(token_id, str(exc))
+                    continue
                 found[record.id] = (row_key(row), record)
         self._rows.trim()
         return found
+
+    def _log_unreadable(self, row: UnreadableRow) -> None:
+        # A broken row stays broken until someone fixes it: say so now and then, not per request.
+        now = time.monotonic()
+        if now - self._unreadable_logged.get(row.token_id, -UNREADABLE_LOG_INTERVAL) >= UNREADABLE_LOG_INTERVAL:
+            if len(self._unreadable_logged) > 1000:
+                self._unreadable_logged.clear()
+            self._unreadable_logged[row.token_id] = now
+            logger.warning("%s; its requests are answered 503", row)
 
     async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
         # The gateway creates its options table at start; a database without one has defaults.
@@ -204,6 +260,7 @@ class SQLStore(ABC):
         return {_text(row[0]): _text(row[1]) for row in rows if row[0] is not None and row[1] is not None}
 
     async def ping(self) -> None:
+        await self._prepare()
         # A read of the table itself: a database that answers but has the table locked is not ready.
         await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -14,10 +15,14 @@ from typing import Any
 
 import aiosqlite
 
-from . import SchemaError, StoreUnavailable
+from . import SchemaError, StoreMisconfigured, StoreUnavailable
 from ._sql import Column, SQLStore, check_schema, select_sql
 
 logger = logging.getLogger("usage_service.store")
+
+# Text that is not UTF-8 reads with U+FFFD in place of the bad bytes, as the gateway's JSON shows
+# it (Go's encoding/json does the same), instead of failing every row read with it.
+_TEXT = functools.partial(str, encoding="utf-8", errors="replace")
 
 # How often to check whether the file at SQLITE_PATH is still the one our connections hold
 # (a gateway restore replaces it; open connections would go on reading the old inode).
@@ -34,6 +39,7 @@ class SQLiteStore(SQLStore):
         super().__init__(pool_size=pool_size)
         self.path = path
         self._uri = path.resolve().as_uri() + "?mode=ro"
+        self._wal, self._shm = Path(f"{path}-wal"), Path(f"{path}-shm")
         self._timeout = timeout
         self._size = pool_size
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
@@ -41,7 +47,20 @@ class SQLiteStore(SQLStore):
         self._identity = _file_identity(path)
         self._generation = 0
         self._conn_generation: dict[int, int] = {}
+        # Connections reading a WAL database the gateway has closed: the file's (inode, size,
+        # mtime) when they opened it. They see no change, so they serve only while it holds.
+        self._snapshots: dict[int, tuple[int, int, int]] = {}
+        self._snapshot_mode = False
+        # Descriptors the header is read through, by (device, inode), kept open until close():
+        # closing any descriptor of a file drops every POSIX lock this process holds on it, our
+        # SQLite connections' included, which would let the gateway write under their reads.
+        self._header_fds: dict[tuple[int, int], int] = {}
+        self._spare_fds: list[int] = []
+        self.identity_check_interval = _IDENTITY_CHECK_INTERVAL  # tests set 0 to notice a swap at once
         self._checked_at = time.monotonic()
+        self._schema_stale = False  # the file was replaced, or a statement missed a column
+        self._schema_error: str | None = None  # why no SELECT fits the file, while none does
+        self._schema_lock = asyncio.Lock()
         self._closed = False
 
     @classmethod
@@ -49,18 +68,46 @@ class SQLiteStore(SQLStore):
         """Open the store, checking that the file is a gateway database; raise SchemaError if not."""
         store = cls(path, timeout=timeout, pool_size=pool_size)
         try:
-            async with store._connection() as conn:
-                columns = {table: await _columns(conn, table) for table in ("tokens", "users")}
-                store._has_options = bool(await _columns(conn, "options"))
-            check_schema(columns, f"SQLITE_PATH: {str(path)!r}")
+            await store._read_schema(f"SQLITE_PATH: {str(path)!r}")
         except StoreUnavailable as exc:
             await store.close()
             raise SchemaError(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
         except SchemaError:
             await store.close()
             raise
-        store._select = select_sql(columns["tokens"], columns["users"], '"', fixed_order=True)
         return store
+
+    async def _read_schema(self, where: str) -> None:
+        """Build the SELECT for the file's columns; raise SchemaError if it is no gateway database."""
+        async with self._connection() as conn:
+            columns = {table: await _columns(conn, table) for table in ("tokens", "users", "options")}
+        check_schema(columns, where)
+        select = select_sql(columns["tokens"], columns["users"], '"', fixed_order=True)
+        if self._select and select != self._select:
+            logger.warning("the columns of %s changed; reading them as they are now", self.path)
+        self._select, self._has_options = select, bool(columns["options"])
+
+    async def _prepare(self) -> None:
+        self._check_identity()
+        if self._schema_stale:
+            async with self._schema_lock:
+                if self._schema_stale:
+                    self._schema_stale = False
+                    try:
+                        await self._read_schema("the database file")
+                    except StoreUnavailable:
+                        self._schema_stale = True  # not read (locked, say): read it next time
+                        raise
+                    except SchemaError as exc:
+                        if self._schema_error is None:
+                            logger.error("%s: %s; answering from the caches until it is fixed", self.path, exc)
+                        self._schema_error = str(exc)
+                    else:
+                        if self._schema_error is not None:
+                            logger.warning("%s is a gateway database again", self.path)
+                        self._schema_error = None
+        if self._schema_error is not None:
+            raise StoreMisconfigured(self._schema_error)
 
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
         return f't."{column}" IN ({", ".join("?" * len(values))})', values
@@ -82,20 +129,29 @@ class SQLiteStore(SQLStore):
         self._closed = True
         while not self._idle.empty():
             await self._discard(self._idle.get_nowait())
+        for fd in [*self._header_fds.values(), *self._spare_fds]:
+            os.close(fd)
+        self._header_fds.clear()
+        self._spare_fds.clear()
 
     async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
             async with asyncio.timeout(self._timeout + 1.0):
-                async with self._connection() as conn:
-                    try:
-                        return list(await conn.execute_fetchall(sql, params))
-                    except asyncio.CancelledError:
-                        await conn.interrupt()
-                        raise
+                for _ in range(2):
+                    async with self._connection() as conn:
+                        try:
+                            rows = list(await conn.execute_fetchall(sql, params))
+                        except asyncio.CancelledError:
+                            await conn.interrupt()
+                            raise
+                        if self._holds(conn):
+                            return rows
+                    # The gateway opened the database while a snapshot was read: read it again, live.
         except TimeoutError:
             raise StoreUnavailable("database timed out") from None
+        raise StoreUnavailable("the database changed while it was read")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -106,7 +162,7 @@ class SQLiteStore(SQLStore):
             conn = None
             while not self._idle.empty():
                 candidate = self._idle.get_nowait()
-                if self._conn_generation.get(id(candidate)) == self._generation:
+                if self._holds(candidate):
                     conn = candidate
                     break
                 await self._discard(candidate)
@@ -115,6 +171,8 @@ class SQLiteStore(SQLStore):
                     conn = await self._connect()
                 yield conn
             except sqlite3.Error as exc:
+                if "no such" in str(exc):  # a table or column gone: read the schema again
+                    self._schema_stale = True
                 # A connection that failed for any reason but a lock may be broken (file replaced,
                 # disk error): drop it and let the next request open a fresh one.
                 if conn is not None and not _is_busy(exc):
@@ -136,18 +194,102 @@ class SQLiteStore(SQLStore):
     async def _connect(self) -> aiosqlite.Connection:
         # mode=ro: SQLite opens the file O_RDONLY and refuses every write; it never creates a
         # missing file. query_only is a second lock on the same door.
-        conn = await aiosqlite.connect(self._uri, uri=True, timeout=self._timeout, isolation_level=None)
+        snapshot = self._snapshot_stamp()
+        uri = self._uri if snapshot is None else self._uri + "&immutable=1"
+        conn = await aiosqlite.connect(uri, uri=True, timeout=self._timeout, isolation_level=None)
         try:
             # Rows stay plain tuples (sqlite3.Row objects would cost the refresher thousands a second).
+            conn.text_factory = _TEXT
             await conn.execute("PRAGMA query_only = 1")
         except BaseException:
             await conn.close()
             raise
         self._conn_generation[id(conn)] = self._generation
+        if snapshot is not None:
+            self._snapshots[id(conn)] = snapshot
         return conn
+
+    def _snapshot_stamp(self) -> tuple[int, int, int] | None:
+        """None to open the file as usual; the file's stamp to open it immutable; else raise.
+
+        A reader of a WAL database shares the gateway's -wal and -shm files, and SQLite creates
+        them (owned by whoever opens first) when they are missing, even read-only: the gateway,
+        running as another user, could then no longer write. When the gateway has the database
+        closed (it removes both on its way out) the file itself holds every commit: it is read
+        immutable, which creates nothing, for as long as it stays untouched.
+        """
+        try:
+            stat = os.stat(self.path)
+            header = os.pread(self._header_fd((stat.st_dev, stat.st_ino)), 20, 0)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {self.path.name}: {exc.strerror}") from None
+        # Bytes 18 and 19 of the header are 2 for WAL, 1 for a rollback journal (which a
+        # reader never creates).
+        if len(header) < 20 or 2 not in (header[18], header[19]):
+            self._note_snapshot_mode(False)
+            return None
+        wal, shm = self._wal.exists(), self._shm.exists()
+        if wal and shm:
+            if not (os.access(self._wal, os.R_OK) and os.access(self._shm, os.R_OK)):
+                raise StoreMisconfigured(
+                    f"{self.path.name} is in WAL mode and this user may not read {self._wal.name} and"
+                    f" {self._shm.name}: give it read access to the gateway's -wal and -shm files"
+                )
+            self._note_snapshot_mode(False)
+            return None
+        if wal or shm:
+            present, missing = (self._wal, self._shm) if wal else (self._shm, self._wal)
+            raise StoreMisconfigured(
+                f"{self.path.name} is in WAL mode and {present.name} exists without {missing.name}: SQLite"
+                f" cannot read it without creating {missing.name}, which this service never does"
+                " (the gateway recreates or removes them when it next opens and closes the database)"
+            )
+        self._note_snapshot_mode(True)
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def _header_fd(self, identity: tuple[int, int]) -> int:
+        fd = self._header_fds.get(identity)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)  # the file may have been swapped since it was looked at
+            if (st.st_dev, st.st_ino) in self._header_fds:
+                self._spare_fds.append(fd)  # not closed: see _header_fds
+                fd = self._header_fds[st.st_dev, st.st_ino]
+            else:
+                self._header_fds[st.st_dev, st.st_ino] = fd
+        return fd
+
+    def _note_snapshot_mode(self, snapshot: bool) -> None:
+        if snapshot != self._snapshot_mode:
+            self._snapshot_mode = snapshot
+            if snapshot:
+                logger.warning(
+                    "%s is in WAL mode and closed by the gateway: reading it as it is (immutable, no"
+                    " -wal or -shm file created) until the gateway opens it",
+                    self.path,
+                )
+            else:
+                logger.warning("%s is open as usual again", self.path)
+
+    def _holds(self, conn: aiosqlite.Connection) -> bool:
+        """Whether a connection still reads the current file, and an immutable one still the truth."""
+        if self._conn_generation.get(id(conn)) != self._generation:
+            return False
+        stamp = self._snapshots.get(id(conn))
+        if stamp is None:
+            return True
+        # The gateway creates -wal and -shm before its first read or write of a WAL database, and
+        # any write to the file itself (a checkpoint, another journal mode) changes its stamp.
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return False
+        unchanged = (stat.st_ino, stat.st_size, stat.st_mtime_ns) == stamp
+        return unchanged and not self._shm.exists() and not self._wal.exists()
 
     async def _discard(self, conn: aiosqlite.Connection) -> None:
         self._conn_generation.pop(id(conn), None)
+        self._snapshots.pop(id(conn), None)
         try:
             await conn.close()
         except (sqlite3.Error, ValueError):
@@ -155,14 +297,17 @@ class SQLiteStore(SQLStore):
 
     def _check_identity(self) -> None:
         now = time.monotonic()
-        if now - self._checked_at < _IDENTITY_CHECK_INTERVAL:
+        if now - self._checked_at < self.identity_check_interval:
             return
         self._checked_at = now
+        if self._schema_error is not None:
+            self._schema_stale = True  # the gateway may have migrated the file in place
         identity = _file_identity(self.path)
         if identity is not None and identity != self._identity:
             logger.warning("database file %s was replaced; reopening connections", self.path)
             self._identity = identity
             self._generation += 1
+            self._schema_stale = True  # a restored file may have other columns
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

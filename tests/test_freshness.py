@@ -1,0 +1,383 @@
+"""Freshness you can prove: invalidations against in-flight reads, the confirmation watermark and
+its hard bound, fenced leadership, and stale-if-error with the refresher on.
+
+Every interleaving is injected: a gate in a wrapper around the real store holds a read where the
+test wants it, and the invalidation channel is real Redis pub/sub, whose order tells when a
+worker has heard what was published before (`heard_so_far`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import redis.asyncio
+from conftest import AppClient
+from starlette.applications import Starlette
+from support import Gateway, RedisServer, Token
+from tcpproxy import TCPProxy
+
+import usage_service.lookup
+from usage_service._circuit import CircuitBreaker
+from usage_service.cache import RedisCache, key_digest
+from usage_service.config import Settings
+from usage_service.records import TokenRecord, decode_cached, encode_cached
+from usage_service.refresh import STATEMENT_GUARD, Refresher
+
+pytestmark = pytest.mark.asyncio
+
+URL = "/api/usage/token"
+# A refresher whose loop runs once, at start: rounds happen when a test calls tick(). Its
+# invalidation listener runs all along.
+MANUAL_ROUNDS: dict[str, Any] = {"refresh_interval": 3600.0}
+
+
+async def until(condition: Callable[[], object], within: float = 5.0) -> None:
+    """Wait for a condition another task brings about (never for time itself to pass)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come about"
+        await asyncio.sleep(0.01)
+
+
+def fresh_in_process(app: Starlette, token: Token) -> TokenRecord | None:
+    """The record this worker would serve without a trip down, without counting it as served."""
+    now = usage_service.lookup.time.monotonic()  # the lookup's clock, which a test may have moved
+    return app.state.lookup.local.get(key_digest(token.key.encode()), now)  # type: ignore[no-any-return]
+
+
+async def used(client: httpx.AsyncClient, token: Token) -> int:
+    response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200, response.text
+    return int(response.json()["data"]["total_used"])
+
+
+async def heard_so_far(app: Starlette, client: httpx.AsyncClient, sentinel: Token) -> None:
+    """Return once this worker's listener has handled everything published so far: one more
+    message on the same channel, an invalidation of a sentinel token, has reached it."""
+    await used(client, sentinel)
+    assert fresh_in_process(app, sentinel) is not None
+    await app.state.redis.publish_invalidation([key_digest(sentinel.key.encode())])
+    await until(lambda: fresh_in_process(app, sentinel) is None)
+
+
+async def started(app: Starlette) -> None:
+    """Wait until the invalidations reach this worker and the refresher's first round is over."""
+    await until(lambda: app.state.lookup.invalidations_live and app.state.refresher.stats.runs >= 1)
+
+
+class Gate:
+    """Hold a real read after it has read, until the test lets it return."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def hold(self) -> None:
+        self.reached.set()
+        await self.release.wait()
+
+
+@pytest.mark.parametrize("asked_meanwhile", [False, True], ids=["alone", "asked-meanwhile"])
+async def test_a_read_that_an_invalidation_overtakes_lands_expired(
+    gateway: Gateway, app_client: AppClient, redis_url: str, asked_meanwhile: bool
+) -> None:
+    """The lost invalidation: a miss reads the row, the row changes, the leader publishes the
+    change and confirms its round, and only then does the miss land. What it read must not be
+    served as fresh afterwards, whatever later confirmations say; and a request that comes after
+    the invalidation does not wait for that read, it makes its own."""
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    async with app_client(redis_url=redis_url, cache_ttl=60.0, local_ttl=60.0, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        store, gate = app.state.store, Gate()
+        fetch = store.fetch
+
+        async def gated_fetch(key: str) -> TokenRecord | None:
+            record = await fetch(key)
+            if key == token.key and not gate.reached.is_set():  # the first read of the token only
+                await gate.hold()
+            return record
+
+        store.fetch = gated_fetch
+        request = asyncio.create_task(client.get(URL, headers=token.bearer))
+        await gate.reached.wait()  # the miss has read used=1
+
+        gateway.charge(token, 5)
+        await app.state.redis.note_polled({key_digest(token.key.encode()): token.id}, time.time())
+        await app.state.refresher.tick()  # the leader reads used=6, writes it, invalidates, confirms
+        assert app.state.refresher.stats.leader
+        await heard_so_far(app, client, sentinel)
+        if asked_meanwhile:
+            assert await asyncio.wait_for(used(client, token), timeout=5) == 6
+
+        gate.release.set()
+        assert (await request).status_code == 200  # those waiting may be answered with what it read
+        await app.state.redis.publish_confirmation(time.time() + 3600)  # however far ahead it vouches
+        await heard_so_far(app, client, sentinel)
+        held = fresh_in_process(app, token)
+        if asked_meanwhile:  # what the later request read, not replaced by the overtaken read
+            assert held is not None and held.used_quota == 6
+        else:
+            assert held is None
+        assert await used(client, token) == 6
+
+
+class Clock:
+    """The lookup's clock (usage_service.lookup's `time`), which a test moves on."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+
+async def test_confirmations_keep_an_entry_fresh_up_to_its_hard_bound(
+    gateway: Gateway, app_client: AppClient, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Confirmations let an entry outlive its own TTL, but never past max(USAGE_HOT_WINDOW,
+    USAGE_CACHE_TTL) after the database read it came from: then it is read again."""
+    clock = Clock()
+    monkeypatch.setattr(usage_service.lookup, "time", clock)
+    token, sentinel = gateway.add_token(used=2), gateway.add_token()
+    settings = {"redis_url": redis_url, "cache_ttl": 1.0, "local_ttl": 1.0, "hot_window": 5.0, **MANUAL_ROUNDS}
+    async with app_client(**settings) as (app, client):
+        await started(app)
+        lookup = app.state.lookup
+        assert await used(client, token) == 2
+        await app.state.redis.publish_confirmation(clock.time() + 3600)
+        await heard_so_far(app, client, sentinel)
+
+        clock.ahead = 4.0  # past its own TTL, within the hard bound: the confirmation holds it
+        assert fresh_in_process(app, token) is not None
+        clock.ahead = 5.5  # past the hard bound: read again, though the confirmation runs on
+        assert fresh_in_process(app, token) is None
+        reads = lookup.stats.redis_hits + lookup.stats.db_reads
+        assert await used(client, token) == 2
+        assert lookup.stats.redis_hits + lookup.stats.db_reads == reads + 1
+
+
+async def test_an_invalidated_entry_stays_expired_through_later_confirmations(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    token, sentinel = gateway.add_token(used=3), gateway.add_token()
+    async with app_client(redis_url=redis_url, cache_ttl=60.0, local_ttl=60.0, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, token) == 3
+        await app.state.redis.publish_invalidation([key_digest(token.key.encode())])
+        for _ in range(3):
+            await app.state.redis.publish_confirmation(time.time() + 3600)
+        await heard_so_far(app, client, sentinel)
+        assert fresh_in_process(app, token) is None
+        assert len(app.state.lookup.local) == 2  # expired in place, not dropped: a stale copy
+
+
+async def test_local_ttl_zero_serves_nothing_fresh_in_process(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    """USAGE_LOCAL_TTL=0 turns the in-process layer off, with the refresher confirming or not."""
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, local_ttl=0.0, refresh_interval=0.1) as (app, client):
+        await started(app)
+        for _ in range(5):
+            await used(client, token)
+        await until(lambda: app.state.refresher.stats.runs >= 3)  # confirmed rounds since
+        for _ in range(5):
+            await used(client, token)
+        stats = app.state.lookup.stats
+        assert stats.local_hits == 0
+        assert stats.db_reads + stats.redis_hits == 10
+
+
+# --- stale-if-error with the refresher and its listener on --------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_stale_if_error_survives_losing_the_invalidation_channel(
+    gateway: Gateway, app_client: AppClient, own_redis: RedisServer
+) -> None:
+    """Redis down and the database locked, in the default deployment (Redis, refresher on): the
+    record a worker held is served stale. (It used to be cleared with the channel: 503.)"""
+    token = gateway.add_token(used=4)
+    settings = {"redis_url": own_redis.url, "cache_ttl": 0.5, "local_ttl": 0.1, "redis_cooldown": 60.0}
+    async with app_client(**settings, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, token) == 4
+        with gateway.exclusive_lock():
+            own_redis.stop()
+            await until(lambda: not app.state.lookup.invalidations_live)
+            await until(lambda: fresh_in_process(app, token) is None)  # past its own TTL
+            assert await used(client, token) == 4
+        assert app.state.lookup.stats.stale_served == 1
+
+
+@pytest.fixture
+def proxied_redis(redis_server: RedisServer, redis_url: str) -> Any:
+    with TCPProxy(("127.0.0.1", redis_server.port)) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize("local_ttl", [pytest.param(1.0, id="invalidated"), pytest.param(0.0, id="local-ttl-0")])
+async def test_stale_if_error_survives_an_invalidation(
+    gateway: Gateway, app_client: AppClient, proxied_redis: TCPProxy, redis_client: redis.Redis, local_ttl: float
+) -> None:
+    """An invalidation expires the entry in place: with Redis silent and the database locked, the
+    record is still served stale (it used to be deleted: 503). With USAGE_LOCAL_TTL=0 the layer
+    serves nothing fresh, yet keeps its stale copies."""
+    token = gateway.add_token(used=7)
+    settings = {"redis_url": proxied_redis.url, "redis_timeout": 0.1, "redis_cooldown": 60.0, "local_ttl": local_ttl}
+    async with app_client(**settings, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, token) == 7
+        if local_ttl:
+            assert fresh_in_process(app, token) is not None
+            redis_client.publish(app.state.redis.channel, key_digest(token.key.encode()).hex())
+            await until(lambda: fresh_in_process(app, token) is None)
+        proxied_redis.black_hole()
+        with gateway.exclusive_lock():
+            assert await used(client, token) == 7
+        proxied_redis.heal()
+        assert app.state.lookup.stats.stale_served == 1
+
+
+# --- leadership ---------------------------------------------------------------------------
+
+
+class GatedStore:
+    """The real store, whose fetch_many holds its result at a gate."""
+
+    def __init__(self, store: Any, gate: Gate) -> None:
+        self.store, self.gate = store, gate
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
+        found: dict[int, tuple[str, TokenRecord]] = await self.store.fetch_many(ids)
+        await self.gate.hold()
+        return found
+
+
+def published(client: redis.Redis, pubsub: Any, channel: str, marker: str) -> list[bytes]:
+    """Every message on the channel since the last call: those before a marker published now."""
+    client.publish(channel, marker)
+    messages = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        # None for the subscription's own confirmation, which this skips.
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is None:
+            continue
+        if message["data"] == marker.encode():
+            return messages
+        messages.append(message["data"])
+    raise AssertionError("the marker did not arrive")
+
+
+async def test_a_deposed_leader_abandons_its_round(
+    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Leader A reads a chunk slowly; meanwhile its lock expires and B leads a round with newer
+    data. A must notice before acting: no write, no publish, and B's record stays."""
+    token = gateway.add_token(used=1)
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        lookup, store, cache = app.state.lookup, app.state.store, app.state.redis
+        fenced = dataclasses.replace(settings, redis_url=redis_url, refresh_interval=1.0)
+        gate = Gate()
+        a = Refresher(lookup, GatedStore(store, gate), cache, fenced)
+        b = Refresher(lookup, store, cache, fenced)
+        digest = key_digest(token.key.encode())
+        await cache.note_polled({digest: token.id}, time.time())
+        pubsub = redis_client.pubsub()
+        pubsub.subscribe(cache.channel)
+
+        a_round = asyncio.create_task(a.tick())
+        await gate.reached.wait()  # A leads and has read used=1
+        redis_client.delete(cache.leader_key)  # A's lock runs out...
+        gateway.charge(token, 5)
+        await b.tick()  # ...and B takes over, reads used=6 and publishes it
+        assert b.stats.leader
+        newer = redis_client.get(cache._key(digest))
+        assert decode_cached(newer)[0].used_quota == 6
+        assert published(redis_client, pubsub, cache.channel, "before") != []
+
+        gate.release.set()
+        await a_round
+        assert not a.stats.leader
+        assert published(redis_client, pubsub, cache.channel, "after") == []  # A published nothing
+        assert redis_client.get(cache._key(digest)) == newer  # nor wrote
+        assert redis_client.get(cache.leader_key) == b.instance.encode()
+        pubsub.close()
+
+
+async def test_the_lock_is_long_only_while_a_round_runs(
+    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """During a statement the lock outlives it; between rounds it is short again, so a leader
+    that dies there is replaced within max(3 intervals, 1 s)."""
+    token = gateway.add_token()
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        cache, gate = app.state.redis, Gate()
+        refresher = Refresher(
+            app.state.lookup,
+            GatedStore(app.state.store, gate),
+            cache,
+            dataclasses.replace(settings, redis_url=redis_url, refresh_interval=0.1, db_timeout=2.0),
+        )
+        assert refresher.round_lock_ttl > refresher.lock_ttl == 1.0
+        await cache.note_polled({key_digest(token.key.encode()): token.id}, time.time())
+        round_ = asyncio.create_task(refresher.tick())
+        await gate.reached.wait()
+        assert redis_client.pttl(cache.leader_key) > refresher.lock_ttl * 1000
+        gate.release.set()
+        await round_
+        assert refresher.stats.leader and refresher.stats.tokens == 1
+        assert 0 < redis_client.pttl(cache.leader_key) <= refresher.lock_ttl * 1000
+
+
+async def test_a_late_write_never_replaces_a_newer_record(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Every record write is only-if-newer: the refresher's bulk write as well as a request's."""
+    token = gateway.add_token(used=1)
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, client):
+        assert await used(client, token) == 1
+        digest = key_digest(token.key.encode())
+        record = app.state.lookup.local.get(digest, 0.0)
+        cache, now = app.state.redis, time.time()  # later than the request's own write-behind
+        await cache.store_many({digest: encode_cached(record, now + 20)}, 60)
+        await cache.store_many({digest: encode_cached(record, now + 10)}, 60)  # a deposed leader's
+        assert decode_cached(redis_client.get(cache._key(digest)))[1] == now + 20
+        await cache.store_many({digest: encode_cached(record, now + 30)}, 60)
+        assert decode_cached(redis_client.get(cache._key(digest)))[1] == now + 30
+
+
+@pytest.mark.parametrize("redis_timeout", [0.25, 2.0])
+@pytest.mark.parametrize("db_timeout", [0.3, 2.0, 10.0])
+@pytest.mark.parametrize("interval", [0.1, 1.0])
+async def test_the_leader_lock_outlives_a_statement_and_a_chunks_writes_twice(
+    settings: Settings, db_timeout: float, interval: float, redis_timeout: float
+) -> None:
+    """A lock extended before a statement is still held after it, and one checked before a
+    chunk's writes (two bulk calls and the check or confirmation after) still held after them."""
+    settings = dataclasses.replace(settings, db_timeout=db_timeout, refresh_interval=interval)
+    cache = RedisCache(redis.asyncio.Redis(), prefix="p:", timeout=redis_timeout, breaker=CircuitBreaker(3, 1.0))
+    refresher = Refresher(None, None, cache, settings)  # type: ignore[arg-type]
+    assert refresher.round_lock_ttl >= 2 * (db_timeout + STATEMENT_GUARD)
+    assert refresher.round_lock_ttl >= 2 * 3 * cache.batch_timeout
+    # Between rounds, a leader that died is replaced as soon as it stops renewing.
+    assert refresher.lock_ttl == max(3 * interval, 1.0)

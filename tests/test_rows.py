@@ -1,0 +1,209 @@
+"""Rows at the edges: text that is not UTF-8, values no record can hold, numbers past 64 bits,
+and a database file replaced by one with other columns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from conftest import SQLITE_OLD_SCHEMA, AppClient
+from support import Gateway, Token
+
+from usage_service.records import INT64_MAX, INT64_MIN
+
+pytestmark = pytest.mark.asyncio
+
+URL = "/api/usage/token"
+SUBSCRIPTION = "/dashboard/billing/subscription"
+
+# model_limits as the gateway could hold it after a client sent Latin-1: 0xff is no UTF-8.
+NOT_UTF8 = "CAST(X'6770742d34ff6f2c6f33' AS TEXT)"  # b"gpt-4\xffo,o3"
+# A quota no 64-bit integer holds, which the gateway cannot read into a Go int either.
+PAST_64_BITS = "CAST('99999999999999999999' AS BLOB)"
+
+
+def spoil(gateway: Gateway, token: Token, column: str, expression: str) -> None:
+    gateway.db.execute(f"UPDATE tokens SET {column} = {expression} WHERE id = ?", (token.id,))
+
+
+async def test_text_that_is_not_utf8_reads_as_the_gateway_shows_it(gateway: Gateway, app_client: AppClient) -> None:
+    """Go's JSON encoder shows bad bytes as U+FFFD; one such row must not fail the 59 read beside it."""
+    tokens = [gateway.add_token(used=i) for i in range(60)]
+    bad = tokens[5]
+    spoil(gateway, bad, "model_limits", NOT_UTF8)
+    spoil(gateway, bad, "name", "CAST(X'6ee97700' AS TEXT)")
+    async with app_client(db_pool_size=1, refresh_interval=0) as (app, client):
+        responses = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens))
+        assert app.state.store.statements < 60 / 4  # the bad row shared its statements
+    assert [r.status_code for r in responses] == [200] * 60
+    assert [r.json()["data"]["total_used"] for r in responses] == list(range(60))
+    data = responses[5].json()["data"]
+    assert data["model_limits"] == {"gpt-4\ufffdo": True, "o3": True}
+    assert data["name"] == "n\ufffdw\x00"
+
+
+async def test_an_unreadable_row_fails_alone(
+    gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = [gateway.add_token(used=i) for i in range(60)]
+    bad = tokens[7]
+    spoil(gateway, bad, "used_quota", PAST_64_BITS)
+    caplog.set_level(logging.WARNING, logger="usage_service")
+    async with app_client(db_pool_size=1, refresh_interval=0, negative_ttl=0) as (_, client):
+        responses = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens))
+        again = await client.get(URL, headers=bad.bearer)
+    statuses = [r.status_code for r in responses]
+    assert statuses == [503 if t is bad else 200 for t in tokens]
+    assert [r.json()["data"]["total_used"] for t, r in zip(tokens, responses, strict=True) if t is not bad] == [
+        i for i in range(60) if i != 7
+    ]
+    for response in (responses[7], again):
+        assert response.json() == {"success": False, "message": "database unavailable, retry later"}
+    # Logged once with the token's id, never its key, and without a traceback.
+    lines = [r for r in caplog.records if f"token id {bad.id}" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert not any(bad.key[:8] in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["alone", "through-redis"])
+async def test_the_refresher_leaves_an_unreadable_row_alone(
+    gateway: Gateway,
+    app_client: AppClient,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    shared: bool,
+) -> None:
+    tokens = [gateway.add_token(used=1) for _ in range(60)]
+    bad = tokens[11]
+    overrides: dict[str, object] = {"cache_ttl": 60.0, "local_ttl": 60.0, "refresh_interval": 3600.0}
+    if shared:
+        overrides["redis_url"] = request.getfixturevalue("redis_url")
+    caplog.set_level(logging.WARNING, logger="usage_service")
+    async with app_client(**overrides) as (app, client):
+        refresher = app.state.refresher
+        for token in tokens:
+            assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        await refresher.tick()  # notes the polled tokens and re-reads them (rounds are driven by hand)
+        for token in tokens:
+            gateway.charge(token, 4)
+        spoil(gateway, bad, "used_quota", PAST_64_BITS)
+        changed = refresher.stats.changed
+        for _ in range(2):
+            await refresher.tick()  # must not raise
+            assert refresher.stats.tokens == 59
+        assert refresher.stats.changed - changed == (59 if shared else 0)
+        if not shared:  # a worker refreshing alone takes the records in at once
+            for token in tokens:
+                if token is not bad:
+                    assert (await client.get(URL, headers=token.bearer)).json()["data"]["total_used"] == 5
+        # What was cached for the bad token stays as it was, to age out as usual.
+        assert (await client.get(URL, headers=bad.bearer)).json()["data"]["total_used"] == 1
+    lines = [r for r in caplog.records if f"token id {bad.id}" in r.getMessage()]
+    assert len(lines) == 2  # once per round
+    assert not any(r.exc_info for r in caplog.records)
+    assert not any(bad.key[:8] in r.getMessage() for r in caplog.records)
+
+
+# --- numbers at the edges --------------------------------------------------------------------
+
+EDGES = [
+    # (remain_quota, used_quota, total_granted as the gateway's Go int arithmetic gives it)
+    pytest.param(INT64_MIN, 0, INT64_MIN, id="remain-int64-min"),
+    pytest.param(INT64_MIN, -1, INT64_MAX, id="wraps-below-int64-min"),
+    pytest.param(INT64_MAX, 10, INT64_MIN + 9, id="wraps-past-int64-max"),
+    pytest.param(INT64_MAX, INT64_MAX, -2, id="both-int64-max"),
+]
+
+
+@pytest.mark.parametrize(("remain", "used", "granted"), EDGES)
+async def test_totals_past_64_bits_are_what_the_gateway_shows(
+    gateway: Gateway, app_client: AppClient, remain: int, used: int, granted: int
+) -> None:
+    token = gateway.add_token(remain=remain, used=used)
+    async with app_client(refresh_interval=0) as (_, client):
+        response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200
+    data = response.json()["data"]
+    assert (data["total_granted"], data["total_available"], data["total_used"]) == (granted, remain, used)
+
+
+async def test_subscription_amount_follows_the_wrapped_total(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token(remain=INT64_MAX, used=10)
+    async with app_client(refresh_interval=0) as (_, client):
+        response = await client.get(SUBSCRIPTION, headers=token.bearer)
+    assert response.status_code == 200
+    # float64(int(remain + used)) / QuotaPerUnit, as the gateway computes it.
+    assert response.json()["hard_limit_usd"] == float(INT64_MIN + 9) / 500_000
+
+
+# --- a database file replaced by one with other columns ---------------------------------------
+
+
+def one_api_backup(path: Path, key: str, used: int) -> Path:
+    """A database as one-api left it: no model-limit columns, no users.used_quota."""
+    backup = Gateway(path, schema=SQLITE_OLD_SCHEMA)
+    backup.db.execute(
+        "INSERT INTO tokens (user_id, `key`, status, name, expired_time, remain_quota, used_quota, unlimited_quota)"
+        " VALUES (?, ?, 1, 'old', -1, 100, ?, 0)",
+        (backup.add_user(), key, used),
+    )
+    backup.close()
+    return path
+
+
+NOT_A_GATEWAY = "CREATE TABLE tokens (id integer PRIMARY KEY, `key` text); CREATE TABLE users (id integer);"
+
+
+async def test_a_restored_file_with_older_columns_is_read_as_it_is(
+    gateway: Gateway, app_client: AppClient, tmp_path: Path
+) -> None:
+    """The query is rebuilt for the new file's columns: uncached tokens are read, not 503."""
+    cached = gateway.add_token(used=1)
+    async with app_client(refresh_interval=0) as (app, client):
+        app.state.store.identity_check_interval = 0  # notice the swap at the next statement
+        assert (await client.get(URL, headers=cached.bearer)).status_code == 200
+        new_key = "r" * 48
+        os.replace(one_api_backup(tmp_path / "restore.db", new_key, used=7), gateway.path)
+        response = await client.get(URL, headers={"Authorization": f"Bearer sk-{new_key}"})
+        ready = await client.get("/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["total_used"] == 7
+    assert response.json()["data"]["model_limits"] == {}
+    assert ready.status_code == 200
+
+
+async def test_a_restored_file_that_is_no_gateway_database_is_not_ready(
+    gateway: Gateway, app_client: AppClient, tmp_path: Path
+) -> None:
+    token = gateway.add_token(used=1)
+    good = tmp_path / "good.db"
+    async with app_client(refresh_interval=0, cache_ttl=60, local_ttl=60, stale_if_error=0) as (app, client):
+        app.state.store.identity_check_interval = 0  # notice the swap at the next statement
+        assert (await client.get("/readyz")).status_code == 200
+        os.link(gateway.path, good)  # the good file, to put back afterwards
+        foreign = Gateway(tmp_path / "foreign.db", schema=NOT_A_GATEWAY)
+        foreign.close()
+        os.replace(foreign.path, gateway.path)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["database"] == "unavailable"
+        assert "tokens lacks columns" in ready.json()["reason"] and "remain_quota" in ready.json()["reason"]
+        other = await client.get(URL, headers={"Authorization": "Bearer sk-" + "o" * 48})
+        assert other.status_code == 503
+        os.replace(good, gateway.path)  # the operator puts a gateway database back
+        assert (await client.get("/readyz")).json() == {"ready": True, "database": "ok", "redis": "disabled"}
+        response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200 and response.json()["data"]["total_used"] == 1
+
+
+async def test_a_busy_database_gives_no_reason(gateway: Gateway, app_client: AppClient) -> None:
+    """Only what an operator must fix is spelled out; a lock passes by itself."""
+    async with app_client(refresh_interval=0) as (_, client):
+        with gateway.exclusive_lock():
+            ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "database": "unavailable", "redis": "disabled"}
