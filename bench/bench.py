@@ -1,8 +1,15 @@
-"""usage-service against the HTTP stack's ceiling and a naive peer, on loopback, in one run.
+"""usage-service against each HTTP server's ceiling and a naive peer, on loopback, in one run.
 
 Run through `bash bench/run` (it installs wrk and redis-server if missing). Prints and writes
-to bench/results/: a table per server and load, a latency-versus-throughput chart, and the
-refresher's freshness and database cost under paced polling of 10,000 tokens.
+to bench/results/: a table per server and load, the issue's targets (the service on uvicorn and
+on granian against that server's own raw-ASGI ceiling, CPU per hot poll), a latency-versus-
+throughput chart, and the refresher's freshness and database cost under paced polling of
+10,000 tokens.
+
+The servers: "ceiling" is a raw ASGI app answering the hot token's body with no work at all,
+served by uvicorn exactly as the service is; "ceiling-granian" the same on granian; "naive" the
+contract written plainly on Starlette; "usage-service" and "usage-service-granian" the service
+on each server (`--server granian`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ TOKENS = 10_000
 COLD_KEYS = 100_000
 CONNECTIONS = 50
 SERVER_CORE, LOAD_CORE = "0", "1"
+LOAD_NAMES = ("hot", "spread", "cold", "bad")
+SERVER_NAMES = ("ceiling", "usage-service", "ceiling-granian", "usage-service-granian", "naive")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # --- wrk scripts -----------------------------------------------------------------------------
 
@@ -161,6 +171,26 @@ class Process:
         extra = [int(p) for p in children.read_text().split()] if children.exists() else []
         return [self.process.pid, *extra]
 
+    def pause(self) -> None:
+        """Stop the process and its workers (SIGSTOP): its background tasks take no CPU meanwhile."""
+        for pid in self.pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.pids():
+            os.kill(pid, signal.SIGCONT)
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the process and its workers so far."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        return ticks / CLOCK_TICKS
+
     def rss_mib(self) -> float:
         total = 0
         for pid in self.pids():
@@ -232,7 +262,11 @@ class Result:
     socket_errors: int
     db_per_s: float
     peak_rss_mib: float
+    cpu_us_per_req: float
     vs_ceiling: float | None = None
+    # The same ratio from CPU per request: what one core of its own would give, which a
+    # shared, noisy machine blurs far less than requests/s.
+    vs_ceiling_cpu: float | None = None
     vs_naive: float | None = None
 
 
@@ -284,8 +318,10 @@ class Scenario:
 
         sampler = threading.Thread(target=sample, daemon=True)
         statements = db_count()
+        cpu = target.cpu_seconds()
         sampler.start()
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        cpu = target.cpu_seconds() - cpu
         stop.set()
         sampler.join()
         data = json.loads(report.read_text())
@@ -301,6 +337,7 @@ class Scenario:
             socket_errors=data["socket_errors"],
             db_per_s=(db_count() - statements) / duration,
             peak_rss_mib=max(peak),
+            cpu_us_per_req=cpu * 1e6 / max(1, data["requests"]),
         )
 
 
@@ -320,7 +357,7 @@ def db_counter(server: Process) -> Callable[[], int]:
 # --- the runs --------------------------------------------------------------------------------
 
 
-def service_command(workers: int) -> list[str]:
+def service_command(workers: int, server: str = "uvicorn") -> list[str]:
     """usage-service as an operator runs it; one worker is pinned beside the load generator."""
     pin = pinned(SERVER_CORE) if workers == 1 else []
     return [
@@ -334,6 +371,8 @@ def service_command(workers: int) -> list[str]:
         "{port}",
         "--workers",
         str(workers),
+        "--server",
+        server,
         "--log-level",
         "warning",
     ]
@@ -345,12 +384,11 @@ def start_servers(db: Path, hot_key: str, redis_url: str) -> dict[str, Callable[
     service_env = {"SQLITE_PATH": str(db), "REDIS_CONN_STRING": redis_url, "PYTHONPATH": str(HERE.parent)}
     # The cold and bad loads are failures from one address: measure the lookup, not the limiter's 429.
     service_env["USAGE_AUTH_FAIL_LIMIT"] = "0"
+    ceiling = [*pinned(SERVER_CORE), python, servers, "ceiling", "--port", "{port}", "--db", str(db), "--key", hot_key]
     return {
-        "ceiling": lambda: Process(
-            "ceiling",
-            [*pinned(SERVER_CORE), python, servers, "ceiling", "--port", "{port}", "--db", str(db), "--key", hot_key],
-            {"PYTHONPATH": str(HERE.parent)},
-            "/",
+        "ceiling": lambda: Process("ceiling", ceiling, {"PYTHONPATH": str(HERE.parent)}, "/"),
+        "ceiling-granian": lambda: Process(
+            "ceiling-granian", [*ceiling, "--server", "granian"], {"PYTHONPATH": str(HERE.parent)}, "/"
         ),
         "naive": lambda: Process(
             "naive",
@@ -358,10 +396,17 @@ def start_servers(db: Path, hot_key: str, redis_url: str) -> dict[str, Callable[
             {"PYTHONPATH": str(HERE.parent)},
             "/_stats",
         ),
+        # Two deployments, not one fleet: each refreshes its own records (its own Redis prefix).
         "usage-service": lambda: Process(
             "usage-service",
             service_command(workers=1),
-            service_env,
+            {**service_env, "USAGE_REDIS_PREFIX": "uvicorn:"},
+            "/healthz",
+        ),
+        "usage-service-granian": lambda: Process(
+            "usage-service-granian",
+            service_command(workers=1, server="granian"),
+            {**service_env, "USAGE_REDIS_PREFIX": "granian:"},
             "/healthz",
         ),
     }
@@ -376,7 +421,12 @@ def flush_redis(url: str) -> None:
 
 
 def run_matrix(
-    scenario: Scenario, factories: dict[str, Callable[[], Process]], redis_url: str, seconds: float, rounds: int
+    scenario: Scenario,
+    factories: dict[str, Callable[[], Process]],
+    redis_url: str,
+    seconds: float,
+    rounds: int,
+    loads: list[str],
 ) -> list[Result]:
     """Every load against every server, the servers taking turns round after round: a machine
     whose speed drifts during the run then weighs on all of them alike. Each figure is the
@@ -384,12 +434,22 @@ def run_matrix(
     flush_redis(redis_url)
     servers = {name: factory() for name, factory in factories.items()}
     results = []
+
+    def alone(server: Process) -> None:
+        # The others are paused: a service's refresher keeps its polled tokens fresh for
+        # USAGE_HOT_WINDOW after its own round, which would run on the core being measured.
+        for other in servers.values():
+            if other is not server:
+                other.pause()
+        server.resume()
+
     try:
         counters = {name: db_counter(server) for name, server in servers.items()}
-        for load in ("hot", "spread", "cold", "bad"):
+        for load in loads:
             runs: dict[str, list[Result]] = {name: [] for name in servers}
             for turn in range(rounds):
                 for name, server in servers.items():
+                    alone(server)
                     if load != "cold" and turn == 0:  # polling is measured in its steady state
                         scenario.wrk(server, load, 5 if load == "spread" else 2)
                     # Cold keys are new in every round: a later round must not find them cached.
@@ -400,16 +460,54 @@ def run_matrix(
                 result.peak_rss_mib = max(r.peak_rss_mib for r in attempts)
                 results.append(result)
                 rps = ", ".join(f"{r.rps:.0f}" for r in attempts)
-                print(f"  {name:14} {load:7} {result.rps:9.0f} req/s  p99 {result.p99_ms:6.2f} ms  ({rps})", flush=True)
+                print(
+                    f"  {name:21} {load:7} {result.rps:9.0f} req/s  p99 {result.p99_ms:6.2f} ms  "
+                    f"{result.cpu_us_per_req:5.1f} µs CPU/req  ({rps})",
+                    flush=True,
+                )
     finally:
         for server in servers.values():
+            server.resume()
             server.stop()
     for result in results:
-        ceiling = next(r for r in results if r.server == "ceiling" and r.load == result.load)
-        naive = next(r for r in results if r.server == "naive" and r.load == result.load)
-        result.vs_ceiling = result.rps / ceiling.rps
-        result.vs_naive = result.rps / naive.rps
+        # Each server against the ceiling of the HTTP server it runs on.
+        family = "ceiling-granian" if result.server.endswith("granian") else "ceiling"
+        ceiling = next((r for r in results if r.server == family and r.load == result.load), None)
+        naive = next((r for r in results if r.server == "naive" and r.load == result.load), None)
+        result.vs_ceiling = result.rps / ceiling.rps if ceiling else None
+        result.vs_ceiling_cpu = ceiling.cpu_us_per_req / result.cpu_us_per_req if ceiling else None
+        result.vs_naive = result.rps / naive.rps if naive else None
     return results
+
+
+# The issue's "Done when": (what, server, load, bound, at least?).
+TARGETS = (
+    ("usage-service on uvicorn, × uvicorn's ceiling", "usage-service", "hot", 0.75),
+    ("usage-service on uvicorn, × uvicorn's ceiling", "usage-service", "spread", 0.60),
+    ("usage-service on granian, × granian's ceiling", "usage-service-granian", "hot", 0.80),
+    ("usage-service on granian, × granian's ceiling", "usage-service-granian", "spread", 0.70),
+)
+
+
+def targets(results: list[Result]) -> str:
+    """The ratios the issue asks for, from this one run."""
+    lines = ["| target | load | req/s ratio | by CPU/req | bound | met (req/s, CPU) |", "|---|---|---:|---:|---:|---|"]
+    found = {(r.server, r.load): r for r in results}
+    for text, server, load, bound in TARGETS:
+        result = found.get((server, load))
+        if result is not None and result.vs_ceiling is not None and result.vs_ceiling_cpu is not None:
+            met = ", ".join("yes" if ratio >= bound else "NO" for ratio in (result.vs_ceiling, result.vs_ceiling_cpu))
+            lines.append(
+                f"| {text} | {load} | {result.vs_ceiling:.2f} | {result.vs_ceiling_cpu:.2f} | ≥ {bound:.2f} | {met} |"
+            )
+    uvicorn, granian = found.get(("usage-service", "hot")), found.get(("usage-service-granian", "hot"))
+    if uvicorn is not None and granian is not None:
+        ratio = granian.cpu_us_per_req / uvicorn.cpu_us_per_req
+        lines.append(
+            f"| CPU per hot poll, granian ÷ uvicorn ({granian.cpu_us_per_req:.1f} ÷ {uvicorn.cpu_us_per_req:.1f} µs) "
+            f"| hot | – | {ratio:.2f} | ≤ 0.75 | {'yes' if ratio <= 0.75 else 'NO'} |"
+        )
+    return "\n".join(lines)
 
 
 def run_curve(
@@ -589,13 +687,19 @@ def run_freshness(
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| server | load | req/s | p50 ms | p99 ms | non-2xx | × ceiling | × naive | DB stmts/s | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | load | req/s | p50 ms | p99 ms | non-2xx | × its ceiling | × its ceiling by CPU | × naive "
+        "| CPU µs/req | DB stmts/s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: (["hot", "spread", "cold", "bad"].index(r.load), r.server)):
+
+    def ratio(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    for r in sorted(results, key=lambda r: (LOAD_NAMES.index(r.load), SERVER_NAMES.index(r.server))):
         lines.append(
             f"| {r.server} | {r.load} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.non2xx:,} | "
-            f"{r.vs_ceiling:.2f} | {r.vs_naive:.2f} | {r.db_per_s:,.1f} | {r.peak_rss_mib:.0f} |"
+            f"{ratio(r.vs_ceiling)} | {ratio(r.vs_ceiling_cpu)} | {ratio(r.vs_naive)} | {r.cpu_us_per_req:.1f} "
+            f"| {r.db_per_s:,.1f} | {r.peak_rss_mib:.0f} |"
         )
     return "\n".join(lines)
 
@@ -622,7 +726,14 @@ def chart(points: list[Result], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for name, color in (("ceiling", "#888888"), ("naive", "#d62728"), ("usage-service", "#1f77b4")):
+    colors = {
+        "ceiling": "#888888",
+        "naive": "#d62728",
+        "usage-service": "#1f77b4",
+        "ceiling-granian": "#bcbd22",
+        "usage-service-granian": "#2ca02c",
+    }
+    for name, color in colors.items():
         mine = [p for p in points if p.server == name]
         ax.plot([p.rps for p in mine], [p.p99_ms for p in mine], "o-", color=color, label=f"{name} p99")
         ax.plot([p.rps for p in mine], [p.p50_ms for p in mine], "o--", color=color, alpha=0.6, label=f"{name} p50")
@@ -642,6 +753,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns each server takes at each load (default 3)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--skip", nargs="*", default=[], choices=["matrix", "curve", "freshness"])
+    parser.add_argument("--loads", nargs="+", default=list(LOAD_NAMES), choices=LOAD_NAMES, help="(default: all)")
+    parser.add_argument("--servers", nargs="+", default=list(SERVER_NAMES), choices=SERVER_NAMES, help="(default: all)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -659,16 +772,19 @@ def main() -> None:
             flush=True,
         )
         with redis_server(workdir) as redis_url:
-            factories = start_servers(db, tokens[0][1], redis_url)
+            factories = {
+                name: f for name, f in start_servers(db, tokens[0][1], redis_url).items() if name in args.servers
+            }
             report: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count()}
             sections = []
             if "matrix" not in args.skip:
-                results = run_matrix(scenario, factories, redis_url, args.seconds, args.rounds)
+                results = run_matrix(scenario, factories, redis_url, args.seconds, args.rounds, args.loads)
                 report["matrix"] = [asdict(r) for r in results]
                 sections.append(
                     f"## Throughput (1 worker, 50 connections; median of {args.rounds} rounds of "
                     f"{args.seconds:g} s, servers taking turns)\n\n" + table(results)
                 )
+                sections.append("## Targets (issue 12, measured in this run)\n\n" + targets(results))
             if "curve" not in args.skip:
                 points = run_curve(scenario, factories, redis_url, min(args.seconds, 3))
                 report["curve"] = [asdict(p) for p in points]

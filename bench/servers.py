@@ -1,13 +1,17 @@
-"""The peers usage-service is measured against, served by uvicorn exactly as the service is.
+"""The peers usage-service is measured against, served exactly as the service is.
 
-python bench/servers.py ceiling --port P --db one-api.db --key KEY
+python bench/servers.py ceiling --port P --db one-api.db --key KEY [--server granian]
 python bench/servers.py naive   --port P --db one-api.db
+
+The ceiling runs on uvicorn (cli.SERVER_OPTIONS) or granian (usage_service._granian's settings);
+the naive peer on uvicorn.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
 import uvicorn
@@ -17,8 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from usage_service import logs
 from usage_service.auth import bearer_key, usage_verdict
-from usage_service.cli import SERVER_OPTIONS
+from usage_service.cli import MAX_IN_FLIGHT, SERVER_OPTIONS
+from usage_service.config import Settings
 from usage_service.store.sqlite import SQLiteStore
 
 
@@ -72,13 +78,36 @@ def naive(db: Path) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+def ceiling_from_env() -> object:
+    """The ceiling app, as a factory granian's worker calls (it imports this module by name)."""
+    record = asyncio.run(_fetch(Path(os.environ["BENCH_DB"]), os.environ["BENCH_KEY"]))
+    return ceiling(record.usage_body, record.usage_etag)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["ceiling", "naive"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--key", help="ceiling: the token whose answer it returns")
+    parser.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn", help="ceiling: served by")
     args = parser.parse_args()
+    if args.kind == "ceiling" and args.server == "granian":
+        from usage_service import _granian
+
+        os.environ |= {"BENCH_DB": str(args.db), "BENCH_KEY": args.key}
+        config = logs.uvicorn_config("warning", "text")
+        _granian.server(
+            "servers:ceiling_from_env",
+            host="127.0.0.1",
+            port=args.port,
+            workers=1,
+            log_level="warning",
+            log_config=config,
+            header_timeout=Settings.header_timeout,
+            max_in_flight=MAX_IN_FLIGHT,
+        ).serve()
+        return
     if args.kind == "ceiling":
         record = asyncio.run(_fetch(args.db, args.key))
         app = ceiling(record.usage_body, record.usage_etag)

@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from support import Gateway, RedisServer
 
 from usage_service.app import create_app
+from usage_service.cli import SERVERS
 from usage_service.config import Settings
 
 
@@ -54,6 +55,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 
 REDIS_TOPOLOGIES = ("standalone", "sentinel", "cluster")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    """The HTTP server the end-to-end tests that take it start the service on, each in turn."""
+    return request.param  # type: ignore[no-any-return]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -215,13 +215,19 @@ def environ_without_gateway_settings() -> dict[str, str]:
     return env
 
 
-class Service:
-    """The real `usage-service` process on a free loopback port."""
+# A line each server logs once per worker, when the worker has run the lifespan's start-up.
+WORKER_STARTED = {"uvicorn": "Application startup complete", "granian": "Started worker-"}
 
-    def __init__(self, env: dict[str, str], *args: str, cwd: Path | None = None) -> None:
+
+class Service:
+    """The real `usage-service` process on a free loopback port, served by `server`."""
+
+    def __init__(self, env: dict[str, str], *args: str, cwd: Path | None = None, server: str = "uvicorn") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "usage_service", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.server = server
+        command = [sys.executable, "-m", "usage_service", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--server", server, *args]
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             command, env={**environ_without_gateway_settings(), **env}, cwd=cwd, stdout=self.log, stderr=self.log

@@ -18,7 +18,15 @@ import httpx
 import pytest
 import redis
 from conftest import GatewayFactory
-from support import Gateway, RedisServer, Service, Token, environ_without_gateway_settings, free_port
+from support import (
+    WORKER_STARTED,
+    Gateway,
+    RedisServer,
+    Service,
+    Token,
+    environ_without_gateway_settings,
+    free_port,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -52,11 +60,13 @@ class GatewayWriter:
 
 
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
-def test_serves_a_database_the_gateway_is_writing(tmp_path: Path, redis_url: str, journal_mode: str) -> None:
+def test_serves_a_database_the_gateway_is_writing(
+    tmp_path: Path, redis_url: str, journal_mode: str, server: str
+) -> None:
     gateway = Gateway(tmp_path / "one-api.db", journal_mode=journal_mode)
     token = gateway.add_token(remain=1_000_000, used=0)
     env = {"SQLITE_PATH": f"{gateway.path}?_busy_timeout=30000", "REDIS_CONN_STRING": redis_url, "USAGE_CACHE_TTL": "1"}
-    with Service(env) as service, httpx.Client(base_url=service.url, headers=token.bearer) as client:
+    with Service(env, server=server) as service, httpx.Client(base_url=service.url, headers=token.bearer) as client:
         with GatewayWriter(gateway, token) as writer:
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
@@ -78,13 +88,14 @@ def test_serves_a_database_the_gateway_is_writing(tmp_path: Path, redis_url: str
 
 @pytest.mark.parametrize("engine", ["postgres", "mysql"])
 def test_serves_a_database_server_the_gateway_is_writing(
-    make_gateway: GatewayFactory, redis_url: str, engine: str
+    make_gateway: GatewayFactory, redis_url: str, engine: str, server: str
 ) -> None:
     """SQL_DSN in the gateway's own form, two workers, a gateway charging the token meanwhile."""
     gateway = make_gateway(engine)
     token = gateway.add_token(remain=1_000_000, used=0)
     env = {"SQL_DSN": gateway.dsn, "REDIS_CONN_STRING": redis_url, "USAGE_CACHE_TTL": "1"}  # type: ignore[attr-defined]
-    with Service(env, "--workers", "2") as service, httpx.Client(base_url=service.url, headers=token.bearer) as client:
+    service = Service(env, "--workers", "2", server=server)
+    with service, httpx.Client(base_url=service.url, headers=token.bearer) as client:
         with GatewayWriter(gateway, token) as writer:
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
@@ -101,21 +112,21 @@ def test_serves_a_database_server_the_gateway_is_writing(
     assert "r3ad-only" not in service.output()  # the password, in any form
 
 
-def test_redis_killed_mid_run(tmp_path: Path) -> None:
+def test_redis_killed_mid_run(tmp_path: Path, server: str) -> None:
     gateway = Gateway(tmp_path / "one-api.db")
     tokens = [gateway.add_token(used=i) for i in range(20)]
-    server = RedisServer(tmp_path / "redis")
-    server.start()
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
     env = {
         "SQLITE_PATH": str(gateway.path),
-        "REDIS_CONN_STRING": server.url,
+        "REDIS_CONN_STRING": redis_server.url,
         "USAGE_REDIS_TIMEOUT": "0.2",
         "USAGE_REDIS_COOLDOWN": "0.5",
         "USAGE_LOCAL_TTL": "0.05",
         "USAGE_CACHE_TTL": "5",
     }
     try:
-        with Service(env) as service, httpx.Client(base_url=service.url) as client:
+        with Service(env, server=server) as service, httpx.Client(base_url=service.url) as client:
 
             def poll_all() -> float:
                 slowest = 0.0
@@ -128,7 +139,7 @@ def test_redis_killed_mid_run(tmp_path: Path) -> None:
                 return slowest
 
             poll_all()
-            server.stop()
+            redis_server.stop()
             deadline = time.monotonic() + 1.5
             slowest = 0.0
             while time.monotonic() < deadline:
@@ -136,8 +147,8 @@ def test_redis_killed_mid_run(tmp_path: Path) -> None:
             assert slowest < 1.0, f"a request waited {slowest:.2f}s on the dead Redis"
 
             gateway.charge(tokens[0], 0)
-            server.start()
-            probe = redis.Redis.from_url(server.url)
+            redis_server.start()
+            probe = redis.Redis.from_url(redis_server.url)
             deadline = time.monotonic() + 10
             while probe.dbsize() < len(tokens):
                 assert time.monotonic() < deadline, "the service did not return to Redis"
@@ -146,7 +157,7 @@ def test_redis_killed_mid_run(tmp_path: Path) -> None:
             probe.close()
             assert "redis is back" in service.output()
     finally:
-        server.stop()
+        redis_server.stop()
         gateway.close()
 
 
@@ -184,18 +195,18 @@ def test_database_is_opened_read_only_and_left_untouched(tmp_path: Path, redis_u
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one-api.db"]
 
 
-def test_sigterm_exits_cleanly(gateway: Gateway) -> None:
-    with Service({"SQLITE_PATH": str(gateway.path)}) as service:
+def test_sigterm_exits_cleanly(gateway: Gateway, server: str) -> None:
+    with Service({"SQLITE_PATH": str(gateway.path)}, server=server) as service:
         assert service.stop() == 0
         assert service.output().count("in-process only") == 1  # said once at start without Redis
 
 
-def test_several_workers_share_the_port(gateway: Gateway) -> None:
+def test_several_workers_share_the_port(gateway: Gateway, server: str) -> None:
     token = gateway.add_token(name="w")
-    with Service({"SQLITE_PATH": str(gateway.path)}, "--workers", "2") as service:
+    with Service({"SQLITE_PATH": str(gateway.path)}, "--workers", "2", server=server) as service:
         for _ in range(20):
             assert httpx.get(service.url + URL, headers=token.bearer).json()["data"]["name"] == "w"
-    assert service.output().count("Started server process") == 2
+    assert service.output().count(WORKER_STARTED[server]) == 2  # each worker ran the lifespan
 
 
 def _run_printed_curl_line(process: subprocess.Popen[bytes]) -> str:
@@ -280,7 +291,7 @@ def test_help_documents_every_flag_and_variable() -> None:
 
     result = subprocess.run([sys.executable, "-m", "usage_service", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for flag in ("--host", "--port", "--workers", "--log-level", "--demo"):
+    for flag in ("--host", "--port", "--workers", "--server", "--log-level", "--demo"):
         assert flag in result.stdout
     for name, _, _ in VARIABLES:
         assert name in result.stdout
@@ -294,10 +305,10 @@ def _metric(text: str, name: str) -> float:
     )
 
 
-def test_metrics_add_up_across_workers(gateway: Gateway, redis_url: str) -> None:
+def test_metrics_add_up_across_workers(gateway: Gateway, redis_url: str, server: str) -> None:
     tokens = [gateway.add_token() for _ in range(30)]
     env = {"SQLITE_PATH": str(gateway.path), "REDIS_CONN_STRING": redis_url, "USAGE_REFRESH_INTERVAL": "0"}
-    with Service(env, "--workers", "2") as service, httpx.Client(base_url=service.url) as client:
+    with Service(env, "--workers", "2", server=server) as service, httpx.Client(base_url=service.url) as client:
         for token in tokens:  # new connections: spread over both workers
             assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
         time.sleep(1.5)  # each worker publishes once a second

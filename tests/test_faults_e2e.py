@@ -27,14 +27,14 @@ pytestmark = pytest.mark.e2e
 URL = "/api/usage/token"
 
 
-def test_sigterm_under_load(tmp_path: Path) -> None:
+def test_sigterm_under_load(tmp_path: Path, server: str) -> None:
     """Requests in flight complete, new connections are refused, the exit status is 0."""
     gateway = Gateway(tmp_path / "one-api.db")
     warm = [gateway.add_token(used=i) for i in range(5)]
     slow = [gateway.add_token(used=100 + i) for i in range(8)]
     env = {"SQLITE_PATH": str(gateway.path), "USAGE_DB_TIMEOUT": "20", "USAGE_REFRESH_INTERVAL": "0"}
     env |= {"USAGE_CACHE_TTL": "60", "USAGE_LOCAL_TTL": "60"}
-    with Service(env) as service:
+    with Service(env, server=server) as service:
         for token in warm:
             assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
         outcomes: list[tuple[bool, str]] = []  # (after SIGTERM, status or error)
@@ -97,13 +97,15 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_redis_black_holed_under_the_real_process(tmp_path: Path, redis_server: RedisServer, redis_url: str) -> None:
+def test_redis_black_holed_under_the_real_process(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str, server: str
+) -> None:
     gateway = Gateway(tmp_path / "one-api.db")
     tokens = [gateway.add_token(used=i) for i in range(10)]
     with TCPProxy(("127.0.0.1", redis_server.port)) as proxy:
         env = {"SQLITE_PATH": str(gateway.path), "REDIS_CONN_STRING": proxy.url, "USAGE_REDIS_TIMEOUT": "0.25"}
         env |= {"USAGE_REDIS_COOLDOWN": "1", "USAGE_LOCAL_TTL": "0", "USAGE_REFRESH_INTERVAL": "0"}
-        with Service(env) as service, httpx.Client(base_url=service.url) as client:
+        with Service(env, server=server) as service, httpx.Client(base_url=service.url) as client:
 
             def poll() -> float:
                 slowest = 0.0
@@ -213,11 +215,11 @@ HOSTILE = [
 
 
 @pytest.fixture(scope="module")
-def hostile_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Token]]:
+def hostile_target(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[tuple[Service, Token]]:
     gateway = Gateway(tmp_path_factory.mktemp("hostile") / "one-api.db")
     token = gateway.add_token()
     gateway.close()
-    with Service({"SQLITE_PATH": str(gateway.path)}) as service:
+    with Service({"SQLITE_PATH": str(gateway.path)}, server=server) as service:
         yield service, token
         assert service.stop() == 0
     assert "Traceback" not in service.output()
@@ -243,8 +245,12 @@ def test_oversized_or_malformed_requests_are_refused_by_the_server(
             pass
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status), answer[:200]
-    assert b"content-type: application/json" in head.lower()
-    assert body.startswith(b'{"success":false,"message":')
+    if service.server == "granian" and status in (400, 431):
+        # Refused by hyper, inside granian, before the app: its answers have no body and no hook.
+        assert b"content-length: 0" in head.lower() and body == b"", answer[:200]
+    else:
+        assert b"content-type: application/json" in head.lower()
+        assert body.startswith(b'{"success":false,"message":')
     # And the process goes on serving.
     assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
 
@@ -256,7 +262,9 @@ def test_oversized_or_malformed_requests_are_refused_by_the_server(
         pytest.param(["--log-level", "debug", "--access-log", "--log-format", "json"], id="debug-access-json"),
     ],
 )
-def test_no_key_material_in_logs_redis_metrics_or_answers(tmp_path: Path, redis_url: str, flags: list[str]) -> None:
+def test_no_key_material_in_logs_redis_metrics_or_answers(
+    tmp_path: Path, redis_url: str, flags: list[str], server: str
+) -> None:
     """Run the real process at debug level through every path that sees a key, then look for
     the raw keys of the run everywhere they could leak."""
     gateway = Gateway(tmp_path / "one-api.db")
@@ -268,7 +276,7 @@ def test_no_key_material_in_logs_redis_metrics_or_answers(tmp_path: Path, redis_
     env = {"SQLITE_PATH": str(gateway.path), "REDIS_CONN_STRING": redis_url, "USAGE_AUTH_FAIL_LIMIT": "3"}
     env |= {"USAGE_DB_TIMEOUT": "0.2", "USAGE_REFRESH_INTERVAL": "0.2", "USAGE_CACHE_TTL": "0.5"}
     seen: list[bytes] = []
-    with Service(env, *flags) as service, httpx.Client(base_url=service.url) as client:
+    with Service(env, *flags, server=server) as service, httpx.Client(base_url=service.url) as client:
 
         def send(method: str, path: str, **headers: str) -> None:
             response = client.request(method, path, headers=headers)

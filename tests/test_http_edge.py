@@ -2,8 +2,7 @@
 connections closed, and JSON for the server's own answers.
 
 Every test here talks to the server through raw sockets on 127.0.0.1. The server is one
-parameter (`server_args`, the flags that choose it), so the same tests hold for every server the
-command can run.
+parameter (conftest's `server`), so the same tests hold for every server the command can run.
 """
 
 from __future__ import annotations
@@ -36,19 +35,13 @@ URL = "/api/usage/token"
 HEAD_TIMEOUT = 3
 
 
-@pytest.fixture(scope="module", params=[pytest.param((), id="uvicorn")])
-def server_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
-    """The command-line flags that choose the server under test."""
-    return request.param  # type: ignore[no-any-return]
-
-
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory, server_args: tuple[str, ...]) -> Iterator[tuple[Service, Token]]:
+def edge(tmp_path_factory: pytest.TempPathFactory, server: str) -> Iterator[tuple[Service, Token]]:
     gateway = Gateway(tmp_path_factory.mktemp("edge") / "one-api.db")
     token = gateway.add_token()
     gateway.close()
     env = {"SQLITE_PATH": str(gateway.path), "USAGE_HEADER_TIMEOUT": str(HEAD_TIMEOUT)}
-    with Service(env, *server_args) as service:
+    with Service(env, server=server) as service:
         yield service, token
         assert service.stop() == 0
     assert "Traceback" not in service.output()
@@ -93,7 +86,9 @@ def is_closed(sock: socket.socket) -> bool:
 
 
 def descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Descriptors the server holds: the process's and its workers' (granian always has one)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in [pid, *map(int, children)])
 
 
 def test_pipelined_requests_under_the_bound_are_all_answered(edge: tuple[Service, Token]) -> None:
@@ -115,6 +110,12 @@ def test_a_request_with_a_body_then_a_pipelined_request(edge: tuple[Service, Tok
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         sock.sendall(post + chunked + get(token))
         buffer = bytearray()
+        if service.server == "granian":
+            # granian does not read through a large body the app left unread: it answers, then
+            # closes the connection (the client opens another), rather than refusing the head.
+            assert read_response(sock, buffer)[0] == 405
+            assert is_closed(sock)
+            return
         statuses = [read_response(sock, buffer)[0] for _ in range(3)]
     assert statuses == [405, 405, 200]
 
@@ -148,8 +149,11 @@ def test_a_pipelined_oversized_head_is_refused(edge: tuple[Service, Token], spli
             assert read_response(sock, buffer)[0] == 200
         status, headers, body = read_response(sock, buffer)
         assert status == 431
-        assert headers[b"content-type"] == b"application/json"
-        assert orjson.loads(body)["success"] is False
+        if service.server == "granian":
+            assert body == b""  # hyper's own answer: no hook makes it JSON (usage_service/_granian.py)
+        else:
+            assert headers[b"content-type"] == b"application/json"
+            assert orjson.loads(body)["success"] is False
         assert is_closed(sock)
     assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
 
@@ -241,7 +245,7 @@ def soft_descriptor_limit(limit: int) -> Iterator[None]:
 
 
 @pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2048, reason="needs a hard limit of 2048 files")
-def test_idle_connections_past_the_soft_descriptor_limit(tmp_path: Path, server_args: tuple[str, ...]) -> None:
+def test_idle_connections_past_the_soft_descriptor_limit(tmp_path: Path, server: str) -> None:
     """Started with 256 descriptors (as under a default systemd or shell limit), the service
     raises its own limit to the hard one: 400 idle connections from one client do not make a
     real request fail."""
@@ -249,7 +253,7 @@ def test_idle_connections_past_the_soft_descriptor_limit(tmp_path: Path, server_
     token = gateway.add_token()
     gateway.close()
     with soft_descriptor_limit(256):
-        service = Service({"SQLITE_PATH": str(gateway.path)}, *server_args)
+        service = Service({"SQLITE_PATH": str(gateway.path)}, server=server)
     with service:
         idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(400)]
         try:
@@ -312,7 +316,7 @@ async def test_past_the_in_flight_limit_requests_are_answered_503_in_json() -> N
         await serving
 
 
-def test_the_access_log_keeps_one_request_to_a_line(tmp_path: Path, server_args: tuple[str, ...]) -> None:
+def test_the_access_log_keeps_one_request_to_a_line(tmp_path: Path, server: str) -> None:
     """Text access lines from the real process: a decoded %0a, %0d or %22 forges no line and
     breaks no quotes, and a key in a long path is redacted wherever the path is cut."""
     key = "Q7w" * 16
@@ -325,7 +329,7 @@ def test_the_access_log_keeps_one_request_to_a_line(tmp_path: Path, server_args:
     ]
     gateway = Gateway(tmp_path / "one-api.db")
     gateway.close()
-    with Service({"SQLITE_PATH": str(gateway.path)}, "--access-log", *server_args) as service:
+    with Service({"SQLITE_PATH": str(gateway.path)}, "--access-log", server=server) as service:
         with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
             sock.sendall(b"".join(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n" for path in paths))
             buffer = bytearray()
