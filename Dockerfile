@@ -12,7 +12,7 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY usage_service/ ./usage_service/
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[granian]" \
     && cd / && rm -rf /src
 
 # Non-root. The gateway's database is only ever read (and should be mounted :ro);
