@@ -15,6 +15,7 @@ import redis
 from conftest import AppClient
 from support import Gateway, Token, redis_contents
 
+import usage_service.refresh
 from usage_service.cache import HOT_SLICE, parse_hot
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis_topologies]
@@ -131,7 +132,7 @@ async def test_database_cost_follows_the_hot_set_not_the_polling(
         statements, runs = app.state.store.statements, app.state.refresher.stats.runs
         for _ in range(5):  # lots of polling...
             await asyncio.gather(*(c.get(URL, headers=t.bearer) for t in tokens))
-        await asyncio.sleep(0.5)
+        await eventually(lambda: _true(app.state.refresher.stats.runs >= runs + 2))
         statements = app.state.store.statements - statements
         runs = app.state.refresher.stats.runs - runs
         # ...costs nothing: each token was read once on first sight, and each refresh reads all
@@ -149,7 +150,12 @@ async def test_only_the_leader_reads_the_database(gateway: Gateway, app_client: 
             await first.get(URL, headers=token.bearer)
             await second.get(URL, headers=token.bearer)  # from Redis
         before = {app: app.state.store.statements for app in (a, b)}
-        await asyncio.sleep(0.6)
+        # Until the leader has re-read them (in one round or more); the follower had as long to do so.
+        await eventually(
+            lambda: _true(
+                any(app.state.refresher.stats.leader and app.state.store.statements > before[app] for app in (a, b))
+            )
+        )
         grew = [app.state.store.statements > before[app] for app in (a, b)]
         leaders = [app.state.refresher.stats.leader for app in (a, b)]
         assert grew == leaders and leaders.count(True) == 1
@@ -180,31 +186,54 @@ async def test_tokens_leave_the_hot_set_when_nobody_polls(
         await eventually(lambda: _true(app.state.refresher.stats.tokens == 0))
 
 
+class Clock:
+    """The refresher's clock (usage_service.refresh's `time`), moved on by the test alone."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))  # a whole second: the steps below add up exactly
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 async def test_a_token_polled_without_pause_is_noted_once_per_renote_period(
-    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Noting every polled token every interval cost the workers more than the refresh itself:
-    a token is noted again once a quarter of the hot window has passed (here 1 s), not every round."""
+    a token is noted again once a quarter of the hot window has passed (here 1 s), not every round.
+    Rounds are run by hand, a quarter of a second apart on the refresher's own clock."""
     token = gateway.add_token()
-    async with app_client(redis_url=redis_url, hot_window=4.0, **SLOW_CACHE) as (app, client):
-        assert app.state.refresher.renote == 1.0
+    settings = {"redis_url": redis_url, "hot_window": 4.0, "cache_ttl": 60.0, "local_ttl": 60.0}
+    async with app_client(**settings, refresh_interval=3600.0) as (app, client):
+        refresher = app.state.refresher
+        assert refresher.renote == 1.0
+        await eventually(
+            lambda: _true(refresher.stats.runs >= 1)
+        )  # the loop's own round, at start; the next in an hour
+        clock = Clock()
+        monkeypatch.setattr(usage_service.refresh, "time", clock)
         hot_key = app.state.redis.hot_key
 
-        async def poll_and_watch(seconds: float) -> list[float]:
-            scores = []
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
+        async def poll_every_round(rounds: int) -> set[float]:
+            """Poll, run a round, read the token's score in the hot set; then a quarter second passes."""
+            scores = set()
+            for _ in range(rounds):
                 assert (await client.get(URL, headers=token.bearer)).status_code == 200
-                scores += [score for _, score in redis_client.zrange(hot_key, 0, -1, withscores=True)]
-                await asyncio.sleep(0.03)
+                await refresher.tick()
+                scores.update(score for _, score in redis_client.zrange(hot_key, 0, -1, withscores=True))
+                clock.now += 0.25
             return scores
 
-        scores = await poll_and_watch(1.7)  # about 17 rounds
-        assert 2 <= len(set(scores)) <= 3, sorted(set(scores))
+        started = clock.now
+        # Seven rounds over 1.5 s: noted in the first, and again once 1 s had passed, never in between.
+        assert sorted(await poll_every_round(7)) == [started, started + 1.0]
         # A Redis that lost the set (a restart without persistence) has it back within the period.
         redis_client.delete(hot_key)
-        await poll_and_watch(1.3)
-        assert redis_client.zcard(hot_key) == 1
+        assert await poll_every_round(1) == set()  # not noted again before the period is over...
+        assert await poll_every_round(1) == {started + 2.0}  # ...and noted again once it is
 
 
 async def test_each_token_is_read_at_the_same_point_of_every_round(
