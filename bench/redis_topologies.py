@@ -4,7 +4,7 @@
 
 In process, loopback only, bounded: starts a standalone redis-server, a Sentinel group (master,
 replica, three sentinels) and a three-master Cluster with the test suite's helpers, fills each
-with N records, then per round reads them all through `RedisCache` (C concurrent readers,
+with N records, then per round reads them all through `RedisRecords` (C concurrent readers,
 coalesced into MGETs; one MGET per slot on Cluster) and writes them all behind (Lua scripts;
 one per slot on Cluster). Prints records per second, median and best of the rounds; compare
 topologies within one run (the machine is shared and noisy). Needs redis-server,
@@ -30,7 +30,8 @@ from redis_topologies import RedisClusterNodes, RedisTopology, SentinelGroup  # 
 from support import RedisServer  # noqa: E402
 
 from usage_service._circuit import CircuitBreaker  # noqa: E402
-from usage_service.cache import RedisCache  # noqa: E402
+from usage_service._redis_guard import RedisGuard  # noqa: E402
+from usage_service.cache import RedisRecords  # noqa: E402
 from usage_service.config import Settings  # noqa: E402
 from usage_service.redis_client import create_client  # noqa: E402
 
@@ -39,7 +40,8 @@ VALUE = b'[2,1700000000.0,"a token record of about the usual size, padded to loo
 
 async def one_round(topology: RedisTopology, digests: list[bytes], concurrency: int) -> tuple[float, float]:
     settings = Settings(redis_url=topology.url, redis_timeout=5.0, **topology.mode_settings)
-    cache = RedisCache(create_client(settings), prefix="bench:", timeout=5.0, breaker=CircuitBreaker(3, 5))
+    guard = RedisGuard(create_client(settings), timeout=5.0, breaker=CircuitBreaker(3, 5))
+    cache = RedisRecords(guard, prefix="bench:tok:")
     try:
         started = time.perf_counter()
         for digest in digests:
@@ -58,11 +60,12 @@ async def one_round(topology: RedisTopology, digests: list[bytes], concurrency: 
         started = time.perf_counter()
         await asyncio.gather(*(reader() for _ in range(concurrency)))
         reads = len(digests) / (time.perf_counter() - started)
-        if cache.errors:
-            raise RuntimeError(f"{cache.errors} Redis errors")
+        if guard.errors:
+            raise RuntimeError(f"{guard.errors} Redis errors")
         return reads, writes
     finally:
         await cache.close()
+        await guard.aclose()
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import GENERATIONS_KEPT, LocalCache, key_digest, parse_hot
+from usage_service.cache import GENERATIONS_KEPT, LocalCache, key_digest
+from usage_service.hotset import parse_hot
 
 
 def test_digest_is_sha256_of_the_key() -> None:

@@ -105,7 +105,7 @@ async def test_redis_holds_hashes_and_records_never_keys(
         for token in tokens:
             await used(client, token)
         await client.get(URL, headers={"Authorization": f"Bearer sk-{unknown}-7"})
-        prefix = app.state.redis._prefix
+        prefix = app.state.redis.records.prefix
         await app.state.refresher.tick()  # the hot set and the leader lock are in Redis too
     stored = redis_contents(redis_client)
     records = [name for name in stored if name.startswith(prefix.encode())]
@@ -125,10 +125,10 @@ async def test_corrupt_cache_value_is_a_miss(
 ) -> None:
     token = gateway.add_token(used=5)
     async with app_client(redis_url=redis_url) as (app, client):
-        name = app.state.redis._prefix + hashlib.sha256(token.key.encode()).hexdigest()
+        name = app.state.redis.records.prefix + hashlib.sha256(token.key.encode()).hexdigest()
         redis_client.set(name, b"\x00not json at all")
         assert await used(client, token) == 5
-        assert app.state.redis.corrupt == 1
+        assert app.state.redis.records.corrupt == 1
     assert redis_client.get(name) != b"\x00not json at all"  # overwritten by the fresh record
 
 
@@ -204,7 +204,7 @@ async def test_hung_redis_is_not_waited_on(gateway: Gateway, app_client: AppClie
             started = time.monotonic()
             await used(client, token)
             slowest = max(slowest, time.monotonic() - started)
-        assert app.state.redis.breaker.state == "open"
+        assert app.state.redis.guard.breaker.state == "open"
         # Before the circuit opened, a request paid at most a read and a write timeout.
         assert slowest < 1.0
         ready = await client.get("/readyz")
@@ -233,7 +233,7 @@ async def test_redis_killed_and_restarted(gateway: Gateway, app_client: AppClien
                 assert await used(c, token) == 0
                 slowest = max(slowest, time.monotonic() - started)
             assert slowest < 1.0
-            assert app.state.redis.breaker.state in ("open", "half-open")
+            assert app.state.redis.guard.breaker.state in ("open", "half-open")
 
             server.start()
             client = redis.Redis.from_url(server.url)
@@ -243,7 +243,7 @@ async def test_redis_killed_and_restarted(gateway: Gateway, app_client: AppClien
                 await used(c, tokens[0])
                 await asyncio.sleep(0.05)
             client.close()
-            assert app.state.redis.breaker.state == "closed"
+            assert app.state.redis.guard.breaker.state == "closed"
     finally:
         server.stop()
 

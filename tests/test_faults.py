@@ -106,7 +106,7 @@ async def test_redis_slow_or_black_holed(
     async with app_client(**overrides) as (app, client):
         for i, token in enumerate(tokens):
             assert await used(client, token) == i
-        breaker = app.state.redis.breaker
+        breaker = app.state.redis.guard.breaker
         if fault == "black-hole":
             proxied_redis.black_hole()
         else:

@@ -26,10 +26,12 @@ from tcpproxy import TCPProxy
 
 import usage_service.lookup
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import RedisCache, key_digest
+from usage_service._redis_guard import RedisGuard
+from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.records import TokenRecord, decode_cached, encode_cached
 from usage_service.refresh import STATEMENT_GUARD, Refresher
+from usage_service.shared import SharedRedis
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,7 +66,7 @@ async def heard_so_far(app: Starlette, client: httpx.AsyncClient, sentinel: Toke
     message on the same channel, an invalidation of a sentinel token, has reached it."""
     await used(client, sentinel)
     assert fresh_in_process(app, sentinel) is not None
-    await app.state.redis.publish_invalidation([key_digest(sentinel.key.encode())])
+    await app.state.redis.channel.publish_invalidation([key_digest(sentinel.key.encode())])
     await until(lambda: fresh_in_process(app, sentinel) is None)
 
 
@@ -110,7 +112,7 @@ async def test_a_read_that_an_invalidation_overtakes_lands_expired(
         await gate.reached.wait()  # the miss has read used=1
 
         gateway.charge(token, 5)
-        await app.state.redis.note_polled({key_digest(token.key.encode()): token.id}, time.time())
+        await app.state.redis.hot_set.note({key_digest(token.key.encode()): token.id}, time.time())
         await app.state.refresher.tick()  # the leader reads used=6, writes it, invalidates, confirms
         assert app.state.refresher.stats.leader
         await heard_so_far(app, client, sentinel)
@@ -119,7 +121,7 @@ async def test_a_read_that_an_invalidation_overtakes_lands_expired(
 
         gate.release.set()
         assert (await request).status_code == 200  # those waiting may be answered with what it read
-        await app.state.redis.publish_confirmation(time.time() + 3600)  # however far ahead it vouches
+        await app.state.redis.channel.publish_confirmation(time.time() + 3600)  # however far ahead it vouches
         await heard_so_far(app, client, sentinel)
         held = fresh_in_process(app, token)
         if asked_meanwhile:  # what the later request read, not replaced by the overtaken read
@@ -155,7 +157,7 @@ async def test_confirmations_keep_an_entry_fresh_up_to_its_hard_bound(
         await started(app)
         lookup = app.state.lookup
         assert await used(client, token) == 2
-        await app.state.redis.publish_confirmation(clock.time() + 3600)
+        await app.state.redis.channel.publish_confirmation(clock.time() + 3600)
         await heard_so_far(app, client, sentinel)
 
         clock.ahead = 4.0  # past its own TTL, within the hard bound: the confirmation holds it
@@ -174,9 +176,9 @@ async def test_an_invalidated_entry_stays_expired_through_later_confirmations(
     async with app_client(redis_url=redis_url, cache_ttl=60.0, local_ttl=60.0, **MANUAL_ROUNDS) as (app, client):
         await started(app)
         assert await used(client, token) == 3
-        await app.state.redis.publish_invalidation([key_digest(token.key.encode())])
+        await app.state.redis.channel.publish_invalidation([key_digest(token.key.encode())])
         for _ in range(3):
-            await app.state.redis.publish_confirmation(time.time() + 3600)
+            await app.state.redis.channel.publish_confirmation(time.time() + 3600)
         await heard_so_far(app, client, sentinel)
         assert fresh_in_process(app, token) is None
         assert len(app.state.lookup.local) == 2  # expired in place, not dropped: a stale copy
@@ -248,7 +250,7 @@ async def test_stale_if_error_survives_an_invalidation(
         assert await used(client, token) == 7
         if local_ttl:
             assert fresh_in_process(app, token) is not None
-            redis_client.publish(app.state.redis.channel, key_digest(token.key.encode()).hex())
+            redis_client.publish(app.state.redis.channel.name, key_digest(token.key.encode()).hex())
             await until(lambda: fresh_in_process(app, token) is None)
         proxied_redis.black_hole()
         with gateway.exclusive_lock():
@@ -301,9 +303,9 @@ async def test_a_deposed_leader_abandons_its_round(
         a = Refresher(lookup, GatedStore(store, gate), cache, fenced)
         b = Refresher(lookup, store, cache, fenced)
         digest = key_digest(token.key.encode())
-        await cache.note_polled({digest: token.id}, time.time())
+        await cache.hot_set.note({digest: token.id}, time.time())
         pubsub = redis_client.pubsub()
-        pubsub.subscribe(cache.channel)
+        pubsub.subscribe(cache.channel.name)
 
         a_round = asyncio.create_task(a.tick())
         await gate.reached.wait()  # A leads and has read used=1
@@ -311,16 +313,16 @@ async def test_a_deposed_leader_abandons_its_round(
         gateway.charge(token, 5)
         await b.tick()  # ...and B takes over, reads used=6 and publishes it
         assert b.stats.leader
-        newer = redis_client.get(cache._key(digest))
+        newer = redis_client.get(cache.records.key(digest))
         assert decode_cached(newer)[0].used_quota == 6
-        assert published(redis_client, pubsub, cache.channel, "before") != []
+        assert published(redis_client, pubsub, cache.channel.name, "before") != []
 
         gate.release.set()
         await a_round
         assert not a.stats.leader
-        assert published(redis_client, pubsub, cache.channel, "after") == []  # A published nothing
-        assert redis_client.get(cache._key(digest)) == newer  # nor wrote
-        assert redis_client.get(cache.leader_key) == b.instance.encode()
+        assert published(redis_client, pubsub, cache.channel.name, "after") == []  # A published nothing
+        assert redis_client.get(cache.records.key(digest)) == newer  # nor wrote
+        assert redis_client.get(cache.leader_key) == b.lock.token.encode()
         pubsub.close()
 
 
@@ -339,7 +341,7 @@ async def test_the_lock_is_long_only_while_a_round_runs(
             dataclasses.replace(settings, redis_url=redis_url, refresh_interval=0.1, db_timeout=2.0),
         )
         assert refresher.round_lock_ttl > refresher.lock_ttl == 1.0
-        await cache.note_polled({key_digest(token.key.encode()): token.id}, time.time())
+        await cache.hot_set.note({key_digest(token.key.encode()): token.id}, time.time())
         round_ = asyncio.create_task(refresher.tick())
         await gate.reached.wait()
         assert redis_client.pttl(cache.leader_key) > refresher.lock_ttl * 1000
@@ -359,11 +361,11 @@ async def test_a_late_write_never_replaces_a_newer_record(
         digest = key_digest(token.key.encode())
         record = app.state.lookup.local.get(digest, 0.0)
         cache, now = app.state.redis, time.time()  # later than the request's own write-behind
-        await cache.store_many({digest: encode_cached(record, now + 20)}, 60)
-        await cache.store_many({digest: encode_cached(record, now + 10)}, 60)  # a deposed leader's
-        assert decode_cached(redis_client.get(cache._key(digest)))[1] == now + 20
-        await cache.store_many({digest: encode_cached(record, now + 30)}, 60)
-        assert decode_cached(redis_client.get(cache._key(digest)))[1] == now + 30
+        await cache.records.store_many({digest: encode_cached(record, now + 20)}, 60)
+        await cache.records.store_many({digest: encode_cached(record, now + 10)}, 60)  # a deposed leader's
+        assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 20
+        await cache.records.store_many({digest: encode_cached(record, now + 30)}, 60)
+        assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 30
 
 
 @pytest.mark.parametrize("redis_timeout", [0.25, 2.0])
@@ -375,9 +377,9 @@ async def test_the_leader_lock_outlives_a_statement_and_a_chunks_writes_twice(
     """A lock extended before a statement is still held after it, and one checked before a
     chunk's writes (two bulk calls and the check or confirmation after) still held after them."""
     settings = dataclasses.replace(settings, db_timeout=db_timeout, refresh_interval=interval)
-    cache = RedisCache(redis.asyncio.Redis(), prefix="p:", timeout=redis_timeout, breaker=CircuitBreaker(3, 1.0))
-    refresher = Refresher(None, None, cache, settings)  # type: ignore[arg-type]
+    guard = RedisGuard(redis.asyncio.Redis(), timeout=redis_timeout, breaker=CircuitBreaker(3, 1.0))
+    refresher = Refresher(None, None, SharedRedis(guard, prefix="p:"), settings)  # type: ignore[arg-type]
     assert refresher.round_lock_ttl >= 2 * (db_timeout + STATEMENT_GUARD)
-    assert refresher.round_lock_ttl >= 2 * 3 * cache.batch_timeout
+    assert refresher.round_lock_ttl >= 2 * 3 * guard.batch_timeout
     # Between rounds, a leader that died is replaced as soon as it stops renewing.
     assert refresher.lock_ttl == max(3 * interval, 1.0)

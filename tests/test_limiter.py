@@ -201,7 +201,7 @@ async def test_counts_are_shared_between_instances_through_redis(
             assert [r.status_code for r in await fail(one, 2) + await fail(other, 1)] == [401] * 3
             assert_throttled((await fail(other, 1))[0])
             assert_throttled((await fail(one, 1))[0])
-        name = first.state.redis.auth_fail_prefix + "127.0.0.1"
+        name = first.state.redis.failures.prefix + "127.0.0.1"
         assert int(redis_client.get(name) or 0) == 5
         assert 0 < redis_client.pttl(name) <= 60_000  # the window expires by itself
         # Only the address is stored: no credential.
@@ -215,7 +215,7 @@ async def test_concurrent_failures_from_one_address_all_count(
         redis_client.config_resetstat()
         responses = await asyncio.gather(*(client.get(URL, headers=WRONG) for _ in range(40)))
         assert sorted(r.status_code for r in responses) == [401] * 3 + [429] * 37
-        assert int(redis_client.get(app.state.redis.auth_fail_prefix + "127.0.0.1") or 0) == 40
+        assert int(redis_client.get(app.state.redis.failures.prefix + "127.0.0.1") or 0) == 40
         # ...in fewer round trips than failures.
         assert redis_client.info("commandstats")["cmdstat_incrby"]["calls"] < 40
 
@@ -227,7 +227,7 @@ async def test_counting_survives_a_redis_that_lost_its_scripts(
         await fail(client, 1)
         redis_client.script_flush()  # as after a Redis restart or failover
         await fail(client, 1)
-        assert int(redis_client.get(app.state.redis.auth_fail_prefix + "127.0.0.1") or 0) == 2
+        assert int(redis_client.get(app.state.redis.failures.prefix + "127.0.0.1") or 0) == 2
 
 
 async def test_valid_tokens_cost_the_limiter_no_redis_call(

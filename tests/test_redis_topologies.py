@@ -20,7 +20,7 @@ from redis_topologies import RedisClusterNodes, RedisTopology, SentinelGroup
 from support import Gateway, Service
 
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import RedisCache, RedisUnavailable
+from usage_service._redis_guard import RedisGuard, RedisUnavailable
 from usage_service.config import ConfigError, load_settings
 from usage_service.redis_client import create_client
 
@@ -156,24 +156,21 @@ async def test_one_function_builds_the_client_for_each_topology(env: dict[str, s
 
 async def test_an_unexpected_client_error_is_redis_unavailable(redis_url: str) -> None:
     """Whatever a client raises in a failover corner, the request path sees a miss, never a 500."""
-    cache = RedisCache(
-        create_client(load_settings({"REDIS_CONN_STRING": redis_url})),
-        prefix="t:",
-        timeout=1.0,
-        breaker=CircuitBreaker(3, 60),
+    guard = RedisGuard(
+        create_client(load_settings({"REDIS_CONN_STRING": redis_url})), timeout=1.0, breaker=CircuitBreaker(3, 60)
     )
 
     async def surprise() -> None:
-        await cache.client.ping()
+        await guard.client.ping()
         raise KeyError("a reply that does not parse")
 
     try:
         for _ in range(3):
             with pytest.raises(RedisUnavailable):
-                await cache._run(surprise)
-        assert cache.errors == 3 and cache.breaker.is_open
+                await guard.run(surprise)
+        assert guard.errors == 3 and guard.breaker.is_open
     finally:
-        await cache.close()
+        await guard.aclose()
 
 
 # --- Cluster: keys spread over slots and nodes -----------------------------------------------
@@ -187,7 +184,7 @@ async def test_records_spread_over_every_cluster_node(
     tokens = [gateway.add_token(used=i) for i in range(90)]
     unknown = [{"Authorization": f"Bearer sk-{i:048d}"} for i in range(30)]
     async with app_client(redis_url=topology.url, db_pool_size=1, **topology.mode_settings) as (app, client):
-        prefix = app.state.redis._prefix
+        prefix = app.state.redis.records.prefix
         found, missing = await asyncio.gather(
             asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens)),
             asyncio.gather(*(client.get(URL, headers=h) for h in unknown)),
@@ -199,7 +196,7 @@ async def test_records_spread_over_every_cluster_node(
             assert time.monotonic() < deadline, f"records and negative entries not all written: {per_node}"
             await asyncio.sleep(0.05)
         assert all(count > 0 for count in per_node), per_node
-        assert app.state.redis.errors == 0
+        assert app.state.redis.guard.errors == 0
         # A second instance reads them all back through Redis (MGET split by slot), not the database.
         async with app_client(redis_url=topology.url, **topology.mode_settings) as (second, other):
             again = await asyncio.gather(*(other.get(URL, headers=t.bearer) for t in tokens))

@@ -16,7 +16,7 @@ from conftest import AppClient
 from support import Gateway, Token, redis_contents
 
 import usage_service.refresh
-from usage_service.cache import HOT_SLICE, parse_hot
+from usage_service.hotset import HOT_SLICE, parse_hot
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.redis_topologies]
 
@@ -114,7 +114,7 @@ async def test_one_leader_and_a_successor(
         leader_stack, leader, follower = (first, a, b) if leaders[0] else (second, b, a)
         await leader_stack.aclose()
         # Released, not left to expire (the follower may already have taken it over).
-        assert redis_client.get(a.state.redis.leader_key) != leader.state.refresher.instance.encode()
+        assert redis_client.get(a.state.redis.leader_key) != leader.state.refresher.lock.token.encode()
         await eventually(lambda: _true(follower.state.refresher.stats.leader), within=3.0)
     finally:
         await first.aclose()
@@ -169,7 +169,7 @@ async def test_hot_set_holds_ids_and_digests_never_keys(
         for token in tokens:
             await client.get(URL, headers=token.bearer)
         await eventually(lambda: _true(app.state.refresher.stats.tokens == len(tokens)))
-        hot = redis_client.zrange(app.state.redis.hot_key, 0, -1)
+        hot = redis_client.zrange(app.state.redis.hot_set.key, 0, -1)
     assert sorted(int(member.split(b":")[0]) for member in hot) == sorted(t.id for t in tokens)
     everything = b"".join(k + v for k, v in redis_contents(redis_client).items())
     for token in tokens:
@@ -215,7 +215,7 @@ async def test_a_token_polled_without_pause_is_noted_once_per_renote_period(
         )  # the loop's own round, at start; the next in an hour
         clock = Clock()
         monkeypatch.setattr(usage_service.refresh, "time", clock)
-        hot_key = app.state.redis.hot_key
+        hot_key = app.state.redis.hot_set.key
 
         async def poll_every_round(rounds: int) -> set[float]:
             """Poll, run a round, read the token's score in the hot set; then a quarter second passes."""
@@ -260,7 +260,7 @@ async def test_each_token_is_read_at_the_same_point_of_every_round(
             """Note the tokens one by one in this order, run a round: {token id: its statement}."""
             now = time.time()
             for offset, (token_id, key) in enumerate(order):
-                await redis.note_polled({hashlib.sha256(key.encode()).digest(): token_id}, now - 5 + offset * 1e-3)
+                await redis.hot_set.note({hashlib.sha256(key.encode()).digest(): token_id}, now - 5 + offset * 1e-3)
             statements.clear()
             await app.state.refresher.tick()
             assert app.state.refresher.stats.leader
@@ -324,12 +324,12 @@ async def test_a_request_never_overwrites_a_newer_refresh(
         await client.get(URL, headers=token.bearer)
         digest = key_digest(token.key.encode())
         record = app.state.lookup.local.get(digest, 0.0)
-        cache, now = app.state.redis, time.time()  # later than the request's own write-behind
+        cache, now = app.state.redis.records, time.time()  # later than the request's own write-behind
 
         async def written_behind(fetched_at: float) -> float:
             cache.write(digest, encode_cached(record, fetched_at), 60)
             await cache._writer  # the write-behind task, done once Redis answered
-            return float(decode_cached(redis_client.get(cache._key(digest)))[1])
+            return float(decode_cached(redis_client.get(cache.key(digest)))[1])
 
         await cache.store_many({digest: encode_cached(record, now + 20)}, 60)  # the refresher's
         assert await written_behind(now + 10) == now + 20  # a request's, read earlier
@@ -348,7 +348,7 @@ async def test_hot_set_larger_than_a_slice_round_trips_through_redis(app_client:
     polled = {hashlib.sha256(str(i).encode()).digest(): i for i in range(1, 2 * HOT_SLICE + 500)}
     async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
         now = time.time()
-        await app.state.redis.note_polled(polled, now)
-        members = await app.state.redis.hot_members(now - 10, limit=10 * HOT_SLICE)
+        await app.state.redis.hot_set.note(polled, now)
+        members = await app.state.redis.hot_set.members(now - 10, limit=10 * HOT_SLICE)
         assert parse_hot(members) == polled
-        assert len(await app.state.redis.hot_members(now - 10, limit=HOT_SLICE)) == HOT_SLICE
+        assert len(await app.state.redis.hot_set.members(now - 10, limit=HOT_SLICE)) == HOT_SLICE

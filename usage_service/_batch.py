@@ -52,6 +52,8 @@ class Batcher(Generic[K, V]):
                 future.cancel()
             raise
         except Exception as exc:
+            # Broad on purpose: not handled here but handed on, whatever it is, to every caller
+            # waiting on this batch, as if each had made the call itself.
             for future in batch.values():
                 if not future.done():
                     future.set_exception(exc)

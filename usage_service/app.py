@@ -25,12 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics, openapi
 from ._circuit import CircuitBreaker
+from ._redis_guard import RedisGuard
 from ._tasks import BackgroundTasks
 from .access import OTHER, AccessLog, RequestStats
 from .addresses import ClientAddresses
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
-from .cache import RedisCache
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
 from .limiter import AuthFailureLimiter
@@ -41,6 +41,7 @@ from .responses import STATUS_KEY
 from .routes import INTERNAL_ERROR, http_error, route_table, routes
 from .routing import ROUTE_KEY, RouteTable, dispatch
 from .services import Services
+from .shared import SharedRedis
 from .store import open_store
 
 logger = logging.getLogger("usage_service")
@@ -125,8 +126,8 @@ def create_app(settings: Settings) -> UsageService:
         redis = services.redis = _open_redis(settings)
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
-        lookup = services.lookup = TokenLookup(store, redis, settings)
-        services.limiter = AuthFailureLimiter.from_settings(settings, redis)
+        lookup = services.lookup = TokenLookup(store, redis.records if redis else None, settings)
+        services.limiter = AuthFailureLimiter.from_settings(settings, redis.failures if redis else None)
         refresher = services.refresher = Refresher(lookup, store, redis, settings)
         options = services.options = GatewayOptions(store, settings.options_interval)
         services.metrics = None
@@ -134,7 +135,7 @@ def create_app(settings: Settings) -> UsageService:
         tasks = BackgroundTasks()
         tasks.start("options", options.run)
         if settings.metrics:
-            publisher = metrics.Publisher(store, lookup, refresher, request_stats)
+            publisher = metrics.Publisher(store, lookup, refresher, request_stats, redis.guard if redis else None)
             registry = services.metrics = metrics.scrape_registry(publisher)
             tasks.start("metrics", publisher.run)
             if settings.metrics_address is not None:
@@ -143,11 +144,10 @@ def create_app(settings: Settings) -> UsageService:
         if settings.refresh_interval > 0:
             tasks.start("refresher", refresher.run)
             if redis is not None:
+                channel = redis.channel
                 tasks.start(
                     "invalidations",
-                    lambda: redis.listen_invalidations(
-                        lookup.invalidate, lookup.confirm, lookup.set_invalidations_live
-                    ),
+                    lambda: channel.listen(lookup.invalidate, lookup.confirm, lookup.set_invalidations_live),
                 )
         try:
             yield
@@ -194,9 +194,9 @@ def create_app_from_env() -> UsageService:
     return create_app(load_settings())
 
 
-def _open_redis(settings: Settings) -> RedisCache | None:
+def _open_redis(settings: Settings) -> SharedRedis | None:
     if settings.redis_url is None:
         return None
     breaker = CircuitBreaker(REDIS_FAILURE_THRESHOLD, settings.redis_cooldown)
-    client = create_client(settings)
-    return RedisCache(client, prefix=settings.redis_prefix, timeout=settings.redis_timeout, breaker=breaker)
+    guard = RedisGuard(create_client(settings), timeout=settings.redis_timeout, breaker=breaker)
+    return SharedRedis(guard, prefix=settings.redis_prefix)

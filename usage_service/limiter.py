@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from starlette.types import Scope
 
 from ._batch import Batcher
+from ._redis_guard import RedisUnavailable
 from .addresses import ClientAddresses
-from .cache import LocalCache, RedisCache, RedisUnavailable
+from .cache import LocalCache
 from .config import Settings
+from .failure_counter import FailureCounter
 
 # Addresses each worker tracks in-process (counts while Redis is away, and known-blocked ones);
 # the oldest are forgotten first, so a flood of distinct addresses cannot grow memory.
@@ -38,28 +40,28 @@ class AuthFailureLimiter:
         self,
         limit: int,
         window: float,
-        redis: RedisCache | None,
+        shared: FailureCounter | None,
         addresses: ClientAddresses,
         max_tracked: int = MAX_TRACKED_ADDRESSES,
     ) -> None:
         self.limit = limit
         self.window = window
-        self.redis = redis
+        self.shared = shared  # None: each worker counts alone
         self.addresses = addresses
         self._counts: LocalCache[list[float]] = LocalCache(max_tracked)  # bucket -> [count, window end]
         self._blocked: LocalCache[float] = LocalCache(max_tracked)  # bucket -> window end (monotonic)
         # Failures that arrive together go to Redis as one pipeline. Each call is its own batch
         # entry (bucket, sequence number), so concurrent failures from one address all count.
-        self._shared: Batcher[tuple[str, int], tuple[int, float]] = Batcher(self._count_shared, max_batch=256, slots=2)
+        self._batches: Batcher[tuple[str, int], tuple[int, float]] = Batcher(self._count_shared, max_batch=256, slots=2)
         self._sequence = itertools.count()
 
     @classmethod
-    def from_settings(cls, settings: Settings, redis: RedisCache | None) -> AuthFailureLimiter | None:
+    def from_settings(cls, settings: Settings, shared: FailureCounter | None) -> AuthFailureLimiter | None:
         """The configured limiter, or None when USAGE_AUTH_FAIL_LIMIT is 0."""
         if settings.auth_fail_limit <= 0:
             return None
         addresses = ClientAddresses(settings.trusted_proxies)
-        return cls(settings.auth_fail_limit, settings.auth_fail_window, redis, addresses)
+        return cls(settings.auth_fail_limit, settings.auth_fail_window, shared, addresses)
 
     def blocked(self, scope: Scope) -> int | None:
         """Return the Retry-After seconds of a 429 when this worker knows the client's address is
@@ -86,8 +88,8 @@ class AuthFailureLimiter:
         return max(1, math.ceil(blocked_until - now))
 
     async def _count(self, bucket: str, name: bytes, now: float) -> tuple[int, float]:
-        if self.redis is not None:
-            shared = await self._shared.load((bucket, next(self._sequence)))
+        if self.shared is not None:
+            shared = await self._batches.load((bucket, next(self._sequence)))
             if shared is not None:
                 return shared
         entry = self._counts.get(name, now)
@@ -98,12 +100,12 @@ class AuthFailureLimiter:
         return int(entry[0]), entry[1] - now
 
     async def _count_shared(self, calls: Sequence[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, float]]:
-        assert self.redis is not None
+        assert self.shared is not None
         failures: dict[str, int] = {}
         for bucket, _ in calls:
             failures[bucket] = failures.get(bucket, 0) + 1
         try:
-            counts = await self.redis.count_failures(failures, self.window)
+            counts = await self.shared.add(failures, self.window)
         except RedisUnavailable:
             return {}  # each caller counts in-process instead
         # Hand each caller its own place in the count, as if they had come one by one.

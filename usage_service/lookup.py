@@ -12,7 +12,7 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-from .cache import UNCONFIRMED, LocalCache, RedisCache, key_digest
+from .cache import UNCONFIRMED, LocalCache, RedisRecords, key_digest
 from .config import Settings
 from .records import TokenRecord, encode_cached
 from .store import StoreUnavailable, TokenStore
@@ -60,7 +60,7 @@ class TokenLookup:
       read it came from, whatever the confirmations say.
     """
 
-    def __init__(self, store: TokenStore, redis: RedisCache | None, settings: Settings) -> None:
+    def __init__(self, store: TokenStore, redis: RedisRecords | None, settings: Settings) -> None:
         self.store = store
         self.redis = redis
         self.cache_ttl = settings.cache_ttl

@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from ._redis_guard import RedisGuard
 from .access import BUCKETS, RequestStats
 from .lookup import TokenLookup
 from .refresh import Refresher
@@ -72,10 +73,14 @@ class Publisher:
     """Copy the service's plain counters into the Prometheus metrics."""
 
     def __init__(
-        self, store: TokenStore, lookup: TokenLookup, refresher: Refresher, requests: RequestStats | None = None
+        self,
+        store: TokenStore,
+        lookup: TokenLookup,
+        refresher: Refresher,
+        requests: RequestStats | None = None,
+        redis: RedisGuard | None = None,
     ) -> None:
         stats, refresh = lookup.stats, refresher.stats
-        redis = lookup.redis
         self._counters: list[tuple[Counter, Callable[[], int]]] = [
             (DB_STATEMENTS, lambda: store.statements),
             (DB_ERRORS, lambda: store.errors),

@@ -3,7 +3,7 @@
 Every topology gets the same bounds: connections per worker (per node on Cluster), a socket
 timeout of USAGE_REDIS_TIMEOUT and one immediate retry, so a connection that died with a
 restart or a failover is replaced at once while the caller's timeout still bounds the call.
-`RedisCache` wraps the result; anything else that needs its own client (a refresher on a loop
+`RedisGuard` wraps the result; anything else that needs its own client (a refresher on a loop
 of its own) calls `create_client` with the same settings.
 """
 

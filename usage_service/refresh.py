@@ -14,14 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from .cache import HOT_SLICE, Leadership, RedisCache, RedisUnavailable, key_digest, parse_hot
+from ._redis_guard import RedisUnavailable
+from .cache import key_digest
 from .config import Settings
-from .lookup import TokenLookup
+from .hotset import HOT_SLICE, parse_hot
+from .leadership import LeaderLock, Leadership
 from .records import TokenRecord, encode_cached
+from .shared import SharedRedis
 from .store import StoreUnavailable, TokenStore, UnreadableRow
 
 logger = logging.getLogger("usage_service.refresh")
@@ -53,11 +56,27 @@ class RefreshStats:
     leader: bool = False
 
 
+class PolledTokens(Protocol):
+    """What the refresher needs of the lookup (TokenLookup), and nothing more."""
+
+    @property
+    def redis_ttl(self) -> float:
+        """How long a record written to Redis is kept there."""
+
+    def take_polled(self) -> dict[bytes, int]:
+        """The tokens answered since the last call, as {digest: token id}."""
+
+    def refreshed(self, digest: bytes, record: TokenRecord | None) -> None:
+        """Take a record this worker's own round read (rounds without Redis only)."""
+
+
 class Refresher:
-    def __init__(self, lookup: TokenLookup, store: TokenStore, redis: RedisCache | None, settings: Settings) -> None:
+    def __init__(self, lookup: PolledTokens, store: TokenStore, redis: SharedRedis | None, settings: Settings) -> None:
         self.lookup = lookup
         self.store = store
         self.redis = redis
+        # This refresher's own handle on the leader lock (its token tells it from other workers').
+        self.lock = redis.leader_lock() if redis is not None else None
         self.interval = settings.refresh_interval
         self.window = settings.hot_window
         self.hot_max = settings.hot_max
@@ -68,9 +87,8 @@ class Refresher:
         self.lock_ttl = max(3 * self.interval, 1.0)
         # During a round it outlives twice the longest a leader may go between extending it and
         # acting on it: one statement, or one chunk's writes and publications (see _shared_round).
-        writes = 3 * redis.batch_timeout if redis is not None else 0.0
+        writes = 3 * redis.guard.batch_timeout if redis is not None else 0.0
         self.round_lock_ttl = max(self.lock_ttl, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
-        self.instance = uuid.uuid4().hex
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
         self._noted: dict[bytes, float] = {}  # when this worker last noted each token in the shared set
@@ -89,12 +107,16 @@ class Refresher:
                 except StoreUnavailable as exc:
                     logger.debug("refresh skipped: %s", exc)
                 except Exception:
+                    # Kept broad on purpose: Redis and database failures are handled above and in
+                    # tick(), so this is a defect, logged in full. The next round still runs on
+                    # time: left to the task's supervisor, every hot token would wait out its
+                    # backoff (up to 30 s) for fresh numbers.
                     logger.exception("refresh failed")
                 await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
-            if self.stats.leader and self.redis is not None:
+            if self.stats.leader and self.lock is not None:
                 with contextlib.suppress(RedisUnavailable):
-                    await self.redis.resign(self.instance)
+                    await self.lock.release()
 
     async def tick(self) -> None:
         """Do one round: share what was polled, then refresh as leader or on our own."""
@@ -111,9 +133,9 @@ class Refresher:
             # when a sweep of distinct tokens arrives within one.
             self._prune_hot(now)
 
-        if self.redis is not None:
+        if self.redis is not None and self.lock is not None:
             try:
-                await self._shared_round(self.redis, unnoted, now)
+                await self._shared_round(self.redis, self.lock, unnoted, now)
                 return
             except RedisUnavailable:
                 self._step_down()
@@ -121,7 +143,7 @@ class Refresher:
                 self._noted.clear()
         await self._own_round()
 
-    async def _shared_round(self, redis: RedisCache, unnoted: dict[bytes, int], now: float) -> None:
+    async def _shared_round(self, redis: SharedRedis, lock: LeaderLock, unnoted: dict[bytes, int], now: float) -> None:
         """Refresh the shared hot set if this instance leads.
 
         Leadership follows redis-py's Lock: the lock is extended (to `round_lock_ttl`) before
@@ -133,9 +155,9 @@ class Refresher:
         replaces a newer record.
         """
         if unnoted:
-            await redis.note_polled(unnoted, now)
+            await redis.hot_set.note(unnoted, now)
             self._noted.update(dict.fromkeys(unnoted, now))
-        leadership = await redis.lead(self.instance, self.lock_ttl)
+        leadership = await lock.lead(self.lock_ttl)
         if leadership is not Leadership.KEPT:
             # Not leading, or leading afresh: another leader may have come and gone since our
             # last round, so what we saw then is no base to tell changes from.
@@ -143,7 +165,7 @@ class Refresher:
         if leadership is Leadership.FOLLOWER:
             return
         self.stats.leader = True
-        members = await redis.hot_members(now - self.window, self.hot_max)
+        members = await redis.hot_set.members(now - self.window, self.hot_max)
         # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
         # the front): each token is then re-read at the same point of every round, one interval apart.
         members.sort()
@@ -153,13 +175,13 @@ class Refresher:
         as_of = time.time()
         last_seen, written = self._last_seen, self._written
         for start in range(0, len(members), REFRESH_CHUNK):
-            if not await redis.keep_lead(self.instance, self.round_lock_ttl):
+            if not await lock.extend(self.round_lock_ttl):
                 self._deposed()
                 return
             chunk = parse_hot(members[start : start + REFRESH_CHUNK])
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
-            if not await redis.keep_lead(self.instance, self.round_lock_ttl):
+            if not await lock.extend(self.round_lock_ttl):
                 self._deposed()
                 return
             # Changed records are written now; unchanged ones once half their TTL has gone, which
@@ -175,10 +197,10 @@ class Refresher:
                 if record is not None or self.negative_ttl > 0:
                     values[digest] = encode_cached(record, fetched_at)
             if values:
-                await redis.store_many(values, self.lookup.redis_ttl)
+                await redis.records.store_many(values, self.lookup.redis_ttl)
                 self._written.update(dict.fromkeys(values, fetched_at))
             if changed:
-                await redis.publish_invalidation(changed)
+                await redis.channel.publish_invalidation(changed)
             changes += len(changed)
             seen.update(fresh)
         self._last_seen = seen
@@ -187,8 +209,8 @@ class Refresher:
             # Every token polled lately was checked: workers may keep what they hold. (With the
             # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) The
             # last chunk's check still holds: the lock outlives its writes and this.
-            await redis.publish_confirmation(as_of)
-        if members and not await redis.keep_lead(self.instance, self.lock_ttl):  # back to the short expiry
+            await redis.channel.publish_confirmation(as_of)
+        if members and not await lock.extend(self.lock_ttl):  # back to the short expiry
             self._step_down()
         self._finish(seen, changes, started)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from .billing import GatewayOptions
-from .cache import RedisCache
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .refresh import Refresher
+from .shared import SharedRedis
 from .store import TokenStore
 
 
@@ -23,7 +23,7 @@ class Services:
     __slots__ = ("store", "redis", "lookup", "limiter", "options", "refresher", "metrics")
 
     store: TokenStore
-    redis: RedisCache | None  # None: USAGE_REDIS_URL is unset
+    redis: SharedRedis | None  # None: Redis is not configured
     lookup: TokenLookup
     limiter: AuthFailureLimiter | None  # None: USAGE_AUTH_FAIL_LIMIT is 0
     options: GatewayOptions

@@ -1,0 +1,78 @@
+"""The shared hot set: which tokens were polled lately, by every worker of every instance.
+
+A sorted set `<prefix>hot` whose members are 'id:digest' (never a key), scored by when they
+were last noted. Workers note what they answered; the refresher's leader reads it back.
+"""
+
+from __future__ import annotations
+
+import binascii
+import functools
+from collections.abc import Iterable, Mapping
+
+from ._redis_guard import RedisGuard
+
+# Hot-set members per command, both ways: bounded work between two awaits of the event loop.
+HOT_SLICE = 1000
+
+# Add comma-separated members to the hot set, all scored ARGV[1] (unpack takes so many at a time).
+_NOTE_SCRIPT = """
+local args = {}
+for member in string.gmatch(ARGV[2], '[^,]+') do
+  args[#args + 1] = ARGV[1]
+  args[#args + 1] = member
+  if #args == 1000 then redis.call('zadd', KEYS[1], unpack(args)); args = {} end
+end
+if #args > 0 then redis.call('zadd', KEYS[1], unpack(args)) end
+return 1
+"""
+
+# Trim the hot set and return the most recently polled members joined into one string.
+_HOT_SCRIPT = """
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[1])
+return table.concat(redis.call('zrevrangebyscore', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3]), ',')
+"""
+
+
+class HotSet:
+    """The tokens polled lately, in one sorted set (one key: Cluster-safe)."""
+
+    def __init__(self, guard: RedisGuard, *, key: str) -> None:
+        self.guard = guard
+        self.key = key
+        self._note = guard.script(_NOTE_SCRIPT)
+        self._trim_and_read = guard.script(_HOT_SCRIPT)
+
+    async def note(self, polled: Mapping[bytes, int], now: float) -> None:
+        """Mark tokens ({digest: id}) as polled at `now`."""
+        items = list(polled.items())
+        # In slices, each one string that Redis splits: packing a ZADD of 10,000 members, two
+        # arguments each, would hold up the event loop.
+        for start in range(0, len(items), HOT_SLICE):
+            members = ",".join([f"{token_id}:{digest.hex()}" for digest, token_id in items[start : start + HOT_SLICE]])
+            await self.guard.run(
+                functools.partial(self._note, keys=[self.key], args=[now, members]), self.guard.batch_timeout
+            )
+
+    async def members(self, since: float, limit: int) -> list[bytes]:
+        """Forget tokens not polled since `since`; return the most recent others, unparsed (see
+        `parse_hot`: the caller reads them a slice at a time, between its own awaits)."""
+        # One bulk string instead of thousands of replies: far cheaper for us to read.
+        joined = await self.guard.run(
+            lambda: self._trim_and_read(keys=[self.key], args=[f"({since}", since, limit]), self.guard.batch_timeout
+        )
+        return bytes(joined).split(b",") if joined else []
+
+
+def parse_hot(members: Iterable[bytes]) -> dict[bytes, int]:
+    """Read hot-set members ('id:digest') as {digest: id}, skipping any that are malformed."""
+    hot: dict[bytes, int] = {}
+    for member in members:
+        token_id, _, digest = member.partition(b":")
+        if len(digest) != 64:
+            continue
+        try:
+            hot[binascii.unhexlify(digest)] = int(token_id)
+        except ValueError:  # binascii.Error is one
+            pass
+    return hot

@@ -1,0 +1,46 @@
+"""Everything the service keeps in Redis: one small object per concern, over one guarded client.
+
+The keys, all under USAGE_REDIS_PREFIX:
+
+    tok:<digest hex>    a token's record              RedisRecords         (cache.py)
+    hot                 the tokens polled lately      HotSet               (hotset.py)
+    leader              the refresher's leader lock   LeaderLock           (leadership.py)
+    invalidate          the invalidation channel      InvalidationChannel  (invalidation.py)
+    authfail:<address>  failed authentications        FailureCounter       (failure_counter.py)
+
+Each is used alone by its owner (the lookup, the refresher, the listener, the limiter); all go
+through one RedisGuard (_redis_guard.py): one breaker, one timeout, one error count.
+"""
+
+from __future__ import annotations
+
+from ._redis_guard import RedisGuard
+from .cache import RedisRecords
+from .failure_counter import FailureCounter
+from .hotset import HotSet
+from .invalidation import InvalidationChannel
+from .leadership import LeaderLock
+
+
+class SharedRedis:
+    def __init__(self, guard: RedisGuard, *, prefix: str) -> None:
+        self.guard = guard
+        self.records = RedisRecords(guard, prefix=prefix + "tok:")
+        self.hot_set = HotSet(guard, key=prefix + "hot")
+        self.channel = InvalidationChannel(guard, name=prefix + "invalidate")
+        self.failures = FailureCounter(guard, prefix=prefix + "authfail:")
+        self.leader_key = prefix + "leader"
+
+    def leader_lock(self) -> LeaderLock:
+        """A handle on the leader lock with a token of its own (like redis-py's `Redis.lock`)."""
+        return LeaderLock(self.guard, name=self.leader_key)
+
+    async def ping(self) -> bool:
+        """Say whether Redis answers now (bypasses the breaker: this is what readiness reports)."""
+        return await self.guard.ping()
+
+    async def close(self) -> None:
+        """Refuse new calls, let the write in flight finish, then close the client."""
+        self.guard.closed = True  # a straggler must not open a connection after close()
+        await self.records.close()
+        await self.guard.aclose()
