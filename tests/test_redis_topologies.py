@@ -22,6 +22,7 @@ from support import Gateway, Service
 from usage_service._circuit import CircuitBreaker
 from usage_service._redis_guard import RedisGuard, RedisUnavailable
 from usage_service.config import ConfigError, load_settings
+from usage_service.failure_counter import FailureCounter
 from usage_service.redis_client import create_client
 
 URL = "/api/usage/token"
@@ -203,6 +204,29 @@ async def test_records_spread_over_every_cluster_node(
             assert [r.json()["data"]["total_used"] for r in again] == list(range(90))
             assert second.state.lookup.stats.db_reads == 0
             assert second.state.lookup.stats.redis_hits == 90
+
+
+async def test_a_node_that_lost_its_scripts_runs_them_again_and_nothing_counts_twice(
+    redis_cluster: RedisClusterNodes,
+) -> None:
+    """One node without the script (restarted, promoted) while the others have it: the script is
+    loaded again and only the calls that node refused are made again. (Making every call again
+    counted the failures on the other nodes twice.)"""
+    guard = RedisGuard(
+        create_client(load_settings(redis_cluster.topology().env)), timeout=5.0, breaker=CircuitBreaker(3, 60)
+    )
+    counter = FailureCounter(guard, prefix=f"t{time.time_ns()}:authfail:")
+    buckets = {f"10.0.0.{i}": 1 for i in range(30)}
+    try:
+        await counter.add(buckets, 60)
+        assert all(count > 0 for count in redis_cluster.keys_per_node(counter.prefix + "*"))  # on every node
+        with redis.Redis(port=redis_cluster.nodes[0].port) as node:
+            node.script_flush()
+        counts = await counter.add(buckets, 60)
+        assert {bucket: n for bucket, (n, _) in counts.items()} == dict.fromkeys(buckets, 2)
+        assert guard.errors == 0
+    finally:
+        await guard.aclose()
 
 
 # --- the real process on each topology --------------------------------------------------------
