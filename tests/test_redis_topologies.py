@@ -23,7 +23,11 @@ from usage_service._circuit import CircuitBreaker
 from usage_service._redis_guard import RedisGuard, RedisUnavailable
 from usage_service.config import ConfigError, load_settings
 from usage_service.failure_counter import FailureCounter
+from usage_service.hotset import parse_hot
+from usage_service.leadership import Leadership
+from usage_service.records import decode_cached, encode_cached
 from usage_service.redis_client import create_client
+from usage_service.shared import SharedRedis
 
 URL = "/api/usage/token"
 
@@ -227,6 +231,36 @@ async def test_a_node_that_lost_its_scripts_runs_them_again_and_nothing_counts_t
         assert guard.errors == 0
     finally:
         await guard.aclose()
+
+
+@pytest.mark.redis_topologies
+async def test_every_script_survives_a_redis_that_lost_its_scripts(redis_topology: RedisTopology) -> None:
+    """Each concern's scripts are loaded on first use, and again wherever Redis forgot them (a
+    restart, a failover, a new Cluster node): records, hot set, leader lock, failure counts."""
+    guard = RedisGuard(create_client(load_settings(redis_topology.env)), timeout=5.0, breaker=CircuitBreaker(3, 60))
+    shared = SharedRedis(guard, prefix=f"t{time.time_ns()}:")
+    lock = shared.leader_lock()
+    polled = {hashlib.sha256(str(i).encode()).digest(): i for i in range(50)}  # over many slots
+    client = redis_topology.client()
+    try:
+        for round_ in range(2):
+            client.script_flush()  # on Cluster, on every node
+            now = time.time()
+            await shared.records.store_many(dict.fromkeys(polled, encode_cached(None, now)), 60)
+            assert [decode_cached(v) for v in await guard.mget([shared.records.key(d) for d in polled])] == [
+                (None, now)
+            ] * len(polled)
+            await shared.hot_set.note(polled, now)
+            assert parse_hot(await shared.hot_set.members(now - 60, 100)) == polled
+            assert await lock.lead(5) is (Leadership.KEPT if round_ else Leadership.TOOK)
+            assert await lock.extend(5)
+            assert (await shared.failures.add({"10.0.0.1": 1}, 60))["10.0.0.1"][0] == round_ + 1
+        await lock.release()
+        assert client.get(lock.name) is None
+        assert guard.errors == 0
+    finally:
+        client.close()
+        await shared.close()
 
 
 # --- the real process on each topology --------------------------------------------------------

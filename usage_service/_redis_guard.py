@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.typing import EncodableT
@@ -27,6 +29,11 @@ V = TypeVar("V")
 
 # What a Redis call may raise when Redis is down, slow or (on Cluster) has no node for a slot.
 REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+# Failed calls `eval_each` makes once more: the server lacked the script, or (Cluster) the node
+# went away or no longer serves the slot.
+_MADE_AGAIN = (NoScriptError, *RedisCluster.ERRORS_ALLOW_RETRY)
 
 
 class RedisUnavailable(Exception):
@@ -91,32 +98,40 @@ class RedisGuard:
         which routes each call by its keys); return the replies in order.
 
         A server or node that never saw the script (new, restarted, promoted) answers NOSCRIPT:
-        the script is loaded everywhere (on Cluster, SCRIPT LOAD goes to every primary) and just
-        those calls are made again, so a call that ran is never run twice.
+        the script is loaded everywhere (on Cluster, SCRIPT LOAD goes to every primary) and only
+        the calls refused are made again, so that a call that ran (counted a failure) is not run
+        twice. Calls a Cluster node failed (it went away, the slot moved) are made again too,
+        where the cluster client retries them as it would any: after re-reading the slot map.
         """
         replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            # Not a transaction: each call stands alone (and Cluster pipelines have none).
-            pipe = self.client.pipeline(transaction=False)
-            for i in todo:
-                keys, args = calls[i]
-                # (A pipeline's evalsha() is refused on Cluster; the command itself routes by key.)
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for i, result in zip(todo, results, strict=True):
-                if isinstance(result, NoScriptError) and not attempt:
-                    missing.append(i)
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    replies[i] = result
-            if not missing:
-                break
-            await self.client.script_load(script.script)
-            todo = missing
+        results = await self._pipeline(script, calls).execute(raise_on_error=False)
+        again, reload = [], False
+        for i, result in enumerate(results):
+            if isinstance(result, _MADE_AGAIN):
+                again.append(i)
+                reload = reload or isinstance(result, NoScriptError)
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                replies[i] = result
+        if again:
+            if reload:
+                await self.client.script_load(script.script)
+            # Raising this time: whatever still fails is a Redis failure.
+            results = await self._pipeline(script, [calls[i] for i in again]).execute()
+            for i, result in zip(again, results, strict=True):
+                replies[i] = result
         return replies
+
+    def _pipeline(
+        self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]]
+    ) -> Pipeline | ClusterPipeline:
+        # Not a transaction: each call stands alone (and Cluster pipelines have none).
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            # (A pipeline's evalsha() is refused on Cluster; the command itself routes by key.)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return pipe
 
     def by_slot(self, keys: Sequence[str], values: Sequence[V]) -> list[tuple[list[str], list[V]]]:
         """Group keys, each with its value, so that each group may go in one multi-key command:
