@@ -36,6 +36,10 @@ REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 _MADE_AGAIN = (NoScriptError, *RedisCluster.ERRORS_ALLOW_RETRY)
 
 
+# One call of a script: its keys and its other arguments.
+ScriptCall = tuple[Sequence[str], Sequence[EncodableT]]
+
+
 class RedisUnavailable(Exception):
     """Redis failed, timed out, or is being left alone by the circuit breaker."""
 
@@ -91,9 +95,7 @@ class RedisGuard:
         """Register a Lua script; calling it loads it first wherever a server lacks it (NOSCRIPT)."""
         return self.client.register_script(source)
 
-    async def eval_each(
-        self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]]
-    ) -> list[Any]:
+    async def eval_each(self, script: AsyncScript, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run `script` once per (keys, args), all in one pipeline (one per node on Cluster,
         which routes each call by its keys); return the replies in order.
 
@@ -123,9 +125,7 @@ class RedisGuard:
                 replies[i] = result
         return replies
 
-    def _pipeline(
-        self, script: AsyncScript, calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]]
-    ) -> Pipeline | ClusterPipeline:
+    def _pipeline(self, script: AsyncScript, calls: Sequence[ScriptCall]) -> Pipeline | ClusterPipeline:
         # Not a transaction: each call stands alone (and Cluster pipelines have none).
         pipe = self.client.pipeline(transaction=False)
         for keys, args in calls:

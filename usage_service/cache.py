@@ -14,10 +14,8 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 
-from redis.typing import EncodableT
-
 from ._batch import Batcher
-from ._redis_guard import RedisGuard, RedisUnavailable, ms
+from ._redis_guard import RedisGuard, RedisUnavailable, ScriptCall, ms
 from .records import CorruptCacheValue, TokenRecord, decode_cached
 
 V = TypeVar("V")
@@ -215,7 +213,7 @@ class RedisRecords:
             keys, payloads = by_ttl.setdefault(ms(ttl), ([], []))
             keys.append(self.key(digest))
             payloads.append(value)
-        calls: list[tuple[list[str], list[EncodableT]]] = [
+        calls: list[ScriptCall] = [
             (slot_keys, [ttl_ms, *slot_payloads])
             for ttl_ms, (keys, payloads) in by_ttl.items()
             for slot_keys, slot_payloads in self.guard.by_slot(keys, payloads)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from redis.typing import EncodableT
-
-from ._redis_guard import RedisGuard, ms
+from ._redis_guard import RedisGuard, ScriptCall, ms
 
 # Count failures in a window that the first failure opens; return the count and what is left
 # of the window. One key (Cluster-safe); a key found without an expiry gets one.
@@ -37,8 +35,6 @@ class FailureCounter:
         One script call per bucket, each on its own key (Cluster routes each by its slot), in one
         pipeline: one round trip for a burst.
         """
-        calls: list[tuple[list[str], list[EncodableT]]] = [
-            ([self.prefix + bucket], [ms(window), n]) for bucket, n in failures.items()
-        ]
+        calls: list[ScriptCall] = [([self.prefix + bucket], [ms(window), n]) for bucket, n in failures.items()]
         replies = await self.guard.run(lambda: self.guard.eval_each(self._count, calls))
         return {bucket: (int(n), int(ttl) / 1000) for bucket, (n, ttl) in zip(failures, replies, strict=True)}
