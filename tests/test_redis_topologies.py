@@ -188,7 +188,10 @@ async def test_records_spread_over_every_cluster_node(
     topology = redis_cluster.topology()
     tokens = [gateway.add_token(used=i) for i in range(90)]
     unknown = [{"Authorization": f"Bearer sk-{i:048d}"} for i in range(30)]
-    async with app_client(redis_url=topology.url, db_pool_size=1, **topology.mode_settings) as (app, client):
+    # A generous Redis timeout: this is about where the keys land, and a burst of 120 misses
+    # through a cluster pipeline can take longer than the default 0.25 s on a loaded machine.
+    settings = {"redis_timeout": 2.0, **topology.mode_settings}
+    async with app_client(redis_url=topology.url, db_pool_size=1, **settings) as (app, client):
         prefix = app.state.redis.records.prefix
         found, missing = await asyncio.gather(
             asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens)),
