@@ -253,3 +253,9 @@ def test_help_and_the_docs_table_come_from_the_table() -> None:
     epilog = build_parser().epilog or ""
     for variable in TABLE:
         assert f"{variable.name:<26} default {variable.shown_default}: {variable.doc}" in epilog
+
+
+def test_the_configuration_page_shows_the_table_as_generated() -> None:
+    """docs/configuration.md carries `python -m usage_service.config --markdown`'s table verbatim."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    assert markdown_table() in page, "regenerate it: .venv/bin/python -m usage_service.config --markdown"
