@@ -757,6 +757,9 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", default=list(SERVER_NAMES), choices=SERVER_NAMES, help="(default: all)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # Stopped with SIGTERM, unwind as on Ctrl-C: the servers it paused are resumed and stopped,
+    # and Redis and the temporary directory go with them.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     with tempfile.TemporaryDirectory(prefix="usage-bench-") as tmp:
         workdir = Path(tmp)
