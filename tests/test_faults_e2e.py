@@ -48,30 +48,32 @@ def test_sigterm_under_load(tmp_path: Path, server: str) -> None:
                     outcome = type(exc).__name__
                 outcomes.append((terminated.is_set(), outcome))
 
-        loaders = [threading.Thread(target=load, args=(t,)) for t in warm[:3]]
+        loaders = [threading.Thread(target=load, args=(t,), daemon=True) for t in warm[:3]]
         for thread in loaders:
             thread.start()
-        read_before = _db_lookups(service)
-        with ThreadPoolExecutor(len(slow)) as pool:
-            with gateway.exclusive_lock():
-                # Misses wait on the lock: these requests are in flight when the signal lands.
-                in_flight = [pool.submit(httpx.get, service.url + URL, headers=t.bearer, timeout=30) for t in slow]
-                # In flight: the service has begun each of their database reads (a sleep could end,
-                # on a loaded machine, before the requests have even connected).
-                assert wait_until(lambda: _db_lookups(service) >= read_before + len(slow), timeout=20), (
-                    "requests not in flight"
-                )
-                assert not any(f.done() for f in in_flight)
-                terminated.set()
-                service.process.send_signal(signal.SIGTERM)
-                assert wait_until(lambda: _refused(service.port), timeout=10), "still accepting after SIGTERM"
-            answers = [f.result() for f in in_flight]
-        assert [r.status_code for r in answers] == [200] * len(slow)
-        assert [r.json()["data"]["total_used"] for r in answers] == [100 + i for i in range(len(slow))]
-        assert service.process.wait(timeout=20) == 0
-        stop.set()
-        for thread in loaders:
-            thread.join()
+        try:
+            read_before = _db_lookups(service)
+            with ThreadPoolExecutor(len(slow)) as pool:
+                with gateway.exclusive_lock():
+                    # Misses wait on the lock: these requests are in flight when the signal lands.
+                    in_flight = [pool.submit(httpx.get, service.url + URL, headers=t.bearer, timeout=30) for t in slow]
+                    # In flight: the service has begun each of their database reads (a sleep could end,
+                    # on a loaded machine, before the requests have even connected).
+                    assert wait_until(lambda: _db_lookups(service) >= read_before + len(slow), timeout=20), (
+                        "requests not in flight"
+                    )
+                    assert not any(f.done() for f in in_flight)
+                    terminated.set()
+                    service.process.send_signal(signal.SIGTERM)
+                    assert wait_until(lambda: _refused(service.port), timeout=10), "still accepting after SIGTERM"
+                answers = [f.result() for f in in_flight]
+            assert [r.status_code for r in answers] == [200] * len(slow)
+            assert [r.json()["data"]["total_used"] for r in answers] == [100 + i for i in range(len(slow))]
+            assert service.process.wait(timeout=20) == 0
+        finally:  # however the test ends, the loaders stop (else pytest would wait on them for ever)
+            stop.set()
+            for thread in loaders:
+                thread.join()
         before = {o for after, o in outcomes if not after}
         after = {o for after, o in outcomes if after}
         assert before == {"200"}, outcomes
