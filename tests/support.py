@@ -145,6 +145,54 @@ class Gateway:
             (amount, amount, int(time.time()), token.id),
         )
 
+    def add_log(
+        self,
+        token: Token | None,
+        *,
+        created_at: int | None = None,
+        type: int = 2,
+        model_name: str = "gpt-4o-mini",
+        quota: int = 100,
+        prompt_tokens: int = 10,
+        completion_tokens: int = 5,
+        content: str = "",
+        user_id: int | None = None,
+        channel_id: int = 1,
+        ip: str = "",
+        other: str = "{}",
+        use_time: int = 1,
+        is_stream: object = 0,
+        group: str = "default",
+        token_name: str = "my token",
+        username: str = "someone",
+    ) -> int:
+        """Append one row to the gateway's request log as it does after a relay request (type 2:
+        consume); return its id. `token=None` writes a row made by no token (token_id 0)."""
+        return self._execute(
+            "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name, quota,"
+            " prompt_tokens, completion_tokens, use_time, is_stream, channel_id, token_id, `group`, ip, other)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                user_id if user_id is not None else (token.user_id if token else 0),
+                int(time.time()) if created_at is None else created_at,
+                type,
+                content,
+                username,
+                token_name,
+                model_name,
+                quota,
+                prompt_tokens,
+                completion_tokens,
+                use_time,
+                is_stream,
+                channel_id,
+                token.id if token else 0,
+                group,
+                ip,
+                other,
+            ),
+        )
+
     @contextlib.contextmanager
     def exclusive_lock(self) -> Iterator[None]:
         """Hold an exclusive write transaction, as a gateway migration would."""

@@ -6,11 +6,14 @@ Everything above this package sees the `TokenStore` interface only; one module p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .._dsn import MySQLDSN, PostgresDSN
 from ..config import Settings
 from ..records import TokenRecord
+
+if TYPE_CHECKING:
+    from .logs import LogReader
 
 
 class StoreUnavailable(Exception):
@@ -67,6 +70,10 @@ class TokenStore(Protocol):
 
     async def fetch_options(self, keys: Sequence[str]) -> dict[str, str]:
         """Return {key: value} of the gateway's `options` rows among these keys ({} without the table)."""
+        ...
+
+    def log_reader(self) -> LogReader:
+        """A reader of the gateway's log over this store's connections."""
         ...
 
     async def ping(self) -> None:

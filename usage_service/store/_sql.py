@@ -10,11 +10,12 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .._batch import Batcher
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
 from . import SchemaError, StoreUnavailable, UnreadableRow
+from .logs import Engine, LogReader
 
 logger = logging.getLogger("usage_service.store")
 
@@ -157,6 +158,7 @@ class SQLStore(ABC):
     """fetch, fetch_many and ping for an engine that supplies `_query` and `_match`."""
 
     fetch_batch = 1000  # keys or ids per statement
+    engine: ClassVar[Engine]
 
     def __init__(self, *, pool_size: int) -> None:
         self.statements = 0
@@ -191,6 +193,10 @@ class SQLStore(ABC):
     @abstractmethod
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         """`SELECT key, value FROM options WHERE key IN keys` in the engine's dialect."""
+
+    def log_reader(self) -> LogReader:
+        """A reader of the gateway's log through this store's connections (no LOG_SQL_DSN)."""
+        return LogReader(self._query, self.engine)
 
     async def _prepare(self) -> None:
         """Make sure the SELECT fits the database before a statement is built from it.

@@ -33,6 +33,8 @@ _COLUMNS_SQL = (
 class MySQLStore(SQLStore):
     """Read token records from a new-api MySQL/MariaDB database without ever writing to it."""
 
+    engine = "mysql"
+
     def __init__(self, dsn: MySQLDSN, *, timeout: float, pool_size: int) -> None:
         super().__init__(pool_size=pool_size)
         self.dsn = dsn

@@ -39,6 +39,8 @@ _ARRAY_TYPES = {"id": "bigint[]", "key": "text[]"}
 class PostgresStore(SQLStore):
     """Read token records from a new-api PostgreSQL database without ever writing to it."""
 
+    engine = "postgres"
+
     def __init__(self, dsn: PostgresDSN, *, timeout: float, pool_size: int) -> None:
         super().__init__(pool_size=pool_size)
         self.dsn = dsn

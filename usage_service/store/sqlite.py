@@ -36,6 +36,8 @@ _IDENTITY_CHECK_INTERVAL = 1.0
 class SQLiteStore(SQLStore):
     """Read token records from a new-api SQLite database without ever writing to it."""
 
+    engine = "sqlite"
+
     # Keys or ids per statement: SQLite allows 32766 variables since 3.32, 999 before.
     fetch_batch = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 900
 
