@@ -207,3 +207,44 @@ async def test_a_busy_database_gives_no_reason(gateway: Gateway, app_client: App
             ready = await client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json() == {"ready": False, "database": "unavailable", "redis": "disabled"}
+
+
+async def test_rows_read_as_one_json_value_are_read_as_row_by_row(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refresher's statements on SQLite come back as one JSON array each: whatever a row
+    holds, the records (or the refusal) are those the row-by-row path makes."""
+    from usage_service.store import UnreadableRow
+    from usage_service.store.sqlite import SQLiteStore
+
+    tokens = [gateway.add_token(used=i, remain=-i, model_limits_enabled=1, model_limits="a,b") for i in range(12)]
+    spoil(gateway, tokens[0], "model_limits", NOT_UTF8)
+    spoil(gateway, tokens[1], "used_quota", PAST_64_BITS)  # a BLOB: JSON cannot hold it
+    spoil(gateway, tokens[2], "remain_quota", "'123'")  # text where a number belongs
+    spoil(gateway, tokens[3], "unlimited_quota", "'true'")
+    spoil(gateway, tokens[4], "used_quota", "1.5e19")  # a REAL
+    spoil(gateway, tokens[5], "model_limits", "NULL")
+    spoil(gateway, tokens[6], "name", "'quote \" and \\\\ and \n newline'")
+    spoil(gateway, tokens[7], "expired_time", "NULL")
+    gateway.db.execute("UPDATE users SET status = 2 WHERE id = ?", (tokens[8].user_id,))
+    ids = [t.id for t in tokens]
+
+    def comparable(found: dict[int, object]) -> dict[int, object]:
+        return {k: (v.reason if isinstance(v, UnreadableRow) else v) for k, v in found.items()}
+
+    store = await SQLiteStore.open(gateway.path, timeout=2, pool_size=1)
+    try:
+        assert store._json_select  # this SQLite has its JSON functions
+        by_json = await store.fetch_many(ids)
+        statements = store.statements
+        store._json_select = ""
+        store._rows = type(store._rows)()
+        by_row = await store.fetch_many(ids)
+    finally:
+        await store.close()
+    assert comparable(by_json) == comparable(by_row)
+    assert by_json[tokens[0].id][1].model_limits == ("gpt-4\ufffdo", "o3")  # type: ignore[index]
+    # The JSON statement, read again decoding its text leniently (a row is not UTF-8), then
+    # the chunk row by row (another holds a BLOB).
+    assert statements == 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no database failure

@@ -69,18 +69,31 @@ def select_sql(token_columns: set[str], user_columns: set[str], quote: str, *, f
     without statistics) reads the tokens first, by key or id, then each one's user by primary
     key: CROSS JOIN fixes the order there, and + keeps the users' deleted_at index out of it.
     """
+    columns = select_columns(token_columns, user_columns, quote)
+    return f"SELECT {', '.join(columns)} {select_from(quote, fixed_order=fixed_order)}"
+
+
+def select_columns(token_columns: set[str], user_columns: set[str], quote: str) -> list[str]:
+    """The columns `row_record` reads, in its order; a column the database lacks reads as a constant."""
 
     def q(name: str) -> str:
         return f"{quote}{name}{quote}"
 
-    optional = [f"t.{q(c)}" if c in token_columns else f"NULL AS {q(c)}" for c in OPTIONAL_TOKEN_COLUMNS]
-    user = [f"u.{q(c)} AS {q(a)}" if c in user_columns else f"0 AS {q(a)}" for c, a in OPTIONAL_USER_COLUMNS.items()]
-    # Only the columns we need; the join drops tokens whose user is missing or soft-deleted,
-    # which the contract treats exactly like a missing token.
+    optional = [f"t.{q(c)}" if c in token_columns else "NULL" for c in OPTIONAL_TOKEN_COLUMNS]
+    user = [f"u.{q(c)}" if c in user_columns else "0" for c in OPTIONAL_USER_COLUMNS]
+    # Only the columns we need.
+    names = ("id", "key", "user_id", "name", "status", "expired_time", "remain_quota", "used_quota", "unlimited_quota")
+    return [*(f"t.{q(c)}" for c in names), *optional, f"u.{q('status')}", *user]
+
+
+def select_from(quote: str, *, fixed_order: bool = False) -> str:
+    """FROM the tokens joined with their live users: the join drops a token whose user is
+    missing or soft-deleted, which the contract treats exactly like a missing token."""
+
+    def q(name: str) -> str:
+        return f"{quote}{name}{quote}"
+
     return (
-        f"SELECT t.{q('id')}, t.{q('key')}, t.{q('user_id')}, t.{q('name')}, t.{q('status')}, "
-        f"t.{q('expired_time')}, t.{q('remain_quota')}, t.{q('used_quota')}, t.{q('unlimited_quota')}, "
-        f"{', '.join(optional)}, u.{q('status')} AS {q('user_status')}, {', '.join(user)} "
         f"FROM {q('tokens')} AS t {'CROSS JOIN' if fixed_order else 'JOIN'} {q('users')} AS u "
         f"ON u.{q('id')} = t.{q('user_id')} AND {'+' if fixed_order else ''}u.{q('deleted_at')} IS NULL"
     )
@@ -139,15 +152,16 @@ class RowMemory:
 
     def __init__(self, size: int = ROW_MEMORY) -> None:
         self.size = size
-        self._rows: dict[object, tuple[tuple[object, ...], TokenRecord]] = {}
+        self._rows: dict[object, tuple[tuple[object, ...], tuple[str, TokenRecord]]] = {}
 
-    def record(self, values: tuple[object, ...]) -> TokenRecord:
+    def read(self, values: tuple[object, ...]) -> tuple[str, TokenRecord]:
+        """(key, record) of a row; raise ValueError or TypeError for a row no record can hold."""
         # The refresher re-reads the same rows every second and most have not changed:
-        # an identical row gives back the same record object, built once.
+        # an identical row gives back the same pair, its record built once.
         seen = self._rows.pop(values[0], None)
-        record = seen[1] if seen is not None and seen[0] == values else row_record(values)
-        self._rows[values[0]] = (values, record)  # most recently read last
-        return record
+        pair = seen[1] if seen is not None and seen[0] == values else (row_key(values), row_record(values))
+        self._rows[values[0]] = (values, pair)  # most recently read last
+        return pair
 
     def trim(self) -> None:
         while len(self._rows) > self.size:
@@ -233,17 +247,21 @@ class SQLStore(ABC):
         found: dict[int, tuple[str, TokenRecord] | UnreadableRow] = {}
         for start in range(0, len(ids), self.fetch_batch):
             condition, params = self._match("id", ids[start : start + self.fetch_batch])
-            for row in await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params):
-                values = tuple(row)
+            for values in await self._rows_by_id(condition, params):
                 try:
-                    record = self._rows.record(values)
+                    pair = self._rows.read(values)
                 except (ValueError, TypeError) as exc:  # this row alone: the others were read
                     token_id = as_int(values[0])
                     found[token_id] = UnreadableRow(token_id, str(exc))
                     continue
-                found[record.id] = (row_key(row), record)
+                found[pair[1].id] = pair
         self._rows.trim()
         return found
+
+    async def _rows_by_id(self, condition: str, params: Sequence[Any]) -> Sequence[tuple[Any, ...]]:
+        """The rows of one of fetch_many's statements, as tuples (engines may read them faster)."""
+        rows = await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params)
+        return [tuple(row) for row in rows]
 
     def _log_unreadable(self, row: UnreadableRow) -> None:
         # A broken row stays broken until someone fixes it: say so now and then, not per request.
