@@ -133,6 +133,11 @@ def test_hot_members_parse_to_digests_and_ids_skipping_malformed_ones() -> None:
     digest = key_digest(b"k")
     members = [b"7:" + digest.hex().encode(), b"x:" + digest.hex().encode(), b"8:zz", b"", b"9"]
     assert parse_hot(members) == {digest: 7}
+    # Read again through a memory of the last round's members: the same, malformed ones included.
+    memory: dict[bytes, tuple[bytes, int]] = {}
+    assert parse_hot(members, memory) == parse_hot(members, memory) == {digest: 7}
+    other = key_digest(b"o")
+    assert parse_hot([b"3:" + other.hex().encode(), *members], memory) == {other: 3, digest: 7}
 
 
 def test_a_long_forgotten_generation_counts_its_own_deadline() -> None:

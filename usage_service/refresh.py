@@ -96,6 +96,7 @@ class Refresher:
         self._pruned_at = 0.0
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
+        self._members: dict[bytes, tuple[bytes, int]] = {}  # what each hot-set member read as
 
     async def run(self) -> None:
         """Refresh every interval until cancelled; on the way out, hand leadership over."""
@@ -173,12 +174,15 @@ class Refresher:
         seen: dict[bytes, TokenRecord | None] = {}
         changes = 0
         as_of = time.time()
+        # What members read as last round, kept while they still are members.
+        known = self._members
+        self._members = {member: known[member] for member in members if member in known}
         last_seen, written = self._last_seen, self._written
         for start in range(0, len(members), REFRESH_CHUNK):
             if not await lock.extend(self.round_lock_ttl):
                 self._deposed()
                 return
-            chunk = parse_hot(members[start : start + REFRESH_CHUNK])
+            chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
             if not await lock.extend(self.round_lock_ttl):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
 from .._batch import Batcher
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
@@ -147,25 +147,42 @@ def row_record(row: Sequence[Any]) -> TokenRecord:
     return record
 
 
+Pair = tuple[str, TokenRecord]
+F = TypeVar("F", bound=Hashable)
+
+
+def read_row(values: Sequence[Any]) -> Pair | UnreadableRow:
+    """(key, record) of a row of `select_sql`, or why no record can be made of it."""
+    try:
+        return row_key(values), row_record(values)
+    except (ValueError, TypeError) as exc:  # this row alone: the others are read
+        token_id = as_int(values[0])
+        return UnreadableRow(token_id, str(exc))
+
+
 class RowMemory:
-    """The rows fetch_many read last, by id, so that an unchanged row gives back the same record."""
+    """The rows fetch_many read lately, as the engine gave them, each with what was made of it.
+
+    The refresher re-reads the same rows every second and most have not changed: a row read
+    again unchanged gives back the same (key, record) pair, built once. Rows are remembered by
+    their form (a tuple of values, or a whole row's text), most recently read last.
+    """
 
     def __init__(self, size: int = ROW_MEMORY) -> None:
         self.size = size
-        self._rows: dict[object, tuple[tuple[object, ...], tuple[str, TokenRecord]]] = {}
+        self._pairs: dict[Hashable, Pair | UnreadableRow] = {}
 
-    def read(self, values: tuple[object, ...]) -> tuple[str, TokenRecord]:
-        """(key, record) of a row; raise ValueError or TypeError for a row no record can hold."""
-        # The refresher re-reads the same rows every second and most have not changed:
-        # an identical row gives back the same pair, its record built once.
-        seen = self._rows.pop(values[0], None)
-        pair = seen[1] if seen is not None and seen[0] == values else (row_key(values), row_record(values))
-        self._rows[values[0]] = (values, pair)  # most recently read last
+    def read(self, form: F, values: Callable[[F], Sequence[Any]]) -> Pair | UnreadableRow:
+        """What `form` reads as, `values(form)` giving its values when it was not read lately."""
+        pair = self._pairs.pop(form, None)
+        if pair is None:
+            pair = read_row(values(form))
+        self._pairs[form] = pair
         return pair
 
     def trim(self) -> None:
-        while len(self._rows) > self.size:
-            del self._rows[next(iter(self._rows))]
+        while len(self._pairs) > self.size:
+            del self._pairs[next(iter(self._pairs))]
 
 
 class SQLStore(ABC):
@@ -247,21 +264,19 @@ class SQLStore(ABC):
         found: dict[int, tuple[str, TokenRecord] | UnreadableRow] = {}
         for start in range(0, len(ids), self.fetch_batch):
             condition, params = self._match("id", ids[start : start + self.fetch_batch])
-            for values in await self._rows_by_id(condition, params):
-                try:
-                    pair = self._rows.read(values)
-                except (ValueError, TypeError) as exc:  # this row alone: the others were read
-                    token_id = as_int(values[0])
-                    found[token_id] = UnreadableRow(token_id, str(exc))
-                    continue
-                found[pair[1].id] = pair
+            for row in await self._read_by_id(condition, params):
+                if isinstance(row, UnreadableRow):
+                    found[as_int(row.token_id)] = row
+                else:
+                    found[row[1].id] = row
         self._rows.trim()
         return found
 
-    async def _rows_by_id(self, condition: str, params: Sequence[Any]) -> Sequence[tuple[Any, ...]]:
-        """The rows of one of fetch_many's statements, as tuples (engines may read them faster)."""
+    async def _read_by_id(self, condition: str, params: Sequence[Any]) -> list[Pair | UnreadableRow]:
+        """What one of fetch_many's statements read, row by row (engines may read it faster)."""
         rows = await self._execute(f"{self._select} WHERE {condition} AND {self._live()}", params)
-        return [tuple(row) for row in rows]
+        remember = self._rows.read
+        return [remember(values, _as_is) for values in map(tuple, rows)]
 
     def _log_unreadable(self, row: UnreadableRow) -> None:
         # A broken row stays broken until someone fixes it: say so now and then, not per request.
@@ -305,6 +320,10 @@ class SQLStore(ABC):
             self._failing = False
             logger.warning("database answers again")
         return rows
+
+
+def _as_is(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return values
 
 
 def _text(value: object) -> str:

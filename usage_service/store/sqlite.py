@@ -16,8 +16,8 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from . import SchemaError, StoreMisconfigured, StoreUnavailable
-from ._sql import Column, SQLStore, check_schema, select_columns, select_from, select_sql
+from . import SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
+from ._sql import Column, Pair, SQLStore, check_schema, select_columns, select_from, select_sql
 
 logger = logging.getLogger("usage_service.store")
 
@@ -101,7 +101,8 @@ class SQLiteStore(SQLStore):
         self._select, self._has_options = select, bool(columns["options"])
         if self._json:
             row = ", ".join(select_columns(columns["tokens"], columns["users"], '"'))
-            self._json_select = f"SELECT json_group_array(json_array({row})) {select_from(chr(34), fixed_order=True)}"
+            tables = select_from('"', fixed_order=True)
+            self._json_select = f"SELECT group_concat(json_array({row}), char(10)) {tables}"
 
     async def _prepare(self) -> None:
         self._check_identity()
@@ -125,20 +126,26 @@ class SQLiteStore(SQLStore):
         if self._schema_error is not None:
             raise StoreMisconfigured(self._schema_error)
 
-    async def _rows_by_id(self, condition: str, params: Sequence[Any]) -> Sequence[tuple[Any, ...]]:
+    async def _read_by_id(self, condition: str, params: Sequence[Any]) -> list[Pair | UnreadableRow]:
         # The refresher reads thousands of rows a second. Row by row, Python's sqlite3 gives up
-        # and takes back the GIL for every row, against the event loop's thread serving requests:
-        # that handover, not SQLite, was most of a round's cost. One JSON value per statement is
-        # one handover, and orjson reads it in C.
+        # and takes back the GIL for every row, against the event loop's thread serving requests,
+        # and builds a tuple of every row: most of a round's cost. Here SQLite writes each row as
+        # a line of JSON and the statement's rows as one text value: one handover, and a row
+        # that has not changed since it was last read is the same line, found in the row memory
+        # without being parsed at all. (JSON text holds no raw newline.)
         if not self._json_select:
-            return await super()._rows_by_id(condition, params)
+            return await super()._read_by_id(condition, params)
         try:
             rows = await self._execute(f"{self._json_select} WHERE {condition} AND {self._live()}", params)
         except _HoldsBlob:
             # A BLOB in one of the columns (a value the gateway never writes): row by row, where
             # the record reader decides what to make of it.
-            return await super()._rows_by_id(condition, params)
-        return [tuple(row) for row in orjson.loads(rows[0][0])] if rows else []
+            return await super()._read_by_id(condition, params)
+        lines = rows[0][0] if rows else None
+        if not lines:
+            return []
+        remember = self._rows.read
+        return [remember(line, orjson.loads) for line in lines.split("\n")]
 
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
         return f't."{column}" IN ({", ".join("?" * len(values))})', values
