@@ -1,7 +1,8 @@
 """The ASGI application: the front door, its two pipelines, and the lifespan that owns the connections.
 
     UsageService (route table lookup; errors and accounting, once, for every request)
-    ├── a polled route → CORSMiddleware (when configured) → TokenAuthMiddleware → dispatch → endpoint
+    ├── a polled route → [CORSMiddleware] → TokenAuthMiddleware → dispatch → endpoint
+    │                     (when configured, for requests with an Origin header: browsers')
     └── anything else  → Starlette: lifespan, /healthz, /readyz, /metrics, /openapi.json, 404s
 
 Polling is the whole workload, so the polled routes skip Starlette's middleware and router: it
@@ -65,12 +66,14 @@ class UsageService:
         *,
         table: RouteTable,
         polled: ASGIApp,
+        cross_origin: ASGIApp | None,
         starlette: Starlette,
         services: Services,
         access: AccessLog | None,
     ) -> None:
         self.exact, self.match = table.routes, table.match
         self.polled = polled
+        self.cross_origin = cross_origin  # the polled pipeline behind CORS (None: CORS is off)
         self.starlette = starlette
         self.access = access
         self.state = services  # what the lifespan opened (tests and benchmarks look at it)
@@ -87,7 +90,14 @@ class UsageService:
         try:
             if route is not None:
                 scope[ROUTE_KEY] = route
-                await self.polled(scope, receive, send)
+                pipeline = self.polled
+                if self.cross_origin is not None:
+                    # Only browsers send an Origin header: everyone else skips CORS altogether.
+                    for name, _ in scope["headers"]:
+                        if name == b"origin":
+                            pipeline = self.cross_origin
+                            break
+                await pipeline(scope, receive, send)
             else:
                 await self.starlette(scope, receive, _noting_status(scope, send))
         except Exception:
@@ -160,10 +170,13 @@ def create_app(settings: Settings) -> UsageService:
             await store.close()
             metrics.worker_exited()
 
-    polled: ASGIApp = TokenAuthMiddleware(dispatch, services=services)
-    if settings.cors_origins:
-        # Outside authentication: a preflight carries no credential, and rejections need the headers too.
-        polled = CORSMiddleware(polled, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
+    polled = TokenAuthMiddleware(dispatch, services=services)
+    # Outside authentication: a preflight carries no credential, and rejections need the headers too.
+    cross_origin = (
+        CORSMiddleware(polled, origins=settings.cors_origins, paths=openapi.BROWSER_PATHS)
+        if settings.cors_origins
+        else None
+    )
     starlette = Starlette(
         # /metrics is served here unless it is off or has an address of its own.
         routes=routes(services, metrics=settings.metrics and settings.metrics_address is None),
@@ -183,6 +196,7 @@ def create_app(settings: Settings) -> UsageService:
     return UsageService(
         table=route_table(settings.retry_after, services),
         polled=polled,
+        cross_origin=cross_origin,
         starlette=starlette,
         services=services,
         access=access,
