@@ -11,7 +11,9 @@ import httpx
 import pytest
 import redis
 from dbservers import (
+    MYSQL_LOGS_SCHEMA,
     MYSQL_OLD_SCHEMA,
+    POSTGRES_LOGS_SCHEMA,
     POSTGRES_OLD_SCHEMA,
     MariaDBServer,
     MySQLGateway,
@@ -20,7 +22,7 @@ from dbservers import (
 )
 from redis_topologies import RedisClusterNodes, RedisTopology, SentinelGroup
 from starlette.applications import Starlette
-from support import Gateway, RedisServer
+from support import SQLITE_LOGS_SCHEMA, Gateway, RedisServer
 
 from usage_service.app import create_app
 from usage_service.cli import SERVERS
@@ -178,6 +180,31 @@ def make_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gat
         elif engine == "mysql":
             server = request.getfixturevalue("mariadb_server")
             gw = MySQLGateway(server, "one-api" if old else "new-api", **({"schema": MYSQL_OLD_SCHEMA} if old else {}))
+        else:
+            raise ValueError(engine)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.close()
+
+
+@pytest.fixture
+def make_log_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GatewayFactory]:
+    """`make_log_gateway(engine)`: an empty log database of its own on that engine (LOG_SQL_DSN),
+    holding only the gateway's `logs` table: a second SQLite file, or a second server database.
+    Settings reach it through `log_database=gw.log_database`."""
+    made: list[Gateway] = []
+
+    def make(engine: str) -> Gateway:
+        gw: Gateway
+        if engine == "sqlite":
+            gw = Gateway(tmp_path / "new-api-log.db", schema=SQLITE_LOGS_SCHEMA)
+        elif engine == "postgres":
+            gw = PostgresGateway(request.getfixturevalue("postgres_server"), "new-api-log", schema=POSTGRES_LOGS_SCHEMA)
+        elif engine == "mysql":
+            gw = MySQLGateway(request.getfixturevalue("mariadb_server"), "new-api-log", schema=MYSQL_LOGS_SCHEMA)
         else:
             raise ValueError(engine)
         made.append(gw)

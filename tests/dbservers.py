@@ -212,6 +212,28 @@ CREATE INDEX idx_users_deleted_at ON users (deleted_at);
 CREATE TABLE options ("key" text PRIMARY KEY, "value" text);
 """
 
+# The request log (model/log.go), with the gateway's indexes.
+POSTGRES_LOGS_SCHEMA = """
+CREATE TABLE logs (
+  id bigserial PRIMARY KEY, user_id bigint, created_at bigint, type bigint, content text,
+  username text DEFAULT '', token_name text DEFAULT '', model_name text DEFAULT '', quota bigint DEFAULT 0,
+  prompt_tokens bigint DEFAULT 0, completion_tokens bigint DEFAULT 0, use_time bigint DEFAULT 0,
+  is_stream boolean, channel_id bigint, token_id bigint DEFAULT 0, "group" text, ip text DEFAULT '', other text
+);
+CREATE INDEX idx_created_at_id ON logs (id, created_at);
+CREATE INDEX idx_logs_user_id ON logs (user_id);
+CREATE INDEX idx_created_at_type ON logs (created_at, type);
+CREATE INDEX idx_logs_username ON logs (username);
+CREATE INDEX index_username_model_name ON logs (model_name, username);
+CREATE INDEX idx_logs_token_name ON logs (token_name);
+CREATE INDEX idx_logs_model_name ON logs (model_name);
+CREATE INDEX idx_logs_channel_id ON logs (channel_id);
+CREATE INDEX idx_logs_token_id ON logs (token_id);
+CREATE INDEX idx_logs_group ON logs ("group");
+CREATE INDEX idx_logs_ip ON logs (ip);
+"""
+POSTGRES_SCHEMA += POSTGRES_LOGS_SCHEMA
+
 MYSQL_SCHEMA = """
 CREATE TABLE `tokens` (
   `id` bigint AUTO_INCREMENT, `user_id` bigint, `key` varchar(128), `status` bigint DEFAULT 1,
@@ -235,6 +257,22 @@ CREATE TABLE `options` (
   `key` varchar(191), `value` longtext, PRIMARY KEY (`key`)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
+
+MYSQL_LOGS_SCHEMA = """
+CREATE TABLE `logs` (
+  `id` bigint AUTO_INCREMENT, `user_id` bigint, `created_at` bigint, `type` bigint, `content` longtext,
+  `username` varchar(191) DEFAULT '', `token_name` varchar(191) DEFAULT '', `model_name` varchar(191) DEFAULT '',
+  `quota` bigint DEFAULT 0, `prompt_tokens` bigint DEFAULT 0, `completion_tokens` bigint DEFAULT 0,
+  `use_time` bigint DEFAULT 0, `is_stream` boolean, `channel_id` bigint, `token_id` bigint DEFAULT 0,
+  `group` varchar(191), `ip` varchar(191) DEFAULT '', `other` longtext,
+  PRIMARY KEY (`id`), INDEX `idx_created_at_id` (`id`, `created_at`), INDEX `idx_logs_user_id` (`user_id`),
+  INDEX `idx_created_at_type` (`created_at`, `type`), INDEX `idx_logs_username` (`username`),
+  INDEX `index_username_model_name` (`model_name`, `username`), INDEX `idx_logs_token_name` (`token_name`),
+  INDEX `idx_logs_model_name` (`model_name`), INDEX `idx_logs_channel_id` (`channel_id`),
+  INDEX `idx_logs_token_id` (`token_id`), INDEX `idx_logs_group` (`group`), INDEX `idx_logs_ip` (`ip`)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+"""
+MYSQL_SCHEMA += MYSQL_LOGS_SCHEMA
 
 # one-api era: the key as char(48), no model-limit columns.
 POSTGRES_OLD_SCHEMA = """
@@ -300,11 +338,26 @@ class PostgresGateway(Gateway):
         try:
             if not exists:
                 self.conn.execute(schema)  # type: ignore[arg-type]
-                for statement in documented_grants("PostgreSQL", database, server.superuser):
+                if schema == POSTGRES_LOGS_SCHEMA:  # a log database of its own (LOG_SQL_DSN)
+                    grants = [f'GRANT CONNECT ON DATABASE "{database}" TO {READER}']
+                    grants.append(f"GRANT USAGE ON SCHEMA public TO {READER}")
+                    if not role:
+                        grants[:0] = [
+                            f"CREATE ROLE {READER} LOGIN PASSWORD '{READER_PASSWORD}'",
+                            f"ALTER ROLE {READER} SET default_transaction_read_only = on",
+                        ]
+                else:
+                    grants = documented_grants("PostgreSQL", database, server.superuser)
+                for statement in grants:
                     if not (role and statement.startswith("CREATE ROLE")):  # one role for the cluster
                         self.conn.execute(statement)  # type: ignore[arg-type]
+                if "CREATE TABLE logs" in schema:
+                    self.conn.execute(f"GRANT SELECT ON logs TO {READER}")  # type: ignore[arg-type]
             # A fresh gateway per test, on tables made once per session.
-            self.conn.execute("TRUNCATE tokens, users, options RESTART IDENTITY")
+            tables = [
+                name for (name,) in self.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            ]
+            self.conn.execute(f"TRUNCATE {', '.join(sorted(tables))} RESTART IDENTITY")  # type: ignore[arg-type]
         except BaseException:
             self.conn.close()
             raise
@@ -335,6 +388,9 @@ class PostgresGateway(Gateway):
         return super().add_token(
             unlimited=_boolean(unlimited), model_limits_enabled=_boolean(model_limits_enabled), **columns
         )
+
+    def add_log(self, token: Token | None, *, is_stream: object = 0, **columns: Any) -> int:
+        return super().add_log(token, is_stream=_boolean(is_stream), **columns)
 
     def update_token(self, token: Token, **columns: object) -> None:
         for name in self.BOOLEANS:
@@ -384,12 +440,18 @@ class MySQLGateway(Gateway):
                 if not exists:
                     for statement in filter(str.strip, schema.split(";")):
                         cursor.execute(statement)
-                    for statement in documented_grants("MySQL and MariaDB", database):
+                    grants = documented_grants("MySQL and MariaDB", database)
+                    if schema == MYSQL_LOGS_SCHEMA:  # a log database of its own (LOG_SQL_DSN)
+                        grants = [grants[0]]  # the user, granted only the log below
+                    for statement in grants:
                         # One user for the server, however many databases.
                         cursor.execute(statement.replace("CREATE USER ", "CREATE USER IF NOT EXISTS ", 1))
-                cursor.execute("DELETE FROM tokens")
-                cursor.execute("DELETE FROM users")
-                cursor.execute("DELETE FROM options")
+                    if "CREATE TABLE `logs`" in schema:
+                        cursor.execute(f"GRANT SELECT ON `{database}`.`logs` TO '{READER}'@'%'")
+                # A fresh gateway per test, on tables made once per session.
+                cursor.execute("SHOW TABLES")
+                for (table,) in cursor.fetchall():
+                    cursor.execute(f"DELETE FROM `{table}`")
         except BaseException:
             self.conn.close()
             raise

@@ -21,6 +21,9 @@ import redis
 
 from usage_service.demo import GATEWAY_SCHEMA, new_key
 
+# The request log alone, for a log database of its own (LOG_SQL_DSN): the demo schema ends with it.
+SQLITE_LOGS_SCHEMA = GATEWAY_SCHEMA[GATEWAY_SCHEMA.index("CREATE TABLE `logs`") :]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,8 +55,13 @@ class Gateway:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute(f"PRAGMA journal_mode={journal_mode}")
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone():
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name IN ('tokens', 'logs')").fetchone():
             self.db.executescript(schema)
+
+    @property
+    def log_database(self) -> object:
+        """What Settings.log_database is to read the log this gateway writes (LOG_SQL_DSN)."""
+        return self.path if self.database is None else self.database
 
     def close(self) -> None:
         self.db.close()

@@ -44,6 +44,7 @@ from .routing import ROUTE_KEY, RouteTable, dispatch
 from .services import Services
 from .shared import SharedRedis
 from .store import open_store
+from .store.logs import open_log_reader
 
 logger = logging.getLogger("usage_service")
 
@@ -133,6 +134,7 @@ def create_app(settings: Settings) -> UsageService:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         store = services.store = await open_store(settings)
+        logs = services.logs = await open_log_reader(settings, store)
         redis = services.redis = _open_redis(settings)
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
@@ -145,7 +147,9 @@ def create_app(settings: Settings) -> UsageService:
         tasks = BackgroundTasks()
         tasks.start("options", options.run)
         if settings.metrics:
-            publisher = metrics.Publisher(store, lookup, refresher, request_stats, redis.guard if redis else None)
+            publisher = metrics.Publisher(
+                store, lookup, refresher, request_stats, redis.guard if redis else None, logs=logs
+            )
             registry = services.metrics = metrics.scrape_registry(publisher)
             tasks.start("metrics", publisher.run)
             if settings.metrics_address is not None:
@@ -167,6 +171,7 @@ def create_app(settings: Settings) -> UsageService:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SHUTDOWN_GRACE):
                         await redis.close()
+            await logs.close()
             await store.close()
             metrics.worker_exited()
 

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 from functools import lru_cache
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -26,6 +27,8 @@ logger = logging.getLogger("usage_service.auth")
 # credential is sk-KEY, KEY, or either with the gateway's "-CHANNEL" suffix; KEY is what the
 # database stores. One pattern over the raw header bytes: this runs on every request.
 _BEARER = re.compile(rb"[Bb][Ee][Aa][Rr][Ee][Rr] +(?:sk-)?([0-9A-Za-z]{1,128})(?:-[0-9A-Za-z]{1,32})? *")
+# The same credential as a query parameter's value (`?key=sk-KEY`, the log route's legacy form).
+_CREDENTIAL = re.compile(rb"(?:sk-)?([0-9A-Za-z]{1,128})(?:-[0-9A-Za-z]{1,32})?")
 
 # Statuses under which usage stays readable: expired and exhausted tokens are what people poll.
 _READABLE = frozenset({TOKEN_ENABLED, TOKEN_EXPIRED, TOKEN_EXHAUSTED})
@@ -50,6 +53,20 @@ def bearer_key(value: bytes) -> bytes | None:
     return None if bearer is None else bearer.group(1)
 
 
+def key_parameter(query_string: bytes) -> bytes | None:
+    """The first non-empty `key` query parameter, percent-decoded, or None. (Never logged, never echoed.)"""
+    for name, value in parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True):
+        if name == "key":
+            return value.encode(errors="replace") if value else None
+    return None
+
+
+def parameter_key(value: bytes) -> bytes | None:
+    """The token key in a `?key=` value (sk-KEY or KEY, as in a Bearer header), or None."""
+    credential = _CREDENTIAL.fullmatch(value)
+    return None if credential is None else credential.group(1)
+
+
 def usage_verdict(record: TokenRecord) -> JSONError | None:
     """Apply GET /api/usage/token's rules to a found token: None admits it."""
     if record.user_status != USER_ENABLED:
@@ -59,8 +76,9 @@ def usage_verdict(record: TokenRecord) -> JSONError | None:
     return DISABLED if record.status == TOKEN_DISABLED else UNUSABLE
 
 
-def usage_rules(retry_after: int) -> Rules:
-    """The usage route's rules and its errors, in the gateway's `{"success": false, ...}` shape."""
+def usage_rules(retry_after: int, *, query_key: bool = False) -> Rules:
+    """The usage route's rules and its errors, in the gateway's `{"success": false, ...}` shape;
+    `query_key` also takes the credential from `?key=` when there is no Authorization header."""
     return Rules(
         verdict=usage_verdict,
         no_header=NO_HEADER,
@@ -70,6 +88,7 @@ def usage_rules(retry_after: int) -> Rules:
         not_found=JSONError(404, "not found"),
         method_not_allowed=JSONError(405, "method not allowed", [(b"allow", b"GET, HEAD")]),
         internal_error=JSONError(500, "internal server error"),
+        query_key=query_key,
     )
 
 
@@ -164,10 +183,13 @@ class TokenAuthMiddleware:
             if name == b"authorization":
                 header = value
                 break
-        if not header:
+        if header:
+            key = bearer_key(header)
+        elif rules.query_key and (parameter := key_parameter(scope.get("query_string", b""))) is not None:
+            key = parameter_key(parameter)
+        else:
             await self.refuse(rules.no_header, scope, receive, send)
             return
-        key = bearer_key(header)
         if key is None:
             await self.refuse(rules.invalid_bearer, scope, receive, send)
             return

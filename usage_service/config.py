@@ -214,6 +214,15 @@ TABLE: tuple[Variable, ...] = (
         "gateway SQLite file, opened read-only; a '?query' suffix is accepted and ignored",
     ),
     Variable(
+        "LOG_SQL_DSN",
+        "log_database",
+        None,
+        None,
+        "database holding the gateway's request log, in SQL_DSN's forms ('local…': SQLite at SQLITE_PATH);"
+        " empty: the log is in the gateway database",
+        shown="(empty)",
+    ),
+    Variable(
         "REDIS_CONN_STRING",
         "redis_url",
         None,
@@ -422,6 +431,9 @@ class Settings:
     sqlite_path: Path = _DEFAULTS["sqlite_path"]
     # From SQL_DSN: the PostgreSQL or MySQL database, or None for SQLite at sqlite_path.
     database: PostgresDSN | MySQLDSN | None = _DEFAULTS["database"]
+    # From LOG_SQL_DSN: where the request log lives when not in `database` (None): a server, or
+    # the SQLite file at sqlite_path ('local…', the gateway's own reading of that form).
+    log_database: PostgresDSN | MySQLDSN | Path | None = _DEFAULTS["log_database"]
     # Secret (may carry a password): kept out of repr.
     redis_url: str | None = field(default=_DEFAULTS["redis_url"], repr=False)
     cache_ttl: float = _DEFAULTS["cache_ttl"]
@@ -469,6 +481,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         values["database"] = parse_sql_dsn(env.get("SQL_DSN", ""))
     except ValueError as exc:
         raise ConfigError(f"SQL_DSN: {exc}") from None
+    log_dsn = env.get("LOG_SQL_DSN", "").strip()
+    try:
+        log_database = parse_sql_dsn(log_dsn)
+    except ValueError as exc:
+        raise ConfigError(f"LOG_SQL_DSN: {exc}") from None
+    values["log_database"] = values["sqlite_path"] if log_dsn and log_database is None else log_database
     values["redis_url"] = redis_url = _redis_url(env.get("REDIS_CONN_STRING", "").strip())
     values["redis_sentinel_password"] = env.get("USAGE_REDIS_SENTINEL_PASSWORD") or None
 

@@ -37,6 +37,7 @@ from .access import BUCKETS, RequestStats
 from .lookup import TokenLookup
 from .refresh import Refresher
 from .store import TokenStore
+from .store.logs import LogReader
 
 logger = logging.getLogger("usage_service.metrics")
 
@@ -45,6 +46,7 @@ REQUEST_SECONDS = Histogram(
     "usage_http_request_duration_seconds", "Time from request to last byte, by route", ["route"], buckets=BUCKETS
 )
 DB_STATEMENTS = Counter("usage_db_statements", "Statements sent to the gateway's database")
+LOG_DB_STATEMENTS = Counter("usage_log_db_statements", "Statements sent to read the gateway's request log")
 DB_ERRORS = Counter("usage_db_errors", "Database statements that failed or timed out")
 CACHE_HITS = Counter("usage_cache_hits", "Lookups answered by a cache layer", ["layer"])
 CACHE_MISSES = Counter("usage_cache_misses", "Lookups a cache layer could not answer", ["layer"])
@@ -79,6 +81,7 @@ class Publisher:
         refresher: Refresher,
         requests: RequestStats | None = None,
         redis: RedisGuard | None = None,
+        logs: LogReader | None = None,
     ) -> None:
         stats, refresh = lookup.stats, refresher.stats
         self._counters: list[tuple[Counter, Callable[[], int]]] = [
@@ -102,6 +105,8 @@ class Publisher:
                 (CACHE_MISSES.labels("redis"), lambda: stats.db_reads),
                 (REDIS_ERRORS, lambda: redis.errors),
             ]
+        if logs is not None:
+            self._counters.append((LOG_DB_STATEMENTS, lambda: logs.statements))
         self._published = [0] * len(self._counters)
         self._redis = redis
         self._refresh = refresh

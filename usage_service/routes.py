@@ -21,6 +21,7 @@ from .responses import NO_CACHE, JSONError, error_body, send_body
 from .routing import SCOPE_KEY, RouteTable, ShortRoute, both_slashes
 from .services import Services
 from .store import StoreMisconfigured, StoreUnavailable
+from .tokenlog import TokenLogEndpoint
 
 logger = logging.getLogger("usage_service.routes")
 
@@ -53,6 +54,7 @@ def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
 USAGE_PATHS = ("/api/usage/token",)
 SUBSCRIPTION_PATHS = ("/dashboard/billing/subscription", "/v1/dashboard/billing/subscription")
 BILLING_USAGE_PATHS = ("/dashboard/billing/usage", "/v1/dashboard/billing/usage")
+LOG_PATHS = ("/api/log/token",)
 
 
 def route_table(retry_after: int, services: Services) -> RouteTable:
@@ -61,11 +63,15 @@ def route_table(retry_after: int, services: Services) -> RouteTable:
     usage, relay = usage_rules(retry_after), relay_rules(retry_after)
     subscription = BillingEndpoint("subscription", subscription_data, services)
     billing_usage = BillingEndpoint("usage", usage_data, services)
+    # The usage route's rules, plus the legacy `?key=` credential older gateways took here.
+    log = usage_rules(retry_after, query_key=True)
+    token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable)
     return RouteTable(
         {
             **both_slashes(USAGE_PATHS, ShortRoute(token_usage, usage)),
             **both_slashes(SUBSCRIPTION_PATHS, ShortRoute(subscription, relay)),
             **both_slashes(BILLING_USAGE_PATHS, ShortRoute(billing_usage, relay)),
+            **both_slashes(LOG_PATHS, ShortRoute(token_log, log)),
         },
         prefixes={"/api/usage": usage, "/dashboard/billing": relay, "/v1/dashboard/billing": relay},
     )
@@ -75,7 +81,8 @@ def routes(services: Services, *, metrics: bool) -> list[Route]:
     """Starlette's routes: health, readiness, the OpenAPI document and (when `metrics`) /metrics."""
 
     async def readyz(request: Request) -> Response:
-        """Ready when the database answers; Redis is reported but never makes the service unready."""
+        """Ready when the database answers; Redis (and a log database of its own) are reported
+        but never make the service unready."""
         reason = None
         try:
             await services.store.ping()
@@ -92,6 +99,15 @@ def routes(services: Services, *, metrics: bool) -> list[Route]:
         body: dict[str, object] = {"ready": ready, "database": database, "redis": redis}
         if reason is not None:
             body["reason"] = reason
+        if services.logs.separate:
+            # Reported, never required: the balance routes do not need the log.
+            try:
+                await services.logs.ping()
+                body["log_database"] = "ok"
+            except StoreMisconfigured as exc:
+                body["log_database"], body["log_reason"] = "unavailable", str(exc)
+            except StoreUnavailable:
+                body["log_database"] = "unavailable"
         return json_response(body, status=200 if ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:

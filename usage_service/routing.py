@@ -32,6 +32,8 @@ class Rules:
     not_found: ASGIApp
     method_not_allowed: ASGIApp
     internal_error: ASGIApp
+    # Without an Authorization header, take the credential from `?key=` (the log route's legacy form).
+    query_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)

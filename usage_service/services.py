@@ -16,13 +16,15 @@ from .lookup import TokenLookup
 from .refresh import Refresher
 from .shared import SharedRedis
 from .store import TokenStore
+from .store.logs import LogReader
 
 
 class Services:
     # Declared, not set: reading one before the lifespan ran is an AttributeError, not a None.
-    __slots__ = ("store", "redis", "lookup", "limiter", "options", "refresher", "metrics")
+    __slots__ = ("store", "logs", "redis", "lookup", "limiter", "options", "refresher", "metrics")
 
     store: TokenStore
+    logs: LogReader  # the gateway's request log: in `store`'s database, or LOG_SQL_DSN's
     redis: SharedRedis | None  # None: Redis is not configured
     lookup: TokenLookup
     limiter: AuthFailureLimiter | None  # None: USAGE_AUTH_FAIL_LIMIT is 0

@@ -40,6 +40,10 @@ OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
 # The owner's balance (billing routes); one-api era users tables may lack used_quota.
 OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
 
+# The log's columns everything built on it reads (history and GET /api/log/token read a few
+# more, which every new-api gateway has); a database LOG_SQL_DSN names must have them.
+LOG_REQUIRED = {"id", "token_id", "created_at", "type", "model_name", "quota", "prompt_tokens", "completion_tokens"}
+
 # Rows fetch_many remembers, to hand back the same record for an unchanged row.
 ROW_MEMORY = 50_000
 
@@ -59,6 +63,16 @@ def check_schema(columns: dict[str, set[str]], where: str, *, server: bool = Fal
         missing = needed - columns[table]
         if missing:
             raise SchemaError(f"{where}: table {table} lacks columns {', '.join(sorted(missing))}")
+
+
+def check_log_schema(columns: set[str], where: str, *, server: bool = False) -> None:
+    """Raise SchemaError unless the database has the gateway's `logs` table with the columns we read."""
+    if not columns:
+        hint = " (or the user has no SELECT on logs)" if server else ""
+        raise SchemaError(f"{where} has no logs table{hint}; is it the gateway's log database?")
+    missing = LOG_REQUIRED - columns
+    if missing:
+        raise SchemaError(f"{where}: table logs lacks columns {', '.join(sorted(missing))}")
 
 
 def select_sql(token_columns: set[str], user_columns: set[str], quote: str, *, fixed_order: bool = False) -> str:
@@ -224,6 +238,10 @@ class SQLStore(ABC):
     @abstractmethod
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         """`SELECT key, value FROM options WHERE key IN keys` in the engine's dialect."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close every connection; statements after this raise StoreUnavailable."""
 
     def log_reader(self) -> LogReader:
         """A reader of the gateway's log through this store's connections (no LOG_SQL_DSN)."""

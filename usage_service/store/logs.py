@@ -9,25 +9,47 @@ separately).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from . import StoreUnavailable
+from .._dsn import MySQLDSN, PostgresDSN
+from ..config import Settings
+from . import SchemaError, StoreMisconfigured, StoreUnavailable
+
+if TYPE_CHECKING:
+    from . import TokenStore
+    from ._sql import SQLStore
 
 logger = logging.getLogger("usage_service.store.logs")
 
 Engine = Literal["sqlite", "postgres", "mysql"]
 Run = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
 
+# Seconds between attempts to open a log database that could not be opened: a request for the
+# log while it is down costs no connection attempt within this interval.
+REOPEN_INTERVAL = 5.0
+
 
 class LogReader:
     """Read statements against the database holding the `logs` table, in any engine's dialect."""
 
-    def __init__(self, run: Run, engine: Engine, *, close: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        run: Run,
+        engine: Engine,
+        *,
+        close: Callable[[], Awaitable[None]] | None = None,
+        separate: bool = False,
+    ) -> None:
         self._run = run
         self.engine: Engine = engine
         self._close = close  # set when the reader owns its connections (LOG_SQL_DSN)
+        self.separate = separate  # the log is in a database of its own (LOG_SQL_DSN), reported by /readyz
         self.statements = 0  # statements sent to read the log since start
         self.errors = 0
         self._failing = False
@@ -65,6 +87,95 @@ class LogReader:
             logger.warning("log database answers again")
         return rows
 
+    async def ping(self) -> None:
+        """Raise StoreUnavailable (StoreMisconfigured, with the reason, if it cannot be opened)
+        unless the log table can be read now. Not counted among the log's statements."""
+        await self._run(f"SELECT 1 FROM {self.q('logs')} LIMIT 1", ())
+
     async def close(self) -> None:
         if self._close is not None:
             await self._close()
+
+
+async def open_log_reader(settings: Settings, store: TokenStore) -> LogReader:
+    """The reader of the database LOG_SQL_DSN names, or of the main one (`store`) without it.
+
+    A log database that cannot be opened does not fail start-up: the balance routes need only
+    the main database. It is named in one log line, reported by /readyz, answered 503 by the
+    log routes, and tried again (at most every REOPEN_INTERVAL seconds) when the log is asked for.
+    """
+    target = settings.log_database
+    if target is None or target == (settings.database or settings.sqlite_path):
+        return store.log_reader()  # the same database: the same connections
+    database = _LogDatabase(target, settings)
+    await database.open()
+    return LogReader(database.run, database.engine, close=database.close, separate=True)
+
+
+class _LogDatabase:
+    """The database LOG_SQL_DSN names, opened read-only in the engine stores' "logs only" mode."""
+
+    def __init__(
+        self, target: PostgresDSN | MySQLDSN | Path, settings: Settings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.target = target
+        self.settings = settings
+        self.engine: Engine = (
+            "postgres" if isinstance(target, PostgresDSN) else "mysql" if isinstance(target, MySQLDSN) else "sqlite"
+        )
+        self._clock = clock
+        self._store: SQLStore | None = None
+        self._reason: str | None = None  # why it could not be opened, while it cannot
+        self._tried_at = -math.inf
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def open(self) -> None:
+        """Try to open the database; on failure keep (and log, the first time) the reason."""
+        self._tried_at = self._clock()
+        try:
+            self._store = await self._open()
+        except SchemaError as exc:  # its message names LOG_SQL_DSN and where, never a password
+            if str(exc) != self._reason:
+                logger.error(
+                    "%s; the log routes answer 503 until it can be read (the balance routes are not affected)", exc
+                )
+            self._reason = str(exc)
+            return
+        if self._reason is not None:
+            logger.warning("the log database (LOG_SQL_DSN) can be read now")
+            self._reason = None
+
+    async def _open(self) -> SQLStore:
+        timeout, pool_size = self.settings.db_timeout, self.settings.db_pool_size
+        # Imported here: each engine's driver loads only where that engine runs.
+        if isinstance(self.target, PostgresDSN):
+            from .postgres import PostgresStore
+
+            return await PostgresStore.open_logs(self.target, timeout=timeout, pool_size=pool_size)
+        if isinstance(self.target, MySQLDSN):
+            from .mysql import MySQLStore
+
+            return await MySQLStore.open_logs(self.target, timeout=timeout, pool_size=pool_size)
+        from .sqlite import SQLiteStore
+
+        return await SQLiteStore.open_logs(self.target, timeout=timeout, pool_size=pool_size)
+
+    async def run(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        store = self._store
+        if store is None:
+            store = await self._reopen()
+        return await store._query(sql, params)
+
+    async def _reopen(self) -> SQLStore:
+        async with self._lock:  # one attempt at a time, however many requests ask
+            if self._store is None and not self._closed and self._clock() - self._tried_at >= REOPEN_INTERVAL:
+                await self.open()
+            if self._store is None:
+                raise StoreMisconfigured(self._reason or "LOG_SQL_DSN: the log database is closed")
+            return self._store
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._store is not None:
+            await self._store.close()

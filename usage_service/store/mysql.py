@@ -7,7 +7,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ from asyncmy.errors import MySQLError
 
 from .._dsn import MySQLDSN
 from . import SchemaError, StoreUnavailable
-from ._sql import Column, SQLStore, check_schema, select_sql
+from ._sql import Column, SQLStore, check_log_schema, check_schema, select_sql
 
 logger = logging.getLogger("usage_service.store")
 
@@ -27,6 +27,10 @@ IDLE_LIFETIME = 60.0
 _COLUMNS_SQL = (
     "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS"
     " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ('tokens', 'users', 'options')"
+)
+
+_LOG_COLUMNS_SQL = (
+    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'logs'"
 )
 
 
@@ -47,24 +51,42 @@ class MySQLStore(SQLStore):
     async def open(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4) -> MySQLStore:
         """Connect, check that the database is a gateway's; raise SchemaError if not."""
         store = cls(dsn, timeout=timeout, pool_size=pool_size)
-        where = f"SQL_DSN: {dsn.describe()}"
+        await store._start(f"SQL_DSN: {dsn.describe()}", store._check_tables)
+        return store
+
+    @classmethod
+    async def open_logs(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4) -> MySQLStore:
+        """Connect only for the `logs` table (LOG_SQL_DSN), in the same read-only sessions; raise
+        SchemaError if the database has none."""
+        store = cls(dsn, timeout=timeout, pool_size=pool_size)
+        await store._start(f"LOG_SQL_DSN: {dsn.describe()}", store._check_logs)
+        return store
+
+    async def _start(self, where: str, check: Callable[[str], Awaitable[None]]) -> None:
         try:
-            rows = await store._query(_COLUMNS_SQL, ())
-            columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
-            for table, column in rows:
-                columns[str(table).lower()].add(str(column).lower())
-            check_schema(columns, where, server=True)
-            store._select = select_sql(columns["tokens"], columns["users"], "`")
-            store._has_options = bool(columns["options"])
-            # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
-            await store._query(f"{store._select} LIMIT 0", ())
+            await check(where)
         except StoreUnavailable as exc:
-            await store.close()
+            await self.close()
             raise SchemaError(f"{where}: cannot read it: {exc}") from None
         except SchemaError:
-            await store.close()
+            await self.close()
             raise
-        return store
+
+    async def _check_tables(self, where: str) -> None:
+        rows = await self._query(_COLUMNS_SQL, ())
+        columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
+        for table, column in rows:
+            columns[str(table).lower()].add(str(column).lower())
+        check_schema(columns, where, server=True)
+        self._select = select_sql(columns["tokens"], columns["users"], "`")
+        self._has_options = bool(columns["options"])
+        # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
+        await self._query(f"{self._select} LIMIT 0", ())
+
+    async def _check_logs(self, where: str) -> None:
+        rows = await self._query(_LOG_COLUMNS_SQL, ())
+        check_log_schema({str(column).lower() for (column,) in rows}, where, server=True)
+        await self._query("SELECT `id` FROM `logs` LIMIT 0", ())  # proves the GRANT
 
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
         return f"t.`{column}` IN ({', '.join(['%s'] * len(values))})", tuple(values)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import asyncpg
 
 from .._dsn import PostgresDSN
 from . import SchemaError, StoreUnavailable
-from ._sql import Column, SQLStore, check_schema, select_sql
+from ._sql import Column, SQLStore, check_log_schema, check_schema, select_sql
 
 # Seconds a connection may sit idle in the pool before it is closed.
 IDLE_LIFETIME = 60.0
@@ -21,6 +21,11 @@ SELECT c.relname, a.attname
 FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_class AS c ON c.oid = a.attrelid
 WHERE a.attrelid IN (to_regclass('tokens'), to_regclass('users'), to_regclass('options'))
   AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+_LOG_COLUMNS_SQL = """
+SELECT a.attname FROM pg_catalog.pg_attribute AS a
+WHERE a.attrelid = to_regclass('logs') AND a.attnum > 0 AND NOT a.attisdropped
 """
 
 # Errors that mean the connection, not the statement, failed.
@@ -52,25 +57,43 @@ class PostgresStore(SQLStore):
     async def open(cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4) -> PostgresStore:
         """Connect, check that the database is a gateway's; raise SchemaError if not."""
         store = cls(dsn, timeout=timeout, pool_size=pool_size)
-        where = f"SQL_DSN: {dsn.describe()}"
+        await store._start(f"SQL_DSN: {dsn.describe()}", store._check_tables)
+        return store
+
+    @classmethod
+    async def open_logs(cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4) -> PostgresStore:
+        """Connect only for the `logs` table (LOG_SQL_DSN), in the same read-only sessions; raise
+        SchemaError if the database has none."""
+        store = cls(dsn, timeout=timeout, pool_size=pool_size)
+        await store._start(f"LOG_SQL_DSN: {dsn.describe()}", store._check_logs)
+        return store
+
+    async def _start(self, where: str, check: Callable[[str], Awaitable[None]]) -> None:
         try:
-            store._pool = await asyncio.wait_for(store._create_pool(), timeout=max(timeout, 1.0) + 5.0)
-            rows = await store._query(_COLUMNS_SQL, ())
-            columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
-            for table, column in rows:
-                columns[table].add(column)
-            check_schema(columns, where, server=True)
-            store._select = select_sql(columns["tokens"], columns["users"], '"')
-            store._has_options = bool(columns["options"])
-            # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
-            await store._query(f"{store._select} LIMIT 0", ())
+            self._pool = await asyncio.wait_for(self._create_pool(), timeout=max(self._timeout, 1.0) + 5.0)
+            await check(where)
         except (StoreUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            await store.close()
+            await self.close()
             raise SchemaError(f"{where}: cannot read it: {_reason(exc)}") from None
         except SchemaError:
-            await store.close()
+            await self.close()
             raise
-        return store
+
+    async def _check_tables(self, where: str) -> None:
+        rows = await self._query(_COLUMNS_SQL, ())
+        columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
+        for table, column in rows:
+            columns[table].add(column)
+        check_schema(columns, where, server=True)
+        self._select = select_sql(columns["tokens"], columns["users"], '"')
+        self._has_options = bool(columns["options"])
+        # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
+        await self._query(f"{self._select} LIMIT 0", ())
+
+    async def _check_logs(self, where: str) -> None:
+        rows = await self._query(_LOG_COLUMNS_SQL, ())
+        check_log_schema({column for (column,) in rows}, where, server=True)
+        await self._query('SELECT "id" FROM "logs" LIMIT 0', ())  # proves the GRANT
 
     async def _create_pool(self) -> asyncpg.Pool:
         return await asyncpg.create_pool(

@@ -17,7 +17,7 @@ import aiosqlite
 import orjson
 
 from . import SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
-from ._sql import Column, Pair, SQLStore, check_schema, select_columns, select_from, select_sql
+from ._sql import Column, Pair, SQLStore, check_log_schema, check_schema, select_columns, select_from, select_sql
 
 logger = logging.getLogger("usage_service.store")
 
@@ -85,6 +85,23 @@ class SQLiteStore(SQLStore):
         except StoreUnavailable as exc:
             await store.close()
             raise SchemaError(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
+        except SchemaError:
+            await store.close()
+            raise
+        return store
+
+    @classmethod
+    async def open_logs(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
+        """Open a file only for its `logs` table (LOG_SQL_DSN), with the same read-only connections;
+        raise SchemaError if it has none. Its tokens and users, if any, are never read."""
+        store = cls(path, timeout=timeout, pool_size=pool_size)
+        where = f"LOG_SQL_DSN: {str(path)!r}"
+        try:
+            async with store._connection() as conn:
+                check_log_schema(await _columns(conn, "logs"), where)
+        except StoreUnavailable as exc:
+            await store.close()
+            raise SchemaError(f"{where}: cannot read it: {exc}") from None
         except SchemaError:
             await store.close()
             raise
