@@ -886,3 +886,30 @@ def _direct_contents(gateway: Gateway, token: Token) -> list[str]:
         finally:
             conn.close()
     return [str(r[0]) for r in rows]
+
+
+@sqlite_only
+async def test_browser_calls_of_the_key_checking_apps(gateway: Gateway, app_client: AppClient) -> None:
+    """new-api-key-tool sends the Bearer header, neko-api-key-tool `?key=`; both from another origin."""
+    token = gateway.add_token()
+    gateway.add_log(token, content="seen")
+    origin = {"Origin": "https://keys.example.com"}
+    async with app_client(cors_origins=("https://keys.example.com",)) as (_, client):
+        preflight = await client.options(
+            URL,
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+        bearer = await client.get(URL, headers={**token.bearer, **origin})
+        legacy = await client.get(f"{URL}?key=sk-{token.key}", headers=origin)
+        head = await client.head(URL, headers={**token.bearer, **origin})
+    assert preflight.status_code == 204
+    for response in (bearer, legacy):
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://keys.example.com"
+        assert [r["content"] for r in response.json()["data"]] == ["seen"]
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == bearer.headers["content-length"]
