@@ -390,12 +390,13 @@ async def test_a_key_in_the_query_reaches_no_log_metric_or_body(
         f"key=sk-{token.key}&type=1_0",
     ]
     caplog.set_level(logging.DEBUG, logger="usage_service")
-    async with app_client(access_log=True, metrics=True) as (_, client):
+    async with app_client(access_log=True, metrics=True) as (app, client):
         bodies = [(await client.get(f"{URL}?{query}")).text for query in queries]
         bodies.append((await client.get(f"{URL}/nothing?key=sk-{token.key}")).text)
         with gateway.exclusive_lock():  # the database down: the 503 path too
             bodies.append((await client.get(f"{URL}?key=sk-{token.key}&p=9")).text)
         metrics = (await client.get("/metrics")).text
+        log_statements = app.state.logs.statements
     # The service's own lines (the test client's and the drivers' debug lines are not the service's).
     logged = "\n".join(
         f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records if r.name.startswith("usage_service")
@@ -406,6 +407,8 @@ async def test_a_key_in_the_query_reaches_no_log_metric_or_body(
         assert secret not in metrics
         assert all(secret not in body for body in bodies)
     assert 'route="/api/log/token"' in metrics
+    # Counted apart from the token statements.
+    assert f"usage_log_db_statements_total {log_statements:.1f}" in metrics and log_statements >= 1
 
 
 # --- the database ----------------------------------------------------------------------------------
@@ -484,7 +487,8 @@ async def test_postgres_plans(gateway: Gateway, query: LogQuery) -> None:
     """PostgreSQL's idx_logs_token_id does not keep a token's rows in id order (its entries are
     in heap order): by its statistics the planner reads the token's rows through it and keeps the
     newest (a top-N sort over the token's rows), or walks the primary key backwards keeping the
-    token's rows. Never a sequential scan."""
+    token's rows. Never a sequential scan; but the backward walk is long for a token whose rows
+    are all old, which an index on logs (token_id, id) avoids (see the report of issue 13)."""
     token = gateway.add_token()
     _fill_log(gateway, token)
     for plan in _plans(gateway, "postgres", token, query):
@@ -913,3 +917,16 @@ async def test_browser_calls_of_the_key_checking_apps(gateway: Gateway, app_clie
         assert [r["content"] for r in response.json()["data"]] == ["seen"]
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == bearer.headers["content-length"]
+
+
+async def test_log_sql_dsn_naming_the_main_database_shares_its_connections(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, content="one")
+    async with app_client(log_database=gateway.log_database) as (app, client):
+        response = await client.get(URL, headers=token.bearer)
+        ready = (await client.get("/readyz")).json()
+        assert not app.state.logs.separate
+    assert [r["content"] for r in response.json()["data"]] == ["one"]
+    assert "log_database" not in ready

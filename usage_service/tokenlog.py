@@ -7,7 +7,9 @@ descending, at most 1,000; with `p` or `page_size` (newer gateways) `data` is a 
 position, no channel, and `other` without its administrators' members.
 
 Every read is one index range: `token_id = ? ORDER BY id DESC LIMIT n` walks the gateway's
-idx_logs_token_id backwards (the index carries the row id on SQLite and InnoDB). Polling costs
+idx_logs_token_id backwards (the index carries the row id on SQLite and InnoDB; PostgreSQL's
+does not, and its planner either sorts the token's rows or walks the primary key backwards
+keeping the token's, unless the log has an index on (token_id, id)). Polling costs
 no statement per request: an answer is kept per token and parameters for ANSWER_TTL seconds,
 the balance's freshness bound, and concurrent identical misses share one read.
 """
