@@ -930,3 +930,22 @@ async def test_log_sql_dsn_naming_the_main_database_shares_its_connections(
         assert not app.state.logs.separate
     assert [r["content"] for r in response.json()["data"]] == ["one"]
     assert "log_database" not in ready
+
+
+@sqlite_only
+async def test_odd_values_read_as_the_gateways_zero_values(gateway: Gateway, app_client: AppClient) -> None:
+    """One odd row does not fail the answer: what no number can be read from shows as 0."""
+    token = gateway.add_token()
+    gateway.add_log(token, content="fine", created_at=7)
+    odd = gateway.add_log(token, is_stream="true")
+    gateway.db.execute(
+        "UPDATE logs SET created_at = 'soon', quota = NULL, username = NULL, other = NULL, `group` = 12 WHERE id = ?",
+        (odd,),
+    )
+    async with app_client() as (_, client):
+        response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200
+    first, second = response.json()["data"]
+    assert (first["created_at"], first["quota"], first["username"], first["other"]) == (0, 0, "", "null")
+    assert first["is_stream"] is True and first["group"] == "12"
+    assert (second["content"], second["created_at"]) == ("fine", 7)
