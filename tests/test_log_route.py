@@ -949,3 +949,24 @@ async def test_odd_values_read_as_the_gateways_zero_values(gateway: Gateway, app
     assert (first["created_at"], first["quota"], first["username"], first["other"]) == (0, 0, "", "null")
     assert first["is_stream"] is True and first["group"] == "12"
     assert (second["content"], second["created_at"]) == ("fine", 7)
+
+
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+async def test_postgres_start_up_advises_an_index_in_token_order(
+    gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="usage_service")
+
+    def advised() -> int:
+        return sum("no index on (token_id, id)" in r.getMessage() for r in caplog.records)
+
+    async with app_client():
+        pass
+    assert advised() == 1
+    gateway.conn.execute("CREATE INDEX idx_logs_token_id_id ON logs (token_id, id)")  # type: ignore[attr-defined]
+    try:
+        async with app_client():
+            pass
+    finally:
+        gateway.conn.execute("DROP INDEX idx_logs_token_id_id")  # type: ignore[attr-defined]
+    assert advised() == 1  # not again

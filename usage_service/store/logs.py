@@ -106,10 +106,42 @@ async def open_log_reader(settings: Settings, store: TokenStore) -> LogReader:
     """
     target = settings.log_database
     if target is None or target == (settings.database or settings.sqlite_path):
-        return store.log_reader()  # the same database: the same connections
-    database = _LogDatabase(target, settings)
-    await database.open()
-    return LogReader(database.run, database.engine, close=database.close, separate=True)
+        reader = store.log_reader()  # the same database: the same connections
+    else:
+        database = _LogDatabase(target, settings)
+        await database.open()
+        reader = LogReader(database.run, database.engine, close=database.close, separate=True)
+    if reader.engine == "postgres":
+        await _advise_token_order_index(reader)
+    return reader
+
+
+# An index of PostgreSQL's logs whose leading columns are (token_id, id), in any order direction.
+_TOKEN_ORDER_INDEX = (
+    "SELECT 1 FROM pg_catalog.pg_indexes WHERE schemaname = current_schema() AND tablename = 'logs'"
+    " AND (indexdef LIKE '%(token_id, id)%' OR indexdef LIKE '%(token_id, id DESC)%'"
+    " OR indexdef LIKE '%(token_id, id,%' OR indexdef LIKE '%(token_id, id DESC,%')"
+)
+
+
+async def _advise_token_order_index(reader: LogReader) -> None:
+    """Say once, at start, when PostgreSQL's log lacks an index giving a token's rows in id order.
+
+    The gateway indexes token_id alone, which on PostgreSQL (unlike SQLite and InnoDB) does not
+    carry the row id: a token's newest rows are then found by sorting all of the token's rows, or
+    by walking the primary key backwards past other tokens' rows (long for a token whose rows are
+    all old). The service never creates anything; an operator may.
+    """
+    try:
+        if await reader._run(_TOKEN_ORDER_INDEX, ()):
+            return
+    except StoreUnavailable:
+        return  # said elsewhere; the advice can wait for the next start
+    logger.warning(
+        "the log table has no index on (token_id, id): on PostgreSQL a token's newest log rows may cost"
+        " a long walk of the table; CREATE INDEX CONCURRENTLY idx_logs_token_id_id ON logs (token_id, id)"
+        " makes each read one index range (docs/databases.md)"
+    )
 
 
 class _LogDatabase:
