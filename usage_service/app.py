@@ -34,6 +34,7 @@ from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
+from .history import History
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .redis_client import create_client
@@ -142,6 +143,7 @@ def create_app(settings: Settings) -> UsageService:
         services.limiter = AuthFailureLimiter.from_settings(settings, redis.failures if redis else None)
         refresher = services.refresher = Refresher(lookup, store, redis, settings)
         options = services.options = GatewayOptions(store, settings.options_interval)
+        services.history = History(logs)
         services.metrics = None
         await options.refresh()
         tasks = BackgroundTasks()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from .billing import GatewayOptions
+from .history import History
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .refresh import Refresher
@@ -21,7 +22,7 @@ from .store.logs import LogReader
 
 class Services:
     # Declared, not set: reading one before the lifespan ran is an AttributeError, not a None.
-    __slots__ = ("store", "logs", "redis", "lookup", "limiter", "options", "refresher", "metrics")
+    __slots__ = ("store", "logs", "redis", "lookup", "limiter", "options", "refresher", "history", "metrics")
 
     store: TokenStore
     logs: LogReader  # the gateway's request log: in `store`'s database, or LOG_SQL_DSN's
@@ -30,4 +31,5 @@ class Services:
     limiter: AuthFailureLimiter | None  # None: USAGE_AUTH_FAIL_LIMIT is 0
     options: GatewayOptions
     refresher: Refresher
+    history: History  # spending by slot and model, from the gateway's log
     metrics: CollectorRegistry | None  # None: USAGE_METRICS is off

@@ -1,0 +1,324 @@
+"""The spending engine (usage_service/history.py) against real gateway databases: its sums equal a
+direct SELECT over the same rows, it reads what it must and nothing more, and its caches stay true."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from conftest import GatewayFactory
+from support import Gateway
+
+from usage_service.config import Settings
+from usage_service.history import DAY, GRACE, SLOT, History, Spend
+from usage_service.store import StoreUnavailable, open_store
+from usage_service.store.logs import LogReader
+
+pytestmark = pytest.mark.asyncio
+
+T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a day's start
+
+
+class Clock:
+    """The wall clock the engine reads, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """A LogReader's `run` that notes each statement before the engine's database runs it."""
+
+    def __init__(self, run: Callable[[str, Sequence[Any]], Any]) -> None:
+        self.run = run
+        self.sent: list[tuple[str, Sequence[Any]]] = []
+        self.down = False
+
+    async def __call__(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        if self.down:
+            raise StoreUnavailable("database down (test)")
+        self.sent.append((sql, params))
+        return await self.run(sql, params)  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def engine(settings: Settings, clock: Clock) -> AsyncIterator[tuple[History, Recorder]]:
+    store = await open_store(settings)
+    try:
+        inner = store.log_reader()
+        recorder = Recorder(inner._run)
+        yield History(LogReader(recorder, inner.engine), clock=clock), recorder
+    finally:
+        await store.close()
+
+
+def direct(rows: list[dict[str, int | str]], token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
+    """What the spending of these rows is, summed the plain way."""
+    found: dict[tuple[int, str], Spend] = {}
+    for row in rows:
+        created = int(row["created_at"])
+        if row["token_id"] != token_id or not start <= created < end or row["type"] not in (2, 6):
+            continue
+        key = (created - created % SLOT, str(row["model_name"]))
+        if row["type"] == 2:
+            spend = Spend(int(row["quota"]), int(row["prompt_tokens"]), int(row["completion_tokens"]), 1)
+        else:
+            spend = Spend(-int(row["quota"]), 0, 0, 0)
+        found[key] = found[key] + spend if key in found else spend
+    return found
+
+
+async def plain_select(reader: LogReader, token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
+    """The direct SELECT of the token's rows, summed in Python: the reference the engine must equal."""
+    rows = await reader.query(
+        "SELECT created_at, model_name, type, quota, prompt_tokens, completion_tokens FROM logs"
+        " WHERE token_id = ? AND created_at >= ? AND created_at < ?",
+        (token_id, start, end),
+    )
+    return direct(
+        [
+            {
+                "token_id": token_id,
+                "created_at": int(r[0]),
+                "model_name": r[1],
+                "type": int(r[2]),
+                "quota": int(r[3]),
+                "prompt_tokens": int(r[4]),
+                "completion_tokens": int(r[5]),
+            }
+            for r in rows
+        ],
+        token_id,
+        start,
+        end,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def gateway(request: pytest.FixtureRequest, make_gateway: GatewayFactory) -> Gateway:
+    return make_gateway(request.param)
+
+
+sqlite_only = pytest.mark.parametrize("gateway", ["sqlite"], indirect=True)
+
+
+def write_random_log(gateway: Gateway, tokens: list[Any], days: int, per_day: int, seed: int) -> list[dict[str, Any]]:
+    """Rows over `days` days from T0, of several tokens and users, types and models, a little
+    out of created_at order (as concurrent writers leave them)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(days * per_day):
+        created = T0 + i * (DAY // per_day) + rng.randint(-120, 120)
+        token = rng.choice(tokens)
+        row = {
+            "token_id": token.id,
+            "created_at": max(T0, created),
+            "type": rng.choice([2, 2, 2, 2, 5, 6, 1]),
+            "model_name": rng.choice(["gpt-4o", "gpt-4o-mini", "claude"]),
+            "quota": rng.randint(0, 10_000),
+            "prompt_tokens": rng.randint(0, 2000),
+            "completion_tokens": rng.randint(0, 2000),
+        }
+        rows.append(row)
+        gateway.add_log(
+            token,
+            created_at=row["created_at"],
+            type=row["type"],
+            model_name=row["model_name"],
+            quota=row["quota"],
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+        )
+    return rows
+
+
+async def test_sums_equal_a_direct_select(gateway: Gateway, settings: Settings) -> None:
+    mine = gateway.add_token()
+    sibling = gateway.add_token(user_id=mine.user_id)  # same user, other token
+    stranger = gateway.add_token()
+    rows = write_random_log(gateway, [mine, sibling, stranger], days=4, per_day=150, seed=13)
+    clock = Clock(T0 + 3 * DAY + 12 * 3600)  # the fourth day's noon: three closed days, one open
+    async with engine(settings, clock) as (history, _):
+        ranges = [
+            (T0, T0 + 4 * DAY),  # everything, closed and open
+            (T0 - DAY, T0 + 10 * DAY),  # wider than the log
+            (T0 + DAY + 5 * SLOT, T0 + 2 * DAY + 7 * SLOT),  # slots across a day boundary
+            (T0 + 2 * DAY, T0 + 2 * DAY + SLOT),  # one slot
+            (T0 + 3 * DAY + 4 * SLOT, T0 + 3 * DAY + 40 * SLOT),  # within the open day
+            (T0 + 5 * DAY, T0 + 6 * DAY),  # the future
+        ]
+        for start, end in ranges:
+            for token in (mine, sibling, stranger):
+                answer = await history.slots(token.id, start, end)
+                assert answer == await plain_select(history.reader, token.id, start, end), (start, end)
+                assert answer == direct(rows, token.id, start, end)
+        assert await history.slots(mine.id, T0 + DAY, T0 + DAY) == {}
+
+
+@sqlite_only
+async def test_slot_boundaries_and_refunds(gateway: Gateway, settings: Settings) -> None:
+    token = gateway.add_token()
+    slot = T0 + 8 * SLOT
+    gateway.add_log(token, created_at=slot - 1, quota=1)  # the slot before
+    gateway.add_log(token, created_at=slot, quota=10, prompt_tokens=3, completion_tokens=4)
+    gateway.add_log(token, created_at=slot + SLOT - 1, quota=20, prompt_tokens=5, completion_tokens=6)
+    gateway.add_log(token, created_at=slot + 100, type=6, quota=7, prompt_tokens=99)  # a refund
+    gateway.add_log(token, created_at=slot + 200, type=5, quota=0, model_name="gpt-4o-mini")  # an error
+    gateway.add_log(token, created_at=slot + 300, type=6, quota=3, model_name="only-refunded")
+    gateway.add_log(token, created_at=slot + SLOT, quota=100)  # the slot after
+    gateway.add_log(None, created_at=slot + 5)  # made by no token
+    async with engine(settings, Clock(T0 + 2 * DAY)) as (history, _):
+        assert await history.slots(token.id, slot, slot + SLOT) == {
+            (slot, "gpt-4o-mini"): Spend(quota=23, prompt_tokens=8, completion_tokens=10, requests=2),
+            (slot, "only-refunded"): Spend(quota=-3, prompt_tokens=0, completion_tokens=0, requests=0),
+        }
+        around = await history.slots(token.id, slot - SLOT, slot + 2 * SLOT)
+    assert around[(slot - SLOT, "gpt-4o-mini")] == Spend(1, 10, 5, 1)
+    assert around[(slot + SLOT, "gpt-4o-mini")] == Spend(100, 10, 5, 1)
+
+
+async def test_queries_read_an_index_range_never_the_table(gateway: Gateway, settings: Settings) -> None:
+    """Every statement the engine sends is planned on an index (EXPLAIN on each engine)."""
+    token = gateway.add_token()
+    write_random_log(gateway, [token, gateway.add_token()], days=3, per_day=50, seed=1)
+    async with engine(settings, Clock(T0 + 2 * DAY + 3600)) as (history, recorder):
+        await history.slots(token.id, T0, T0 + 3 * DAY)
+        await history.slots(token.id + 1, T0 + DAY, T0 + 2 * DAY)
+        sent = list(recorder.sent)
+        assert len(sent) >= 4
+        for sql, params in sent:
+            plan = await explain(history.reader, recorder, sql, params)
+            if history.reader.engine == "sqlite":
+                assert not any(line.startswith("SCAN logs") for line in plan), (sql, plan)
+                if "GROUP BY" in sql:
+                    assert any("idx_logs_token_id (token_id=? AND rowid>?" in line for line in plan), plan
+            elif history.reader.engine == "postgres":
+                assert not any("Seq Scan on logs" in line for line in plan), (sql, plan)
+            else:
+                assert all(line.split("|")[0] != "ALL" for line in plan), (sql, plan)
+                if "GROUP BY" in sql:
+                    assert any(line.split("|")[1] == "idx_logs_token_id" for line in plan), plan
+
+
+async def explain(reader: LogReader, recorder: Recorder, sql: str, params: Sequence[Any]) -> list[str]:
+    if reader.engine == "sqlite":
+        return [str(row[3]) for row in await recorder.run("EXPLAIN QUERY PLAN " + sql, params)]
+    if reader.engine == "postgres":
+        return [str(row[0]) for row in await recorder.run("EXPLAIN " + sql, params)]
+    rows = await recorder.run("EXPLAIN " + sql, params)
+    return [f"{row[3]}|{row[5]}" for row in rows]  # access type | key
+
+
+@sqlite_only
+async def test_closed_days_cost_no_statement_and_the_open_day_is_read_again(
+    gateway: Gateway, settings: Settings
+) -> None:
+    token = gateway.add_token()
+    for day in range(3):
+        gateway.add_log(token, created_at=T0 + day * DAY + 3600, quota=10 + day)
+    clock = Clock(T0 + 2 * DAY + 7200)
+    async with engine(settings, clock) as (history, recorder):
+        first = await history.slots(token.id, T0, T0 + 3 * DAY)
+        cold = len(recorder.sent)
+        # The log's smallest id, the id bounds, one statement for two closed days and the open one.
+        assert cold == 3
+        assert await history.slots(token.id, T0, T0 + 2 * DAY) == {
+            k: v for k, v in first.items() if k[0] < T0 + 2 * DAY
+        }
+        assert await history.slots(token.id, T0, T0 + 3 * DAY) == first
+        assert len(recorder.sent) == cold  # all in-process
+        # A new charge on the open day shows once the tail's in-process life is over.
+        gateway.add_log(token, created_at=T0 + 2 * DAY + 7000, quota=5)
+        clock.now += 0.5
+        assert await history.slots(token.id, T0, T0 + 3 * DAY) == first
+        clock.now += 0.6
+        later = await history.slots(token.id, T0, T0 + 3 * DAY)
+        assert later[(T0 + 2 * DAY + 6300, "gpt-4o-mini")] == Spend(5, 10, 5, 1)
+        # Only the open day was read again (with the smallest id, a second later, and the id
+        # bound of the open day's start, found once).
+        assert [sql.count("GROUP BY") for sql, _ in recorder.sent[cold:]] == [0, 0, 1]
+        clock.now += 1.1
+        sent = len(recorder.sent)
+        assert await history.slots(token.id, T0 + 2 * DAY, T0 + 3 * DAY) == {
+            k: v for k, v in later.items() if k[0] >= T0 + 2 * DAY
+        }
+        assert [sql.count("GROUP BY") for sql, _ in recorder.sent[sent:]] == [0, 1]
+        assert history.stats.days_read == 2 and history.stats.tails_read == 3
+
+
+@sqlite_only
+async def test_a_day_closes_grace_seconds_after_its_end(gateway: Gateway, settings: Settings) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + DAY - 10, quota=1)
+    clock = Clock(T0 + DAY + GRACE - 1)  # the first day is still open
+    async with engine(settings, clock) as (history, _):
+        assert sum(s.quota for s in (await history.slots(token.id, T0, T0 + DAY)).values()) == 1
+        gateway.add_log(token, created_at=T0 + DAY - 5, quota=2)  # written late, within the grace
+        clock.now += 2  # closed now: read once more, then kept
+        assert sum(s.quota for s in (await history.slots(token.id, T0, T0 + DAY)).values()) == 3
+        assert history.stats.days_read == 1
+
+
+@sqlite_only
+async def test_concurrent_misses_for_a_token_share_one_read(gateway: Gateway, settings: Settings) -> None:
+    token = gateway.add_token()
+    for day in range(5):
+        gateway.add_log(token, created_at=T0 + day * DAY, quota=1)
+    async with engine(settings, Clock(T0 + 4 * DAY + 3600)) as (history, recorder):
+        history.note_min_id(1, T0 + 4 * DAY + 3600)  # nothing to look at before the read starts
+        answers = await asyncio.gather(*(history.slots(token.id, T0, T0 + 5 * DAY) for _ in range(10)))
+    assert all(answer == answers[0] for answer in answers) and len(answers[0]) == 5
+    assert sum(sql.count("GROUP BY") for sql, _ in recorder.sent) == 1
+    assert history.stats.coalesced == 9
+
+
+@sqlite_only
+async def test_cleaned_rows_are_gone_from_the_answer(gateway: Gateway, settings: Settings) -> None:
+    """The gateway's clean-up deletes the oldest rows: cached days it reached are read again, and
+    show what is left (the gateway's truth); days it did not reach stay cached."""
+    token = gateway.add_token()
+    for day in range(4):
+        gateway.add_log(token, created_at=T0 + day * DAY + 3600, quota=1)
+        gateway.add_log(token, created_at=T0 + day * DAY + 7200, quota=10)
+    clock = Clock(T0 + 4 * DAY + 3600)
+    async with engine(settings, clock) as (history, recorder):
+        before = await history.slots(token.id, T0, T0 + 4 * DAY)
+        assert sum(s.quota for s in before.values()) == 44
+        gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 + DAY + 5000,))  # day 0, half of day 1
+        clock.now += 0.5  # the clean-up is not seen yet
+        assert await history.slots(token.id, T0, T0 + 4 * DAY) == before
+        clock.now += 1
+        sent = len(recorder.sent)
+        after = await history.slots(token.id, T0, T0 + 4 * DAY)
+        assert sum(s.quota for s in after.values()) == 32
+        assert after == await plain_select(history.reader, token.id, T0, T0 + 4 * DAY)
+        assert history.stats.cleaned == 2
+        # Days 2 and 3 were still good: only days 0 and 1 were read again, in one statement.
+        assert sum(sql.count("GROUP BY") for sql, _ in recorder.sent[sent:]) == 1
+
+
+@sqlite_only
+async def test_database_down(gateway: Gateway, settings: Settings) -> None:
+    """Closed days in the cache are served; anything that needs the database raises StoreUnavailable."""
+    token = gateway.add_token()
+    for day in range(3):
+        gateway.add_log(token, created_at=T0 + day * DAY, quota=1)
+    clock = Clock(T0 + 2 * DAY + 3600)
+    async with engine(settings, clock) as (history, recorder):
+        closed = await history.slots(token.id, T0, T0 + 2 * DAY)
+        recorder.down = True
+        clock.now += 5
+        assert await history.slots(token.id, T0, T0 + 2 * DAY) == closed
+        with pytest.raises(StoreUnavailable):
+            await history.slots(token.id, T0, T0 + 3 * DAY)  # the open day
+        with pytest.raises(StoreUnavailable):
+            await history.slots(token.id, T0 - DAY, T0 + DAY)  # a day never read
+        recorder.down = False
+        assert len(await history.slots(token.id, T0, T0 + 3 * DAY)) == 3

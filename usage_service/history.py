@@ -1,0 +1,321 @@
+"""The spending engine: what a token spent, by 15-minute slot and model, from the gateway's log.
+
+A token's spending is kept by UTC day:
+- a *closed* day (one that ended GRACE seconds ago or more: the gateway writes a row within
+  seconds of its created_at) never changes, apart from the gateway's clean-up of old rows. It is
+  read once, kept in-process (an LRU of DAYS_KEPT days) and in Redis, and served from there
+  while the log's smallest id shows no clean-up reached it (see `Day.guard`);
+- the *open* days (from the day holding now - GRACE on) are where new charges appear: read
+  directly, at most once per token at a time, and held TAIL_TTL seconds.
+
+Reads are bounded by the log's id order (store/spending.py): a cold month reads that month of
+the token's rows, not all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .store import StoreUnavailable
+from .store.logs import LogReader
+from .store.spending import REFUND, SpendRow, id_after, id_before, id_range, spending
+
+SLOT = 900  # seconds; every time zone's UTC offset is a whole number of slots
+DAY = 86_400
+
+# Seconds after which the gateway has written every row of a past moment: a slot (and a day)
+# is closed once its end is this much in the past.
+GRACE = 300
+
+# Seconds a token's open days, read directly, are answered from the in-process layer: the
+# balance's freshness bound (USAGE_LOCAL_TTL's default).
+TAIL_TTL = 1.0
+
+# (token, day) entries kept in-process per worker: a month for ~3,000 tokens, a few MB.
+DAYS_KEPT = 100_000
+TAILS_KEPT = 20_000
+BOUNDS_KEPT = 4096
+
+# Seconds between two looks at the log's smallest id (how a clean-up is noticed) when nobody
+# reports it sooner.
+CLEANUP_CHECK = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    quota: int  # sum(quota) of type-2 rows minus sum(quota) of type-6 (refund) rows
+    prompt_tokens: int  # sums over type-2 rows
+    completion_tokens: int
+    requests: int  # count of type-2 rows
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(
+            self.quota + other.quota,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.requests + other.requests,
+        )
+
+
+NOTHING = Spend(0, 0, 0, 0)
+
+Slots = dict[tuple[int, str], Spend]  # {(slot start, model): Spend}
+
+
+def totals(slots: Iterable[Spend]) -> Spend:
+    """The sum of many Spends."""
+    total = NOTHING
+    for spend in slots:
+        total += spend
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Day:
+    """One token's spending over one closed UTC day."""
+
+    slots: Slots
+    # The smallest id among the token's rows of the day (None: it has none). The gateway's
+    # clean-up deletes the oldest rows: while the log's smallest id is at most this, none of the
+    # day's rows is gone.
+    guard: int | None
+
+    def valid(self, min_id: int) -> bool:
+        return self.guard is None or self.guard >= min_id
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """One token's spending from the start of day `start` on, read at `read_at`."""
+
+    start: int  # a day number (Unix seconds // DAY)
+    slots: Slots
+    read_at: float
+
+
+@dataclass
+class HistoryStats:
+    days_local: int = 0  # closed days answered in-process
+    days_read: int = 0  # closed days read from the database
+    tails_local: int = 0  # open days answered in-process
+    tails_read: int = 0  # open days read from the database
+    coalesced: int = 0  # requests that waited on another request's read
+    cleaned: int = 0  # cached days dropped because the gateway's clean-up reached them
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    days: dict[int, Day]
+    tail: Tail | None
+
+
+def add_rows(into: dict[int, Slots], rows: Iterable[SpendRow]) -> dict[int, int]:
+    """Add a spending statement's rows into {day: Slots}; return {day: smallest id seen}."""
+    guards: dict[int, int] = {}
+    for row in rows:
+        day = row.slot // DAY
+        slots = into.setdefault(day, {})
+        if row.type == REFUND:
+            spend = Spend(-row.quota, 0, 0, 0)
+        else:
+            spend = Spend(row.quota, row.prompt_tokens, row.completion_tokens, row.count)
+        key = (row.slot, row.model)
+        held = slots.get(key)
+        slots[key] = spend if held is None else held + spend
+        guards[day] = min(guards.get(day, row.min_id), row.min_id)
+    return guards
+
+
+class History:
+    """Answers `slots` for any token, from the in-process layer or the gateway's log."""
+
+    def __init__(
+        self, reader: LogReader, *, clock: Callable[[], float] = time.time, tail_ttl: float = TAIL_TTL
+    ) -> None:
+        self.reader = reader
+        self.clock = clock  # wall clock: created_at is one
+        self.tail_ttl = tail_ttl
+        self.stats = HistoryStats()
+        self.min_id = 0  # the log's smallest id, last we looked
+        self._min_checked = -math.inf
+        self._days: OrderedDict[tuple[int, int], Day] = OrderedDict()
+        self._tails: OrderedDict[int, Tail] = OrderedDict()
+        # Id bounds of moments (see store/spending.py), which do not change once found.
+        self._before: OrderedDict[int, int] = OrderedDict()
+        self._after: OrderedDict[int, int] = OrderedDict()
+        self._inflight: dict[int, asyncio.Task[_Loaded]] = {}
+
+    async def slots(self, token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
+        """{(slot_start, model_name): Spend} over the token's rows with start <= created_at < end.
+        start and end are Unix seconds, multiples of SLOT. Raises StoreUnavailable."""
+        if end <= start:
+            return {}
+        now = self.clock()
+        if now - self._min_checked >= CLEANUP_CHECK:
+            await self._check_cleanup(now)
+        open_day = int(now - GRACE) // DAY
+        first, last = start // DAY, (end - 1) // DAY
+        wants_tail = last >= open_day
+        for waited in (False, True):
+            days, missing = self._held_days(token_id, first, min(last, open_day - 1))
+            tail = self._held_tail(token_id, open_day, now) if wants_tail else None
+            if not missing and (tail is not None or not wants_tail):
+                break
+            task = self._inflight.get(token_id)
+            if task is not None and not waited:
+                # Another request is reading this token: wait for it, then read only what it
+                # did not (or, if it failed, try once more ourselves).
+                self.stats.coalesced += 1
+                with contextlib.suppress(StoreUnavailable):
+                    await asyncio.shield(task)
+                continue
+            loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None)
+            days.update({day: entry.slots for day, entry in loaded.days.items()})
+            tail = tail or loaded.tail
+            break
+        found: dict[tuple[int, str], Spend] = {}
+        for day_slots in days.values():
+            _select(found, day_slots, start, end)
+        if tail is not None:
+            # A tail read before a day closed also holds that day, now answered as closed.
+            _select(found, tail.slots, max(start, open_day * DAY), end)
+        return found
+
+    def note_min_id(self, min_id: int, at: float) -> None:
+        """Take the log's smallest id as someone read it at `at` (wall clock)."""
+        if at >= self._min_checked:
+            self.min_id, self._min_checked = min_id, at
+
+    async def _check_cleanup(self, now: float) -> None:
+        self._min_checked = now  # one look per interval, even if it fails
+        # A failure leaves the last value: cached days are then served as they were last valid.
+        with contextlib.suppress(StoreUnavailable):
+            self.min_id, _ = await id_range(self.reader)
+
+    def _held_days(self, token_id: int, first: int, last: int) -> tuple[dict[int, Slots], list[int]]:
+        held: dict[int, Slots] = {}
+        missing: list[int] = []
+        for day in range(first, last + 1):
+            entry = self._days.get((token_id, day))
+            if entry is not None and not entry.valid(self.min_id):
+                self.stats.cleaned += 1
+                del self._days[(token_id, day)]
+                entry = None
+            if entry is None:
+                missing.append(day)
+            else:
+                self._days.move_to_end((token_id, day))
+                held[day] = entry.slots
+        self.stats.days_local += len(held)
+        return held, missing
+
+    def _held_tail(self, token_id: int, open_day: int, now: float) -> Tail | None:
+        tail = self._tails.get(token_id)
+        if tail is None or tail.start > open_day or now - tail.read_at >= self.tail_ttl:
+            return None
+        self.stats.tails_local += 1
+        return tail
+
+    async def _load(self, token_id: int, missing: list[int], tail_from: int | None) -> _Loaded:
+        task = asyncio.create_task(self._read(token_id, missing, tail_from))
+        self._inflight[token_id] = task
+        task.add_done_callback(lambda t: self._finished(token_id, t))
+        # Shielded: a client that goes away must not cancel the read others wait on.
+        return await asyncio.shield(task)
+
+    def _finished(self, token_id: int, task: asyncio.Task[_Loaded]) -> None:
+        if self._inflight.get(token_id) is task:
+            del self._inflight[token_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an error nobody awaited is not reported as lost
+
+    async def _read(self, token_id: int, missing: list[int], tail_from: int | None) -> _Loaded:
+        """Read closed days (each run of consecutive ones in one statement) and the open days
+        (in the same statement when they follow the last run)."""
+        runs: list[list[int]] = []
+        for day in [*missing, *([tail_from] if tail_from is not None else [])]:
+            if runs and runs[-1][-1] == day - 1:
+                runs[-1].append(day)
+            else:
+                runs.append([day])
+        days: dict[int, Day] = {}
+        tail: Tail | None = None
+        for run in runs:
+            start = run[0] * DAY
+            open_ended = run[-1] == tail_from
+            end = None if open_ended else (run[-1] + 1) * DAY
+            read_at = self.clock()
+            rows = await spending(
+                self.reader,
+                [token_id],
+                SLOT,
+                start=start,
+                end=end,
+                after_id=await self._id_before(start),
+                before_id=None if end is None else await self._id_after(end),
+            )
+            by_day: dict[int, Slots] = {}
+            guards = add_rows(by_day, rows)
+            for day in run:
+                if day == tail_from:
+                    break
+                days[day] = Day(by_day.get(day, {}), guards.get(day))
+            if open_ended:
+                assert tail_from is not None
+                tail_slots: Slots = {}
+                for day, day_slots in by_day.items():
+                    if day >= tail_from:
+                        tail_slots.update(day_slots)
+                tail = Tail(tail_from, tail_slots, read_at)
+        self._keep(token_id, days, tail)
+        self.stats.days_read += len(days)
+        self.stats.tails_read += tail is not None
+        return _Loaded(days, tail)
+
+    def _keep(self, token_id: int, days: dict[int, Day], tail: Tail | None) -> None:
+        for day, entry in days.items():
+            self._days[(token_id, day)] = entry
+            self._days.move_to_end((token_id, day))
+        while len(self._days) > DAYS_KEPT:
+            self._days.popitem(last=False)
+        if tail is not None:
+            self._tails[token_id] = tail
+            self._tails.move_to_end(token_id)
+            while len(self._tails) > TAILS_KEPT:
+                self._tails.popitem(last=False)
+
+    async def _id_before(self, at: int) -> int:
+        bound = self._before.get(at)
+        if bound is None:
+            bound = await id_before(self.reader, at)
+            # 0 (no row that early) stays right; it would only tighten if rows stamped that long
+            # before `at` were still to come, which for a moment already past they are not.
+            if bound or at <= self.clock():
+                _remember(self._before, at, bound)
+        return bound
+
+    async def _id_after(self, at: int) -> int | None:
+        bound = self._after.get(at)
+        if bound is None:
+            bound = await id_after(self.reader, at)
+            if bound is not None:
+                _remember(self._after, at, bound)
+        return bound
+
+
+def _remember(bounds: OrderedDict[int, int], at: int, bound: int) -> None:
+    bounds[at] = bound
+    if len(bounds) > BOUNDS_KEPT:
+        bounds.popitem(last=False)
+
+
+def _select(into: dict[tuple[int, str], Spend], slots: Slots, start: int, end: int) -> None:
+    for key, spend in slots.items():
+        if start <= key[0] < end:
+            into[key] = spend
