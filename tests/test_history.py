@@ -4,6 +4,7 @@ direct SELECT over the same rows, it reads what it must and nothing more, and it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -11,10 +12,12 @@ from typing import Any
 
 import pytest
 from conftest import GatewayFactory
-from support import Gateway
+from support import Gateway, free_port
 
+from usage_service.app import _open_redis
 from usage_service.config import Settings
-from usage_service.history import DAY, GRACE, SLOT, History, Spend
+from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend
+from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import LogReader
 
@@ -322,3 +325,93 @@ async def test_database_down(gateway: Gateway, settings: Settings) -> None:
             await history.slots(token.id, T0 - DAY, T0 + DAY)  # a day never read
         recorder.down = False
         assert len(await history.slots(token.id, T0, T0 + 3 * DAY)) == 3
+
+
+@asynccontextmanager
+async def shared_redis(settings: Settings, url: str) -> AsyncIterator[SharedRedis]:
+    redis = _open_redis(dataclasses.replace(settings, redis_url=url))
+    assert redis is not None
+    try:
+        yield redis
+    finally:
+        await redis.close()
+
+
+@asynccontextmanager
+async def worker(
+    settings: Settings, clock: Clock, redis: SharedRedis | None
+) -> AsyncIterator[tuple[History, Recorder]]:
+    """A History as one worker of a deployment has it: its own connections, the shared Redis."""
+    store = await open_store(settings)
+    try:
+        inner = store.log_reader()
+        recorder = Recorder(inner._run)
+        history = History(LogReader(recorder, inner.engine), days=redis.history_days if redis else None, clock=clock)
+        yield history, recorder
+        await history.close()
+    finally:
+        await store.close()
+
+
+def group_bys(recorder: Recorder, since: int = 0) -> int:
+    return sum(sql.count("GROUP BY") for sql, _ in recorder.sent[since:])
+
+
+@sqlite_only
+async def test_closed_days_are_read_once_per_deployment(gateway: Gateway, settings: Settings, redis_url: str) -> None:
+    token = gateway.add_token()
+    for day in range(5):
+        gateway.add_log(token, created_at=T0 + day * DAY + 60, quota=day + 1)
+    clock = Clock(T0 + 5 * DAY + 3600)
+    async with shared_redis(settings, redis_url) as redis:
+        async with worker(settings, clock, redis) as (first, first_sent):
+            answer = await first.slots(token.id, T0, T0 + 5 * DAY)
+        assert group_bys(first_sent) == 1
+        # Another worker (or this one after a restart): the days come from Redis.
+        async with worker(settings, clock, redis) as (second, second_sent):
+            assert await second.slots(token.id, T0, T0 + 5 * DAY) == answer
+            assert group_bys(second_sent) == 0 and len(second_sent.sent) == 1  # the log's smallest id
+            assert second.stats.days_redis == 5
+            # Clean-up: what Redis holds of the days it reached is not served as if their rows were there.
+            gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 + 2 * DAY,))
+        async with worker(settings, clock, redis) as (third, third_sent):
+            after = await third.slots(token.id, T0, T0 + 5 * DAY)
+            assert sum(s.quota for s in after.values()) == 3 + 4 + 5
+            assert third.stats.days_redis == 3 and third.stats.days_read == 2
+            assert group_bys(third_sent) == 1
+
+
+@sqlite_only
+async def test_a_damaged_day_in_redis_is_read_again(
+    gateway: Gateway, settings: Settings, redis_url: str, redis_client: Any
+) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 60, quota=7)
+    clock = Clock(T0 + 2 * DAY)
+    async with shared_redis(settings, redis_url) as redis:
+        redis_client.set(redis.history_days.key(token.id, T0 // DAY), b"\x00not json")
+        async with worker(settings, clock, redis) as (history, recorder):
+            assert (await history.slots(token.id, T0, T0 + DAY))[(T0, "gpt-4o-mini")].quota == 7
+            assert group_bys(recorder) == 1
+    assert Day.decode(T0 // DAY, redis_client.get(redis.history_days.key(token.id, T0 // DAY))).guard == 1
+
+
+@sqlite_only
+async def test_redis_down_answers_from_the_database(gateway: Gateway, settings: Settings) -> None:
+    token = gateway.add_token()
+    for day in range(3):
+        gateway.add_log(token, created_at=T0 + day * DAY + 60, quota=1)
+    clock = Clock(T0 + 2 * DAY + 3600)
+    async with shared_redis(settings, f"redis://127.0.0.1:{free_port()}/0") as redis:
+        async with worker(settings, clock, redis) as (history, _):
+            answer = await history.slots(token.id, T0, T0 + 3 * DAY)
+    assert answer == await_direct(gateway, token.id)
+
+
+def await_direct(gateway: Gateway, token_id: int) -> dict[tuple[int, str], Spend]:
+    rows = gateway.db.execute(
+        "SELECT created_at, model_name, type, quota, prompt_tokens, completion_tokens FROM logs WHERE token_id = ?",
+        (token_id,),
+    ).fetchall()
+    keys = ("created_at", "model_name", "type", "quota", "prompt_tokens", "completion_tokens")
+    return direct([{"token_id": token_id, **dict(zip(keys, r, strict=True))} for r in rows], token_id, 0, 2**40)

@@ -143,7 +143,7 @@ def create_app(settings: Settings) -> UsageService:
         services.limiter = AuthFailureLimiter.from_settings(settings, redis.failures if redis else None)
         refresher = services.refresher = Refresher(lookup, store, redis, settings)
         options = services.options = GatewayOptions(store, settings.options_interval)
-        services.history = History(logs)
+        history = services.history = History(logs, days=redis.history_days if redis else None)
         services.metrics = None
         await options.refresh()
         tasks = BackgroundTasks()
@@ -169,6 +169,7 @@ def create_app(settings: Settings) -> UsageService:
             yield
         finally:
             await tasks.stop(SHUTDOWN_GRACE)
+            await history.close()
             if redis is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SHUTDOWN_GRACE):

@@ -3,8 +3,9 @@
 A token's spending is kept by UTC day:
 - a *closed* day (one that ended GRACE seconds ago or more: the gateway writes a row within
   seconds of its created_at) never changes, apart from the gateway's clean-up of old rows. It is
-  read once, kept in-process (an LRU of DAYS_KEPT days) and in Redis, and served from there
-  while the log's smallest id shows no clean-up reached it (see `Day.guard`);
+  read once, kept in-process (an LRU of DAYS_KEPT days) and in Redis (for a week, shared by all
+  workers and restarts), and served from there while the log's smallest id shows no clean-up
+  reached it (see `Day.guard`);
 - the *open* days (from the day holding now - GRACE on) are where new charges appear: read
   directly, at most once per token at a time, and held TAIL_TTL seconds.
 
@@ -22,6 +23,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import orjson
+
+from .history_cache import RedisDays
 from .store import StoreUnavailable
 from .store.logs import LogReader
 from .store.spending import REFUND, SpendRow, id_after, id_before, id_range, spending
@@ -41,6 +45,9 @@ TAIL_TTL = 1.0
 DAYS_KEPT = 100_000
 TAILS_KEPT = 20_000
 BOUNDS_KEPT = 4096
+
+# Bumped whenever the layout of a day in Redis changes, so old and new workers never misread each other.
+DAY_FORMAT = 1
 
 # Seconds between two looks at the log's smallest id (how a clean-up is noticed) when nobody
 # reports it sooner.
@@ -89,6 +96,31 @@ class Day:
     def valid(self, min_id: int) -> bool:
         return self.guard is None or self.guard >= min_id
 
+    def encode(self, day: int) -> bytes:
+        """Compact JSON for Redis: [format, guard, [[slot in the day, model, quota, prompt,
+        completion, requests], ...]]."""
+        first = day * DAY
+        slots = [
+            [(slot - first) // SLOT, model, s.quota, s.prompt_tokens, s.completion_tokens, s.requests]
+            for (slot, model), s in self.slots.items()
+        ]
+        return orjson.dumps([DAY_FORMAT, self.guard, slots])
+
+    @classmethod
+    def decode(cls, day: int, value: bytes) -> Day:
+        """Read what `encode` wrote; raise ValueError for anything else."""
+        try:
+            fmt, guard, slots = orjson.loads(value)
+            if fmt != DAY_FORMAT or not (guard is None or type(guard) is int):
+                raise ValueError("another format")
+            first = day * DAY
+            return cls(
+                {(first + int(i) * SLOT, str(m)): Spend(int(q), int(p), int(c), int(n)) for i, m, q, p, c, n in slots},
+                guard,
+            )
+        except (TypeError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
+            raise ValueError(f"not a cached day: {exc}") from None
+
 
 @dataclass(frozen=True, slots=True)
 class Tail:
@@ -102,6 +134,7 @@ class Tail:
 @dataclass
 class HistoryStats:
     days_local: int = 0  # closed days answered in-process
+    days_redis: int = 0  # closed days answered from Redis
     days_read: int = 0  # closed days read from the database
     tails_local: int = 0  # open days answered in-process
     tails_read: int = 0  # open days read from the database
@@ -136,9 +169,15 @@ class History:
     """Answers `slots` for any token, from the in-process layer or the gateway's log."""
 
     def __init__(
-        self, reader: LogReader, *, clock: Callable[[], float] = time.time, tail_ttl: float = TAIL_TTL
+        self,
+        reader: LogReader,
+        *,
+        days: RedisDays | None = None,
+        clock: Callable[[], float] = time.time,
+        tail_ttl: float = TAIL_TTL,
     ) -> None:
         self.reader = reader
+        self.redis_days = days
         self.clock = clock  # wall clock: created_at is one
         self.tail_ttl = tail_ttl
         self.stats = HistoryStats()
@@ -150,6 +189,7 @@ class History:
         self._before: OrderedDict[int, int] = OrderedDict()
         self._after: OrderedDict[int, int] = OrderedDict()
         self._inflight: dict[int, asyncio.Task[_Loaded]] = {}
+        self._writes: set[asyncio.Task[None]] = set()  # days on their way to Redis
 
     async def slots(self, token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
         """{(slot_start, model_name): Spend} over the token's rows with start <= created_at < end.
@@ -238,13 +278,24 @@ class History:
     async def _read(self, token_id: int, missing: list[int], tail_from: int | None) -> _Loaded:
         """Read closed days (each run of consecutive ones in one statement) and the open days
         (in the same statement when they follow the last run)."""
+        days: dict[int, Day] = {}
+        if self.redis_days is not None and missing:
+            for day, value in (await self.redis_days.get_many(token_id, missing)).items():
+                try:
+                    entry = Day.decode(day, value)
+                except ValueError:
+                    continue  # foreign or damaged: read again, and overwritten
+                if entry.valid(self.min_id):
+                    days[day] = entry
+            self.stats.days_redis += len(days)
+            missing = [day for day in missing if day not in days]
         runs: list[list[int]] = []
         for day in [*missing, *([tail_from] if tail_from is not None else [])]:
             if runs and runs[-1][-1] == day - 1:
                 runs[-1].append(day)
             else:
                 runs.append([day])
-        days: dict[int, Day] = {}
+        read: dict[int, Day] = {}
         tail: Tail | None = None
         for run in runs:
             start = run[0] * DAY
@@ -265,7 +316,7 @@ class History:
             for day in run:
                 if day == tail_from:
                     break
-                days[day] = Day(by_day.get(day, {}), guards.get(day))
+                read[day] = Day(by_day.get(day, {}), guards.get(day))
             if open_ended:
                 assert tail_from is not None
                 tail_slots: Slots = {}
@@ -273,10 +324,21 @@ class History:
                     if day >= tail_from:
                         tail_slots.update(day_slots)
                 tail = Tail(tail_from, tail_slots, read_at)
+        days.update(read)
         self._keep(token_id, days, tail)
-        self.stats.days_read += len(days)
+        self.stats.days_read += len(read)
         self.stats.tails_read += tail is not None
+        if self.redis_days is not None and read:
+            # Behind the answer: nobody waits for Redis to take them.
+            write = asyncio.create_task(self.redis_days.put_many(token_id, {d: e.encode(d) for d, e in read.items()}))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
         return _Loaded(days, tail)
+
+    async def close(self) -> None:
+        """Wait (up to a Redis batch timeout) for the days still on their way to Redis."""
+        if self._writes and self.redis_days is not None:
+            await asyncio.wait(self._writes, timeout=self.redis_days.guard.batch_timeout)
 
     def _keep(self, token_id: int, days: dict[int, Day], tail: Tail | None) -> None:
         for day, entry in days.items():
