@@ -46,6 +46,7 @@ from .services import Services
 from .shared import SharedRedis
 from .store import open_store
 from .store.logs import open_log_reader
+from .tails import TailKeeper
 
 logger = logging.getLogger("usage_service")
 
@@ -141,9 +142,17 @@ def create_app(settings: Settings) -> UsageService:
             logger.warning("redis does not answer at start; serving from the database until it does")
         lookup = services.lookup = TokenLookup(store, redis.records if redis else None, settings)
         services.limiter = AuthFailureLimiter.from_settings(settings, redis.failures if redis else None)
-        refresher = services.refresher = Refresher(lookup, store, redis, settings)
+        history = services.history = History(
+            logs,
+            days=redis.history_days if redis else None,
+            tails=redis.history_tails if redis else None,
+            # A round's confirmation holds until the next one is due, and a second more.
+            confirmed_for=settings.refresh_interval + 1.0,
+            note_polls=settings.refresh_interval > 0,
+        )
+        keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
+        refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)
         options = services.options = GatewayOptions(store, settings.options_interval)
-        history = services.history = History(logs, days=redis.history_days if redis else None)
         services.metrics = None
         await options.refresh()
         tasks = BackgroundTasks()
@@ -161,9 +170,14 @@ def create_app(settings: Settings) -> UsageService:
             tasks.start("refresher", refresher.run)
             if redis is not None:
                 channel = redis.channel
+
+                def live(up: bool) -> None:
+                    lookup.set_invalidations_live(up)
+                    history.set_live(up)
+
                 tasks.start(
                     "invalidations",
-                    lambda: channel.listen(lookup.invalidate, lookup.confirm, lookup.set_invalidations_live),
+                    lambda: channel.listen(lookup.invalidate, lookup.confirm, live, history.hear_round),
                 )
         try:
             yield

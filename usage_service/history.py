@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .history_cache import RedisDays
+from .history_cache import RedisDays, RedisTails
 from .store import StoreUnavailable
 from .store.logs import LogReader
 from .store.spending import REFUND, SpendRow, id_after, id_before, id_range, spending
@@ -48,6 +48,7 @@ BOUNDS_KEPT = 4096
 
 # Bumped whenever the layout of a day in Redis changes, so old and new workers never misread each other.
 DAY_FORMAT = 1
+TAIL_FORMAT = 1
 
 # Seconds between two looks at the log's smallest id (how a clean-up is noticed) when nobody
 # reports it sooner.
@@ -124,11 +125,41 @@ class Day:
 
 @dataclass(frozen=True, slots=True)
 class Tail:
-    """One token's spending from the start of day `start` on, read at `read_at`."""
+    """One token's spending from the start of day `start` on, the log's truth as of `read_at`."""
 
     start: int  # a day number (Unix seconds // DAY)
     slots: Slots
-    read_at: float
+    read_at: float  # wall clock
+    # Fresh until then (wall clock); None: kept by the leader, fresh while its rounds confirm it
+    # under the generation it was taken in (see History.hear_round).
+    until: float | None
+    generation: int = -1
+
+    def encode(self) -> bytes:
+        """Compact JSON for Redis: [format, start day, read at, [[slot / SLOT, model, quota,
+        prompt, completion, requests], ...]]."""
+        slots = [
+            [slot // SLOT, m, s.quota, s.prompt_tokens, s.completion_tokens, s.requests]
+            for (slot, m), s in self.slots.items()
+        ]
+        return orjson.dumps([TAIL_FORMAT, self.start, self.read_at, slots])
+
+    @classmethod
+    def decode(cls, value: bytes, generation: int) -> Tail:
+        """Read what `encode` wrote, as kept by the leader; raise ValueError for anything else."""
+        try:
+            fmt, start, read_at, slots = orjson.loads(value)
+            if fmt != TAIL_FORMAT:
+                raise ValueError("another format")
+            return cls(
+                int(start),
+                {(int(i) * SLOT, str(m)): Spend(int(q), int(p), int(c), int(n)) for i, m, q, p, c, n in slots},
+                float(read_at),
+                None,
+                generation,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a cached tail: {exc}") from None
 
 
 @dataclass
@@ -137,6 +168,7 @@ class HistoryStats:
     days_redis: int = 0  # closed days answered from Redis
     days_read: int = 0  # closed days read from the database
     tails_local: int = 0  # open days answered in-process
+    tails_redis: int = 0  # open days answered from what the leader keeps in Redis
     tails_read: int = 0  # open days read from the database
     coalesced: int = 0  # requests that waited on another request's read
     cleaned: int = 0  # cached days dropped because the gateway's clean-up reached them
@@ -148,19 +180,23 @@ class _Loaded:
     tail: Tail | None
 
 
+def add_row(slots: Slots, row: SpendRow) -> None:
+    """Add one group of a spending statement into `slots`: a refund takes its quota off."""
+    if row.type == REFUND:
+        spend = Spend(-row.quota, 0, 0, 0)
+    else:
+        spend = Spend(row.quota, row.prompt_tokens, row.completion_tokens, row.count)
+    key = (row.slot, row.model)
+    held = slots.get(key)
+    slots[key] = spend if held is None else held + spend
+
+
 def add_rows(into: dict[int, Slots], rows: Iterable[SpendRow]) -> dict[int, int]:
     """Add a spending statement's rows into {day: Slots}; return {day: smallest id seen}."""
     guards: dict[int, int] = {}
     for row in rows:
         day = row.slot // DAY
-        slots = into.setdefault(day, {})
-        if row.type == REFUND:
-            spend = Spend(-row.quota, 0, 0, 0)
-        else:
-            spend = Spend(row.quota, row.prompt_tokens, row.completion_tokens, row.count)
-        key = (row.slot, row.model)
-        held = slots.get(key)
-        slots[key] = spend if held is None else held + spend
+        add_row(into.setdefault(day, {}), row)
         guards[day] = min(guards.get(day, row.min_id), row.min_id)
     return guards
 
@@ -173,11 +209,24 @@ class History:
         reader: LogReader,
         *,
         days: RedisDays | None = None,
+        tails: RedisTails | None = None,
         clock: Callable[[], float] = time.time,
         tail_ttl: float = TAIL_TTL,
+        confirmed_for: float = 2.0,
+        note_polls: bool = False,
     ) -> None:
         self.reader = reader
         self.redis_days = days
+        self.redis_tails = tails
+        # How long after a round's confirmation the tails it vouched for stay fresh: a bit more
+        # than one refresh interval, so that rounds on time keep them fresh without a gap.
+        self.confirmed_for = confirmed_for
+        self._confirmed_at = -math.inf  # as_of of the last history round this worker heard
+        self._generation = 0  # bumped whenever the channel is lost or regained
+        self._changed: dict[int, float] = {}  # token id -> as_of of the last round that changed it
+        # Tokens whose open days were asked for since the refresher last took them (tails.py).
+        self._polled: set[int] = set()
+        self._note_polls = note_polls
         self.clock = clock  # wall clock: created_at is one
         self.tail_ttl = tail_ttl
         self.stats = HistoryStats()
@@ -202,6 +251,8 @@ class History:
         open_day = int(now - GRACE) // DAY
         first, last = start // DAY, (end - 1) // DAY
         wants_tail = last >= open_day
+        if wants_tail and self._note_polls:
+            self._polled.add(token_id)
         for waited in (False, True):
             days, missing = self._held_days(token_id, first, min(last, open_day - 1))
             tail = self._held_tail(token_id, open_day, now) if wants_tail else None
@@ -226,6 +277,36 @@ class History:
             # A tail read before a day closed also holds that day, now answered as closed.
             _select(found, tail.slots, max(start, open_day * DAY), end)
         return found
+
+    def take_polled(self) -> set[int]:
+        """The tokens whose open days were asked for since the last call."""
+        polled, self._polled = self._polled, set()
+        return polled
+
+    def keep_tails(self, tails: dict[int, Tail]) -> None:
+        """Take tails this worker's own round read (no Redis)."""
+        for token_id, tail in tails.items():
+            self._tails[token_id] = tail
+            self._tails.move_to_end(token_id)
+        while len(self._tails) > TAILS_KEPT:
+            self._tails.popitem(last=False)
+
+    def hear_round(self, as_of: float, min_id: int, changed: list[int]) -> None:
+        """Hear the leader's history round: every polled token's open days were checked as of
+        `as_of`, and these changed (their new tails are in Redis). The invariant: a tail taken
+        before this worker hears that it changed is never served fresh after."""
+        self.note_min_id(min_id, as_of)
+        for token_id in changed:
+            self._changed[token_id] = as_of
+            self._tails.pop(token_id, None)
+        if len(self._changed) > TAILS_KEPT:  # a tail read this long ago no longer races with a round
+            self._changed = {t: at for t, at in self._changed.items() if at > as_of - 60}
+        self._confirmed_at = max(self._confirmed_at, as_of)
+
+    def set_live(self, live: bool) -> None:
+        """Hear whether rounds can reach this worker: either way, some may have been missed."""
+        self._generation += 1
+        self._confirmed_at = -math.inf
 
     def note_min_id(self, min_id: int, at: float) -> None:
         """Take the log's smallest id as someone read it at `at` (wall clock)."""
@@ -257,10 +338,15 @@ class History:
 
     def _held_tail(self, token_id: int, open_day: int, now: float) -> Tail | None:
         tail = self._tails.get(token_id)
-        if tail is None or tail.start > open_day or now - tail.read_at >= self.tail_ttl:
+        if tail is None or tail.start > open_day or not self._fresh(tail, now):
             return None
         self.stats.tails_local += 1
         return tail
+
+    def _fresh(self, tail: Tail, now: float) -> bool:
+        if tail.until is not None:
+            return now < tail.until
+        return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
 
     async def _load(self, token_id: int, missing: list[int], tail_from: int | None) -> _Loaded:
         task = asyncio.create_task(self._read(token_id, missing, tail_from))
@@ -289,6 +375,11 @@ class History:
                     days[day] = entry
             self.stats.days_redis += len(days)
             missing = [day for day in missing if day not in days]
+        tail: Tail | None = None
+        if tail_from is not None:
+            tail = await self._kept_tail(token_id, tail_from)
+            if tail is not None:
+                tail_from = None
         runs: list[list[int]] = []
         for day in [*missing, *([tail_from] if tail_from is not None else [])]:
             if runs and runs[-1][-1] == day - 1:
@@ -296,7 +387,6 @@ class History:
             else:
                 runs.append([day])
         read: dict[int, Day] = {}
-        tail: Tail | None = None
         for run in runs:
             start = run[0] * DAY
             open_ended = run[-1] == tail_from
@@ -308,7 +398,7 @@ class History:
                 SLOT,
                 start=start,
                 end=end,
-                after_id=await self._id_before(start),
+                after_id=await self.id_before(start),
                 before_id=None if end is None else await self._id_after(end),
             )
             by_day: dict[int, Slots] = {}
@@ -323,17 +413,36 @@ class History:
                 for day, day_slots in by_day.items():
                     if day >= tail_from:
                         tail_slots.update(day_slots)
-                tail = Tail(tail_from, tail_slots, read_at)
+                tail = Tail(tail_from, tail_slots, read_at, read_at + self.tail_ttl)
         days.update(read)
         self._keep(token_id, days, tail)
         self.stats.days_read += len(read)
-        self.stats.tails_read += tail is not None
+        self.stats.tails_read += open_ended_read(runs, tail_from)
         if self.redis_days is not None and read:
             # Behind the answer: nobody waits for Redis to take them.
             write = asyncio.create_task(self.redis_days.put_many(token_id, {d: e.encode(d) for d, e in read.items()}))
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
         return _Loaded(days, tail)
+
+    async def _kept_tail(self, token_id: int, tail_from: int) -> Tail | None:
+        """The token's tail as the leader keeps it in Redis, if its rounds reach us and it does."""
+        if self.redis_tails is None or self.clock() >= self._confirmed_at + self.confirmed_for:
+            return None
+        generation = self._generation
+        value = await self.redis_tails.get(token_id)
+        if value is None:
+            return None
+        try:
+            tail = Tail.decode(value, generation)
+        except ValueError:
+            return None
+        # Older than a change this worker heard of while the read was under way: Redis holds a
+        # newer one, and a direct read is the surest.
+        if tail.start > tail_from or tail.read_at < self._changed.get(token_id, -math.inf):
+            return None
+        self.stats.tails_redis += 1
+        return tail
 
     async def close(self) -> None:
         """Wait (up to a Redis batch timeout) for the days still on their way to Redis."""
@@ -352,7 +461,8 @@ class History:
             while len(self._tails) > TAILS_KEPT:
                 self._tails.popitem(last=False)
 
-    async def _id_before(self, at: int) -> int:
+    async def id_before(self, at: int) -> int:
+        """An id below every row stamped at or after `at` (store/spending.py), found once."""
         bound = self._before.get(at)
         if bound is None:
             bound = await id_before(self.reader, at)
@@ -369,6 +479,10 @@ class History:
             if bound is not None:
                 _remember(self._after, at, bound)
         return bound
+
+
+def open_ended_read(runs: list[list[int]], tail_from: int | None) -> int:
+    return int(tail_from is not None and bool(runs) and runs[-1][-1] == tail_from)
 
 
 def _remember(bounds: OrderedDict[int, int], at: int, bound: int) -> None:

@@ -1,11 +1,13 @@
 """What the spending engine keeps in Redis, keyed by token id (never by key material).
 
-    hist:day:<token id>:<day>   one token's closed UTC day       RedisDays
+    hist:day:<token id>:<day>   one token's closed UTC day              RedisDays
+    hist:tail:<token id>        a polled token's open days (the leader)  RedisTails
+    hist:hot                    tokens whose history was polled lately   HistoryHot
 
-A value is compact JSON: `[format, guard, [[slot in the day, model, quota, prompt, completion,
-requests], ...]]`. Writes are plain SETs: a closed day read twice reads the same, and a value
-written from before a clean-up carries its guard, by which every reader tells it is outdated
-(see `history.Day`).
+Values are compact JSON, encoded and read by history.py. Closed days are plain SETs: a closed
+day read twice reads the same, and a value written from before a clean-up carries its guard, by
+which every reader tells it is outdated (see `history.Day`). Tails are written by the leader only,
+each round's before that round's announcement (see tails.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ._redis_guard import RedisGuard, RedisUnavailable, ms
+from .hotset import HOT_SLICE
 
 # Seconds a closed day stays in Redis: a month's history polled daily is read from the
 # database about once a week per day, and days nobody asks for again go away.
@@ -55,3 +58,67 @@ class RedisDays:
             await self.guard.run(write, self.guard.batch_timeout)
         except RedisUnavailable:
             pass
+
+
+class RedisTails:
+    """Polled tokens' open days as the refresher's leader last read them (`<prefix><token id>`)."""
+
+    def __init__(self, guard: RedisGuard, *, prefix: str) -> None:
+        self.guard = guard
+        self.prefix = prefix
+
+    def key(self, token_id: int) -> str:
+        return f"{self.prefix}{token_id}"
+
+    async def get(self, token_id: int) -> bytes | None:
+        """The token's open days, or None (not kept, or Redis failed)."""
+        try:
+            value = await self.guard.run(lambda: self.guard.client.get(self.key(token_id)))
+        except RedisUnavailable:
+            return None
+        if value is None:
+            return None
+        return value if isinstance(value, bytes) else str(value).encode()
+
+    async def put_many(self, tails: Mapping[int, bytes], ttl: float) -> None:
+        """Store many tails in one pipeline (the leader's writes: a failure is the caller's to see)."""
+
+        async def write() -> None:
+            pipe = self.guard.client.pipeline(transaction=False)
+            for token_id, value in tails.items():
+                pipe.set(self.key(token_id), value, px=ms(ttl))
+            await pipe.execute()
+
+        await self.guard.run(write, self.guard.batch_timeout)
+
+
+class HistoryHot:
+    """The tokens whose history was polled lately, by every worker: a sorted set of token ids
+    scored by when they were last noted (one key: Cluster-safe)."""
+
+    def __init__(self, guard: RedisGuard, *, key: str) -> None:
+        self.guard = guard
+        self.key = key
+
+    async def note(self, token_ids: Sequence[int], now: float) -> None:
+        for start in range(0, len(token_ids), HOT_SLICE):
+            mapping: dict[str | bytes, float] = {str(t): now for t in token_ids[start : start + HOT_SLICE]}
+            await self.guard.run(lambda m=mapping: self.guard.client.zadd(self.key, m), self.guard.batch_timeout)  # type: ignore[misc]
+
+    async def members(self, since: float, limit: int) -> list[int]:
+        """Forget tokens not noted since `since`; return the most recently noted others."""
+
+        async def trim_and_read() -> list[bytes]:
+            pipe = self.guard.client.pipeline(transaction=False)
+            pipe.zremrangebyscore(self.key, "-inf", f"({since}")
+            pipe.zrevrangebyscore(self.key, "+inf", since, start=0, num=limit)
+            return (await pipe.execute())[1]  # type: ignore[no-any-return]
+
+        members = await self.guard.run(trim_and_read, self.guard.batch_timeout)
+        found = []
+        for member in members:
+            try:
+                found.append(int(member))
+            except ValueError:
+                continue
+        return found

@@ -1,9 +1,11 @@
 """The invalidation channel: how the refresher's leader tells every worker what changed.
 
-One pub/sub channel `<prefix>invalidate` carries both kinds of message, so a worker that hears a
+One pub/sub channel `<prefix>invalidate` carries every kind of message, so a worker that hears a
 round's confirmation has heard that round's invalidations:
 - comma-separated digests (hex): these tokens changed, drop what you hold of them;
-- '@' and a wall-clock time: every hot token was checked against the database as of then.
+- '@' and a wall-clock time: every hot token was checked against the database as of then;
+- '#' as_of ':' the log's smallest id ':' comma-separated token ids: a history round (tails.py)
+  checked every token whose history is polled as of then, and these ones' open days changed.
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ class InvalidationChannel:
         """Tell every worker that all hot records were checked against the database as of `as_of`."""
         await self.guard.run(lambda: self.guard.client.publish(self.name, f"@{as_of!r}"))
 
+    async def publish_history(self, as_of: float, min_id: int, token_ids: Iterable[int]) -> None:
+        """Tell every worker that a history round checked every polled token as of `as_of`, and
+        that these tokens' open days changed (written to Redis before this)."""
+        message = f"#{as_of!r}:{min_id}:{','.join(map(str, token_ids))}"
+        await self.guard.run(lambda: self.guard.client.publish(self.name, message))
+
     async def listen(
         self,
         on_digests: Callable[[list[bytes]], None],
         on_confirm: Callable[[float], None],
         on_live: Callable[[bool], None],
+        on_history: Callable[[float, int, list[int]], None] | None = None,
     ) -> None:
         """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
 
@@ -56,6 +65,10 @@ class InvalidationChannel:
                     if isinstance(data, bytes) and data.startswith(b"@"):
                         with contextlib.suppress(ValueError):
                             on_confirm(float(data[1:]))
+                    elif isinstance(data, bytes) and data.startswith(b"#"):
+                        if on_history is not None:
+                            with contextlib.suppress(ValueError):
+                                on_history(*_parse_history(data))
                     else:
                         on_digests(_parse_digests(data))
             except REDIS_FAILURES:
@@ -80,3 +93,8 @@ def _parse_digests(data: object) -> list[bytes]:
             if len(digest) == 32:
                 digests.append(digest)
     return digests
+
+
+def _parse_history(data: bytes) -> tuple[float, int, list[int]]:
+    as_of, min_id, ids = data[1:].split(b":", 2)
+    return float(as_of), int(min_id), [int(token_id) for token_id in ids.split(b",") if token_id]

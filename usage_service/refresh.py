@@ -26,6 +26,7 @@ from .leadership import LeaderLock, Leadership
 from .records import TokenRecord, encode_cached
 from .shared import SharedRedis
 from .store import StoreUnavailable, TokenStore, UnreadableRow
+from .tails import TailKeeper
 
 logger = logging.getLogger("usage_service.refresh")
 
@@ -71,8 +72,18 @@ class PolledTokens(Protocol):
 
 
 class Refresher:
-    def __init__(self, lookup: PolledTokens, store: TokenStore, redis: SharedRedis | None, settings: Settings) -> None:
+    def __init__(
+        self,
+        lookup: PolledTokens,
+        store: TokenStore,
+        redis: SharedRedis | None,
+        settings: Settings,
+        *,
+        tails: TailKeeper | None = None,
+    ) -> None:
         self.lookup = lookup
+        # Polled tokens' spending history, kept by the same rounds under the same lock (tails.py).
+        self.tails = tails
         self.store = store
         self.redis = redis
         # This refresher's own handle on the leader lock (its token tells it from other workers').
@@ -133,9 +144,12 @@ class Refresher:
             # Pruning once a window keeps these bounded in time, and the cap bounds them in size
             # when a sweep of distinct tokens arrives within one.
             self._prune_hot(now)
+        history_unnoted = self.tails.take_polled() if self.tails is not None else []
 
         if self.redis is not None and self.lock is not None:
             try:
+                if history_unnoted and self.tails is not None:
+                    await self.tails.note(self.redis, history_unnoted)
                 await self._shared_round(self.redis, self.lock, unnoted, now)
                 return
             except RedisUnavailable:
@@ -214,9 +228,12 @@ class Refresher:
             # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) The
             # last chunk's check still holds: the lock outlives its writes and this.
             await redis.channel.publish_confirmation(as_of)
-        if members and not await lock.extend(self.lock_ttl):  # back to the short expiry
-            self._step_down()
         self._finish(seen, changes, started)
+        if self.tails is not None and not await self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl)):
+            self._deposed()
+            return
+        if (members or self.tails is not None) and not await lock.extend(self.lock_ttl):  # back to the short expiry
+            self._step_down()
 
     def _deposed(self) -> None:
         logger.warning("the refresher lost its leader lock during a round; abandoned the round, wrote nothing more")
@@ -227,6 +244,8 @@ class Refresher:
         self.stats.leader = False
         self._last_seen.clear()
         self._written.clear()
+        if self.tails is not None:
+            self.tails.step_down()
 
     async def _own_round(self) -> None:
         self._prune_hot(time.time())
@@ -238,6 +257,8 @@ class Refresher:
                 self.lookup.refreshed(digest, record)
             seen.update(fresh)
         self._finish(seen, 0, started)
+        if self.tails is not None:
+            await self.tails.own_round()
 
     async def _read(self, hot: dict[bytes, int]) -> dict[bytes, TokenRecord | None]:
         """Re-read hot tokens by id; a token that vanished, or whose key changed, reads as None."""

@@ -7,7 +7,9 @@ The keys, all under USAGE_REDIS_PREFIX:
     leader              the refresher's leader lock   LeaderLock           (leadership.py)
     invalidate          the invalidation channel      InvalidationChannel  (invalidation.py)
     authfail:<address>  failed authentications        FailureCounter       (failure_counter.py)
-    hist:day:<id>:<day> a token's closed day of spending  RedisDays          (history_cache.py)
+    hist:day:<id>:<day> a token's closed day of spending  RedisDays            (history_cache.py)
+    hist:tail:<id>      a polled token's open days        RedisTails           (history_cache.py)
+    hist:hot            tokens whose history was polled   HistoryHot           (history_cache.py)
 
 Each is used alone by its owner (the lookup, the refresher, the listener, the limiter); all go
 through one RedisGuard (_redis_guard.py): one breaker, one timeout, one error count.
@@ -18,7 +20,7 @@ from __future__ import annotations
 from ._redis_guard import RedisGuard
 from .cache import RedisRecords
 from .failure_counter import FailureCounter
-from .history_cache import RedisDays
+from .history_cache import HistoryHot, RedisDays, RedisTails
 from .hotset import HotSet
 from .invalidation import InvalidationChannel
 from .leadership import LeaderLock
@@ -33,6 +35,8 @@ class SharedRedis:
         self.failures = FailureCounter(guard, prefix=prefix + "authfail:")
         self.leader_key = prefix + "leader"
         self.history_days = RedisDays(guard, prefix=prefix + "hist:day:")
+        self.history_tails = RedisTails(guard, prefix=prefix + "hist:tail:")
+        self.history_hot = HistoryHot(guard, key=prefix + "hist:hot")
 
     def leader_lock(self) -> LeaderLock:
         """A handle on the leader lock with a token of its own (like redis-py's `Redis.lock`)."""

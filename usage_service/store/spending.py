@@ -71,6 +71,18 @@ async def id_range(reader: LogReader) -> tuple[int, int]:
     return int(low or 0), int(high or 0)
 
 
+async def marks(reader: LogReader, settled_before: int) -> tuple[int, int]:
+    """(the log's smallest id, the id of the last row stamped before `settled_before`), 0 for
+    either when there is none: one statement, two index ends."""
+    rows = await reader.query(
+        "SELECT (SELECT min(id) FROM logs),"
+        " (SELECT id FROM logs WHERE created_at < ? ORDER BY created_at DESC LIMIT 1)",
+        (settled_before,),
+    )
+    low, settled = rows[0] if rows else (None, None)
+    return int(low or 0), int(settled or 0)
+
+
 def _select(reader: LogReader, slot: int, where: str, extra: str = "") -> str:
     return (
         f"SELECT token_id, {_slot(reader, slot)} AS s, model_name, type, SUM(quota), SUM(prompt_tokens),"

@@ -1,0 +1,265 @@
+"""Polled tokens' open days kept fresh by the refresher's rounds (usage_service/tails.py): a new
+charge shows after one round, the database cost is flat in polls and workers, and what is kept
+stays equal to a direct SELECT as rows settle, days close, leaders and Redis come and go.
+
+Rounds are driven by calling `Refresher.tick()`; the clock the engine reads is injected; workers
+hear a round through the real pub/sub channel, awaited on an event (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from support import Gateway, free_port
+from test_history import T0, Clock, Recorder, plain_select
+
+from usage_service.app import _open_redis
+from usage_service.config import Settings
+from usage_service.history import DAY, GRACE, History, Spend
+from usage_service.lookup import TokenLookup
+from usage_service.refresh import Refresher
+from usage_service.shared import SharedRedis
+from usage_service.store import open_store
+from usage_service.store.logs import LogReader
+from usage_service.tails import SETTLE, TailKeeper
+
+pytestmark = pytest.mark.asyncio
+
+NOON = T0 + DAY // 2
+
+
+@dataclasses.dataclass
+class Worker:
+    history: History
+    keeper: TailKeeper
+    refresher: Refresher
+    recorder: Recorder
+    redis: SharedRedis | None
+    heard: asyncio.Condition
+    rounds_heard: int = 0
+
+    async def hear_next_round(self, after: int) -> None:
+        async with self.heard:
+            await asyncio.wait_for(self.heard.wait_for(lambda: self.rounds_heard > after), timeout=10)
+
+
+@asynccontextmanager
+async def worker(
+    settings: Settings, clock: Clock, redis_url: str | None, *, listen: bool = True
+) -> AsyncIterator[Worker]:
+    """One worker as the app builds it: its own connections, History, TailKeeper and Refresher,
+    and (with Redis) the invalidation listener."""
+    settings = dataclasses.replace(settings, redis_url=redis_url, refresh_interval=1.0)
+    async with contextlib.AsyncExitStack() as stack:
+        store = await open_store(settings)
+        stack.push_async_callback(store.close)
+        redis = _open_redis(settings)
+        if redis is not None:
+            stack.push_async_callback(redis.close)
+        inner = store.log_reader()
+        recorder = Recorder(inner._run)
+        history = History(
+            LogReader(recorder, inner.engine),
+            days=redis.history_days if redis else None,
+            tails=redis.history_tails if redis else None,
+            clock=clock,
+            confirmed_for=2.0,
+            note_polls=True,
+        )
+        stack.push_async_callback(history.close)
+        keeper = TailKeeper(history, settings, clock=clock)
+        lookup = TokenLookup(store, redis.records if redis else None, settings)
+        refresher = Refresher(lookup, store, redis, settings, tails=keeper)
+        me = Worker(history, keeper, refresher, recorder, redis, asyncio.Condition())
+        if redis is not None and listen:
+            live = asyncio.Event()
+
+            def on_live(up: bool) -> None:
+                history.set_live(up)
+                if up:
+                    live.set()
+
+            def on_history(as_of: float, min_id: int, changed: list[int]) -> None:
+                history.hear_round(as_of, min_id, changed)
+                me.rounds_heard += 1
+
+                async def notify() -> None:
+                    async with me.heard:
+                        me.heard.notify_all()
+
+                asyncio.get_running_loop().create_task(notify())
+
+            listener = asyncio.create_task(redis.channel.listen(lambda _: None, lambda _: None, on_live, on_history))
+
+            async def stop() -> None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+            stack.push_async_callback(stop)
+            await asyncio.wait_for(live.wait(), timeout=10)
+        yield me
+        if me.refresher.lock is not None and me.refresher.stats.leader:
+            with contextlib.suppress(Exception):
+                await me.refresher.lock.release()
+
+
+async def round_heard(leader: Worker, *workers: Worker) -> None:
+    """Run one round on `leader` and wait until every worker heard it."""
+    before = [w.rounds_heard for w in workers]
+    await leader.refresher.tick()
+    assert leader.refresher.stats.leader
+    for w, seen in zip(workers, before, strict=True):
+        await w.hear_next_round(seen)
+
+
+def truth(w: Worker) -> LogReader:
+    """A reader of the worker's database that the engine's count does not see."""
+    return LogReader(w.recorder.run, w.history.reader.engine)
+
+
+def sent(w: Worker) -> int:
+    return len(w.recorder.sent)
+
+
+async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    tokens = [gateway.add_token() for _ in range(30)]
+    for token in tokens:
+        gateway.add_log(token, created_at=T0 - DAY + 60, quota=1000)  # a closed day
+    for i, token in enumerate(tokens):
+        gateway.add_log(token, created_at=NOON - 3600 + i, quota=i + 1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        # First polls: read directly (each token's open day, coalesced), and noted.
+        for w in (a, b):
+            for token in tokens:
+                await w.history.slots(token.id, *today)
+        await a.refresher.tick()  # notes a's tokens, takes the lead, keeps them
+        await b.refresher.tick()  # notes b's; follows
+        await round_heard(a, a, b)
+        assert not b.refresher.stats.leader
+        # Every poll from now on is answered without a statement: from Redis once, then in-process.
+        before = sent(a), sent(b)
+        for _ in range(5):
+            for w in (a, b):
+                answers = await asyncio.gather(*(w.history.slots(t.id, *today) for t in tokens))
+                assert [sum(s.quota for s in ans.values()) for ans in answers] == [i + 1 for i in range(30)]
+        assert (sent(a), sent(b)) == before
+        assert b.history.stats.tails_redis == len(tokens)
+
+        # A charge: shown by both workers after one round, which cost two statements.
+        gateway.add_log(tokens[3], created_at=int(clock.now) - 1, quota=500, model_name="claude")
+        clock.now += 1
+        round_started = sent(a)
+        await round_heard(a, a, b)
+        assert sent(a) - round_started == 2
+        for w in (a, b):
+            answer = await w.history.slots(tokens[3].id, *today)
+            assert answer[(NOON - 900, "claude")] == Spend(500, 10, 5, 1)
+            assert answer == await plain_select(truth(w), tokens[3].id, *today)
+        # More polling, more rounds: still two statements a round.
+        for _ in range(3):
+            for w in (a, b):
+                await asyncio.gather(*(w.history.slots(t.id, *today) for t in tokens))
+            clock.now += 1
+            round_started = sent(a)
+            await round_heard(a, a, b)
+            assert sent(a) - round_started == 2
+        assert sent(b) == before[1]  # b, a follower, sent nothing since its first polls
+
+
+async def test_kept_tails_equal_a_direct_select_as_rows_settle(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    rng = random.Random(7)
+    polled = [gateway.add_token() for _ in range(4)]
+    others = [gateway.add_token(user_id=polled[0].user_id), gateway.add_token()]
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        for token in polled:
+            await w.history.slots(token.id, *today)
+        for _ in range(12):
+            for _ in range(rng.randint(0, 6)):
+                gateway.add_log(
+                    rng.choice(polled + others),
+                    created_at=int(clock.now) - rng.randint(0, 15),
+                    type=rng.choice([2, 2, 5, 6]),
+                    model_name=rng.choice(["a", "b"]),
+                    quota=rng.randint(1, 100),
+                )
+            clock.now += SETTLE / 3
+            await round_heard(w, w)
+            for token in polled:
+                assert await w.history.slots(token.id, *today) == await plain_select(truth(w), token.id, *today)
+        assert w.keeper.stats.initialised == len(polled)  # each read whole once, then kept
+
+
+async def test_the_day_closes_under_the_rounds(gateway: Gateway, settings: Settings, redis_url: str) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + DAY - 30, quota=1)
+    clock = Clock(T0 + DAY - 20)
+    span = (T0, T0 + 2 * DAY)
+    async with worker(settings, clock, redis_url) as w:
+        await w.history.slots(token.id, *span)
+        await round_heard(w, w)
+        gateway.add_log(token, created_at=T0 + DAY - 5, quota=2)
+        gateway.add_log(token, created_at=T0 + DAY + 10, quota=4)  # the next day
+        clock.now = T0 + DAY + 15
+        await round_heard(w, w)
+        assert sum(s.quota for s in (await w.history.slots(token.id, *span)).values()) == 7
+        clock.now = T0 + DAY + GRACE + 1  # day one is closed now
+        gateway.add_log(token, created_at=int(clock.now) - 1, quota=8)
+        await round_heard(w, w)
+        answer = await w.history.slots(token.id, *span)
+        assert answer == await plain_select(truth(w), token.id, *span)
+        assert sum(s.quota for s in answer.values()) == 15
+        assert w.history.stats.days_read == 1  # the closed day, once
+
+
+@pytest.mark.parametrize("redis", ["none", "down"])
+async def test_without_redis_each_worker_keeps_its_own(gateway: Gateway, settings: Settings, redis: str) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    url = None if redis == "none" else f"redis://127.0.0.1:{free_port()}/0"
+    async with worker(settings, clock, url, listen=False) as w:
+        await w.history.slots(token.id, T0, T0 + DAY)
+        await w.refresher.tick()
+        assert not w.refresher.stats.leader
+        gateway.add_log(token, created_at=NOON, quota=2)
+        clock.now += 1
+        await w.refresher.tick()
+        before = sent(w)
+        for _ in range(5):
+            answer = await w.history.slots(token.id, T0, T0 + DAY)
+            assert sum(s.quota for s in answer.values()) == 3
+        assert sent(w) == before  # kept in-process by its own rounds
+
+
+async def test_a_new_leader_keeps_the_tails_from_scratch(
+    gateway: Gateway, settings: Settings, redis_url: str, redis_client: Any
+) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        await a.history.slots(token.id, *today)
+        await round_heard(a, a, b)
+        # a goes away without a word; b takes over once the lock expires (deleted here).
+        redis_client.delete(a.redis.leader_key if a.redis else "")
+        gateway.add_log(token, created_at=NOON, quota=2)
+        clock.now += 1
+        await round_heard(b, a, b)
+        for w in (a, b):
+            assert sum(s.quota for s in (await w.history.slots(token.id, *today)).values()) == 3

@@ -1,0 +1,233 @@
+"""Polled tokens' open days kept fresh by the refresher's rounds, at a cost flat in polls and workers.
+
+Workers note the tokens whose open days they answered (`History.take_polled`) in a Redis sorted
+set, `hist:hot`. Every USAGE_REFRESH_INTERVAL, right after the balance's round, the refresher's
+leader runs a history round over the tokens noted within USAGE_HOT_WINDOW:
+
+1. one statement: the log's smallest id (how a clean-up shows) and the *settled* mark, the id of
+   the last row stamped SETTLE seconds ago: every row with an id up to it has been written;
+2. for tokens that became hot, their open days up to the last settled mark: INIT_CHUNK tokens a
+   statement, each token an index range of `idx_logs_token_id` from the open days' first id;
+3. one statement: every row above the last settled mark, whatever its token (one range of the
+   primary key: what the gateway wrote in the last SETTLE seconds and a round), summed by token,
+   slot and model, split at the new settled mark. What is settled is added to the tokens' kept
+   open days for good; the rest counts this round only and is read again next round.
+
+It writes the tails that changed to Redis (`hist:tail:<id>`; the others again once half their TTL
+has gone), then publishes one message on the invalidation channel: the round's time, the smallest
+id and the changed tokens. Workers drop what they hold of those and take the rest as confirmed
+(History.hear_round). The steady cost is two statements a round, however many tokens are polled,
+how often, and by how many workers.
+
+Without Redis, or while it is down, each worker runs the same round over its own polled tokens
+and keeps the tails it reads in-process.
+
+Leadership: the leader lock is extended before each statement and again before the round's
+writes and its message, as in the balance's round; a leader that finds it lost abandons the round
+and forgets what it kept (refresh.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .config import Settings
+from .history import DAY, GRACE, SLOT, History, Slots, Tail, add_row
+from .shared import SharedRedis
+from .store.spending import marks, rows_since, spending
+
+# Seconds after which every row stamped before then is taken as written (its transaction
+# committed): rows above the mark they give are read again each round.
+SETTLE = 10.0
+
+# Seconds a tail stays in Redis without being written again; the leader rewrites unchanged ones
+# once half of it has gone.
+TAIL_KEY_TTL = 60.0
+
+# Tokens whose open days one statement reads when they become hot.
+INIT_CHUNK = 500
+
+# A worker notes a token in the shared set again once this part of USAGE_HOT_WINDOW has passed
+# (at most every RENOTE_MAX seconds), as the balance's refresher does.
+RENOTE_FRACTION = 0.25
+RENOTE_MAX = 5.0
+
+Extend = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class TailStats:
+    rounds: int = 0
+    tokens: int = 0  # tokens kept by the last round
+    initialised: int = 0  # tokens whose open days were read whole, since start
+    changed: int = 0  # tails that changed, since start
+
+
+class TailKeeper:
+    def __init__(self, history: History, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.history = history
+        self.reader = history.reader
+        self.clock = clock
+        self.window = settings.hot_window
+        self.hot_max = settings.hot_max
+        self.renote = min(self.window * RENOTE_FRACTION, RENOTE_MAX)
+        self.stats = TailStats()
+        self._hot: dict[int, float] = {}  # this worker's polled tokens: id -> last polled
+        self._noted: dict[int, float] = {}  # when this worker last noted each in the shared set
+        # What the rounds keep, as leader or on our own: every kept token's rows with an id up
+        # to `_settled` and created_at from the open days' start, summed.
+        self._settled: int | None = None
+        self._open_day = -1
+        self._base: dict[int, Slots] = {}
+        self._published: dict[int, Slots] = {}
+        self._written: dict[int, float] = {}
+
+    def take_polled(self) -> list[int]:
+        """Take the tokens answered since last time; return those to note in the shared set."""
+        now = self.clock()
+        renote_before = now - self.renote
+        unnoted = []
+        for token_id in self.history.take_polled():
+            self._hot[token_id] = now
+            if self._noted.get(token_id, 0.0) <= renote_before:
+                unnoted.append(token_id)
+        if len(self._hot) > self.hot_max or len(self._noted) > 2 * self.hot_max:
+            self._prune(now)
+        return unnoted
+
+    async def note(self, redis: SharedRedis, unnoted: list[int]) -> None:
+        now = self.clock()
+        await redis.history_hot.note(unnoted, now)
+        self._noted.update(dict.fromkeys(unnoted, now))
+
+    async def lead(self, redis: SharedRedis, extend: Extend) -> bool:
+        """Run a round as leader; False: the lock was lost, and nothing more was written."""
+        now = self.clock()
+        members = await redis.history_hot.members(now - self.window, self.hot_max)
+        if not members:  # nobody polls history: no statement
+            self.step_down()
+            return True
+        kept = await self._round(members, now, extend)
+        if kept is None:
+            return False
+        min_id, tails = kept
+        changed = [t for t, slots in tails.items() if not _same(self._published.get(t), slots)]
+        due = now - TAIL_KEY_TTL / 2
+        writes = {
+            t: Tail(self._open_day, slots, now, None).encode()
+            for t, slots in tails.items()
+            if t in changed or self._written.get(t, 0.0) <= due
+        }
+        if not await extend():
+            return False
+        if writes:
+            await redis.history_tails.put_many(writes, TAIL_KEY_TTL)
+            self._written.update(dict.fromkeys(writes, now))
+        await redis.channel.publish_history(now, min_id, changed)
+        self._published = tails
+        self._written = {t: at for t, at in self._written.items() if t in tails}
+        self.stats.changed += len(changed)
+        return True
+
+    async def own_round(self) -> None:
+        """Run a round over this worker's own polled tokens and keep the tails in-process."""
+        now = self.clock()
+        self._prune(now)
+        if not self._hot:
+            self.step_down()
+            return
+        kept = await self._round(list(self._hot), now, None)
+        assert kept is not None  # nobody to be deposed by
+        min_id, tails = kept
+        self.history.note_min_id(min_id, now)
+        until = now + self.history.confirmed_for
+        self.history.keep_tails({t: Tail(self._open_day, slots, now, until) for t, slots in tails.items()})
+
+    def step_down(self) -> None:
+        """Forget what was kept: another leader may have come and gone since."""
+        self._settled = None
+        self._base.clear()
+        self._published.clear()
+        self._written.clear()
+
+    async def _round(self, tokens: list[int], now: float, extend: Extend | None) -> tuple[int, dict[int, Slots]] | None:
+        """Bring the kept open days of these tokens up to date; (smallest id, {token: slots}),
+        or None when the lock was lost."""
+        open_day = int(now - GRACE) // DAY
+        start = open_day * DAY
+        if extend is not None and not await extend():
+            return None
+        min_id, settled = await marks(self.reader, int(now - SETTLE))
+        if open_day != self._open_day:
+            # A day closed: its slots are answered from the closed days now.
+            self._base = {t: {k: v for k, v in slots.items() if k[0] >= start} for t, slots in self._base.items()}
+            self._open_day = open_day
+        hot = set(tokens)
+        if len(self._base) > len(hot) or not hot.issuperset(self._base):
+            self._base = {t: slots for t, slots in self._base.items() if t in hot}
+        if self._settled is None:
+            self._settled = settled
+            self._base.clear()
+        new = sorted(hot.difference(self._base))
+        if new:
+            after = await self.history.id_before(start)
+            for first in range(0, len(new), INIT_CHUNK):
+                chunk = new[first : first + INIT_CHUNK]
+                if extend is not None and not await extend():
+                    return None
+                rows = await spending(
+                    self.reader, chunk, SLOT, start=start, end=None, after_id=after, before_id=self._settled + 1
+                )
+                read: dict[int, Slots] = {t: {} for t in chunk}
+                for row in rows:
+                    add_row(read[row.token_id], row)
+                self._base.update(read)
+            self.stats.initialised += len(new)
+        if extend is not None and not await extend():
+            return None
+        newly_settled = max(self._settled, settled)
+        rows = await rows_since(self.reader, SLOT, after_id=self._settled, settled=newly_settled, start=start)
+        grown: dict[int, Slots] = {}
+        recent: dict[int, Slots] = {}
+        for row in rows:
+            base = self._base.get(row.token_id)
+            if base is None:
+                continue  # not polled: other tokens' rows are never kept
+            if row.settled:
+                # Copied before it grows: the slots last published must stay as they were.
+                slots = grown.get(row.token_id)
+                if slots is None:
+                    slots = grown[row.token_id] = dict(base)
+            else:
+                slots = recent.setdefault(row.token_id, {})
+            add_row(slots, row)
+        self._base.update(grown)
+        self._settled = newly_settled
+        tails: dict[int, Slots] = {}
+        for token_id in hot:
+            base = self._base[token_id]
+            extra = recent.get(token_id)
+            if extra is None:
+                tails[token_id] = base
+            else:
+                merged = dict(base)
+                for key, spend in extra.items():
+                    held = merged.get(key)
+                    merged[key] = spend if held is None else held + spend
+                tails[token_id] = merged
+        self.stats.rounds += 1
+        self.stats.tokens = len(tails)
+        return min_id, tails
+
+    def _prune(self, now: float) -> None:
+        since = now - self.window
+        self._hot = {t: at for t, at in self._hot.items() if at >= since}
+        self._noted = {t: at for t, at in self._noted.items() if at >= since}
+        if len(self._hot) > self.hot_max:  # the most recently polled win
+            self._hot = dict(sorted(self._hot.items(), key=lambda item: item[1], reverse=True)[: self.hot_max])
+
+
+def _same(published: Slots | None, slots: Slots) -> bool:
+    return published is slots or published == slots
