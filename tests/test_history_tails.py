@@ -16,8 +16,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from conftest import GatewayFactory
 from support import Gateway, free_port
-from test_history import T0, Clock, Recorder, plain_select
+from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
 from usage_service.config import Settings
@@ -263,3 +264,36 @@ async def test_a_new_leader_keeps_the_tails_from_scratch(
         await round_heard(b, a, b)
         for w in (a, b):
             assert sum(s.quota for s in (await w.history.slots(token.id, *today)).values()) == 3
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"])
+async def test_round_statements_read_index_ranges(
+    make_gateway: GatewayFactory, settings: Settings, engine: str
+) -> None:
+    """The rounds' statements on every engine: index ends and ranges, never the whole log."""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    tokens = [gateway.add_token() for _ in range(3)]
+    for i in range(60):
+        gateway.add_log(tokens[i % 3], created_at=NOON - 7200 + 100 * i, type=6 if i % 7 == 0 else 2)
+    clock = Clock(NOON)
+    async with worker(settings, clock, None) as w:
+        for token in tokens[:2]:
+            await w.history.slots(token.id, T0, T0 + DAY)
+        started = sent(w)
+        await w.refresher.tick()
+        clock.now += 1
+        gateway.add_log(tokens[0], created_at=NOON, quota=3)
+        await w.refresher.tick()
+        statements = w.recorder.sent[started:]
+        assert len(statements) == 5  # marks, the two tokens whole, what came since; marks, what came since
+        for sql, params in statements:
+            plan = await explain(w.history.reader, w.recorder, sql, params)
+            if engine == "sqlite":
+                assert not any(line.startswith("SCAN logs") for line in plan), (sql, plan)
+            elif engine == "postgres":
+                assert not any("Seq Scan on logs" in line for line in plan), (sql, plan)
+            else:
+                assert all(line.split("|")[0] != "ALL" for line in plan), (sql, plan)
+        answer = await w.history.slots(tokens[0].id, T0, T0 + DAY)
+        assert answer == await plain_select(truth(w), tokens[0].id, T0, T0 + DAY)

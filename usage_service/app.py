@@ -159,7 +159,7 @@ def create_app(settings: Settings) -> UsageService:
         tasks.start("options", options.run)
         if settings.metrics:
             publisher = metrics.Publisher(
-                store, lookup, refresher, request_stats, redis.guard if redis else None, logs=logs
+                store, lookup, refresher, request_stats, redis.guard if redis else None, logs=logs, history=history
             )
             registry = services.metrics = metrics.scrape_registry(publisher)
             tasks.start("metrics", publisher.run)

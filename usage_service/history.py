@@ -232,6 +232,7 @@ class History:
         self.stats = HistoryStats()
         self.min_id = 0  # the log's smallest id, last we looked
         self._min_checked = -math.inf
+        self._min_reported_until = -math.inf  # until when the rounds vouch for it
         self._days: OrderedDict[tuple[int, int], Day] = OrderedDict()
         self._tails: OrderedDict[int, Tail] = OrderedDict()
         # Id bounds of moments (see store/spending.py), which do not change once found.
@@ -246,7 +247,8 @@ class History:
         if end <= start:
             return {}
         now = self.clock()
-        if now - self._min_checked >= CLEANUP_CHECK:
+        # While the refresher's rounds report the smallest id, no look of our own.
+        if now - self._min_checked >= CLEANUP_CHECK and now >= self._min_reported_until:
             await self._check_cleanup(now)
         open_day = int(now - GRACE) // DAY
         first, last = start // DAY, (end - 1) // DAY
@@ -295,7 +297,7 @@ class History:
         """Hear the leader's history round: every polled token's open days were checked as of
         `as_of`, and these changed (their new tails are in Redis). The invariant: a tail taken
         before this worker hears that it changed is never served fresh after."""
-        self.note_min_id(min_id, as_of)
+        self.note_min_id(min_id, as_of, self.confirmed_for)
         for token_id in changed:
             self._changed[token_id] = as_of
             self._tails.pop(token_id, None)
@@ -308,10 +310,12 @@ class History:
         self._generation += 1
         self._confirmed_at = -math.inf
 
-    def note_min_id(self, min_id: int, at: float) -> None:
-        """Take the log's smallest id as someone read it at `at` (wall clock)."""
+    def note_min_id(self, min_id: int, at: float, vouched_for: float = 0.0) -> None:
+        """Take the log's smallest id as a round read it at `at` (wall clock); the rounds report
+        it again within `vouched_for` seconds."""
         if at >= self._min_checked:
             self.min_id, self._min_checked = min_id, at
+            self._min_reported_until = max(self._min_reported_until, at + vouched_for)
 
     async def _check_cleanup(self, now: float) -> None:
         self._min_checked = now  # one look per interval, even if it fails

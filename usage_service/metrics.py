@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from ._redis_guard import RedisGuard
 from .access import BUCKETS, RequestStats
+from .history import History
 from .lookup import TokenLookup
 from .refresh import Refresher
 from .store import TokenStore
@@ -66,6 +67,19 @@ REFRESH_SECONDS = Gauge("usage_refresh_duration_seconds", "Duration of the last 
 REFRESH_LAST = Gauge(
     "usage_refresh_last_run_timestamp_seconds", "Unix time the last refresh finished", multiprocess_mode="max"
 )
+HISTORY_DAYS = Counter(
+    "usage_history_days", "Closed days of spending answered, by where from (local, redis, database)", ["layer"]
+)
+HISTORY_TAILS = Counter(
+    "usage_history_tails", "Open days of spending answered, by where from (local, redis, database)", ["layer"]
+)
+HISTORY_COALESCED = Counter("usage_history_coalesced", "History requests that waited on another request's read")
+HISTORY_CLEANED = Counter(
+    "usage_history_cleaned", "Cached days of spending dropped because the gateway's clean-up reached them"
+)
+HISTORY_ROUND_STATEMENTS = Counter(
+    "usage_history_round_statements", "Statements the history rounds sent (tails.py), as leader or on their own"
+)
 REFRESH_LEADER = Gauge("usage_refresh_leader", "1 while a worker leads the refresher", multiprocess_mode="livemax")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -82,6 +96,7 @@ class Publisher:
         requests: RequestStats | None = None,
         redis: RedisGuard | None = None,
         logs: LogReader | None = None,
+        history: History | None = None,
     ) -> None:
         stats, refresh = lookup.stats, refresher.stats
         self._counters: list[tuple[Counter, Callable[[], int]]] = [
@@ -99,6 +114,21 @@ class Publisher:
             (REFRESH_CHANGED, lambda: refresh.changed),
             (REFRESH_READ, lambda: refresh.tokens_read),
         ]
+        if history is not None:
+            spent = history.stats
+            self._counters += [
+                (HISTORY_DAYS.labels("local"), lambda: spent.days_local),
+                (HISTORY_DAYS.labels("redis"), lambda: spent.days_redis),
+                (HISTORY_DAYS.labels("database"), lambda: spent.days_read),
+                (HISTORY_TAILS.labels("local"), lambda: spent.tails_local),
+                (HISTORY_TAILS.labels("redis"), lambda: spent.tails_redis),
+                (HISTORY_TAILS.labels("database"), lambda: spent.tails_read),
+                (HISTORY_COALESCED, lambda: spent.coalesced),
+                (HISTORY_CLEANED, lambda: spent.cleaned),
+            ]
+            if refresher.tails is not None:
+                rounds = refresher.tails.stats
+                self._counters.append((HISTORY_ROUND_STATEMENTS, lambda: rounds.statements))
         if redis is not None:
             self._counters += [
                 (CACHE_HITS.labels("redis"), lambda: stats.redis_hits),

@@ -63,6 +63,7 @@ class TailStats:
     tokens: int = 0  # tokens kept by the last round
     initialised: int = 0  # tokens whose open days were read whole, since start
     changed: int = 0  # tails that changed, since start
+    statements: int = 0  # statements the rounds sent, since start
 
 
 class TailKeeper:
@@ -141,7 +142,7 @@ class TailKeeper:
         kept = await self._round(list(self._hot), now, None)
         assert kept is not None  # nobody to be deposed by
         min_id, tails = kept
-        self.history.note_min_id(min_id, now)
+        self.history.note_min_id(min_id, now, self.history.confirmed_for)
         until = now + self.history.confirmed_for
         self.history.keep_tails({t: Tail(self._open_day, slots, now, until) for t, slots in tails.items()})
 
@@ -159,6 +160,7 @@ class TailKeeper:
         start = open_day * DAY
         if extend is not None and not await extend():
             return None
+        self.stats.statements += 1
         min_id, settled = await marks(self.reader, int(now - SETTLE))
         if open_day != self._open_day:
             # A day closed: its slots are answered from the closed days now.
@@ -177,6 +179,7 @@ class TailKeeper:
                 chunk = new[first : first + INIT_CHUNK]
                 if extend is not None and not await extend():
                     return None
+                self.stats.statements += 1
                 rows = await spending(
                     self.reader, chunk, SLOT, start=start, end=None, after_id=after, before_id=self._settled + 1
                 )
@@ -188,6 +191,7 @@ class TailKeeper:
         if extend is not None and not await extend():
             return None
         newly_settled = max(self._settled, settled)
+        self.stats.statements += 1
         rows = await rows_since(self.reader, SLOT, after_id=self._settled, settled=newly_settled, start=start)
         grown: dict[int, Slots] = {}
         recent: dict[int, Slots] = {}
