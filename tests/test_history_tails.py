@@ -297,3 +297,38 @@ async def test_round_statements_read_index_ranges(
                 assert all(line.split("|")[0] != "ALL" for line in plan), (sql, plan)
         answer = await w.history.slots(tokens[0].id, T0, T0 + DAY)
         assert answer == await plain_select(truth(w), tokens[0].id, T0, T0 + DAY)
+
+
+async def test_a_tail_older_than_a_change_heard_is_not_served(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """A worker that hears of a change while what it takes from Redis predates it (the read raced
+    the round) reads the database instead of serving the older tail."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        await a.history.slots(token.id, *today)
+        await round_heard(a, a, b)
+        gateway.add_log(token, created_at=NOON, quota=2)
+        b.history.hear_round(clock.now + 0.5, 1, [token.id])  # a change Redis does not show yet
+        before = b.history.stats.tails_read
+        assert sum(s.quota for s in (await b.history.slots(token.id, *today)).values()) == 3
+        assert b.history.stats.tails_read == before + 1 and b.history.stats.tails_redis == 0
+
+
+async def test_the_app_wires_history_and_its_metrics(
+    gateway: Gateway, settings: Settings, redis_url: str, app_client: Any
+) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 60, quota=5)
+    async with app_client(redis_url=redis_url) as (app, client):
+        history = app.state.history
+        assert history.redis_days is app.state.redis.history_days
+        assert app.state.refresher.tails.history is history
+        spent = await history.slots(token.id, T0, T0 + DAY)
+        assert spent == {(T0, "gpt-4o-mini"): Spend(5, 10, 5, 1)}
+        text = (await client.get("/metrics")).text
+    assert 'usage_history_days_total{layer="database"} 1.0' in text
+    assert "usage_history_tails_total" in text

@@ -273,8 +273,11 @@ class History:
             tail = tail or loaded.tail
             break
         found: dict[tuple[int, str], Spend] = {}
-        for day_slots in days.values():
-            _select(found, day_slots, start, end)
+        for day, day_slots in days.items():
+            if start <= day * DAY and (day + 1) * DAY <= end:
+                found.update(day_slots)  # a whole day: no slot to leave out
+            else:
+                _select(found, day_slots, start, end)
         if tail is not None:
             # A tail read before a day closed also holds that day, now answered as closed.
             _select(found, tail.slots, max(start, open_day * DAY), end)
@@ -459,7 +462,8 @@ class History:
             self._days.move_to_end((token_id, day))
         while len(self._days) > DAYS_KEPT:
             self._days.popitem(last=False)
-        if tail is not None:
+        # A tail read before a round this worker heard of changed it is not kept (hear_round).
+        if tail is not None and tail.read_at >= self._changed.get(token_id, -math.inf):
             self._tails[token_id] = tail
             self._tails.move_to_end(token_id)
             while len(self._tails) > TAILS_KEPT:
