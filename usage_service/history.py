@@ -71,17 +71,9 @@ class Spend:
         )
 
 
-NOTHING = Spend(0, 0, 0, 0)
+NOTHING = Spend(0, 0, 0, 0)  # where sums start: sum(spends, NOTHING)
 
 Slots = dict[tuple[int, str], Spend]  # {(slot start, model): Spend}
-
-
-def totals(slots: Iterable[Spend]) -> Spend:
-    """The sum of many Spends."""
-    total = NOTHING
-    for spend in slots:
-        total += spend
-    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,10 +413,10 @@ class History:
                     if day >= tail_from:
                         tail_slots.update(day_slots)
                 tail = Tail(tail_from, tail_slots, read_at, read_at + self.tail_ttl)
+                self.stats.tails_read += 1
         days.update(read)
         self._keep(token_id, days, tail)
         self.stats.days_read += len(read)
-        self.stats.tails_read += open_ended_read(runs, tail_from)
         if self.redis_days is not None and read:
             # Behind the answer: nobody waits for Redis to take them.
             write = asyncio.create_task(self.redis_days.put_many(token_id, {d: e.encode(d) for d, e in read.items()}))
@@ -487,10 +479,6 @@ class History:
             if bound is not None:
                 _remember(self._after, at, bound)
         return bound
-
-
-def open_ended_read(runs: list[list[int]], tail_from: int | None) -> int:
-    return int(tail_from is not None and bool(runs) and runs[-1][-1] == tail_from)
 
 
 def _remember(bounds: OrderedDict[int, int], at: int, bound: int) -> None:
