@@ -332,3 +332,29 @@ async def test_the_app_wires_history_and_its_metrics(
         text = (await client.get("/metrics")).text
     assert 'usage_history_days_total{layer="database"} 1.0' in text
     assert "usage_history_tails_total" in text
+
+
+async def test_a_day_that_closes_under_the_rounds_is_not_read_again(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """Rounds on time through a day's close: the leader hands the kept day over as closed."""
+    token, other = gateway.add_token(), gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 100, quota=1, model_name="a")
+    gateway.add_log(other, created_at=T0 + 200, quota=50)
+    gateway.add_log(token, created_at=T0 + DAY - 30, quota=2, type=6)
+    clock = Clock(T0 + DAY - 20)
+    span = (T0, T0 + 2 * DAY)
+    async with worker(settings, clock, redis_url) as w, worker(settings, clock, redis_url) as b:
+        await w.history.slots(token.id, *span)
+        await round_heard(w, w, b)
+        gateway.add_log(token, created_at=T0 + DAY - 5, quota=4)  # written late
+        gateway.add_log(token, created_at=T0 + DAY + 10, quota=8)  # the next day
+        clock.now = T0 + DAY + GRACE - 1
+        await w.history.slots(token.id, *span)  # polled all along (the hot window is a minute)
+        await round_heard(w, w, b)
+        clock.now += 2  # day 0 closes: kept whole, handed over
+        await round_heard(w, w, b)
+        answer = await b.history.slots(token.id, *span)
+        assert answer == await plain_select(truth(b), token.id, *span)
+        assert sum(s.quota for s in answer.values()) == 1 - 2 + 4 + 8
+        assert b.history.stats.days_read == 0 and b.history.stats.days_redis == 1

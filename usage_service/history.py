@@ -280,6 +280,10 @@ class History:
         polled, self._polled = self._polled, set()
         return polled
 
+    def keep_days(self, token_id: int, days: dict[int, Day]) -> None:
+        """Take closed days this worker's own round kept whole as they closed (no Redis)."""
+        self._keep(token_id, days, None)
+
     def keep_tails(self, tails: dict[int, Tail]) -> None:
         """Take tails this worker's own round read (no Redis)."""
         for token_id, tail in tails.items():

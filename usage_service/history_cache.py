@@ -59,6 +59,18 @@ class RedisDays:
         except RedisUnavailable:
             pass
 
+    async def put_all(self, days: Mapping[tuple[int, int], bytes]) -> None:
+        """Store days of many tokens ({(token id, day): value}) in one pipeline (the leader's
+        writes when a day closes: a failure is the caller's to see)."""
+
+        async def write() -> None:
+            pipe = self.guard.client.pipeline(transaction=False)
+            for (token_id, day), value in days.items():
+                pipe.set(self.key(token_id, day), value, px=ms(DAY_TTL))
+            await pipe.execute()
+
+        await self.guard.run(write, self.guard.batch_timeout)
+
 
 class RedisTails:
     """Polled tokens' open days as the refresher's leader last read them (`<prefix><token id>`)."""

@@ -13,6 +13,9 @@ leader runs a history round over the tokens noted within USAGE_HOT_WINDOW:
    slot and model, split at the new settled mark. What is settled is added to the tokens' kept
    open days for good; the rest counts this round only and is read again next round.
 
+When a day closes, the kept slots of that day are whole (every row of it has long settled): the
+round writes them to Redis as each token's closed day, so that nobody reads that day again.
+
 It writes the tails that changed to Redis (`hist:tail:<id>`; the others again once half their TTL
 has gone), then publishes one message on the invalidation channel: the round's time, the smallest
 id and the changed tokens. Workers drop what they hold of those and take the rest as confirmed
@@ -31,12 +34,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Settings
-from .history import DAY, GRACE, SLOT, History, Slots, Tail, add_row
+from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row
 from .shared import SharedRedis
-from .store.spending import marks, rows_since, spending
+from .store.spending import SpendRow, marks, rows_since, spending
 
 # Seconds after which every row stamped before then is taken as written (its transaction
 # committed): rows above the mark they give are read again each round.
@@ -66,6 +69,16 @@ class TailStats:
     statements: int = 0  # statements the rounds sent, since start
 
 
+@dataclass
+class _Kept:
+    """What one round leaves: the log's smallest id, every hot token's open days, and the days
+    that closed since the last round (token -> day -> Day)."""
+
+    min_id: int
+    tails: dict[int, Slots]
+    closed: dict[int, dict[int, Day]] = field(default_factory=dict)
+
+
 class TailKeeper:
     def __init__(self, history: History, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self.history = history
@@ -80,8 +93,12 @@ class TailKeeper:
         # What the rounds keep, as leader or on our own: every kept token's rows with an id up
         # to `_settled` and created_at from the open days' start, summed.
         self._settled: int | None = None
+        self._settled_at = 0.0  # every row stamped before then has an id up to `_settled`
         self._open_day = -1
         self._base: dict[int, Slots] = {}
+        # The smallest id among each kept token's rows of each open day: the guard of the day
+        # once it closes (history.Day).
+        self._guards: dict[int, dict[int, int]] = {}
         self._published: dict[int, Slots] = {}
         self._written: dict[int, float] = {}
 
@@ -113,7 +130,7 @@ class TailKeeper:
         kept = await self._round(members, now, extend)
         if kept is None:
             return False
-        min_id, tails = kept
+        min_id, tails = kept.min_id, kept.tails
         changed = [t for t, slots in tails.items() if not _same(self._published.get(t), slots)]
         due = now - TAIL_KEY_TTL / 2
         writes = {
@@ -123,6 +140,10 @@ class TailKeeper:
         }
         if not await extend():
             return False
+        if kept.closed:
+            await redis.history_days.put_all(
+                {(t, day): entry.encode(day) for t, days in kept.closed.items() for day, entry in days.items()}
+            )
         if writes:
             await redis.history_tails.put_many(writes, TAIL_KEY_TTL)
             self._written.update(dict.fromkeys(writes, now))
@@ -141,37 +162,45 @@ class TailKeeper:
             return
         kept = await self._round(list(self._hot), now, None)
         assert kept is not None  # nobody to be deposed by
-        min_id, tails = kept
-        self.history.note_min_id(min_id, now, self.history.confirmed_for)
+        self.history.note_min_id(kept.min_id, now, self.history.confirmed_for)
+        for token_id, days in kept.closed.items():
+            self.history.keep_days(token_id, days)
         until = now + self.history.confirmed_for
-        self.history.keep_tails({t: Tail(self._open_day, slots, now, until) for t, slots in tails.items()})
+        self.history.keep_tails({t: Tail(self._open_day, slots, now, until) for t, slots in kept.tails.items()})
 
     def step_down(self) -> None:
         """Forget what was kept: another leader may have come and gone since."""
         self._settled = None
+        self._open_day = -1
         self._base.clear()
+        self._guards.clear()
         self._published.clear()
         self._written.clear()
 
-    async def _round(self, tokens: list[int], now: float, extend: Extend | None) -> tuple[int, dict[int, Slots]] | None:
-        """Bring the kept open days of these tokens up to date; (smallest id, {token: slots}),
-        or None when the lock was lost."""
+    async def _round(self, tokens: list[int], now: float, extend: Extend | None) -> _Kept | None:
+        """Bring the kept open days of these tokens up to date; None when the lock was lost."""
         open_day = int(now - GRACE) // DAY
         start = open_day * DAY
         if extend is not None and not await extend():
             return None
         self.stats.statements += 1
         min_id, settled = await marks(self.reader, int(now - SETTLE))
+        closed: dict[int, dict[int, Day]] = {}
         if open_day != self._open_day:
-            # A day closed: its slots are answered from the closed days now.
+            if self._settled is not None and open_day > self._open_day:
+                # Days closed: what was kept of them is whole, and is each token's closed day.
+                closed = self._close_days(self._open_day, open_day)
             self._base = {t: {k: v for k, v in slots.items() if k[0] >= start} for t, slots in self._base.items()}
+            self._guards = {t: {d: g for d, g in days.items() if d >= open_day} for t, days in self._guards.items()}
             self._open_day = open_day
         hot = set(tokens)
         if len(self._base) > len(hot) or not hot.issuperset(self._base):
             self._base = {t: slots for t, slots in self._base.items() if t in hot}
+            self._guards = {t: days for t, days in self._guards.items() if t in hot}
         if self._settled is None:
             self._settled = settled
             self._base.clear()
+            self._guards.clear()
         new = sorted(hot.difference(self._base))
         if new:
             after = await self.history.id_before(start)
@@ -186,6 +215,7 @@ class TailKeeper:
                 read: dict[int, Slots] = {t: {} for t in chunk}
                 for row in rows:
                     add_row(read[row.token_id], row)
+                    self._guard(row)
                 self._base.update(read)
             self.stats.initialised += len(new)
         if extend is not None and not await extend():
@@ -204,11 +234,13 @@ class TailKeeper:
                 slots = grown.get(row.token_id)
                 if slots is None:
                     slots = grown[row.token_id] = dict(base)
+                self._guard(row)
             else:
                 slots = recent.setdefault(row.token_id, {})
             add_row(slots, row)
         self._base.update(grown)
         self._settled = newly_settled
+        self._settled_at = now - SETTLE
         tails: dict[int, Slots] = {}
         for token_id in hot:
             base = self._base[token_id]
@@ -223,7 +255,34 @@ class TailKeeper:
                 tails[token_id] = merged
         self.stats.rounds += 1
         self.stats.tokens = len(tails)
-        return min_id, tails
+        return _Kept(min_id, tails, closed)
+
+    def _guard(self, row: SpendRow) -> None:
+        days = self._guards.setdefault(row.token_id, {})
+        day = row.slot // DAY
+        held = days.get(day)
+        if held is None or row.min_id < held:
+            days[day] = row.min_id
+
+    def _close_days(self, first: int, end: int) -> dict[int, dict[int, Day]]:
+        """The kept tokens' days from `first` up to (not including) `end`, as closed days: those
+        whose every row had settled by the last round, with half the grace to spare for rows
+        written out of order. (After a stall across a day's close, some may not have: they are
+        left to be read from the database.)"""
+        while end > first and end * DAY + GRACE / 2 > self._settled_at:
+            end -= 1
+        closed: dict[int, dict[int, Day]] = {}
+        if end <= first:
+            return closed
+        for token_id, slots in self._base.items():
+            by_day: dict[int, Slots] = {day: {} for day in range(first, end)}
+            for key, spend in slots.items():
+                day = key[0] // DAY
+                if first <= day < end:
+                    by_day[day][key] = spend
+            guards = self._guards.get(token_id, {})
+            closed[token_id] = {day: Day(day_slots, guards.get(day)) for day, day_slots in by_day.items()}
+        return closed
 
     def _prune(self, now: float) -> None:
         since = now - self.window
