@@ -415,3 +415,11 @@ def await_direct(gateway: Gateway, token_id: int) -> dict[tuple[int, str], Spend
     ).fetchall()
     keys = ("created_at", "model_name", "type", "quota", "prompt_tokens", "completion_tokens")
     return direct([{"token_id": token_id, **dict(zip(keys, r, strict=True))} for r in rows], token_id, 0, 2**40)
+
+
+@sqlite_only
+async def test_a_range_beyond_ten_years_is_refused(gateway: Gateway, settings: Settings) -> None:
+    async with engine(settings, Clock(T0)) as (history, recorder):
+        with pytest.raises(ValueError, match="more than 3660 days"):
+            await history.slots(1, 0, T0)
+    assert recorder.sent == []

@@ -6,8 +6,12 @@ A token's spending is kept by UTC day:
   read once, kept in-process (an LRU of DAYS_KEPT days) and in Redis (for a week, shared by all
   workers and restarts), and served from there while the log's smallest id shows no clean-up
   reached it (see `Day.guard`);
-- the *open* days (from the day holding now - GRACE on) are where new charges appear: read
-  directly, at most once per token at a time, and held TAIL_TTL seconds.
+- the *open* days (from the day holding now - GRACE on) are where new charges appear. For a
+  token whose history is polled, the refresher's rounds keep them (tails.py): the leader reads
+  what the gateway wrote since its last round for every polled token at once, writes the tails
+  that changed to Redis and says so on the invalidation channel; workers answer from Redis and
+  then in-process while the rounds confirm them (`hear_round`). Any other token's open days are
+  read directly, at most once per token at a time in a worker, and held TAIL_TTL seconds.
 
 Reads are bounded by the log's id order (store/spending.py): a cold month reads that month of
 the token's rows, not all of them.
@@ -49,6 +53,9 @@ BOUNDS_KEPT = 4096
 # Bumped whenever the layout of a day in Redis changes, so old and new workers never misread each other.
 DAY_FORMAT = 1
 TAIL_FORMAT = 1
+
+# The longest range `slots` answers, in days (ten years): the routes bound theirs far below.
+MAX_DAYS = 3660
 
 # Seconds between two looks at the log's smallest id (how a clean-up is noticed) when nobody
 # reports it sooner.
@@ -235,9 +242,12 @@ class History:
 
     async def slots(self, token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
         """{(slot_start, model_name): Spend} over the token's rows with start <= created_at < end.
-        start and end are Unix seconds, multiples of SLOT. Raises StoreUnavailable."""
+        start and end are Unix seconds, multiples of SLOT. Raises StoreUnavailable (and
+        ValueError for a range of more than MAX_DAYS)."""
         if end <= start:
             return {}
+        if end - start > MAX_DAYS * DAY:
+            raise ValueError(f"a range of more than {MAX_DAYS} days")
         now = self.clock()
         # While the refresher's rounds report the smallest id, no look of our own.
         if now - self._min_checked >= CLEANUP_CHECK and now >= self._min_reported_until:
