@@ -358,6 +358,7 @@ def group_bys(recorder: Recorder, since: int = 0) -> int:
 
 
 @sqlite_only
+@pytest.mark.redis_topologies
 async def test_closed_days_are_read_once_per_deployment(gateway: Gateway, settings: Settings, redis_url: str) -> None:
     token = gateway.add_token()
     for day in range(5):

@@ -22,7 +22,7 @@ from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
 from usage_service.config import Settings
-from usage_service.history import DAY, GRACE, History, Spend
+from usage_service.history import DAY, GRACE, History, Spend, Tail
 from usage_service.lookup import TokenLookup
 from usage_service.refresh import Refresher
 from usage_service.shared import SharedRedis
@@ -96,6 +96,7 @@ async def worker(
 
                 asyncio.get_running_loop().create_task(notify())
 
+            assert await redis.ping()  # as the lifespan does first (a Cluster client learns its slots)
             listener = asyncio.create_task(redis.channel.listen(lambda _: None, lambda _: None, on_live, on_history))
 
             async def stop() -> None:
@@ -129,6 +130,7 @@ def sent(w: Worker) -> int:
     return len(w.recorder.sent)
 
 
+@pytest.mark.redis_topologies
 async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
     gateway: Gateway, settings: Settings, redis_url: str
 ) -> None:
@@ -358,3 +360,21 @@ async def test_a_day_that_closes_under_the_rounds_is_not_read_again(
         assert answer == await plain_select(truth(b), token.id, *span)
         assert sum(s.quota for s in answer.values()) == 1 - 2 + 4 + 8
         assert b.history.stats.days_read == 0 and b.history.stats.days_redis == 1
+
+
+@pytest.mark.redis_topologies
+async def test_a_late_tail_write_never_replaces_a_newer_one(settings: Settings, redis_url: str) -> None:
+    """A deposed leader's write, held up past its lock, lands after its successor's: ignored."""
+    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url))
+    assert redis is not None
+    try:
+        day = T0 // DAY
+        newer = Tail(day, {(T0, "m"): Spend(2, 0, 0, 1)}, NOON + 1.5, None)
+        older = Tail(day, {(T0, "m"): Spend(1, 0, 0, 1)}, NOON, None)
+        await redis.history_tails.put_many({7: newer.encode(), 8: older.encode()}, 60)
+        await redis.history_tails.put_many({7: older.encode(), 8: newer.encode()}, 60)
+        for token_id in (7, 8):
+            value = await redis.history_tails.get(token_id)
+            assert value is not None and Tail.decode(value, 0).slots == newer.slots
+    finally:
+        await redis.close()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ._redis_guard import RedisGuard, RedisUnavailable, ms
+from ._redis_guard import RedisGuard, RedisUnavailable, ScriptCall, ms
 from .hotset import HOT_SLICE
 
 # Seconds a closed day stays in Redis: a month's history polled daily is read from the
@@ -72,12 +72,28 @@ class RedisDays:
         await self.guard.run(write, self.guard.batch_timeout)
 
 
+# Many SETs with one expiry, each only over a tail read earlier than it (values start
+# "[format,start day,read at,"): a deposed leader's late write never undoes a newer round's.
+_SET_NEWER_TAIL_SCRIPT = """
+local function stamp(value)
+  return value and tonumber(string.match(value, '^%[%d+,%d+,([^,]+),'))
+end
+for i, key in ipairs(KEYS) do
+  local new = ARGV[i + 1]
+  local old = stamp(redis.call('get', key))
+  if not old or old <= stamp(new) then redis.call('set', key, new, 'PX', ARGV[1]) end
+end
+return #KEYS
+"""
+
+
 class RedisTails:
     """Polled tokens' open days as the refresher's leader last read them (`<prefix><token id>`)."""
 
     def __init__(self, guard: RedisGuard, *, prefix: str) -> None:
         self.guard = guard
         self.prefix = prefix
+        self._set_newer = guard.script(_SET_NEWER_TAIL_SCRIPT)
 
     def key(self, token_id: int) -> str:
         return f"{self.prefix}{token_id}"
@@ -93,15 +109,13 @@ class RedisTails:
         return value if isinstance(value, bytes) else str(value).encode()
 
     async def put_many(self, tails: Mapping[int, bytes], ttl: float) -> None:
-        """Store many tails in one pipeline (the leader's writes: a failure is the caller's to see)."""
-
-        async def write() -> None:
-            pipe = self.guard.client.pipeline(transaction=False)
-            for token_id, value in tails.items():
-                pipe.set(self.key(token_id), value, px=ms(ttl))
-            await pipe.execute()
-
-        await self.guard.run(write, self.guard.batch_timeout)
+        """Store many tails, each only over an older one, in one pipeline (one script call per
+        hash slot on Cluster); the leader's writes: a failure is the caller's to see."""
+        keys = [self.key(token_id) for token_id in tails]
+        calls: list[ScriptCall] = [
+            (slot_keys, [ms(ttl), *values]) for slot_keys, values in self.guard.by_slot(keys, list(tails.values()))
+        ]
+        await self.guard.run(lambda: self.guard.eval_each(self._set_newer, calls), self.guard.batch_timeout)
 
 
 class HistoryHot:
