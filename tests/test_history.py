@@ -42,11 +42,8 @@ class Recorder:
     def __init__(self, run: Callable[[str, Sequence[Any]], Any]) -> None:
         self.run = run
         self.sent: list[tuple[str, Sequence[Any]]] = []
-        self.down = False
 
     async def __call__(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-        if self.down:
-            raise StoreUnavailable("database down (test)")
         self.sent.append((sql, params))
         return await self.run(sql, params)  # type: ignore[no-any-return]
 
@@ -57,7 +54,7 @@ async def engine(settings: Settings, clock: Clock) -> AsyncIterator[tuple[Histor
     try:
         inner = store.log_reader()
         recorder = Recorder(inner._run)
-        yield History(LogReader(recorder, inner.engine), clock=clock), recorder
+        yield History(LogReader(recorder, inner.engine), clock=clock, stale_if_error=300), recorder
     finally:
         await store.close()
 
@@ -309,22 +306,31 @@ async def test_cleaned_rows_are_gone_from_the_answer(gateway: Gateway, settings:
 
 @sqlite_only
 async def test_database_down(gateway: Gateway, settings: Settings) -> None:
-    """Closed days in the cache are served; anything that needs the database raises StoreUnavailable."""
+    """Closed days in the cache are served; anything that needs the database raises StoreUnavailable.
+
+    Down: the gateway holds its database locked (as a migration would) past USAGE_DB_TIMEOUT."""
     token = gateway.add_token()
     for day in range(3):
         gateway.add_log(token, created_at=T0 + day * DAY, quota=1)
     clock = Clock(T0 + 2 * DAY + 3600)
-    async with engine(settings, clock) as (history, recorder):
+    async with engine(settings, clock) as (history, _):
         closed = await history.slots(token.id, T0, T0 + 2 * DAY)
-        recorder.down = True
-        clock.now += 5
-        assert await history.slots(token.id, T0, T0 + 2 * DAY) == closed
-        with pytest.raises(StoreUnavailable):
-            await history.slots(token.id, T0, T0 + 3 * DAY)  # the open day
-        with pytest.raises(StoreUnavailable):
-            await history.slots(token.id, T0 - DAY, T0 + DAY)  # a day never read
-        recorder.down = False
-        assert len(await history.slots(token.id, T0, T0 + 3 * DAY)) == 3
+        with gateway.exclusive_lock():
+            clock.now += 5  # the look at the smallest id fails too: the last one stands
+            assert await history.slots(token.id, T0, T0 + 2 * DAY) == closed
+            with pytest.raises(StoreUnavailable):
+                await history.slots(token.id, T0, T0 + 3 * DAY)  # the open day
+            with pytest.raises(StoreUnavailable):
+                await history.slots(token.id, T0 - DAY, T0 + DAY)  # a day never read
+        whole = await history.slots(token.id, T0, T0 + 3 * DAY)
+        assert len(whole) == 3
+        with gateway.exclusive_lock():
+            clock.now += 5  # the open day read lately stands in (stale-if-error)...
+            assert await history.slots(token.id, T0, T0 + 3 * DAY) == whole
+            assert history.stats.stale_served == 1
+            clock.now += 300  # ...for USAGE_STALE_IF_ERROR
+            with pytest.raises(StoreUnavailable):
+                await history.slots(token.id, T0, T0 + 3 * DAY)
 
 
 @asynccontextmanager

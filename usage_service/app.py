@@ -149,6 +149,7 @@ def create_app(settings: Settings) -> UsageService:
             # A round's confirmation holds until the next one is due, and a second more.
             confirmed_for=settings.refresh_interval + 1.0,
             note_polls=settings.refresh_interval > 0,
+            stale_if_error=settings.stale_if_error,
         )
         keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
         refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)

@@ -171,6 +171,7 @@ class HistoryStats:
     tails_read: int = 0  # open days read from the database
     coalesced: int = 0  # requests that waited on another request's read
     cleaned: int = 0  # cached days dropped because the gateway's clean-up reached them
+    stale_served: int = 0  # answers whose open days were stale, the database being unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +214,7 @@ class History:
         tail_ttl: float = TAIL_TTL,
         confirmed_for: float = 2.0,
         note_polls: bool = False,
+        stale_if_error: float = 0.0,
     ) -> None:
         self.reader = reader
         self.redis_days = days
@@ -228,6 +230,7 @@ class History:
         self._note_polls = note_polls
         self.clock = clock  # wall clock: created_at is one
         self.tail_ttl = tail_ttl
+        self.stale_if_error = stale_if_error  # seconds open days read lately stand in for a failed read
         self.stats = HistoryStats()
         self.min_id = 0  # the log's smallest id, last we looked
         self._min_checked = -math.inf
@@ -270,7 +273,16 @@ class History:
                 with contextlib.suppress(StoreUnavailable):
                     await asyncio.shield(task)
                 continue
-            loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None)
+            try:
+                loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None)
+            except StoreUnavailable:
+                # Stale-if-error, as for the balance: open days read lately stand in while the
+                # database cannot answer (closed days never missing from an answer).
+                tail = None if missing else self._stale_tail(token_id, open_day, now)
+                if tail is None:
+                    raise
+                self.stats.stale_served += 1
+                break
             days.update({day: entry.slots for day, entry in loaded.days.items()})
             tail = tail or loaded.tail
             break
@@ -354,6 +366,12 @@ class History:
         if tail is None or tail.start > open_day or not self._fresh(tail, now):
             return None
         self.stats.tails_local += 1
+        return tail
+
+    def _stale_tail(self, token_id: int, open_day: int, now: float) -> Tail | None:
+        tail = self._tails.get(token_id)
+        if tail is None or tail.start > open_day or now - tail.read_at > self.stale_if_error:
+            return None
         return tail
 
     def _fresh(self, tail: Tail, now: float) -> bool:

@@ -77,6 +77,9 @@ HISTORY_COALESCED = Counter("usage_history_coalesced", "History requests that wa
 HISTORY_CLEANED = Counter(
     "usage_history_cleaned", "Cached days of spending dropped because the gateway's clean-up reached them"
 )
+HISTORY_STALE = Counter(
+    "usage_history_stale_served", "History answers whose open days were stale while the database was unavailable"
+)
 HISTORY_ROUND_STATEMENTS = Counter(
     "usage_history_round_statements", "Statements the history rounds sent (tails.py), as leader or on their own"
 )
@@ -125,6 +128,7 @@ class Publisher:
                 (HISTORY_TAILS.labels("database"), lambda: spent.tails_read),
                 (HISTORY_COALESCED, lambda: spent.coalesced),
                 (HISTORY_CLEANED, lambda: spent.cleaned),
+                (HISTORY_STALE, lambda: spent.stale_served),
             ]
             if refresher.tails is not None:
                 rounds = refresher.tails.stats
