@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import GatewayFactory
-from support import Gateway, free_port
+from support import Gateway, Token, free_port
 from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
@@ -378,3 +378,32 @@ async def test_a_late_tail_write_never_replaces_a_newer_one(settings: Settings, 
             assert value is not None and Tail.decode(value, 0).slots == newer.slots
     finally:
         await redis.close()
+
+
+async def test_round_cost_is_flat_in_the_number_of_polled_tokens(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """1,200 polled tokens: read whole once in INIT_CHUNK batches, then two statements a round."""
+    gateway.add_tokens(1200)
+    ids = [int(i) for (i,) in gateway.db.execute("SELECT id FROM tokens WHERE name = 'sweep'")]
+    for token_id in ids[::50]:
+        gateway.add_log(Token(token_id, "", 0), created_at=NOON - 60, quota=token_id)
+    clock = Clock(NOON)
+    async with worker(settings, clock, redis_url) as w:
+        assert w.redis is not None
+        await w.redis.history_hot.note(ids, clock.now)  # as the workers' polls would
+        started = sent(w)
+        await round_heard(w, w)
+        # Marks, the day's first id, 1,200 tokens in chunks of 500, what came since.
+        assert sent(w) - started == 1 + 1 + 3 + 1
+        for _ in range(3):
+            clock.now += 1
+            gateway.add_log(Token(ids[7], "", 0), created_at=int(clock.now), quota=1)
+            started = sent(w)
+            await round_heard(w, w)
+            assert sent(w) - started == 2
+        assert w.keeper.stats.tokens == 1200
+        after_rounds = sent(w)
+        answer = await w.history.slots(ids[7], T0, T0 + DAY)
+        assert sum(s.quota for s in answer.values()) == 3  # its three charges (it had no row before)
+        assert sent(w) == after_rounds  # answered from Redis
