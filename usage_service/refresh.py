@@ -6,6 +6,9 @@ polled within USAGE_HOT_WINDOW in batched `WHERE id IN (...)` statements, writes
 Redis, tells every worker (pub/sub) which ones changed, and then that all were checked: workers
 expire the changed ones in their in-process layer and may keep the rest (see TokenLookup).
 Without Redis, or while Redis is down, each worker refreshes its own hot set instead.
+
+The same rounds, under the same lock, then keep the open days of the tokens whose spending
+history is polled (tails.py).
 """
 
 from __future__ import annotations
