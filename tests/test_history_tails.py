@@ -86,8 +86,8 @@ async def worker(
                 if up:
                     live.set()
 
-            def on_history(as_of: float, min_id: int, changed: list[int]) -> None:
-                history.hear_round(as_of, min_id, changed)
+            def on_history(as_of: float, min_id: int, complete: bool, changed: list[int]) -> None:
+                history.hear_round(as_of, min_id, complete, changed)
                 me.rounds_heard += 1
 
                 async def notify() -> None:
@@ -319,7 +319,7 @@ async def test_a_tail_older_than_a_change_heard_is_not_served(
         await a.history.slots(token.id, *today)
         await round_heard(a, a, b)
         gateway.add_log(token, created_at=NOON, quota=2)
-        b.history.hear_round(clock.now + 0.5, 1, [token.id])  # a change Redis does not show yet
+        b.history.hear_round(clock.now + 0.5, 1, True, [token.id])  # a change Redis does not show yet
         before = b.history.stats.tails_read
         assert sum(s.quota for s in (await b.history.slots(token.id, *today)).values()) == 3
         assert b.history.stats.tails_read == before + 1 and b.history.stats.tails_redis == 0
@@ -412,3 +412,23 @@ async def test_round_cost_is_flat_in_the_number_of_polled_tokens(
         answer = await w.history.slots(ids[7], T0, T0 + DAY)
         assert sum(s.quota for s in answer.values()) == 3  # its three charges (it had no row before)
         assert sent(w) == after_rounds  # answered from Redis
+
+
+async def test_a_round_cut_at_hot_max_confirms_nothing(gateway: Gateway, settings: Settings, redis_url: str) -> None:
+    """Past USAGE_HOT_MAX some polled tokens are not kept: no worker may take what it holds as
+    confirmed then, and each reads the open days it needs directly."""
+    tokens = [gateway.add_token() for _ in range(3)]
+    for token in tokens:
+        gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(dataclasses.replace(settings, hot_max=2), clock, redis_url) as w:
+        for token in tokens:
+            await w.history.slots(token.id, *today)
+        await round_heard(w, w)
+        assert w.keeper.stats.tokens == 2
+        clock.now += 1.5  # past the direct reads' own TTL
+        read = w.history.stats.tails_read
+        for token in tokens:
+            assert sum(s.quota for s in (await w.history.slots(token.id, *today)).values()) == 1
+        assert w.history.stats.tails_read == read + 3 and w.history.stats.tails_redis == 0

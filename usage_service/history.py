@@ -314,17 +314,19 @@ class History:
         while len(self._tails) > TAILS_KEPT:
             self._tails.popitem(last=False)
 
-    def hear_round(self, as_of: float, min_id: int, changed: list[int]) -> None:
-        """Hear the leader's history round: every polled token's open days were checked as of
-        `as_of`, and these changed (their new tails are in Redis). The invariant: a tail taken
-        before this worker hears that it changed is never served fresh after."""
+    def hear_round(self, as_of: float, min_id: int, complete: bool, changed: list[int]) -> None:
+        """Hear the leader's history round: the polled tokens' open days (`complete`: every
+        polled token's) were checked as of `as_of`, and these changed (their new tails are in
+        Redis). The invariant: a tail taken before this worker hears that it changed is never
+        served fresh after; only a complete round keeps the others fresh."""
         self.note_min_id(min_id, as_of, self.confirmed_for)
         for token_id in changed:
             self._changed[token_id] = as_of
             self._tails.pop(token_id, None)
         if len(self._changed) > TAILS_KEPT:  # a tail read this long ago no longer races with a round
             self._changed = {t: at for t, at in self._changed.items() if at > as_of - 60}
-        self._confirmed_at = max(self._confirmed_at, as_of)
+        if complete:
+            self._confirmed_at = max(self._confirmed_at, as_of)
 
     def set_live(self, live: bool) -> None:
         """Hear whether rounds can reach this worker: either way, some may have been missed."""

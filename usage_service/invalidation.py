@@ -4,8 +4,9 @@ One pub/sub channel `<prefix>invalidate` carries every kind of message, so a wor
 round's confirmation has heard that round's invalidations:
 - comma-separated digests (hex): these tokens changed, drop what you hold of them;
 - '@' and a wall-clock time: every hot token was checked against the database as of then;
-- '#' as_of ':' the log's smallest id ':' comma-separated token ids: a history round (tails.py)
-  checked every token whose history is polled as of then, and these ones' open days changed.
+- '#' as_of ':' the log's smallest id ':' 1 or 0 ':' comma-separated token ids: a history round
+  (tails.py) checked the tokens whose history is polled as of then (all of them: 1; the hot set
+  was cut at USAGE_HOT_MAX: 0), and these ones' open days changed.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ class InvalidationChannel:
         """Tell every worker that all hot records were checked against the database as of `as_of`."""
         await self.guard.run(lambda: self.guard.client.publish(self.name, f"@{as_of!r}"))
 
-    async def publish_history(self, as_of: float, min_id: int, token_ids: Iterable[int]) -> None:
-        """Tell every worker that a history round checked every polled token as of `as_of`, and
-        that these tokens' open days changed (written to Redis before this)."""
-        message = f"#{as_of!r}:{min_id}:{','.join(map(str, token_ids))}"
+    async def publish_history(self, as_of: float, min_id: int, complete: bool, token_ids: Iterable[int]) -> None:
+        """Tell every worker that a history round checked the polled tokens (`complete`: every
+        one) as of `as_of`, and that these tokens' open days changed (written to Redis before)."""
+        message = f"#{as_of!r}:{min_id}:{int(complete)}:{','.join(map(str, token_ids))}"
         await self.guard.run(lambda: self.guard.client.publish(self.name, message))
 
     async def listen(
@@ -42,7 +43,7 @@ class InvalidationChannel:
         on_digests: Callable[[list[bytes]], None],
         on_confirm: Callable[[float], None],
         on_live: Callable[[bool], None],
-        on_history: Callable[[float, int, list[int]], None] | None = None,
+        on_history: Callable[[float, int, bool, list[int]], None] | None = None,
     ) -> None:
         """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
 
@@ -95,6 +96,6 @@ def _parse_digests(data: object) -> list[bytes]:
     return digests
 
 
-def _parse_history(data: bytes) -> tuple[float, int, list[int]]:
-    as_of, min_id, ids = data[1:].split(b":", 2)
-    return float(as_of), int(min_id), [int(token_id) for token_id in ids.split(b",") if token_id]
+def _parse_history(data: bytes) -> tuple[float, int, bool, list[int]]:
+    as_of, min_id, complete, ids = data[1:].split(b":", 3)
+    return float(as_of), int(min_id), complete == b"1", [int(token_id) for token_id in ids.split(b",") if token_id]

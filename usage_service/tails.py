@@ -19,8 +19,11 @@ round writes them to Redis as each token's closed day, so that nobody reads that
 It writes the tails that changed to Redis (`hist:tail:<id>`; the others again once half their TTL
 has gone), then publishes one message on the invalidation channel: the round's time, the smallest
 id and the changed tokens. Workers drop what they hold of those and take the rest as confirmed
-(History.hear_round). The steady cost is two statements a round, however many tokens are polled,
-how often, and by how many workers.
+(History.hear_round), unless the hot set was cut at USAGE_HOT_MAX: then the round confirms
+nothing, and workers read what they need directly, as they do for any token not kept.
+
+The steady cost is two statements a round, however many tokens are polled, how often, and by
+how many workers.
 
 Without Redis, or while it is down, each worker runs the same round over its own polled tokens
 and keeps the tails it reads in-process.
@@ -147,7 +150,9 @@ class TailKeeper:
         if writes:
             await redis.history_tails.put_many(writes, TAIL_KEY_TTL)
             self._written.update(dict.fromkeys(writes, now))
-        await redis.channel.publish_history(now, min_id, changed)
+        # Only a round that kept every polled token vouches for what workers hold (as the
+        # balance's confirmation): past USAGE_HOT_MAX, the others' tails would go stale unseen.
+        await redis.channel.publish_history(now, min_id, len(members) < self.hot_max, changed)
         self._published = tails
         self._written = {t: at for t, at in self._written.items() if t in tails}
         self.stats.changed += len(changed)
