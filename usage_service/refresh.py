@@ -159,6 +159,8 @@ class Refresher:
                 self._step_down()
                 # Redis may come back empty: note everything again once it answers.
                 self._noted.clear()
+                if self.tails is not None:
+                    self.tails.forget_noted()
         await self._own_round()
 
     async def _shared_round(self, redis: SharedRedis, lock: LeaderLock, unnoted: dict[bytes, int], now: float) -> None:

@@ -118,6 +118,10 @@ class TailKeeper:
             self._prune(now)
         return unnoted
 
+    def forget_noted(self) -> None:
+        """Redis failed, and may come back empty: note every polled token again once it answers."""
+        self._noted.clear()
+
     async def note(self, redis: SharedRedis, unnoted: list[int]) -> None:
         now = self.clock()
         await redis.history_hot.note(unnoted, now)
@@ -134,7 +138,7 @@ class TailKeeper:
         if kept is None:
             return False
         min_id, tails = kept.min_id, kept.tails
-        changed = [t for t, slots in tails.items() if not _same(self._published.get(t), slots)]
+        changed = {t for t, slots in tails.items() if not _same(self._published.get(t), slots)}
         due = now - TAIL_KEY_TTL / 2
         writes = {
             t: Tail(self._open_day, slots, now, None).encode()
@@ -152,7 +156,7 @@ class TailKeeper:
             self._written.update(dict.fromkeys(writes, now))
         # Only a round that kept every polled token vouches for what workers hold (as the
         # balance's confirmation): past USAGE_HOT_MAX, the others' tails would go stale unseen.
-        await redis.channel.publish_history(now, min_id, len(members) < self.hot_max, changed)
+        await redis.channel.publish_history(now, min_id, len(members) < self.hot_max, sorted(changed))
         self._published = tails
         self._written = {t: at for t, at in self._written.items() if t in tails}
         self.stats.changed += len(changed)
