@@ -185,7 +185,7 @@ def add_row(slots: Slots, row: SpendRow) -> None:
     if row.type == REFUND:
         spend = Spend(-row.quota, 0, 0, 0)
     else:
-        spend = Spend(row.quota, row.prompt_tokens, row.completion_tokens, row.count)
+        spend = Spend(row.quota, row.prompt_tokens, row.completion_tokens, row.rows)
     key = (row.slot, row.model)
     held = slots.get(key)
     slots[key] = spend if held is None else held + spend

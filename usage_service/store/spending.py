@@ -14,8 +14,7 @@ time range, and every statement keeps the exact created_at condition as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .logs import LogReader
 
@@ -26,9 +25,9 @@ MARGIN = 600
 CONSUME, REFUND = 2, 6
 
 
-@dataclass(frozen=True, slots=True)
-class SpendRow:
-    """One group of a spending statement: one token's rows of one type, slot and model."""
+class SpendRow(NamedTuple):
+    """One group of a spending statement: one token's rows of one type, slot and model (a
+    NamedTuple: a takeover round builds hundreds of thousands)."""
 
     token_id: int
     slot: int  # the slot's start, Unix seconds
@@ -37,7 +36,7 @@ class SpendRow:
     quota: int
     prompt_tokens: int
     completion_tokens: int
-    count: int
+    rows: int  # how many rows the group has
     min_id: int  # the smallest id among the group's rows
     settled: bool = True  # for `rows_since`: whether all the group's rows have ids up to `settled`
 
@@ -131,19 +130,20 @@ async def rows_since(reader: LogReader, slot: int, *, after_id: int, settled: in
 
 
 def _row(row: Sequence[Any], slot: int) -> SpendRow:
-    # SUM comes back as Decimal on MySQL and PostgreSQL; text may come back as bytes on MySQL.
+    # SUM comes back as Decimal on MySQL and PostgreSQL (int() of an int costs next to nothing);
+    # text may come back as bytes on MySQL, NULL sums and models as None.
     model = row[2]
-    if isinstance(model, bytes):
-        model = model.decode(errors="replace")
+    if type(model) is not str:
+        model = model.decode(errors="replace") if isinstance(model, bytes) else ""
     return SpendRow(
-        token_id=int(row[0]),
-        slot=int(row[1]) * slot,
-        model=model if isinstance(model, str) else "",
-        type=int(row[3]),
-        quota=int(row[4] or 0),
-        prompt_tokens=int(row[5] or 0),
-        completion_tokens=int(row[6] or 0),
-        count=int(row[7]),
-        min_id=int(row[8]),
-        settled=bool(row[9]) if len(row) > 9 else True,
+        int(row[0]),
+        int(row[1]) * slot,
+        model,
+        int(row[3]),
+        int(row[4] or 0),
+        int(row[5] or 0),
+        int(row[6] or 0),
+        int(row[7]),
+        int(row[8]),
+        bool(row[9]) if len(row) > 9 else True,
     )
