@@ -432,3 +432,28 @@ async def test_a_round_cut_at_hot_max_confirms_nothing(gateway: Gateway, setting
         for token in tokens:
             assert sum(s.quota for s in (await w.history.slots(token.id, *today)).values()) == 1
         assert w.history.stats.tails_read == read + 3 and w.history.stats.tails_redis == 0
+
+
+async def test_workers_learn_of_a_clean_up_from_the_rounds(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """The round reports the log's smallest id: workers drop cached days the clean-up reached
+    without a look of their own."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 - 2 * DAY + 60, quota=1)
+    gateway.add_log(token, created_at=T0 - DAY + 60, quota=2)
+    gateway.add_log(token, created_at=NOON - 60, quota=4)
+    clock = Clock(NOON)
+    span = (T0 - 2 * DAY, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        for w in (a, b):
+            assert sum(s.quota for s in (await w.history.slots(token.id, *span)).values()) == 7
+        gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 - DAY,))
+        clock.now += 0.5
+        await round_heard(a, a, b)
+        looks = sum(1 for sql, _ in b.recorder.sent if sql.startswith("SELECT (SELECT min(id)"))
+        answer = await b.history.slots(token.id, *span)
+        assert sum(s.quota for s in answer.values()) == 6
+        assert answer == await plain_select(truth(b), token.id, *span)
+        assert b.history.stats.cleaned == 1
+        assert sum(1 for sql, _ in b.recorder.sent if sql.startswith("SELECT (SELECT min(id)")) == looks
