@@ -1,0 +1,135 @@
+"""Calendar days in a time zone as ranges of history slots, and spending summed per day and model.
+
+The history engine answers per 15-minute slot (`history.SLOT`); the routes answer per day of a
+client's calendar. A day is [its local midnight, the next day's local midnight), so DST days are
+23 or 25 hours long, and a slot belongs to the day its start falls in. Every zone's UTC offset has
+been a whole number of quarter hours since 1980 (Pacific/Kiritimati was UTC−10:40 until 1979,
+Africa/Monrovia UTC−0:44:30 until 1972): since then a slot never straddles a local midnight, so
+the sums per day are exact. Before that, in those two zones, a straddling slot counts for the day
+it starts in.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime, time, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .history import SLOT
+
+# Dates a range may name: the log has no row before 1970, and the day after the last one must
+# still be a date.
+FIRST_DATE, LAST_DATE = date(1970, 1, 1), date(9999, 12, 30)
+
+# YYYY-MM-DD; month and day may also come unpadded, as key checkers build them in JavaScript
+# (`getMonth() + 1`): 2026-3-5.
+_DATE = re.compile(r"([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})")
+
+# Longer names are no IANA zone (the longest is 32 characters): refused before any lookup.
+_ZONE_NAME_MAX = 64
+
+
+def parse_date(text: str) -> date:
+    """Read YYYY-MM-DD (or YYYY-M-D); raise ValueError saying what was expected."""
+    match = _DATE.fullmatch(text)
+    try:
+        if match is None:
+            raise ValueError
+        day = date(*map(int, match.groups()))
+    except ValueError:
+        raise ValueError("expected a date as YYYY-MM-DD") from None
+    if not FIRST_DATE <= day <= LAST_DATE:
+        raise ValueError(f"expected a date between {FIRST_DATE} and {LAST_DATE}")
+    return day
+
+
+def parse_zone(name: str) -> ZoneInfo:
+    """The IANA time zone of this name (e.g. Europe/Berlin, UTC); raise ValueError if there is none."""
+    if not name or len(name) > _ZONE_NAME_MAX:
+        raise ValueError("expected an IANA time zone name such as Europe/Berlin")
+    try:
+        # zoneinfo keeps the zones it loaded: a polled name is looked up once per process.
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # not found, not a key (`../x`), unreadable
+        raise ValueError("expected an IANA time zone name such as Europe/Berlin") from None
+
+
+def today(zone: ZoneInfo, now: float) -> date:
+    """The date in `zone` at Unix time `now`."""
+    return datetime.fromtimestamp(now, zone).date()
+
+
+def day_starts(first: date, days: int, zone: ZoneInfo) -> list[int]:
+    """Unix seconds of the local midnights of `first` and the `days` days after it (days + 1 bounds).
+
+    A midnight that a DST change skips (some zones change at 00:00) is read with the offset
+    before the change (PEP 495, fold=0): that is the instant the day begins.
+    """
+    return [int(datetime.combine(first + timedelta(n), time(), zone).timestamp()) for n in range(days + 1)]
+
+
+def slot_bounds(starts: Sequence[int]) -> tuple[int, int]:
+    """The whole slots covering [starts[0], starts[-1]), as the history engine takes them."""
+    return starts[0] - starts[0] % SLOT, starts[-1] + (-starts[-1]) % SLOT
+
+
+def horizon(now: float) -> int:
+    """The end of the slot after the current one: later slots hold nothing yet (one slot of
+    slack for a gateway whose clock runs a little ahead of ours)."""
+    return (int(now) // SLOT + 2) * SLOT
+
+
+class SpendLike(Protocol):
+    """What the history engine's `Spend` holds (read-only)."""
+
+    @property
+    def quota(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+
+
+class Tally:
+    """Spending added up: quota (net of refunds), prompt and completion tokens, requests."""
+
+    __slots__ = ("quota", "prompt_tokens", "completion_tokens", "requests")
+
+    def __init__(self) -> None:
+        self.quota = self.prompt_tokens = self.completion_tokens = self.requests = 0
+
+    def add(self, spend: SpendLike | Tally) -> None:
+        self.quota += spend.quota
+        self.prompt_tokens += spend.prompt_tokens
+        self.completion_tokens += spend.completion_tokens
+        self.requests += spend.requests
+
+    @classmethod
+    def of(cls, spends: Iterable[SpendLike | Tally]) -> Tally:
+        tally = cls()
+        for spend in spends:
+            tally.add(spend)
+        return tally
+
+
+def by_day_and_model(slots: Mapping[tuple[int, str], SpendLike], starts: Sequence[int]) -> dict[tuple[int, str], Tally]:
+    """Sum slots per (day index, model); `starts` are the days' bounds from `day_starts`.
+
+    Slots outside [starts[0], starts[-1]) are left out. Only (day, model) pairs with at least one
+    slot appear; their order is (day, model).
+    """
+    first, end = starts[0], starts[-1]
+    sums: dict[tuple[int, str], Tally] = {}
+    for (slot, model), spend in slots.items():
+        if first <= slot < end:
+            key = (bisect_right(starts, slot) - 1, model)
+            tally = sums.get(key)
+            if tally is None:
+                tally = sums[key] = Tally()
+            tally.add(spend)
+    return dict(sorted(sums.items()))
