@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from usage_service._circuit import CircuitBreaker
-from usage_service.cache import GENERATIONS_KEPT, LocalCache, key_digest
+from usage_service.cache import GENERATIONS_KEPT, AnswerCache, LocalCache, key_digest
 from usage_service.hotset import parse_hot
 
 
@@ -147,3 +147,35 @@ def test_a_long_forgotten_generation_counts_its_own_deadline() -> None:
     for now in range(5, 5 + GENERATIONS_KEPT + 1):  # the channel flapped, more often than is remembered
         cache.new_generation(now=float(now))
     assert cache.peek(b"a") == ("a", 2.0)
+
+
+def test_answer_cache_fresh_then_stale_within_bounds() -> None:
+    answers: AnswerCache[str] = AnswerCache(max_size=2, max_bytes=1000, ttl=1.0, stale_if_error=10.0)
+    answers.put(b"a", "A", 10, now=100.0)
+    assert answers.fresh(b"a", 100.5) == "A"
+    assert answers.fresh(b"a", 101.0) is None  # past USAGE_LOCAL_TTL
+    assert answers.stale(b"a", 111.0) == "A"  # ended 10 s ago: still within stale-if-error
+    assert answers.stale(b"a", 111.5) is None
+    answers.put(b"b", "B", 10, now=100.0)
+    answers.put(b"c", "C", 10, now=100.0)  # bounded by count: the oldest goes
+    assert answers.stale(b"a", 100.0) is None and answers.fresh(b"c", 100.0) == "C"
+    assert (len(answers), answers.bytes) == (2, 20)
+
+
+def test_answer_cache_is_bounded_by_bytes() -> None:
+    answers: AnswerCache[str] = AnswerCache(max_size=100, max_bytes=1000, ttl=1.0, stale_if_error=10.0)
+    for name in (b"a", b"b", b"c"):
+        answers.put(name, name.decode(), 400, now=100.0)
+    assert answers.fresh(b"a", 100.0) is None  # 1,200 bytes: the oldest went
+    assert (len(answers), answers.bytes) == (2, 800)
+    answers.put(b"b", "B2", 100, now=100.0)  # replaced, not counted twice
+    assert answers.bytes == 500 and answers.fresh(b"b", 100.0) == "B2"
+    answers.put(b"huge", "H", 5000, now=100.0)  # larger than the whole budget: kept by nobody
+    assert (len(answers), answers.bytes) == (0, 0)
+
+
+def test_answer_cache_with_no_ttl_keeps_only_stale_copies() -> None:
+    answers: AnswerCache[str] = AnswerCache(max_size=10, max_bytes=1000, ttl=0.0, stale_if_error=300.0)
+    answers.put(b"a", "A", 1, now=100.0)
+    assert answers.fresh(b"a", 100.0) is None
+    assert answers.stale(b"a", 100.0) == "A"

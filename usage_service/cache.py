@@ -226,3 +226,46 @@ class RedisRecords:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.guard.batch_timeout):
                     await asyncio.shield(self._writer)
+
+
+class AnswerCache(Generic[V]):
+    """Answers rendered from the log, kept per worker for `ttl` seconds after rendering.
+
+    Bounded by count and by bytes (an answer over a long range by day and model can be large):
+    the least recently rendered go first. A copy past its freshness stays until pushed out, and
+    is served for `stale_if_error` more seconds while the log's database cannot answer.
+    """
+
+    def __init__(self, max_size: int, max_bytes: int, ttl: float, stale_if_error: float) -> None:
+        self.max_size = max_size
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.stale_if_error = stale_if_error
+        self.bytes = 0
+        # key -> (fresh until, answer, its size in bytes)
+        self._answers: OrderedDict[bytes, tuple[float, V, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def fresh(self, key: bytes, now: float) -> V | None:
+        entry = self._answers.get(key)
+        return entry[1] if entry is not None and now < entry[0] else None
+
+    def stale(self, key: bytes, now: float) -> V | None:
+        """The last answer for `key` if its freshness ended at most `stale_if_error` seconds ago."""
+        entry = self._answers.get(key)
+        if entry is None or now - entry[0] > self.stale_if_error:
+            return None
+        return entry[1]
+
+    def put(self, key: bytes, answer: V, size: int, now: float) -> None:
+        answers = self._answers
+        old = answers.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+        answers[key] = (now + self.ttl, answer, size)
+        self.bytes += size
+        while len(answers) > self.max_size or self.bytes > self.max_bytes:
+            _, (_, _, dropped) = answers.popitem(last=False)
+            self.bytes -= dropped

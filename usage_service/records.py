@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import orjson
 
-from .responses import JSON_TYPE, NO_CACHE
+from .responses import JSON_TYPE, NO_CACHE, strong_etag
 
 # new-api's token and user statuses.
 TOKEN_ENABLED, TOKEN_DISABLED, TOKEN_EXPIRED, TOKEN_EXHAUSTED = 1, 2, 3, 4
@@ -79,7 +78,7 @@ class TokenRecord:
 
     @cached_property
     def usage_etag(self) -> bytes:
-        return b'"' + hashlib.blake2b(self.usage_body, digest_size=12).hexdigest().encode() + b'"'
+        return strong_etag(self.usage_body)
 
     @cached_property
     def cache_fields(self) -> bytes:

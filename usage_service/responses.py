@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import orjson
@@ -31,6 +32,34 @@ async def send_body(scope: Scope, send: Send, status: int, headers: Headers, bod
     scope[STATUS_KEY] = status
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+def strong_etag(body: bytes) -> bytes:
+    """An ETag for this body: a hash of it, so equal answers revalidate across workers and restarts."""
+    return b'"' + hashlib.blake2b(body, digest_size=12).hexdigest().encode() + b'"'
+
+
+async def send_revalidated(scope: Scope, send: Send, headers: Headers, body: bytes, etag: bytes) -> None:
+    """Send 200 with this body, or 304 without it when the request's If-None-Match matches `etag`."""
+    for name, value in scope["headers"]:
+        if name == b"if-none-match":
+            if etag_matches(value, etag):
+                await send_body(scope, send, 304, [NO_CACHE, (b"etag", etag)], b"")
+                return
+            break
+    # A fresh list: the server or a middleware may add to the headers it is given.
+    await send_body(scope, send, 200, [*headers], body)
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """RFC 9110 weak comparison of an If-None-Match list against our (strong) ETag."""
+    if if_none_match == etag:
+        return True
+    for candidate in if_none_match.split(b","):
+        candidate = candidate.strip()
+        if candidate == b"*" or candidate.removeprefix(b"W/") == etag:
+            return True
+    return False
 
 
 class JSONError:
