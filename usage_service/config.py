@@ -168,6 +168,17 @@ def _cors_origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+BillingTotal = Literal["lifetime", "range"]
+BILLING_TOTALS: tuple[BillingTotal, ...] = ("lifetime", "range")
+
+
+def _billing_total(raw: str) -> BillingTotal:
+    total = next((t for t in BILLING_TOTALS if t == raw.lower()), None)
+    if total is None:
+        raise ValueError(f"expected one of {', '.join(BILLING_TOTALS)}")
+    return total
+
+
 # --- the table --------------------------------------------------------------------------------
 
 
@@ -360,6 +371,22 @@ TABLE: tuple[Variable, ...] = (
         _seconds(minimum=0.0),
         "seconds between re-reads of the gateway's billing options (0: at start only)",
     ),
+    Variable(
+        "USAGE_HISTORY_MAX_DAYS",
+        "history_max_days",
+        100,
+        _count(minimum=1, maximum=3660),
+        "longest date range, in days, of /api/usage/token/history (end_date included; a dated"
+        " /dashboard/billing/usage may span one day more); 400 beyond",
+    ),
+    Variable(
+        "USAGE_BILLING_TOTAL",
+        "billing_total",
+        "lifetime",
+        _billing_total,
+        "total_usage of /dashboard/billing/usage with start_date and end_date: 'lifetime' (the gateway's"
+        " meaning) or 'range' (OpenAI's: the range's total)",
+    ),
     Variable("USAGE_METRICS", "metrics", True, _switch, "serve Prometheus metrics at /metrics (on/off)"),
     Variable(
         "USAGE_METRICS_ADDRESS",
@@ -458,6 +485,8 @@ class Settings:
     hot_window: float = _DEFAULTS["hot_window"]
     hot_max: int = _DEFAULTS["hot_max"]
     options_interval: float = _DEFAULTS["options_interval"]
+    history_max_days: int = _DEFAULTS["history_max_days"]
+    billing_total: BillingTotal = _DEFAULTS["billing_total"]
     # Operators' and integrators' features (metrics, logs, CORS).
     metrics: bool = _DEFAULTS["metrics"]
     metrics_address: tuple[str, int] | None = _DEFAULTS["metrics_address"]  # /metrics there, not on the main port
