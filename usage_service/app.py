@@ -217,7 +217,7 @@ def create_app(settings: Settings) -> UsageService:
         else None
     )
     return UsageService(
-        table=route_table(settings.retry_after, services),
+        table=route_table(settings, services),
         polled=polled,
         cross_origin=cross_origin,
         starlette=starlette,

@@ -10,14 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from datetime import date
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
-from starlette.types import Receive, Scope, Send
+from starlette.datastructures import QueryParams
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .cache import AnswerCache
+from .config import BillingTotal
+from .days import Tally, by_day_and_model, day_starts, horizon, parse_date, slot_bounds
 from .records import TokenRecord, compact_json, go_int_sum
-from .responses import JSON_TYPE, NO_CACHE, Headers, send_body
+from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, send_body
 from .routing import SCOPE_KEY
 from .store import StoreUnavailable, TokenStore
 
@@ -25,6 +32,8 @@ if TYPE_CHECKING:  # services.py holds a GatewayOptions: a run-time import would
     from .services import Services
 
 logger = logging.getLogger("usage_service.billing")
+
+UTC = ZoneInfo("UTC")  # OpenAI's days
 
 # What the gateway reports as the limit of an unlimited token; clients read it as "no limit".
 UNLIMITED_AMOUNT = 100_000_000
@@ -84,7 +93,7 @@ def _positive(raw: str | None, default: float) -> float:
     return value if math.isfinite(value) and value > 0 else default
 
 
-def _number(value: float) -> int | float:
+def json_number(value: float) -> int | float:
     """Render a float as Go's encoding/json does: whole numbers without a fraction."""
     return int(value) if value.is_integer() and abs(value) < 1e21 else value
 
@@ -95,7 +104,7 @@ def subscription_data(record: TokenRecord, options: BillingOptions) -> dict[str,
         quota, access_until = go_int_sum(record.remain_quota, record.used_quota), max(record.expired_time, 0)
     else:
         quota, access_until = go_int_sum(record.user_quota, record.user_used_quota), 0
-    limit: int | float = _number(options.amount(quota))
+    limit: int | float = json_number(options.amount(quota))
     if options.token_stat and record.unlimited_quota:
         limit = UNLIMITED_AMOUNT
     return {
@@ -108,10 +117,15 @@ def subscription_data(record: TokenRecord, options: BillingOptions) -> dict[str,
     }
 
 
-def usage_data(record: TokenRecord, options: BillingOptions) -> dict[str, object]:
-    """The body of GET /dashboard/billing/usage: lifetime use in hundredths of the display unit."""
+def lifetime_usage(record: TokenRecord, options: BillingOptions) -> int | float:
+    """Lifetime use in hundredths of the display unit, the token's or its owner's as the gateway shows it."""
     used = record.used_quota if options.token_stat else record.user_used_quota
-    return {"object": "list", "total_usage": _number(options.amount(used) * 100)}
+    return json_number(options.amount(used) * 100)
+
+
+def usage_data(record: TokenRecord, options: BillingOptions) -> dict[str, object]:
+    """The body of GET /dashboard/billing/usage without a date range."""
+    return {"object": "list", "total_usage": lifetime_usage(record, options)}
 
 
 class GatewayOptions:
@@ -185,3 +199,114 @@ class BillingEndpoint:
         headers, body = entry[1]
         # A fresh list: the server or a middleware may add to the headers it is given.
         await send_body(scope, send, 200, [*headers], body)
+
+
+# --- /dashboard/billing/usage with a date range ----------------------------------------------
+
+
+def billing_range(params: QueryParams, max_days: int) -> tuple[date, date]:
+    """OpenAI's range: start_date included, end_date excluded, in UTC; raise ValueError naming the bad one."""
+    start_raw, end_raw = params.get("start_date") or None, params.get("end_date") or None
+    if start_raw is None or end_raw is None:
+        raise ValueError("start_date, end_date: give both (or neither, for the lifetime total alone)")
+    dates = []
+    for name, raw in (("start_date", start_raw), ("end_date", end_raw)):
+        try:
+            dates.append(parse_date(raw))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    start, end = dates
+    if end < start:
+        raise ValueError("end_date: before start_date")
+    # One day of slack over the history route: neko-api-key-tool asks from now - 100 x 24 h to
+    # today in the browser's zone, which is 101 dates during an hour of the night for months
+    # after a DST change.
+    if (end - start).days > max_days + 1:
+        raise ValueError(f"start_date, end_date: at most {max_days + 1} days apart")
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class DatedAnswer:
+    record: TokenRecord  # the lifetime total came from it: a record read since with other values re-renders
+    options: BillingOptions
+    headers: Headers
+    body: bytes
+
+
+class BillingUsageEndpoint:
+    """GET /dashboard/billing/usage: the gateway's answer; with start_date and end_date, also
+    OpenAI's `daily_costs` over that range (and, with USAGE_BILLING_TOTAL=range, its total)."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        unavailable: ASGIApp,
+        max_days: int,
+        total: BillingTotal,
+        answers: AnswerCache[DatedAnswer],
+    ) -> None:
+        self.lifetime = BillingEndpoint("usage", usage_data, services)
+        self.services = services
+        self.unavailable = unavailable
+        self.max_days = max_days
+        self.range_total = total == "range"
+        self.answers = answers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query_string: bytes = scope["query_string"]
+        if not query_string:
+            await self.lifetime(scope, receive, send)
+            return
+        record: TokenRecord = scope[SCOPE_KEY]
+        options = self.services.options.current
+        # Dated answers are kept per (token, query as sent): a hit parses nothing. Only dated
+        # answers are kept, so a hit is one.
+        key = b"%d?%s" % (record.id, query_string)
+        now = time.monotonic()
+        answer = self.answers.fresh(key, now)
+        if answer is None or answer.options is not options or (answer.record is not record and answer.record != record):
+            params = QueryParams(query_string)
+            if not (params.get("start_date") or params.get("end_date")):
+                await self.lifetime(scope, receive, send)
+                return
+            try:
+                start, end = billing_range(params, self.max_days)
+            except ValueError as exc:
+                await OpenAIError(400, str(exc), "invalid_date_range")(scope, receive, send)
+                return
+            try:
+                data = await self.daily_costs(record, start, end, options)
+            except StoreUnavailable:
+                answer = self.answers.stale(key, now)
+                if answer is None:
+                    await self.unavailable(scope, receive, send)
+                    return
+            else:
+                answer = DatedAnswer(record, options, *_answer(data))
+                self.answers.put(key, answer, len(answer.body) + len(key), now)
+        await send_body(scope, send, 200, [*answer.headers], answer.body)
+
+    async def daily_costs(
+        self, record: TokenRecord, start: date, end: date, options: BillingOptions
+    ) -> dict[str, object]:
+        """OpenAI's body: a cost per model per UTC day, in hundredths of the display unit.
+
+        Always the token's own spending (never its owner's other tokens), whatever
+        DisplayTokenStatEnabled says; it says only what the lifetime total counts.
+        """
+        days = (end - start).days
+        starts = day_starts(start, days, UTC)
+        first, last = slot_bounds(starts)
+        last = min(last, horizon(time.time()))
+        slots = await self.services.history.slots(record.id, first, last) if first < last else {}
+        sums = by_day_and_model(slots, starts)
+        daily: list[dict[str, Any]] = [{"timestamp": starts[n], "line_items": []} for n in range(days)]
+        for (day, model), tally in sums.items():  # in (day, model) order
+            daily[day]["line_items"].append({"name": model, "cost": json_number(options.amount(tally.quota) * 100)})
+        if self.range_total:
+            total = json_number(options.amount(Tally.of(sums.values()).quota) * 100)
+        else:
+            total = lifetime_usage(record, options)
+        return {"object": "list", "daily_costs": daily, "total_usage": total}

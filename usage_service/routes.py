@@ -12,16 +12,19 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .auth import relay_rules, usage_rules
-from .billing import BillingEndpoint, subscription_data, usage_data
+from .billing import BillingEndpoint, BillingUsageEndpoint, subscription_data
+from .cache import AnswerCache
+from .config import Settings
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render
 from .openapi import DOCUMENT as OPENAPI_DOCUMENT
 from .records import TokenRecord
-from .responses import NO_CACHE, JSONError, error_body, send_body
+from .responses import NO_CACHE, JSONError, error_body, etag_matches, send_body
 from .routing import SCOPE_KEY, RouteTable, ShortRoute, both_slashes
 from .services import Services
 from .store import StoreMisconfigured, StoreUnavailable
 from .tokenlog import TokenLogEndpoint
+from .usage_history import HistoryEndpoint
 
 logger = logging.getLogger("usage_service.routes")
 
@@ -40,35 +43,43 @@ async def token_usage(scope: Scope, receive: Receive, send: Send) -> None:
     await send_body(scope, send, 200, [*record.usage_headers], record.usage_body)
 
 
-def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
-    """RFC 9110 weak comparison of an If-None-Match list against our (strong) ETag."""
-    if if_none_match == etag:
-        return True
-    for candidate in if_none_match.split(b","):
-        candidate = candidate.strip()
-        if candidate == b"*" or candidate.removeprefix(b"W/") == etag:
-            return True
-    return False
-
-
 USAGE_PATHS = ("/api/usage/token",)
+HISTORY_PATHS = ("/api/usage/token/history",)
 SUBSCRIPTION_PATHS = ("/dashboard/billing/subscription", "/v1/dashboard/billing/subscription")
 BILLING_USAGE_PATHS = ("/dashboard/billing/usage", "/v1/dashboard/billing/usage")
 LOG_PATHS = ("/api/log/token",)
 
+# Bytes of rendered history answers (and of dated billing ones) a worker keeps: a 30-day
+# history by day is about 3 KB, so thousands of polled tokens fit; a burst of 100-day answers
+# by day and model pushes out the oldest instead of growing the worker.
+ANSWER_BYTES = 32 * 1024 * 1024
 
-def route_table(retry_after: int, services: Services) -> RouteTable:
+
+def route_table(settings: Settings, services: Services) -> RouteTable:
     """Every "how much is left" route, with the rules it follows; anything else under the
     prefixes is a 404 in that family's shape (after authentication, like the routes)."""
-    usage, relay = usage_rules(retry_after), relay_rules(retry_after)
+    usage, relay = usage_rules(settings.retry_after), relay_rules(settings.retry_after)
     subscription = BillingEndpoint("subscription", subscription_data, services)
-    billing_usage = BillingEndpoint("usage", usage_data, services)
+    # Answers rendered from the log are kept as long as a record in the in-process layer, for
+    # as many polled tokens as the refresher keeps fresh, within ANSWER_BYTES each.
+    limits = (settings.hot_max, ANSWER_BYTES, settings.local_ttl, settings.stale_if_error)
+    billing_usage = BillingUsageEndpoint(
+        services,
+        unavailable=relay.unavailable,
+        max_days=settings.history_max_days,
+        total=settings.billing_total,
+        answers=AnswerCache(*limits),
+    )
+    history = HistoryEndpoint(
+        services, unavailable=usage.unavailable, max_days=settings.history_max_days, answers=AnswerCache(*limits)
+    )
     # The usage route's rules, plus the legacy `?key=` credential older gateways took here.
-    log = usage_rules(retry_after, query_key=True)
+    log = usage_rules(settings.retry_after, query_key=True)
     token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable)
     return RouteTable(
         {
             **both_slashes(USAGE_PATHS, ShortRoute(token_usage, usage)),
+            **both_slashes(HISTORY_PATHS, ShortRoute(history, usage)),
             **both_slashes(SUBSCRIPTION_PATHS, ShortRoute(subscription, relay)),
             **both_slashes(BILLING_USAGE_PATHS, ShortRoute(billing_usage, relay)),
             **both_slashes(LOG_PATHS, ShortRoute(token_log, log)),

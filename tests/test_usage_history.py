@@ -1,0 +1,385 @@
+"""GET /api/usage/token/history through the real app, on a real SQLite gateway with its request log."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from conftest import AppClient
+from prometheus_client.parser import text_string_to_metric_families
+from support import Gateway, Token
+
+pytestmark = pytest.mark.asyncio
+
+URL = "/api/usage/token/history"
+QUOTA_PER_USD = 500_000
+
+
+def utc(*args: int) -> int:
+    return int(datetime(*args, tzinfo=UTC).timestamp())  # type: ignore[misc]
+
+
+def direct_sum(gateway: Gateway, token: Token, start: int, end: int) -> tuple[int, int, int, int]:
+    """(quota net of refunds, prompt tokens, completion tokens, requests) by a plain SELECT."""
+    row = gateway.db.execute(
+        "SELECT COALESCE(SUM(CASE type WHEN 2 THEN quota ELSE -quota END), 0),"
+        " COALESCE(SUM(CASE type WHEN 2 THEN prompt_tokens ELSE 0 END), 0),"
+        " COALESCE(SUM(CASE type WHEN 2 THEN completion_tokens ELSE 0 END), 0),"
+        " COALESCE(SUM(type = 2), 0)"
+        " FROM logs WHERE token_id = ? AND type IN (2, 6) AND created_at >= ? AND created_at < ?",
+        (token.id, start, end),
+    ).fetchone()
+    return tuple(row)  # type: ignore[return-value]
+
+
+async def history(client: httpx.AsyncClient, token: Token, **params: str) -> dict[str, Any]:
+    response = await client.get(URL, params=params, headers=token.bearer)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "private, no-cache"
+    body: dict[str, Any] = response.json()
+    assert body["success"] is True and body["message"] == ""
+    return body["data"]  # type: ignore[no-any-return]
+
+
+def quotas(data: dict[str, Any]) -> list[tuple[Any, ...]]:
+    keys = [{"day": "date", "model": "model"}[g] for g in data["group_by"]]
+    return [(*(b[k] for k in keys), b["quota"]) for b in data["buckets"]]
+
+
+async def test_default_is_the_last_30_days_by_day_in_utc(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    now = int(time.time())
+    # In time order, as the gateway appends them.
+    gateway.add_log(token, created_at=now - 40 * 86400, quota=100_000)  # outside
+    gateway.add_log(token, created_at=now - 29 * 86400, quota=5)  # 29 days ago: the range's first day (or just before)
+    gateway.add_log(token, created_at=now, quota=700, prompt_tokens=11, completion_tokens=3)
+    before = datetime.now(UTC).date()
+    async with app_client() as (_, client):
+        data = await history(client, token)
+    after = datetime.now(UTC).date()
+    end = date.fromisoformat(data["end_date"])
+    assert end in (before, after)  # today, read on either side of a midnight
+    start = date.fromisoformat(data["start_date"])
+    assert (end - start).days == 29
+    assert (data["object"], data["tz"], data["group_by"], data["unit"]) == (
+        "token_usage_history",
+        "UTC",
+        ["day"],
+        "USD",
+    )
+    assert [b["date"] for b in data["buckets"]] == [(start + timedelta(days=n)).isoformat() for n in range(30)]
+    assert data["buckets"][-1] == {
+        "date": end.isoformat(),
+        "quota": 700,
+        "amount": 700 / QUOTA_PER_USD,
+        "prompt_tokens": 11,
+        "completion_tokens": 3,
+        "requests": 1,
+    }
+    first, last = utc(start.year, start.month, start.day), utc(end.year, end.month, end.day) + 86400
+    quota, prompt, completion, requests = direct_sum(gateway, token, first, last)
+    assert data["total"] == {
+        "quota": quota,
+        "amount": quota / QUOTA_PER_USD,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "requests": requests,
+    }
+    assert sum(b["quota"] for b in data["buckets"]) == quota
+
+
+async def test_sums_equal_a_direct_select_and_count_only_this_token(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    sibling = gateway.add_token(user_id=token.user_id)  # same owner, another token
+    stranger = gateway.add_token()
+    day = utc(2026, 5, 10)
+    rows: list[tuple[int, Token | None, dict[str, Any]]] = [
+        (day + n * 1800, token, {"quota": 100 + n, "model_name": ("gpt-4o", "o3")[n % 2]})
+        for n in range(48)  # every half hour of the day, two models
+    ]
+    rows.append((day + 3600, token, {"type": 6, "quota": 250, "model_name": "gpt-4o"}))  # a refund
+    for kind in (1, 3, 4, 5):  # top-up, management, system, error rows are no spending
+        rows.append((day + 60, token, {"type": kind, "quota": 9_999}))
+    rows.append((day + 60, sibling, {"quota": 50_000}))
+    rows.append((day + 60, stranger, {"quota": 60_000}))
+    rows.append((day + 60, None, {"quota": 70_000, "user_id": token.user_id}))  # made by no token
+    for created_at, author, columns in sorted(rows, key=lambda row: row[0]):  # in time order, as the gateway appends
+        gateway.add_log(author, created_at=created_at, **columns)
+    async with app_client() as (_, client):
+        data = await history(client, token, start_date="2026-05-09", end_date="2026-05-11", group_by="day,model")
+        by_model = await history(client, token, start_date="2026-05-09", end_date="2026-05-11", group_by="model")
+    quota, prompt, completion, requests = direct_sum(gateway, token, day, day + 86400)
+    assert data["total"]["quota"] == quota == sum(100 + n for n in range(48)) - 250
+    assert (data["total"]["prompt_tokens"], data["total"]["completion_tokens"]) == (prompt, completion)
+    assert data["total"]["requests"] == requests == 48
+    assert quotas(data) == [
+        ("2026-05-10", "gpt-4o", sum(100 + n for n in range(0, 48, 2)) - 250),
+        ("2026-05-10", "o3", sum(100 + n for n in range(1, 48, 2))),
+    ]
+    assert quotas(by_model) == [(model, q) for _, model, q in quotas(data)]
+    assert by_model["total"] == data["total"]
+
+
+@pytest.mark.parametrize(
+    ("tz", "start", "end", "rows", "expected"),
+    [
+        pytest.param(
+            "Europe/Berlin",
+            "2026-03-28",
+            "2026-03-30",
+            # The 29th is 23 h long: 2026-03-28T23:00Z to 2026-03-29T22:00Z.
+            [utc(2026, 3, 28, 22, 59, 59), utc(2026, 3, 28, 23), utc(2026, 3, 29, 21, 59, 59), utc(2026, 3, 29, 22)],
+            [("2026-03-28", 1), ("2026-03-29", 2 + 4), ("2026-03-30", 8)],
+            id="berlin-23h-day",
+        ),
+        pytest.param(
+            "Europe/Berlin",
+            "2026-10-24",
+            "2026-10-26",
+            # The 25th is 25 h long: 2026-10-24T22:00Z to 2026-10-25T23:00Z.
+            [utc(2026, 10, 24, 21, 59), utc(2026, 10, 24, 22), utc(2026, 10, 25, 22, 59), utc(2026, 10, 25, 23)],
+            [("2026-10-24", 1), ("2026-10-25", 2 + 4), ("2026-10-26", 8)],
+            id="berlin-25h-day",
+        ),
+        pytest.param(
+            "America/New_York",
+            "2026-03-07",
+            "2026-03-08",
+            [utc(2026, 3, 7, 4, 59), utc(2026, 3, 7, 5), utc(2026, 3, 8, 4, 59), utc(2026, 3, 8, 5)],
+            [("2026-03-07", 2 + 4), ("2026-03-08", 8)],
+            id="new-york-before-and-on-dst",
+        ),
+        pytest.param(
+            "Asia/Kolkata",
+            "2026-06-01",
+            "2026-06-01",
+            [
+                utc(2026, 5, 31, 18, 29, 59),
+                utc(2026, 5, 31, 18, 30),
+                utc(2026, 6, 1, 18, 29, 59),
+                utc(2026, 6, 1, 18, 30),
+            ],
+            [("2026-06-01", 2 + 4)],
+            id="kolkata-half-hour",
+        ),
+        pytest.param(
+            "Asia/Kathmandu",
+            "2026-06-01",
+            "2026-06-02",
+            [
+                utc(2026, 5, 31, 18, 14, 59),
+                utc(2026, 5, 31, 18, 15),
+                utc(2026, 6, 1, 18, 14, 59),
+                utc(2026, 6, 1, 18, 15),
+            ],
+            [("2026-06-01", 2 + 4), ("2026-06-02", 8)],
+            id="kathmandu-quarter-hour",
+        ),
+    ],
+)
+async def test_days_follow_the_clients_zone(
+    gateway: Gateway,
+    app_client: AppClient,
+    tz: str,
+    start: str,
+    end: str,
+    rows: list[int],
+    expected: list[tuple[str, int]],
+) -> None:
+    token = gateway.add_token()
+    for n, created_at in enumerate(rows):
+        gateway.add_log(token, created_at=created_at, quota=2**n)
+    async with app_client() as (_, client):
+        data = await history(client, token, start_date=start, end_date=end, tz=tz)
+    assert data["tz"] == tz
+    assert quotas(data) == expected
+    zone = ZoneInfo(tz)
+    first = int(datetime.combine(date.fromisoformat(start), datetime.min.time(), zone).timestamp())
+    last = int(datetime.combine(date.fromisoformat(end) + timedelta(days=1), datetime.min.time(), zone).timestamp())
+    assert data["total"]["quota"] == direct_sum(gateway, token, first, last)[0]
+
+
+async def test_amounts_follow_the_gateways_display_unit(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=utc(2026, 1, 5, 12), quota=1_000_000)
+    gateway.set_option("general_setting.quota_display_type", "CNY")
+    gateway.set_option("USDExchangeRate", "7")
+    params = {"start_date": "2026-01-05", "end_date": "2026-01-05"}
+    async with app_client() as (_, client):
+        cny = await history(client, token, **params)
+    gateway.set_option("general_setting.quota_display_type", "TOKENS")
+    async with app_client() as (_, client):
+        tokens = await history(client, token, **params)
+    assert (cny["unit"], cny["total"]["amount"], cny["buckets"][0]["amount"]) == ("CNY", 14, 14)
+    assert (tokens["unit"], tokens["total"]["amount"]) == ("TOKENS", 1_000_000)
+
+
+async def test_empty_and_future_ranges_are_zeros(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    zero = {"quota": 0, "amount": 0, "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+    async with app_client() as (_, client):
+        past = await history(client, token, start_date="2001-01-01", end_date="2001-01-03")
+        future = await history(client, token, start_date="2999-12-30", end_date="2999-12-31", group_by="day,model")
+        only_start = await history(client, token, start_date="2999-01-01")  # end_date: start_date, later than today
+    assert past["buckets"] == [{"date": f"2001-01-0{n}", **zero} for n in (1, 2, 3)]
+    assert (future["buckets"], future["total"]) == ([], zero)
+    assert (only_start["start_date"], only_start["end_date"]) == ("2999-01-01", "2999-01-01")
+
+
+async def test_range_limit(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client() as (_, client):
+        longest = await history(client, token, start_date="2026-01-01", end_date="2026-04-10")  # 100 days
+        over = await client.get(
+            URL, params={"start_date": "2026-01-01", "end_date": "2026-04-11"}, headers=token.bearer
+        )
+    async with app_client(history_max_days=7) as (_, client):
+        week = await client.get(
+            URL, params={"start_date": "2026-01-01", "end_date": "2026-01-08"}, headers=token.bearer
+        )
+        default = await client.get(URL, headers=token.bearer)  # the 30-day default is over 7 days too
+    assert len(longest["buckets"]) == 100
+    message = "start_date, end_date: at most {} days at once (end_date is included)"
+    assert over.status_code == 400 and over.json() == {"success": False, "message": message.format(100)}
+    assert week.status_code == 400 and week.json()["message"] == message.format(7)
+    assert default.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        pytest.param({"start_date": "2026-02-30"}, "start_date: expected a date as YYYY-MM-DD", id="no-such-day"),
+        pytest.param({"end_date": "yesterday"}, "end_date: expected a date as YYYY-MM-DD", id="words"),
+        pytest.param({"start_date": ""}, "start_date: expected a date as YYYY-MM-DD", id="empty-date"),
+        pytest.param(
+            {"start_date": "1969-12-31"},
+            "start_date: expected a date between 1970-01-01 and 9999-12-30",
+            id="before-1970",
+        ),
+        pytest.param(
+            {"start_date": "2026-03-02", "end_date": "2026-03-01"}, "end_date: before start_date", id="reversed"
+        ),
+        pytest.param({"tz": "Mars/Olympus"}, "tz: expected an IANA time zone name such as Europe/Berlin", id="tz"),
+        pytest.param(
+            {"tz": "../../../etc/passwd"}, "tz: expected an IANA time zone name such as Europe/Berlin", id="path"
+        ),
+        pytest.param({"tz": ""}, "tz: expected an IANA time zone name such as Europe/Berlin", id="empty-tz"),
+        pytest.param({"group_by": "week"}, "group_by: expected day, model or day,model", id="group-by"),
+        pytest.param({"group_by": "model,day"}, "group_by: expected day, model or day,model", id="group-by-order"),
+    ],
+)
+async def test_bad_parameters_are_400s_naming_them(
+    gateway: Gateway, app_client: AppClient, params: dict[str, str], message: str
+) -> None:
+    token = gateway.add_token()
+    async with app_client() as (_, client):
+        response = await client.get(URL, params=params, headers=token.bearer)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"success": False, "message": message}
+
+
+@pytest.mark.parametrize(
+    ("headers", "columns", "status", "message"),
+    [
+        pytest.param({}, {}, 401, "No Authorization header", id="no-header"),
+        pytest.param({"Authorization": "Bearer sk-" + "x" * 48}, {}, 401, "token not found", id="unknown-key"),
+        pytest.param(None, {"status": 2}, 401, "token is disabled", id="disabled"),
+        pytest.param(None, {"status": 3}, 200, None, id="expired-stays-readable"),
+    ],
+)
+async def test_authentication_follows_the_usage_route(
+    gateway: Gateway,
+    app_client: AppClient,
+    headers: dict[str, str] | None,
+    columns: dict[str, Any],
+    status: int,
+    message: str | None,
+) -> None:
+    token = gateway.add_token(**columns)
+    async with app_client() as (_, client):
+        response = await client.get(URL + "/", headers=token.bearer if headers is None else headers)
+    assert response.status_code == status
+    if message is not None:
+        assert response.json() == {"success": False, "message": message}
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_etag_revalidation_and_head(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=utc(2026, 2, 1, 8), quota=42)
+    params = {"start_date": "2026-02-01", "end_date": "2026-02-02"}
+    async with app_client() as (_, client):
+        full = await client.get(URL, params=params, headers=token.bearer)
+        etag = full.headers["etag"]
+        revalidated = await client.get(URL, params=params, headers={**token.bearer, "If-None-Match": etag})
+        head = await client.head(URL, params=params, headers=token.bearer)
+        changed = await client.get(
+            URL, params={**params, "tz": "Asia/Tokyo"}, headers={**token.bearer, "If-None-Match": etag}
+        )
+    assert revalidated.status_code == 304 and revalidated.content == b"" and revalidated.headers["etag"] == etag
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(len(full.content))
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+
+
+async def test_a_rendered_answer_is_kept_for_the_local_ttl(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    today = datetime.now(UTC).date().isoformat()
+    params = {"start_date": today, "end_date": today}
+    gateway.add_log(token, quota=1)
+    async with app_client(local_ttl=3600, cache_ttl=3600) as (_, client):
+        first = await history(client, token, **params)
+        gateway.add_log(token, quota=2)
+        kept = await history(client, token, **params)  # within USAGE_LOCAL_TTL: the answer rendered first
+    async with app_client() as (_, client):
+        other = await history(client, token, **params)  # another worker
+    assert first == kept and first["total"]["quota"] == 1
+    assert other["total"]["quota"] == 3
+
+
+async def test_database_down_is_503_or_the_last_answer(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=utc(2026, 2, 1, 8), quota=5)
+    params = {"start_date": "2026-02-01", "end_date": "2026-02-01"}
+    # Answers never fresh (USAGE_LOCAL_TTL 0), kept as stale copies for USAGE_STALE_IF_ERROR.
+    async with app_client(local_ttl=0, refresh_interval=0) as (_, client):
+        assert (await history(client, token, **params))["total"]["quota"] == 5
+        with gateway.exclusive_lock():
+            auth = {"headers": token.bearer}
+            again = await client.get(URL, params=params, **auth)
+            never = await client.get(URL, params={"start_date": "2026-03-01", "end_date": "2026-03-01"}, **auth)
+    assert again.status_code == 200 and again.json()["data"]["total"]["quota"] == 5
+    assert never.status_code == 503
+    assert never.json() == {"success": False, "message": "database unavailable, retry later"}
+    assert never.headers["retry-after"] == "1"
+
+
+def requests_counted(metrics: str, route: str, status: str) -> float:
+    labels = {"route": route, "status": status}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "usage_http_requests_total" and sample.labels == labels
+    )
+
+
+async def test_cors_preflight_and_metrics_label(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client() as (_, client):
+        preflight = await client.options(
+            URL, headers={"Origin": "https://dash.example.com", "Access-Control-Request-Method": "GET"}
+        )
+        before = (await client.get("/metrics")).text
+        answer = await client.get(URL + "/?tz=UTC", headers={**token.bearer, "Origin": "https://dash.example.com"})
+        after = (await client.get("/metrics")).text
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert answer.headers["access-control-allow-origin"] == "*"
+    grown = requests_counted(after, URL, "200") - requests_counted(before, URL, "200")
+    assert grown == 1

@@ -1,0 +1,195 @@
+"""GET /api/usage/token/history: the admitted token's spending per day, model, or both.
+
+Built on the history engine's 15-minute slots (`services.history`), summed per day of the
+client's calendar (`days.py`). A rendered answer is kept per (token id, parameters) for
+USAGE_LOCAL_TTL seconds, like a token's record in the in-process layer, so that polling the
+history costs about what polling the balance does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
+
+from starlette.datastructures import QueryParams
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .billing import BillingOptions, json_number
+from .cache import AnswerCache
+from .days import Tally, by_day_and_model, day_starts, horizon, parse_date, parse_zone, slot_bounds, today
+from .records import TokenRecord, compact_json
+from .responses import JSON_TYPE, NO_CACHE, Headers, JSONError, send_revalidated, strong_etag
+from .routing import SCOPE_KEY
+from .store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .services import Services
+
+# The range when the client names none: the last 30 days, today included.
+DEFAULT_DAYS = 30
+GROUPINGS = {"day": ("day",), "model": ("model",), "day,model": ("day", "model")}
+# What `unit` says for each display type the gateway knows; any other is counted like USD.
+UNITS = ("USD", "CNY", "TOKENS", "CUSTOM")
+
+
+class BadQuery(ValueError):
+    """A query parameter this route cannot use; the message names it and is shown to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    start: date
+    end: date  # inclusive
+    zone: ZoneInfo
+    group_by: tuple[str, ...]  # ("day",), ("model",) or ("day", "model")
+
+    @property
+    def days(self) -> int:
+        return (self.end - self.start).days + 1
+
+
+def read_date(params: QueryParams, name: str) -> date | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        return parse_date(raw)
+    except ValueError as exc:
+        raise BadQuery(f"{name}: {exc}") from None
+
+
+def parse_history_query(params: QueryParams, now: float, max_days: int) -> HistoryQuery:
+    """Read the route's parameters, with their defaults; raise BadQuery naming a bad one."""
+    try:
+        zone = parse_zone(params.get("tz", "UTC"))
+    except ValueError as exc:
+        raise BadQuery(f"tz: {exc}") from None
+    grouping = GROUPINGS.get(params.get("group_by", "day"))
+    if grouping is None:
+        raise BadQuery("group_by: expected day, model or day,model")
+    start, end = read_date(params, "start_date"), read_date(params, "end_date")
+    if end is None:
+        end = today(zone, now) if start is None else max(start, today(zone, now))
+    if start is None:
+        start = end - timedelta(days=DEFAULT_DAYS - 1)
+    query = HistoryQuery(start, end, zone, grouping)
+    if end < start:
+        raise BadQuery("end_date: before start_date")
+    if query.days > max_days:
+        raise BadQuery(f"start_date, end_date: at most {max_days} days at once (end_date is included)")
+    return query
+
+
+def figures(tally: Tally, options: BillingOptions) -> dict[str, object]:
+    return {
+        "quota": tally.quota,
+        "amount": json_number(options.amount(tally.quota)),
+        "prompt_tokens": tally.prompt_tokens,
+        "completion_tokens": tally.completion_tokens,
+        "requests": tally.requests,
+    }
+
+
+def history_data(query: HistoryQuery, sums: dict[tuple[int, str], Tally], options: BillingOptions) -> dict[str, object]:
+    """The `data` of the answer, from the sums per (day index, model) over the query's days."""
+    buckets: list[dict[str, object]] = []
+    if query.group_by == ("day",):
+        # Every day of the range, zeros included: charts and status lines want a dense series.
+        per_day = [Tally() for _ in range(query.days)]
+        for (day, _), tally in sums.items():
+            per_day[day].add(tally)
+        buckets = [
+            {"date": (query.start + timedelta(days=n)).isoformat(), **figures(tally, options)}
+            for n, tally in enumerate(per_day)
+        ]
+    elif query.group_by == ("model",):
+        per_model: dict[str, Tally] = {}
+        for (_, model), tally in sums.items():
+            per_model.setdefault(model, Tally()).add(tally)
+        buckets = [{"model": model, **figures(per_model[model], options)} for model in sorted(per_model)]
+    else:
+        buckets = [
+            {"date": (query.start + timedelta(days=day)).isoformat(), "model": model, **figures(tally, options)}
+            for (day, model), tally in sums.items()  # in (day, model) order
+        ]
+    return {
+        "object": "token_usage_history",
+        "start_date": query.start.isoformat(),
+        "end_date": query.end.isoformat(),
+        "tz": query.zone.key,
+        "group_by": list(query.group_by),
+        "unit": options.display_type if options.display_type in UNITS else "USD",
+        "buckets": buckets,
+        "total": figures(Tally.of(sums.values()), options),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    options: BillingOptions  # what the amounts were converted with: a change re-renders
+    headers: Headers
+    body: bytes
+    etag: bytes
+
+
+def render(data: dict[str, object], options: BillingOptions) -> Answer:
+    body = compact_json({"success": True, "message": "", "data": data})
+    etag = strong_etag(body)
+    length = str(len(body)).encode()
+    return Answer(options, [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", length)], body, etag)
+
+
+class HistoryEndpoint:
+    """GET /api/usage/token/history for the token the auth middleware admitted."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        unavailable: ASGIApp,
+        max_days: int,
+        answers: AnswerCache[Answer],
+    ) -> None:
+        self.services = services
+        self.unavailable = unavailable
+        self.max_days = max_days
+        self.answers = answers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record: TokenRecord = scope[SCOPE_KEY]
+        options = self.services.options.current
+        # Keyed by the query as sent, so that a hit parses nothing. A default range rendered just
+        # before a midnight may be answered up to USAGE_LOCAL_TTL after it, as stale as any answer.
+        query_string: bytes = scope["query_string"]
+        key = b"%d?%s" % (record.id, query_string)
+        clock = time.monotonic()
+        answer = self.answers.fresh(key, clock)
+        if answer is None or answer.options is not options:
+            now = time.time()  # which day "today" is, in the client's zone
+            try:
+                query = parse_history_query(QueryParams(query_string), now, self.max_days)
+            except BadQuery as exc:
+                await JSONError(400, str(exc))(scope, receive, send)
+                return
+            try:
+                answer = render(await self.compute(record.id, query, now, options), options)
+            except StoreUnavailable:
+                answer = self.answers.stale(key, clock)
+                if answer is None:
+                    await self.unavailable(scope, receive, send)
+                    return
+            else:
+                self.answers.put(key, answer, len(answer.body) + len(key), clock)
+        await send_revalidated(scope, send, answer.headers, answer.body, answer.etag)
+
+    async def compute(
+        self, token_id: int, query: HistoryQuery, now: float, options: BillingOptions
+    ) -> dict[str, object]:
+        starts = day_starts(query.start, query.days, query.zone)
+        start, end = slot_bounds(starts)
+        end = min(end, horizon(now))
+        slots = await self.services.history.slots(token_id, start, end) if start < end else {}
+        return history_data(query, by_day_and_model(slots, starts), options)
