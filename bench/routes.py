@@ -1,8 +1,9 @@
 """The app's own cost per request on each short-path route, in process (no sockets, no server).
 
-A polled token answered from the in-process layer, as in production between refreshes: this
-isolates what the route table, the auth middleware and each endpoint cost, so a change to one
-route can be checked against the others. Figures are µs per request, best and median of
+A polled token answered from the in-process layer, as in production between refreshes (and
+the history and dated billing answers from theirs): this isolates what the route table, the
+auth middleware and each endpoint cost, so a change to one route can be checked against the
+others. Figures are µs per request, best and median of
 several rounds on one core; compare routes within one run.
 
     .venv/bin/python bench/routes.py [--requests N] [--rounds R]
@@ -29,6 +30,9 @@ ROUTES = (
     "/api/usage/token",
     "/v1/dashboard/billing/subscription",
     "/dashboard/billing/usage",
+    "/api/usage/token/history",
+    "/api/usage/token/history?tz=Europe/Berlin&group_by=day,model",
+    "/v1/dashboard/billing/usage?start_date=2026-09-01&end_date=2026-10-01",
     "/api/usage/nothing",  # authenticated, then 404
 )
 
@@ -44,8 +48,9 @@ async def measure(db: Path, key: str, requests: int, rounds: int) -> dict[str, l
     async def send(message: dict[str, Any]) -> None:
         pass
 
-    def scope(path: str) -> dict[str, Any]:
+    def scope(route: str) -> dict[str, Any]:
         # What uvicorn hands the app for each request.
+        path, _, query = route.partition("?")
         return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -54,7 +59,7 @@ async def measure(db: Path, key: str, requests: int, rounds: int) -> dict[str, l
             "scheme": "http",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": b"",
+            "query_string": query.encode(),
             "root_path": "",
             "headers": headers,
             "client": ("127.0.0.1", 50000),
@@ -85,9 +90,9 @@ def main() -> None:
         db = Path(tmp) / "gateway.db"
         key = ensure_demo_db(db)
         results = asyncio.run(measure(db, key, args.requests, args.rounds))
-    print(f"{'route':40} {'best µs':>8} {'median µs':>10}")
+    print(f"{'route':72} {'best µs':>8} {'median µs':>10}")
     for path, figures in results.items():
-        print(f"{path:40} {min(figures):8.2f} {statistics.median(figures):10.2f}")
+        print(f"{path:72} {min(figures):8.2f} {statistics.median(figures):10.2f}")
 
 
 if __name__ == "__main__":
