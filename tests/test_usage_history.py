@@ -93,7 +93,17 @@ async def test_default_is_the_last_30_days_by_day_in_utc(gateway: Gateway, app_c
     assert sum(b["quota"] for b in data["buckets"]) == quota
 
 
-async def test_sums_equal_a_direct_select_and_count_only_this_token(gateway: Gateway, app_client: AppClient) -> None:
+@pytest.fixture(params=["in-process-only", "with-redis"])
+def with_redis(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Run a test without Redis and with it (the history engine shares closed days there)."""
+    if request.param == "with-redis":
+        return {"redis_url": request.getfixturevalue("redis_url")}
+    return {}
+
+
+async def test_sums_equal_a_direct_select_and_count_only_this_token(
+    gateway: Gateway, app_client: AppClient, with_redis: dict[str, object]
+) -> None:
     token = gateway.add_token()
     sibling = gateway.add_token(user_id=token.user_id)  # same owner, another token
     stranger = gateway.add_token()
@@ -110,9 +120,12 @@ async def test_sums_equal_a_direct_select_and_count_only_this_token(gateway: Gat
     rows.append((day + 60, None, {"quota": 70_000, "user_id": token.user_id}))  # made by no token
     for created_at, author, columns in sorted(rows, key=lambda row: row[0]):  # in time order, as the gateway appends
         gateway.add_log(author, created_at=created_at, **columns)
-    async with app_client() as (_, client):
+    async with app_client(**with_redis) as (_, client):
         data = await history(client, token, start_date="2026-05-09", end_date="2026-05-11", group_by="day,model")
         by_model = await history(client, token, start_date="2026-05-09", end_date="2026-05-11", group_by="model")
+    async with app_client(**with_redis) as (_, client):  # another worker: the closed days from Redis, if any
+        again = await history(client, token, start_date="2026-05-09", end_date="2026-05-11", group_by="day,model")
+    assert again == data
     quota, prompt, completion, requests = direct_sum(gateway, token, day, day + 86400)
     assert data["total"]["quota"] == quota == sum(100 + n for n in range(48)) - 250
     assert (data["total"]["prompt_tokens"], data["total"]["completion_tokens"]) == (prompt, completion)
