@@ -375,7 +375,7 @@ TABLE: tuple[Variable, ...] = (
         "USAGE_HISTORY_MAX_DAYS",
         "history_max_days",
         100,
-        _count(minimum=1, maximum=3660),
+        _count(minimum=1, maximum=3650),
         "longest date range, in days, of /api/usage/token/history (end_date included; a dated"
         " /dashboard/billing/usage may span one day more); 400 beyond",
     ),
