@@ -2,7 +2,9 @@
 
 NextChat, chatgpt-web and key checkers poll `/dashboard/billing/subscription` and
 `/dashboard/billing/usage` (with or without `/v1`). The amounts follow the gateway's own
-settings, read from its `options` table every USAGE_OPTIONS_INTERVAL seconds.
+settings, read from its `options` table every USAGE_OPTIONS_INTERVAL seconds. With
+`start_date` and `end_date`, the usage answer adds OpenAI's `daily_costs`, from the history
+engine (the only answer here that reads the log).
 """
 
 from __future__ import annotations

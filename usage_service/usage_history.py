@@ -1,7 +1,7 @@
 """GET /api/usage/token/history: the admitted token's spending per day, model, or both.
 
 Built on the history engine's 15-minute slots (`services.history`), summed per day of the
-client's calendar (`days.py`). A rendered answer is kept per (token id, parameters) for
+client's calendar (`days.py`). A rendered answer is kept per (token id, query string) for
 USAGE_LOCAL_TTL seconds, like a token's record in the in-process layer, so that polling the
 history costs about what polling the balance does.
 """
