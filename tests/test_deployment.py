@@ -157,7 +157,7 @@ def test_scaled_sidecars_trust_nginx_and_nothing_else(compose: dict[str, Any]) -
     # And nginx appends the client it sees on every route to the sidecars.
     locations = re.findall(r"location ([^{]+)\{(.*?)\n    \}", NGINX_CONF.read_text(), re.S)
     to_sidecars = [body for _, body in locations if "proxy_pass http://usage_service;" in body]
-    assert len(to_sidecars) == 2
+    assert len(to_sidecars) == 3  # polls, the log, billing
     assert all("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in body for body in to_sidecars)
 
 
@@ -249,10 +249,17 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
                     response = httpx.get(base + path, headers=token.bearer)
                     assert response.status_code == 200, response.text
                     assert response.json()["data"]["total_used"] == 11
-            for path in ("/v1/dashboard/billing/subscription", "/dashboard/billing/usage/"):
+            for path in (
+                "/v1/dashboard/billing/subscription",
+                "/dashboard/billing/usage/",
+                "/api/log/token",
+                "/api/log/token/",
+                "/api/usage/token/history",
+            ):
                 response = httpx.get(base + path, headers=token.bearer)
                 assert response.status_code == 200 and "gateway" not in response.json(), response.text
             assert httpx.get(base + "/v1/dashboard/billing/other").json()["gateway"] is True
+            assert httpx.get(base + "/api/log/self").json()["gateway"] is True
             assert _polls_answered(first) > 0 and _polls_answered(second) > 0
             # One sidecar goes away: polls keep being answered by the other.
             first.stop()
@@ -368,6 +375,7 @@ def test_k8s_routes_usage_polls_to_the_sidecar_port(k8s: dict[str, dict[str, Any
     billing = [f"{v1}/dashboard/billing/{what}" for v1 in ("", "/v1") for what in ("subscription", "usage")]
     assert paths == {
         "/api/usage/": ("Prefix", name, "usage"),
+        "/api/log/token": ("Prefix", name, "usage"),
         **{path: ("Prefix", name, "usage") for path in billing},
         "/": ("Prefix", name, "http"),
     }
