@@ -56,7 +56,9 @@ async def worker(
 ) -> AsyncIterator[Worker]:
     """One worker as the app builds it: its own connections, History, TailKeeper and Refresher,
     and (with Redis) the invalidation listener."""
-    settings = dataclasses.replace(settings, redis_url=redis_url, refresh_interval=1.0)
+    # A generous Redis timeout: a call that times out on a loaded machine would read the database
+    # instead, and these tests count statements.
+    settings = dataclasses.replace(settings, redis_url=redis_url, refresh_interval=1.0, redis_timeout=5.0)
     async with contextlib.AsyncExitStack() as stack:
         store = await open_store(settings)
         stack.push_async_callback(store.close)
