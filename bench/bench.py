@@ -284,6 +284,7 @@ class Scenario:
         connections: int = CONNECTIONS,
         db_count: Callable[[], int] = lambda: 0,
         extra_env: dict[str, str] | None = None,
+        path: str = "/api/usage/token",
     ) -> Result:
         script = self.workdir / f"{load}.lua"
         script.write_text(LOADS[load] + REPORT)
@@ -307,7 +308,7 @@ class Scenario:
             "5s",
             "-s",
             str(script),
-            f"{target.url}/api/usage/token",
+            target.url + path,
         ]
         peak = [target.rss_mib()]
         stop = threading.Event()
