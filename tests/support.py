@@ -201,6 +201,10 @@ class Gateway:
             ),
         )
 
+    def clean_logs(self, *, before: int) -> None:
+        """Delete the log rows older than a cut-off, as the gateway's periodic clean-up does."""
+        self._execute("DELETE FROM logs WHERE created_at < ?", (before,))
+
     @contextlib.contextmanager
     def exclusive_lock(self) -> Iterator[None]:
         """Hold an exclusive write transaction, as a gateway migration would."""
