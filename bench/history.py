@@ -69,7 +69,7 @@ HISTORY = "/api/usage/token/history"
 BALANCE = "/api/usage/token"
 LOG = "/api/log/token"
 # What the database is asked, from /metrics: the token records' statements and the log's.
-STATEMENT_METRICS = ("usage_db_statements_total", "usage_log_statements_total")
+STATEMENT_METRICS = ("usage_db_statements_total", "usage_log_db_statements_total")
 
 # The plain query a history would be without the service: every row of the token in the range,
 # grouped by UTC day and model, over the token's index.
@@ -259,9 +259,9 @@ async def measure_query(engine: str, settings: Settings, data: Data, redis_url: 
                             warm_routes.append(await timed(lambda: client.get(HISTORY, headers=bearer)))
                     else:
                         history = app.state.history
-                        statements = app.state.store.log_reader().statements
+                        statements = app.state.logs.statements
                         cold_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
-                        result.cold_statements = app.state.store.log_reader().statements - statements
+                        result.cold_statements = app.state.logs.statements - statements
                         for _ in range(20):
                             warm_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
     result.cold_slots_ms = statistics.median(cold_slots)
