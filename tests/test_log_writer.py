@@ -156,9 +156,8 @@ def log_is(client: httpx.AsyncClient, token: Token, rows: list[tuple[Any, ...]])
         answer = await client.get(LOG, headers=token.bearer)
         if answer.status_code != 200:
             return False
-        data = [shown(row) for row in answer.json()["data"]]
-        # The first page: the newest rows, as many as the page holds.
-        return bool(data) and data == rows[: len(data)] and (len(data) == len(rows) or len(data) >= 10)
+        # The newest rows, at most 1,000 (this test writes fewer).
+        return [shown(row) for row in answer.json()["data"]] == rows[:1000]
 
     return check
 
