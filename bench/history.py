@@ -259,9 +259,9 @@ async def measure_query(engine: str, settings: Settings, data: Data, redis_url: 
                             warm_routes.append(await timed(lambda: client.get(HISTORY, headers=bearer)))
                     else:
                         history = app.state.history
-                        statements = app.state.logs.statements
+                        statements = history.reader.statements
                         cold_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
-                        result.cold_statements = app.state.logs.statements - statements
+                        result.cold_statements = history.reader.statements - statements
                         for _ in range(20):
                             warm_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
     result.cold_slots_ms = statistics.median(cold_slots)

@@ -4,8 +4,9 @@ On each engine: a thread writes as the gateway does (a token's quota charged, th
 now and then a refund or an error row; halfway, the periodic clean-up of rows older than a
 cut-off) while the history, the log and the balance of the same tokens are polled. Every answer
 along the way holds the asking token's rows only. Once the writer has stopped and the caches
-have caught up (waited for with a predicate, within the freshness bound), the history's sums,
-the log's newest rows and the balance equal a direct SELECT.
+have caught up (waited for with a predicate, within the freshness bound), the history's sums
+(over the last 30 days, and over a range the clean-up reached into), the log's newest rows and
+the balance equal a direct SELECT.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -107,6 +109,9 @@ async def test_history_and_log_follow_a_writer(gateway: Gateway, app_client: App
         gateway.add_log(token, created_at=now - 10 * DAY + 60, type=6, quota=50 + m)
         gateway.add_log(token, created_at=now - 3600, quota=40 + m)
     cut_off = now - 35 * DAY
+    # A range reaching back before the cut-off: its days were read (and cached) before the clean-up.
+    since = (now - 45 * DAY) // DAY * DAY
+    back = {"start_date": datetime.fromtimestamp(since, UTC).date().isoformat()}
     halfway = threading.Event()
     # A SQLite file is locked while the writer commits: a read that waits longer than
     # USAGE_DB_TIMEOUT is answered 503, in the route's shape, to be retried. Servers never lock readers out.
@@ -121,6 +126,7 @@ async def test_history_and_log_follow_a_writer(gateway: Gateway, app_client: App
                 client.get(HISTORY, headers=token.bearer),
                 client.get(LOG, headers=token.bearer),
                 client.get(BALANCE, headers=token.bearer),
+                client.get(HISTORY, params=back, headers=token.bearer),
             )
             answered += len(answers)
             for answer in answers:
@@ -146,6 +152,8 @@ async def test_history_and_log_follow_a_writer(gateway: Gateway, app_client: App
 
         for token in tokens:
             await eventually(history_is(client, token, spent(gateway, token, now - 30 * DAY)), within=FRESHNESS)
+            # What the clean-up deleted is gone from the history too, cached or not.
+            await eventually(history_is(client, token, spent(gateway, token, since), back), within=FRESHNESS)
             await eventually(log_is(client, token, newest(gateway, token)), within=FRESHNESS)
             (remain, used), *_ = select(
                 gateway, "SELECT remain_quota, used_quota FROM tokens WHERE id = ?", (token.id,)
@@ -155,9 +163,9 @@ async def test_history_and_log_follow_a_writer(gateway: Gateway, app_client: App
         assert not select(gateway, "SELECT id FROM logs WHERE created_at < ?", (cut_off,))
 
 
-def history_is(client: httpx.AsyncClient, token: Token, quota: int) -> Any:
+def history_is(client: httpx.AsyncClient, token: Token, quota: int, params: dict[str, str] | None = None) -> Any:
     async def check() -> bool:
-        answer = await client.get(HISTORY, headers=token.bearer)
+        answer = await client.get(HISTORY, params=params, headers=token.bearer)
         return answer.status_code == 200 and history_quota(answer.json()) == quota
 
     return check
