@@ -102,12 +102,15 @@ async def test_history_and_log_follow_a_writer(gateway: Gateway, app_client: App
     now = int(time.time())
     users = [gateway.add_user(), gateway.add_user()]
     tokens = [gateway.add_token(user_id=users[i % 2], remain=10**9) for i in range(3)]
-    for token in tokens:
-        m = mark(token, tokens)
-        gateway.add_log(token, created_at=now - 40 * DAY, quota=7000 + m)  # gone with the clean-up
-        gateway.add_log(token, created_at=now - 10 * DAY, quota=900 + m)  # a closed day, cached
-        gateway.add_log(token, created_at=now - 10 * DAY + 60, type=6, quota=50 + m)
-        gateway.add_log(token, created_at=now - 3600, quota=40 + m)
+    # The past, written in time order as the gateway wrote it (ids ascending with created_at).
+    for at, kind, quota in (
+        (now - 40 * DAY, 2, 7000),  # gone with the clean-up
+        (now - 10 * DAY, 2, 900),  # a closed day, cached
+        (now - 10 * DAY + 60, 6, 50),
+        (now - 3600, 2, 40),
+    ):
+        for token in tokens:
+            gateway.add_log(token, created_at=at, type=kind, quota=quota + mark(token, tokens))
     cut_off = now - 35 * DAY
     # A range reaching back before the cut-off: its days were read (and cached) before the clean-up.
     since = (now - 45 * DAY) // DAY * DAY
