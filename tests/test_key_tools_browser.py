@@ -158,7 +158,13 @@ def test_both_key_tools_show_the_databases_truth(gateway: Gateway, tmp_path: Pat
     ]
     assert {call[1] for call in shown["calls"]} == {200}  # type: ignore[union-attr]
 
-    remain, used = 1_234_567, 765_433
+    ((remain, used),) = gateway.db.execute("SELECT remain_quota, used_quota FROM tokens WHERE id = ?", (token.id,))
+    truth = gateway.db.execute(
+        "SELECT created_at, type, model_name, prompt_tokens, completion_tokens, quota FROM logs"
+        " WHERE token_id = ? ORDER BY id",  # oldest first, as both apps show the gateway's newest-first list
+        (token.id,),
+    ).fetchall()
+    assert truth == rows
     assert shown["new-info"] == [
         ["name", "status line"],
         ["granted", dollars(remain + used, 3)],
@@ -171,7 +177,7 @@ def test_both_key_tools_show_the_databases_truth(gateway: Gateway, tmp_path: Pat
         ["remaining", dollars(remain, 3)],
         ["used", dollars(used, 3)],
     ]
-    expected = [[str(c) for c in (*row[:5], dollars(row[5], 6))] for row in rows]
+    expected = [[str(c) for c in (*row[:5], dollars(row[5], 6))] for row in truth]
     assert shown["new-logs"] == expected
     assert shown["neko-logs"] == expected
 
