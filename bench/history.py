@@ -227,9 +227,8 @@ async def timed(call: Callable[[], Awaitable[object]]) -> float:
 
 async def measure_query(engine: str, settings: Settings, data: Data, redis_url: str, repeat: int) -> Query:
     """The plain GROUP BY, then the service's history for the same token and range, cold and warm."""
-    from usage_service.history import SLOT
-
     from usage_service.app import create_app
+    from usage_service.history import SLOT
     from usage_service.store import open_store
 
     result = Query(engine)
