@@ -288,6 +288,8 @@ CREATE TABLE users (
 );
 CREATE TABLE options ("key" text PRIMARY KEY, "value" text);
 """
+# Gateways of that era had their request log too (the read-only grants name it).
+POSTGRES_OLD_SCHEMA += POSTGRES_LOGS_SCHEMA
 
 MYSQL_OLD_SCHEMA = """
 CREATE TABLE `tokens` (
@@ -302,6 +304,7 @@ CREATE TABLE `users` (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 CREATE TABLE `options` (`key` varchar(191) PRIMARY KEY, `value` longtext) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 """
+MYSQL_OLD_SCHEMA += MYSQL_LOGS_SCHEMA
 
 # The read-only user the service connects as, granted exactly what docs/databases.md tells operators.
 READER, READER_PASSWORD = "usage_service", "r3ad-only:p@ss"
