@@ -568,7 +568,7 @@ def engine_gateways(engines: list[str], rows: int) -> Iterator[list[tuple[str, S
             servers.append(server)
             gateway = (PostgresGateway if engine == "postgres" else MySQLGateway)(server, "history")
             data = server_data(engine, gateway, rows)
-            made.append((engine, Settings(database=gateway.database), data))
+            made.append((engine, Settings(database=gateway.database, db_timeout=60.0), data))
             gateway.close()
         yield made
     finally:
@@ -598,7 +598,8 @@ def main() -> None:
     sections = []
     with tempfile.TemporaryDirectory(prefix="usage-history-") as tmp, redis_server(Path(tmp)) as redis_url:
         workdir = Path(tmp)
-        settings = Settings(sqlite_path=db, redis_url=redis_url)
+        # A first read of a cold 3 GB file may outlast the default timeout: these time reads, not limits.
+        settings = Settings(sqlite_path=db, redis_url=redis_url, db_timeout=60.0)
         queries = [asyncio.run(measure_query("sqlite", settings, data, redis_url, repeat))]
         if args.engines:
             with engine_gateways(["postgres", "mysql"], args.rows) as gateways:

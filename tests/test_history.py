@@ -432,3 +432,44 @@ async def test_a_range_beyond_ten_years_is_refused(gateway: Gateway, settings: S
         with pytest.raises(ValueError, match="more than 3660 days"):
             await history.slots(1, 0, T0)
     assert recorder.sent == []
+
+
+async def test_day_sums_keep_the_closed_part_and_ask_only_for_the_open_one(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """A month polled again costs the open day alone; a closed day's sums are redone only when
+    the day boundary moves or the gateway's clean-up reached the log."""
+    from usage_service.days import DaySums, by_day_and_model
+
+    token = gateway.add_token()
+    for day in range(4):
+        gateway.add_log(token, created_at=T0 + day * DAY + 3600, quota=10 * (day + 1), model_name="m")
+    clock = Clock(T0 + 3 * DAY + 7200)  # the fourth day is open
+    starts = [T0 + day * DAY for day in range(5)]  # four days
+
+    async def truth(history: History) -> dict[tuple[int, str], object]:
+        slots = await history.slots(token.id, starts[0], starts[-1])
+        return {k: (t.quota, t.requests) for k, t in by_day_and_model(slots, starts).items()}
+
+    async with engine(settings, clock) as (history, _):
+        sums = DaySums(history)
+        first = await sums.sums(token.id, starts, starts[-1])
+        assert {k: (t.quota, t.requests) for k, t in first.items()} == await truth(history)
+        looked_up = history.stats.days_local + history.stats.days_redis + history.stats.days_read
+        # A new charge today: in the next answer, without the closed days being looked at again.
+        gateway.add_log(token, created_at=T0 + 3 * DAY + 7000, quota=5, model_name="m")
+        clock.now += 2  # past the open day's in-process life
+        again = await sums.sums(token.id, starts, starts[-1])
+        assert history.stats.days_local + history.stats.days_redis + history.stats.days_read == looked_up
+        assert (again[(3, "m")].quota, again[(0, "m")].quota) == (45, 10)
+        assert first[(0, "m")].quota == 10 and first[(3, "m")].quota == 40  # kept sums never added to
+        # The clean-up takes the first day: the kept sums are redone, without it.
+        gateway.clean_logs(before=T0 + DAY)
+        clock.now += 60
+        cleaned = await sums.sums(token.id, starts, starts[-1])
+        assert (0, "m") not in cleaned and cleaned[(1, "m")].quota == 20
+        # The fourth day closes: it moves to the kept part, and the answer is the same.
+        clock.now = T0 + 4 * DAY + GRACE + 1
+        closed = await sums.sums(token.id, starts, starts[-1])
+        assert {k: (t.quota, t.requests) for k, t in closed.items()} == await truth(history)
+        assert closed[(3, "m")].quota == 45

@@ -34,6 +34,7 @@ from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
+from .days import DaySums
 from .history import History
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
@@ -146,11 +147,14 @@ def create_app(settings: Settings) -> UsageService:
             logs,
             days=redis.history_days if redis else None,
             tails=redis.history_tails if redis else None,
-            # A round's confirmation holds until the next one is due, and a second more.
-            confirmed_for=settings.refresh_interval + 1.0,
+            # A round's confirmation holds until the next one is due and a second more, or, when
+            # rounds run late (a loaded leader), as long as a record in Redis is fresh: the bound
+            # the balance keeps when invalidations are late.
+            confirmed_for=max(settings.refresh_interval + 1.0, settings.cache_ttl),
             note_polls=settings.refresh_interval > 0,
             stale_if_error=settings.stale_if_error,
         )
+        services.day_sums = DaySums(history)
         keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
         refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)
         options = services.options = GatewayOptions(store, settings.options_interval)

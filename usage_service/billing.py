@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .cache import AnswerCache
 from .config import BillingTotal
-from .days import Tally, by_day_and_model, day_starts, horizon, parse_date, slot_bounds
+from .days import Tally, day_starts, horizon, parse_date
 from .records import TokenRecord, compact_json, go_int_sum
 from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, send_body
 from .routing import SCOPE_KEY
@@ -300,10 +300,7 @@ class BillingUsageEndpoint:
         """
         days = (end - start).days
         starts = day_starts(start, days, UTC)
-        first, last = slot_bounds(starts)
-        last = min(last, horizon(time.time()))
-        slots = await self.services.history.slots(record.id, first, last) if first < last else {}
-        sums = by_day_and_model(slots, starts)
+        sums = await self.services.day_sums.sums(record.id, starts, horizon(time.time()))
         daily: list[dict[str, Any]] = [{"timestamp": starts[n], "line_items": []} for n in range(days)]
         for (day, model), tally in sums.items():  # in (day, model) order
             daily[day]["line_items"].append({"name": model, "cost": json_number(options.amount(tally.quota) * 100)})

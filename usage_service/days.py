@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .history import SLOT
+from .history import SLOT, History
 
 # Dates a range may name: the log has no row before 1970, and the day after the last one must
 # still be a date.
@@ -133,3 +134,63 @@ def by_day_and_model(slots: Mapping[tuple[int, str], SpendLike], starts: Sequenc
                 tally = sums[key] = Tally()
             tally.add(spend)
     return dict(sorted(sums.items()))
+
+
+# Tallies DaySums keeps per worker: 10,000 tokens' 30 days of a few models, about 100 bytes each.
+SUMS_KEPT = 1_000_000
+
+
+class DaySums:
+    """Spending per (day, model) over a range of days, the part already closed kept.
+
+    Closed days never change (see history.py), so the sums over the part of a range before the
+    history's first open day are kept per token and range of days, and a poll asks the history
+    only for the open part: polling a month costs what the open day costs, not thirty days'
+    lookups. Kept sums are started afresh once a day closes (the boundary moves) or the
+    gateway's clean-up moves the log's smallest id; bounded by the number of tallies kept.
+    """
+
+    def __init__(self, history: History, max_tallies: int = SUMS_KEPT) -> None:
+        self.history = history
+        self.max_tallies = max_tallies
+        self.tallies = 0
+        self._kept: OrderedDict[tuple[object, ...], dict[tuple[int, str], Tally]] = OrderedDict()
+
+    async def sums(self, token_id: int, starts: Sequence[int], end: int) -> dict[tuple[int, str], Tally]:
+        """Sums per (day index, model), as `by_day_and_model`, of the token's slots in the days
+        `starts` bounds (from `day_starts`), up to `end` (a slot bound). Raises StoreUnavailable."""
+        start, last = slot_bounds(starts)
+        end = min(end, last)
+        if end <= start:
+            return {}
+        boundary = self.history.open_from()
+        closed: dict[tuple[int, str], Tally] = {}
+        if start < boundary:
+            min_id = await self.history.current_min_id()  # moved: the clean-up may have taken kept days
+            kept = self._kept.get((token_id, boundary, min_id, *starts))
+            if kept is None:
+                slots = await self.history.slots(token_id, start, min(boundary, end))
+                kept = by_day_and_model(slots, starts)
+                # Under the smallest id the history checked the days against while reading them.
+                key = (token_id, boundary, self.history.min_id, *starts)
+                self._keep(key, kept)
+            else:
+                self._kept.move_to_end((token_id, boundary, min_id, *starts))
+            closed = kept
+        if end <= boundary:
+            return closed
+        open_sums = by_day_and_model(await self.history.slots(token_id, max(start, boundary), end), starts)
+        if not closed:
+            return open_sums
+        merged = dict(closed)  # the kept tallies are shared: never added to
+        for day_model, tally in open_sums.items():
+            held = merged.get(day_model)
+            merged[day_model] = tally if held is None else Tally.of((held, tally))
+        return dict(sorted(merged.items()))
+
+    def _keep(self, key: tuple[object, ...], sums: dict[tuple[int, str], Tally]) -> None:
+        self._kept[key] = sums
+        self.tallies += len(sums) + 1
+        while self.tallies > self.max_tallies and self._kept:
+            _, dropped = self._kept.popitem(last=False)
+            self.tallies -= len(dropped) + 1

@@ -251,10 +251,8 @@ class History:
             return {}
         if end - start > MAX_DAYS * DAY:
             raise ValueError(f"a range of more than {MAX_DAYS} days")
+        await self.current_min_id()
         now = self.clock()
-        # While the refresher's rounds report the smallest id, no look of our own.
-        if now - self._min_checked >= CLEANUP_CHECK and now >= self._min_reported_until:
-            await self._check_cleanup(now)
         open_day = int(now - GRACE) // DAY
         first, last = start // DAY, (end - 1) // DAY
         wants_tail = last >= open_day
@@ -296,6 +294,19 @@ class History:
             # A tail read before a day closed also holds that day, now answered as closed.
             _select(found, tail.slots, max(start, open_day * DAY), end)
         return found
+
+    async def current_min_id(self) -> int:
+        """The log's smallest id, as the rounds report it or, without them, as looked at again
+        at most every CLEANUP_CHECK seconds: it moves when the gateway's clean-up ran."""
+        now = self.clock()
+        # While the refresher's rounds report the smallest id, no look of our own.
+        if now - self._min_checked >= CLEANUP_CHECK and now >= self._min_reported_until:
+            await self._check_cleanup(now)
+        return self.min_id
+
+    def open_from(self) -> int:
+        """The start (Unix seconds) of the first open day: spending before it is closed."""
+        return int(self.clock() - GRACE) // DAY * DAY
 
     def take_polled(self) -> set[int]:
         """The tokens whose open days were asked for since the last call."""

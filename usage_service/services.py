@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from .billing import GatewayOptions
+from .days import DaySums
 from .history import History
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
@@ -22,7 +23,18 @@ from .store.logs import LogReader
 
 class Services:
     # Declared, not set: reading one before the lifespan ran is an AttributeError, not a None.
-    __slots__ = ("store", "logs", "redis", "lookup", "limiter", "options", "refresher", "history", "metrics")
+    __slots__ = (
+        "store",
+        "logs",
+        "redis",
+        "lookup",
+        "limiter",
+        "options",
+        "refresher",
+        "history",
+        "day_sums",
+        "metrics",
+    )
 
     store: TokenStore
     logs: LogReader  # the gateway's request log: in `store`'s database, or LOG_SQL_DSN's
@@ -32,4 +44,5 @@ class Services:
     options: GatewayOptions
     refresher: Refresher
     history: History  # spending by slot and model, from the gateway's log
+    day_sums: DaySums  # the history per day and model, closed days' sums kept
     metrics: CollectorRegistry | None  # None: USAGE_METRICS is off

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .billing import BillingOptions, json_number
 from .cache import AnswerCache
-from .days import Tally, by_day_and_model, day_starts, horizon, parse_date, parse_zone, slot_bounds, today
+from .days import Tally, day_starts, horizon, parse_date, parse_zone, today
 from .records import TokenRecord, compact_json
 from .responses import JSON_TYPE, NO_CACHE, Headers, JSONError, send_revalidated, strong_etag
 from .routing import SCOPE_KEY
@@ -189,7 +189,5 @@ class HistoryEndpoint:
         self, token_id: int, query: HistoryQuery, now: float, options: BillingOptions
     ) -> dict[str, object]:
         starts = day_starts(query.start, query.days, query.zone)
-        start, end = slot_bounds(starts)
-        end = min(end, horizon(now))
-        slots = await self.services.history.slots(token_id, start, end) if start < end else {}
-        return history_data(query, by_day_and_model(slots, starts), options)
+        sums = await self.services.day_sums.sums(token_id, starts, horizon(now))
+        return history_data(query, sums, options)
