@@ -445,7 +445,7 @@ async def test_day_sums_keep_the_closed_part_and_ask_only_for_the_open_one(
     for day in range(4):
         gateway.add_log(token, created_at=T0 + day * DAY + 3600, quota=10 * (day + 1), model_name="m")
     clock = Clock(T0 + 3 * DAY + 7200)  # the fourth day is open
-    starts = [T0 + day * DAY for day in range(5)]  # four days
+    starts = tuple(T0 + day * DAY for day in range(5))  # four days
 
     async def truth(history: History) -> dict[tuple[int, str], object]:
         slots = await history.slots(token.id, starts[0], starts[-1])

@@ -16,6 +16,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, time, timedelta
+from functools import lru_cache
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -63,13 +64,15 @@ def today(zone: ZoneInfo, now: float) -> date:
     return datetime.fromtimestamp(now, zone).date()
 
 
-def day_starts(first: date, days: int, zone: ZoneInfo) -> list[int]:
+@lru_cache(maxsize=1024)
+def day_starts(first: date, days: int, zone: ZoneInfo) -> tuple[int, ...]:
     """Unix seconds of the local midnights of `first` and the `days` days after it (days + 1 bounds).
 
     A midnight that a DST change skips (some zones change at 00:00) is read with the offset
-    before the change (PEP 495, fold=0): that is the instant the day begins.
+    before the change (PEP 495, fold=0): that is the instant the day begins. Kept: polled
+    ranges are few and asked for again and again.
     """
-    return [int(datetime.combine(first + timedelta(n), time(), zone).timestamp()) for n in range(days + 1)]
+    return tuple(int(datetime.combine(first + timedelta(n), time(), zone).timestamp()) for n in range(days + 1))
 
 
 def slot_bounds(starts: Sequence[int]) -> tuple[int, int]:
@@ -156,7 +159,7 @@ class DaySums:
         self.tallies = 0
         self._kept: OrderedDict[tuple[object, ...], dict[tuple[int, str], Tally]] = OrderedDict()
 
-    async def sums(self, token_id: int, starts: Sequence[int], end: int) -> dict[tuple[int, str], Tally]:
+    async def sums(self, token_id: int, starts: tuple[int, ...], end: int) -> dict[tuple[int, str], Tally]:
         """Sums per (day index, model), as `by_day_and_model`, of the token's slots in the days
         `starts` bounds (from `day_starts`), up to `end` (a slot bound). Raises StoreUnavailable."""
         start, last = slot_bounds(starts)
@@ -167,15 +170,15 @@ class DaySums:
         closed: dict[tuple[int, str], Tally] = {}
         if start < boundary:
             min_id = await self.history.current_min_id()  # moved: the clean-up may have taken kept days
-            kept = self._kept.get((token_id, boundary, min_id, *starts))
+            kept = self._kept.get((token_id, boundary, min_id, starts))
             if kept is None:
                 slots = await self.history.slots(token_id, start, min(boundary, end))
                 kept = by_day_and_model(slots, starts)
                 # Under the smallest id the history checked the days against while reading them.
-                key = (token_id, boundary, self.history.min_id, *starts)
+                key = (token_id, boundary, self.history.min_id, starts)
                 self._keep(key, kept)
             else:
-                self._kept.move_to_end((token_id, boundary, min_id, *starts))
+                self._kept.move_to_end((token_id, boundary, min_id, starts))
             closed = kept
         if end <= boundary:
             return closed
