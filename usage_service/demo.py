@@ -133,4 +133,22 @@ def ensure_demo_db(path: Path = DEMO_DB) -> str:
             " VALUES (?, ?, 1, ?, ?, ?, -1, 4876544, 0, 1, 'gpt-4o-mini, claude-3-5-haiku', 123456)",
             (user_id, key, DEMO_TOKEN_NAME, now, now),
         )
+        token_id = db.execute("SELECT id FROM tokens WHERE `key` = ?", (key,)).fetchone()[0]
+        # A week of requests in the log, as the gateway writes it, for the history and log routes:
+        # 24 of 5,144 quota each, which is the token's used quota.
+        db.executemany(
+            "INSERT INTO logs (user_id, created_at, type, content, username, token_name, model_name, quota,"
+            " prompt_tokens, completion_tokens, use_time, is_stream, channel_id, token_id, `group`, other)"
+            " VALUES (?, ?, 2, '', 'demo', ?, ?, 5144, 1200, 300, 2, 0, 1, ?, 'default', '{}')",
+            [
+                (
+                    user_id,
+                    now - (24 - i) * 7 * 3600,
+                    DEMO_TOKEN_NAME,
+                    ("gpt-4o-mini", "claude-3-5-haiku")[i % 2],
+                    token_id,
+                )
+                for i in range(24)
+            ],
+        )
     return key
