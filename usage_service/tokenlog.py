@@ -178,26 +178,28 @@ def owner_row(row: Sequence[Any], token_id: int, position: int) -> dict[str, obj
     """A row as the gateway shows it to the token's owner; odd values read as the gateway's zero values."""
     user_id, created_at, type_, content, username, token_name, model_name = row[:7]
     quota, prompt_tokens, completion_tokens, use_time, is_stream, group, ip, other = row[7:]
+    # Up to 1,000 rows an answer: the types the engines nearly always give are taken as they
+    # come, the careful readers only for odd values.
     return {
         "id": position,
-        "user_id": as_int(user_id),
-        "created_at": as_int(created_at),
-        "type": as_int(type_),
-        "content": _text(content),
-        "username": _text(username),
-        "token_name": _text(token_name),
-        "model_name": _text(model_name),
-        "quota": as_int(quota),
-        "prompt_tokens": as_int(prompt_tokens),
-        "completion_tokens": as_int(completion_tokens),
-        "use_time": as_int(use_time),
+        "user_id": user_id if type(user_id) is int else as_int(user_id),
+        "created_at": created_at if type(created_at) is int else as_int(created_at),
+        "type": type_ if type(type_) is int else as_int(type_),
+        "content": content if type(content) is str else _text(content),
+        "username": username if type(username) is str else _text(username),
+        "token_name": token_name if type(token_name) is str else _text(token_name),
+        "model_name": model_name if type(model_name) is str else _text(model_name),
+        "quota": quota if type(quota) is int else as_int(quota),
+        "prompt_tokens": prompt_tokens if type(prompt_tokens) is int else as_int(prompt_tokens),
+        "completion_tokens": completion_tokens if type(completion_tokens) is int else as_int(completion_tokens),
+        "use_time": use_time if type(use_time) is int else as_int(use_time),
         "is_stream": as_bool(is_stream),
         "channel": 0,  # which upstream channel served the request is never shown to an owner
         "channel_name": "",
         "token_id": token_id,
-        "group": _text(group),
-        "ip": _text(ip),
-        "other": owner_other(_text(other)),
+        "group": group if type(group) is str else _text(group),
+        "ip": ip if type(ip) is str else _text(ip),
+        "other": owner_other(other if type(other) is str else _text(other)),
     }
 
 
