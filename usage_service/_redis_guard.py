@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -17,9 +18,11 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
 from ._circuit import CircuitBreaker
+from .looplag import LoopLag
 from .redis_client import RedisClient
 
 logger = logging.getLogger("usage_service.cache")
@@ -50,9 +53,16 @@ class RedisGuard:
     Redis is optional at run time: every call is bounded by a timeout, failures open a circuit
     breaker so a dead Redis is not waited on request after request, and every failure reaches
     the caller as RedisUnavailable, which the request path reads as a miss.
+
+    A timeout while this worker's event loop ran late by half the timeout or more (`lag`, or
+    the timeout itself firing that late) is the worker's own overload, not Redis's: the call
+    still fails, but the breaker does not count it. Opening it then would send every lookup to
+    the gateway's database when the worker is busiest, and keep it there.
     """
 
-    def __init__(self, client: RedisClient, *, timeout: float, breaker: CircuitBreaker) -> None:
+    def __init__(
+        self, client: RedisClient, *, timeout: float, breaker: CircuitBreaker, lag: LoopLag | None = None
+    ) -> None:
         self.client = client
         # On Cluster, a command's keys must all be in one hash slot: `by_slot` and `mget` split
         # by slot for whoever handles many records at once. Every other key is used alone.
@@ -61,7 +71,10 @@ class RedisGuard:
         # Background batches (a whole hot set) may take longer than one request's lookup.
         self.batch_timeout = max(1.0, 4 * timeout)
         self.breaker = breaker
+        self.lag = lag
         self.errors = 0
+        self.overloaded = 0  # timeouts not counted against Redis: this worker's loop ran late
+        self._overload_logged = -math.inf
         self.closed = False
 
     async def run(self, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
@@ -70,11 +83,15 @@ class RedisGuard:
             raise RedisUnavailable("closed")  # a straggler must not open a connection after close()
         if not self.breaker.allow():
             raise RedisUnavailable("circuit open")
+        timeout = timeout or self.timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout or self.timeout):
+            async with asyncio.timeout_at(deadline):
                 result = await call()
         except REDIS_FAILURES as exc:
             reraise_cancellation()
+            if isinstance(exc, TimeoutError | RedisTimeoutError) and self._ran_late(deadline, timeout):
+                raise RedisUnavailable("timed out while this worker was overloaded") from None
             self._failed(exc)
             raise RedisUnavailable(type(exc).__name__) from None
         except Exception as exc:
@@ -164,6 +181,24 @@ class RedisGuard:
         """Refuse every later call and close the client's connections."""
         self.closed = True
         await self.client.aclose()
+
+    def _ran_late(self, deadline: float, timeout: float) -> bool:
+        """Whether the event loop ran late by half `timeout` or more while the call waited
+        (counted, and logged at most once a breaker cooldown)."""
+        now = asyncio.get_running_loop().time()
+        late = max(now - deadline, self.lag.recent() if self.lag is not None else 0.0)
+        if late < timeout / 2:
+            return False
+        self.errors += 1
+        self.overloaded += 1
+        if now - self._overload_logged >= max(self.breaker.cooldown, 1.0):
+            self._overload_logged = now
+            logger.warning(
+                "redis call timed out while this worker's event loop ran %.0f ms late: the worker is"
+                " overloaded; not counted against redis",
+                late * 1000,
+            )
+        return True
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

@@ -38,6 +38,7 @@ from .days import DaySums
 from .history import History
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
+from .looplag import LoopLag
 from .redis_client import create_client
 from .refresh import Refresher
 from .responses import STATUS_KEY
@@ -138,7 +139,8 @@ def create_app(settings: Settings) -> UsageService:
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         store = services.store = await open_store(settings)
         logs = services.logs = await open_log_reader(settings, store)
-        redis = services.redis = _open_redis(settings)
+        lag = LoopLag()  # an overloaded worker's timeouts are not Redis's fault (RedisGuard)
+        redis = services.redis = _open_redis(settings, lag)
         if redis is not None and not await redis.ping():
             logger.warning("redis does not answer at start; serving from the database until it does")
         lookup = services.lookup = TokenLookup(store, redis.records if redis else None, settings)
@@ -162,9 +164,11 @@ def create_app(settings: Settings) -> UsageService:
         await options.refresh()
         tasks = BackgroundTasks()
         tasks.start("options", options.run)
+        tasks.start("loop lag", lag.run)
         if settings.metrics:
+            guard = redis.guard if redis else None
             publisher = metrics.Publisher(
-                store, lookup, refresher, request_stats, redis.guard if redis else None, logs=logs, history=history
+                store, lookup, refresher, request_stats, guard, logs=logs, history=history, lag=lag
             )
             registry = services.metrics = metrics.scrape_registry(publisher)
             tasks.start("metrics", publisher.run)
@@ -235,9 +239,9 @@ def create_app_from_env() -> UsageService:
     return create_app(load_settings())
 
 
-def _open_redis(settings: Settings) -> SharedRedis | None:
+def _open_redis(settings: Settings, lag: LoopLag | None = None) -> SharedRedis | None:
     if settings.redis_url is None:
         return None
     breaker = CircuitBreaker(REDIS_FAILURE_THRESHOLD, settings.redis_cooldown)
-    guard = RedisGuard(create_client(settings), timeout=settings.redis_timeout, breaker=breaker)
+    guard = RedisGuard(create_client(settings), timeout=settings.redis_timeout, breaker=breaker, lag=lag)
     return SharedRedis(guard, prefix=settings.redis_prefix)

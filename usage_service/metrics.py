@@ -36,6 +36,7 @@ from ._redis_guard import RedisGuard
 from .access import BUCKETS, RequestStats
 from .history import History
 from .lookup import TokenLookup
+from .looplag import LoopLag
 from .refresh import Refresher
 from .store import TokenStore
 from .store.logs import LogReader
@@ -57,6 +58,15 @@ STALE_SERVED = Counter("usage_stale_served", "Answers served from an expired rec
 REDIS_ERRORS = Counter("usage_redis_errors", "Redis calls that failed or timed out")
 REDIS_CIRCUIT_OPEN = Gauge(
     "usage_redis_circuit_open", "1 while a worker leaves Redis alone after failures", multiprocess_mode="livemax"
+)
+REDIS_OVERLOADED = Counter(
+    "usage_redis_overloaded_timeouts",
+    "Redis calls that timed out while the worker's event loop ran late: its own overload, not counted against Redis",
+)
+LOOP_LAG = Gauge(
+    "usage_event_loop_lag_seconds",
+    "How late a worker's event loop ran at worst within the last second (a loaded worker)",
+    multiprocess_mode="max",
 )
 LIMITER_REJECTIONS = Counter("usage_limiter_rejections", "Requests a rate limiter turned away")
 REFRESH_RUNS = Counter("usage_refresh_runs", "Hot-set refreshes performed")
@@ -100,6 +110,7 @@ class Publisher:
         redis: RedisGuard | None = None,
         logs: LogReader | None = None,
         history: History | None = None,
+        lag: LoopLag | None = None,
     ) -> None:
         stats, refresh = lookup.stats, refresher.stats
         self._counters: list[tuple[Counter, Callable[[], int]]] = [
@@ -138,11 +149,13 @@ class Publisher:
                 (CACHE_HITS.labels("redis"), lambda: stats.redis_hits),
                 (CACHE_MISSES.labels("redis"), lambda: stats.db_reads),
                 (REDIS_ERRORS, lambda: redis.errors),
+                (REDIS_OVERLOADED, lambda: redis.overloaded),
             ]
         if logs is not None:
             self._counters.append((LOG_DB_STATEMENTS, lambda: logs.statements))
         self._published = [0] * len(self._counters)
         self._redis = redis
+        self._lag = lag
         self._refresh = refresh
         self._requests = requests
         self._responses: dict[tuple[str, int], int] = {}
@@ -162,6 +175,8 @@ class Publisher:
             REFRESH_LAST.set(self._refresh.finished_at)
             REFRESH_LEADER.set(self._refresh.leader)
             REDIS_CIRCUIT_OPEN.set(self._redis is not None and self._redis.breaker.is_open)
+            if self._lag is not None:
+                LOOP_LAG.set(self._lag.recent())
             if self._requests is not None:
                 self._publish_requests(self._requests)
 
