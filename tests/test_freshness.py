@@ -29,6 +29,7 @@ from usage_service._circuit import CircuitBreaker
 from usage_service._redis_guard import RedisGuard
 from usage_service.cache import key_digest
 from usage_service.config import Settings
+from usage_service.invalidation import _parse_digests, _parse_history
 from usage_service.records import TokenRecord, decode_cached, encode_cached
 from usage_service.refresh import STATEMENT_GUARD, Refresher
 from usage_service.shared import SharedRedis
@@ -182,6 +183,32 @@ async def test_an_invalidated_entry_stays_expired_through_later_confirmations(
         await heard_so_far(app, client, sentinel)
         assert fresh_in_process(app, token) is None
         assert len(app.state.lookup.local) == 2  # expired in place, not dropped: a stale copy
+
+
+async def test_a_leaders_first_sight_keeps_the_records_workers_hold_only_if_they_are_its_own(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    """A leader that sees tokens for the first time (a new hot token, a new leader) cannot know
+    what workers hold, so it names them all, each with the fingerprint of what it read: a worker
+    keeps a record that is that very record, and expires one that is not."""
+    same, charged, sentinel = gateway.add_token(used=3), gateway.add_token(used=4), gateway.add_token()
+    async with app_client(redis_url=redis_url, cache_ttl=60.0, local_ttl=60.0, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, same) == 3 and await used(client, charged) == 4
+        gateway.charge(charged, 5)  # the worker still holds used=4
+        digests = {key_digest(t.key.encode()): t.id for t in (same, charged)}
+        await app.state.redis.hot_set.note(digests, time.time())
+        await app.state.refresher.tick()  # the first round that sees them: both named
+        assert app.state.refresher.stats.changed >= 2
+        await heard_so_far(app, client, sentinel)
+        held = fresh_in_process(app, same)
+        assert held is not None and held.used_quota == 3  # its own read: kept
+        assert fresh_in_process(app, charged) is None  # older than the round's read: expired
+        lookup = app.state.lookup
+        trips = lookup.stats.redis_hits + lookup.stats.db_reads
+        assert await used(client, same) == 3
+        assert lookup.stats.redis_hits + lookup.stats.db_reads == trips
+        assert await used(client, charged) == 9
 
 
 async def test_local_ttl_zero_serves_nothing_fresh_in_process(
@@ -383,3 +410,12 @@ async def test_the_leader_lock_outlives_a_statement_and_a_chunks_writes_twice(
     assert refresher.round_lock_ttl >= 2 * 3 * guard.batch_timeout
     # Between rounds, a leader that died is replaced as soon as it stops renewing.
     assert refresher.lock_ttl == max(3 * interval, 1.0)
+
+
+async def test_the_channel_reads_fingerprints_and_takes_an_unreadable_one_as_none() -> None:
+    """A part whose fingerprint cannot be read keeps nothing a worker holds (None): the safe reading."""
+    a, b, c = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
+    message = f"{a.hex()}={'ab' * 8},{b.hex()},{c.hex()}=zz".encode()
+    assert _parse_digests(message) == [(a, bytes.fromhex("ab" * 8)), (b, None), (c, None)]
+    history = _parse_history(b"#1.5:7:1:12=" + b"cd" * 8 + b",13")
+    assert history == (1.5, 7, True, [(12, bytes.fromhex("cd" * 8)), (13, None)])

@@ -152,14 +152,16 @@ async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
         await b.refresher.tick()  # notes b's; follows
         await round_heard(a, a, b)
         assert not b.refresher.stats.leader
-        # Every poll from now on is answered without a statement: from Redis once, then in-process.
+        # Every poll from now on is answered without a statement, in-process: the round named
+        # every token it saw first with its tail's fingerprint, and b already held those very
+        # tails (it read them itself), so it kept them rather than fetch them from Redis.
         before = sent(a), sent(b)
         for _ in range(5):
             for w in (a, b):
                 answers = await asyncio.gather(*(w.history.slots(t.id, *today) for t in tokens))
                 assert [sum(s.quota for s in ans.values()) for ans in answers] == [i + 1 for i in range(30)]
         assert (sent(a), sent(b)) == before
-        assert b.history.stats.tails_redis == len(tokens)
+        assert b.history.stats.tails_redis == 0
 
         # A charge: shown by both workers after one round, which cost two statements.
         gateway.add_log(tokens[3], created_at=int(clock.now) - 1, quota=500, model_name="claude")
@@ -321,7 +323,7 @@ async def test_a_tail_older_than_a_change_heard_is_not_served(
         await a.history.slots(token.id, *today)
         await round_heard(a, a, b)
         gateway.add_log(token, created_at=NOON, quota=2)
-        b.history.hear_round(clock.now + 0.5, 1, True, [token.id])  # a change Redis does not show yet
+        b.history.hear_round(clock.now + 0.5, 1, True, [(token.id, None)])  # a change Redis does not show yet
         before = b.history.stats.tails_read
         assert sum(s.quota for s in (await b.history.slots(token.id, *today)).values()) == 3
         assert b.history.stats.tails_read == before + 1 and b.history.stats.tails_redis == 0
@@ -459,3 +461,30 @@ async def test_workers_learn_of_a_clean_up_from_the_rounds(
         assert answer == await plain_select(truth(b), token.id, *span)
         assert b.history.stats.cleaned == 1
         assert sum(1 for sql, _ in b.recorder.sent if sql.startswith("SELECT (SELECT min(id)")) == looks
+
+
+async def test_a_first_sight_keeps_the_tails_a_worker_holds_only_if_they_are_the_leaders(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """A leader that sees tokens for the first time names them all; a worker keeps a tail it
+    read itself only when its fingerprint is the round's. Here b read both tokens' open days,
+    then one of them was charged before the round: b keeps the other and drops that one, which
+    it then takes from Redis, charge included."""
+    same, charged = gateway.add_token(), gateway.add_token()
+    for token in (same, charged):
+        gateway.add_log(token, created_at=NOON - 3600, quota=10)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        for token in (same, charged):
+            await b.history.slots(token.id, *today)  # b's own reads
+            await a.history.slots(token.id, *today)
+        gateway.add_log(charged, created_at=NOON - 60, quota=5)
+        await a.refresher.tick()  # notes, leads, keeps: the charge is in its first read
+        await round_heard(a, a, b)
+        before = sent(b)
+        assert sum(s.quota for s in (await b.history.slots(same.id, *today)).values()) == 10
+        assert b.history.stats.tails_redis == 0  # kept: it was the leader's
+        assert sum(s.quota for s in (await b.history.slots(charged.id, *today)).values()) == 15
+        assert b.history.stats.tails_redis == 1  # dropped: b's read predates the charge
+        assert sent(b) == before

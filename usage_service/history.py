@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -143,6 +145,11 @@ class Tail:
         ]
         return orjson.dumps([TAIL_FORMAT, self.start, self.read_at, slots])
 
+    @property
+    def fingerprint(self) -> bytes:
+        """8 bytes that tell these open days from any others (the same in every process)."""
+        return tail_fingerprint(self.start, self.slots)
+
     @classmethod
     def decode(cls, value: bytes, generation: int) -> Tail:
         """Read what `encode` wrote, as kept by the leader; raise ValueError for anything else."""
@@ -159,6 +166,14 @@ class Tail:
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a cached tail: {exc}") from None
+
+
+def tail_fingerprint(start: int, slots: Slots) -> bytes:
+    """What a history round's message carries for a token's open days (Tail.fingerprint)."""
+    items = sorted(
+        [slot, model, s.quota, s.prompt_tokens, s.completion_tokens, s.requests] for (slot, model), s in slots.items()
+    )
+    return hashlib.blake2b(orjson.dumps([start, items]), digest_size=8).digest()
 
 
 @dataclass
@@ -325,15 +340,23 @@ class History:
         while len(self._tails) > TAILS_KEPT:
             self._tails.popitem(last=False)
 
-    def hear_round(self, as_of: float, min_id: int, complete: bool, changed: list[int]) -> None:
+    def hear_round(
+        self, as_of: float, min_id: int, complete: bool, changed: Sequence[tuple[int, bytes | None]]
+    ) -> None:
         """Hear the leader's history round: the polled tokens' open days (`complete`: every
-        polled token's) were checked as of `as_of`, and these changed (their new tails are in
-        Redis). The invariant: a tail taken before this worker hears that it changed is never
-        served fresh after; only a complete round keeps the others fresh."""
+        polled token's) were checked as of `as_of`, and these changed or are new to the leader
+        (their tails are in Redis), each with the fingerprint of its tail. The invariant: a tail
+        taken before this worker hears that it changed is never served fresh after, unless it
+        is the very tail the round kept (then it is the leader's from now on); only a complete
+        round keeps the others fresh."""
         self.note_min_id(min_id, as_of, self.confirmed_for)
-        for token_id in changed:
-            self._changed[token_id] = as_of
-            self._tails.pop(token_id, None)
+        for token_id, fingerprint in changed:
+            self._changed[token_id] = as_of  # a read under way may predate the change
+            held = self._tails.pop(token_id, None)
+            if held is not None and fingerprint is not None and held.fingerprint == fingerprint:
+                self._tails[token_id] = dataclasses.replace(
+                    held, read_at=max(held.read_at, as_of), until=None, generation=self._generation
+                )
         if len(self._changed) > TAILS_KEPT:  # a tail read this long ago no longer races with a round
             self._changed = {t: at for t, at in self._changed.items() if at > as_of - 60}
         if complete:

@@ -1,19 +1,28 @@
 """The invalidation channel: how the refresher's leader tells every worker what changed.
 
-One pub/sub channel `<prefix>invalidate` carries every kind of message, so a worker that hears a
-round's confirmation has heard that round's invalidations:
-- comma-separated digests (hex): these tokens changed, drop what you hold of them;
+One pub/sub channel `<prefix>invalidate:v2` carries every kind of message, so a worker that
+hears a round's confirmation has heard that round's invalidations:
+- comma-separated digests (hex), each followed by '=' and the fingerprint (hex) of the record
+  the round read, unless it read none: these tokens changed, or the leader sees them for the
+  first time; a worker keeps what it holds of one only if it has that very fingerprint;
 - '@' and a wall-clock time: every hot token was checked against the database as of then;
-- '#' as_of ':' the log's smallest id ':' 1 or 0 ':' comma-separated token ids: a history round
-  (tails.py) checked the tokens whose history is polled as of then (all of them: 1; the hot set
-  was cut at USAGE_HOT_MAX: 0), and these ones' open days changed.
+- '#' as_of ':' the log's smallest id ':' 1 or 0 ':' comma-separated token ids, each with '='
+  and its open days' fingerprint: a history round (tails.py) checked the tokens whose history
+  is polled as of then (all of them: 1; the hot set was cut at USAGE_HOT_MAX: 0), and these
+  ones' open days changed or are new to the leader.
+
+The fingerprints spare the workers a reload of everything they hold whenever a leader starts
+afresh (a failover, a restart) or a token becomes hot: the leader cannot know what they hold,
+so it names every token it has not seen before, with what it read. (The channel's name changed
+with the fingerprints: a worker of the version before, which would skip parts it cannot read
+and then take the confirmation, hears nothing from a new leader and lets its entries age out.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from ._redis_guard import REDIS_FAILURES, RedisGuard, reraise_cancellation
 
@@ -23,27 +32,37 @@ class InvalidationChannel:
         self.guard = guard
         self.name = name
 
-    async def publish_invalidation(self, digests: Iterable[bytes]) -> None:
-        """Tell every worker to expire these tokens in its in-process layer."""
-        message = ",".join(d.hex() for d in digests)
+    async def publish_invalidation(self, digests: Iterable[bytes], fingerprints: Mapping[bytes, bytes] = {}) -> None:
+        """Tell every worker to expire these tokens in its in-process layer, unless what it holds
+        of one has its fingerprint here."""
+        message = ",".join(_part(d.hex(), fingerprints.get(d)) for d in digests)
         await self.guard.run(lambda: self.guard.client.publish(self.name, message))
 
     async def publish_confirmation(self, as_of: float) -> None:
         """Tell every worker that all hot records were checked against the database as of `as_of`."""
         await self.guard.run(lambda: self.guard.client.publish(self.name, f"@{as_of!r}"))
 
-    async def publish_history(self, as_of: float, min_id: int, complete: bool, token_ids: Iterable[int]) -> None:
+    async def publish_history(
+        self,
+        as_of: float,
+        min_id: int,
+        complete: bool,
+        token_ids: Iterable[int],
+        fingerprints: Mapping[int, bytes] = {},
+    ) -> None:
         """Tell every worker that a history round checked the polled tokens (`complete`: every
-        one) as of `as_of`, and that these tokens' open days changed (written to Redis before)."""
-        message = f"#{as_of!r}:{min_id}:{int(complete)}:{','.join(map(str, token_ids))}"
+        one) as of `as_of`, and that these tokens' open days changed (written to Redis before),
+        unless what it holds of one has its fingerprint here."""
+        changed = ",".join(_part(str(t), fingerprints.get(t)) for t in token_ids)
+        message = f"#{as_of!r}:{min_id}:{int(complete)}:{changed}"
         await self.guard.run(lambda: self.guard.client.publish(self.name, message))
 
     async def listen(
         self,
-        on_digests: Callable[[list[bytes]], None],
+        on_digests: Callable[[list[tuple[bytes, bytes | None]]], None],
         on_confirm: Callable[[float], None],
         on_live: Callable[[bool], None],
-        on_history: Callable[[float, int, bool, list[int]], None] | None = None,
+        on_history: Callable[[float, int, bool, list[tuple[int, bytes | None]]], None] | None = None,
     ) -> None:
         """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
 
@@ -83,19 +102,38 @@ class InvalidationChannel:
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-def _parse_digests(data: object) -> list[bytes]:
+def _part(name: str, fingerprint: bytes | None) -> str:
+    return name if fingerprint is None else f"{name}={fingerprint.hex()}"
+
+
+def _fingerprint(text: str) -> bytes | None:
+    """A part's fingerprint; None when it has none or it cannot be read (then nothing held is
+    kept: the safe reading)."""
+    try:
+        return bytes.fromhex(text) or None
+    except ValueError:
+        return None
+
+
+def _parse_digests(data: object) -> list[tuple[bytes, bytes | None]]:
     if not isinstance(data, bytes | str):
         return []
     text = data.decode("ascii", "replace") if isinstance(data, bytes) else data
-    digests = []
+    changes = []
     for part in text.split(","):
+        name, _, fingerprint = part.partition("=")
         with contextlib.suppress(ValueError):
-            digest = bytes.fromhex(part)
+            digest = bytes.fromhex(name)
             if len(digest) == 32:
-                digests.append(digest)
-    return digests
+                changes.append((digest, _fingerprint(fingerprint)))
+    return changes
 
 
-def _parse_history(data: bytes) -> tuple[float, int, bool, list[int]]:
+def _parse_history(data: bytes) -> tuple[float, int, bool, list[tuple[int, bytes | None]]]:
     as_of, min_id, complete, ids = data[1:].split(b":", 3)
-    return float(as_of), int(min_id), complete == b"1", [int(token_id) for token_id in ids.split(b",") if token_id]
+    changed = []
+    for part in ids.decode("ascii").split(","):
+        if part:
+            token_id, _, fingerprint = part.partition("=")
+            changed.append((int(token_id), _fingerprint(fingerprint)))
+    return float(as_of), int(min_id), complete == b"1", changed

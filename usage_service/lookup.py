@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
 from .cache import UNCONFIRMED, LocalCache, RedisRecords, key_digest
@@ -49,11 +49,13 @@ class TokenLookup:
     """The cache layers and the database, in that order, for one worker.
 
     The in-process layer's invariant: an entry read before this worker hears invalidation N of
-    its key is never served fresh after N, and no confirmation extends an entry read before the
-    invalidation channel was last lost or regained. Enforced by:
+    its key is never served fresh after N unless it is the very record round N read, and no
+    confirmation extends an entry read before the invalidation channel was last lost or
+    regained. Enforced by:
     - `invalidate` expiring the entry in place (it stays as a stale copy, so stale-if-error
-      holds) and detaching a load of that key still in flight: it answers those already
-      waiting and lands expired, and later requests start a load of their own;
+      holds) unless its fingerprint is the one the round read, and detaching a load of that key
+      still in flight: it answers those already waiting and lands expired, and later requests
+      start a load of their own;
     - confirmations moving one watermark that covers only entries of the current generation
       (`LocalCache.confirm`), and a new generation whenever the channel is lost or regained;
     - a hard bound besides: no entry is served fresh more than `max_age` after the database
@@ -144,13 +146,18 @@ class TokenLookup:
 
     # --- what the refresher's channel says (the invalidation listener calls these) ---------
 
-    def invalidate(self, digests: list[bytes]) -> None:
-        """Hear that the leader saw these tokens change: what this worker holds of them is outdated."""
+    def invalidate(self, changes: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Hear that the leader saw these tokens change, or saw them for the first time, each
+        with the fingerprint of the record it read (None: none): what this worker holds of
+        them is outdated, unless it is that very record."""
         now = time.monotonic()
-        for digest in digests:
-            self.local.expire(digest, now)  # kept, expired, for stale-if-error
+        for digest, fingerprint in changes:
             self.negative.discard(digest)
             self._inflight.pop(digest, None)  # what it reads may predate the change
+            held = self.local.peek(digest)
+            if fingerprint is not None and held is not None and held[0].fingerprint == fingerprint:
+                continue  # the leader's truth as of its round: the round's confirmation vouches for it
+            self.local.expire(digest, now)  # kept, expired, for stale-if-error
 
     def confirm(self, as_of: float) -> None:
         """Hear that a round checked every hot token against the database as of `as_of` (wall

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -99,6 +100,12 @@ class TokenRecord:
             self.user_used_quota,
         ]
         return compact_json(fields)
+
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """8 bytes that tell this record's fields from any other's (the same in every process):
+        what an invalidation carries, so that a worker holding an equal record keeps it."""
+        return hashlib.blake2b(self.cache_fields, digest_size=8).digest()
 
     @cached_property
     def rendered(self) -> dict[str, tuple[object, Any]]:

@@ -223,7 +223,10 @@ class Refresher:
                 await redis.records.store_many(values, self.lookup.redis_ttl)
                 self._written.update(dict.fromkeys(values, fetched_at))
             if changed:
-                await redis.channel.publish_invalidation(changed)
+                # With what was read: a worker that holds that very record keeps it (a first
+                # sight of 10,000 tokens need not reload them all in every worker).
+                fingerprints = {d: r.fingerprint for d in changed if (r := fresh[d]) is not None}
+                await redis.channel.publish_invalidation(changed, fingerprints)
             changes += len(changed)
             seen.update(fresh)
         self._last_seen = seen

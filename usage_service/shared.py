@@ -5,7 +5,7 @@ The keys, all under USAGE_REDIS_PREFIX:
     tok:<digest hex>    a token's record              RedisRecords         (cache.py)
     hot                 the tokens polled lately      HotSet               (hotset.py)
     leader              the refresher's leader lock   LeaderLock           (leadership.py)
-    invalidate          the invalidation channel      InvalidationChannel  (invalidation.py)
+    invalidate:v2       the invalidation channel      InvalidationChannel  (invalidation.py)
     authfail:<address>  failed authentications        FailureCounter       (failure_counter.py)
     hist:day:<id>:<day> a token's closed day of spending  RedisDays            (history_cache.py)
     hist:tail:<id>      a polled token's open days        RedisTails           (history_cache.py)
@@ -31,7 +31,7 @@ class SharedRedis:
         self.guard = guard
         self.records = RedisRecords(guard, prefix=prefix + "tok:")
         self.hot_set = HotSet(guard, key=prefix + "hot")
-        self.channel = InvalidationChannel(guard, name=prefix + "invalidate")
+        self.channel = InvalidationChannel(guard, name=prefix + "invalidate:v2")
         self.failures = FailureCounter(guard, prefix=prefix + "authfail:")
         self.leader_key = prefix + "leader"
         self.history_days = RedisDays(guard, prefix=prefix + "hist:day:")

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row
+from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, tail_fingerprint
 from .shared import SharedRedis
 from .store.spending import SpendRow, marks, rows_since, spending
 
@@ -156,7 +156,10 @@ class TailKeeper:
             self._written.update(dict.fromkeys(writes, now))
         # Only a round that kept every polled token vouches for what workers hold (as the
         # balance's confirmation): past USAGE_HOT_MAX, the others' tails would go stale unseen.
-        await redis.channel.publish_history(now, min_id, len(members) < self.hot_max, sorted(changed))
+        # With each tail's fingerprint: a worker holding those very open days keeps them (a
+        # first sight of 10,000 tokens need not send every worker to Redis for each).
+        fingerprints = {t: tail_fingerprint(self._open_day, tails[t]) for t in changed}
+        await redis.channel.publish_history(now, min_id, len(members) < self.hot_max, sorted(changed), fingerprints)
         self._published = tails
         self._written = {t: at for t, at in self._written.items() if t in tails}
         self.stats.changed += len(changed)
