@@ -126,7 +126,7 @@ def test_slot_bounds_cover_offsets_that_are_no_whole_slots() -> None:
 
 
 def spend(quota: int, requests: int = 1, prompt: int = 10, completion: int = 5) -> Spend:
-    return Spend(quota, prompt, completion, requests)
+    return (quota, prompt, completion, requests)
 
 
 def test_sums_per_local_day_across_a_dst_day() -> None:
@@ -144,29 +144,27 @@ def test_sums_per_local_day_across_a_dst_day() -> None:
         (starts[3], "gpt-4o"): spend(7),  # the day after the range
     }
     sums = by_day_and_model(slots, starts)
-    assert {key: tally.quota for key, tally in sums.items()} == {
+    assert {key: quota for key, (quota, *_) in sums.items()} == {
         (0, "gpt-4o"): 30,
         (1, "gpt-4o"): 600,
         (1, "o3"): 1000,
         (2, "gpt-4o"): 10_000,
     }
     assert list(sums) == sorted(sums)
-    assert sums[1, "gpt-4o"].requests == 3
-    assert sums[1, "gpt-4o"].prompt_tokens == 30 and sums[1, "gpt-4o"].completion_tokens == 15
+    assert sums[1, "gpt-4o"] == (600, 30, 15, 3)  # quota, prompt and completion tokens, requests
 
 
 @pytest.mark.parametrize("zone", ["Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "America/New_York"])
 def test_slots_on_either_side_of_a_local_midnight(zone: str) -> None:
     starts = day_starts(date(2026, 11, 1), 2, ZoneInfo(zone))
     slots = {(starts[1] - SLOT, "m"): spend(1), (starts[1], "m"): spend(2)}
-    assert {key: t.quota for key, t in by_day_and_model(slots, starts).items()} == {(0, "m"): 1, (1, "m"): 2}
+    assert {key: quota for key, (quota, *_) in by_day_and_model(slots, starts).items()} == {(0, "m"): 1, (1, "m"): 2}
 
 
 def test_refunds_make_quota_negative() -> None:
     starts = day_starts(date(2026, 6, 1), 1, ZoneInfo("UTC"))
-    slots = {(starts[0], "gpt-4o"): Spend(-500, 0, 0, 0), (starts[0] + SLOT, "gpt-4o"): spend(200)}
-    tally = by_day_and_model(slots, starts)[0, "gpt-4o"]
-    assert (tally.quota, tally.requests) == (-300, 1)
+    slots = {(starts[0], "gpt-4o"): (-500, 0, 0, 0), (starts[0] + SLOT, "gpt-4o"): spend(200)}
+    assert by_day_and_model(slots, starts)[0, "gpt-4o"] == (-300, 10, 5, 1)
 
 
 def test_no_slots_no_sums() -> None:

@@ -16,7 +16,7 @@ from support import Gateway, free_port
 
 from usage_service.app import _open_redis
 from usage_service.config import Settings
-from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend
+from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, plus
 from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import LogReader
@@ -68,10 +68,10 @@ def direct(rows: list[dict[str, int | str]], token_id: int, start: int, end: int
             continue
         key = (created - created % SLOT, str(row["model_name"]))
         if row["type"] == 2:
-            spend = Spend(int(row["quota"]), int(row["prompt_tokens"]), int(row["completion_tokens"]), 1)
+            spend: Spend = (int(row["quota"]), int(row["prompt_tokens"]), int(row["completion_tokens"]), 1)
         else:
-            spend = Spend(-int(row["quota"]), 0, 0, 0)
-        found[key] = found[key] + spend if key in found else spend
+            spend = (-int(row["quota"]), 0, 0, 0)
+        found[key] = plus(found[key], spend) if key in found else spend
     return found
 
 
@@ -176,12 +176,12 @@ async def test_slot_boundaries_and_refunds(gateway: Gateway, settings: Settings)
     gateway.add_log(None, created_at=slot + 5)  # made by no token
     async with engine(settings, Clock(T0 + 2 * DAY)) as (history, _):
         assert await history.slots(token.id, slot, slot + SLOT) == {
-            (slot, "gpt-4o-mini"): Spend(quota=23, prompt_tokens=8, completion_tokens=10, requests=2),
-            (slot, "only-refunded"): Spend(quota=-3, prompt_tokens=0, completion_tokens=0, requests=0),
+            (slot, "gpt-4o-mini"): (23, 8, 10, 2),  # quota, prompt and completion tokens, requests
+            (slot, "only-refunded"): (-3, 0, 0, 0),
         }
         around = await history.slots(token.id, slot - SLOT, slot + 2 * SLOT)
-    assert around[(slot - SLOT, "gpt-4o-mini")] == Spend(1, 10, 5, 1)
-    assert around[(slot + SLOT, "gpt-4o-mini")] == Spend(100, 10, 5, 1)
+    assert around[(slot - SLOT, "gpt-4o-mini")] == (1, 10, 5, 1)
+    assert around[(slot + SLOT, "gpt-4o-mini")] == (100, 10, 5, 1)
 
 
 async def test_queries_read_an_index_range_never_the_table(gateway: Gateway, settings: Settings) -> None:
@@ -242,7 +242,7 @@ async def test_closed_days_cost_no_statement_and_the_open_day_is_read_again(
         assert await history.slots(token.id, T0, T0 + 3 * DAY) == first
         clock.now += 0.6
         later = await history.slots(token.id, T0, T0 + 3 * DAY)
-        assert later[(T0 + 2 * DAY + 6300, "gpt-4o-mini")] == Spend(5, 10, 5, 1)
+        assert later[(T0 + 2 * DAY + 6300, "gpt-4o-mini")] == (5, 10, 5, 1)
         # Only the open day was read again (with the smallest id, a second later, and the id
         # bound of the open day's start, found once).
         assert [sql.count("GROUP BY") for sql, _ in recorder.sent[cold:]] == [0, 0, 1]
@@ -261,10 +261,10 @@ async def test_a_day_closes_grace_seconds_after_its_end(gateway: Gateway, settin
     gateway.add_log(token, created_at=T0 + DAY - 10, quota=1)
     clock = Clock(T0 + DAY + GRACE - 1)  # the first day is still open
     async with engine(settings, clock) as (history, _):
-        assert sum(s.quota for s in (await history.slots(token.id, T0, T0 + DAY)).values()) == 1
+        assert sum(quota for quota, *_ in (await history.slots(token.id, T0, T0 + DAY)).values()) == 1
         gateway.add_log(token, created_at=T0 + DAY - 5, quota=2)  # written late, within the grace
         clock.now += 2  # closed now: read once more, then kept
-        assert sum(s.quota for s in (await history.slots(token.id, T0, T0 + DAY)).values()) == 3
+        assert sum(quota for quota, *_ in (await history.slots(token.id, T0, T0 + DAY)).values()) == 3
         assert history.stats.days_read == 1
 
 
@@ -292,14 +292,14 @@ async def test_cleaned_rows_are_gone_from_the_answer(gateway: Gateway, settings:
     clock = Clock(T0 + 4 * DAY + 3600)
     async with engine(settings, clock) as (history, recorder):
         before = await history.slots(token.id, T0, T0 + 4 * DAY)
-        assert sum(s.quota for s in before.values()) == 44
+        assert sum(quota for quota, *_ in before.values()) == 44
         gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 + DAY + 5000,))  # day 0, half of day 1
         clock.now += 0.5  # the clean-up is not seen yet
         assert await history.slots(token.id, T0, T0 + 4 * DAY) == before
         clock.now += 1
         sent = len(recorder.sent)
         after = await history.slots(token.id, T0, T0 + 4 * DAY)
-        assert sum(s.quota for s in after.values()) == 32
+        assert sum(quota for quota, *_ in after.values()) == 32
         assert after == await plain_select(history.reader, token.id, T0, T0 + 4 * DAY)
         assert history.stats.cleaned == 2
         # Days 2 and 3 were still good: only days 0 and 1 were read again, in one statement.
@@ -385,7 +385,7 @@ async def test_closed_days_are_read_once_per_deployment(gateway: Gateway, settin
             gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 + 2 * DAY,))
         async with worker(settings, clock, redis) as (third, third_sent):
             after = await third.slots(token.id, T0, T0 + 5 * DAY)
-            assert sum(s.quota for s in after.values()) == 3 + 4 + 5
+            assert sum(quota for quota, *_ in after.values()) == 3 + 4 + 5
             assert third.stats.days_redis == 3 and third.stats.days_read == 2
             assert group_bys(third_sent) == 1
 
@@ -400,7 +400,7 @@ async def test_a_damaged_day_in_redis_is_read_again(
     async with shared_redis(settings, redis_url) as redis:
         redis_client.set(redis.history_days.key(token.id, T0 // DAY), b"\x00not json")
         async with worker(settings, clock, redis) as (history, recorder):
-            assert (await history.slots(token.id, T0, T0 + DAY))[(T0, "gpt-4o-mini")].quota == 7
+            assert (await history.slots(token.id, T0, T0 + DAY))[(T0, "gpt-4o-mini")][0] == 7
             assert group_bys(recorder) == 1
     assert Day.decode(T0 // DAY, redis_client.get(redis.history_days.key(token.id, T0 // DAY))).guard == 1
 
@@ -449,27 +449,47 @@ async def test_day_sums_keep_the_closed_part_and_ask_only_for_the_open_one(
 
     async def truth(history: History) -> dict[tuple[int, str], object]:
         slots = await history.slots(token.id, starts[0], starts[-1])
-        return {k: (t.quota, t.requests) for k, t in by_day_and_model(slots, starts).items()}
+        return {k: (quota, requests) for k, (quota, _, _, requests) in by_day_and_model(slots, starts).items()}
 
     async with engine(settings, clock) as (history, _):
         sums = DaySums(history)
         first = await sums.sums(token.id, starts, starts[-1])
-        assert {k: (t.quota, t.requests) for k, t in first.items()} == await truth(history)
+        assert {k: (quota, requests) for k, (quota, _, _, requests) in first.items()} == await truth(history)
         looked_up = history.stats.days_local + history.stats.days_redis + history.stats.days_read
         # A new charge today: in the next answer, without the closed days being looked at again.
         gateway.add_log(token, created_at=T0 + 3 * DAY + 7000, quota=5, model_name="m")
         clock.now += 2  # past the open day's in-process life
         again = await sums.sums(token.id, starts, starts[-1])
         assert history.stats.days_local + history.stats.days_redis + history.stats.days_read == looked_up
-        assert (again[(3, "m")].quota, again[(0, "m")].quota) == (45, 10)
-        assert first[(0, "m")].quota == 10 and first[(3, "m")].quota == 40  # kept sums never added to
+        assert (again[(3, "m")][0], again[(0, "m")][0]) == (45, 10)
+        assert first[(0, "m")][0] == 10 and first[(3, "m")][0] == 40  # kept sums never added to
         # The clean-up takes the first day: the kept sums are redone, without it.
         gateway.clean_logs(before=T0 + DAY)
         clock.now += 60
         cleaned = await sums.sums(token.id, starts, starts[-1])
-        assert (0, "m") not in cleaned and cleaned[(1, "m")].quota == 20
+        assert (0, "m") not in cleaned and cleaned[(1, "m")][0] == 20
         # The fourth day closes: it moves to the kept part, and the answer is the same.
         clock.now = T0 + 4 * DAY + GRACE + 1
         closed = await sums.sums(token.id, starts, starts[-1])
-        assert {k: (t.quota, t.requests) for k, t in closed.items()} == await truth(history)
-        assert closed[(3, "m")].quota == 45
+        assert {k: (quota, requests) for k, (quota, _, _, requests) in closed.items()} == await truth(history)
+        assert closed[(3, "m")][0] == 45
+
+
+async def test_day_sums_of_a_local_day_partly_closed_come_in_day_and_model_order(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """At UTC+12 the day boundary (a UTC midnight) falls inside a local day: its closed part is
+    kept, its open part added, and a model seen only in the open part still comes in order."""
+    from usage_service.days import DaySums, by_day_and_model
+
+    token = gateway.add_token()
+    starts = (T0 - DAY // 2, T0 + DAY // 2, T0 + 3 * DAY // 2)  # two local days at UTC+12
+    gateway.add_log(token, created_at=T0 - 3600, quota=1, model_name="o3")  # day 0, closed
+    gateway.add_log(token, created_at=T0 + 3600, quota=2, model_name="gpt-4o")  # day 0, open
+    gateway.add_log(token, created_at=T0 + DAY // 2 + 3600, quota=4, model_name="a")  # day 1, open
+    clock = Clock(T0 + DAY // 2 + 7200)  # the UTC day starting at T0 is open
+    async with engine(settings, clock) as (history, _):
+        sums = await DaySums(history).sums(token.id, starts, starts[-1])
+        assert list(sums) == [(0, "gpt-4o"), (0, "o3"), (1, "a")]
+        expected = by_day_and_model(await history.slots(token.id, starts[0], starts[-1]), starts)
+        assert sums == expected

@@ -22,7 +22,7 @@ from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
 from usage_service.config import Settings
-from usage_service.history import DAY, GRACE, History, Spend, Tail
+from usage_service.history import DAY, GRACE, History, Tail
 from usage_service.lookup import TokenLookup
 from usage_service.refresh import Refresher
 from usage_service.shared import SharedRedis
@@ -159,7 +159,7 @@ async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
         for _ in range(5):
             for w in (a, b):
                 answers = await asyncio.gather(*(w.history.slots(t.id, *today) for t in tokens))
-                assert [sum(s.quota for s in ans.values()) for ans in answers] == [i + 1 for i in range(30)]
+                assert [sum(quota for quota, *_ in ans.values()) for ans in answers] == [i + 1 for i in range(30)]
         assert (sent(a), sent(b)) == before
         assert b.history.stats.tails_redis == 0
 
@@ -171,7 +171,7 @@ async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
         assert sent(a) - round_started == 2
         for w in (a, b):
             answer = await w.history.slots(tokens[3].id, *today)
-            assert answer[(NOON - 900, "claude")] == Spend(500, 10, 5, 1)
+            assert answer[(NOON - 900, "claude")] == (500, 10, 5, 1)
             assert answer == await plain_select(truth(w), tokens[3].id, *today)
         # More polling, more rounds: still two statements a round.
         for _ in range(3):
@@ -228,13 +228,13 @@ async def test_the_day_closes_under_the_rounds(gateway: Gateway, settings: Setti
         gateway.add_log(token, created_at=T0 + DAY + 10, quota=4)  # the next day
         clock.now = T0 + DAY + 15
         await round_heard(w, w)
-        assert sum(s.quota for s in (await w.history.slots(token.id, *span)).values()) == 7
+        assert sum(quota for quota, *_ in (await w.history.slots(token.id, *span)).values()) == 7
         clock.now = T0 + DAY + GRACE + 1  # day one is closed now
         gateway.add_log(token, created_at=int(clock.now) - 1, quota=8)
         await round_heard(w, w)
         answer = await w.history.slots(token.id, *span)
         assert answer == await plain_select(truth(w), token.id, *span)
-        assert sum(s.quota for s in answer.values()) == 15
+        assert sum(quota for quota, *_ in answer.values()) == 15
         assert w.history.stats.days_read == 1  # the closed day, once
 
 
@@ -254,7 +254,7 @@ async def test_without_redis_each_worker_keeps_its_own(gateway: Gateway, setting
         before = sent(w)
         for _ in range(5):
             answer = await w.history.slots(token.id, T0, T0 + DAY)
-            assert sum(s.quota for s in answer.values()) == 3
+            assert sum(quota for quota, *_ in answer.values()) == 3
         assert sent(w) == before  # kept in-process by its own rounds
 
 
@@ -274,7 +274,7 @@ async def test_a_new_leader_keeps_the_tails_from_scratch(
         clock.now += 1
         await round_heard(b, a, b)
         for w in (a, b):
-            assert sum(s.quota for s in (await w.history.slots(token.id, *today)).values()) == 3
+            assert sum(quota for quota, *_ in (await w.history.slots(token.id, *today)).values()) == 3
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"])
@@ -325,7 +325,7 @@ async def test_a_tail_older_than_a_change_heard_is_not_served(
         gateway.add_log(token, created_at=NOON, quota=2)
         b.history.hear_round(clock.now + 0.5, 1, True, [(token.id, None)])  # a change Redis does not show yet
         before = b.history.stats.tails_read
-        assert sum(s.quota for s in (await b.history.slots(token.id, *today)).values()) == 3
+        assert sum(quota for quota, *_ in (await b.history.slots(token.id, *today)).values()) == 3
         assert b.history.stats.tails_read == before + 1 and b.history.stats.tails_redis == 0
 
 
@@ -339,7 +339,7 @@ async def test_the_app_wires_history_and_its_metrics(
         assert history.redis_days is app.state.redis.history_days
         assert app.state.refresher.tails.history is history
         spent = await history.slots(token.id, T0, T0 + DAY)
-        assert spent == {(T0, "gpt-4o-mini"): Spend(5, 10, 5, 1)}
+        assert spent == {(T0, "gpt-4o-mini"): (5, 10, 5, 1)}
         text = (await client.get("/metrics")).text
     assert 'usage_history_days_total{layer="database"} 1.0' in text
     assert "usage_history_tails_total" in text
@@ -367,7 +367,7 @@ async def test_a_day_that_closes_under_the_rounds_is_not_read_again(
         await round_heard(w, w, b)
         answer = await b.history.slots(token.id, *span)
         assert answer == await plain_select(truth(b), token.id, *span)
-        assert sum(s.quota for s in answer.values()) == 1 - 2 + 4 + 8
+        assert sum(quota for quota, *_ in answer.values()) == 1 - 2 + 4 + 8
         assert b.history.stats.days_read == 0 and b.history.stats.days_redis == 1
 
 
@@ -378,8 +378,8 @@ async def test_a_late_tail_write_never_replaces_a_newer_one(settings: Settings, 
     assert redis is not None
     try:
         day = T0 // DAY
-        newer = Tail(day, {(T0, "m"): Spend(2, 0, 0, 1)}, NOON + 1.5, None)
-        older = Tail(day, {(T0, "m"): Spend(1, 0, 0, 1)}, NOON, None)
+        newer = Tail(day, {(T0, "m"): (2, 0, 0, 1)}, NOON + 1.5, None)
+        older = Tail(day, {(T0, "m"): (1, 0, 0, 1)}, NOON, None)
         await redis.history_tails.put_many({7: newer.encode(), 8: older.encode()}, 60)
         await redis.history_tails.put_many({7: older.encode(), 8: newer.encode()}, 60)
         for token_id in (7, 8):
@@ -414,7 +414,7 @@ async def test_round_cost_is_flat_in_the_number_of_polled_tokens(
         assert w.keeper.stats.tokens == 1200
         after_rounds = sent(w)
         answer = await w.history.slots(ids[7], T0, T0 + DAY)
-        assert sum(s.quota for s in answer.values()) == 3  # its three charges (it had no row before)
+        assert sum(quota for quota, *_ in answer.values()) == 3  # its three charges (it had no row before)
         assert sent(w) == after_rounds  # answered from Redis
 
 
@@ -434,7 +434,7 @@ async def test_a_round_cut_at_hot_max_confirms_nothing(gateway: Gateway, setting
         clock.now += 1.5  # past the direct reads' own TTL
         read = w.history.stats.tails_read
         for token in tokens:
-            assert sum(s.quota for s in (await w.history.slots(token.id, *today)).values()) == 1
+            assert sum(quota for quota, *_ in (await w.history.slots(token.id, *today)).values()) == 1
         assert w.history.stats.tails_read == read + 3 and w.history.stats.tails_redis == 0
 
 
@@ -451,13 +451,13 @@ async def test_workers_learn_of_a_clean_up_from_the_rounds(
     span = (T0 - 2 * DAY, T0 + DAY)
     async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
         for w in (a, b):
-            assert sum(s.quota for s in (await w.history.slots(token.id, *span)).values()) == 7
+            assert sum(quota for quota, *_ in (await w.history.slots(token.id, *span)).values()) == 7
         gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 - DAY,))
         clock.now += 0.5
         await round_heard(a, a, b)
         looks = sum(1 for sql, _ in b.recorder.sent if sql.startswith("SELECT (SELECT min(id)"))
         answer = await b.history.slots(token.id, *span)
-        assert sum(s.quota for s in answer.values()) == 6
+        assert sum(quota for quota, *_ in answer.values()) == 6
         assert answer == await plain_select(truth(b), token.id, *span)
         assert b.history.stats.cleaned == 1
         assert sum(1 for sql, _ in b.recorder.sent if sql.startswith("SELECT (SELECT min(id)")) == looks
@@ -483,8 +483,8 @@ async def test_a_first_sight_keeps_the_tails_a_worker_holds_only_if_they_are_the
         await a.refresher.tick()  # notes, leads, keeps: the charge is in its first read
         await round_heard(a, a, b)
         before = sent(b)
-        assert sum(s.quota for s in (await b.history.slots(same.id, *today)).values()) == 10
+        assert sum(quota for quota, *_ in (await b.history.slots(same.id, *today)).values()) == 10
         assert b.history.stats.tails_redis == 0  # kept: it was the leader's
-        assert sum(s.quota for s in (await b.history.slots(charged.id, *today)).values()) == 15
+        assert sum(quota for quota, *_ in (await b.history.slots(charged.id, *today)).values()) == 15
         assert b.history.stats.tails_redis == 1  # dropped: b's read predates the charge
         assert sent(b) == before

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .cache import AnswerCache
 from .config import BillingTotal
-from .days import Tally, day_starts, horizon, parse_date
+from .days import day_starts, horizon, parse_date
 from .records import TokenRecord, compact_json, go_int_sum
 from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, send_body
 from .routing import SCOPE_KEY
@@ -302,10 +302,9 @@ class BillingUsageEndpoint:
         starts = day_starts(start, days, UTC)
         sums = await self.services.day_sums.sums(record.id, starts, horizon(time.time()))
         daily: list[dict[str, Any]] = [{"timestamp": starts[n], "line_items": []} for n in range(days)]
-        for (day, model), tally in sums.items():  # in (day, model) order
-            daily[day]["line_items"].append({"name": model, "cost": json_number(options.amount(tally.quota) * 100)})
-        if self.range_total:
-            total = json_number(options.amount(Tally.of(sums.values()).quota) * 100)
-        else:
-            total = lifetime_usage(record, options)
+        quota = 0
+        for (day, model), (spent, *_) in sums.items():  # in (day, model) order
+            daily[day]["line_items"].append({"name": model, "cost": json_number(options.amount(spent) * 100)})
+            quota += spent
+        total = json_number(options.amount(quota) * 100) if self.range_total else lifetime_usage(record, options)
         return {"object": "list", "daily_costs": daily, "total_usage": total}

@@ -14,13 +14,12 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
-from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .history import SLOT, History
+from .history import SLOT, History, Spend, plus
 
 # Dates a range may name: the log has no row before 1970, and the day after the last one must
 # still be a date.
@@ -86,60 +85,23 @@ def horizon(now: float) -> int:
     return (int(now) // SLOT + 2) * SLOT
 
 
-class SpendLike(Protocol):
-    """What the history engine's `Spend` holds (read-only)."""
-
-    @property
-    def quota(self) -> int: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def completion_tokens(self) -> int: ...
-    @property
-    def requests(self) -> int: ...
-
-
-class Tally:
-    """Spending added up: quota (net of refunds), prompt and completion tokens, requests."""
-
-    __slots__ = ("quota", "prompt_tokens", "completion_tokens", "requests")
-
-    def __init__(self) -> None:
-        self.quota = self.prompt_tokens = self.completion_tokens = self.requests = 0
-
-    def add(self, spend: SpendLike | Tally) -> None:
-        self.quota += spend.quota
-        self.prompt_tokens += spend.prompt_tokens
-        self.completion_tokens += spend.completion_tokens
-        self.requests += spend.requests
-
-    @classmethod
-    def of(cls, spends: Iterable[SpendLike | Tally]) -> Tally:
-        tally = cls()
-        for spend in spends:
-            tally.add(spend)
-        return tally
-
-
-def by_day_and_model(slots: Mapping[tuple[int, str], SpendLike], starts: Sequence[int]) -> dict[tuple[int, str], Tally]:
+def by_day_and_model(slots: Mapping[tuple[int, str], Spend], starts: Sequence[int]) -> dict[tuple[int, str], Spend]:
     """Sum slots per (day index, model); `starts` are the days' bounds from `day_starts`.
 
     Slots outside [starts[0], starts[-1]) are left out. Only (day, model) pairs with at least one
     slot appear; their order is (day, model).
     """
     first, end = starts[0], starts[-1]
-    sums: dict[tuple[int, str], Tally] = {}
+    sums: dict[tuple[int, str], Spend] = {}
     for (slot, model), spend in slots.items():
         if first <= slot < end:
             key = (bisect_right(starts, slot) - 1, model)
-            tally = sums.get(key)
-            if tally is None:
-                tally = sums[key] = Tally()
-            tally.add(spend)
+            held = sums.get(key)
+            sums[key] = spend if held is None else plus(held, spend)
     return dict(sorted(sums.items()))
 
 
-# Tallies DaySums keeps per worker: 10,000 tokens' 30 days of a few models, about 100 bytes each.
+# Sums DaySums keeps per worker: 10,000 tokens' 30 days of a few models, about 100 bytes each.
 SUMS_KEPT = 1_000_000
 
 
@@ -150,16 +112,16 @@ class DaySums:
     history's first open day are kept per token and range of days, and a poll asks the history
     only for the open part: polling a month costs what the open day costs, not thirty days'
     lookups. Kept sums are started afresh once a day closes (the boundary moves) or the
-    gateway's clean-up moves the log's smallest id; bounded by the number of tallies kept.
+    gateway's clean-up moves the log's smallest id; bounded by the number of sums kept.
     """
 
-    def __init__(self, history: History, max_tallies: int = SUMS_KEPT) -> None:
+    def __init__(self, history: History, max_sums: int = SUMS_KEPT) -> None:
         self.history = history
-        self.max_tallies = max_tallies
-        self.tallies = 0
-        self._kept: OrderedDict[tuple[object, ...], dict[tuple[int, str], Tally]] = OrderedDict()
+        self.max_sums = max_sums
+        self.kept_sums = 0
+        self._kept: OrderedDict[tuple[object, ...], dict[tuple[int, str], Spend]] = OrderedDict()
 
-    async def sums(self, token_id: int, starts: tuple[int, ...], end: int) -> dict[tuple[int, str], Tally]:
+    async def sums(self, token_id: int, starts: tuple[int, ...], end: int) -> dict[tuple[int, str], Spend]:
         """Sums per (day index, model), as `by_day_and_model`, of the token's slots in the days
         `starts` bounds (from `day_starts`), up to `end` (a slot bound). Raises StoreUnavailable."""
         start, last = slot_bounds(starts)
@@ -167,7 +129,7 @@ class DaySums:
         if end <= start:
             return {}
         boundary = self.history.open_from()
-        closed: dict[tuple[int, str], Tally] = {}
+        closed: dict[tuple[int, str], Spend] = {}
         if start < boundary:
             min_id = await self.history.current_min_id()  # moved: the clean-up may have taken kept days
             kept = self._kept.get((token_id, boundary, min_id, starts))
@@ -185,15 +147,25 @@ class DaySums:
         open_sums = by_day_and_model(await self.history.slots(token_id, max(start, boundary), end), starts)
         if not closed:
             return open_sums
-        merged = dict(closed)  # the kept tallies are shared: never added to
-        for day_model, tally in open_sums.items():
+        if not open_sums:
+            return closed
+        merged = dict(closed)  # the kept sums are shared: never changed
+        # Both are in (day, model) order, and the open part's days are the closed part's last
+        # day (the boundary's, when it is no local midnight) and later: merged in order.
+        last_closed = next(reversed(closed))
+        in_order = True
+        for day_model, spend in open_sums.items():
             held = merged.get(day_model)
-            merged[day_model] = tally if held is None else Tally.of((held, tally))
-        return dict(sorted(merged.items()))
+            if held is None:
+                merged[day_model] = spend
+                in_order = in_order and day_model > last_closed
+            else:
+                merged[day_model] = plus(held, spend)
+        return merged if in_order else dict(sorted(merged.items()))
 
-    def _keep(self, key: tuple[object, ...], sums: dict[tuple[int, str], Tally]) -> None:
+    def _keep(self, key: tuple[object, ...], sums: dict[tuple[int, str], Spend]) -> None:
         self._kept[key] = sums
-        self.tallies += len(sums) + 1
-        while self.tallies > self.max_tallies and self._kept:
+        self.kept_sums += len(sums) + 1
+        while self.kept_sums > self.max_sums and self._kept:
             _, dropped = self._kept.popitem(last=False)
-            self.tallies -= len(dropped) + 1
+            self.kept_sums -= len(dropped) + 1

@@ -47,7 +47,8 @@ GRACE = 300
 # balance's freshness bound (USAGE_LOCAL_TTL's default).
 TAIL_TTL = 1.0
 
-# (token, day) entries kept in-process per worker: a month for ~3,000 tokens, a few MB.
+# (token, day) entries kept in-process per worker, encoded: a month for ~3,000 tokens, about 50 MB
+# at ten rows a day.
 DAYS_KEPT = 100_000
 TAILS_KEPT = 20_000
 BOUNDS_KEPT = 4096
@@ -64,23 +65,25 @@ MAX_DAYS = 3660
 CLEANUP_CHECK = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class Spend:
-    quota: int  # sum(quota) of type-2 rows minus sum(quota) of type-6 (refund) rows
-    prompt_tokens: int  # sums over type-2 rows
-    completion_tokens: int
-    requests: int  # count of type-2 rows
-
-    def __add__(self, other: Spend) -> Spend:
-        return Spend(
-            self.quota + other.quota,
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-            self.requests + other.requests,
-        )
+# What a token spent in a slot, for one model: (quota, prompt tokens, completion tokens,
+# requests). quota is sum(quota) of type-2 rows minus sum(quota) of type-6 (refund) rows; the
+# others sum type-2 rows. A plain tuple, not a class: a worker holds millions of them (a month of
+# days for thousands of tokens), and Python's garbage collector stops looking at a tuple of ints,
+# while every instance of a class (a NamedTuple too) is scanned again in each full collection,
+# which stalled a loaded worker for up to a second (docs/performance.md).
+Spend = tuple[int, int, int, int]
 
 
-NOTHING = Spend(0, 0, 0, 0)  # where sums start: sum(spends, NOTHING)
+def plus(a: Spend, b: Spend) -> Spend:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
+
+
+def total(spends: Iterable[Spend]) -> Spend:
+    quota = prompt = completion = requests = 0
+    for q, p, c, n in spends:
+        quota, prompt, completion, requests = quota + q, prompt + p, completion + c, requests + n
+    return (quota, prompt, completion, requests)
+
 
 Slots = dict[tuple[int, str], Spend]  # {(slot start, model): Spend}
 
@@ -102,10 +105,7 @@ class Day:
         """Compact JSON for Redis: [format, guard, [[slot in the day, model, quota, prompt,
         completion, requests], ...]]."""
         first = day * DAY
-        slots = [
-            [(slot - first) // SLOT, model, s.quota, s.prompt_tokens, s.completion_tokens, s.requests]
-            for (slot, model), s in self.slots.items()
-        ]
+        slots = [[(slot - first) // SLOT, model, *spend] for (slot, model), spend in self.slots.items()]
         return orjson.dumps([DAY_FORMAT, self.guard, slots])
 
     @classmethod
@@ -117,7 +117,7 @@ class Day:
                 raise ValueError("another format")
             first = day * DAY
             return cls(
-                {(first + int(i) * SLOT, str(m)): Spend(int(q), int(p), int(c), int(n)) for i, m, q, p, c, n in slots},
+                {(first + int(i) * SLOT, str(m)): (int(q), int(p), int(c), int(n)) for i, m, q, p, c, n in slots},
                 guard,
             )
         except (TypeError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
@@ -139,10 +139,7 @@ class Tail:
     def encode(self) -> bytes:
         """Compact JSON for Redis: [format, start day, read at, [[slot / SLOT, model, quota,
         prompt, completion, requests], ...]]."""
-        slots = [
-            [slot // SLOT, m, s.quota, s.prompt_tokens, s.completion_tokens, s.requests]
-            for (slot, m), s in self.slots.items()
-        ]
+        slots = [[slot // SLOT, m, *spend] for (slot, m), spend in self.slots.items()]
         return orjson.dumps([TAIL_FORMAT, self.start, self.read_at, slots])
 
     @property
@@ -159,7 +156,7 @@ class Tail:
                 raise ValueError("another format")
             return cls(
                 int(start),
-                {(int(i) * SLOT, str(m)): Spend(int(q), int(p), int(c), int(n)) for i, m, q, p, c, n in slots},
+                {(int(i) * SLOT, str(m)): (int(q), int(p), int(c), int(n)) for i, m, q, p, c, n in slots},
                 float(read_at),
                 None,
                 generation,
@@ -170,9 +167,7 @@ class Tail:
 
 def tail_fingerprint(start: int, slots: Slots) -> bytes:
     """What a history round's message carries for a token's open days (Tail.fingerprint)."""
-    items = sorted(
-        [slot, model, s.quota, s.prompt_tokens, s.completion_tokens, s.requests] for (slot, model), s in slots.items()
-    )
+    items = sorted([slot, model, *spend] for (slot, model), spend in slots.items())
     return hashlib.blake2b(orjson.dumps([start, items]), digest_size=8).digest()
 
 
@@ -198,12 +193,12 @@ class _Loaded:
 def add_row(slots: Slots, row: SpendRow) -> None:
     """Add one group of a spending statement into `slots`: a refund takes its quota off."""
     if row.type == REFUND:
-        spend = Spend(-row.quota, 0, 0, 0)
+        spend: Spend = (-row.quota, 0, 0, 0)
     else:
-        spend = Spend(row.quota, row.prompt_tokens, row.completion_tokens, row.rows)
+        spend = (row.quota, row.prompt_tokens, row.completion_tokens, row.rows)
     key = (row.slot, row.model)
     held = slots.get(key)
-    slots[key] = spend if held is None else held + spend
+    slots[key] = spend if held is None else plus(held, spend)
 
 
 def add_rows(into: dict[int, Slots], rows: Iterable[SpendRow]) -> dict[int, int]:
@@ -250,7 +245,10 @@ class History:
         self.min_id = 0  # the log's smallest id, last we looked
         self._min_checked = -math.inf
         self._min_reported_until = -math.inf  # until when the rounds vouch for it
-        self._days: OrderedDict[tuple[int, int], Day] = OrderedDict()
+        # (token id, day) -> the Day as `Day.encode` gives it, the form Redis holds: a few hundred
+        # bytes, where the Day itself takes a few KB in objects the garbage collector walks in
+        # every full collection. Decoded when asked for, which DaySums makes rare.
+        self._days: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._tails: OrderedDict[int, Tail] = OrderedDict()
         # Id bounds of moments (see store/spending.py), which do not change once found.
         self._before: OrderedDict[int, int] = OrderedDict()
@@ -330,7 +328,7 @@ class History:
 
     def keep_days(self, token_id: int, days: dict[int, Day]) -> None:
         """Take closed days this worker's own round kept whole as they closed (no Redis)."""
-        self._keep(token_id, days, None)
+        self._keep(token_id, {day: entry.encode(day) for day, entry in days.items()}, None)
 
     def keep_tails(self, tails: dict[int, Tail]) -> None:
         """Take tails this worker's own round read (no Redis)."""
@@ -384,7 +382,8 @@ class History:
         held: dict[int, Slots] = {}
         missing: list[int] = []
         for day in range(first, last + 1):
-            entry = self._days.get((token_id, day))
+            encoded = self._days.get((token_id, day))
+            entry = None if encoded is None else Day.decode(day, encoded)
             if entry is not None and not entry.valid(self.min_id):
                 self.stats.cleaned += 1
                 del self._days[(token_id, day)]
@@ -432,6 +431,7 @@ class History:
         """Read closed days (each run of consecutive ones in one statement) and the open days
         (in the same statement when they follow the last run)."""
         days: dict[int, Day] = {}
+        encoded: dict[int, bytes] = {}
         if self.redis_days is not None and missing:
             for day, value in (await self.redis_days.get_many(token_id, missing)).items():
                 try:
@@ -440,6 +440,7 @@ class History:
                     continue  # foreign or damaged: read again, and overwritten
                 if entry.valid(self.min_id):
                     days[day] = entry
+                    encoded[day] = value
             self.stats.days_redis += len(days)
             missing = [day for day in missing if day not in days]
         tail: Tail | None = None
@@ -483,11 +484,13 @@ class History:
                 tail = Tail(tail_from, tail_slots, read_at, read_at + self.tail_ttl)
                 self.stats.tails_read += 1
         days.update(read)
-        self._keep(token_id, days, tail)
+        written = {day: entry.encode(day) for day, entry in read.items()}
+        encoded.update(written)
+        self._keep(token_id, encoded, tail)
         self.stats.days_read += len(read)
-        if self.redis_days is not None and read:
+        if self.redis_days is not None and written:
             # Behind the answer: nobody waits for Redis to take them.
-            write = asyncio.create_task(self.redis_days.put_many(token_id, {d: e.encode(d) for d, e in read.items()}))
+            write = asyncio.create_task(self.redis_days.put_many(token_id, written))
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
         return _Loaded(days, tail)
@@ -516,9 +519,9 @@ class History:
         if self._writes and self.redis_days is not None:
             await asyncio.wait(self._writes, timeout=self.redis_days.guard.batch_timeout)
 
-    def _keep(self, token_id: int, days: dict[int, Day], tail: Tail | None) -> None:
-        for day, entry in days.items():
-            self._days[(token_id, day)] = entry
+    def _keep(self, token_id: int, days: dict[int, bytes], tail: Tail | None) -> None:
+        for day, encoded in days.items():
+            self._days[(token_id, day)] = encoded
             self._days.move_to_end((token_id, day))
         while len(self._days) > DAYS_KEPT:
             self._days.popitem(last=False)

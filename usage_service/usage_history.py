@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .billing import BillingOptions, json_number
 from .cache import AnswerCache
-from .days import Tally, day_starts, horizon, parse_date, parse_zone, today
+from .days import day_starts, horizon, parse_date, parse_zone, today
+from .history import Spend, total
 from .records import TokenRecord, compact_json
 from .responses import JSON_TYPE, NO_CACHE, Headers, JSONError, send_revalidated, strong_etag
 from .routing import SCOPE_KEY
@@ -83,37 +84,38 @@ def parse_history_query(params: QueryParams, now: float, max_days: int) -> Histo
     return query
 
 
-def figures(tally: Tally, options: BillingOptions) -> dict[str, object]:
+def figures(spend: Spend, options: BillingOptions) -> dict[str, object]:
+    quota, prompt_tokens, completion_tokens, requests = spend
     return {
-        "quota": tally.quota,
-        "amount": json_number(options.amount(tally.quota)),
-        "prompt_tokens": tally.prompt_tokens,
-        "completion_tokens": tally.completion_tokens,
-        "requests": tally.requests,
+        "quota": quota,
+        "amount": json_number(options.amount(quota)),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "requests": requests,
     }
 
 
-def history_data(query: HistoryQuery, sums: dict[tuple[int, str], Tally], options: BillingOptions) -> dict[str, object]:
+def history_data(query: HistoryQuery, sums: dict[tuple[int, str], Spend], options: BillingOptions) -> dict[str, object]:
     """The `data` of the answer, from the sums per (day index, model) over the query's days."""
     buckets: list[dict[str, object]] = []
     if query.group_by == ("day",):
         # Every day of the range, zeros included: charts and status lines want a dense series.
-        per_day = [Tally() for _ in range(query.days)]
-        for (day, _), tally in sums.items():
-            per_day[day].add(tally)
+        per_day: list[list[Spend]] = [[] for _ in range(query.days)]
+        for (day, _), spend in sums.items():
+            per_day[day].append(spend)
         buckets = [
-            {"date": (query.start + timedelta(days=n)).isoformat(), **figures(tally, options)}
-            for n, tally in enumerate(per_day)
+            {"date": (query.start + timedelta(days=n)).isoformat(), **figures(total(spends), options)}
+            for n, spends in enumerate(per_day)
         ]
     elif query.group_by == ("model",):
-        per_model: dict[str, Tally] = {}
-        for (_, model), tally in sums.items():
-            per_model.setdefault(model, Tally()).add(tally)
-        buckets = [{"model": model, **figures(per_model[model], options)} for model in sorted(per_model)]
+        per_model: dict[str, list[Spend]] = {}
+        for (_, model), spend in sums.items():
+            per_model.setdefault(model, []).append(spend)
+        buckets = [{"model": model, **figures(total(per_model[model]), options)} for model in sorted(per_model)]
     else:
         buckets = [
-            {"date": (query.start + timedelta(days=day)).isoformat(), "model": model, **figures(tally, options)}
-            for (day, model), tally in sums.items()  # in (day, model) order
+            {"date": (query.start + timedelta(days=day)).isoformat(), "model": model, **figures(spend, options)}
+            for (day, model), spend in sums.items()  # in (day, model) order
         ]
     return {
         "object": "token_usage_history",
@@ -123,7 +125,7 @@ def history_data(query: HistoryQuery, sums: dict[tuple[int, str], Tally], option
         "group_by": list(query.group_by),
         "unit": options.display_type if options.display_type in UNITS else "USD",
         "buckets": buckets,
-        "total": figures(Tally.of(sums.values()), options),
+        "total": figures(total(sums.values()), options),
     }
 
 
@@ -138,12 +140,8 @@ class Answer:
     source: tuple[object, ...] = ()
 
 
-def source_of(query: HistoryQuery, sums: dict[tuple[int, str], Tally]) -> tuple[object, ...]:
-    return (
-        query.start,
-        query.end,
-        *((key, t.quota, t.prompt_tokens, t.completion_tokens, t.requests) for key, t in sums.items()),
-    )
+def source_of(query: HistoryQuery, sums: dict[tuple[int, str], Spend]) -> tuple[object, ...]:
+    return (query.start, query.end, sums)  # the sums are never changed once computed
 
 
 def render(data: dict[str, object], options: BillingOptions, source: tuple[object, ...] = ()) -> Answer:
