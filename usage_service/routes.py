@@ -50,9 +50,11 @@ BILLING_USAGE_PATHS = ("/dashboard/billing/usage", "/v1/dashboard/billing/usage"
 LOG_PATHS = ("/api/log/token",)
 
 # Bytes of rendered history answers (and of dated billing ones) a worker keeps: a 30-day
-# history by day is about 3 KB, so thousands of polled tokens fit; a burst of 100-day answers
-# by day and model pushes out the oldest instead of growing the worker.
-ANSWER_BYTES = 32 * 1024 * 1024
+# history by day is about 4 KB, so the answers of USAGE_HOT_MAX (20,000) polled tokens fit. They
+# must: tokens polled in turn that do not all fit push each other out, and every poll renders
+# again. A burst of 100-day answers by day and model pushes out the oldest instead of growing
+# the worker.
+ANSWER_BYTES = 80 * 1024 * 1024
 
 
 def route_table(settings: Settings, services: Services) -> RouteTable:
