@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -235,8 +236,12 @@ def create_app(settings: Settings) -> UsageService:
 
 
 def create_app_from_env() -> UsageService:
-    """Factory for uvicorn workers: each process reads the same environment."""
-    return create_app(load_settings())
+    """Factory for the server's workers: each process reads the same environment."""
+    app = create_app(load_settings())
+    # What is alive now (modules, the app) lives as long as the worker: kept out of the garbage
+    # collector's full collections, which would otherwise walk it again every time.
+    gc.freeze()
+    return app
 
 
 def _open_redis(settings: Settings, lag: LoopLag | None = None) -> SharedRedis | None:
