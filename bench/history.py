@@ -321,6 +321,8 @@ class Polling:
     balance_p50_s: float = 0.0
     balance_p99_s: float = 0.0
     charges: int = 0
+    cpu_us_per_req: float = 0.0  # the service's processes, all workers
+    peak_rss_mib: float = 0.0  # the same, summed
 
 
 @dataclass
@@ -446,7 +448,16 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
             charges = charge_loop(server.url, db, data, seconds - 4)
             thread.join()
             r = holder["r"]
-            run = Polling(config, rate, r.rps, r.db_per_s, r.non2xx, charges=len(charges.history))
+            run = Polling(
+                config,
+                rate,
+                r.rps,
+                r.db_per_s,
+                r.non2xx,
+                charges=len(charges.history),
+                cpu_us_per_req=r.cpu_us_per_req,
+                peak_rss_mib=r.peak_rss_mib,
+            )
             if charges.history:
                 run.history_p50_s, run.history_p99_s = (
                     percentile(charges.history, 0.5),
@@ -541,13 +552,14 @@ def targets_table(queries: list[Query], throughput: dict[str, Result], polling: 
 def polling_table(polling: list[Polling]) -> str:
     lines = [
         "| usage-service | target req/s | req/s | non-2xx | statements/s | charges | history p50 / p99 s "
-        "| balance p50 / p99 s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| balance p50 / p99 s | CPU µs/req | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in polling:
         lines.append(
             f"| {p.config} | {p.target_rps:,} | {p.rps:,.0f} | {p.non2xx:,} | {p.statements_per_s:.1f} | {p.charges} "
-            f"| {p.history_p50_s:.2f} / {p.history_p99_s:.2f} | {p.balance_p50_s:.2f} / {p.balance_p99_s:.2f} |"
+            f"| {p.history_p50_s:.2f} / {p.history_p99_s:.2f} | {p.balance_p50_s:.2f} / {p.balance_p99_s:.2f} "
+            f"| {p.cpu_us_per_req:.0f} | {p.peak_rss_mib:.0f} |"
         )
     return "\n".join(lines)
 
