@@ -67,3 +67,22 @@ async def test_a_waiter_giving_up_does_not_cancel_the_others() -> None:
     impatient.cancel()
     source.release.set()
     assert await patient == "v2"
+
+
+async def test_many_keys_go_out_with_the_others_waiting_and_a_failure_reaches_every_caller() -> None:
+    source = Source()
+    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=100, slots=1)
+    first = asyncio.create_task(batcher.load(0))  # takes the slot
+    await asyncio.sleep(0)
+    one = asyncio.create_task(batcher.load(3))
+    many = asyncio.create_task(batcher.load_many([2, 3, 4, 5]))
+    await asyncio.sleep(0)
+    source.release.set()
+    assert await many == {2: "v2", 4: "v4"}  # what the source did not return is left out
+    assert await one is None and await first == "v0"
+    assert source.calls == [[0], [3, 2, 4, 5]]  # 3 asked for once, for both callers
+
+    failing = Batcher(Source(fail=True).load_many, max_batch=100, slots=1)
+    failing._load_many.__self__.release.set()  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="down"):
+        await failing.load_many([1, 2])

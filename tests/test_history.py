@@ -427,6 +427,26 @@ def await_direct(gateway: Gateway, token_id: int) -> dict[tuple[int, str], Spend
 
 
 @sqlite_only
+@pytest.mark.redis_topologies
+async def test_months_asked_for_at_once_share_a_few_mgets(settings: Settings, redis_url: str) -> None:
+    """A started worker's first polls ask Redis for a month of closed days per token, hundreds of
+    tokens at once: they go out as a few MGETs (one each would queue for the pool's connections
+    past the timeout, and those timeouts open the breaker)."""
+    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url))
+    assert redis is not None
+    try:
+        days = range(T0 // DAY, T0 // DAY + 30)
+        stored = {(token_id, day): Day({}, token_id).encode(day) for token_id in range(1, 301) for day in days}
+        for token_id in range(1, 301):
+            await redis.history_days.put_many(token_id, {day: stored[token_id, day] for day in days})
+        tokens = range(1, 301)
+        months = await asyncio.gather(*(redis.history_days.get_many(t, [*days, days[-1] + 1]) for t in tokens))
+        assert all(month == {day: stored[t, day] for day in days} for t, month in zip(tokens, months, strict=True))
+        assert redis.history_days._reads.batches <= 2 + 300 * 31 // 1024 + 1
+    finally:
+        await redis.close()
+
+
 async def test_a_range_beyond_ten_years_is_refused(gateway: Gateway, settings: Settings) -> None:
     async with engine(settings, Clock(T0)) as (history, recorder):
         with pytest.raises(ValueError, match="more than 3660 days"):

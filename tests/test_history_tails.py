@@ -389,6 +389,24 @@ async def test_a_late_tail_write_never_replaces_a_newer_one(settings: Settings, 
         await redis.close()
 
 
+@pytest.mark.redis_topologies
+async def test_tails_asked_for_at_once_are_read_in_a_few_mgets(settings: Settings, redis_url: str) -> None:
+    """A worker taking up 500 tokens' tails at once (a started worker, a lost channel regained)
+    makes a few round trips, not 500; a token the leader keeps nothing for reads as None."""
+    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url))
+    assert redis is not None
+    try:
+        day = T0 // DAY
+        tails = {token_id: Tail(day, {(T0, "m"): (token_id, 0, 0, 1)}, NOON, None) for token_id in range(1, 501)}
+        await redis.history_tails.put_many({t: tail.encode() for t, tail in tails.items()}, 60)
+        values = await asyncio.gather(*(redis.history_tails.get(t) for t in range(1, 502)))
+        assert [Tail.decode(v, 0).slots for v in values[:500] if v is not None] == [t.slots for t in tails.values()]
+        assert values[500] is None
+        assert redis.history_tails._reads.batches <= 5
+    finally:
+        await redis.close()
+
+
 async def test_round_cost_is_flat_in_the_number_of_polled_tokens(
     gateway: Gateway, settings: Settings, redis_url: str
 ) -> None:

@@ -36,6 +36,20 @@ class Batcher(Generic[K, V]):
         # Shielded: one caller giving up must not cancel the answer others wait on.
         return await asyncio.shield(future)
 
+    async def load_many(self, keys: Sequence[K]) -> dict[K, V]:
+        """The values of many keys, those `load_many` returned, batched like `load`'s."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[V | None]] = []
+        for key in keys:
+            future = self._pending.get(key)
+            if future is None:
+                future = self._pending[key] = loop.create_future()
+            futures.append(future)
+        self._dispatch()
+        # Shielded, as in `load`: the futures may be other callers' too.
+        values = await asyncio.shield(asyncio.gather(*futures))
+        return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
+
     def _dispatch(self) -> None:
         while self._pending and self._busy < self.slots:
             keys = list(self._pending)[: self.max_batch]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from ._batch import Batcher
 from ._redis_guard import RedisGuard, RedisUnavailable, ScriptCall, ms
 from .hotset import HOT_SLICE
 
@@ -29,6 +30,9 @@ class RedisDays:
     def __init__(self, guard: RedisGuard, *, prefix: str) -> None:
         self.guard = guard
         self.prefix = prefix
+        # Tokens read at once (a started worker's first polls: a month each) share MGETs:
+        # hundreds of concurrent ones would wait for the pool's connections past the timeout.
+        self._reads: Batcher[tuple[int, int], bytes] = Batcher(self._read_many, max_batch=1024, slots=2)
 
     def key(self, token_id: int, day: int) -> str:
         return f"{self.prefix}{token_id}:{day}"
@@ -37,11 +41,19 @@ class RedisDays:
         """The days Redis holds among these; any failure reads as a miss."""
         if not days:
             return {}
+        found = await self._reads.load_many([(token_id, day) for day in days])
+        return {day: value for (_, day), value in found.items()}
+
+    async def _read_many(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        async def read() -> dict[tuple[int, int], bytes]:
+            values = await self.guard.mget([self.key(token_id, day) for token_id, day in keys])
+            # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
+            return {key: bytes(value) for key, value in zip(keys, values, strict=True) if value is not None}
+
         try:
-            values = await self.guard.run(lambda: self.guard.mget([self.key(token_id, day) for day in days]))
+            return await self.guard.run(read)
         except RedisUnavailable:
             return {}
-        return {day: bytes(value) for day, value in zip(days, values, strict=False) if value is not None}
 
     async def put_many(self, token_id: int, days: Mapping[int, bytes]) -> None:
         """Store days in one pipeline; a failure only means they are read again elsewhere."""
@@ -94,19 +106,31 @@ class RedisTails:
         self.guard = guard
         self.prefix = prefix
         self._set_newer = guard.script(_SET_NEWER_TAIL_SCRIPT)
+        # Tokens asked for at once (a worker taking up the leader's tails, a started worker)
+        # cost a few MGETs, not one GET each, as the balance's records do.
+        self._reads: Batcher[int, bytes] = Batcher(self._read_many, max_batch=256, slots=2)
 
     def key(self, token_id: int) -> str:
         return f"{self.prefix}{token_id}"
 
     async def get(self, token_id: int) -> bytes | None:
         """The token's open days, or None (not kept, or Redis failed)."""
+        return await self._reads.load(token_id)
+
+    async def _read_many(self, token_ids: Sequence[int]) -> dict[int, bytes]:
+        async def read() -> dict[int, bytes]:
+            values = await self.guard.mget([self.key(token_id) for token_id in token_ids])
+            # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
+            return {
+                token_id: value if isinstance(value, bytes) else str(value).encode()
+                for token_id, value in zip(token_ids, values, strict=True)
+                if value is not None
+            }
+
         try:
-            value = await self.guard.run(lambda: self.guard.client.get(self.key(token_id)))
+            return await self.guard.run(read)
         except RedisUnavailable:
-            return None
-        if value is None:
-            return None
-        return value if isinstance(value, bytes) else str(value).encode()
+            return {}
 
     async def put_many(self, tails: Mapping[int, bytes], ttl: float) -> None:
         """Store many tails, each only over an older one, in one pipeline (one script call per
