@@ -304,6 +304,14 @@ def statements(url: str) -> float:
     return sum(metric(url, name) for name in STATEMENT_METRICS)
 
 
+def redis_failures(url: str) -> tuple[int, int]:
+    """Redis calls failed so far, and those of them timed out while a worker was overloaded."""
+    return (
+        int(metric(url, "usage_redis_errors_total")),
+        int(metric(url, "usage_redis_overloaded_timeouts_total")),
+    )
+
+
 def history_quota(body: dict[str, Any]) -> int:
     """The range's total quota in a history answer."""
     return int(body["data"]["total"]["quota"])
@@ -323,6 +331,10 @@ class Polling:
     charges: int = 0
     cpu_us_per_req: float = 0.0  # the service's processes, all workers
     peak_rss_mib: float = 0.0  # the same, summed
+    # Redis calls that failed, and those of them that timed out while a worker was overloaded
+    # (not counted against Redis): failures beyond those open the circuit breaker.
+    redis_errors: int = 0
+    redis_overloaded: int = 0
 
 
 @dataclass
@@ -442,12 +454,15 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
                     server, "paced", seconds, connections=200, db_count=count, extra_env=extra, path=HISTORY
                 )
 
+            redis_before = redis_failures(server.url)
             thread = threading.Thread(target=load)
             thread.start()
             time.sleep(1)
             charges = charge_loop(server.url, db, data, seconds - 4)
             thread.join()
             r = holder["r"]
+            redis_after = redis_failures(server.url)
+            errors, overloaded = redis_after[0] - redis_before[0], redis_after[1] - redis_before[1]
             run = Polling(
                 config,
                 rate,
@@ -457,6 +472,8 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
                 charges=len(charges.history),
                 cpu_us_per_req=r.cpu_us_per_req,
                 peak_rss_mib=r.peak_rss_mib,
+                redis_errors=errors,
+                redis_overloaded=overloaded,
             )
             if charges.history:
                 run.history_p50_s, run.history_p99_s = (
@@ -471,7 +488,8 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
             runs.append(run)
             print(
                 f"  {config:18} {run.rps:7.0f} req/s  {run.statements_per_s:5.1f} statements/s  "
-                f"charge in history p99 {run.history_p99_s:.2f} s (balance {run.balance_p99_s:.2f} s)",
+                f"charge in history p99 {run.history_p99_s:.2f} s (balance {run.balance_p99_s:.2f} s)  "
+                f"redis errors {run.redis_errors} ({run.redis_overloaded} overloaded)",
                 flush=True,
             )
         finally:
@@ -552,14 +570,14 @@ def targets_table(queries: list[Query], throughput: dict[str, Result], polling: 
 def polling_table(polling: list[Polling]) -> str:
     lines = [
         "| usage-service | target req/s | req/s | non-2xx | statements/s | charges | history p50 / p99 s "
-        "| balance p50 / p99 s | CPU µs/req | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| balance p50 / p99 s | CPU µs/req | peak RSS MiB | Redis errors (overloaded) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in polling:
         lines.append(
             f"| {p.config} | {p.target_rps:,} | {p.rps:,.0f} | {p.non2xx:,} | {p.statements_per_s:.1f} | {p.charges} "
             f"| {p.history_p50_s:.2f} / {p.history_p99_s:.2f} | {p.balance_p50_s:.2f} / {p.balance_p99_s:.2f} "
-            f"| {p.cpu_us_per_req:.0f} | {p.peak_rss_mib:.0f} |"
+            f"| {p.cpu_us_per_req:.0f} | {p.peak_rss_mib:.0f} | {p.redis_errors} ({p.redis_overloaded}) |"
         )
     return "\n".join(lines)
 
