@@ -67,10 +67,10 @@ CLEANUP_CHECK = 1.0
 
 # What a token spent in a slot, for one model: (quota, prompt tokens, completion tokens,
 # requests). quota is sum(quota) of type-2 rows minus sum(quota) of type-6 (refund) rows; the
-# others sum type-2 rows. A plain tuple, not a class: a worker holds millions of them (a month of
-# days for thousands of tokens), and Python's garbage collector stops looking at a tuple of ints,
-# while every instance of a class (a NamedTuple too) is scanned again in each full collection,
-# which stalled a loaded worker for up to a second (docs/performance.md).
+# others sum type-2 rows. A plain tuple, not a class: a worker holds up to millions of them
+# (kept sums, open days, closed days being read), and Python's garbage collector stops looking
+# at a tuple of ints, while every instance of a class (a NamedTuple too) is scanned again in each
+# full collection, which stalled a loaded worker for up to a second (docs/performance.md).
 Spend = tuple[int, int, int, int]
 
 
