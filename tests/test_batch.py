@@ -82,7 +82,8 @@ async def test_many_keys_go_out_with_the_others_waiting_and_a_failure_reaches_ev
     assert await one is None and await first == "v0"
     assert source.calls == [[0], [3, 2, 4, 5]]  # 3 asked for once, for both callers
 
-    failing = Batcher(Source(fail=True).load_many, max_batch=100, slots=1)
-    failing._load_many.__self__.release.set()  # type: ignore[attr-defined]
+    down = Source(fail=True)
+    down.release.set()
+    failing: Batcher[int, str] = Batcher(down.load_many, max_batch=100, slots=1)
     with pytest.raises(RuntimeError, match="down"):
         await failing.load_many([1, 2])
