@@ -28,6 +28,7 @@ from .redis_client import RedisClient
 logger = logging.getLogger("usage_service.cache")
 
 T = TypeVar("T")
+K = TypeVar("K")
 V = TypeVar("V")
 
 # What a Redis call may raise when Redis is down, slow or (on Cluster) has no node for a slot.
@@ -167,6 +168,20 @@ class RedisGuard:
         if self.cluster is None:
             return await self.client.mget(keys)
         return await self.cluster.mget_nonatomic(keys)
+
+    async def found(self, keys: Sequence[K], name: Callable[[K], str]) -> dict[K, Any]:
+        """The values Redis holds for these keys (`name` gives each one's Redis key), read as
+        `mget` does under `run`; any failure reads as a miss."""
+
+        async def read() -> dict[K, Any]:
+            values = await self.mget([name(key) for key in keys])
+            # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
+            return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
+
+        try:
+            return await self.run(read)
+        except RedisUnavailable:
+            return {}
 
     async def ping(self) -> bool:
         """Say whether Redis answers now (bypasses the breaker: this is what readiness reports)."""

@@ -170,15 +170,7 @@ class RedisRecords:
             return None
 
     async def _read_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes | str]:
-        async def read() -> dict[bytes, bytes | str]:
-            values = await self.guard.mget([self.key(d) for d in digests])
-            # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
-            return {digest: value for digest, value in zip(digests, values, strict=True) if value is not None}
-
-        try:
-            return await self.guard.run(read)
-        except RedisUnavailable:
-            return {}
+        return await self.guard.found(digests, self.key)
 
     def write(self, digest: bytes, value: bytes, ttl: float) -> None:
         """Store a value soon, without making the caller wait for Redis."""

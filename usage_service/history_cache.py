@@ -45,15 +45,8 @@ class RedisDays:
         return {day: value for (_, day), value in found.items()}
 
     async def _read_many(self, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        async def read() -> dict[tuple[int, int], bytes]:
-            values = await self.guard.mget([self.key(token_id, day) for token_id, day in keys])
-            # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
-            return {key: bytes(value) for key, value in zip(keys, values, strict=True) if value is not None}
-
-        try:
-            return await self.guard.run(read)
-        except RedisUnavailable:
-            return {}
+        found = await self.guard.found(keys, lambda key: self.key(*key))
+        return {key: bytes(value) for key, value in found.items()}
 
     async def put_many(self, token_id: int, days: Mapping[int, bytes]) -> None:
         """Store days in one pipeline; a failure only means they are read again elsewhere."""
@@ -118,19 +111,8 @@ class RedisTails:
         return await self._reads.load(token_id)
 
     async def _read_many(self, token_ids: Sequence[int]) -> dict[int, bytes]:
-        async def read() -> dict[int, bytes]:
-            values = await self.guard.mget([self.key(token_id) for token_id in token_ids])
-            # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
-            return {
-                token_id: value if isinstance(value, bytes) else str(value).encode()
-                for token_id, value in zip(token_ids, values, strict=True)
-                if value is not None
-            }
-
-        try:
-            return await self.guard.run(read)
-        except RedisUnavailable:
-            return {}
+        found = await self.guard.found(token_ids, self.key)
+        return {t: value if isinstance(value, bytes) else str(value).encode() for t, value in found.items()}
 
     async def put_many(self, tails: Mapping[int, bytes], ttl: float) -> None:
         """Store many tails, each only over an older one, in one pipeline (one script call per
