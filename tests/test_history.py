@@ -162,6 +162,33 @@ async def test_sums_equal_a_direct_select(gateway: Gateway, settings: Settings) 
         assert await history.slots(mine.id, T0 + DAY, T0 + DAY) == {}
 
 
+async def test_a_long_cold_range_is_read_in_two_halves_at_once(gateway: Gateway, settings: Settings) -> None:
+    """A month read cold is two statements running together (the database sorts each half on a
+    core of its own), whose sums are still the direct SELECT's."""
+    mine, other = gateway.add_token(), gateway.add_token()
+    rows = write_random_log(gateway, [mine, other], days=12, per_day=40, seed=7)
+    in_flight = most = 0
+
+    async def run(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0)  # both halves sent before either is answered
+            return await inner(sql, params)  # type: ignore[no-any-return]
+        finally:
+            in_flight -= 1
+
+    async with engine(settings, Clock(T0 + 11 * DAY + 12 * 3600)) as (history, recorder):
+        inner, recorder.run = recorder.run, run
+        answer = await history.slots(mine.id, T0, T0 + 12 * DAY)
+        assert [sql.count("GROUP BY") for sql, _ in recorder.sent].count(1) == 2
+        assert most == 2
+        assert answer == direct(rows, mine.id, T0, T0 + 12 * DAY)
+        assert answer == await plain_select(history.reader, mine.id, T0, T0 + 12 * DAY)
+        assert history.stats.days_read == 11 and history.stats.tails_read == 1
+
+
 @sqlite_only
 async def test_slot_boundaries_and_refunds(gateway: Gateway, settings: Settings) -> None:
     token = gateway.add_token()

@@ -34,7 +34,7 @@ import orjson
 from .history_cache import RedisDays, RedisTails
 from .store import StoreUnavailable
 from .store.logs import LogReader
-from .store.spending import REFUND, SpendRow, id_after, id_before, id_range, spending
+from .store.spending import SpendRow, id_after, id_before, id_range, spending
 
 SLOT = 900  # seconds; every time zone's UTC offset is a whole number of slots
 DAY = 86_400
@@ -56,6 +56,9 @@ BOUNDS_KEPT = 4096
 # Bumped whenever the layout of a day in Redis changes, so old and new workers never misread each other.
 DAY_FORMAT = 1
 TAIL_FORMAT = 1
+
+# Runs of at least this many days read from the database are read in two halves at once.
+SPLIT_DAYS = 8
 
 # The longest range `slots` answers, in days (ten years): the routes bound theirs far below.
 MAX_DAYS = 3660
@@ -191,11 +194,8 @@ class _Loaded:
 
 
 def add_row(slots: Slots, row: SpendRow) -> None:
-    """Add one group of a spending statement into `slots`: a refund takes its quota off."""
-    if row.type == REFUND:
-        spend: Spend = (-row.quota, 0, 0, 0)
-    else:
-        spend = (row.quota, row.prompt_tokens, row.completion_tokens, row.rows)
+    """Add one group of a spending statement into `slots`."""
+    spend: Spend = (row.quota, row.prompt_tokens, row.completion_tokens, row.requests)
     key = (row.slot, row.model)
     held = slots.get(key)
     slots[key] = spend if held is None else plus(held, spend)
@@ -456,21 +456,18 @@ class History:
                 runs.append([day])
         read: dict[int, Day] = {}
         for run in runs:
-            start = run[0] * DAY
             open_ended = run[-1] == tail_from
-            end = None if open_ended else (run[-1] + 1) * DAY
             read_at = self.clock()
-            rows = await spending(
-                self.reader,
-                [token_id],
-                SLOT,
-                start=start,
-                end=end,
-                after_id=await self.id_before(start),
-                before_id=None if end is None else await self._id_after(end),
+            # A long run is read in two halves at once, on two connections: most of a cold
+            # month's time is the database sorting its rows to group them, on one core each.
+            halves = [run] if len(run) < SPLIT_DAYS else [run[: len(run) // 2], run[len(run) // 2 :]]
+            parts = await asyncio.gather(
+                *(self._spending(token_id, part[0], None if part[-1] == tail_from else part[-1] + 1) for part in halves)
             )
             by_day: dict[int, Slots] = {}
-            guards = add_rows(by_day, rows)
+            guards: dict[int, int] = {}
+            for rows in parts:
+                guards.update(add_rows(by_day, rows))  # the halves hold different days
             for day in run:
                 if day == tail_from:
                     break
@@ -494,6 +491,20 @@ class History:
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
         return _Loaded(days, tail)
+
+    async def _spending(self, token_id: int, first: int, end: int | None) -> list[SpendRow]:
+        """The token's spending from the start of day `first` to that of day `end` (None: up to now)."""
+        start = first * DAY
+        stop = None if end is None else end * DAY
+        return await spending(
+            self.reader,
+            [token_id],
+            SLOT,
+            start=start,
+            end=stop,
+            after_id=await self.id_before(start),
+            before_id=None if stop is None else await self._id_after(stop),
+        )
 
     async def _kept_tail(self, token_id: int, tail_from: int) -> Tail | None:
         """The token's tail as the leader keeps it in Redis, if its rounds reach us and it does."""

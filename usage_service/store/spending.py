@@ -26,24 +26,24 @@ CONSUME, REFUND = 2, 6
 
 
 class SpendRow(NamedTuple):
-    """One group of a spending statement: one token's rows of one type, slot and model (a
-    NamedTuple: a takeover round builds hundreds of thousands)."""
+    """One group of a spending statement: one token's consume and refund rows of one slot and
+    model (a NamedTuple: a takeover round builds hundreds of thousands)."""
 
     token_id: int
     slot: int  # the slot's start, Unix seconds
     model: str
-    type: int
-    quota: int
-    prompt_tokens: int
-    completion_tokens: int
-    rows: int  # how many rows the group has
+    quota: int  # consumed minus refunded
+    prompt_tokens: int  # of the consume rows
+    completion_tokens: int  # of the consume rows
+    requests: int  # how many consume rows
     min_id: int  # the smallest id among the group's rows
-    settled: bool = True  # for `rows_since`: whether all the group's rows have ids up to `settled`
+    settled: int = 1  # for `rows_since`: 1 if all the group's rows have ids up to `settled`, else 0
 
 
 def _slot(reader: LogReader, slot: int) -> str:
-    # Integer division in each dialect (created_at is an integer column on all three).
-    return f"created_at DIV {slot}" if reader.engine == "mysql" else f"created_at / {slot}"
+    """The start of a row's slot, by integer division in each dialect (created_at is an integer
+    column on all three)."""
+    return f"created_at DIV {slot} * {slot}" if reader.engine == "mysql" else f"created_at / {slot} * {slot}"
 
 
 async def id_before(reader: LogReader, at: int) -> int:
@@ -83,10 +83,15 @@ async def marks(reader: LogReader, settled_before: int) -> tuple[int, int]:
 
 
 def _select(reader: LogReader, slot: int, where: str, extra: str = "") -> str:
+    # Refunds are netted in the sums rather than grouped apart: the fewer the grouping keys, the
+    # cheaper the sort that every GROUP BY of a month of rows pays for.
+    consume = f"CASE WHEN type = {CONSUME} THEN"
     return (
-        f"SELECT token_id, {_slot(reader, slot)} AS s, model_name, type, SUM(quota), SUM(prompt_tokens),"
-        f" SUM(completion_tokens), COUNT(*), MIN(id){extra} FROM logs WHERE {where} AND type IN ({CONSUME}, {REFUND})"
-        f" GROUP BY token_id, s, model_name, type{', settled' if extra else ''}"
+        f"SELECT token_id, {_slot(reader, slot)} AS s, model_name,"
+        f" COALESCE(SUM({consume} quota ELSE -quota END), 0), COALESCE(SUM({consume} prompt_tokens ELSE 0 END), 0),"
+        f" COALESCE(SUM({consume} completion_tokens ELSE 0 END), 0),"
+        f" SUM({consume} 1 ELSE 0 END), MIN(id){extra} FROM logs WHERE {where} AND type IN ({CONSUME}, {REFUND})"
+        f" GROUP BY token_id, s, model_name{', settled' if extra else ''}"
     )
 
 
@@ -101,7 +106,7 @@ async def spending(
     before_id: int | None,
 ) -> list[SpendRow]:
     """The tokens' consume and refund rows with start <= created_at < end (no end: up to now),
-    summed by token, slot, model and type, reading only ids in (after_id, before_id)."""
+    summed by token, slot and model, reading only ids in (after_id, before_id)."""
     marks = ", ".join("?" * len(token_ids))
     where = f"token_id IN ({marks}) AND id > ?"
     params: list[Any] = [*token_ids, after_id]
@@ -114,36 +119,37 @@ async def spending(
         where += " AND created_at < ?"
         params.append(end)
     rows = await reader.query(_select(reader, slot, where), params)
-    return [_row(row, slot) for row in rows]
+    return [_row(row) for row in rows]
 
 
 async def rows_since(reader: LogReader, slot: int, *, after_id: int, settled: int, start: int) -> list[SpendRow]:
     """Every token's consume and refund rows with an id above `after_id` and created_at >= start,
-    summed by token, slot, model and type, and split by whether their id is at most `settled`.
+    summed by token, slot and model, and split by whether their id is at most `settled`.
 
     One range of the primary key: what the gateway wrote since `after_id`, whatever the tokens.
     """
     where = "id > ? AND created_at >= ?"
     extra = ", CASE WHEN id <= ? THEN 1 ELSE 0 END AS settled"
     rows = await reader.query(_select(reader, slot, where, extra), (settled, after_id, start))
-    return [_row(row, slot) for row in rows]
+    return [_row(row) for row in rows]
 
 
-def _row(row: Sequence[Any], slot: int) -> SpendRow:
-    # SUM comes back as Decimal on MySQL and PostgreSQL (int() of an int costs next to nothing);
-    # text may come back as bytes on MySQL, NULL sums and models as None.
+def _row(row: Sequence[Any]) -> SpendRow:
+    if type(row[2]) is str and type(row[3]) is int and type(row[4]) is int and type(row[5]) is int:
+        return SpendRow(*row)  # as SQLite gives it: taken as is (a month read cold is 20,000 rows)
+    # SUM comes back as Decimal on MySQL and PostgreSQL (and as a float on SQLite over a value
+    # that is not an integer); text may come back as bytes on MySQL, and a model as None.
     model = row[2]
     if type(model) is not str:
         model = model.decode(errors="replace") if isinstance(model, bytes) else ""
     return SpendRow(
         int(row[0]),
-        int(row[1]) * slot,
+        int(row[1]),
         model,
         int(row[3]),
-        int(row[4] or 0),
-        int(row[5] or 0),
-        int(row[6] or 0),
+        int(row[4]),
+        int(row[5]),
+        int(row[6]),
         int(row[7]),
-        int(row[8]),
-        bool(row[9]) if len(row) > 9 else True,
+        int(row[8]) if len(row) > 8 else 1,
     )
