@@ -458,16 +458,7 @@ class History:
         for run in runs:
             open_ended = run[-1] == tail_from
             read_at = self.clock()
-            # A long run is read in two halves at once, on two connections: most of a cold
-            # month's time is the database sorting its rows to group them, on one core each.
-            halves = [run] if len(run) < SPLIT_DAYS else [run[: len(run) // 2], run[len(run) // 2 :]]
-            parts = await asyncio.gather(
-                *(self._spending(token_id, part[0], None if part[-1] == tail_from else part[-1] + 1) for part in halves)
-            )
-            by_day: dict[int, Slots] = {}
-            guards: dict[int, int] = {}
-            for rows in parts:
-                guards.update(add_rows(by_day, rows))  # the halves hold different days
+            by_day, guards = await self._read_run(token_id, run, open_ended)
             for day in run:
                 if day == tail_from:
                     break
@@ -492,19 +483,39 @@ class History:
             write.add_done_callback(self._writes.discard)
         return _Loaded(days, tail)
 
-    async def _spending(self, token_id: int, first: int, end: int | None) -> list[SpendRow]:
-        """The token's spending from the start of day `first` to that of day `end` (None: up to now)."""
-        start = first * DAY
-        stop = None if end is None else end * DAY
-        return await spending(
-            self.reader,
-            [token_id],
-            SLOT,
-            start=start,
-            end=stop,
-            after_id=await self.id_before(start),
-            before_id=None if stop is None else await self._id_after(stop),
-        )
+    async def _read_run(
+        self, token_id: int, run: list[int], open_ended: bool
+    ) -> tuple[dict[int, Slots], dict[int, int]]:
+        """The token's slots over consecutive days (the last one up to now if `open_ended`), by
+        day, and the smallest id of each day's rows.
+
+        A long run is read in two halves at once, on two connections: most of a cold month's time
+        is the database sorting its rows to group them, and each half is sorted on a core of its
+        own. Each half is summed as soon as it lands, while the other may still be read.
+        """
+        by_day: dict[int, Slots] = {}
+        guards: dict[int, int] = {}
+
+        async def read(first: int, end: int | None) -> None:
+            start, stop = first * DAY, None if end is None else end * DAY
+            rows = await spending(
+                self.reader,
+                [token_id],
+                SLOT,
+                start=start,
+                end=stop,
+                after_id=await self.id_before(start),
+                before_id=None if stop is None else await self._id_after(stop),
+            )
+            guards.update(add_rows(by_day, rows))  # the halves hold different days
+
+        last = None if open_ended else run[-1] + 1
+        if len(run) < SPLIT_DAYS:
+            await read(run[0], last)
+        else:
+            middle = run[len(run) // 2]
+            await asyncio.gather(read(run[0], middle), read(middle, last))
+        return by_day, guards
 
     async def _kept_tail(self, token_id: int, tail_from: int) -> Tail | None:
         """The token's tail as the leader keeps it in Redis, if its rounds reach us and it does."""
