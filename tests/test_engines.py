@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from support import Gateway
 from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
 from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
+from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.store import SchemaError, StoreUnavailable, open_store
 from usage_service.store._sql import SQLStore
@@ -68,11 +71,47 @@ async def test_fetch_many_batches_and_reuses_unchanged_records(gateway: Gateway,
         first = await store.fetch_many(ids)
         assert store.statements - before == 3
         assert sorted(first) == [t.id for t in tokens]
-        assert all(first[t.id][0] == t.key and first[t.id][1].used_quota == i for i, t in enumerate(tokens))
+        digests = [key_digest(t.key.encode()) for t in tokens]
+        assert all(first[t.id] == (digests[i], first[t.id][1]) for i, t in enumerate(tokens))
+        assert all(first[t.id][1].used_quota == i for i, t in enumerate(tokens))
         gateway.charge(tokens[0], 5)
         second = await store.fetch_many(ids)
     assert second[tokens[0].id][1].used_quota == 5
     assert second[tokens[1].id][1] is first[tokens[1].id][1]  # unchanged row, same record object
+
+
+async def test_the_rows_the_refresher_reads_leave_no_key_behind(gateway: Gateway, app_client: AppClient) -> None:
+    """The rows a refresh reads hold the tokens' keys: what the store keeps of them holds none,
+    nor any 16 characters of one."""
+    tokens = [gateway.add_token(used=i) for i in range(20)]
+    async with app_client(refresh_interval=0) as (app, _):
+        store = app.state.store
+        await store.fetch_many([t.id for t in tokens])
+        gateway.charge(tokens[0], 5)
+        await store.fetch_many([t.id for t in tokens])
+        fragments = {t.key[i : i + 16] for t in tokens for i in range(0, len(t.key) - 15, 4)}
+        held = list(texts_reachable_from(store))
+    assert held  # the walk reached the rows' text
+    assert not [text for text in held if any(fragment in text for fragment in fragments)]
+
+
+def texts_reachable_from(root: object, limit: int = 200_000) -> Iterator[str]:
+    """Every str (and bytes, decoded) reachable from `root` through the service's own objects
+    and the containers they hold (not through a driver's: a connection's last result is the
+    driver's, until its next statement)."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo and len(seen) < limit:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, bytes | bytearray):
+            yield bytes(item).decode(errors="replace")
+        elif type(item) in (dict, list, tuple, set, frozenset) or type(item).__module__.startswith("usage_service"):
+            todo.extend(gc.get_referents(item))
 
 
 async def test_a_burst_of_misses_shares_statements(gateway: Gateway, app_client: AppClient) -> None:

@@ -295,8 +295,8 @@ class GatedStore:
     def __init__(self, store: Any, gate: Gate) -> None:
         self.store, self.gate = store, gate
 
-    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord]]:
-        found: dict[int, tuple[str, TokenRecord]] = await self.store.fetch_many(ids)
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
+        found: dict[int, tuple[bytes, TokenRecord]] = await self.store.fetch_many(ids)
         await self.gate.hold()
         return found
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ._redis_guard import RedisUnavailable
-from .cache import key_digest
 from .config import Settings
 from .hotset import HOT_SLICE, parse_hot
 from .leadership import LeaderLock, Leadership
@@ -284,13 +283,13 @@ class Refresher:
                 # Left out of this round: whatever is cached for it stays as it is, and ages out.
                 logger.warning("%s; not refreshed", row)
                 continue
-            key, record = row
+            row_digest, record = row
             seen = last_seen.get(digest, _UNSEEN)
             # A store hands back the very record it gave last time only for an identical row,
-            # key included: that one needs no hashing to know the key is still this digest's.
+            # key included.
             if seen is record:
                 fresh[digest] = record
-            elif key_digest(key.encode()) != digest:
+            elif row_digest != digest:  # the token's key changed: the old one is let go
                 fresh[digest] = None
             else:  # an equal record keeps its old object, and with it its encoded form
                 fresh[digest] = seen if isinstance(seen, TokenRecord) and seen == record else record

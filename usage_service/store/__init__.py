@@ -60,11 +60,13 @@ class TokenStore(Protocol):
         """
         ...
 
-    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord] | UnreadableRow]:
-        """Return {id: (key, record)} for the live tokens among these ids, in batched statements.
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord] | UnreadableRow]:
+        """Return {id: (key digest, record)} for the live tokens among these ids, in batched
+        statements.
 
-        The key comes back so the caller can check it still hashes to what it cached; it must
-        not keep it. A live token whose row cannot be read maps to an UnreadableRow instead.
+        The digest of the token's key (`cache.key_digest`) comes back so the caller can check
+        that the key is still the one it cached the token under. A live token whose row cannot
+        be read maps to an UnreadableRow instead.
         """
         ...
 

@@ -6,13 +6,17 @@ Each engine module supplies a connection pool, its parameter style and identifie
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
+import orjson
+
 from .._batch import Batcher
+from ..cache import key_digest
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
 from . import SchemaError, StoreUnavailable, UnreadableRow
 from .logs import Engine, LogReader
@@ -161,42 +165,59 @@ def row_record(row: Sequence[Any]) -> TokenRecord:
     return record
 
 
-Pair = tuple[str, TokenRecord]
-F = TypeVar("F", bound=Hashable)
+Pair = tuple[bytes, TokenRecord]  # (the digest of the row's key, its record)
+F = TypeVar("F", str, tuple[Any, ...])
 
 
 def read_row(values: Sequence[Any]) -> Pair | UnreadableRow:
-    """(key, record) of a row of `select_sql`, or why no record can be made of it."""
+    """(key digest, record) of a row of `select_sql`, or why no record can be made of it."""
     try:
-        return row_key(values), row_record(values)
+        return key_digest(row_key(values).encode()), row_record(values)
     except (ValueError, TypeError) as exc:  # this row alone: the others are read
         token_id = as_int(values[0])
         return UnreadableRow(token_id, str(exc))
 
 
 class RowMemory:
-    """The rows fetch_many read lately, as the engine gave them, each with what was made of it.
+    """The rows fetch_many read lately, each with what was made of it.
 
     The refresher re-reads the same rows every second and most have not changed: a row read
-    again unchanged gives back the same (key, record) pair, built once. Rows are remembered by
-    their form (a tuple of values, or a whole row's text), most recently read last.
+    again unchanged gives back the same (key digest, record) pair, built once. A row holds its
+    token's key, which is never kept: rows are remembered by a digest of their form (a tuple of
+    values, or a whole row's text), most recently read last.
     """
 
     def __init__(self, size: int = ROW_MEMORY) -> None:
         self.size = size
-        self._pairs: dict[Hashable, Pair | UnreadableRow] = {}
+        self._pairs: dict[bytes, Pair | UnreadableRow] = {}
 
     def read(self, form: F, values: Callable[[F], Sequence[Any]]) -> Pair | UnreadableRow:
         """What `form` reads as, `values(form)` giving its values when it was not read lately."""
-        pair = self._pairs.pop(form, None)
+        seen = _form_digest(form)
+        pair = self._pairs.pop(seen, None)
         if pair is None:
             pair = read_row(values(form))
-        self._pairs[form] = pair
+        self._pairs[seen] = pair
         return pair
 
     def trim(self) -> None:
         while len(self._pairs) > self.size:
             del self._pairs[next(iter(self._pairs))]
+
+
+def _form_digest(form: str | tuple[Any, ...]) -> bytes:
+    if isinstance(form, str):
+        text = form.encode(errors="surrogatepass")
+    else:
+        try:  # the values as JSON; decimals, bytes and the like as [their repr], apart from any text
+            text = orjson.dumps(form, default=_tagged)
+        except orjson.JSONEncodeError:  # an integer past 64 bits, say: repr tells every value apart
+            text = repr(form).encode(errors="surrogatepass")
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
+def _tagged(value: object) -> list[str]:
+    return [repr(value)]
 
 
 class SQLStore(ABC):
@@ -277,9 +298,9 @@ class SQLStore(ABC):
                 found[row_key(row)] = UnreadableRow(row[0], str(exc))
         return found
 
-    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[str, TokenRecord] | UnreadableRow]:
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, Pair | UnreadableRow]:
         await self._prepare()
-        found: dict[int, tuple[str, TokenRecord] | UnreadableRow] = {}
+        found: dict[int, Pair | UnreadableRow] = {}
         for start in range(0, len(ids), self.fetch_batch):
             condition, params = self._match("id", ids[start : start + self.fetch_batch])
             for row in await self._read_by_id(condition, params):
