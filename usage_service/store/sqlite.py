@@ -272,9 +272,6 @@ class SQLiteStore(SQLStore):
         try:
             # Rows stay plain tuples (sqlite3.Row objects would cost the refresher thousands a second).
             await conn.execute("PRAGMA query_only = 1")
-            # A large sort (a month of a token's log rows grouped) may use a helper thread: a
-            # cold history's GROUP BY takes about two thirds of the time. Small ones never do.
-            await conn.execute("PRAGMA threads = 2")
         except BaseException:
             await conn.close()
             raise
