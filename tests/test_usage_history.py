@@ -386,3 +386,27 @@ async def test_cors_and_metrics_labels(gateway: Gateway, app_client: AppClient) 
     # Requests are counted under the route's path, both spellings as one (never the query string).
     assert ROUTE_LABELS[URL] == ROUTE_LABELS[URL + "/"] == URL
     assert URL in BROWSER_PATHS and URL + "/" in BROWSER_PATHS
+
+
+@pytest.mark.parametrize(
+    "zone", ["UTC", "Asia/Kathmandu", "Australia/Eucla", "Pacific/Chatham", "America/St_Johns", "Europe/Berlin"]
+)
+async def test_a_query_parsed_once_per_slot_is_what_parsing_it_at_that_moment_gives(zone: str) -> None:
+    """Which date is today changes only at a 15-minute bound, in every zone (quarter-hour
+    offsets, DST changes included): a query parsed once per slot is the same at each moment."""
+    from starlette.datastructures import QueryParams
+
+    from usage_service.history import SLOT
+    from usage_service.usage_history import parse_history_query, parse_in_slot
+
+    query_string = f"tz={zone}".encode()
+    moments = []
+    for day in (date(2026, 3, 8), date(2026, 3, 29), date(2026, 10, 25), date(2026, 11, 1), date(2026, 12, 31)):
+        midnight = datetime.combine(day, datetime.min.time(), ZoneInfo(zone)).timestamp()
+        moments += [midnight + offset for offset in (-SLOT, -1, -0.5, 0, 0.5, 1, SLOT - 1, SLOT)]
+    for now in moments:
+        assert parse_in_slot(query_string, int(now) // SLOT, 366) == parse_history_query(
+            QueryParams(query_string), now, 366
+        ), (zone, now)
+    bad = parse_in_slot(b"start_date=2026-13-01", 1, 366)
+    assert isinstance(bad, ValueError) and str(bad) == "start_date: expected a date as YYYY-MM-DD"

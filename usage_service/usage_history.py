@@ -8,6 +8,7 @@ history costs about what polling the balance does.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .billing import BillingOptions, json_number
 from .cache import AnswerCache
 from .days import day_starts, horizon, parse_date, parse_zone, today
-from .history import Spend, total
+from .history import SLOT, Spend, total
 from .records import TokenRecord, compact_json
 from .responses import JSON_TYPE, NO_CACHE, Headers, JSONError, send_revalidated, strong_etag
 from .routing import SCOPE_KEY
@@ -82,6 +83,18 @@ def parse_history_query(params: QueryParams, now: float, max_days: int) -> Histo
     if query.days > max_days:
         raise BadQuery(f"start_date, end_date: at most {max_days} days at once (end_date is included)")
     return query
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_in_slot(query_string: bytes, slot: int, max_days: int) -> HistoryQuery | BadQuery:
+    """`parse_history_query` of a query string at any moment of 15-minute slot number `slot`
+    (Unix seconds // SLOT), kept: which date is today in a zone changes only at a slot's bound
+    (every zone's offset is a whole number of quarter hours, days.py). A bad query's error is
+    returned, not raised, so that it is kept too."""
+    try:
+        return parse_history_query(QueryParams(query_string), slot * SLOT, max_days)
+    except BadQuery as exc:
+        return exc
 
 
 def figures(spend: Spend, options: BillingOptions) -> dict[str, object]:
@@ -178,10 +191,9 @@ class HistoryEndpoint:
         answer = self.answers.fresh(key, clock)
         if answer is None or answer.options is not options:
             now = time.time()  # which day "today" is, in the client's zone
-            try:
-                query = parse_history_query(QueryParams(query_string), now, self.max_days)
-            except BadQuery as exc:
-                await JSONError(400, str(exc))(scope, receive, send)
+            query = parse_in_slot(query_string, int(now) // SLOT, self.max_days)
+            if isinstance(query, BadQuery):
+                await JSONError(400, str(query))(scope, receive, send)
                 return
             try:
                 sums = await self.services.day_sums.sums(record.id, day_starts_of(query), horizon(now))
