@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,7 +111,9 @@ def texts_reachable_from(root: object, limit: int = 200_000) -> Iterator[str]:
             yield item
         elif isinstance(item, bytes | bytearray):
             yield bytes(item).decode(errors="replace")
-        elif type(item) in (dict, list, tuple, set, frozenset) or type(item).__module__.startswith("usage_service"):
+        elif isinstance(item, dict | list | tuple | set | frozenset | deque) or type(item).__module__.startswith(
+            "usage_service"
+        ):
             todo.extend(gc.get_referents(item))
 
 

@@ -356,6 +356,25 @@ async def test_a_rendered_answer_is_kept_for_the_local_ttl(gateway: Gateway, app
     assert other["total"]["quota"] == 3
 
 
+async def test_a_key_sent_in_the_query_string_is_not_kept(gateway: Gateway, app_client: AppClient) -> None:
+    """Some clients add `?key=sk-…` to every call: the history's and the dated billing answers
+    are kept by a digest of the query string, and nothing the app keeps holds the key."""
+    from test_engines import texts_reachable_from
+
+    token = gateway.add_token()
+    gateway.add_log(token, quota=1)
+    today = datetime.now(UTC).date().isoformat()
+    query = f"key=sk-{token.key}&start_date={today}&end_date={today}"
+    async with app_client() as (app, client):
+        for path in (URL, "/v1/dashboard/billing/usage"):
+            for _ in range(2):
+                assert (await client.get(f"{path}?{query}", headers=token.bearer)).status_code == 200
+        held = list(texts_reachable_from(app))
+    assert any('"token_usage_history"' in text for text in held)  # the walk reached the kept answers
+    fragments = {token.key[i : i + 16] for i in range(len(token.key) - 15)}
+    assert not [text for text in held if any(fragment in text for fragment in fragments)]
+
+
 async def test_database_down_is_503_or_the_last_answer(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token()
     gateway.add_log(token, created_at=utc(2026, 2, 1, 8), quota=5)
@@ -396,17 +415,20 @@ async def test_a_query_parsed_once_per_slot_is_what_parsing_it_at_that_moment_gi
     offsets, DST changes included): a query parsed once per slot is the same at each moment."""
     from starlette.datastructures import QueryParams
 
+    from usage_service.cache import query_digest
     from usage_service.history import SLOT
-    from usage_service.usage_history import parse_history_query, parse_in_slot
+    from usage_service.usage_history import ParsedQueries, parse_history_query
 
     query_string = f"tz={zone}".encode()
+    queries = ParsedQueries(366)
     moments = []
     for day in (date(2026, 3, 8), date(2026, 3, 29), date(2026, 10, 25), date(2026, 11, 1), date(2026, 12, 31)):
         midnight = datetime.combine(day, datetime.min.time(), ZoneInfo(zone)).timestamp()
         moments += [midnight + offset for offset in (-SLOT, -1, -0.5, 0, 0.5, 1, SLOT - 1, SLOT)]
     for now in moments:
-        assert parse_in_slot(query_string, int(now) // SLOT, 366) == parse_history_query(
-            QueryParams(query_string), now, 366
-        ), (zone, now)
-    bad = parse_in_slot(b"start_date=2026-13-01", 1, 366)
-    assert isinstance(bad, ValueError) and str(bad) == "start_date: expected a date as YYYY-MM-DD"
+        parsed = queries.get(query_string, query_digest(query_string), now)
+        assert parsed == parse_history_query(QueryParams(query_string), now, 366), (zone, now)
+    bad = b"start_date=2026-13-01"
+    for _ in range(2):
+        error = queries.get(bad, query_digest(bad), moments[0])
+        assert isinstance(error, ValueError) and str(error) == "start_date: expected a date as YYYY-MM-DD"

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .cache import AnswerCache
+from .cache import AnswerCache, query_digest
 from .config import BillingTotal
 from .days import day_starts, horizon, parse_date
 from .records import TokenRecord, compact_json, go_int_sum
@@ -265,7 +265,7 @@ class BillingUsageEndpoint:
         options = self.services.options.current
         # Dated answers are kept per (token, query as sent): a hit parses nothing. Only dated
         # answers are kept, so a hit is one.
-        key = b"%d?%s" % (record.id, query_string)
+        key = b"%d?%s" % (record.id, query_digest(query_string))
         now = time.monotonic()
         answer = self.answers.fresh(key, now)
         if answer is None or answer.options is not options or (answer.record is not record and answer.record != record):

@@ -26,6 +26,12 @@ def key_digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+def query_digest(query_string: bytes) -> bytes:
+    """What stands for a query string in the caches: a client may send anything in it, a key
+    included (`?key=sk-…` is some clients' habit), and that is never kept."""
+    return hashlib.blake2b(query_string, digest_size=16).digest()
+
+
 # The generation of an entry that no confirmation may extend: negative entries, expired ones,
 # and every entry put without a generation.
 UNCONFIRMED = -1

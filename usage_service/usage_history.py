@@ -8,7 +8,6 @@ history costs about what polling the balance does.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -19,7 +18,7 @@ from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .billing import BillingOptions, json_number
-from .cache import AnswerCache
+from .cache import AnswerCache, query_digest
 from .days import day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, Spend, total
 from .records import TokenRecord, compact_json
@@ -85,16 +84,36 @@ def parse_history_query(params: QueryParams, now: float, max_days: int) -> Histo
     return query
 
 
-@functools.lru_cache(maxsize=1024)
-def parse_in_slot(query_string: bytes, slot: int, max_days: int) -> HistoryQuery | BadQuery:
-    """`parse_history_query` of a query string at any moment of 15-minute slot number `slot`
-    (Unix seconds // SLOT), kept: which date is today in a zone changes only at a slot's bound
-    (every zone's offset is a whole number of quarter hours, days.py). A bad query's error is
-    returned, not raised, so that it is kept too."""
-    try:
-        return parse_history_query(QueryParams(query_string), slot * SLOT, max_days)
-    except BadQuery as exc:
-        return exc
+# Parsed queries kept per worker (a query string is a client's: there are as many as clients
+# have ways of asking).
+PARSED_KEPT = 1024
+
+
+class ParsedQueries:
+    """Queries as parsed, by a digest of the query string, for the 15-minute slot they were
+    parsed in: which date is today in a zone changes only at a slot's bound (every zone's offset
+    is a whole number of quarter hours, days.py). A bad query's error is kept too."""
+
+    def __init__(self, max_days: int, size: int = PARSED_KEPT) -> None:
+        self.max_days = max_days
+        self.size = size
+        self._parsed: dict[bytes, tuple[int, HistoryQuery | BadQuery]] = {}
+
+    def get(self, query_string: bytes, digest: bytes, now: float) -> HistoryQuery | BadQuery:
+        """The query `query_string` (whose `cache.query_digest` is `digest`) asks for at `now`."""
+        slot = int(now) // SLOT
+        held = self._parsed.get(digest)
+        if held is not None and held[0] == slot:
+            return held[1]
+        query: HistoryQuery | BadQuery
+        try:
+            query = parse_history_query(QueryParams(query_string), slot * SLOT, self.max_days)
+        except BadQuery as exc:
+            query = exc  # returned, not raised again: a raised exception would grow its traceback
+        if len(self._parsed) >= self.size:
+            self._parsed.clear()
+        self._parsed[digest] = (slot, query)
+        return query
 
 
 def figures(spend: Spend, options: BillingOptions) -> dict[str, object]:
@@ -177,8 +196,8 @@ class HistoryEndpoint:
     ) -> None:
         self.services = services
         self.unavailable = unavailable
-        self.max_days = max_days
         self.answers = answers
+        self.queries = ParsedQueries(max_days)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: TokenRecord = scope[SCOPE_KEY]
@@ -186,12 +205,13 @@ class HistoryEndpoint:
         # Keyed by the query as sent, so that a hit parses nothing. A default range rendered just
         # before a midnight may be answered up to USAGE_LOCAL_TTL after it, as stale as any answer.
         query_string: bytes = scope["query_string"]
-        key = b"%d?%s" % (record.id, query_string)
+        digest = query_digest(query_string)
+        key = b"%d?%s" % (record.id, digest)
         clock = time.monotonic()
         answer = self.answers.fresh(key, clock)
         if answer is None or answer.options is not options:
             now = time.time()  # which day "today" is, in the client's zone
-            query = parse_in_slot(query_string, int(now) // SLOT, self.max_days)
+            query = self.queries.get(query_string, digest, now)
             if isinstance(query, BadQuery):
                 await JSONError(400, str(query))(scope, receive, send)
                 return
