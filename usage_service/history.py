@@ -496,25 +496,25 @@ class History:
         by_day: dict[int, Slots] = {}
         guards: dict[int, int] = {}
 
-        async def read(first: int, end: int | None) -> None:
-            start, stop = first * DAY, None if end is None else end * DAY
+        async def read(first_day: int, end_day: int | None) -> None:
+            start, end = first_day * DAY, None if end_day is None else end_day * DAY
             rows = await spending(
                 self.reader,
                 [token_id],
                 SLOT,
                 start=start,
-                end=stop,
+                end=end,
                 after_id=await self.id_before(start),
-                before_id=None if stop is None else await self._id_after(stop),
+                before_id=None if end is None else await self._id_after(end),
             )
             guards.update(add_rows(by_day, rows))  # the halves hold different days
 
-        last = None if open_ended else run[-1] + 1
+        end_day = None if open_ended else run[-1] + 1
         if len(run) < SPLIT_DAYS:
-            await read(run[0], last)
+            await read(run[0], end_day)
         else:
             middle = run[len(run) // 2]
-            await asyncio.gather(read(run[0], middle), read(middle, last))
+            await asyncio.gather(read(run[0], middle), read(middle, end_day))
         return by_day, guards
 
     async def _kept_tail(self, token_id: int, tail_from: int) -> Tail | None:
