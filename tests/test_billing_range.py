@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -165,19 +166,24 @@ async def test_the_relay_rules_still_apply(gateway: Gateway, app_client: AppClie
     assert response.json()["error"]["message"] == "token quota is exhausted"
 
 
-async def test_a_dated_answer_is_kept_for_the_local_ttl(gateway: Gateway, app_client: AppClient) -> None:
+async def test_a_dated_answer_is_kept_for_the_local_ttl_until_a_round_changes_the_token(
+    gateway: Gateway, app_client: AppClient
+) -> None:
     token = gateway.add_token(remain=700_000, used=0)
     today = datetime.now(UTC).date()
     dates = {"start_date": str(today), "end_date": str(today + timedelta(days=1))}
     gateway.add_log(token, quota=500_000)
-    async with app_client(local_ttl=3600, cache_ttl=3600, refresh_interval=0) as (_, client):
+    async with app_client(local_ttl=3600, cache_ttl=3600, refresh_interval=0) as (app, client):
         first = await usage(client, token, **dates)
         gateway.add_log(token, quota=500_000)
         kept = await usage(client, token, **dates)  # within USAGE_LOCAL_TTL: the answer rendered first
+        # The refresher's round says the token's open days changed: the kept answer is out of date.
+        app.state.history.hear_round(time.time(), 1, True, [(token.id, None)])
+        heard = await usage(client, token, **dates)
     async with app_client() as (_, client):
         other = await usage(client, token, **dates)  # another worker
     assert first == kept and first["daily_costs"][0]["line_items"] == [{"name": "gpt-4o-mini", "cost": 100}]
-    assert other["daily_costs"][0]["line_items"] == [{"name": "gpt-4o-mini", "cost": 200}]
+    assert heard == other and other["daily_costs"][0]["line_items"] == [{"name": "gpt-4o-mini", "cost": 200}]
 
 
 async def test_database_down_is_an_openai_503(gateway: Gateway, app_client: AppClient) -> None:

@@ -232,6 +232,7 @@ def billing_range(params: QueryParams, max_days: int) -> tuple[date, date]:
 class DatedAnswer:
     record: TokenRecord  # the lifetime total came from it: a record read since with other values re-renders
     options: BillingOptions
+    changed: float  # History.changed_at as it was made: a round heard to change the token since re-renders
     headers: Headers
     body: bytes
 
@@ -268,7 +269,13 @@ class BillingUsageEndpoint:
         key = b"%d?%s" % (record.id, query_digest(query_string))
         now = time.monotonic()
         answer = self.answers.fresh(key, now)
-        if answer is None or answer.options is not options or (answer.record is not record and answer.record != record):
+        changed = self.services.history.changed_at(record.id)
+        if (
+            answer is None
+            or answer.options is not options
+            or answer.changed != changed
+            or (answer.record is not record and answer.record != record)
+        ):
             params = QueryParams(query_string)
             if not (params.get("start_date") or params.get("end_date")):
                 await self.lifetime(scope, receive, send)
@@ -286,7 +293,7 @@ class BillingUsageEndpoint:
                     await self.unavailable(scope, receive, send)
                     return
             else:
-                answer = DatedAnswer(record, options, *_answer(data))
+                answer = DatedAnswer(record, options, changed, *_answer(data))
                 self.answers.put(key, answer, len(answer.body) + len(key), now)
         await send_body(scope, send, 200, [*answer.headers], answer.body)
 

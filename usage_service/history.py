@@ -360,6 +360,11 @@ class History:
         if complete:
             self._confirmed_at = max(self._confirmed_at, as_of)
 
+    def changed_at(self, token_id: int) -> float:
+        """The time (as_of) of the last round heard to have changed the token's open days, -inf
+        if none lately: an answer rendered before that changes is out of date."""
+        return self._changed.get(token_id, -math.inf)
+
     def set_live(self, live: bool) -> None:
         """Hear whether rounds can reach this worker: either way, some may have been missed."""
         self._generation += 1

@@ -8,6 +8,8 @@ history costs about what polling the balance does.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -170,17 +172,23 @@ class Answer:
     # What the answer was rendered from (the query's days and the sums): an answer whose next
     # computation gives the same is served again without being rendered again.
     source: tuple[object, ...] = ()
+    # When the last round heard to have changed the token had run, as the answer was made
+    # (History.changed_at): a later one makes the answer out of date, however young it is.
+    changed: float = -math.inf
 
 
 def source_of(query: HistoryQuery, sums: dict[tuple[int, str], Spend]) -> tuple[object, ...]:
     return (query.start, query.end, sums)  # the sums are never changed once computed
 
 
-def render(data: dict[str, object], options: BillingOptions, source: tuple[object, ...] = ()) -> Answer:
+def render(
+    data: dict[str, object], options: BillingOptions, source: tuple[object, ...] = (), changed: float = -math.inf
+) -> Answer:
     body = compact_json({"success": True, "message": "", "data": data})
     etag = strong_etag(body)
     length = str(len(body)).encode()
-    return Answer(options, [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", length)], body, etag, source)
+    headers: Headers = [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", length)]
+    return Answer(options, headers, body, etag, source, changed)
 
 
 class HistoryEndpoint:
@@ -209,7 +217,9 @@ class HistoryEndpoint:
         key = b"%d?%s" % (record.id, digest)
         clock = time.monotonic()
         answer = self.answers.fresh(key, clock)
-        if answer is None or answer.options is not options:
+        # A round heard to have changed the token since the answer was made: out of date.
+        changed = self.services.history.changed_at(record.id)
+        if answer is None or answer.options is not options or answer.changed != changed:
             now = time.time()  # which day "today" is, in the client's zone
             query = self.queries.get(query_string, digest, now)
             if isinstance(query, BadQuery):
@@ -228,7 +238,9 @@ class HistoryEndpoint:
                 source = source_of(query, sums)
                 last = self.answers.stale(key, clock)
                 if last is None or last.options is not options or last.source != source:
-                    answer = render(history_data(query, sums, options), options, source)
+                    answer = render(history_data(query, sums, options), options, source, changed)
+                elif last.changed != changed:
+                    answer = dataclasses.replace(last, changed=changed)
                 else:
                     answer = last
                 self.answers.put(key, answer, len(answer.body) + len(key), clock)
