@@ -3,7 +3,8 @@
 Built on the history engine's 15-minute slots (`services.history`), summed per day of the
 client's calendar (`days.py`). A rendered answer is kept per (token id, query string) for
 USAGE_LOCAL_TTL seconds, like a token's record in the in-process layer, so that polling the
-history costs about what polling the balance does.
+history costs about what polling the balance does; a refresher round heard to have changed the
+token's spending puts an end to it at once.
 """
 
 from __future__ import annotations
