@@ -112,7 +112,9 @@ class ParsedQueries:
         try:
             query = parse_history_query(QueryParams(query_string), slot * SLOT, self.max_days)
         except BadQuery as exc:
-            query = exc  # returned, not raised again: a raised exception would grow its traceback
+            # A new one, never raised: the raised one's traceback holds the parser's frames, and
+            # with them the query string. Returned, not raised, by whoever asks for it.
+            query = BadQuery(str(exc))
         if len(self._parsed) >= self.size:
             self._parsed.clear()
         self._parsed[digest] = (slot, query)
