@@ -300,6 +300,18 @@ async def measure_query(engine: str, settings: Settings, data: Data, redis_url: 
 # --- over HTTP: warm throughput, polling cost, freshness (SQLite) ------------------------------
 
 
+def read_from_log(url: str) -> tuple[float, float]:
+    """(closed days, open days) the service has read from the log so far, from /metrics."""
+    days = tails = 0.0
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if 'layer="database"' in line:
+            if line.startswith("usage_history_days_total{"):
+                days += float(line.split()[-1])
+            elif line.startswith("usage_history_tails_total{"):
+                tails += float(line.split()[-1])
+    return days, tails
+
+
 def statements(url: str) -> float:
     return sum(metric(url, name) for name in STATEMENT_METRICS)
 
@@ -324,6 +336,8 @@ class Polling:
     rps: float = 0.0
     statements_per_s: float = 0.0
     log_statements_per_s: float = 0.0  # of them, the log's (the rest read token records)
+    days_read_per_s: float = 0.0  # closed days read from the log (not from Redis or in-process)
+    tails_read_per_s: float = 0.0  # open days read from the log directly (not kept by the rounds)
     non2xx: int = 0
     history_p50_s: float = 0.0
     history_p99_s: float = 0.0
@@ -464,12 +478,16 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
 
             redis_before = redis_failures(server.url)
             log_before, started = metric(server.url, STATEMENT_METRICS[1]), time.monotonic()
+            read_before = read_from_log(server.url)
             thread = threading.Thread(target=load)
             thread.start()
             time.sleep(1)
             charges = charge_loop(server.url, db, data, seconds - 4)
             thread.join()
-            log_per_s = (metric(server.url, STATEMENT_METRICS[1]) - log_before) / (time.monotonic() - started)
+            took = time.monotonic() - started
+            log_per_s = (metric(server.url, STATEMENT_METRICS[1]) - log_before) / took
+            read_after = read_from_log(server.url)
+            days_read, tails_read = ((read_after[i] - read_before[i]) / took for i in (0, 1))
             r = holder["r"]
             redis_after = redis_failures(server.url)
             errors, overloaded = redis_after[0] - redis_before[0], redis_after[1] - redis_before[1]
@@ -479,6 +497,8 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
                 r.rps,
                 r.db_per_s,
                 log_per_s,
+                days_read,
+                tails_read,
                 r.non2xx,
                 charges=len(charges.history),
                 cpu_us_per_req=r.cpu_us_per_req,
@@ -499,7 +519,8 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
             runs.append(run)
             print(
                 f"  {config:18} {run.rps:7.0f} req/s  {run.statements_per_s:5.1f} statements/s "
-                f"({run.log_statements_per_s:.1f} of the log)  "
+                f"({run.log_statements_per_s:.1f} of the log; {run.days_read_per_s:.1f} closed, "
+                f"{run.tails_read_per_s:.1f} open days read from it)  "
                 f"charge in history p99 {run.history_p99_s:.2f} s (balance {run.balance_p99_s:.2f} s)  "
                 f"redis errors {run.redis_errors} ({run.redis_overloaded} overloaded)",
                 flush=True,
@@ -581,14 +602,16 @@ def targets_table(queries: list[Query], throughput: dict[str, Result], polling: 
 
 def polling_table(polling: list[Polling]) -> str:
     lines = [
-        "| usage-service | target req/s | req/s | non-2xx | statements/s (the log's) | charges | history p50 / p99 s "
+        "| usage-service | target req/s | req/s | non-2xx | statements/s (the log's) "
+        "| closed / open days read from the log per s | charges | history p50 / p99 s "
         "| balance p50 / p99 s | CPU µs/req | peak RSS MiB | Redis errors (overloaded) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in polling:
         lines.append(
             f"| {p.config} | {p.target_rps:,} | {p.rps:,.0f} | {p.non2xx:,} "
-            f"| {p.statements_per_s:.1f} ({p.log_statements_per_s:.1f}) | {p.charges} "
+            f"| {p.statements_per_s:.1f} ({p.log_statements_per_s:.1f}) "
+            f"| {p.days_read_per_s:.1f} / {p.tails_read_per_s:.1f} | {p.charges} "
             f"| {p.history_p50_s:.2f} / {p.history_p99_s:.2f} | {p.balance_p50_s:.2f} / {p.balance_p99_s:.2f} "
             f"| {p.cpu_us_per_req:.0f} | {p.peak_rss_mib:.0f} | {p.redis_errors} ({p.redis_overloaded}) |"
         )
