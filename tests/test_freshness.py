@@ -240,10 +240,11 @@ def own_redis(tmp_path: Path) -> Any:
 
 
 async def test_stale_if_error_survives_losing_the_invalidation_channel(
-    gateway: Gateway, app_client: AppClient, own_redis: RedisServer
+    gateway: Gateway, app_client: AppClient, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis down and the database locked, in the default deployment (Redis, refresher on): the
-    record a worker held is served stale. (It used to be cleared with the channel: 503.)"""
+    record a worker held is served stale. (It used to be cleared with the channel: 503.) The
+    loss of the channel is said once, however often subscribing again fails."""
     token = gateway.add_token(used=4)
     settings = {"redis_url": own_redis.url, "cache_ttl": 0.5, "local_ttl": 0.1, "redis_cooldown": 60.0}
     async with app_client(**settings, **MANUAL_ROUNDS) as (app, client):
@@ -254,7 +255,10 @@ async def test_stale_if_error_survives_losing_the_invalidation_channel(
             await until(lambda: not app.state.lookup.invalidations_live)
             await until(lambda: fresh_in_process(app, token) is None)  # past its own TTL
             assert await used(client, token) == 4
+            await until(lambda: app.state.redis.channel.losses >= 2)
         assert app.state.lookup.stats.stale_served == 1
+    said = [r.getMessage() for r in caplog.records if r.name == "usage_service.invalidation"]
+    assert len(said) == 1 and said[0].startswith("invalidation channel lost (") and "1 time(s)" in said[0]
 
 
 @pytest.fixture

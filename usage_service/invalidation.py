@@ -22,15 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from ._redis_guard import REDIS_FAILURES, RedisGuard, reraise_cancellation
+
+logger = logging.getLogger("usage_service.invalidation")
+
+# Seconds between two log lines about losing the channel (the losses between are counted in the next).
+LOSS_LOG_INTERVAL = 60.0
 
 
 class InvalidationChannel:
     def __init__(self, guard: RedisGuard, *, name: str) -> None:
         self.guard = guard
         self.name = name
+        self.losses = 0  # times the subscription failed since start
+        self._loss_logged_at = -LOSS_LOG_INTERVAL
 
     async def publish_invalidation(self, digests: Iterable[bytes], fingerprints: Mapping[bytes, bytes] = {}) -> None:
         """Tell every worker to expire these tokens in its in-process layer, unless what it holds
@@ -91,15 +100,29 @@ class InvalidationChannel:
                                 on_history(*_parse_history(data))
                     else:
                         on_digests(_parse_digests(data))
-            except REDIS_FAILURES:
+            except REDIS_FAILURES as exc:
                 on_live(False)
                 reraise_cancellation()
+                self._lost(exc)
                 await asyncio.sleep(min(1.0, guard.breaker.cooldown) or 0.1)
             finally:
                 on_live(False)
                 with contextlib.suppress(*REDIS_FAILURES):
                     async with asyncio.timeout(guard.timeout):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _lost(self, exc: BaseException) -> None:
+        # While the channel is down, what a worker holds is confirmed by nothing: its polls go
+        # to Redis or the database until a round is heard again. Said now and then, not per loss.
+        self.losses += 1
+        now = time.monotonic()
+        if now - self._loss_logged_at >= LOSS_LOG_INTERVAL:
+            logger.warning(
+                "invalidation channel lost (%s), subscribing again; %d time(s) since start",
+                type(exc).__name__,
+                self.losses,
+            )
+            self._loss_logged_at = now
 
 
 def _part(name: str, fingerprint: bytes | None) -> str:
