@@ -525,9 +525,19 @@ def run_polling(scenario: Scenario, db: Path, data: Data, redis_url: str, second
                 f"redis errors {run.redis_errors} ({run.redis_overloaded} overloaded)",
                 flush=True,
             )
+            for line in warnings_of(server):
+                print(f"    the service said: {line}", flush=True)
         finally:
             server.stop()
     return runs
+
+
+def warnings_of(server: Process, most: int = 10) -> list[str]:
+    """The distinct warning (and worse) lines the service logged so far, the first `most`."""
+    server.log.seek(0)
+    lines = server.log.read().decode(errors="replace").splitlines()
+    found = dict.fromkeys(line for line in lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line))
+    return list(found)[:most]
 
 
 def run_throughput(scenario: Scenario, db: Path, redis_url: str, seconds: float) -> dict[str, Result]:
