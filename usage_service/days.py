@@ -19,7 +19,7 @@ from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .history import SLOT, History, Spend, plus
+from .history import SLOT, History, Spend, add_to, plus
 
 # Dates a range may name: the log has no row before 1970, and the day after the last one must
 # still be a date.
@@ -95,9 +95,7 @@ def by_day_and_model(slots: Mapping[tuple[int, str], Spend], starts: Sequence[in
     sums: dict[tuple[int, str], Spend] = {}
     for (slot, model), spend in slots.items():
         if first <= slot < end:
-            key = (bisect_right(starts, slot) - 1, model)
-            held = sums.get(key)
-            sums[key] = spend if held is None else plus(held, spend)
+            add_to(sums, (bisect_right(starts, slot) - 1, model), spend)
     return dict(sorted(sums.items()))
 
 

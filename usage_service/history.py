@@ -28,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 
@@ -75,10 +76,17 @@ CLEANUP_CHECK = 1.0
 # at a tuple of ints, while every instance of a class (a NamedTuple too) is scanned again in each
 # full collection, which stalled a loaded worker for up to a second (docs/performance.md).
 Spend = tuple[int, int, int, int]
+K = TypeVar("K")
 
 
 def plus(a: Spend, b: Spend) -> Spend:
     return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
+
+
+def add_to(sums: dict[K, Spend], key: K, spend: Spend) -> None:
+    """Add `spend` into `sums[key]` (which may not be there yet)."""
+    held = sums.get(key)
+    sums[key] = spend if held is None else plus(held, spend)
 
 
 def total(spends: Iterable[Spend]) -> Spend:
@@ -195,10 +203,7 @@ class _Loaded:
 
 def add_row(slots: Slots, row: SpendRow) -> None:
     """Add one group of a spending statement into `slots`."""
-    spend: Spend = (row.quota, row.prompt_tokens, row.completion_tokens, row.requests)
-    key = (row.slot, row.model)
-    held = slots.get(key)
-    slots[key] = spend if held is None else plus(held, spend)
+    add_to(slots, (row.slot, row.model), (row.quota, row.prompt_tokens, row.completion_tokens, row.requests))
 
 
 def add_rows(into: dict[int, Slots], rows: Iterable[SpendRow]) -> dict[int, int]:

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, plus, tail_fingerprint
+from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, tail_fingerprint
 from .shared import SharedRedis
 from .store.spending import SpendRow, marks, rows_since, spending
 
@@ -262,8 +262,7 @@ class TailKeeper:
             else:
                 merged = dict(base)
                 for key, spend in extra.items():
-                    held = merged.get(key)
-                    merged[key] = spend if held is None else plus(held, spend)
+                    add_to(merged, key, spend)
                 tails[token_id] = merged
         self.stats.rounds += 1
         self.stats.tokens = len(tails)

@@ -10,7 +10,6 @@ token's spending puts an end to it at once.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -174,19 +173,17 @@ class Answer:
     etag: bytes
     # What the answer was rendered from (the query's days and the sums): an answer whose next
     # computation gives the same is served again without being rendered again.
-    source: tuple[object, ...] = ()
+    source: tuple[object, ...]
     # When the last round heard to have changed the token had run, as the answer was made
     # (History.changed_at): a later one makes the answer out of date, however young it is.
-    changed: float = -math.inf
+    changed: float
 
 
 def source_of(query: HistoryQuery, sums: dict[tuple[int, str], Spend]) -> tuple[object, ...]:
     return (query.start, query.end, sums)  # the sums are never changed once computed
 
 
-def render(
-    data: dict[str, object], options: BillingOptions, source: tuple[object, ...] = (), changed: float = -math.inf
-) -> Answer:
+def render(data: dict[str, object], options: BillingOptions, source: tuple[object, ...], changed: float) -> Answer:
     body = compact_json({"success": True, "message": "", "data": data})
     etag = strong_etag(body)
     length = str(len(body)).encode()
