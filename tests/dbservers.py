@@ -356,6 +356,12 @@ class PostgresGateway(Gateway):
                         self.conn.execute(statement)  # type: ignore[arg-type]
                 if "CREATE TABLE logs" in schema:
                     self.conn.execute(f"GRANT SELECT ON logs TO {READER}")  # type: ignore[arg-type]
+                # The tests' tables hold a few rows: an autovacuum that analyses one mid-test
+                # would make the planner prefer a scan of it, at a moment nobody chose, and the
+                # tests that read query plans would pass or fail by timing. Plans are read
+                # without statistics (the benches ANALYZE theirs).
+                for (table,) in self.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
+                    self.conn.execute(f'ALTER TABLE "{table}" SET (autovacuum_enabled = false)')  # type: ignore[arg-type]
             # A fresh gateway per test, on tables made once per session.
             tables = [
                 name for (name,) in self.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
