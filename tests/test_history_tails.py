@@ -329,6 +329,66 @@ async def test_a_tail_older_than_a_change_heard_is_not_served(
         assert b.history.stats.tails_read == before + 1 and b.history.stats.tails_redis == 0
 
 
+@pytest.mark.parametrize("outcome", ["vouched", "lost the lock"])
+async def test_a_lapse_while_the_leaders_round_runs_late_waits_for_it(
+    gateway: Gateway, settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """Under load the leader's rounds run late, and the last round's word lapses before the next
+    one's arrives. The polls that find it lapsed meanwhile wait for the leader's round under way
+    rather than all reading the log at once: they are answered after it, with what it kept (a
+    charge made before it included), at no statement of their own. A round that ends without a
+    word lets them go at once, to the database."""
+    tokens = [gateway.add_token() for _ in range(5)]
+    for token in tokens:
+        gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        for token in tokens:
+            await w.history.slots(token.id, *today)
+        await round_heard(w, w)
+        await round_heard(w, w)  # the tails are the leader's now, confirmed
+
+        # The next round is held up just before its history part (injected ordering).
+        reached, go_on = asyncio.Event(), asyncio.Event()
+        lead = w.keeper.lead
+
+        async def late_lead(*args: Any) -> bool:
+            reached.set()
+            await go_on.wait()
+            return await lead(*args) if outcome == "vouched" else False
+
+        monkeypatch.setattr(w.keeper, "lead", late_lead)
+        clock.now += 3  # past confirmed_for (2 s) since the last word: lapsed
+        heard = w.rounds_heard
+        tick = asyncio.create_task(w.refresher.tick())
+        await reached.wait()
+        gateway.add_log(tokens[2], created_at=int(clock.now) - 1, quota=50)
+        read = w.history.stats.tails_read
+        polls = [asyncio.create_task(w.history.slots(t.id, *today)) for t in tokens]
+        for _ in range(1000):  # each poll runs up to its wait (bounded: without one, they finish)
+            if w.history.stats.waited_round == len(tokens) or all(poll.done() for poll in polls):
+                break
+            await asyncio.sleep(0)
+        assert not any(poll.done() for poll in polls)
+        before = sent(w)  # (the first poll also looked at the log's smallest id: the word reporting it lapsed)
+
+        go_on.set()
+        await tick
+        if outcome == "vouched":
+            await w.hear_next_round(heard)
+        answers = await asyncio.gather(*polls)
+        for token, answer in zip(tokens, answers, strict=True):
+            assert answer == await plain_select(truth(w), token.id, *today)
+        assert sum(quota for quota, *_ in answers[2].values()) == 51
+        if outcome == "vouched":
+            assert sent(w) - before == 2  # the round's own two statements, and none of the polls'
+            assert w.history.stats.tails_read == read
+        else:
+            assert sent(w) - before == len(tokens)  # each poll read its open day itself
+            assert w.history.stats.tails_read == read + len(tokens)
+
+
 async def test_the_app_wires_history_and_its_metrics(
     gateway: Gateway, settings: Settings, redis_url: str, app_client: Any
 ) -> None:

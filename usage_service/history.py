@@ -191,6 +191,7 @@ class HistoryStats:
     tails_redis: int = 0  # open days answered from what the leader keeps in Redis
     tails_read: int = 0  # open days read from the database
     coalesced: int = 0  # requests that waited on another request's read
+    waited_round: int = 0  # requests that waited for this worker's round instead of reading
     cleaned: int = 0  # cached days dropped because the gateway's clean-up reached them
     stale_served: int = 0  # answers whose open days were stale, the database being unavailable
 
@@ -260,6 +261,10 @@ class History:
         self._after: OrderedDict[int, int] = OrderedDict()
         self._inflight: dict[int, asyncio.Task[_Loaded]] = {}
         self._writes: set[asyncio.Task[None]] = set()  # days on their way to Redis
+        # Set while this worker runs a round that will vouch for the tails it holds, until
+        # `_round_until` at the latest (see round_began).
+        self._round: asyncio.Event | None = None
+        self._round_until = -math.inf
 
     async def slots(self, token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
         """{(slot_start, model_name): Spend} over the token's rows with start <= created_at < end.
@@ -276,15 +281,21 @@ class History:
         wants_tail = last >= open_day
         if wants_tail and self._note_polls:
             self._polled.add(token_id)
-        for waited in (False, True):
+        waited_round = waited_read = False
+        while True:  # at most three times: once more after each of the two waits below
             days, missing = self._held_days(token_id, first, min(last, open_day - 1))
             tail = self._held_tail(token_id, open_day, now) if wants_tail else None
             if not missing and (tail is not None or not wants_tail):
                 break
+            if wants_tail and tail is None and not waited_round:
+                waited_round = True
+                if await self._wait_for_round():
+                    continue
             task = self._inflight.get(token_id)
-            if task is not None and not waited:
+            if task is not None and not waited_read:
                 # Another request is reading this token: wait for it, then read only what it
                 # did not (or, if it failed, try once more ourselves).
+                waited_read = True
                 self.stats.coalesced += 1
                 with contextlib.suppress(StoreUnavailable):
                     await asyncio.shield(task)
@@ -364,6 +375,42 @@ class History:
             self._changed = {t: at for t, at in self._changed.items() if at > as_of - 60}
         if complete:
             self._confirmed_at = max(self._confirmed_at, as_of)
+            self._end_round()
+
+    def round_began(self) -> None:
+        """Hear that this worker, as leader, started a round whose word will vouch for the tails
+        again. If the last round's word lapses before this one's arrives (under load, rounds run
+        late), a poll of open days waits for it, at most `confirmed_for` from now, instead of
+        reading them from the log: else every polled token would go to the database at once,
+        just when the worker is busiest."""
+        if self._round is None:
+            self._round = asyncio.Event()
+        self._round_until = self.clock() + self.confirmed_for
+
+    def round_ended(self, *, heard_later: bool) -> None:
+        """Hear that this worker's round is over. `heard_later`: its word comes back through the
+        channel (hear_round lets the waiting polls go then); otherwise they go now, to what the
+        round left in-process or to the database."""
+        if not heard_later:
+            self._end_round()
+
+    def _end_round(self) -> None:
+        waiting, self._round = self._round, None
+        if waiting is not None:
+            waiting.set()
+
+    async def _wait_for_round(self) -> bool:
+        """Wait, if the rounds' word lapsed while this worker's own round is under way, until
+        that round is over (at most until `_round_until`); True if there was a wait."""
+        waiting = self._round
+        now = self.clock()
+        lapsed = -math.inf < self._confirmed_at <= now - self.confirmed_for
+        if waiting is None or not lapsed or now >= self._round_until:
+            return False
+        self.stats.waited_round += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiting.wait(), self._round_until - now)
+        return True
 
     def changed_at(self, token_id: int) -> float:
         """The time (as_of) of the last round heard to have changed the token's open days, -inf
@@ -374,6 +421,7 @@ class History:
         """Hear whether rounds can reach this worker: either way, some may have been missed."""
         self._generation += 1
         self._confirmed_at = -math.inf
+        self._end_round()
 
     def note_min_id(self, min_id: int, at: float, vouched_for: float = 0.0) -> None:
         """Take the log's smallest id as a round read it at `at` (wall clock); the rounds report

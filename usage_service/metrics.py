@@ -84,6 +84,10 @@ HISTORY_TAILS = Counter(
     "usage_history_tails", "Open days of spending answered, by where from (local, redis, database)", ["layer"]
 )
 HISTORY_COALESCED = Counter("usage_history_coalesced", "History requests that waited on another request's read")
+HISTORY_ROUND_WAITS = Counter(
+    "usage_history_round_waits",
+    "History requests that waited for this worker's late round instead of reading the log (History.round_began)",
+)
 HISTORY_CLEANED = Counter(
     "usage_history_cleaned", "Cached days of spending dropped because the gateway's clean-up reached them"
 )
@@ -138,6 +142,7 @@ class Publisher:
                 (HISTORY_TAILS.labels("redis"), lambda: spent.tails_redis),
                 (HISTORY_TAILS.labels("database"), lambda: spent.tails_read),
                 (HISTORY_COALESCED, lambda: spent.coalesced),
+                (HISTORY_ROUND_WAITS, lambda: spent.waited_round),
                 (HISTORY_CLEANED, lambda: spent.cleaned),
                 (HISTORY_STALE, lambda: spent.stale_served),
             ]

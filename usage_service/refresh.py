@@ -134,6 +134,18 @@ class Refresher:
 
     async def tick(self) -> None:
         """Do one round: share what was polled, then refresh as leader or on our own."""
+        if self.tails is None:
+            await self._tick()
+            return
+        # The last round's leader is about to vouch for the polled history again: polls that
+        # find the last word lapsed meanwhile wait for it (History.round_began).
+        self.tails.round_began(leading=self.stats.leader)
+        try:
+            await self._tick()
+        finally:
+            self.tails.round_ended()
+
+    async def _tick(self) -> None:
         now = time.time()
         hot, noted = self._hot, self._noted
         renote_before = now - self.renote

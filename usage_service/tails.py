@@ -104,6 +104,7 @@ class TailKeeper:
         self._guards: dict[int, dict[int, int]] = {}
         self._published: dict[int, Slots] = {}
         self._written: dict[int, float] = {}
+        self._vouched = False  # this round published a complete round's word (see round_ended)
 
     def take_polled(self) -> list[int]:
         """Take the tokens answered since last time; return those to note in the shared set."""
@@ -126,6 +127,17 @@ class TailKeeper:
         now = self.clock()
         await redis.history_hot.note(unnoted, now)
         self._noted.update(dict.fromkeys(unnoted, now))
+
+    def round_began(self, *, leading: bool) -> None:
+        """A refresher's round begins; `leading`: this worker expects to run the history round."""
+        self._vouched = False
+        if leading:
+            self.history.round_began()
+
+    def round_ended(self) -> None:
+        """The refresher's round is over: polls waiting for it go on, now or (when it published
+        a complete round) once this worker hears it."""
+        self.history.round_ended(heard_later=self._vouched)
 
     async def lead(self, redis: SharedRedis, extend: Extend) -> bool:
         """Run a round as leader; False: the lock was lost, and nothing more was written."""
@@ -159,7 +171,9 @@ class TailKeeper:
         # With each tail's fingerprint: a worker holding those very open days keeps them (a
         # first sight of 10,000 tokens need not send every worker to Redis for each).
         fingerprints = {t: tail_fingerprint(self._open_day, tails[t]) for t in changed}
-        await redis.channel.publish_history(now, min_id, len(members) < self.hot_max, sorted(changed), fingerprints)
+        complete = len(members) < self.hot_max
+        await redis.channel.publish_history(now, min_id, complete, sorted(changed), fingerprints)
+        self._vouched = complete
         self._published = tails
         self._written = {t: at for t, at in self._written.items() if t in tails}
         self.stats.changed += len(changed)
