@@ -594,12 +594,13 @@ def targets_table(queries: list[Query], throughput: dict[str, Result], polling: 
             f"({throughput['history'].rps:,.0f} ÷ {throughput['balance'].rps:,.0f}) | ≈ 1 | {yes(ratio >= 0.8)} |"
         )
     if polling:
-        worst = max(p.statements_per_s for p in polling)
-        spread = worst - min(p.statements_per_s for p in polling)
+        # Flat: no load costs more than half again what one worker at the target rate costs (a
+        # saturated worker's late rounds cost fewer statements, not more).
+        base, worst = polling[0].statements_per_s, max(p.statements_per_s for p in polling)
         lines.append(
             f"| statements/s, 10,000 tokens polling history at 1 Hz (1 worker, 2× rate, 2 workers) "
-            f"| {', '.join(f'{p.statements_per_s:.1f}' for p in polling)} | ≤ 30, flat | "
-            f"{yes(worst <= 30 and spread <= 0.5 * worst)} |"
+            f"| {', '.join(f'{p.statements_per_s:.1f}' for p in polling)} | ≤ 30, flat (none over 1.5× the first) | "
+            f"{yes(worst <= 30 and worst <= 1.5 * base)} |"
         )
         for p in polling:
             bound = max(p.balance_p99_s, 1.0)
