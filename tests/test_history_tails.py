@@ -99,7 +99,9 @@ async def worker(
                 asyncio.get_running_loop().create_task(notify())
 
             assert await redis.ping()  # as the lifespan does first (a Cluster client learns its slots)
-            listener = asyncio.create_task(redis.channel.listen(lambda _: None, lambda _: None, on_live, on_history))
+            listener = asyncio.create_task(
+                redis.channel.listen(lambda _: None, lambda _: None, on_live, on_history, history.hear_round_began)
+            )
 
             async def stop() -> None:
                 listener.cancel()
@@ -329,64 +331,80 @@ async def test_a_tail_older_than_a_change_heard_is_not_served(
         assert b.history.stats.tails_read == before + 1 and b.history.stats.tails_redis == 0
 
 
-@pytest.mark.parametrize("outcome", ["vouched", "lost the lock"])
+@pytest.mark.parametrize("outcome", ["vouched", "no word", "lost the lock"])
 async def test_a_lapse_while_the_leaders_round_runs_late_waits_for_it(
     gateway: Gateway, settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch, outcome: str
 ) -> None:
     """Under load the leader's rounds run late, and the last round's word lapses before the next
-    one's arrives. The polls that find it lapsed meanwhile wait for the leader's round under way
+    one's arrives. The polls that find it lapsed meanwhile, in the leader's worker and in the
+    others (the leader says on the channel that its round began), wait for the round under way
     rather than all reading the log at once: they are answered after it, with what it kept (a
     charge made before it included), at no statement of their own. A round that ends without a
-    word lets them go at once, to the database."""
+    word lets them go at once, to the database; a leader deposed meanwhile says nothing more, and
+    the others' polls go once the round's word is overdue."""
     tokens = [gateway.add_token() for _ in range(5)]
     for token in tokens:
         gateway.add_log(token, created_at=NOON - 100, quota=1)
     clock = Clock(NOON)
     today = (T0, T0 + DAY)
-    async with worker(settings, clock, redis_url) as w:
-        for token in tokens:
-            await w.history.slots(token.id, *today)
-        await round_heard(w, w)
-        await round_heard(w, w)  # the tails are the leader's now, confirmed
+    async with worker(settings, clock, redis_url) as w, worker(settings, clock, redis_url) as f:
+        for other in (w, f):
+            for token in tokens:
+                await other.history.slots(token.id, *today)
+        await w.refresher.tick()
+        await f.refresher.tick()  # f notes its tokens and follows
+        await round_heard(w, w, f)
+        await round_heard(w, w, f)  # the tails are the leader's now, confirmed in both
+        assert not f.refresher.stats.leader
 
         # The next round is held up just before its history part (injected ordering).
         reached, go_on = asyncio.Event(), asyncio.Event()
         lead = w.keeper.lead
 
-        async def late_lead(*args: Any) -> bool:
+        async def late_lead(redis: Any, extend: Any) -> bool:
             reached.set()
             await go_on.wait()
-            return await lead(*args) if outcome == "vouched" else False
+            if outcome == "vouched":
+                return await lead(redis, extend)
+            if outcome == "no word":  # as a round whose hot set was cut at USAGE_HOT_MAX ends
+                monkeypatch.setattr(w.keeper, "hot_max", 1)
+                return await lead(redis, extend)
+            return False
 
         monkeypatch.setattr(w.keeper, "lead", late_lead)
         clock.now += 3  # past confirmed_for (2 s) since the last word: lapsed
-        heard = w.rounds_heard
+        heard = [w.rounds_heard, f.rounds_heard]
         tick = asyncio.create_task(w.refresher.tick())
         await reached.wait()
         gateway.add_log(tokens[2], created_at=int(clock.now) - 1, quota=50)
-        read = w.history.stats.tails_read
-        polls = [asyncio.create_task(w.history.slots(t.id, *today)) for t in tokens]
-        for _ in range(1000):  # each poll runs up to its wait (bounded: without one, they finish)
-            if w.history.stats.waited_round == len(tokens) or all(poll.done() for poll in polls):
+        read = [w.history.stats.tails_read, f.history.stats.tails_read]
+        polls = [asyncio.create_task(other.history.slots(t.id, *today)) for other in (w, f) for t in tokens]
+        for _ in range(10_000):  # each poll runs up to its wait (bounded: without one, they finish)
+            waiting = w.history.stats.waited_round + f.history.stats.waited_round
+            if waiting == len(polls) or all(poll.done() for poll in polls):
                 break
             await asyncio.sleep(0)
         assert not any(poll.done() for poll in polls)
-        before = sent(w)  # (the first poll also looked at the log's smallest id: the word reporting it lapsed)
+        # (Each worker's first poll also looked at the log's smallest id: the word that reports it lapsed.)
+        before = [sent(w), sent(f)]
 
         go_on.set()
         await tick
         if outcome == "vouched":
-            await w.hear_next_round(heard)
+            await w.hear_next_round(heard[0])
+            await f.hear_next_round(heard[1])
         answers = await asyncio.gather(*polls)
-        for token, answer in zip(tokens, answers, strict=True):
-            assert answer == await plain_select(truth(w), token.id, *today)
-        assert sum(quota for quota, *_ in answers[2].values()) == 51
-        if outcome == "vouched":
-            assert sent(w) - before == 2  # the round's own two statements, and none of the polls'
-            assert w.history.stats.tails_read == read
-        else:
-            assert sent(w) - before == len(tokens)  # each poll read its open day itself
-            assert w.history.stats.tails_read == read + len(tokens)
+        for (other, token), answer in zip([(o, t) for o in (w, f) for t in tokens], answers, strict=True):
+            assert answer == await plain_select(truth(other), token.id, *today)
+            if token is tokens[2]:
+                assert sum(quota for quota, *_ in answer.values()) == 51
+        statements = 2 if outcome != "lost the lock" else 0  # the round's own
+        if outcome == "vouched":  # and none of the polls'
+            assert [sent(w) - before[0], sent(f) - before[1]] == [statements, 0]
+            assert [w.history.stats.tails_read, f.history.stats.tails_read] == read
+        else:  # each poll read its open day itself
+            assert [sent(w) - before[0], sent(f) - before[1]] == [statements + len(tokens), len(tokens)]
+            assert [w.history.stats.tails_read, f.history.stats.tails_read] == [n + len(tokens) for n in read]
 
 
 async def test_the_app_wires_history_and_its_metrics(

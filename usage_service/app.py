@@ -187,7 +187,9 @@ def create_app(settings: Settings) -> UsageService:
 
                 tasks.start(
                     "invalidations",
-                    lambda: channel.listen(lookup.invalidate, lookup.confirm, live, history.hear_round),
+                    lambda: channel.listen(
+                        lookup.invalidate, lookup.confirm, live, history.hear_round, history.hear_round_began
+                    ),
                 )
         try:
             yield

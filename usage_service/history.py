@@ -191,7 +191,7 @@ class HistoryStats:
     tails_redis: int = 0  # open days answered from what the leader keeps in Redis
     tails_read: int = 0  # open days read from the database
     coalesced: int = 0  # requests that waited on another request's read
-    waited_round: int = 0  # requests that waited for this worker's round instead of reading
+    waited_round: int = 0  # requests that waited for the leader's late round instead of reading
     cleaned: int = 0  # cached days dropped because the gateway's clean-up reached them
     stale_served: int = 0  # answers whose open days were stale, the database being unavailable
 
@@ -261,7 +261,7 @@ class History:
         self._after: OrderedDict[int, int] = OrderedDict()
         self._inflight: dict[int, asyncio.Task[_Loaded]] = {}
         self._writes: set[asyncio.Task[None]] = set()  # days on their way to Redis
-        # Set while this worker runs a round that will vouch for the tails it holds, until
+        # Set while the leader runs a round that will vouch for the tails again, until
         # `_round_until` at the latest (see round_began).
         self._round: asyncio.Event | None = None
         self._round_until = -math.inf
@@ -377,20 +377,30 @@ class History:
             self._confirmed_at = max(self._confirmed_at, as_of)
             self._end_round()
 
-    def round_began(self) -> None:
-        """Hear that this worker, as leader, started a round whose word will vouch for the tails
-        again. If the last round's word lapses before this one's arrives (under load, rounds run
-        late), a poll of open days waits for it, at most `confirmed_for` from now, instead of
-        reading them from the log: else every polled token would go to the database at once,
-        just when the worker is busiest."""
+    def round_began(self, until: float | None = None) -> None:
+        """Hear that the leader (this worker, or another through the channel) began a round
+        whose word will vouch for the tails again, by `until` at the latest. If the last round's
+        word lapses before this one's arrives (under load, rounds run late), a poll of open days
+        waits for it, never past `until` nor `confirmed_for` from now, instead of reading them
+        from the log: else every polled token would go to the database at once, just when the
+        workers are busiest."""
         if self._round is None:
             self._round = asyncio.Event()
-        self._round_until = self.clock() + self.confirmed_for
+        now = self.clock()
+        self._round_until = now + self.confirmed_for if until is None else min(until, now + self.confirmed_for)
+
+    def hear_round_began(self, until: float | None) -> None:
+        """Hear from the channel that the leader began a round whose word should come by
+        `until`, or (None) that its round ended without one."""
+        if until is None:
+            self._end_round()
+        else:
+            self.round_began(until)
 
     def round_ended(self, *, heard_later: bool) -> None:
-        """Hear that this worker's round is over. `heard_later`: its word comes back through the
-        channel (hear_round lets the waiting polls go then); otherwise they go now, to what the
-        round left in-process or to the database."""
+        """Hear that this worker's own round (as leader) is over. `heard_later`: its word comes
+        back through the channel (hear_round lets the waiting polls go then); otherwise they go
+        now, to what the round left in-process or to the database."""
         if not heard_later:
             self._end_round()
 
@@ -400,8 +410,8 @@ class History:
             waiting.set()
 
     async def _wait_for_round(self) -> bool:
-        """Wait, if the rounds' word lapsed while this worker's own round is under way, until
-        that round is over (at most until `_round_until`); True if there was a wait."""
+        """Wait, if the rounds' word lapsed while the leader's round is under way, until that
+        round is over (at most until `_round_until`); True if there was a wait."""
         waiting = self._round
         now = self.clock()
         lapsed = -math.inf < self._confirmed_at <= now - self.confirmed_for

@@ -9,7 +9,9 @@ hears a round's confirmation has heard that round's invalidations:
 - '#' as_of ':' the log's smallest id ':' 1 or 0 ':' comma-separated token ids, each with '='
   and its open days' fingerprint: a history round (tails.py) checked the tokens whose history
   is polled as of then (all of them: 1; the hot set was cut at USAGE_HOT_MAX: 0), and these
-  ones' open days changed or are new to the leader.
+  ones' open days changed or are new to the leader;
+- '!' and a wall-clock time: the leader began a history round whose word ('#') should come by
+  then; '!' alone: its round ended without one (History.round_began).
 
 The fingerprints spare the workers a reload of everything they hold whenever a leader starts
 afresh (a failover, a restart) or a token becomes hot: the leader cannot know what they hold,
@@ -66,12 +68,19 @@ class InvalidationChannel:
         message = f"#{as_of!r}:{min_id}:{int(complete)}:{changed}"
         await self.guard.run(lambda: self.guard.client.publish(self.name, message))
 
+    async def publish_history_round(self, until: float | None) -> None:
+        """Tell every worker that the leader began a history round whose word should come by
+        `until`, or (None) that its round ended without one."""
+        message = "!" if until is None else f"!{until!r}"
+        await self.guard.run(lambda: self.guard.client.publish(self.name, message))
+
     async def listen(
         self,
         on_digests: Callable[[list[tuple[bytes, bytes | None]]], None],
         on_confirm: Callable[[float], None],
         on_live: Callable[[bool], None],
         on_history: Callable[[float, int, bool, list[tuple[int, bytes | None]]], None] | None = None,
+        on_history_round: Callable[[float | None], None] | None = None,
     ) -> None:
         """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
 
@@ -98,6 +107,10 @@ class InvalidationChannel:
                         if on_history is not None:
                             with contextlib.suppress(ValueError):
                                 on_history(*_parse_history(data))
+                    elif isinstance(data, bytes) and data.startswith(b"!"):
+                        if on_history_round is not None:
+                            with contextlib.suppress(ValueError):
+                                on_history_round(float(data[1:]) if len(data) > 1 else None)
                     else:
                         on_digests(_parse_digests(data))
             except REDIS_FAILURES as exc:

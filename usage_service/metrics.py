@@ -86,7 +86,7 @@ HISTORY_TAILS = Counter(
 HISTORY_COALESCED = Counter("usage_history_coalesced", "History requests that waited on another request's read")
 HISTORY_ROUND_WAITS = Counter(
     "usage_history_round_waits",
-    "History requests that waited for this worker's late round instead of reading the log (History.round_began)",
+    "History requests that waited for the leader's late round instead of reading the log (History.round_began)",
 )
 HISTORY_CLEANED = Counter(
     "usage_history_cleaned", "Cached days of spending dropped because the gateway's clean-up reached them"

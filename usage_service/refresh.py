@@ -196,6 +196,8 @@ class Refresher:
         if leadership is Leadership.FOLLOWER:
             return
         self.stats.leader = True
+        if self.tails is not None:
+            await self.tails.announce(redis)
         members = await redis.hot_set.members(now - self.window, self.hot_max)
         # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
         # the front): each token is then re-read at the same point of every round, one interval apart.

@@ -23,7 +23,9 @@ id and the changed tokens. Workers drop what they hold of those and take the res
 nothing, and workers read what they need directly, as they do for any token not kept.
 
 The steady cost is two statements a round, however many tokens are polled, how often, and by
-how many workers.
+how many workers. So that it stays so when the leader is saturated and its rounds run late, it
+says on the channel when a round begins: workers whose last word lapsed wait for this one's
+(History.round_began) instead of reading every polled token's open days at once.
 
 Without Redis, or while it is down, each worker runs the same round over its own polled tokens
 and keeps the tails it reads in-process.
@@ -105,6 +107,7 @@ class TailKeeper:
         self._published: dict[int, Slots] = {}
         self._written: dict[int, float] = {}
         self._vouched = False  # this round published a complete round's word (see round_ended)
+        self._announced = False  # this round told the workers it began (see announce)
 
     def take_polled(self) -> list[int]:
         """Take the tokens answered since last time; return those to note in the shared set."""
@@ -130,9 +133,16 @@ class TailKeeper:
 
     def round_began(self, *, leading: bool) -> None:
         """A refresher's round begins; `leading`: this worker expects to run the history round."""
-        self._vouched = False
+        self._vouched = self._announced = False
         if leading:
             self.history.round_began()
+
+    async def announce(self, redis: SharedRedis) -> None:
+        """As leader, at the start of a round, tell the other workers that its word will come
+        (History.round_began), if the last round kept any token's history."""
+        if self.stats.tokens:
+            self._announced = True
+            await redis.channel.publish_history_round(self.clock() + self.history.confirmed_for)
 
     def round_ended(self) -> None:
         """The refresher's round is over: polls waiting for it go on, now or (when it published
@@ -145,6 +155,7 @@ class TailKeeper:
         members = await redis.history_hot.members(now - self.window, self.hot_max)
         if not members:  # nobody polls history: no statement
             self.step_down()
+            await self._release(redis)
             return True
         kept = await self._round(members, now, extend)
         if kept is None:
@@ -174,10 +185,16 @@ class TailKeeper:
         complete = len(members) < self.hot_max
         await redis.channel.publish_history(now, min_id, complete, sorted(changed), fingerprints)
         self._vouched = complete
+        await self._release(redis)
         self._published = tails
         self._written = {t: at for t, at in self._written.items() if t in tails}
         self.stats.changed += len(changed)
         return True
+
+    async def _release(self, redis: SharedRedis) -> None:
+        """Tell the workers waiting on an announced round that no word will vouch for them."""
+        if self._announced and not self._vouched:
+            await redis.channel.publish_history_round(None)
 
     async def own_round(self) -> None:
         """Run a round over this worker's own polled tokens and keep the tails in-process."""
