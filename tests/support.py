@@ -258,6 +258,16 @@ class RedisServer:
             self.process = None
 
 
+def sample_value(metrics: str, sample: str) -> float:
+    """One sample's value (its name and labels as exposed) in a /metrics text, 0 if absent. The
+    counters are the process's: a test compares the values before and after what it does."""
+    for line in metrics.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
