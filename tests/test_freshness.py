@@ -399,6 +399,32 @@ async def test_a_late_write_never_replaces_a_newer_record(
         assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 30
 
 
+async def test_many_records_go_out_in_one_call_each_only_over_an_older_one(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The leader's bulk write sends a chunk's records as one argument: each lands on its own
+    key, whole (a name with a newline, commas and brackets included), only over an older one."""
+    tokens = [gateway.add_token(used=i, name=name) for i, name in enumerate(["a\nb", "[x,y]", "plain"])]
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, client):
+        cache, now = app.state.redis, time.time() + 10  # later than the requests' own write-behinds
+        records = {}
+        for i, token in enumerate(tokens):
+            assert await used(client, token) == i
+            digest = key_digest(token.key.encode())
+            records[digest] = app.state.lookup.local.get(digest, 0.0)
+        first, second, third = records
+        await cache.records.store_many({second: encode_cached(records[second], now + 5)}, 60)  # newer already
+        await cache.records.store_many({d: encode_cached(r, now) for d, r in records.items()}, 60)
+        stored = {d: decode_cached(redis_client.get(cache.records.key(d))) for d in records}
+        assert stored == {
+            first: (records[first], now),
+            second: (records[second], now + 5),
+            third: (records[third], now),
+        }
+        assert stored[first][0].name == "a\nb"
+        assert 0 < redis_client.pttl(cache.records.key(first)) <= 60_000
+
+
 @pytest.mark.parametrize("redis_timeout", [0.25, 2.0])
 @pytest.mark.parametrize("db_timeout", [0.3, 2.0, 10.0])
 @pytest.mark.parametrize("interval", [0.1, 1.0])

@@ -128,12 +128,17 @@ class LocalCache(Generic[V]):
 # Many SETs with one expiry in one command (cheaper for us to send than a pipeline of SETs),
 # each only if what is there was read from the database earlier than ours (values start
 # "[format,fetched_at,"): no write, a request's or a deposed leader's, undoes a newer read.
+# ARGV[2] holds the values one per line (a cached value is JSON: it holds no raw newline),
+# so that a thousand records are two arguments to pack and send, not a thousand.
 _SET_NEWER_SCRIPT = """
 local function stamp(value)
   return value and tonumber(string.match(value, '^%[%d+,([^,]+),'))
 end
-for i, key in ipairs(KEYS) do
-  local new = ARGV[i + 1]
+local values, from = ARGV[2], 1
+for _, key in ipairs(KEYS) do
+  local to = string.find(values, '\\n', from, true) or #values + 1
+  local new = string.sub(values, from, to - 1)
+  from = to + 1
   local old = stamp(redis.call('get', key))
   if not old or old < stamp(new) then redis.call('set', key, new, 'PX', ARGV[1]) end
 end
@@ -206,14 +211,14 @@ class RedisRecords:
         round trips do not grow. Tagging keys into a few shared slots would cut the calls but pin
         the records (and their load) to those slots' nodes.
         """
-        by_ttl: dict[int, tuple[list[str], list[bytes]]] = {}
+        by_ttl: dict[float, tuple[list[str], list[bytes]]] = {}
         for digest, (value, ttl) in values.items():
-            keys, payloads = by_ttl.setdefault(ms(ttl), ([], []))
+            keys, payloads = by_ttl.setdefault(ttl, ([], []))
             keys.append(self.key(digest))
             payloads.append(value)
         calls: list[ScriptCall] = [
-            (slot_keys, [ttl_ms, *slot_payloads])
-            for ttl_ms, (keys, payloads) in by_ttl.items()
+            (slot_keys, [ms(ttl), b"\n".join(slot_payloads)])
+            for ttl, (keys, payloads) in by_ttl.items()
             for slot_keys, slot_payloads in self.guard.by_slot(keys, payloads)
         ]
         await self.guard.eval_each(self._set_newer, calls)
