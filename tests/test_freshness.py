@@ -357,6 +357,40 @@ async def test_a_deposed_leader_abandons_its_round(
         pubsub.close()
 
 
+async def test_a_deposed_leader_whose_round_found_nothing_new_confirms_nothing(
+    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A chunk that read nothing new sends nothing and is not checked after its read; the round's
+    confirmation still is: leader A, deposed while it read, must not vouch for a round B led."""
+    token = gateway.add_token(used=1)
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        lookup, store, cache = app.state.lookup, app.state.store, app.state.redis
+        fenced = dataclasses.replace(settings, redis_url=redis_url, refresh_interval=1.0)
+        a = Refresher(lookup, store, cache, fenced)
+        b = Refresher(lookup, store, cache, fenced)
+        await cache.hot_set.note({key_digest(token.key.encode()): token.id}, time.time())
+        await a.tick()  # A leads, and has seen the token
+        assert a.stats.leader
+        pubsub = redis_client.pubsub()
+        pubsub.subscribe(cache.channel.name)
+        published(redis_client, pubsub, cache.channel.name, "subscribed")
+
+        gate = Gate()
+        a.store = GatedStore(store, gate)  # type: ignore[assignment]
+        a_round = asyncio.create_task(a.tick())
+        await gate.reached.wait()  # A has read the token again, unchanged
+        redis_client.delete(cache.leader_key)  # A's lock runs out, and B leads a round
+        await b.tick()
+        assert b.stats.leader
+        assert published(redis_client, pubsub, cache.channel.name, "before") != []
+
+        gate.release.set()
+        await a_round
+        assert not a.stats.leader
+        assert published(redis_client, pubsub, cache.channel.name, "after") == []  # no confirmation
+        pubsub.close()
+
+
 async def test_the_lock_is_long_only_while_a_round_runs(
     gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
 ) -> None:

@@ -178,7 +178,8 @@ class Refresher:
         """Refresh the shared hot set if this instance leads.
 
         Leadership follows redis-py's Lock: the lock is extended (to `round_lock_ttl`) before
-        each statement and checked and extended again before its results are written, and a
+        each statement and checked and extended again before its results are written or
+        published (a chunk that read nothing new sends nothing, and needs no check), and a
         leader that finds it lost abandons the round there, writing and publishing nothing more,
         and forgets what it saw. The extension outlives a statement and a chunk's writes, so a
         check that passed still holds when they are done; and the writes are only-if-newer
@@ -210,6 +211,7 @@ class Refresher:
         known = self._members
         self._members = {member: known[member] for member in members if member in known}
         last_seen, written = self._last_seen, self._written
+        checked = True  # whether the lock was checked since the last read
         for start in range(0, len(members), REFRESH_CHUNK):
             if not await lock.extend(self.round_lock_ttl):
                 self._deposed()
@@ -217,9 +219,7 @@ class Refresher:
             chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
-            if not await lock.extend(self.round_lock_ttl):
-                self._deposed()
-                return
+            checked = False
             # Changed records are written now; unchanged ones once half their TTL has gone, which
             # keeps them from ageing out of the cache.
             due = fetched_at - self.cache_ttl / 2
@@ -232,6 +232,11 @@ class Refresher:
                     continue
                 if record is not None or self.negative_ttl > 0:
                     values[digest] = encode_cached(record, fetched_at)
+            if values or changed:  # nothing goes out of a chunk that is not checked after its read
+                if not await lock.extend(self.round_lock_ttl):
+                    self._deposed()
+                    return
+                checked = True
             if values:
                 await redis.records.store_many(values, self.lookup.redis_ttl)
                 self._written.update(dict.fromkeys(values, fetched_at))
@@ -246,8 +251,11 @@ class Refresher:
         self._written = {d: at for d, at in self._written.items() if d in seen}
         if len(members) < self.hot_max:
             # Every token polled lately was checked: workers may keep what they hold. (With the
-            # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) The
-            # last chunk's check still holds: the lock outlives its writes and this.
+            # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) Said
+            # only under a check made since the last read: it outlives that chunk's writes and this.
+            if not checked and not await lock.extend(self.round_lock_ttl):
+                self._deposed()
+                return
             await redis.channel.publish_confirmation(as_of)
         self._finish(seen, changes, started)
         if self.tails is not None and not await self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl)):
