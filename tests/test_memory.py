@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 from asgi import call
 from conftest import AppClient
 from support import Gateway
 
-from usage_service.app import FULL_COLLECTION_AFTER
 from usage_service.demo import new_key
 
 LIMIT = 1000
@@ -95,21 +90,3 @@ def test_rendered_answers_kept_with_records_are_their_own_size() -> None:
         tracemalloc.stop()
     assert len(kept[0][0]) < 400
     assert per_record < 1500, f"{per_record:.0f} bytes kept per record"
-
-
-def test_a_worker_runs_full_collections_a_tenth_as_often(gateway: Gateway) -> None:
-    """A worker's caches hold 100,000 objects and more, which every full collection walks:
-    the worker the servers build (create_app_from_env) asks for one a tenth as often as Python
-    would, and keeps what it was built with out of them."""
-    probe = (
-        "import gc, json; from usage_service.app import create_app_from_env;"
-        "default = gc.get_threshold(); create_app_from_env();"
-        "print(json.dumps([default, gc.get_threshold(), gc.get_freeze_count()]))"
-    )
-    env = {**os.environ, "SQLITE_PATH": str(gateway.path)}
-    env.pop("REDIS_CONN_STRING", None)
-    shown = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    (young, middle, full), after, frozen = json.loads(shown.stdout)
-    assert after == [young, middle, FULL_COLLECTION_AFTER] and FULL_COLLECTION_AFTER >= 10 * full
-    assert frozen > 0

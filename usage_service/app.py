@@ -58,8 +58,6 @@ logger = logging.getLogger("usage_service")
 REDIS_FAILURE_THRESHOLD = 3
 # Seconds the lifespan waits for background tasks and Redis to stop.
 SHUTDOWN_GRACE = 2.0
-# Collections of the middle generation between two full collections (Python's default: 10).
-FULL_COLLECTION_AFTER = 100
 
 
 class UsageService:
@@ -245,12 +243,6 @@ def create_app_from_env() -> UsageService:
     # What is alive now (modules, the app) lives as long as the worker: kept out of the garbage
     # collector's full collections, which would otherwise walk it again every time.
     gc.freeze()
-    # A full collection walks every cached record, history day and answer (100,000 objects and
-    # more: 50 to 130 ms with 10,000 tokens polling their history), and with Python's default
-    # the caches' turnover called one every few seconds, each finding nothing to free. A tenth
-    # as many: cyclic garbage is rare here, and may wait a little longer.
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
     return app
 
 
