@@ -10,7 +10,8 @@ Then it measures, and prints beside the issue's targets:
 - the plain `GROUP BY day, model` over the token's index for 30 days, against the service's
   cold 30-day history for that token (`History.slots`, and the route, Redis and process empty)
   and its warm one; the route's requests/s against the balance route's for the same token;
-- `/api/log/token`'s first page with its cache cold (distinct tokens), p50/p99;
+- `/api/log/token` with its cache cold (distinct tokens), p50/p99: the plain list of up to 1,000
+  rows, and the newer gateways' first page of 100;
 - database statements per second while 10,000 tokens poll their history once a second (1
   worker, 1 worker at twice the rate, 2 workers), from /metrics before and after;
 - how long a new charge takes to show in the history, and in the balance, polled meanwhile.
@@ -66,6 +67,8 @@ VERSION = 1  # of the generated data: bump when logdata.py changes what it write
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "usage-service-bench"
 CHUNK = 1_000_000
 RANGE_DAYS = 30
+# Tokens whose first log page is timed, for each of the two forms: the p99 is the fifth slowest.
+FIRST_PAGES = 500
 HISTORY = "/api/usage/token/history"
 BALANCE = "/api/usage/token"
 LOG = "/api/log/token"
@@ -217,6 +220,8 @@ class Query:
     log_p50_ms: float = 0.0
     log_p99_ms: float = 0.0
     log_hot_ms: float = 0.0
+    paged_p50_ms: float = 0.0  # the first page of 100 (p=1&page_size=100) with its count
+    paged_p99_ms: float = 0.0
     cold_statements: int = 0
 
 
@@ -238,62 +243,66 @@ async def measure_query(engine: str, settings: Settings, data: Data, redis_url: 
     hot_id, hot_key, _ = data.tokens[0]
     bearer = {"Authorization": f"Bearer sk-{hot_key}"}
 
+    # The plain query and the service's cold reads take turns, so that the machine's drift (the
+    # figures move by tens of percent within minutes here) weighs on both alike.
     store = await open_store(settings)
     reader = store.log_reader()
+    sql = plain(reader.engine)
+    plains, cold_slots, cold_routes, warm_slots, warm_routes = [], [], [], [], []
     try:
-        sql = plain(reader.engine)
         await reader.query(sql, (hot_id, start, end))  # the OS's cache warm, as for the service
-        result.plain_ms = statistics.median(
-            [await timed(lambda: reader.query(sql, (hot_id, start, end))) for _ in range(repeat)]
-        )
+        for _ in range(repeat):
+            plains.append(await timed(lambda: reader.query(sql, (hot_id, start, end))))
+            for route in (False, True):
+                flush_redis(redis_url)
+                app = create_app(settings)
+                async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
+                    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+                    async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+                        if route:
+                            await client.get(BALANCE, headers=bearer)  # the token known: time the history alone
+                            cold_routes.append(await timed(lambda: client.get(HISTORY, headers=bearer)))
+                            for _ in range(20):
+                                warm_routes.append(await timed(lambda: client.get(HISTORY, headers=bearer)))
+                        else:
+                            history = app.state.history
+                            statements = history.reader.statements
+                            cold_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
+                            result.cold_statements = history.reader.statements - statements
+                            for _ in range(20):
+                                warm_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
     finally:
         await store.close()
-
-    cold_slots, cold_routes, warm_slots, warm_routes = [], [], [], []
-    for _ in range(repeat):
-        for route in (False, True):
-            flush_redis(redis_url)
-            app = create_app(settings)
-            async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
-                transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-                async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-                    if route:
-                        await client.get(BALANCE, headers=bearer)  # the token known: time the history alone
-                        cold_routes.append(await timed(lambda: client.get(HISTORY, headers=bearer)))
-                        for _ in range(20):
-                            warm_routes.append(await timed(lambda: client.get(HISTORY, headers=bearer)))
-                    else:
-                        history = app.state.history
-                        statements = history.reader.statements
-                        cold_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
-                        result.cold_statements = history.reader.statements - statements
-                        for _ in range(20):
-                            warm_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
+    result.plain_ms = statistics.median(plains)
     result.cold_slots_ms = statistics.median(cold_slots)
     result.cold_route_ms = statistics.median(cold_routes)
     result.warm_slots_ms = statistics.median(warm_slots)
     result.warm_route_ms = statistics.median(warm_routes)
 
     # The log's first page, its short cache cold: each token asked once (its balance first, so
-    # that the token's own lookup is not in the figure).
+    # that the token's own lookup is not in the figure), in turn for the plain list of up to
+    # 1,000 rows (what the key-checking tools ask for) and for the newer gateways' first page of 100.
     flush_redis(redis_url)
     app = create_app(settings)
     async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
         transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            sample = data.tokens[1 : 1 + 200]
+            sample = data.tokens[1 : 1 + 2 * FIRST_PAGES]
             for _, key, _ in [data.tokens[0], *sample]:
                 await client.get(BALANCE, headers={"Authorization": f"Bearer sk-{key}"})
             result.log_hot_ms = await timed(lambda: client.get(LOG, headers=bearer))
-            pages = []
-            for _, key, _ in sample:
+            pages: list[float] = []
+            paged: list[float] = []
+            for i, (_, key, _) in enumerate(sample):
                 answer: list[httpx.Response] = []
+                url = LOG if i % 2 == 0 else LOG + "?p=1&page_size=100"
 
-                async def page(key: str = key, answer: list[httpx.Response] = answer) -> None:
-                    answer.append(await client.get(LOG, headers={"Authorization": f"Bearer sk-{key}"}))
+                async def page(key: str = key, url: str = url, answer: list[httpx.Response] = answer) -> None:
+                    answer.append(await client.get(url, headers={"Authorization": f"Bearer sk-{key}"}))
 
-                pages.append(await timed(page))
+                (pages if i % 2 == 0 else paged).append(await timed(page))
                 assert answer[0].status_code == 200 and answer[0].json()["data"], answer[0].text[:200]
+    result.paged_p50_ms, result.paged_p99_ms = percentile(paged, 0.5), percentile(paged, 0.99)
     result.log_p50_ms, result.log_p99_ms = percentile(pages, 0.5), percentile(pages, 0.99)
     return result
 
@@ -566,15 +575,16 @@ def yes(met: bool) -> str:
 def query_table(results: list[Query]) -> str:
     lines = [
         "| engine | plain GROUP BY ms | cold History.slots ms (statements) | cold route ms | cold ÷ plain "
-        "| warm slots ms | warm route ms | log first page p50 / p99 ms | hot token's first page ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| warm slots ms | warm route ms | log first page p50 / p99 ms | page 1 of 100 p50 / p99 ms "
+        "| hot token's first page ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for q in results:
         ratio = max(q.cold_slots_ms, q.cold_route_ms) / q.plain_ms
         lines.append(
             f"| {q.engine} | {q.plain_ms:.0f} | {q.cold_slots_ms:.0f} ({q.cold_statements}) | {q.cold_route_ms:.0f} "
             f"| {ratio:.2f} | {q.warm_slots_ms:.3f} | {q.warm_route_ms:.2f} | {q.log_p50_ms:.1f} / {q.log_p99_ms:.1f} "
-            f"| {q.log_hot_ms:.1f} |"
+            f"| {q.paged_p50_ms:.1f} / {q.paged_p99_ms:.1f} | {q.log_hot_ms:.1f} |"
         )
     return "\n".join(lines)
 
@@ -587,7 +597,10 @@ def targets_table(queries: list[Query], throughput: dict[str, Result], polling: 
             f"| {q.engine}: cold 30-day history ÷ plain GROUP BY | {ratio:.2f} | ≤ 0.50 | {yes(ratio <= 0.5)} |"
         )
         met = yes(q.log_p99_ms <= 20)
-        lines.append(f"| {q.engine}: /api/log/token first page p99 | {q.log_p99_ms:.1f} ms | ≤ 20 ms | {met} |")
+        lines.append(
+            f"| {q.engine}: /api/log/token first page (the plain list, up to 1,000 rows) p99 "
+            f"| {q.log_p99_ms:.1f} ms | ≤ 20 ms | {met} |"
+        )
     if throughput:
         ratio = throughput["history"].rps / throughput["balance"].rps
         lines.append(
@@ -666,7 +679,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.seconds = min(args.rows, 200_000), min(args.seconds, 8)
-    repeat = 3
+    repeat = 5
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     db, data = sqlite_data(args.rows)
