@@ -13,22 +13,33 @@ import dataclasses
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any, cast
 
+import orjson
 import pytest
 from conftest import GatewayFactory
 from support import Gateway, Token, free_port, sample_value
 from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
+from usage_service.billing import BillingOptions, GatewayOptions
+from usage_service.cache import AnswerCache
 from usage_service.config import Settings
-from usage_service.history import DAY, GRACE, History, Tail
+from usage_service.days import DaySums
+from usage_service.history import DAY, GRACE, SLOT, History, Tail
 from usage_service.lookup import TokenLookup
+from usage_service.records import TokenRecord
 from usage_service.refresh import Refresher
+from usage_service.responses import JSONError
+from usage_service.routing import SCOPE_KEY
+from usage_service.services import Services
 from usage_service.shared import SharedRedis
 from usage_service.store import open_store
 from usage_service.store.logs import LogReader
 from usage_service.tails import SETTLE, TailKeeper
+from usage_service.usage_history import HistoryEndpoint
 
 pytestmark = pytest.mark.asyncio
 
@@ -125,6 +136,18 @@ async def round_heard(leader: Worker, *workers: Worker) -> None:
         await w.hear_next_round(seen)
 
 
+async def lead_and_follow(leader: Worker, follower: Worker, tokens: list[Token], today: tuple[int, int]) -> None:
+    """Both workers poll every token's open day (read directly, coalesced, and noted); the first
+    takes the lead and keeps them, the second notes its polls and follows; both hear the round."""
+    for w in (leader, follower):
+        for token in tokens:
+            await w.history.slots(token.id, *today)
+    await leader.refresher.tick()
+    await follower.refresher.tick()
+    await round_heard(leader, leader, follower)
+    assert not follower.refresher.stats.leader
+
+
 def truth(w: Worker) -> LogReader:
     """A reader of the worker's database that the engine's count does not see."""
     return LogReader(w.recorder.run, w.history.reader.engine)
@@ -146,14 +169,7 @@ async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
     clock = Clock(NOON)
     today = (T0, T0 + DAY)
     async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
-        # First polls: read directly (each token's open day, coalesced), and noted.
-        for w in (a, b):
-            for token in tokens:
-                await w.history.slots(token.id, *today)
-        await a.refresher.tick()  # notes a's tokens, takes the lead, keeps them
-        await b.refresher.tick()  # notes b's; follows
-        await round_heard(a, a, b)
-        assert not b.refresher.stats.leader
+        await lead_and_follow(a, b, tokens, today)
         # Every poll from now on is answered without a statement, in-process: the round named
         # every token it saw first with its tail's fingerprint, and b already held those very
         # tails (it read them itself), so it kept them rather than fetch them from Redis.
@@ -348,14 +364,8 @@ async def test_a_lapse_while_the_leaders_round_runs_late_waits_for_it(
     clock = Clock(NOON)
     today = (T0, T0 + DAY)
     async with worker(settings, clock, redis_url) as w, worker(settings, clock, redis_url) as f:
-        for other in (w, f):
-            for token in tokens:
-                await other.history.slots(token.id, *today)
-        await w.refresher.tick()
-        await f.refresher.tick()  # f notes its tokens and follows
-        await round_heard(w, w, f)
+        await lead_and_follow(w, f, tokens, today)
         await round_heard(w, w, f)  # the tails are the leader's now, confirmed in both
-        assert not f.refresher.stats.leader
 
         # The next round is held up just before its history part (injected ordering).
         reached, go_on = asyncio.Event(), asyncio.Event()
@@ -586,3 +596,91 @@ async def test_a_first_sight_keeps_the_tails_a_worker_holds_only_if_they_are_the
         assert sum(quota for quota, *_ in (await b.history.slots(charged.id, *today)).values()) == 15
         assert b.history.stats.tails_redis == 1  # dropped: b's read predates the charge
         assert sent(b) == before
+
+
+class HistoryRoute:
+    """GET /api/usage/token/history answered by one worker's history, its answers never fresh by
+    their own TTL (USAGE_LOCAL_TTL 0): whatever is served again is served because it is vouched
+    for. Counts the answers it computed."""
+
+    def __init__(self, w: Worker) -> None:
+        services = Services()
+        services.history = w.history
+        services.day_sums = DaySums(w.history)
+        services.options = cast(GatewayOptions, SimpleNamespace(current=BillingOptions()))
+        self.computed = 0
+        sums = services.day_sums.sums
+
+        async def counted(*args: Any) -> dict[tuple[int, str], Any]:
+            self.computed += 1
+            return await sums(*args)
+
+        services.day_sums.sums = counted  # type: ignore[method-assign]
+        self.endpoint = HistoryEndpoint(
+            services,
+            unavailable=JSONError(503, "database unavailable"),
+            max_days=31,
+            answers=AnswerCache(100, 2**20, ttl=0.0, stale_if_error=0.0),
+        )
+
+    async def quota(self, token: Token) -> int:
+        """The token's total over the test's day, as answered."""
+        record = TokenRecord(token.id, token.user_id, "t", 1, -1, 0, 0, False, False, (), 1)
+        day = datetime.fromtimestamp(T0, UTC).date().isoformat()
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/api/usage/token/history",
+            "query_string": f"start_date={day}&end_date={day}".encode(),
+            "headers": [],
+            SCOPE_KEY: record,
+        }
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await self.endpoint(scope, lambda: None, send)  # type: ignore[arg-type]
+        assert sent[0]["status"] == 200, sent
+        return int(orjson.loads(sent[1]["body"])["data"]["total"]["quota"])
+
+
+async def test_a_polled_history_answer_is_served_again_while_the_rounds_vouch_for_what_it_was_made_from(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """Past its own TTL, a history answer is served again without being computed while computing
+    it would give the same: the open days it was made from are still the ones the rounds vouch
+    for, and the slot, the first open day and the log's smallest id have not moved. A round that
+    changed the token, a new slot and a lapse of the rounds' word each have it computed again.
+    Served again, the token is still noted as polled, so that the rounds go on keeping it."""
+    token, other = gateway.add_token(), gateway.add_token()
+    for t in (token, other):
+        gateway.add_log(t, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON + SLOT - 10)  # the next slot a few seconds away (within USAGE_HOT_WINDOW)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        await lead_and_follow(a, b, [token, other], (T0, T0 + DAY))
+        route = HistoryRoute(b)
+        assert await route.quota(token) == 1 and route.computed == 1
+        b.history.take_polled()
+        for _ in range(3):
+            assert await route.quota(token) == 1
+        assert route.computed == 1  # served again, not computed
+        assert b.history.take_polled() == {token.id}
+
+        # A charge shows once a round has read it (as in the balance), and only then.
+        gateway.add_log(token, created_at=int(clock.now) - 1, quota=500)
+        assert await route.quota(token) == 1 and route.computed == 1
+        clock.now += 1
+        await round_heard(a, a, b)
+        assert await route.quota(token) == 501 and route.computed == 2
+        assert await route.quota(token) == 501 and route.computed == 2
+
+        # The next slot, the rounds' word heard again: the same open days, computed once more.
+        clock.now = (int(clock.now) // SLOT + 1) * SLOT
+        await round_heard(a, a, b)
+        assert await route.quota(token) == 501 and route.computed == 3
+        assert await route.quota(token) == 501 and route.computed == 3
+
+        # The rounds' word lapses (no round for longer than it holds): computed again.
+        clock.now += 3
+        assert await route.quota(token) == 501 and route.computed == 4

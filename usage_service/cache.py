@@ -255,6 +255,11 @@ class AnswerCache(Generic[V]):
         entry = self._answers.get(key)
         return entry[1] if entry is not None and now < entry[0] else None
 
+    def peek(self, key: bytes) -> V | None:
+        """The last answer for `key`, however old."""
+        entry = self._answers.get(key)
+        return None if entry is None else entry[1]
+
     def stale(self, key: bytes, now: float) -> V | None:
         """The last answer for `key` if its freshness ended at most `stale_if_error` seconds ago."""
         entry = self._answers.get(key)

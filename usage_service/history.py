@@ -135,7 +135,7 @@ class Day:
             raise ValueError(f"not a cached day: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Tail:
     """One token's spending from the start of day `start` on, the log's truth as of `read_at`."""
 
@@ -421,6 +421,33 @@ class History:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(waiting.wait(), self._round_until - now)
         return True
+
+    def vouched_tail(self, token_id: int) -> Tail | None:
+        """The token's open days as the leader's rounds keep them, while the rounds' word still
+        vouches for them: the very object `slots` answers from, so that an answer made from it
+        stays true for as long as this returns that same object. None when the token's open
+        days are held otherwise (read directly, they are fresh for their own TTL only) or not
+        at all, or the word lapsed, or the channel was lost or regained since."""
+        tail = self._tails.get(token_id)
+        if tail is None or tail.until is not None:
+            return None
+        now = self.clock()
+        if tail.start > int(now - GRACE) // DAY or not self._fresh(tail, now):
+            return None
+        return tail
+
+    def basis(self) -> tuple[int, int, int]:
+        """What every answer from the history rests on besides a token's own open days: the
+        current slot (which days a query names, and up to when they are summed), the first
+        open day, and the log's smallest id (the gateway's clean-up)."""
+        now = self.clock()
+        return int(now) // SLOT, int(now - GRACE) // DAY, self.min_id
+
+    def note_polled(self, token_id: int) -> None:
+        """Note that the token's open days were answered without asking `slots` (from an answer
+        kept on them), so that the rounds go on keeping them."""
+        if self._note_polls:
+            self._polled.add(token_id)
 
     def changed_at(self, token_id: int) -> float:
         """The time (as_of) of the last round heard to have changed the token's open days, -inf

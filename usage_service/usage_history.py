@@ -1,16 +1,18 @@
 """GET /api/usage/token/history: the admitted token's spending per day, model, or both.
 
 Built on the history engine's 15-minute slots (`services.history`), summed per day of the
-client's calendar (`days.py`). A rendered answer is kept per (token id, query string) for
-USAGE_LOCAL_TTL seconds, like a token's record in the in-process layer, so that polling the
-history costs about what polling the balance does; a refresher round heard to have changed the
-token's spending puts an end to it at once.
+client's calendar (`days.py`). A rendered answer is kept per (token id, query string) and served
+again, like a token's record in the in-process layer, so that polling the history costs about
+what polling the balance does: for USAGE_LOCAL_TTL seconds, and past that while the refresher's
+rounds vouch for the token's open days it was made from (`still_true`). A round heard to have
+changed the token's spending puts an end to it at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .billing import BillingOptions, json_number
 from .cache import AnswerCache, query_digest
 from .days import day_starts, horizon, parse_date, parse_zone, today
-from .history import SLOT, Spend, total
+from .history import SLOT, History, Spend, Tail, total
 from .records import TokenRecord, compact_json
 from .responses import JSON_TYPE, NO_CACHE, Headers, JSONError, send_revalidated, strong_etag
 from .routing import SCOPE_KEY
@@ -177,18 +179,31 @@ class Answer:
     # When the last round heard to have changed the token had run, as the answer was made
     # (History.changed_at): a later one makes the answer out of date, however young it is.
     changed: float
+    # The token's open days the answer was made from, if the rounds kept them
+    # (History.vouched_tail; weakly: the answer does not keep them alive), and what else it rests
+    # on (History.basis): while both are what the history holds, it is what computing it again
+    # would give.
+    tail: weakref.ref[Tail] | None
+    basis: tuple[int, int, int]
 
 
 def source_of(query: HistoryQuery, sums: dict[tuple[int, str], Spend]) -> tuple[object, ...]:
     return (query.start, query.end, sums)  # the sums are never changed once computed
 
 
-def render(data: dict[str, object], options: BillingOptions, source: tuple[object, ...], changed: float) -> Answer:
+def render(
+    data: dict[str, object],
+    options: BillingOptions,
+    source: tuple[object, ...],
+    changed: float,
+    tail: weakref.ref[Tail] | None,
+    basis: tuple[int, int, int],
+) -> Answer:
     body = compact_json({"success": True, "message": "", "data": data})
     etag = strong_etag(body)
     length = str(len(body)).encode()
     headers: Headers = [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", length)]
-    return Answer(options, headers, body, etag, source, changed)
+    return Answer(options, headers, body, etag, source, changed, tail, basis)
 
 
 class HistoryEndpoint:
@@ -210,6 +225,7 @@ class HistoryEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: TokenRecord = scope[SCOPE_KEY]
         options = self.services.options.current
+        history = self.services.history
         # Keyed by the query as sent, so that a hit parses nothing. A default range rendered just
         # before a midnight may be answered up to USAGE_LOCAL_TTL after it, as stale as any answer.
         query_string: bytes = scope["query_string"]
@@ -218,33 +234,59 @@ class HistoryEndpoint:
         clock = time.monotonic()
         answer = self.answers.fresh(key, clock)
         # A round heard to have changed the token since the answer was made: out of date.
-        changed = self.services.history.changed_at(record.id)
+        changed = history.changed_at(record.id)
         if answer is None or answer.options is not options or answer.changed != changed:
-            now = time.time()  # which day "today" is, in the client's zone
-            query = self.queries.get(query_string, digest, now)
-            if isinstance(query, BadQuery):
-                await JSONError(400, str(query))(scope, receive, send)
-                return
-            try:
-                sums = await self.services.day_sums.sums(record.id, day_starts_of(query), horizon(now))
-            except StoreUnavailable:
-                answer = self.answers.stale(key, clock)
-                if answer is None:
-                    await self.unavailable(scope, receive, send)
-                    return
-            else:
-                # Polled once a second, a history mostly comes out as it was: rendering 30 days
-                # costs far more than seeing that nothing changed.
-                source = source_of(query, sums)
-                last = self.answers.stale(key, clock)
-                if last is None or last.options is not options or last.source != source:
-                    answer = render(history_data(query, sums, options), options, source, changed)
-                elif last.changed != changed:
-                    answer = dataclasses.replace(last, changed=changed)
-                else:
-                    answer = last
+            last = self.answers.peek(key)
+            if last is not None and still_true(last, history, record.id, options, changed):
+                # Polled past USAGE_LOCAL_TTL while the rounds vouch for what it was made from:
+                # served again, as the balance's record is, at no cost but this check.
+                answer = last
+                history.note_polled(record.id)
                 self.answers.put(key, answer, len(answer.body) + len(key), clock)
+            else:
+                basis = history.basis()  # before the reads: anything that moves meanwhile shows
+                now = history.clock()  # which day "today" is, in the client's zone
+                query = self.queries.get(query_string, digest, now)
+                if isinstance(query, BadQuery):
+                    await JSONError(400, str(query))(scope, receive, send)
+                    return
+                try:
+                    sums = await self.services.day_sums.sums(record.id, day_starts_of(query), horizon(now))
+                except StoreUnavailable:
+                    answer = self.answers.stale(key, clock)
+                    if answer is None:
+                        await self.unavailable(scope, receive, send)
+                        return
+                else:
+                    # The open days the sums were made from, if the rounds keep them (nothing
+                    # was awaited since they were taken).
+                    vouched = history.vouched_tail(record.id)
+                    tail = None if vouched is None else weakref.ref(vouched)
+                    # Polled once a second, a history mostly comes out as it was: rendering 30
+                    # days costs far more than seeing that nothing changed.
+                    source = source_of(query, sums)
+                    if last is None or last.options is not options or last.source != source:
+                        answer = render(history_data(query, sums, options), options, source, changed, tail, basis)
+                    else:
+                        answer = dataclasses.replace(last, changed=changed, tail=tail, basis=basis)
+                    self.answers.put(key, answer, len(answer.body) + len(key), clock)
         await send_revalidated(scope, send, answer.headers, answer.body, answer.etag)
+
+
+def still_true(answer: Answer, history: History, token_id: int, options: BillingOptions, changed: float) -> bool:
+    """Whether computing the answer again now would give the same: made from the open days the
+    rounds still vouch for (the same object: a round that changed them, a lapse of the rounds'
+    word, a lost channel each end it), on the same basis, with the same options, and no round
+    heard to have changed the token since."""
+    tail = history.vouched_tail(token_id)
+    return (
+        tail is not None
+        and answer.tail is not None
+        and answer.tail() is tail
+        and answer.basis == history.basis()
+        and answer.options is options
+        and answer.changed == changed
+    )
 
 
 def day_starts_of(query: HistoryQuery) -> tuple[int, ...]:
