@@ -224,53 +224,69 @@ class HistoryEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: TokenRecord = scope[SCOPE_KEY]
-        options = self.services.options.current
-        history = self.services.history
         # Keyed by the query as sent, so that a hit parses nothing. A default range rendered just
         # before a midnight may be answered up to USAGE_LOCAL_TTL after it, as stale as any answer.
         query_string: bytes = scope["query_string"]
         digest = query_digest(query_string)
         key = b"%d?%s" % (record.id, digest)
+        answer = self.kept(key, record.id)
+        if answer is None:
+            made = await self.make(key, record.id, query_string, digest)
+            if not isinstance(made, Answer):  # the error to answer instead
+                await made(scope, receive, send)
+                return
+            answer = made
+        await send_revalidated(scope, send, answer.headers, answer.body, answer.etag)
+
+    def kept(self, key: bytes, token_id: int) -> Answer | None:
+        """The answer kept for `key`, if it may be served as it is: for USAGE_LOCAL_TTL after it
+        was made or last served again, unless a round was heard to have changed the token since;
+        past that, while it is `still_true` (as the balance's record is kept past it while the
+        rounds confirm it), at no cost but that check."""
+        history = self.services.history
+        options = self.services.options.current
+        changed = history.changed_at(token_id)
         clock = time.monotonic()
         answer = self.answers.fresh(key, clock)
-        # A round heard to have changed the token since the answer was made: out of date.
-        changed = history.changed_at(record.id)
-        if answer is None or answer.options is not options or answer.changed != changed:
-            last = self.answers.peek(key)
-            if last is not None and still_true(last, history, record.id, options, changed):
-                # Polled past USAGE_LOCAL_TTL while the rounds vouch for what it was made from:
-                # served again, as the balance's record is, at no cost but this check.
-                answer = last
-                history.note_polled(record.id)
-                self.answers.put(key, answer, len(answer.body) + len(key), clock)
-            else:
-                basis = history.basis()  # before the reads: anything that moves meanwhile shows
-                now = history.clock()  # which day "today" is, in the client's zone
-                query = self.queries.get(query_string, digest, now)
-                if isinstance(query, BadQuery):
-                    await JSONError(400, str(query))(scope, receive, send)
-                    return
-                try:
-                    sums = await self.services.day_sums.sums(record.id, day_starts_of(query), horizon(now))
-                except StoreUnavailable:
-                    answer = self.answers.stale(key, clock)
-                    if answer is None:
-                        await self.unavailable(scope, receive, send)
-                        return
-                else:
-                    # The open days the sums were made from, if the rounds keep them (nothing
-                    # was awaited since they were taken).
-                    vouched = history.vouched_tail(record.id)
-                    tail = None if vouched is None else weakref.ref(vouched)
-                    # Polled once a second, a history mostly comes out as it was: rendering 30
-                    # days costs far more than seeing that nothing changed.
-                    source = source_of(query, sums)
-                    if last is None or last.options is not options or last.source != source:
-                        answer = render(history_data(query, sums, options), options, source, changed, tail, basis)
-                    else:
-                        answer = dataclasses.replace(last, changed=changed, tail=tail, basis=basis)
-                    self.answers.put(key, answer, len(answer.body) + len(key), clock)
-        await send_revalidated(scope, send, answer.headers, answer.body, answer.etag)
+        if answer is not None and answer.options is options and answer.changed == changed:
+            return answer
+        answer = self.answers.peek(key)
+        if answer is None or not still_true(answer, history, token_id, options, changed):
+            return None
+        history.note_polled(token_id)  # as `slots` does: the rounds go on keeping the token
+        self.answers.put(key, answer, len(answer.body) + len(key), clock)
+        return answer
+
+    async def make(self, key: bytes, token_id: int, query_string: bytes, digest: bytes) -> Answer | ASGIApp:
+        """Compute the answer and keep it; or the error to answer: 400 for a bad query, 503 when
+        the log cannot be read and no answer made lately stands in (stale-if-error)."""
+        history = self.services.history
+        options = self.services.options.current
+        changed = history.changed_at(token_id)
+        basis = history.basis()  # before the reads: anything that moves meanwhile shows
+        now = history.clock()  # which day "today" is, in the client's zone
+        query = self.queries.get(query_string, digest, now)
+        if isinstance(query, BadQuery):
+            return JSONError(400, str(query))
+        clock = time.monotonic()
+        try:
+            sums = await self.services.day_sums.sums(token_id, day_starts_of(query), horizon(now))
+        except StoreUnavailable:
+            return self.answers.stale(key, clock) or self.unavailable
+        # The open days the sums were made from, if the rounds keep them (nothing was awaited
+        # since they were taken).
+        vouched = history.vouched_tail(token_id)
+        tail = None if vouched is None else weakref.ref(vouched)
+        # Polled once a second, a history mostly comes out as it was: rendering 30 days costs
+        # far more than seeing that nothing changed.
+        source = source_of(query, sums)
+        last = self.answers.peek(key)
+        if last is None or last.options is not options or last.source != source:
+            answer = render(history_data(query, sums, options), options, source, changed, tail, basis)
+        else:
+            answer = dataclasses.replace(last, changed=changed, tail=tail, basis=basis)
+        self.answers.put(key, answer, len(answer.body) + len(key), clock)
+        return answer
 
 
 def still_true(answer: Answer, history: History, token_id: int, options: BillingOptions, changed: float) -> bool:
