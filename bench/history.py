@@ -558,7 +558,14 @@ def run_throughput(scenario: Scenario, db: Path, redis_url: str, seconds: float)
     found = {}
     try:
         for name, path in (("balance", BALANCE), ("history", HISTORY)):
-            scenario.wrk(server, "hot", 2, path=path)
+            # Warm: until the rounds keep the token's open days (a pass reads none from the log).
+            # Before that each poll past the last direct read's second reads them again, and the
+            # requests queued behind that read are the p99, not the warm route's.
+            for _ in range(10):
+                before = read_from_log(server.url)
+                scenario.wrk(server, "hot", 2, path=path)
+                if read_from_log(server.url) == before:
+                    break
             found[name] = scenario.wrk(server, "hot", seconds, path=path)
     finally:
         server.stop()
