@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -21,11 +22,12 @@ import orjson
 import pytest
 from conftest import GatewayFactory
 from support import Gateway, Token, free_port, sample_value
+from test_freshness import Gate, GatedStore
 from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
 from usage_service.billing import BillingOptions, GatewayOptions
-from usage_service.cache import AnswerCache
+from usage_service.cache import AnswerCache, key_digest
 from usage_service.config import Settings
 from usage_service.days import DaySums
 from usage_service.history import DAY, GRACE, SLOT, History, Tail
@@ -200,6 +202,38 @@ async def test_a_new_charge_shows_after_one_round_at_a_flat_cost(
             await round_heard(a, a, b)
             assert sent(a) - round_started == 2
         assert sent(b) == before[1]  # b, a follower, sent nothing since its first polls
+
+
+async def test_a_charge_reaches_the_history_while_the_balances_round_is_still_reading(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """A round refreshes the records and the history's open days side by side: with the leader's
+    read of the balances held, the round's word on a new charge still reaches every worker."""
+    tokens = [gateway.add_token() for _ in range(3)]
+    for token in tokens:
+        gateway.add_log(token, created_at=NOON - 3600, quota=10)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        await lead_and_follow(a, b, tokens, today)
+        assert a.redis is not None
+        await a.redis.hot_set.note({key_digest(tokens[0].key.encode()): tokens[0].id}, time.time())
+        gate = Gate()
+        a.refresher.store = cast(Any, GatedStore(a.refresher.store, gate))
+        gateway.add_log(tokens[1], created_at=int(clock.now) - 1, quota=500, model_name="claude")
+        clock.now += 1
+        heard = b.rounds_heard
+        round_ = asyncio.create_task(a.refresher.tick())
+        try:
+            await asyncio.wait_for(gate.reached.wait(), timeout=10)  # the records' read is held...
+            await b.hear_next_round(heard)  # ...and the history's word came all the same
+            answer = await b.history.slots(tokens[1].id, *today)
+            assert answer[(NOON - 900, "claude")] == (500, 10, 5, 1)
+            assert answer == await plain_select(truth(b), tokens[1].id, *today)
+        finally:
+            gate.release.set()
+            await round_
+        assert a.refresher.stats.leader and a.refresher.stats.tokens == 1
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"])

@@ -7,8 +7,8 @@ Redis, tells every worker (pub/sub) which ones changed, and then that all were c
 expire the changed ones in their in-process layer and may keep the rest (see TokenLookup).
 Without Redis, or while Redis is down, each worker refreshes its own hot set instead.
 
-The same rounds, under the same lock, then keep the open days of the tokens whose spending
-history is polled (tails.py).
+The same rounds, under the same lock and side by side with the records, keep the open days of
+the tokens whose spending history is polled (tails.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from ._redis_guard import RedisUnavailable
 from .config import Settings
@@ -31,6 +31,9 @@ from .store import StoreUnavailable, TokenStore, UnreadableRow
 from .tails import TailKeeper
 
 logger = logging.getLogger("usage_service.refresh")
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
@@ -175,7 +178,7 @@ class Refresher:
         await self._own_round()
 
     async def _shared_round(self, redis: SharedRedis, lock: LeaderLock, unnoted: dict[bytes, int], now: float) -> None:
-        """Refresh the shared hot set if this instance leads.
+        """Refresh the shared hot set, and the polled history beside it, if this instance leads.
 
         Leadership follows redis-py's Lock: the lock is extended (to `round_lock_ttl`) before
         each statement and checked and extended again before its results are written or
@@ -185,6 +188,9 @@ class Refresher:
         check that passed still holds when they are done; and the writes are only-if-newer
         besides, so even a leader deposed in between (an event loop stalled for seconds) never
         replaces a newer record.
+
+        The records and the history's open days are refreshed side by side, each part checking
+        the lock for itself: a charge reaches the history without waiting out the records' round.
         """
         if unnoted:
             await redis.hot_set.note(unnoted, now)
@@ -197,8 +203,22 @@ class Refresher:
         if leadership is Leadership.FOLLOWER:
             return
         self.stats.leader = True
-        if self.tails is not None:
+        records = self._refresh_records(redis, lock, now)
+        if self.tails is None:
+            refreshed, history_kept = await records, True
+        else:
             await self.tails.announce(redis)
+            history = self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl))
+            refreshed, history_kept = await _side_by_side(records, history)
+        if refreshed is None or not history_kept:
+            self._deposed()
+            return
+        if (refreshed or self.tails is not None) and not await lock.extend(self.lock_ttl):  # back to the short expiry
+            self._step_down()
+
+    async def _refresh_records(self, redis: SharedRedis, lock: LeaderLock, now: float) -> int | None:
+        """Re-read the shared hot set's records, write and publish what changed, and confirm the
+        rest; return how many tokens were read, or None once the lock was found lost."""
         members = await redis.hot_set.members(now - self.window, self.hot_max)
         # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
         # the front): each token is then re-read at the same point of every round, one interval apart.
@@ -214,8 +234,7 @@ class Refresher:
         checked = True  # whether the lock was checked since the last read
         for start in range(0, len(members), REFRESH_CHUNK):
             if not await lock.extend(self.round_lock_ttl):
-                self._deposed()
-                return
+                return None
             chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
             fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
@@ -234,8 +253,7 @@ class Refresher:
                     values[digest] = encode_cached(record, fetched_at)
             if values or changed:  # nothing goes out of a chunk that is not checked after its read
                 if not await lock.extend(self.round_lock_ttl):
-                    self._deposed()
-                    return
+                    return None
                 checked = True
             if values:
                 await redis.records.store_many(values, self.lookup.redis_ttl)
@@ -254,15 +272,10 @@ class Refresher:
             # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) Said
             # only under a check made since the last read: it outlives that chunk's writes and this.
             if not checked and not await lock.extend(self.round_lock_ttl):
-                self._deposed()
-                return
+                return None
             await redis.channel.publish_confirmation(as_of)
         self._finish(seen, changes, started)
-        if self.tails is not None and not await self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl)):
-            self._deposed()
-            return
-        if (members or self.tails is not None) and not await lock.extend(self.lock_ttl):  # back to the short expiry
-            self._step_down()
+        return len(members)
 
     def _deposed(self) -> None:
         logger.warning("the refresher lost its leader lock during a round; abandoned the round, wrote nothing more")
@@ -277,6 +290,12 @@ class Refresher:
             self.tails.step_down()
 
     async def _own_round(self) -> None:
+        if self.tails is None:
+            await self._refresh_own()
+        else:
+            await _side_by_side(self._refresh_own(), self.tails.own_round())
+
+    async def _refresh_own(self) -> None:
         self._prune_hot(time.time())
         started = time.monotonic()
         seen: dict[bytes, TokenRecord | None] = {}
@@ -286,8 +305,6 @@ class Refresher:
                 self.lookup.refreshed(digest, record)
             seen.update(fresh)
         self._finish(seen, 0, started)
-        if self.tails is not None:
-            await self.tails.own_round()
 
     async def _read(self, hot: dict[bytes, int]) -> dict[bytes, TokenRecord | None]:
         """Re-read hot tokens by id; a token that vanished, or whose key changed, reads as None."""
@@ -337,6 +354,20 @@ class Refresher:
         for digest, record in fresh.items():
             if record is None:
                 self._hot.pop(digest, None)
+
+
+async def _side_by_side(first: Awaitable[T], second: Coroutine[Any, Any, U]) -> tuple[T, U]:
+    """Run both at once and return both results; if `first` fails, `second` is cancelled first.
+    (`second` runs as a task of its own: a failure of its own is raised when it is awaited.)"""
+    other = asyncio.ensure_future(second)
+    try:
+        result = await first
+    except BaseException:
+        other.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # ours is the error to raise
+            await other
+        raise
+    return result, await other
 
 
 def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:

@@ -1,8 +1,9 @@
 """Polled tokens' open days kept fresh by the refresher's rounds, at a cost flat in polls and workers.
 
 Workers note the tokens whose open days they answered (`History.take_polled`) in a Redis sorted
-set, `hist:hot`. Every USAGE_REFRESH_INTERVAL, right after the balance's round, the refresher's
-leader runs a history round over the tokens noted within USAGE_HOT_WINDOW:
+set, `hist:hot`. Every USAGE_REFRESH_INTERVAL, side by side with the balance's round (a charge
+need not wait for the records to be read), the refresher's leader runs a history round over the
+tokens noted within USAGE_HOT_WINDOW:
 
 1. one statement: the log's smallest id (how a clean-up shows) and the *settled* mark, the id of
    the last row stamped SETTLE seconds ago: every row with an id up to it has been written;
