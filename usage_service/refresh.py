@@ -203,13 +203,14 @@ class Refresher:
         if leadership is Leadership.FOLLOWER:
             return
         self.stats.leader = True
-        records = self._refresh_records(redis, lock, now)
         if self.tails is None:
-            refreshed, history_kept = await records, True
+            refreshed, history_kept = await self._refresh_records(redis, lock, now), True
         else:
             await self.tails.announce(redis)
-            history = self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl))
-            refreshed, history_kept = await _side_by_side(records, history)
+            refreshed, history_kept = await _side_by_side(
+                self._refresh_records(redis, lock, now),
+                self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl)),
+            )
         if refreshed is None or not history_kept:
             self._deposed()
             return
