@@ -51,6 +51,19 @@ async def test_store_sessions_refuse_writes(gateway: Gateway, settings: Settings
         await store.close()
 
 
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+async def test_postgres_sessions_compile_nothing(gateway: Gateway, settings: Settings) -> None:
+    """The history's month reads cost enough for PostgreSQL's JIT, whose compiling cost more
+    than it saved: the service's sessions run without it, whatever the server's default."""
+    store = await open_store(settings)
+    assert isinstance(store, SQLStore)
+    try:
+        assert await store._query("SHOW jit", ()) == [("off",)]
+        assert [tuple(row) for row in await store.log_reader().query("SHOW jit")] == [("off",)]
+    finally:
+        await store.close()
+
+
 async def test_keys_match_exactly(gateway: Gateway, app_client: AppClient) -> None:
     """MySQL compares text case-insensitively by default: a key differing in case is not the key."""
     token = gateway.add_token(key="AbCdEf" + "x" * 42)
