@@ -44,7 +44,10 @@ class _Server:
 
     name = "server"
 
-    def __init__(self) -> None:
+    def __init__(self, options: Sequence[str] = ()) -> None:
+        # Server settings beside the tests' own (PostgreSQL's "name=value", MariaDB's "--name=value"):
+        # the benchmarks size the caches as a gateway's database server would be.
+        self.options = list(options)
         self.port = free_port()
         # Not under pytest's tmp_path: that is private to root, and PostgreSQL runs as another user.
         self.dir = Path(tempfile.mkdtemp(prefix=f"usage-{self.name}-"))
@@ -117,7 +120,7 @@ class PostgresServer(_Server):
         )
         settings = ["listen_addresses=127.0.0.1", "unix_socket_directories=", "fsync=off", "full_page_writes=off"]
         args = [postgres, "-D", str(data), "-p", str(self.port)]
-        for setting in settings:
+        for setting in [*settings, *self.options]:
             args += ["-c", setting]
         self._spawn(args, user)
         self._wait(self._ready)
@@ -171,6 +174,7 @@ class MariaDBServer(_Server):
             "--innodb-log-file-size=16M",
             "--innodb-flush-log-at-trx-commit=0",
             "--skip-log-bin",
+            *self.options,  # later options override earlier ones
             *user,
         ]
         self._spawn(args, None)
