@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import orjson
 
+from ._lru import keep_newest
 from .history_cache import RedisDays, RedisTails
 from .store import StoreUnavailable
 from .store.logs import LogReader
@@ -254,9 +255,9 @@ class History:
         # _day_key(token id, day) -> the Day as `Day.encode` gives it, the form Redis holds: a few
         # hundred bytes, where the Day itself takes a few KB in objects the garbage collector walks
         # in every full collection. Decoded when asked for, which DaySums makes rare. A plain dict
-        # of ints and bytes, least recently used first: the collector does not track it at all,
-        # where an OrderedDict keyed by tuples had every full collection visit each member (about
-        # 10 ms a collection per 100,000 days held).
+        # of ints and bytes, least recently used first (_lru.py): the collector does not track it
+        # at all, where an OrderedDict keyed by tuples had every full collection visit each member
+        # (about 10 ms a collection per 100,000 days held).
         self._days: dict[int, bytes] = {}
         self._tails: OrderedDict[int, Tail] = OrderedDict()
         # Id bounds of moments (see store/spending.py), which do not change once found.
@@ -646,8 +647,7 @@ class History:
             key = _day_key(token_id, day)
             kept.pop(key, None)
             kept[key] = encoded
-        while len(kept) > DAYS_KEPT:
-            del kept[next(iter(kept))]
+        self._days = keep_newest(kept, DAYS_KEPT)
         # A tail read before a round this worker heard of changed it is not kept (hear_round).
         if tail is not None and tail.read_at >= self._changed.get(token_id, -math.inf):
             self._tails[token_id] = tail

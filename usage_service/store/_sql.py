@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import orjson
 
 from .._batch import Batcher
+from .._lru import keep_newest
 from ..cache import key_digest
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
 from . import SchemaError, StoreUnavailable, UnreadableRow
@@ -201,8 +202,7 @@ class RowMemory:
         return pair
 
     def trim(self) -> None:
-        while len(self._pairs) > self.size:
-            del self._pairs[next(iter(self._pairs))]
+        self._pairs = keep_newest(self._pairs, self.size)
 
 
 def _form_digest(form: str | tuple[Any, ...]) -> bytes:
