@@ -707,24 +707,41 @@ MARIADB_OPTIONS = ("--innodb-buffer-pool-size=4G", "--innodb-log-file-size=1G")
 
 
 @contextmanager
-def engine_gateways(engines: list[str], rows: int) -> Iterator[list[tuple[str, Settings, Data]]]:
+def engine_gateway(engine: str, rows: int) -> Iterator[tuple[Settings, Data]]:
+    """A PostgreSQL or MariaDB server holding the log, for one engine's measurements: each
+    server runs alone, and is stopped before the next one starts."""
     from dbservers import MariaDBServer, MySQLGateway, PostgresGateway, PostgresServer
 
-    servers: list[Any] = []
-    made = []
+    server = PostgresServer(POSTGRES_OPTIONS) if engine == "postgres" else MariaDBServer(MARIADB_OPTIONS)
+    server.start()
     try:
-        for engine in engines:
-            server = PostgresServer(POSTGRES_OPTIONS) if engine == "postgres" else MariaDBServer(MARIADB_OPTIONS)
-            server.start()
-            servers.append(server)
-            gateway = (PostgresGateway if engine == "postgres" else MySQLGateway)(server, "history")
-            data = server_data(engine, gateway, rows)
-            made.append((engine, Settings(database=gateway.database, db_timeout=60.0), data))
-            gateway.close()
-        yield made
+        gateway = (PostgresGateway if engine == "postgres" else MySQLGateway)(server, "history")
+        data = server_data(engine, gateway, rows)
+        gateway.close()
+        settle()
+        yield Settings(database=gateway.database, db_timeout=60.0), data
     finally:
-        for server in servers:
-            server.stop()
+        server.stop()
+
+
+def settle(most: float = 180.0) -> None:
+    """Wait (at most `most` seconds) until the machine's CPUs are nearly idle: a server that
+    has just loaded 10,000,000 rows goes on working for a while (InnoDB's purge and flushing
+    for minutes), and would be timed along with the queries."""
+    started = time.monotonic()
+
+    def busy() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # all but idle and iowait
+
+    while time.monotonic() - started < most:
+        before = busy()
+        time.sleep(2)
+        after = busy()
+        if (after[0] - before[0]) / max(1, after[1] - before[1]) < 0.10:
+            break
+    print(f"  settled in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -754,13 +771,10 @@ def main() -> None:
         with resident(data.files):
             queries = [asyncio.run(measure_query("sqlite", settings, data, redis_url, repeat))]
         if args.engines:
-            with engine_gateways(["postgres", "mysql"], args.rows) as gateways:
-                for engine, engine_settings, engine_data in gateways:
+            for engine in ("postgres", "mysql"):
+                with engine_gateway(engine, args.rows) as (engine_settings, engine_data), resident(engine_data.files):
                     engine_settings = replace(engine_settings, redis_url=redis_url)
-                    with resident(engine_data.files):
-                        queries.append(
-                            asyncio.run(measure_query(engine, engine_settings, engine_data, redis_url, repeat))
-                        )
+                    queries.append(asyncio.run(measure_query(engine, engine_settings, engine_data, redis_url, repeat)))
         sections.append(
             f"## Cold and warm history, first log page ({RANGE_DAYS} days of the token holding "
             f"{args.rows // 10:,} rows; median of {repeat})\n\n" + query_table(queries)
