@@ -15,8 +15,10 @@ Then it measures, and prints beside the issue's targets:
 - database statements per second while 10,000 tokens poll their history once a second (1
   worker, 1 worker at twice the rate, 2 workers), from /metrics before and after;
 - how long a new charge takes to show in the history, and in the balance, polled meanwhile.
---engines runs the first two on PostgreSQL and MariaDB too (their servers are temporary: each
-run loads them again, a few minutes at 10,000,000 rows). --quick: 200,000 rows, shorter loads.
+The first two are timed with the database's files held in memory (`resident`). --engines
+runs them on PostgreSQL and MariaDB too (their servers are temporary: each run loads them
+again, a few minutes at 10,000,000 rows, and measures each alone). --quick: 200,000 rows,
+shorter loads.
 Bounded: about 10 minutes with the default rows once the file is cached (generating it takes
 about 2 minutes more). Figures vary with the machine; compare within a run.
 """
@@ -211,7 +213,7 @@ def server_data(engine: str, gateway: Any, rows: int) -> Data:
 def resident(files: tuple[Path, ...]) -> Iterator[None]:
     """Hold these files in the OS's memory (mapped and locked) while the queries are timed.
 
-    Some machines page out file cache that nobody touched for a while (this project's page any
+    Some machines page out file cache that nobody touched for a while (this project's machines, any
     after a minute): a cold read of a token's log there is a read of the disk, a millisecond or
     more per page, whatever the service does. Held in memory, as a gateway's database server
     whose memory holds its database would have it, the figures are the service's and the
