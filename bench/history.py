@@ -213,8 +213,8 @@ def server_data(engine: str, gateway: Any, rows: int) -> Data:
 def resident(files: tuple[Path, ...]) -> Iterator[None]:
     """Hold these files in the OS's memory (mapped and locked) while the queries are timed.
 
-    Some machines page out file cache that nobody touched for a while (this project's machines, any
-    after a minute): a cold read of a token's log there is a read of the disk, a millisecond or
+    Some machines page out file cache that nobody touched for a while (this project's, any after
+    a minute): a cold read of a token's log there is a read of the disk, a millisecond or
     more per page, whatever the service does. Held in memory, as a gateway's database server
     whose memory holds its database would have it, the figures are the service's and the
     database's work. Without the right to lock memory (not root), the files are read once instead.
@@ -238,9 +238,10 @@ def resident(files: tuple[Path, ...]) -> Iterator[None]:
                     failed += 1
                     while file.read(1 << 20):
                         pass
-        gib = sum(size for _, size in held) / 2**30
-        how = "read once (no right to lock memory)" if failed else "locked in memory"
-        print(f"  {gib:.1f} GiB of database files {how} in {time.monotonic() - started:.0f} s", flush=True)
+        if held:
+            gib = sum(size for _, size in held) / 2**30
+            how = "read once (no right to lock memory)" if failed else "locked in memory"
+            print(f"  {gib:.1f} GiB of database files {how} in {time.monotonic() - started:.0f} s", flush=True)
         yield
     finally:
         for address, size in held:
