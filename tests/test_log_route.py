@@ -776,6 +776,41 @@ async def test_a_waiter_that_goes_away_does_not_cancel_the_read() -> None:
     assert answers.reads == 1
 
 
+async def test_one_tokens_reads_run_one_at_a_time_and_no_other_token_waits_for_them() -> None:
+    # A key asking for many pages or filters at once must not take every connection to the
+    # gateway's database: its reads queue; another token's read is not held behind them.
+    answers = Answers(1.0, clock=Clock())
+    gates = {name: asyncio.Event() for name in ("first", "second", "other")}
+    running: list[str] = []
+
+    def read(name: str) -> Any:
+        async def run() -> bytes:
+            running.append(name)
+            await gates[name].wait()
+            running.remove(name)
+            return name.encode()
+
+        return run
+
+    first = asyncio.create_task(answers.get((1, LogQuery(page=1)), read("first")))
+    second = asyncio.create_task(answers.get((1, LogQuery(page=2)), read("second")))
+    other = asyncio.create_task(answers.get((2, LogQuery(page=1)), read("other")))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert running == ["first", "other"]  # token 1's second read waits for its first
+    gates["other"].set()
+    assert await other == b"other"
+    assert running == ["first"]
+    gates["first"].set()
+    assert await first == b"first"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert running == ["second"]
+    gates["second"].set()
+    assert await second == b"second"
+    assert answers.reads == 3 and not answers._turns  # nothing kept once no read runs
+
+
 async def test_answers_are_bounded_by_entries_and_bytes() -> None:
     answers = Answers(1.0, max_entries=3, max_bytes=25, clock=Clock())
 

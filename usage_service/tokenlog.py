@@ -11,7 +11,8 @@ idx_logs_token_id backwards (the index carries the row id on SQLite and InnoDB; 
 does not, and its planner either sorts the token's rows or walks the primary key backwards
 keeping the token's, unless the log has an index on (token_id, id)). Polling costs
 no statement per request: an answer is kept per token and parameters for ANSWER_TTL seconds,
-the balance's freshness bound, and concurrent identical misses share one read.
+the balance's freshness bound, concurrent identical misses share one read, and one token's
+reads run one at a time (a key cannot take every connection with different parameters).
 """
 
 from __future__ import annotations
@@ -238,6 +239,9 @@ class Answers:
     """Rendered answers by token id and parameters, each served for at most `ttl` seconds after
     the read that made it began; concurrent misses for the same key share that one read.
 
+    One token's reads run one at a time: a key asking for many different pages or filters at
+    once queues them rather than taking every connection to the gateway's database.
+
     Bounded LRU, by entries and by bytes. A read that fails is not kept: each waiter gets the
     error, and the next request reads again.
     """
@@ -257,6 +261,8 @@ class Answers:
         self._entries: OrderedDict[Key, tuple[float, bytes]] = OrderedDict()  # key -> (good until, body)
         self._bytes = 0
         self._inflight: dict[Key, asyncio.Future[bytes]] = {}
+        # Per token with a read running or waiting: its lock and how many reads hold or await it.
+        self._turns: dict[int, tuple[asyncio.Lock, list[int]]] = {}
         self.hits = 0
         self.coalesced = 0
         self.reads = 0
@@ -274,12 +280,27 @@ class Answers:
         if flight is None:
             self.reads += 1
             # A task of its own: a waiter that goes away (client disconnect) cancels only its wait.
-            flight = asyncio.ensure_future(read())
+            flight = asyncio.ensure_future(self._in_turn(key[0], read))
             self._inflight[key] = flight
             flight.add_done_callback(functools.partial(self._landed, key, now))
         else:
             self.coalesced += 1
         return await asyncio.shield(flight)
+
+    async def _in_turn(self, token_id: int, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Run `read` once no other read of this token's log is running."""
+        turn = self._turns.get(token_id)
+        if turn is None:
+            turn = self._turns[token_id] = (asyncio.Lock(), [0])
+        lock, users = turn
+        users[0] += 1
+        try:
+            async with lock:
+                return await read()
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._turns[token_id]
 
     def _landed(self, key: Key, started: float, flight: asyncio.Future[bytes]) -> None:
         if self._inflight.get(key) is flight:
