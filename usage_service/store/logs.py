@@ -10,6 +10,7 @@ separately).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -34,6 +35,17 @@ Run = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
 # log while it is down costs no connection attempt within this interval.
 REOPEN_INTERVAL = 5.0
 
+# Seconds between two looks, on PostgreSQL, for an index of the log in token order (an operator
+# may create one, or drop it, while the service runs).
+TOKEN_ORDER_CHECK = 300.0
+
+# An index of PostgreSQL's logs whose leading columns are (token_id, id), in any order direction.
+_TOKEN_ORDER_INDEX = (
+    "SELECT 1 FROM pg_catalog.pg_indexes WHERE schemaname = current_schema() AND tablename = 'logs'"
+    " AND (indexdef LIKE '%(token_id, id)%' OR indexdef LIKE '%(token_id, id DESC)%'"
+    " OR indexdef LIKE '%(token_id, id,%' OR indexdef LIKE '%(token_id, id DESC,%')"
+)
+
 
 class LogReader:
     """Read statements against the database holding the `logs` table, in any engine's dialect."""
@@ -45,6 +57,7 @@ class LogReader:
         *,
         close: Callable[[], Awaitable[None]] | None = None,
         separate: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._run = run
         self.engine: Engine = engine
@@ -53,6 +66,9 @@ class LogReader:
         self.statements = 0  # statements sent to read the log since start
         self.errors = 0
         self._failing = False
+        self._clock = clock
+        self._token_order = False  # what the last look for an index in token order found
+        self._token_order_seen = -math.inf  # when that look was
 
     def q(self, name: str) -> str:
         """An identifier quoted for the engine (`group` is a reserved word on all three)."""
@@ -87,6 +103,26 @@ class LogReader:
             logger.warning("log database answers again")
         return rows
 
+    async def token_order(self) -> bool:
+        """Whether the log has an index on (token_id, id), which a token's rows of an id range
+        are one range of. Looked for on PostgreSQL only, at most every TOKEN_ORDER_CHECK seconds
+        (not counted among the log's statements): on SQLite and InnoDB the gateway's token
+        index carries the row id already."""
+        if self.engine != "postgres":
+            return False
+        now = self._clock()
+        if now - self._token_order_seen >= TOKEN_ORDER_CHECK:
+            self._token_order_seen = now  # one look at a time, and one per interval if it fails
+            with contextlib.suppress(StoreUnavailable):  # what was last seen holds until a look succeeds
+                await self.look_for_token_order()
+        return self._token_order
+
+    async def look_for_token_order(self) -> bool:
+        """token_order's look, now; raise StoreUnavailable if the database cannot answer."""
+        self._token_order = bool(await self._run(_TOKEN_ORDER_INDEX, ()))
+        self._token_order_seen = self._clock()
+        return self._token_order
+
     async def ping(self) -> None:
         """Raise StoreUnavailable (StoreMisconfigured, with the reason, if it cannot be opened)
         unless the log table can be read now. Not counted among the log's statements."""
@@ -116,31 +152,24 @@ async def open_log_reader(settings: Settings, store: TokenStore) -> LogReader:
     return reader
 
 
-# An index of PostgreSQL's logs whose leading columns are (token_id, id), in any order direction.
-_TOKEN_ORDER_INDEX = (
-    "SELECT 1 FROM pg_catalog.pg_indexes WHERE schemaname = current_schema() AND tablename = 'logs'"
-    " AND (indexdef LIKE '%(token_id, id)%' OR indexdef LIKE '%(token_id, id DESC)%'"
-    " OR indexdef LIKE '%(token_id, id,%' OR indexdef LIKE '%(token_id, id DESC,%')"
-)
-
-
 async def _advise_token_order_index(reader: LogReader) -> None:
     """Say once, at start, when PostgreSQL's log lacks an index giving a token's rows in id order.
 
     The gateway indexes token_id alone, which on PostgreSQL (unlike SQLite and InnoDB) does not
     carry the row id: a token's newest rows are then found by sorting all of the token's rows, or
     by walking the primary key backwards past other tokens' rows (long for a token whose rows are
-    all old). The service never creates anything; an operator may.
+    all old), and a month of its spending by reading every token's rows of that month. The
+    service never creates anything; an operator may, and the service uses it once it sees it.
     """
     try:
-        if await reader._run(_TOKEN_ORDER_INDEX, ()):
+        if await reader.look_for_token_order():
             return
     except StoreUnavailable:
         return  # said elsewhere; the advice can wait for the next start
     logger.warning(
-        "the log table has no index on (token_id, id): on PostgreSQL a token's newest log rows may cost"
-        " a long walk of the table; CREATE INDEX CONCURRENTLY idx_logs_token_id_id ON logs (token_id, id)"
-        " makes each read one index range (docs/databases.md)"
+        "the log table has no index on (token_id, id): on PostgreSQL a token's newest log rows and a"
+        " month of its spending cost a long walk of the table; CREATE INDEX CONCURRENTLY"
+        " idx_logs_token_id_id ON logs (token_id, id) makes each read one index range (docs/databases.md)"
     )
 
 

@@ -6,6 +6,13 @@ id range are then one range of `idx_logs_token_id`, which carries the row id (SQ
 InnoDB's primary key) after the token id: the statement reads that token's rows of the range and
 no other, where `token_id = ? AND created_at BETWEEN …` would walk all of the token's rows.
 
+PostgreSQL's `idx_logs_token_id` does not carry the row id: there the token's rows of an id range
+are one index range only of an index on (token_id, id), which the docs advise and the service uses
+once it sees it (`LogReader.token_order`). The range is then asked as a row comparison, which
+the primary key cannot serve: asked as `token_id = ? AND id > ?`, the planner reads the id range
+of every token through the primary key instead (a month of the bench's busy token: 0.3 s against
+0.8 s, docs/performance.md).
+
 Rows are only nearly in created_at order (a request's row is written when it ends, stamped when
 it started or ended, by concurrent writers): the id bounds are taken MARGIN seconds wide of the
 time range, and every statement keeps the exact created_at condition as well.
@@ -23,6 +30,8 @@ from .logs import LogReader
 MARGIN = 600
 
 CONSUME, REFUND = 2, 6
+
+INT64_MAX = 2**63 - 1
 
 
 class SpendRow(NamedTuple):
@@ -86,10 +95,15 @@ def _select(reader: LogReader, slot: int, where: str, extra: str = "") -> str:
     # Refunds are netted in the sums rather than grouped apart: the fewer the grouping keys, the
     # cheaper the sort that every GROUP BY of a month of rows pays for.
     consume = f"CASE WHEN type = {CONSUME} THEN"
+    # PostgreSQL sums bigints as numeric, which arrives as Decimal: as bigint instead, a cold
+    # month's 20,000 groups cost the worker 50 ms less. A sum past 64 bits then fails its
+    # statement, as SQLite's SUM does (MySQL's DECIMAL sums arrive whole).
+    big = "::bigint" if reader.engine == "postgres" else ""
     return (
         f"SELECT token_id, {_slot(reader, slot)} AS s, model_name,"
-        f" COALESCE(SUM({consume} quota ELSE -quota END), 0), COALESCE(SUM({consume} prompt_tokens ELSE 0 END), 0),"
-        f" COALESCE(SUM({consume} completion_tokens ELSE 0 END), 0),"
+        f" COALESCE(SUM({consume} quota ELSE -quota END), 0){big},"
+        f" COALESCE(SUM({consume} prompt_tokens ELSE 0 END), 0){big},"
+        f" COALESCE(SUM({consume} completion_tokens ELSE 0 END), 0){big},"
         f" SUM({consume} 1 ELSE 0 END), MIN(id){extra} FROM logs WHERE {where} AND type IN ({CONSUME}, {REFUND})"
         f" GROUP BY token_id, s, model_name{', settled' if extra else ''}"
     )
@@ -107,12 +121,17 @@ async def spending(
 ) -> list[SpendRow]:
     """The tokens' consume and refund rows with start <= created_at < end (no end: up to now),
     summed by token, slot and model, reading only ids in (after_id, before_id)."""
-    marks = ", ".join("?" * len(token_ids))
-    where = f"token_id IN ({marks}) AND id > ?"
-    params: list[Any] = [*token_ids, after_id]
-    if before_id is not None:
-        where += " AND id < ?"
-        params.append(before_id)
+    params: list[Any]
+    if len(token_ids) == 1 and await reader.token_order():
+        (token_id,) = token_ids
+        where = "token_id = ? AND (token_id, id) > (?, ?) AND (token_id, id) < (?, ?)"
+        params = [token_id, token_id, after_id, token_id, INT64_MAX if before_id is None else before_id]
+    else:
+        where = f"token_id IN ({', '.join('?' * len(token_ids))}) AND id > ?"
+        params = [*token_ids, after_id]
+        if before_id is not None:
+            where += " AND id < ?"
+            params.append(before_id)
     where += " AND created_at >= ?"
     params.append(start)
     if end is not None:
@@ -137,8 +156,8 @@ async def rows_since(reader: LogReader, slot: int, *, after_id: int, settled: in
 def _row(row: Sequence[Any]) -> SpendRow:
     if type(row[2]) is str and type(row[3]) is int and type(row[4]) is int and type(row[5]) is int:
         return SpendRow(*row)  # as SQLite gives it: taken as is (a month read cold is 20,000 rows)
-    # SUM comes back as Decimal on MySQL and PostgreSQL (and as a float on SQLite over a value
-    # that is not an integer); text may come back as bytes on MySQL, and a model as None.
+    # SUM comes back as Decimal on MySQL (and as a float on SQLite over a value that is not an
+    # integer); text may come back as bytes on MySQL, and a model as None.
     model = row[2]
     if type(model) is not str:
         model = model.decode(errors="replace") if isinstance(model, bytes) else ""
