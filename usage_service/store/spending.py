@@ -10,8 +10,8 @@ PostgreSQL's `idx_logs_token_id` does not carry the row id: there the token's ro
 are one index range only of an index on (token_id, id), which the docs advise and the service uses
 once it sees it (`LogReader.token_order`). The range is then asked as a row comparison, which
 the primary key cannot serve: asked as `token_id = ? AND id > ?`, the planner reads the id range
-of every token through the primary key instead (a month of the bench's busy token: 0.3 s against
-0.8 s, docs/performance.md).
+of every token through the primary key instead (a month of the bench's busiest token: 0.3 s
+against 0.8 to 0.9 s, docs/performance.md).
 
 Rows are only nearly in created_at order (a request's row is written when it ends, stamped when
 it started or ended, by concurrent writers): the id bounds are taken MARGIN seconds wide of the
