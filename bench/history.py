@@ -19,8 +19,7 @@ The first two are timed with the database's files held in memory (`resident`). -
 runs them on PostgreSQL and MariaDB too (their servers are temporary: each run loads them
 again, a few minutes at 10,000,000 rows, and measures each alone), PostgreSQL twice: with the
 gateway's indexes, then with the index on (token_id, id) docs/databases.md advises there.
---quick: 200,000 rows,
-shorter loads.
+--quick: 200,000 rows, shorter loads.
 Bounded: about 10 minutes with the default rows once the file is cached (generating it takes
 about 2 minutes more). Figures vary with the machine; compare within a run.
 """
@@ -30,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import mmap
 import os
 import random
@@ -44,7 +44,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -798,7 +797,9 @@ def main() -> None:
             for engine in ("postgres", "mysql"):
                 with engine_gateway(engine, args.rows) as (engine_settings, engine_data, server):
                     engine_settings = replace(engine_settings, redis_url=redis_url)
-                    measured = partial(measure_query, settings=engine_settings, data=engine_data, redis_url=redis_url)
+                    measured = functools.partial(
+                        measure_query, settings=engine_settings, data=engine_data, redis_url=redis_url
+                    )
                     with resident(engine_data.files):
                         queries.append(asyncio.run(measured(engine, repeat=repeat)))
                         if engine == "postgres":  # again with the index the docs advise there
