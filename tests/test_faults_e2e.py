@@ -96,6 +96,9 @@ def _refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # Caught in the listener's backlog as it closed: ask again, the next try is refused.
+        return False
     return False
 
 
