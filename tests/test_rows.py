@@ -248,3 +248,28 @@ async def test_rows_read_as_one_json_value_are_read_as_row_by_row(
     # the chunk row by row (another holds a BLOB).
     assert statements == 3
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no database failure
+
+
+async def test_a_statement_read_again_gives_each_rows_latest_record(gateway: Gateway) -> None:
+    """The refresher reads the same statements every round, most of them unchanged; whatever it
+    read before, each read gives the rows as they are now (a change, and a change undone)."""
+    from usage_service.store.sqlite import SQLiteStore
+
+    tokens = [gateway.add_token(used=i, remain=100) for i in range(20)]
+    ids = [t.id for t in tokens]
+    store = await SQLiteStore.open(gateway.path, timeout=2, pool_size=1)
+    try:
+
+        async def used() -> dict[int, int]:
+            return {token_id: pair[1].used_quota for token_id, pair in (await store.fetch_many(ids)).items()}  # type: ignore[union-attr]
+
+        before = await used()
+        assert before == await used() == {t.id: i for i, t in enumerate(tokens)}
+        gateway.charge(tokens[7], 5)
+        assert await used() == {**before, tokens[7].id: 12}
+        gateway.update_token(tokens[7], used_quota=7, remain_quota=100)  # undone: the first text again
+        assert await used() == before
+        gateway.update_token(tokens[7], name="renamed")
+        assert (await store.fetch_many(ids))[tokens[7].id][1].name == "renamed"  # type: ignore[union-attr]
+    finally:
+        await store.close()

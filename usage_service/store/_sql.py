@@ -191,6 +191,9 @@ class RowMemory:
     def __init__(self, size: int = ROW_MEMORY) -> None:
         self.size = size
         self._pairs: dict[bytes, Pair | UnreadableRow] = {}
+        # Whole statements' answers (one JSON line a row, see SQLiteStore), by a digest of their
+        # text: an answer read again unchanged, what most refresh rounds read, is not even split.
+        self._answers: dict[bytes, list[Pair | UnreadableRow]] = {}
 
     def read(self, form: F, values: Callable[[F], Sequence[Any]]) -> Pair | UnreadableRow:
         """What `form` reads as, `values(form)` giving its values when it was not read lately."""
@@ -201,8 +204,21 @@ class RowMemory:
         self._pairs[seen] = pair
         return pair
 
+    def read_lines(self, lines: str) -> list[Pair | UnreadableRow]:
+        """What a statement's rows, one JSON line each, read as: `read` line by line, unless
+        the very same text was read lately."""
+        seen = _form_digest(lines)
+        pairs = self._answers.pop(seen, None)
+        if pairs is None:
+            remember = self.read
+            pairs = [remember(line, orjson.loads) for line in lines.split("\n")]
+        self._answers[seen] = pairs
+        return pairs
+
     def trim(self) -> None:
         self._pairs = keep_newest(self._pairs, self.size)
+        # A statement reads at most a thousand rows: this many answers hold no more rows than _pairs.
+        self._answers = keep_newest(self._answers, self.size // 1000)
 
 
 def _form_digest(form: str | tuple[Any, ...]) -> bytes:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import orjson
 
 from . import SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
 from ._sql import Column, Pair, SQLStore, check_log_schema, check_schema, select_columns, select_from, select_sql
@@ -161,8 +160,7 @@ class SQLiteStore(SQLStore):
         lines = rows[0][0] if rows else None
         if not lines:
             return []
-        remember = self._rows.read
-        return [remember(line, orjson.loads) for line in lines.split("\n")]
+        return self._rows.read_lines(lines)
 
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
         return f't."{column}" IN ({", ".join("?" * len(values))})', values
