@@ -81,7 +81,7 @@ def naive(db: Path) -> Starlette:
 def ceiling_from_env() -> object:
     """The ceiling app, as a factory granian's worker calls (it imports this module by name)."""
     record = asyncio.run(_fetch(Path(os.environ["BENCH_DB"]), os.environ["BENCH_KEY"]))
-    return ceiling(record.usage_body, record.usage_etag)
+    return ceiling(record.usage.body, record.usage.etag)
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
         return
     if args.kind == "ceiling":
         record = asyncio.run(_fetch(args.db, args.key))
-        app = ceiling(record.usage_body, record.usage_etag)
+        app = ceiling(record.usage.body, record.usage.etag)
     else:
         app = naive(args.db)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", **SERVER_OPTIONS)  # type: ignore[arg-type]

@@ -84,7 +84,7 @@ def test_rendered_answers_kept_with_records_are_their_own_size() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        kept = [(r.usage_body, r.cache_fields) for r in records]
+        kept = [(r.usage.body, r.cache_fields) for r in records]
         per_record = (tracemalloc.get_traced_memory()[0] - before) / len(records)
     finally:
         tracemalloc.stop()

@@ -70,7 +70,7 @@ def test_as_int(value: object, expected: int) -> None:
 
 
 def test_usage_body_has_exactly_the_contract_fields() -> None:
-    body = orjson.loads(RECORD.usage_body)
+    body = orjson.loads(RECORD.usage.body)
     assert body == {
         "code": True,
         "message": "ok",
@@ -89,12 +89,12 @@ def test_usage_body_has_exactly_the_contract_fields() -> None:
 
 
 def test_never_expires_is_reported_as_zero() -> None:
-    assert orjson.loads(dataclasses.replace(RECORD, expired_time=-1).usage_body)["data"]["expires_at"] == 0
+    assert orjson.loads(dataclasses.replace(RECORD, expired_time=-1).usage.body)["data"]["expires_at"] == 0
 
 
 def test_quotas_are_64_bit_and_negative_remain_passes_through() -> None:
     record = dataclasses.replace(RECORD, remain_quota=-(2**40), used_quota=2**62, unlimited_quota=True)
-    data = orjson.loads(record.usage_body)["data"]
+    data = orjson.loads(record.usage.body)["data"]
     assert data["total_available"] == -(2**40)
     assert data["total_used"] == 2**62
     assert data["total_granted"] == 2**62 - 2**40
@@ -113,14 +113,14 @@ EDGES = [
 @pytest.mark.parametrize(("remain", "used", "granted"), EDGES)
 def test_totals_wrap_as_the_gateway_computes_them(remain: int, used: int, granted: int) -> None:
     record = dataclasses.replace(RECORD, remain_quota=remain, used_quota=used, user_quota=remain, user_used_quota=used)
-    data = orjson.loads(record.usage_body)["data"]
+    data = orjson.loads(record.usage.body)["data"]
     assert (data["total_granted"], data["total_available"], data["total_used"]) == (granted, remain, used)
     # The billing routes show the same total, as float64(total) / QuotaPerUnit.
     for token_stat in (True, False):
         limit = subscription_data(record, BillingOptions(token_stat=token_stat))["hard_limit_usd"]
         assert limit == pytest.approx(granted / 500_000)
     cached, _ = decode_cached(encode_cached(record, 1.0))
-    assert cached == record and cached is not None and cached.usage_body == record.usage_body
+    assert cached == record and cached is not None and cached.usage.body == record.usage.body
 
 
 ROW = (7, "k" * 48, 3, "ci", 1, -1, 900, 100, 0, 1, "gpt-4o", 1, 5, 6)
@@ -150,9 +150,9 @@ def test_row_text_that_is_not_utf8_reads_with_replacement_characters() -> None:
 def test_etag_follows_the_body() -> None:
     same = dataclasses.replace(RECORD)
     changed = dataclasses.replace(RECORD, remain_quota=899)
-    assert RECORD.usage_etag == same.usage_etag
-    assert RECORD.usage_etag != changed.usage_etag
-    assert RECORD.usage_etag.startswith(b'"') and RECORD.usage_etag.endswith(b'"')
+    assert RECORD.usage.etag == same.usage.etag
+    assert RECORD.usage.etag != changed.usage.etag
+    assert RECORD.usage.etag.startswith(b'"') and RECORD.usage.etag.endswith(b'"')
 
 
 OWNED = dataclasses.replace(RECORD, user_quota=2**40, user_used_quota=12345)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -39,9 +38,24 @@ def compact_json(value: object) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True, slots=True)
+class UsageAnswer:
+    """GET /api/usage/token's 200 for one record: its body, and the headers that go with it."""
+
+    body: bytes
+    etag: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, eq=True, slots=True)
 class TokenRecord:
-    """A token joined with its owner, as read from the gateway's database (never its key)."""
+    """A token joined with its owner, as read from the gateway's database (never its key).
+
+    What is rendered from a record is made when first asked for and kept with it, in slots that
+    are not part of its value: a polled record is served many times unchanged. (Slots, not a
+    `__dict__`: a poll of one of 10,000 tokens reads its record from memory the cache no longer
+    holds, and every object less it reads counts.)
+    """
 
     id: int
     user_id: int
@@ -57,6 +71,10 @@ class TokenRecord:
     # The owner's balance, which the billing routes report when the gateway shows user totals.
     user_quota: int = 0
     user_used_quota: int = 0
+    _usage: UsageAnswer | None = field(default=None, init=False, repr=False, compare=False)
+    _cache_fields: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _fingerprint: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _rendered: dict[str, tuple[object, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def usage_data(self) -> dict[str, Any]:
         """Return the `data` object of GET /api/usage/token."""
@@ -72,51 +90,62 @@ class TokenRecord:
             "expires_at": 0 if self.expired_time == -1 else self.expired_time,
         }
 
-    # Rendered once per record, not per request: a polled record is served many times unchanged.
-    @cached_property
-    def usage_body(self) -> bytes:
-        return compact_json({"code": True, "message": "ok", "data": self.usage_data()})
+    @property
+    def usage(self) -> UsageAnswer:
+        """GET /api/usage/token's answer for this record."""
+        answer = self._usage
+        if answer is None:
+            body = compact_json({"code": True, "message": "ok", "data": self.usage_data()})
+            etag = strong_etag(body)
+            headers = (JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", str(len(body)).encode()))
+            answer = UsageAnswer(body, etag, headers)
+            object.__setattr__(self, "_usage", answer)
+        return answer
 
-    @cached_property
-    def usage_etag(self) -> bytes:
-        return strong_etag(self.usage_body)
-
-    @cached_property
+    @property
     def cache_fields(self) -> bytes:
         """The record's part of its cached form, encoded once however often it is rewritten."""
-        fields = [
-            self.id,
-            self.user_id,
-            self.name,
-            self.status,
-            self.expired_time,
-            self.remain_quota,
-            self.used_quota,
-            self.unlimited_quota,
-            self.model_limits_enabled,
-            list(self.model_limits),
-            self.user_status,
-            self.user_quota,
-            self.user_used_quota,
-        ]
-        return compact_json(fields)
+        fields = self._cache_fields
+        if fields is None:
+            fields = compact_json(
+                [
+                    self.id,
+                    self.user_id,
+                    self.name,
+                    self.status,
+                    self.expired_time,
+                    self.remain_quota,
+                    self.used_quota,
+                    self.unlimited_quota,
+                    self.model_limits_enabled,
+                    list(self.model_limits),
+                    self.user_status,
+                    self.user_quota,
+                    self.user_used_quota,
+                ]
+            )
+            object.__setattr__(self, "_cache_fields", fields)
+        return fields
 
-    @cached_property
+    @property
     def fingerprint(self) -> bytes:
         """8 bytes that tell this record's fields from any other's (the same in every process):
         what an invalidation carries, so that a worker holding an equal record keeps it."""
-        return hashlib.blake2b(self.cache_fields, digest_size=8).digest()
+        fingerprint = self._fingerprint
+        if fingerprint is None:
+            fingerprint = hashlib.blake2b(self.cache_fields, digest_size=8).digest()
+            object.__setattr__(self, "_fingerprint", fingerprint)
+        return fingerprint
 
-    @cached_property
+    @property
     def rendered(self) -> dict[str, tuple[object, Any]]:
         """Answers that also depend on something else (the gateway's options), rendered once per
         (record, that thing): name -> (what it was rendered for, answer)."""
-        return {}
-
-    @cached_property
-    def usage_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        length = str(len(self.usage_body)).encode()
-        return (JSON_TYPE, NO_CACHE, (b"etag", self.usage_etag), (b"content-length", length))
+        rendered = self._rendered
+        if rendered is None:
+            rendered = {}
+            object.__setattr__(self, "_rendered", rendered)
+        return rendered
 
 
 def parse_model_limits(value: object) -> tuple[str, ...]:

@@ -32,7 +32,8 @@ logger = logging.getLogger("usage_service.routes")
 async def token_usage(scope: Scope, receive: Receive, send: Send) -> None:
     """GET /api/usage/token: the record the auth middleware admitted, with ETag revalidation."""
     record: TokenRecord = scope[SCOPE_KEY]
-    etag = record.usage_etag
+    answer = record.usage
+    etag = answer.etag
     for name, value in scope["headers"]:
         if name == b"if-none-match":
             if etag_matches(value, etag):
@@ -40,7 +41,7 @@ async def token_usage(scope: Scope, receive: Receive, send: Send) -> None:
                 return
             break
     # A fresh list: the server or a middleware may add to the headers it is given.
-    await send_body(scope, send, 200, [*record.usage_headers], record.usage_body)
+    await send_body(scope, send, 200, [*answer.headers], answer.body)
 
 
 USAGE_PATHS = ("/api/usage/token",)
