@@ -3,8 +3,9 @@
 A polled token answered from the in-process layer, as in production between refreshes (and
 the history and dated billing answers from theirs): this isolates what the route table, the
 auth middleware and each endpoint cost, so a change to one route can be checked against the
-others. Figures are µs per request, best and median of
-several rounds on one core; compare routes within one run.
+others. One more row polls SPREAD tokens in turn on the usage route: what a poll costs when its
+token's entry, record and answer are no longer in the CPU's caches. Figures are µs per
+request, best and median of several rounds on one core; compare routes within one run.
 
     .venv/bin/python bench/routes.py [--requests N] [--rounds R]
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from usage_service.app import create_app  # noqa: E402
 from usage_service.config import Settings  # noqa: E402
-from usage_service.demo import ensure_demo_db  # noqa: E402
+from usage_service.demo import ensure_demo_db, new_key  # noqa: E402
 
 ROUTES = (
     "/api/usage/token",
@@ -35,9 +38,23 @@ ROUTES = (
     "/v1/dashboard/billing/usage?start_date=2026-09-01&end_date=2026-10-01",
     "/api/usage/nothing",  # authenticated, then 404
 )
+SPREAD = 10_000  # tokens polled in turn on the last row
+SPREAD_ROW = f"/api/usage/token, {SPREAD:,} tokens in turn"
 
 
-async def measure(db: Path, key: str, requests: int, rounds: int) -> dict[str, list[float]]:
+def add_tokens(db: Path, count: int) -> list[str]:
+    """Add `count` tokens to the demo database's first user; return their keys."""
+    keys = [new_key() for _ in range(count)]
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO tokens (user_id, `key`, status, name, remain_quota, used_quota, expired_time)"
+            " VALUES (1, ?, 1, 'spread', 1000000, 0, -1)",
+            [(key,) for key in keys],
+        )
+    return keys
+
+
+async def measure(db: Path, key: str, spread: list[str], requests: int, rounds: int) -> dict[str, list[float]]:
     settings = Settings(sqlite_path=db, cache_ttl=3600, local_ttl=3600, refresh_interval=0, options_interval=0)
     app = create_app(settings)
     headers = [(b"host", b"bench"), (b"authorization", b"Bearer sk-" + key.encode()), (b"accept", b"*/*")]
@@ -68,16 +85,30 @@ async def measure(db: Path, key: str, requests: int, rounds: int) -> dict[str, l
             "state": {},
         }
 
-    results: dict[str, list[float]] = {path: [] for path in ROUTES}
+    def spread_scope(key: str) -> dict[str, Any]:
+        credential = (b"authorization", b"Bearer sk-" + key.encode())
+        return {**scope(ROUTES[0]), "headers": [headers[0], credential, headers[2]]}
+
+    spread_scopes = [spread_scope(key) for key in spread]
+    # Polled in an order other than the one their records were made in: in a server, a
+    # token's neighbours in memory are not the next ones polled.
+    asked = random.Random(1).sample(spread_scopes, len(spread_scopes))
+    results: dict[str, list[float]] = {path: [] for path in (*ROUTES, SPREAD_ROW)}
     async with app.router.lifespan_context(app):
         for path in ROUTES:
             await app(scope(path), receive, send)  # warm the caches
+        for each in spread_scopes:
+            await app(dict(each), receive, send)
         for _ in range(rounds):
             for path in ROUTES:  # interleaved, so noise spreads over every route alike
                 started = time.perf_counter()
                 for _ in range(requests):
                     await app(scope(path), receive, send)
                 results[path].append((time.perf_counter() - started) / requests * 1e6)
+            started = time.perf_counter()
+            for i in range(requests):
+                await app(dict(asked[i % len(asked)]), receive, send)
+            results[SPREAD_ROW].append((time.perf_counter() - started) / requests * 1e6)
     return results
 
 
@@ -89,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "gateway.db"
         key = ensure_demo_db(db)
-        results = asyncio.run(measure(db, key, args.requests, args.rounds))
+        results = asyncio.run(measure(db, key, add_tokens(db, SPREAD), args.requests, args.rounds))
     print(f"{'route':72} {'best µs':>8} {'median µs':>10}")
     for path, figures in results.items():
         print(f"{path:72} {min(figures):8.2f} {statistics.median(figures):10.2f}")
