@@ -25,8 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .cache import AnswerCache, query_digest
 from .config import BillingTotal
 from .days import day_starts, horizon, parse_date
-from .records import TokenRecord, compact_json, go_int_sum
-from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, send_body
+from .records import TokenRecord, go_int_sum
+from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, compact_json, send_body
 from .routing import SCOPE_KEY
 from .store import StoreUnavailable, TokenStore
 

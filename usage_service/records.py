@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from .responses import JSON_TYPE, NO_CACHE, strong_etag
+from .responses import JSONAnswer, compact_json
 
 # new-api's token and user statuses.
 TOKEN_ENABLED, TOKEN_DISABLED, TOKEN_EXPIRED, TOKEN_EXHAUSTED = 1, 2, 3, 4
@@ -27,24 +27,6 @@ def go_int_sum(a: int, b: int) -> int:
     wrapped value (two's complement, as the Go spec defines), and so do we.
     """
     return (a + b - INT64_MIN) % 2**64 + INT64_MIN
-
-
-def compact_json(value: object) -> bytes:
-    """orjson.dumps in a bytes object of its own size, for answers kept with a record.
-
-    orjson hands back its whole 4 KiB output buffer however short the JSON: kept once per
-    cached token, that was most of a worker's memory (found by bench/faults/key_sweep.py).
-    """
-    return bytes(memoryview(orjson.dumps(value)))
-
-
-@dataclass(frozen=True, slots=True)
-class UsageAnswer:
-    """GET /api/usage/token's 200 for one record: its body, and the headers that go with it."""
-
-    body: bytes
-    etag: bytes
-    headers: tuple[tuple[bytes, bytes], ...]
 
 
 @dataclass(frozen=True, eq=True, slots=True)
@@ -71,7 +53,7 @@ class TokenRecord:
     # The owner's balance, which the billing routes report when the gateway shows user totals.
     user_quota: int = 0
     user_used_quota: int = 0
-    _usage: UsageAnswer | None = field(default=None, init=False, repr=False, compare=False)
+    _usage: JSONAnswer | None = field(default=None, init=False, repr=False, compare=False)
     _cache_fields: bytes | None = field(default=None, init=False, repr=False, compare=False)
     _fingerprint: bytes | None = field(default=None, init=False, repr=False, compare=False)
     _rendered: dict[str, tuple[object, Any]] | None = field(default=None, init=False, repr=False, compare=False)
@@ -91,14 +73,11 @@ class TokenRecord:
         }
 
     @property
-    def usage(self) -> UsageAnswer:
+    def usage(self) -> JSONAnswer:
         """GET /api/usage/token's answer for this record."""
         answer = self._usage
         if answer is None:
-            body = compact_json({"code": True, "message": "ok", "data": self.usage_data()})
-            etag = strong_etag(body)
-            headers = (JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", str(len(body)).encode()))
-            answer = UsageAnswer(body, etag, headers)
+            answer = JSONAnswer.of({"code": True, "message": "ok", "data": self.usage_data()})
             object.__setattr__(self, "_usage", answer)
         return answer
 

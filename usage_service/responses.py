@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -39,16 +40,40 @@ def strong_etag(body: bytes) -> bytes:
     return b'"' + hashlib.blake2b(body, digest_size=12).hexdigest().encode() + b'"'
 
 
-async def send_revalidated(scope: Scope, send: Send, headers: Headers, body: bytes, etag: bytes) -> None:
-    """Send 200 with this body, or 304 without it when the request's If-None-Match matches `etag`."""
+def compact_json(value: object) -> bytes:
+    """orjson.dumps in a bytes object of its own size, for answers that are kept.
+
+    orjson hands back its whole 4 KiB output buffer however short the JSON: kept once per
+    cached token, that was most of a worker's memory (found by bench/faults/key_sweep.py).
+    """
+    return bytes(memoryview(orjson.dumps(value)))
+
+
+@dataclass(frozen=True, slots=True)
+class JSONAnswer:
+    """A JSON 200 rendered once and sent many times: its body, its ETag and their headers."""
+
+    body: bytes
+    etag: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(cls, content: object) -> JSONAnswer:
+        body = compact_json(content)
+        etag = strong_etag(body)
+        return cls(body, etag, (JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", str(len(body)).encode())))
+
+
+async def send_revalidated(scope: Scope, send: Send, answer: JSONAnswer) -> None:
+    """Send the answer, or 304 without its body when the request's If-None-Match matches its ETag."""
     for name, value in scope["headers"]:
         if name == b"if-none-match":
-            if etag_matches(value, etag):
-                await send_body(scope, send, 304, [NO_CACHE, (b"etag", etag)], b"")
+            if etag_matches(value, answer.etag):
+                await send_body(scope, send, 304, [NO_CACHE, (b"etag", answer.etag)], b"")
                 return
             break
     # A fresh list: the server or a middleware may add to the headers it is given.
-    await send_body(scope, send, 200, [*headers], body)
+    await send_body(scope, send, 200, [*answer.headers], answer.body)
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:

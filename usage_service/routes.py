@@ -19,7 +19,7 @@ from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import render
 from .openapi import DOCUMENT as OPENAPI_DOCUMENT
 from .records import TokenRecord
-from .responses import NO_CACHE, JSONError, error_body, etag_matches, send_body
+from .responses import JSONError, error_body, send_revalidated
 from .routing import SCOPE_KEY, RouteTable, ShortRoute, both_slashes
 from .services import Services
 from .store import StoreMisconfigured, StoreUnavailable
@@ -32,16 +32,7 @@ logger = logging.getLogger("usage_service.routes")
 async def token_usage(scope: Scope, receive: Receive, send: Send) -> None:
     """GET /api/usage/token: the record the auth middleware admitted, with ETag revalidation."""
     record: TokenRecord = scope[SCOPE_KEY]
-    answer = record.usage
-    etag = answer.etag
-    for name, value in scope["headers"]:
-        if name == b"if-none-match":
-            if etag_matches(value, etag):
-                await send_body(scope, send, 304, [NO_CACHE, (b"etag", etag)], b"")
-                return
-            break
-    # A fresh list: the server or a middleware may add to the headers it is given.
-    await send_body(scope, send, 200, [*answer.headers], answer.body)
+    await send_revalidated(scope, send, record.usage)
 
 
 USAGE_PATHS = ("/api/usage/token",)

@@ -30,8 +30,8 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .records import INT64_MAX, TokenRecord, as_bool, as_int, compact_json
-from .responses import JSON_TYPE, NO_CACHE, error_body, send_body
+from .records import INT64_MAX, TokenRecord, as_bool, as_int
+from .responses import JSON_TYPE, NO_CACHE, compact_json, error_body, send_body
 from .routing import SCOPE_KEY
 from .store import StoreUnavailable
 from .store.logs import LogReader

@@ -25,8 +25,8 @@ from .billing import BillingOptions, json_number
 from .cache import AnswerCache, query_digest
 from .days import day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, History, Spend, Tail, total
-from .records import TokenRecord, compact_json
-from .responses import JSON_TYPE, NO_CACHE, Headers, JSONError, send_revalidated, strong_etag
+from .records import TokenRecord
+from .responses import JSONAnswer, JSONError, send_revalidated
 from .routing import SCOPE_KEY
 from .store import StoreUnavailable
 
@@ -170,9 +170,7 @@ def history_data(query: HistoryQuery, sums: dict[tuple[int, str], Spend], option
 @dataclass(frozen=True, slots=True)
 class Answer:
     options: BillingOptions  # what the amounts were converted with: a change re-renders
-    headers: Headers
-    body: bytes
-    etag: bytes
+    rendered: JSONAnswer
     # What the answer was rendered from (the query's days and the sums): an answer whose next
     # computation gives the same is served again without being rendered again.
     source: tuple[object, ...]
@@ -199,11 +197,8 @@ def render(
     tail: weakref.ref[Tail] | None,
     basis: tuple[int, int, int],
 ) -> Answer:
-    body = compact_json({"success": True, "message": "", "data": data})
-    etag = strong_etag(body)
-    length = str(len(body)).encode()
-    headers: Headers = [JSON_TYPE, NO_CACHE, (b"etag", etag), (b"content-length", length)]
-    return Answer(options, headers, body, etag, source, changed, tail, basis)
+    rendered = JSONAnswer.of({"success": True, "message": "", "data": data})
+    return Answer(options, rendered, source, changed, tail, basis)
 
 
 class HistoryEndpoint:
@@ -236,7 +231,7 @@ class HistoryEndpoint:
                 await made(scope, receive, send)
                 return
             answer = made
-        await send_revalidated(scope, send, answer.headers, answer.body, answer.etag)
+        await send_revalidated(scope, send, answer.rendered)
 
     def kept(self, key: bytes, token_id: int) -> Answer | None:
         """The answer kept for `key`, if it may be served as it is: for USAGE_LOCAL_TTL after it
@@ -254,7 +249,7 @@ class HistoryEndpoint:
         if answer is None or not still_true(answer, history, token_id, options, changed):
             return None
         history.note_polled(token_id)  # as `slots` does: the rounds go on keeping the token
-        self.answers.put(key, answer, len(answer.body) + len(key), clock)
+        self.answers.put(key, answer, len(answer.rendered.body) + len(key), clock)
         return answer
 
     async def make(self, key: bytes, token_id: int, query_string: bytes, digest: bytes) -> Answer | ASGIApp:
@@ -285,7 +280,7 @@ class HistoryEndpoint:
             answer = render(history_data(query, sums, options), options, source, changed, tail, basis)
         else:
             answer = dataclasses.replace(last, changed=changed, tail=tail, basis=basis)
-        self.answers.put(key, answer, len(answer.body) + len(key), clock)
+        self.answers.put(key, answer, len(answer.rendered.body) + len(key), clock)
         return answer
 
 
