@@ -161,6 +161,8 @@ class Process:
         deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()  # one that hangs at start is not left running
+                self.process.wait()
                 self.log.seek(0)
                 raise RuntimeError(f"{name} did not start:\n{self.log.read().decode(errors='replace')}")
             try:
