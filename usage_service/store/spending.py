@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from ..records import INT64_MAX
 from .logs import LogReader
 
 # Seconds by which a row's created_at may run out of id order: the id bounds of a time range are
@@ -30,8 +31,6 @@ from .logs import LogReader
 MARGIN = 600
 
 CONSUME, REFUND = 2, 6
-
-INT64_MAX = 2**63 - 1
 
 
 class SpendRow(NamedTuple):
