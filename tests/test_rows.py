@@ -4,14 +4,18 @@ and a database file replaced by one with other columns."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SQLITE_OLD_SCHEMA, AppClient
 from support import Gateway, Token
 
+from usage_service.config import Settings
 from usage_service.records import INT64_MAX, INT64_MIN
 
 pytestmark = pytest.mark.asyncio
@@ -271,5 +275,46 @@ async def test_a_statement_read_again_gives_each_rows_latest_record(gateway: Gat
         assert await used() == before
         gateway.update_token(tokens[7], name="renamed")
         assert (await store.fetch_many(ids))[tokens[7].id][1].name == "renamed"  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_a_hot_set_larger_than_the_default_memory_is_found_again_every_round(
+    gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With USAGE_HOT_MAX past what a store remembers by default, a round re-reads more rows than
+    that: the store opened for it remembers a whole round, so an unchanged row read again is not
+    made into a record again (it was, every round, when the memory was a fixed 50,000 rows)."""
+    from usage_service.refresh import REFRESH_CHUNK
+    from usage_service.store import _sql, open_store
+
+    hot = _sql.ROW_MEMORY + _sql.ROW_MEMORY // 5
+    gateway.add_tokens(hot)
+    ids = [row[0] for row in gateway.db.execute("SELECT id FROM tokens ORDER BY id")]
+    store = await open_store(dataclasses.replace(settings, hot_max=hot))
+    made = 0
+    row_record = _sql.row_record
+
+    def counted(values: Sequence[Any]) -> object:
+        nonlocal made
+        made += 1
+        return row_record(values)
+
+    monkeypatch.setattr(_sql, "row_record", counted)
+    try:
+
+        async def round_() -> int:  # as the refresher reads: chunk by chunk, in the hot set's order
+            nonlocal made
+            made = 0
+            for start in range(0, len(ids), REFRESH_CHUNK):
+                assert len(await store.fetch_many(ids[start : start + REFRESH_CHUNK])) == min(
+                    REFRESH_CHUNK, len(ids) - start
+                )
+            return made
+
+        assert await round_() == hot
+        assert await round_() == 0
+        gateway.db.execute("UPDATE tokens SET used_quota = 1 WHERE id = ?", (ids[-1],))
+        assert await round_() == 1  # and a changed row is read as it is now
     finally:
         await store.close()

@@ -87,16 +87,19 @@ class TokenStore(Protocol):
 
 async def open_store(settings: Settings) -> TokenStore:
     """Open the store of the engine SQL_DSN names (SQLite at SQLITE_PATH when it names none)."""
+    from ._sql import rows_kept
+
     database, timeout, pool_size = settings.database, settings.db_timeout, settings.db_pool_size
+    kept = rows_kept(settings.hot_max)  # the refresher's rows, re-read every round
     # Imported here: each engine's driver loads only where that engine runs.
     if isinstance(database, PostgresDSN):
         from .postgres import PostgresStore
 
-        return await PostgresStore.open(database, timeout=timeout, pool_size=pool_size)
+        return await PostgresStore.open(database, timeout=timeout, pool_size=pool_size, rows_kept=kept)
     if isinstance(database, MySQLDSN):
         from .mysql import MySQLStore
 
-        return await MySQLStore.open(database, timeout=timeout, pool_size=pool_size)
+        return await MySQLStore.open(database, timeout=timeout, pool_size=pool_size, rows_kept=kept)
     from .sqlite import SQLiteStore
 
-    return await SQLiteStore.open(settings.sqlite_path, timeout=timeout, pool_size=pool_size)
+    return await SQLiteStore.open(settings.sqlite_path, timeout=timeout, pool_size=pool_size, rows_kept=kept)

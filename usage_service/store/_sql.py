@@ -49,7 +49,8 @@ OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
 # more, which every new-api gateway has); a database LOG_SQL_DSN names must have them.
 LOG_REQUIRED = {"id", "token_id", "created_at", "type", "model_name", "quota", "prompt_tokens", "completion_tokens"}
 
-# Rows fetch_many remembers, to hand back the same record for an unchanged row.
+# Rows fetch_many remembers, to hand back the same record for an unchanged row: at least this
+# many, and at least a whole refresh round's (see rows_kept).
 ROW_MEMORY = 50_000
 
 # A token whose row cannot be read is logged at most this often (seconds), however often it is asked for.
@@ -221,6 +222,16 @@ class RowMemory:
         self._answers = keep_newest(self._answers, self.size // 1000)
 
 
+def rows_kept(hot_max: int) -> int:
+    """How many rows a store remembers when the refresher keeps up to `hot_max` tokens fresh.
+
+    A round re-reads every hot token's row, oldest remembered first: a memory that holds less
+    than a round (and the tenth that trimming drops) would have forgotten each row by the time
+    it is read again, and never find one. So: a round and a quarter more, ROW_MEMORY at least.
+    """
+    return max(ROW_MEMORY, hot_max + hot_max // 4)
+
+
 def _form_digest(form: str | tuple[Any, ...]) -> bytes:
     if isinstance(form, str):
         text = form.encode(errors="surrogatepass")
@@ -244,13 +255,13 @@ class SQLStore(ABC):
     fetch_batch = 1000  # keys or ids per statement
     engine: ClassVar[Engine]
 
-    def __init__(self, *, pool_size: int) -> None:
+    def __init__(self, *, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
         self.statements = 0
         self.option_statements = 0
         self.errors = 0  # statements that failed or timed out (metrics)
         self._has_options = False  # whether the gateway's options table was there when last looked
         self._select = ""  # set once the schema has been read
-        self._rows = RowMemory()
+        self._rows = RowMemory(rows_kept)
         self._failing = False
         self._unreadable_logged: dict[object, float] = {}  # token id -> when its unreadable row was last logged
         # Concurrent misses for different keys share one statement per free connection.

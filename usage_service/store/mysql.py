@@ -16,7 +16,7 @@ from asyncmy.errors import MySQLError
 
 from .._dsn import MySQLDSN
 from . import SchemaError, StoreUnavailable
-from ._sql import Column, SQLStore, check_log_schema, check_schema, select_sql
+from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 
 logger = logging.getLogger("usage_service.store")
 
@@ -39,8 +39,8 @@ class MySQLStore(SQLStore):
 
     engine = "mysql"
 
-    def __init__(self, dsn: MySQLDSN, *, timeout: float, pool_size: int) -> None:
-        super().__init__(pool_size=pool_size)
+    def __init__(self, dsn: MySQLDSN, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
+        super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.dsn = dsn
         self._timeout = timeout
         self._idle: list[tuple[asyncmy.Connection, float]] = []  # (connection, idle since), newest last
@@ -48,9 +48,11 @@ class MySQLStore(SQLStore):
         self._closed = False
 
     @classmethod
-    async def open(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4) -> MySQLStore:
+    async def open(
+        cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4, rows_kept: int = ROW_MEMORY
+    ) -> MySQLStore:
         """Connect, check that the database is a gateway's; raise SchemaError if not."""
-        store = cls(dsn, timeout=timeout, pool_size=pool_size)
+        store = cls(dsn, timeout=timeout, pool_size=pool_size, rows_kept=rows_kept)
         await store._start(f"SQL_DSN: {dsn.describe()}", store._check_tables)
         return store
 

@@ -10,7 +10,7 @@ import asyncpg
 
 from .._dsn import PostgresDSN
 from . import SchemaError, StoreUnavailable
-from ._sql import Column, SQLStore, check_log_schema, check_schema, select_sql
+from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 
 # Seconds a connection may sit idle in the pool before it is closed.
 IDLE_LIFETIME = 60.0
@@ -46,17 +46,19 @@ class PostgresStore(SQLStore):
 
     engine = "postgres"
 
-    def __init__(self, dsn: PostgresDSN, *, timeout: float, pool_size: int) -> None:
-        super().__init__(pool_size=pool_size)
+    def __init__(self, dsn: PostgresDSN, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
+        super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.dsn = dsn
         self._timeout = timeout
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
 
     @classmethod
-    async def open(cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4) -> PostgresStore:
+    async def open(
+        cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4, rows_kept: int = ROW_MEMORY
+    ) -> PostgresStore:
         """Connect, check that the database is a gateway's; raise SchemaError if not."""
-        store = cls(dsn, timeout=timeout, pool_size=pool_size)
+        store = cls(dsn, timeout=timeout, pool_size=pool_size, rows_kept=rows_kept)
         await store._start(f"SQL_DSN: {dsn.describe()}", store._check_tables)
         return store
 

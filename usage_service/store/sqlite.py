@@ -16,7 +16,17 @@ from typing import Any
 import aiosqlite
 
 from . import SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
-from ._sql import Column, Pair, SQLStore, check_log_schema, check_schema, select_columns, select_from, select_sql
+from ._sql import (
+    ROW_MEMORY,
+    Column,
+    Pair,
+    SQLStore,
+    check_log_schema,
+    check_schema,
+    select_columns,
+    select_from,
+    select_sql,
+)
 
 logger = logging.getLogger("usage_service.store")
 
@@ -43,8 +53,8 @@ class SQLiteStore(SQLStore):
     # Keys or ids per statement: SQLite allows 32766 variables since 3.32, 999 before.
     fetch_batch = 1000 if sqlite3.sqlite_version_info >= (3, 32, 0) else 900
 
-    def __init__(self, path: Path, *, timeout: float, pool_size: int) -> None:
-        super().__init__(pool_size=pool_size)
+    def __init__(self, path: Path, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
+        super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.path = path
         self._uri = path.resolve().as_uri() + "?mode=ro"
         self._wal, self._shm = Path(f"{path}-wal"), Path(f"{path}-shm")
@@ -76,9 +86,9 @@ class SQLiteStore(SQLStore):
         self._json_select = ""
 
     @classmethod
-    async def open(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
+    async def open(cls, path: Path, *, timeout: float, pool_size: int = 4, rows_kept: int = ROW_MEMORY) -> SQLiteStore:
         """Open the store, checking that the file is a gateway database; raise SchemaError if not."""
-        store = cls(path, timeout=timeout, pool_size=pool_size)
+        store = cls(path, timeout=timeout, pool_size=pool_size, rows_kept=rows_kept)
         try:
             await store._read_schema(f"SQLITE_PATH: {str(path)!r}")
         except StoreUnavailable as exc:
