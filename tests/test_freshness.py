@@ -433,6 +433,52 @@ async def test_a_late_write_never_replaces_a_newer_record(
         assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 30
 
 
+class StoreGatedBefore:
+    """The real store, whose fetch_many waits at a gate before it reads: a statement that waits
+    for a connection, a lock or the network after the round took its turn."""
+
+    def __init__(self, store: Any, gate: Gate) -> None:
+        self.store, self.gate = store, gate
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
+        await self.gate.hold()
+        found: dict[int, tuple[bytes, TokenRecord]] = await self.store.fetch_many(ids)
+        return found
+
+
+async def test_a_request_that_read_before_the_leader_does_not_replace_what_it_read(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The leader's round starts, its statement waits; meanwhile a request reads the row and
+    writes it behind; the gateway charges; then the leader's statement reads the charge. Redis
+    must hold what the leader read, which its invalidation and confirmations vouch for: had the
+    request's older record stayed there (it was stamped later, when its read began), every
+    worker would take it back after the invalidation and have it confirmed round after round."""
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    digest = key_digest(token.key.encode())
+    async with app_client(redis_url=redis_url, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        refresher, records = app.state.refresher, app.state.redis.records
+        gate = Gate()
+        refresher.store = StoreGatedBefore(app.state.store, gate)
+        await app.state.redis.hot_set.note({digest: token.id}, time.time())
+
+        round_ = asyncio.create_task(refresher.tick())
+        await gate.reached.wait()  # the leader's round is under way, its statement not yet run
+        assert await used(client, token) == 1  # a request reads the row and writes it behind
+        await until(lambda: redis_client.get(records.key(digest)) is not None)
+        gateway.charge(token, 5)
+        gate.release.set()
+        await round_  # the leader reads used=6, writes it, invalidates and confirms
+        assert refresher.stats.leader
+        assert decode_cached(redis_client.get(records.key(digest)))[0].used_quota == 6
+        await heard_so_far(app, client, sentinel)
+        assert await used(client, token) == 6
+        await refresher.tick()  # a round that finds nothing new vouches for what is held
+        await heard_so_far(app, client, sentinel)
+        assert await used(client, token) == 6
+
+
 async def test_many_records_go_out_in_one_call_each_only_over_an_older_one(
     gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
 ) -> None:

@@ -237,8 +237,12 @@ class Refresher:
             if not await lock.extend(self.round_lock_ttl):
                 return None
             chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
-            fetched_at = time.time()  # before the read: the records are at least this fresh
             fresh = await self._read(chunk)
+            # Stamped when the read has ended (a request's read is stamped when it begins): a
+            # request's record replaces these in Redis only if its read began after this one
+            # ended, so Redis never holds a record older than what this round saw, which its
+            # invalidations and confirmation vouch for.
+            fetched_at = time.time()
             checked = False
             # Changed records are written now; unchanged ones once half their TTL has gone, which
             # keeps them from ageing out of the cache.
