@@ -479,6 +479,29 @@ async def test_a_request_that_read_before_the_leader_does_not_replace_what_it_re
         assert await used(client, token) == 6
 
 
+async def test_a_polled_token_deleted_is_let_go_with_no_negative_cache(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    """With USAGE_NEGATIVE_TTL=0 the leader that finds a polled token deleted still writes over
+    its record in Redis: a worker the invalidation reaches goes to the database (401), rather
+    than take the old record back from Redis and have later rounds vouch for it."""
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    digest = key_digest(token.key.encode())
+    async with app_client(redis_url=redis_url, negative_ttl=0.0, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        refresher = app.state.refresher
+        assert await used(client, token) == 1
+        await app.state.redis.hot_set.note({digest: token.id}, time.time())
+        await refresher.tick()  # the leader sees it: writes it to Redis, names it, confirms
+        await heard_so_far(app, client, sentinel)
+
+        gateway.update_token(token, deleted_at="2026-01-01 00:00:00")
+        for _ in range(2):  # the round that sees it gone, and one that finds nothing new
+            await refresher.tick()
+            await heard_so_far(app, client, sentinel)
+            assert (await client.get(URL, headers=token.bearer)).status_code == 401
+
+
 async def test_many_records_go_out_in_one_call_each_only_over_an_older_one(
     gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
 ) -> None:

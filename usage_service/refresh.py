@@ -97,7 +97,6 @@ class Refresher:
         self.window = settings.hot_window
         self.hot_max = settings.hot_max
         self.cache_ttl = settings.cache_ttl
-        self.negative_ttl = settings.negative_ttl
         # Between rounds the lock outlives a couple of missed renewals, so leadership does not
         # flap, and a leader that dies is replaced within seconds.
         self.lock_ttl = max(3 * self.interval, 1.0)
@@ -254,8 +253,10 @@ class Refresher:
                     changed.append(digest)
                 elif written.get(digest, 0.0) > due:
                     continue
-                if record is not None or self.negative_ttl > 0:
-                    values[digest] = encode_cached(record, fetched_at)
+                # A token gone is written too, whatever USAGE_NEGATIVE_TTL: left in Redis, its
+                # old record would be taken back by every worker the invalidation reaches (with
+                # the setting at 0 a tombstone is never served, only read past to the database).
+                values[digest] = encode_cached(record, fetched_at)
             if values or changed:  # nothing goes out of a chunk that is not checked after its read
                 if not await lock.extend(self.round_lock_ttl):
                     return None
