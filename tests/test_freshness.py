@@ -170,6 +170,33 @@ async def test_confirmations_keep_an_entry_fresh_up_to_its_hard_bound(
         assert lookup.stats.redis_hits + lookup.stats.db_reads == reads + 1
 
 
+async def test_a_subscription_redis_py_restores_by_itself_is_heard_as_a_loss(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis drops the subscriber's connection (a failover, a subscriber past its output buffer
+    limit) and redis-py connects and subscribes again by itself, without an error: what was
+    published in between is lost. No confirmation heard after it vouches for an entry held
+    before it, which an invalidation lost in between may have been meant for."""
+    clock = Clock()
+    monkeypatch.setattr(usage_service.lookup, "time", clock)
+    token, sentinel = gateway.add_token(used=2), gateway.add_token()
+    settings = {"redis_url": redis_url, "cache_ttl": 1.0, "local_ttl": 1.0, "hot_window": 60.0, **MANUAL_ROUNDS}
+    async with app_client(**settings) as (app, client):
+        await started(app)
+        channel = app.state.redis.channel
+        assert await used(client, token) == 2
+        generation = app.state.lookup.local.generation
+
+        assert redis_client.client_kill_filter(_type="pubsub") == 1
+        await until(lambda: redis_client.pubsub_numsub(channel.name) == [(channel.name.encode(), 1)])
+        await channel.publish_confirmation(clock.time() + 3600)
+        await heard_so_far(app, client, sentinel)
+        assert app.state.lookup.local.generation > generation and channel.losses == 1
+
+        clock.ahead = 4.0  # past its own TTL: only a confirmation could keep it
+        assert fresh_in_process(app, token) is None
+
+
 async def test_an_invalidated_entry_stays_expired_through_later_confirmations(
     gateway: Gateway, app_client: AppClient, redis_url: str
 ) -> None:

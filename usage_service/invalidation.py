@@ -89,14 +89,25 @@ class InvalidationChannel:
         guard = self.guard
         while not guard.closed:
             pubsub = guard.client.pubsub()
+            # redis-py connects again and subscribes again by itself when the connection drops
+            # (a failover, a subscriber past its output buffer limit, CLIENT KILL): what was
+            # published meanwhile is lost without an error. Heard as a loss.
+            connects = _Connects()
             try:
                 await pubsub.subscribe(self.name)
+                if pubsub.connection is not None:
+                    pubsub.connection.register_connect_callback(connects.made)
                 on_live(True)
                 while True:
                     # redis-py can turn a cancellation that lands as its read times out into an
                     # ordinary empty read; without this check the listener would outlive shutdown.
                     reraise_cancellation()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if connects.count:  # before the message: it came on the new connection
+                        connects.count = 0
+                        on_live(False)
+                        self._lost("connected again")
+                        on_live(True)
                     if message is None:
                         continue
                     data = message["data"]
@@ -116,15 +127,17 @@ class InvalidationChannel:
             except REDIS_FAILURES as exc:
                 on_live(False)
                 reraise_cancellation()
-                self._lost(exc)
+                self._lost(type(exc).__name__)
                 await asyncio.sleep(min(1.0, guard.breaker.cooldown) or 0.1)
             finally:
                 on_live(False)
+                if pubsub.connection is not None:  # it goes back to the pool
+                    pubsub.connection.deregister_connect_callback(connects.made)
                 with contextlib.suppress(*REDIS_FAILURES):
                     async with asyncio.timeout(guard.timeout):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    def _lost(self, exc: BaseException) -> None:
+    def _lost(self, reason: str) -> None:
         # While the channel is down, what a worker holds is confirmed by nothing: its polls go
         # to Redis or the database until a round is heard again. Said now and then, not per loss.
         self.losses += 1
@@ -132,10 +145,21 @@ class InvalidationChannel:
         if now - self._loss_logged_at >= LOSS_LOG_INTERVAL:
             logger.warning(
                 "invalidation channel lost (%s), subscribing again; %d time(s) since start",
-                type(exc).__name__,
+                reason,
                 self.losses,
             )
             self._loss_logged_at = now
+
+
+class _Connects:
+    """Counts a connection's connects after the first (redis-py keeps its callbacks weakly: the
+    listener holds this while it listens)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def made(self, connection: object) -> None:
+        self.count += 1
 
 
 def _part(name: str, fingerprint: bytes | None) -> str:
