@@ -254,6 +254,29 @@ async def test_rows_read_as_one_json_value_are_read_as_row_by_row(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no database failure
 
 
+async def test_a_value_json_cannot_hold_fails_no_other_row(gateway: Gateway) -> None:
+    """SQLite writes an infinite REAL into JSON as `Inf`, which no JSON reader takes: that
+    statement is read row by row, where the value reads as junk does, and every other row of it
+    as it is now (a charge included)."""
+    from usage_service.store.sqlite import SQLiteStore
+
+    tokens = [gateway.add_token(used=1, remain=100) for _ in range(5)]
+    ids = [t.id for t in tokens]
+    store = await SQLiteStore.open(gateway.path, timeout=2, pool_size=1)
+    try:
+        assert store._json_select  # this SQLite has its JSON functions
+        await store.fetch_many(ids)
+        spoil(gateway, tokens[2], "remain_quota", "9e999")
+        gateway.charge(tokens[0], 5)
+        found = await store.fetch_many(ids)
+    finally:
+        await store.close()
+    assert sorted(found) == ids
+    used = {token_id: pair[1].used_quota for token_id, pair in found.items()}  # type: ignore[union-attr]
+    assert used == {**dict.fromkeys(ids, 1), tokens[0].id: 6}
+    assert found[tokens[2].id][1].remain_quota == 0  # type: ignore[union-attr]
+
+
 async def test_a_statement_read_again_gives_each_rows_latest_record(gateway: Gateway) -> None:
     """The refresher reads the same statements every round, most of them unchanged; whatever it
     read before, each read gives the rows as they are now (a change, and a change undone)."""
