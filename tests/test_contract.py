@@ -218,6 +218,8 @@ async def test_unknown_paths_are_404_json(gateway: Gateway, app_client: AppClien
     async with app_client() as (_, client):
         assert_error(await client.get("/nope"), 404, "not found")
         assert_error(await client.get("/api/usage/token/extra", headers=gateway.add_token().bearer), 404, "not found")
+        for path in ("/healthz/", "/readyz/", "/metrics/", "/openapi.json/"):  # no redirect, to any Host
+            assert_error(await client.get(path, headers={"Host": "elsewhere.example"}), 404, "not found")
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,9 @@ def create_app(settings: Settings) -> UsageService:
         exception_handlers={HTTPException: http_error, Exception: _to_the_front_door},
         lifespan=lifespan,
     )
+    # Every other path is 404: Starlette's default 307 to the path without its trailing slash
+    # would build its Location from the request's Host header (an open redirect).
+    starlette.router.redirect_slashes = False
     access = (
         AccessLog(
             routes=openapi.ROUTE_LABELS,
