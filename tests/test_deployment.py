@@ -434,6 +434,17 @@ def _listening_addresses(port: int) -> set[str]:
 # --- the documented PostgreSQL grants ---------------------------------------------------------
 
 
+def test_the_scaled_profiles_grant_is_the_documented_one() -> None:
+    """The Compose profile's one-shot grant lets the sidecars read what docs/databases.md grants
+    (the log included: without it every history and log route is 503), and waits for all of it."""
+    script = (ROOT / "config" / "postgres" / "grant-readonly.sh").read_text()
+    (granted,) = re.findall(r"'(GRANT SELECT ON [^']*)'", script)
+    (documented,) = [g for g in documented_grants("PostgreSQL", "new-api") if g.startswith("GRANT SELECT ON")]
+    assert granted == documented
+    tables = documented.removeprefix("GRANT SELECT ON ").split(" TO ")[0]
+    assert f"SELECT 1 FROM {tables} LIMIT 0" in script
+
+
 @pytest.mark.parametrize(
     "public_create",
     [
@@ -444,7 +455,7 @@ def _listening_addresses(port: int) -> set[str]:
 )
 def test_documented_postgres_role_can_only_read(postgres_server: PostgresServer, public_create: bool) -> None:
     """docs/databases.md's statements, run as it says (a superuser), leave a role that reads the
-    three tables and can neither write them nor create a table, even in a read-write session."""
+    four tables and can neither write them nor create a table, even in a read-write session."""
     import psycopg
     from psycopg import errors
 
@@ -462,7 +473,7 @@ def test_documented_postgres_role_can_only_read(postgres_server: PostgresServer,
                 owner.execute(statement)  # type: ignore[arg-type]
     reader_url = postgres_server.url(database, READER, urllib.parse.quote(READER_PASSWORD, safe=""))
     with psycopg.connect(reader_url, autocommit=True) as reader:
-        for table in ("tokens", "users", "options"):
+        for table in ("tokens", "users", "options", "logs"):
             reader.execute(f"SELECT count(*) FROM {table}")  # type: ignore[arg-type]
         # The session's read-only default is the role's own setting, which it may lift: the
         # privileges must hold without it.
@@ -473,6 +484,7 @@ def test_documented_postgres_role_can_only_read(postgres_server: PostgresServer,
             "UPDATE tokens SET name = 'x'",
             "INSERT INTO options (\"key\", \"value\") VALUES ('x', 'y')",
             "DELETE FROM users",
+            "DELETE FROM logs",
         ):
             with pytest.raises(errors.InsufficientPrivilege):
                 reader.execute(statement)  # type: ignore[arg-type]
