@@ -45,6 +45,13 @@ def proxies(count: int) -> list[str]:
         ),
         pytest.param(["198.51.100.1" + " " * 2000], "10.0.0.2", id="nothing-whole-within-the-byte-bound"),
         pytest.param([*(["192.0.2.66"] * 2000), "198.51.100.1", "10.0.0.7"], "198.51.100.1", id="many-headers"),
+        pytest.param(
+            # Python reads any text after '%' as an IPv6 scope: it would reach the access log as
+            # is, and give the limiter a new address for every scope.
+            ['fe80::1%" 200 0.001ms local FORGED sk-ABCDEFGHIJKLMNOPQRSTUVWXYZ, 10.0.0.7'],
+            "10.0.0.7",
+            id="a-scoped-address-is-not-read",
+        ),
     ],
 )
 def test_the_client_is_read_from_the_right(forwarded: list[str], client: str) -> None:

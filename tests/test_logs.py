@@ -10,7 +10,7 @@ import pytest
 from conftest import AppClient
 from support import Gateway
 
-from usage_service.access import logged_path
+from usage_service.access import logged_method, logged_path
 from usage_service.logs import JSONFormatter, OneLineFormatter, TextFormatter, uvicorn_config
 from usage_service.openapi import ROUTE_LABELS
 
@@ -107,6 +107,20 @@ def test_paths_are_logged_without_key_material(path: str, logged: str) -> None:
 def test_paths_are_logged_escaped(path: str, logged: str) -> None:
     """A path (decoded: %0a is a newline) is logged on one line, inside its quotes."""
     assert logged_path(path, ROUTE_LABELS) == logged
+
+
+@pytest.mark.parametrize(
+    ("method", "logged"),
+    [
+        pytest.param("GET", "GET", id="http-methods-stay"),
+        pytest.param("PROPFIND", "PROPFIND", id="short-words-stay"),
+        pytest.param("sk-" + KEY, "[redacted]", id="a-key"),
+        pytest.param("A\nINFO:", "A\\x0aINFO:", id="newline"),
+    ],
+)
+def test_methods_are_logged_as_unknown_paths_are(method: str, logged: str) -> None:
+    """granian hands the app any method token a client sends (uvicorn answers 400 to most)."""
+    assert logged_method(method) == logged
 
 
 ACCESS_LINE = re.compile(r'^(\S+) - "([A-Z]+) (\S+)" (\d{3}) (\d+\.\d{3})ms (\S+)$')

@@ -27,8 +27,8 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 # The route label of a path no route serves: paths are client input, labels must stay few.
 OTHER = "other"
 
-# A path no route serves is logged with anything that could be a key blanked out, then cut
-# short, then escaped: one request is one line, whatever the client put in its path.
+# A path no route serves (or a method HTTP has not) is logged with anything that could be a key
+# blanked out, then cut short, then escaped: one request is one line, whatever the client sent.
 _KEYLIKE = re.compile(r"(?:sk-)?[0-9A-Za-z]{16,}")
 _MAX_LOGGED_PATH = 200
 # Printable ASCII but space, '"' and backslash stays as is; anything else is written \xHH, \uHHHH
@@ -73,12 +73,23 @@ def client_address(scope: Scope) -> str:
 
 def logged_path(path: str, routes: Mapping[str, str]) -> str:
     """The path as it may appear in a log: a route's own path as is, any other without key material."""
-    if path in routes:
-        return path
+    return path if path in routes else _loggable(path)
+
+
+def logged_method(method: str) -> str:
+    """The method as it may appear in a log: HTTP's own as is, anything else (granian passes any
+    token on) as an unknown path is."""
+    return method if method in _METHODS else _loggable(method)
+
+
+_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "TRACE"})
+
+
+def _loggable(text: str) -> str:
     # Redacted whole before it is cut: cutting first could leave a key's first 15 characters,
     # too short a run to look like one.
-    path = _KEYLIKE.sub("[redacted]", path)[:_MAX_LOGGED_PATH]
-    return _UNSAFE.sub(_escape, path)
+    text = _KEYLIKE.sub("[redacted]", text)[:_MAX_LOGGED_PATH]
+    return _UNSAFE.sub(_escape, text)
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -114,7 +125,7 @@ class AccessLog:
         # The query string is never logged: a client may have put its key there.
         fields = {
             "client": self.client(scope),
-            "method": scope["method"],
+            "method": logged_method(scope["method"]),
             "path": logged_path(path, self.routes),
             "status": status,
             "duration_ms": round(elapsed * 1000, 3),

@@ -68,6 +68,8 @@ class ClientAddresses:
 def _parse(hop: str) -> Address | None:
     """Return the IP address of one X-Forwarded-For entry (or of the peer), or None if it is not one."""
     hop = hop.strip()
+    if "%" in hop:  # an IPv6 scope (any text after it): no client address, and it would be logged
+        return None
     if hop.startswith("["):  # [v6]:port
         hop = hop[1 : hop.find("]")] if "]" in hop else ""
     elif hop.count(":") == 1:  # v4:port
