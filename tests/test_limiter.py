@@ -208,16 +208,24 @@ async def test_counts_are_shared_between_instances_through_redis(
         assert b"w" * 48 not in redis_client.get(name) + name.encode()
 
 
-async def test_concurrent_failures_from_one_address_all_count(
-    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis
+@pytest.mark.parametrize("shared", ["in-process", "redis"])
+async def test_a_burst_of_guesses_from_one_address_costs_about_twice_the_limit_in_lookups(
+    gateway: Gateway, app_client: AppClient, request: pytest.FixtureRequest, shared: str
 ) -> None:
-    async with app_client(redis_url=redis_url, **LIMITED) as (app, client):
-        redis_client.config_resetstat()
-        responses = await asyncio.gather(*(client.get(URL, headers=WRONG) for _ in range(40)))
-        assert sorted(r.status_code for r in responses) == [401] * 3 + [429] * 37
-        assert int(redis_client.get(app.state.redis.failures.prefix + "127.0.0.1") or 0) == 40
-        # ...in fewer round trips than failures.
-        assert redis_client.info("commandstats")["cmdstat_incrby"]["calls"] < 40
+    """300 different unknown keys sent at once from one address: its keys are resolved at most
+    `limit` at a time, so once its failures block it the rest are answered 429 unresolved. (Every
+    one was looked up before the first failures were counted.)"""
+    limit = LIMITED["auth_fail_limit"]
+    overrides: dict[str, Any] = {"redis_url": request.getfixturevalue("redis_url")} if shared == "redis" else {}
+    async with app_client(**LIMITED, **overrides) as (app, client):
+        guesses = [{"Authorization": f"Bearer sk-{i:048d}"} for i in range(300)]
+        responses = await asyncio.gather(*(client.get(URL, headers=headers) for headers in guesses))
+        assert sorted(r.status_code for r in responses) == [401] * limit + [429] * (300 - limit)
+        assert limit < app.state.lookup.stats.db_reads <= 2 * limit
+        assert app.state.limiter._turns == {}  # every turn given back
+        if shared == "redis":  # counted for every worker and instance (once blocked, no more)
+            counted = request.getfixturevalue("redis_client").get(app.state.redis.failures.prefix + "127.0.0.1")
+            assert limit < int(counted) <= app.state.lookup.stats.db_reads
 
 
 async def test_counting_survives_a_redis_that_lost_its_scripts(

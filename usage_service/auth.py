@@ -7,6 +7,7 @@ billing routes); only an accepted token's record travels on, in `scope["usage.to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -197,19 +198,21 @@ class TokenAuthMiddleware:
         lookup = self.services.lookup
         record = lookup.cached(key, scope)
         if record is None:
-            # A blocked address is answered before resolution: guessing costs it no lookup at all.
+            # Resolved in one of its address's turns: a blocked address is answered before
+            # resolution (guessing costs it no lookup at all), and a burst of guesses waits.
             limiter = self.services.limiter
-            if limiter is not None and (retry_after := limiter.blocked(scope)) is not None:
-                await self.too_many(rules, retry_after, scope, receive, send)
-                return
-            try:
-                record = await lookup.resolve(key, scope)
-            except StoreUnavailable:
-                await rules.unavailable(scope, receive, send)
-                return
-            if record is None:
-                await self.refuse(rules.unknown_key, scope, receive, send)
-                return
+            async with limiter.turn(scope) if limiter is not None else contextlib.nullcontext() as retry_after:
+                if retry_after is not None:
+                    await self.too_many(rules, retry_after, scope, receive, send)
+                    return
+                try:
+                    record = await lookup.resolve(key, scope)
+                except StoreUnavailable:
+                    await rules.unavailable(scope, receive, send)
+                    return
+                if record is None:
+                    await self.refuse(rules.unknown_key, scope, receive, send)  # counted within the turn
+                    return
         rejection = rules.verdict(record)
         if rejection is not None:
             await rejection(scope, receive, send)

@@ -3,7 +3,9 @@
 Failures are counted; a token answered in-process is never throttled and polling costs no
 extra round trip. Once this worker knows an address is over the limit, any other credential
 from it is answered 429 before its key is resolved: a blocked address costs no cache or
-database lookup, and is not counted again.
+database lookup, and is not counted again. Before that, an address has at most `limit` keys
+resolved at once in a worker, the others waiting their turn: a burst of guesses sent all at
+once costs about twice the limit in lookups, not one per guess, before the rest are 429.
 
 Each address (an IPv6 client by its /64, which one machine usually holds whole) has a fixed
 window that starts with its first failure. Counts live in Redis, one key per address with an
@@ -15,11 +17,14 @@ its further requests without asking Redis.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from starlette.types import Scope
 
@@ -54,6 +59,8 @@ class AuthFailureLimiter:
         # entry (bucket, sequence number), so concurrent failures from one address all count.
         self._batches: Batcher[tuple[str, int], tuple[int, float]] = Batcher(self._count_shared, max_batch=256, slots=2)
         self._sequence = itertools.count()
+        # The turns of the addresses that have keys being resolved now (bounded by the requests in flight).
+        self._turns: dict[bytes, _Turns] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, shared: FailureCounter | None) -> AuthFailureLimiter | None:
@@ -63,13 +70,37 @@ class AuthFailureLimiter:
         addresses = ClientAddresses(settings.trusted_proxies)
         return cls(settings.auth_fail_limit, settings.auth_fail_window, shared, addresses)
 
-    def blocked(self, scope: Scope) -> int | None:
-        """Return the Retry-After seconds of a 429 when this worker knows the client's address is
-        over the limit, else None. Asked before a key is resolved; costs no Redis call."""
-        if not self._blocked:  # nobody blocked: not even the address is worked out
+    @contextlib.asynccontextmanager
+    async def turn(self, scope: Scope) -> AsyncIterator[int | None]:
+        """Hold one of the client's address's turns to resolve a key (waiting for one while
+        `limit` are taken); give the Retry-After seconds of a 429 instead when this worker knows
+        the address is over the limit, and then no key is to be resolved. Costs no Redis call.
+
+        A failure is counted (`failed`) before the turn is given up, so that the turns waiting
+        learn of the block.
+        """
+        name = address_bucket(self.addresses(scope)).encode()
+        retry_after = self._retry_after(name)
+        if retry_after is not None:
+            yield retry_after
+            return
+        turns = self._turns.get(name)
+        if turns is None:
+            turns = self._turns[name] = _Turns(asyncio.Semaphore(self.limit))
+        turns.holders += 1
+        try:
+            async with turns.free:
+                yield self._retry_after(name)
+        finally:
+            turns.holders -= 1
+            if not turns.holders:
+                del self._turns[name]
+
+    def _retry_after(self, name: bytes) -> int | None:
+        if not self._blocked:
             return None
         now = time.monotonic()
-        blocked_until = self._blocked.get(address_bucket(self.addresses(scope)).encode(), now)
+        blocked_until = self._blocked.get(name, now)
         return None if blocked_until is None else max(1, math.ceil(blocked_until - now))
 
     async def failed(self, scope: Scope) -> int | None:
@@ -116,6 +147,12 @@ class AuthFailureLimiter:
             results[call] = (total - failures[bucket] + 1, remaining)
             failures[bucket] -= 1
         return results
+
+
+@dataclass(slots=True)
+class _Turns:
+    free: asyncio.Semaphore
+    holders: int = 0  # requests holding or waiting for one
 
 
 def address_bucket(address: str) -> str:
