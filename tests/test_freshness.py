@@ -31,8 +31,9 @@ from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.invalidation import _parse_digests, _parse_history
 from usage_service.records import TokenRecord, decode_cached, encode_cached
-from usage_service.refresh import STATEMENT_GUARD, Refresher
+from usage_service.refresh import Refresher
 from usage_service.shared import SharedRedis
+from usage_service.store import STATEMENT_GUARD
 
 pytestmark = pytest.mark.asyncio
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .cache import UNCONFIRMED, LocalCache, RedisRecords, key_digest
 from .config import Settings
 from .records import TokenRecord, encode_cached
-from .store import StoreUnavailable, TokenStore
+from .store import STATEMENT_GUARD, StoreUnavailable, TokenStore
 
 
 @dataclass
@@ -77,6 +77,9 @@ class TokenLookup:
         self.invalidations_live = False
         self.negative_ttl = settings.negative_ttl
         self.stale_if_error = settings.stale_if_error
+        # How long a miss waits for the database: USAGE_DB_TIMEOUT on a lock, and the stores'
+        # one-second guard on a statement that hangs, counted from the miss, queueing included.
+        self.db_deadline = settings.db_timeout + STATEMENT_GUARD
         # Redis keeps records past their freshness so that they can stand in for the database.
         self.redis_ttl = settings.cache_ttl + settings.stale_if_error
         self.local: LocalCache[TokenRecord] = LocalCache(settings.local_cache_size)
@@ -209,7 +212,7 @@ class TokenLookup:
         self.stats.db_reads += 1
         fetched_at = time.time()  # before the read: the record is at least this fresh
         try:
-            record = await self.store.fetch(key.decode("ascii"))
+            record = await self._fetch(key)
         except StoreUnavailable:
             if stale is not None:
                 self._keep_stale(digest, *stale)
@@ -221,6 +224,16 @@ class TokenLookup:
             elif self.negative_ttl > 0:
                 self.redis.write(digest, encode_cached(None, fetched_at), self.negative_ttl)
         return record, "database"
+
+    async def _fetch(self, key: bytes) -> TokenRecord | None:
+        """The store's read, given up after `db_deadline`: a statement has that long at most,
+        but a miss that waits for a connection behind other misses' statements would have it
+        after that wait. (The read goes on for whoever else waits on it.)"""
+        try:
+            async with asyncio.timeout(self.db_deadline):
+                return await self.store.fetch(key.decode("ascii"))
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer from the database within {self.db_deadline:g} s") from None
 
     def _keep_stale(self, digest: bytes, record: TokenRecord, age: float) -> None:
         """Keep an expired record from Redis in-process, already expired, for _stale to find."""

@@ -27,7 +27,7 @@ from .hotset import HOT_SLICE, parse_hot
 from .leadership import LeaderLock, Leadership
 from .records import TokenRecord, encode_cached
 from .shared import SharedRedis
-from .store import StoreUnavailable, TokenStore, UnreadableRow
+from .store import STATEMENT_GUARD, StoreUnavailable, TokenStore, UnreadableRow
 from .tails import TailKeeper
 
 logger = logging.getLogger("usage_service.refresh")
@@ -38,10 +38,6 @@ U = TypeVar("U")
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
 REFRESH_CHUNK = HOT_SLICE
-
-# Seconds a statement may run past USAGE_DB_TIMEOUT before the store gives up on it (each
-# store's outer guard).
-STATEMENT_GUARD = 1.0
 
 # A worker notes a token in the shared hot set again once this part of USAGE_HOT_WINDOW has
 # passed since it last did (at most every RENOTE_MAX seconds), not every interval: tokens polled

@@ -15,6 +15,10 @@ from ..records import TokenRecord
 if TYPE_CHECKING:
     from .logs import LogReader
 
+# Seconds a statement may run past USAGE_DB_TIMEOUT before its store gives up on it (each
+# engine's outer guard, beside the database's own lock or statement timeout).
+STATEMENT_GUARD = 1.0
+
 
 class StoreUnavailable(Exception):
     """The database could not answer (locked, missing, timed out); the request may be retried."""

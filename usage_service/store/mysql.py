@@ -15,7 +15,7 @@ import asyncmy
 from asyncmy.errors import MySQLError
 
 from .._dsn import MySQLDSN
-from . import SchemaError, StoreUnavailable
+from . import STATEMENT_GUARD, SchemaError, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 
 logger = logging.getLogger("usage_service.store")
@@ -105,7 +105,7 @@ class MySQLStore(SQLStore):
     async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
         try:
             # Bounds waiting for a free connection, connecting and the statement(s) together.
-            async with asyncio.timeout(self._timeout + 1.0):
+            async with asyncio.timeout(self._timeout + STATEMENT_GUARD):
                 try:
                     return await self._fetch(sql, params)
                 except _ConnectionLost:

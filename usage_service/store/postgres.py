@@ -9,7 +9,7 @@ from typing import Any, cast
 import asyncpg
 
 from .._dsn import PostgresDSN
-from . import SchemaError, StoreUnavailable
+from . import STATEMENT_GUARD, SchemaError, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 
 # Seconds a connection may sit idle in the pool before it is closed.
@@ -135,7 +135,7 @@ class PostgresStore(SQLStore):
             raise StoreUnavailable("store is closed")
         try:
             # Bounds waiting for a free connection, connecting and the statement(s) together.
-            async with asyncio.timeout(self._timeout + 1.0):
+            async with asyncio.timeout(self._timeout + STATEMENT_GUARD):
                 try:
                     return await self._fetch(pool, sql, params)
                 except _CONNECTION_LOST:

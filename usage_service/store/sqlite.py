@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from . import SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
+from . import STATEMENT_GUARD, SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
 from ._sql import (
     ROW_MEMORY,
     Column,
@@ -207,7 +207,7 @@ class SQLiteStore(SQLStore):
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
-            async with asyncio.timeout(self._timeout + 1.0):
+            async with asyncio.timeout(self._timeout + STATEMENT_GUARD):
                 for _ in range(2):
                     async with self._connection() as conn:
                         try:
