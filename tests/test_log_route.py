@@ -989,6 +989,26 @@ async def test_odd_values_read_as_the_gateways_zero_values(gateway: Gateway, app
     assert (second["content"], second["created_at"]) == ("fine", 7)
 
 
+@sqlite_only  # what SQLite keeps in a number column
+async def test_numbers_no_json_of_ours_holds_read_as_zero(gateway: Gateway, app_client: AppClient) -> None:
+    """Text of too many digits in a number column (SQLite keeps what it is given), a boolean
+    that is no UTF-8: the row shows zero values, and the answer is served (it was a 500)."""
+    token = gateway.add_token()
+    gateway.add_log(token, content="fine", created_at=7, quota=3)
+    odd = gateway.add_log(token, created_at=8)
+    gateway.db.execute(
+        "UPDATE logs SET quota = CAST('99999999999999999999999' AS BLOB), use_time = '99999999999999999999',"
+        " is_stream = X'FF' WHERE id = ?",
+        (odd,),
+    )
+    async with app_client() as (_, client):
+        response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200
+    first, second = response.json()["data"]
+    assert (first["quota"], first["use_time"], first["is_stream"]) == (0, 0, False)
+    assert (second["content"], second["quota"]) == ("fine", 3)
+
+
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
 async def test_postgres_start_up_advises_an_index_in_token_order(
     gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture

@@ -398,6 +398,25 @@ async def test_database_down_is_503_or_the_last_answer(gateway: Gateway, app_cli
     assert never.headers["retry-after"] == "1"
 
 
+async def test_sums_past_64_bits_fail_their_tokens_history_alone(gateway: Gateway, app_client: AppClient) -> None:
+    """Three days whose sums each fit in 64 bits and whose total does not, or a REAL quota past
+    64 bits: the token's history is 503, as a day's sum past 64 bits already was (it was a 500),
+    and another token's is answered."""
+    params = {"start_date": "2026-02-01", "end_date": "2026-02-03"}
+    over, real, other = gateway.add_token(), gateway.add_token(), gateway.add_token()
+    for day in (1, 2, 3):
+        gateway.add_log(over, created_at=utc(2026, 2, day, 8), quota=2**63 - 1)
+    odd = gateway.add_log(real, created_at=utc(2026, 2, 2, 8), quota=1)
+    gateway.db.execute("UPDATE logs SET quota = 1e20 WHERE id = ?", (odd,))
+    gateway.add_log(other, created_at=utc(2026, 2, 2, 8), quota=7)
+    async with app_client() as (_, client):
+        for token in (over, real):
+            response = await client.get(URL, params=params, headers=token.bearer)
+            assert response.status_code == 503
+            assert response.json() == {"success": False, "message": "database unavailable, retry later"}
+        assert (await history(client, other, **params))["total"]["quota"] == 7
+
+
 async def test_cors_and_metrics_labels(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token()
     async with app_client() as (_, client):

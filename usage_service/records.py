@@ -141,7 +141,7 @@ def as_bool(value: object) -> bool:
     if isinstance(value, int | float):
         return value != 0
     if isinstance(value, str | bytes):
-        text = value.decode() if isinstance(value, bytes) else value
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
         return text.strip().lower() in ("1", "t", "true", "y", "yes")
     return False
 

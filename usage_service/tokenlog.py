@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .records import INT64_MAX, TokenRecord, as_bool, as_int
+from .records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int
 from .responses import JSON_TYPE, NO_CACHE, compact_json, error_body, send_body
 from .routing import SCOPE_KEY
 from .store import StoreUnavailable
@@ -183,17 +183,17 @@ def owner_row(row: Sequence[Any], token_id: int, position: int) -> dict[str, obj
     # come, the careful readers only for odd values.
     return {
         "id": position,
-        "user_id": user_id if type(user_id) is int else as_int(user_id),
-        "created_at": created_at if type(created_at) is int else as_int(created_at),
-        "type": type_ if type(type_) is int else as_int(type_),
+        "user_id": user_id if type(user_id) is int else _number(user_id),
+        "created_at": created_at if type(created_at) is int else _number(created_at),
+        "type": type_ if type(type_) is int else _number(type_),
         "content": content if type(content) is str else _text(content),
         "username": username if type(username) is str else _text(username),
         "token_name": token_name if type(token_name) is str else _text(token_name),
         "model_name": model_name if type(model_name) is str else _text(model_name),
-        "quota": quota if type(quota) is int else as_int(quota),
-        "prompt_tokens": prompt_tokens if type(prompt_tokens) is int else as_int(prompt_tokens),
-        "completion_tokens": completion_tokens if type(completion_tokens) is int else as_int(completion_tokens),
-        "use_time": use_time if type(use_time) is int else as_int(use_time),
+        "quota": quota if type(quota) is int else _number(quota),
+        "prompt_tokens": prompt_tokens if type(prompt_tokens) is int else _number(prompt_tokens),
+        "completion_tokens": completion_tokens if type(completion_tokens) is int else _number(completion_tokens),
+        "use_time": use_time if type(use_time) is int else _number(use_time),
         "is_stream": as_bool(is_stream),
         "channel": 0,  # which upstream channel served the request is never shown to an owner
         "channel_name": "",
@@ -202,6 +202,13 @@ def owner_row(row: Sequence[Any], token_id: int, position: int) -> dict[str, obj
         "ip": ip if type(ip) is str else _text(ip),
         "other": owner_other(other if type(other) is str else _text(other)),
     }
+
+
+def _number(value: object) -> int:
+    """An odd value in a number column as the gateway's JSON would show it: what as_int reads
+    (junk as 0), and 0 past 64 bits (text of too many digits: no JSON number of ours holds it)."""
+    number = as_int(value)
+    return number if INT64_MIN <= number <= INT64_MAX else 0
 
 
 def owner_other(text: str) -> str:

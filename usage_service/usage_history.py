@@ -25,10 +25,11 @@ from .billing import BillingOptions, json_number
 from .cache import AnswerCache, query_digest
 from .days import day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, History, Spend, Tail, total
-from .records import TokenRecord
+from .records import INT64_MAX, INT64_MIN, TokenRecord
 from .responses import JSONAnswer, JSONError, send_revalidated
 from .routing import SCOPE_KEY
 from .store import StoreUnavailable
+from .store.spending import SpendingPast64Bits
 
 if TYPE_CHECKING:
     from .services import Services
@@ -124,6 +125,8 @@ class ParsedQueries:
 
 def figures(spend: Spend, options: BillingOptions) -> dict[str, object]:
     quota, prompt_tokens, completion_tokens, requests = spend
+    if not all(INT64_MIN <= figure <= INT64_MAX for figure in spend):  # days or models summed
+        raise SpendingPast64Bits("a sum of the token's spending past 64 bits")
     return {
         "quota": quota,
         "amount": json_number(options.amount(quota)),
@@ -277,7 +280,11 @@ class HistoryEndpoint:
         source = source_of(query, sums)
         last = self.answers.peek(key)
         if last is None or last.options is not options or last.source != source:
-            answer = render(history_data(query, sums, options), options, source, changed, tail, basis)
+            try:
+                data = history_data(query, sums, options)
+            except SpendingPast64Bits:
+                return self.unavailable
+            answer = render(data, options, source, changed, tail, basis)
         else:
             answer = dataclasses.replace(last, changed=changed, tail=tail, basis=basis)
         self.answers.put(key, answer, len(answer.rendered.body) + len(key), clock)

@@ -20,10 +20,12 @@ time range, and every statement keeps the exact created_at condition as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ..records import INT64_MAX
+from ..records import INT64_MAX, INT64_MIN
+from . import StoreUnavailable
 from .logs import LogReader
 
 # Seconds by which a row's created_at may run out of id order: the id bounds of a time range are
@@ -164,10 +166,28 @@ def _row(row: Sequence[Any]) -> SpendRow:
         int(row[0]),
         int(row[1]),
         model,
-        int(row[3]),
-        int(row[4]),
-        int(row[5]),
-        int(row[6]),
+        _sum(row[3]),
+        _sum(row[4]),
+        _sum(row[5]),
+        _sum(row[6]),
         int(row[7]),
         int(row[8]) if len(row) > 8 else 1,
     )
+
+
+class SpendingPast64Bits(StoreUnavailable):
+    """A sum of a token's spending that no 64-bit integer holds (SQLite's own SUM fails alike):
+    that token's history cannot be read, and its route answers 503; other tokens are served."""
+
+
+def _sum(value: Any) -> int:
+    """A sum as a whole number (a REAL the gateway never writes read as one; NaN as 0, as junk
+    in a number column is), or SpendingPast64Bits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value):
+            return 0
+        raise SpendingPast64Bits("a sum of the log past 64 bits")
+    number = int(value)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise SpendingPast64Bits("a sum of the log past 64 bits")
+    return number
