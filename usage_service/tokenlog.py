@@ -113,6 +113,8 @@ def parse_query(query_string: bytes) -> LogQuery:
     model = values.get("model_name", "")
     if len(model) > 255:
         raise BadParameter("model_name: at most 255 characters")
+    if "\x00" in model:  # no stored name holds one, and PostgreSQL refuses the text
+        raise BadParameter("model_name: no NUL characters")
     return LogQuery(
         page=max(page, 1) if paged else None,
         page_size=min(size, MAX_PAGE_SIZE) if size else PAGE_SIZE,
