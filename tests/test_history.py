@@ -592,6 +592,23 @@ async def test_day_sums_keep_the_closed_part_and_ask_only_for_the_open_one(
         assert closed[(3, "m")][0] == 45
 
 
+@sqlite_only
+async def test_day_sums_count_the_days_that_key_a_range_in_their_bound(gateway: Gateway, settings: Settings) -> None:
+    """A client may name many ranges of 100 days with nothing in them: each keeps no sum, but is
+    keyed by 101 day starts, which the bound counts (it counted one per range: some 3.5 KB held
+    for each, about 3.3 GiB at the bound)."""
+    from usage_service.days import STARTS_PER_SUM, DaySums
+
+    token = gateway.add_token()
+    async with engine(settings, Clock(T0 + 200 * DAY)) as (history, _):
+        sums = DaySums(history, max_sums=300)
+        for first in range(50):
+            starts = tuple(T0 + (first + day) * DAY for day in range(101))
+            assert await sums.sums(token.id, starts, starts[-1]) == {}
+        assert sums.kept_sums <= 300
+        assert len(sums._kept) == 300 // (1 + 101 // STARTS_PER_SUM)
+
+
 async def test_day_sums_of_a_local_day_partly_closed_come_in_day_and_model_order(
     gateway: Gateway, settings: Settings
 ) -> None:

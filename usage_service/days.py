@@ -99,8 +99,12 @@ def by_day_and_model(slots: Mapping[tuple[int, str], Spend], starts: Sequence[in
     return dict(sorted(sums.items()))
 
 
-# Sums DaySums keeps per worker: 10,000 tokens' 30 days of a few models, about 100 bytes each.
+# What DaySums keeps per worker, in sums: 10,000 tokens' 30 days of a few models. A sum held
+# costs about 300 bytes (its day and model, four numbers, its place in a dict), a kept range
+# about one more, and each day start of the range that keys it about a seventh of one (a range
+# of 100 days keys its sums with 100 numbers): about 300 MiB at most.
 SUMS_KEPT = 1_000_000
+STARTS_PER_SUM = 7
 
 
 class DaySums:
@@ -117,7 +121,7 @@ class DaySums:
         self.history = history
         self.max_sums = max_sums
         self.kept_sums = 0
-        self._kept: OrderedDict[tuple[object, ...], dict[tuple[int, str], Spend]] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int, int, tuple[int, ...]], dict[tuple[int, str], Spend]] = OrderedDict()
 
     async def sums(self, token_id: int, starts: tuple[int, ...], end: int) -> dict[tuple[int, str], Spend]:
         """Sums per (day index, model), as `by_day_and_model`, of the token's slots in the days
@@ -161,9 +165,14 @@ class DaySums:
                 merged[day_model] = plus(held, spend)
         return merged if in_order else dict(sorted(merged.items()))
 
-    def _keep(self, key: tuple[object, ...], sums: dict[tuple[int, str], Spend]) -> None:
+    def _keep(self, key: tuple[int, int, int, tuple[int, ...]], sums: dict[tuple[int, str], Spend]) -> None:
         self._kept[key] = sums
-        self.kept_sums += len(sums) + 1
+        self.kept_sums += _cost(key, sums)
         while self.kept_sums > self.max_sums and self._kept:
-            _, dropped = self._kept.popitem(last=False)
-            self.kept_sums -= len(dropped) + 1
+            self.kept_sums -= _cost(*self._kept.popitem(last=False))
+
+
+def _cost(key: tuple[int, int, int, tuple[int, ...]], sums: dict[tuple[int, str], Spend]) -> int:
+    """What a kept range costs, in sums (see SUMS_KEPT): a client may name many ranges with
+    nothing in them, each keyed by its days' starts."""
+    return len(sums) + 1 + len(key[3]) // STARTS_PER_SUM
