@@ -55,7 +55,8 @@ def bearer_key(value: bytes) -> bytes | None:
 
 
 def key_parameter(query_string: bytes) -> bytes | None:
-    """The first non-empty `key` query parameter, percent-decoded, or None. (Never logged, never echoed.)"""
+    """The first `key` query parameter, percent-decoded, or None if it is empty (as the gateway
+    reads it). (Never logged, never echoed.)"""
     for name, value in parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True):
         if name == "key":
             return value.encode(errors="replace") if value else None
