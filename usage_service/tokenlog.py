@@ -47,8 +47,20 @@ ANSWER_TTL = 1.0  # seconds an answer is served again: the balance's freshness b
 ANSWER_ENTRIES = 4096  # answers kept per worker...
 ANSWER_BYTES = 32 * 2**20  # ...and their bytes (a full list is a few hundred KiB)
 
-# What the owner of a token is never shown of `other` (the gateway removes the same members).
-HIDDEN_OTHER = ("admin_info", "audit_info")
+# What the owner of a token is never shown of `other`: every member a new-api version removes
+# before showing a log to its owner (the administrators' and the root's diagnostics, and the
+# channel and its refusal, which older versions kept at the top level), whichever version
+# wrote the row.
+HIDDEN_OTHER = (
+    "admin_info",
+    "audit_info",
+    "root_info",
+    "channel_id",
+    "channel_name",
+    "channel_type",
+    "reject_reason",
+    "stream_status",
+)
 
 # The columns read, in this order; the row's id, channel and channel_name are not shown.
 COLUMNS = (
