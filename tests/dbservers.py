@@ -421,12 +421,12 @@ class PostgresGateway(Gateway):
             )
 
     @contextlib.contextmanager
-    def exclusive_lock(self) -> Iterator[None]:
-        """Hold the tokens table locked against readers, as a gateway migration would."""
+    def exclusive_lock(self, table: str = "tokens") -> Iterator[None]:
+        """Hold a table locked against readers, as a gateway migration would."""
         import psycopg
 
         with psycopg.connect(self.server.url(self.name)) as lock:
-            lock.execute("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+            lock.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")  # type: ignore[arg-type]
             try:
                 yield
             finally:

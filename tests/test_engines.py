@@ -64,6 +64,22 @@ async def test_postgres_sessions_compile_nothing(gateway: Gateway, settings: Set
         await store.close()
 
 
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+@pytest.mark.parametrize("table", ["tokens", "users"])
+async def test_readiness_follows_either_table_the_token_route_reads(
+    gateway: Gateway, app_client: AppClient, table: str
+) -> None:
+    """A migration holding users locked turns every miss into a 503: /readyz says so too (it
+    read only tokens, and said ready)."""
+    token = gateway.add_token()
+    async with app_client(db_timeout=0.5) as (_, client):
+        assert (await client.get("/readyz")).status_code == 200
+        with gateway.exclusive_lock(table):  # type: ignore[call-arg]
+            assert (await client.get(URL, headers=token.bearer)).status_code == 503
+            assert (await client.get("/readyz")).status_code == 503
+        assert (await client.get("/readyz")).status_code == 200
+
+
 async def test_keys_match_exactly(gateway: Gateway, app_client: AppClient) -> None:
     """MySQL compares text case-insensitively by default: a key differing in case is not the key."""
     token = gateway.add_token(key="AbCdEf" + "x" * 42)

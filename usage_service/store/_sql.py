@@ -368,8 +368,9 @@ class SQLStore(ABC):
 
     async def ping(self) -> None:
         await self._prepare()
-        # A read of the table itself: a database that answers but has the table locked is not ready.
-        await self._execute("SELECT 1 FROM tokens LIMIT 1", ())
+        # The token route's own read, of one row that never leaves the database: a database that
+        # answers but has either of its tables locked (a migration of users too) is not ready.
+        await self._execute(f"SELECT 1 FROM ({self._select} LIMIT 1) AS ready", ())
 
     async def _execute(self, sql: str, params: Sequence[Any], options: bool = False) -> Sequence[Sequence[Any]]:
         try:
