@@ -39,14 +39,20 @@ class ConfigError(Exception):
 # --- parsers: each takes the stripped, non-empty value and raises ValueError saying what it expected
 
 
+# Seconds past which no setting is taken: about 31 years, whatever the setting means. Expiries
+# derived from them (sums of a few, in milliseconds) must still be integers Redis takes; past
+# about 9e15 s every such write failed, and silently.
+MAX_SECONDS = 1e9
+
+
 def _seconds(minimum: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
         try:
             value = float(raw)
         except ValueError:
             raise ValueError("expected a number of seconds") from None
-        if not math.isfinite(value) or value < minimum:
-            raise ValueError(f"expected a finite number of seconds >= {minimum:g}")
+        if not math.isfinite(value) or not minimum <= value <= MAX_SECONDS:
+            raise ValueError(f"expected a finite number of seconds from {minimum:g} to {MAX_SECONDS:g}")
         return value
 
     return parse
