@@ -718,3 +718,42 @@ async def test_a_polled_history_answer_is_served_again_while_the_rounds_vouch_fo
         # The rounds' word lapses (no round for longer than it holds): computed again.
         clock.now += 3
         assert await route.quota(token) == 501 and route.computed == 4
+
+
+async def test_day_sums_made_across_a_clean_up_are_not_kept(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """A range's closed sums whose read waits while the gateway's clean-up runs and a round
+    reports it: the day held in-process before may still count the deleted rows, so those sums
+    are not kept (they were, under the new smallest id, and served until the next clean-up)."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 - 3 * DAY + 60, quota=1000)  # to be cleaned up
+    gateway.add_log(token, created_at=T0 - 2 * DAY + 60, quota=20)
+    gateway.add_log(token, created_at=T0 - DAY + 60, quota=3)
+    clock = Clock(NOON)
+    starts = (T0 - 3 * DAY, T0 - 2 * DAY, T0 - DAY, T0)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as w:
+        await a.history.slots(token.id, T0, T0 + DAY)  # a polls today: its rounds report the smallest id
+        await round_heard(a, a, w)
+        await w.history.slots(token.id, T0 - 3 * DAY, T0 - 2 * DAY)  # w holds the oldest day
+        sums = DaySums(w.history)
+        assert w.history.redis_days is not None
+        gate, get_many = Gate(), w.history.redis_days.get_many
+
+        async def held_up(token_id: int, days: Any) -> Any:  # the other days' read waits on Redis
+            await gate.hold()
+            return await get_many(token_id, days)
+
+        w.history.redis_days.get_many = held_up  # type: ignore[method-assign]
+        read = asyncio.create_task(sums.sums(token.id, starts, T0))
+        await gate.reached.wait()
+        gateway._execute("DELETE FROM logs WHERE created_at < ?", (T0 - 2 * DAY,))
+        clock.now += 0.5
+        await round_heard(a, a, w)
+        gate.release.set()
+        await read  # (this one answer may still count the deleted day)
+        w.history.redis_days.get_many = get_many  # type: ignore[method-assign]
+        clock.now += 1
+        await round_heard(a, a, w)
+        again = await sums.sums(token.id, starts, T0)
+        assert sum(quota for quota, *_ in again.values()) == 23

@@ -138,9 +138,10 @@ class DaySums:
             if kept is None:
                 slots = await self.history.slots(token_id, start, min(boundary, end))
                 kept = by_day_and_model(slots, starts)
-                # Under the smallest id the history checked the days against while reading them.
-                key = (token_id, boundary, self.history.min_id, starts)
-                self._keep(key, kept)
+                # Kept only if the clean-up did not move meanwhile: days the history held were
+                # checked against the smallest id before the read, and may hold rows it took.
+                if self.history.min_id == min_id:
+                    self._keep((token_id, boundary, min_id, starts), kept)
             else:
                 self._kept.move_to_end((token_id, boundary, min_id, starts))
             closed = kept
