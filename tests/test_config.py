@@ -80,6 +80,10 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db:0)/d"}, "SQL_DSN", "port", id="mysql-port-zero"),
         pytest.param({"SQL_DSN": "root:s3cret@db:3306/new-api"}, "SQL_DSN", "protocol", id="mysql-no-protocol"),
         pytest.param({"SQL_DSN": "root:s3cret@udp(db)/d"}, "SQL_DSN", "protocol", id="mysql-udp"),
+        pytest.param({"SQL_DSN": "root:s3cret/d"}, "SQL_DSN", "protocol", id="mysql-no-at"),
+        # urllib's own message would quote the URL up to the '/': the password's first part.
+        pytest.param({"SQL_DSN": "postgresql://u:s3cret/Rt@db:5432/x"}, "SQL_DSN", "port", id="postgres-slash"),
+        pytest.param({"LOG_SQL_DSN": "postgres://u:s3cret#x@db/x"}, "LOG_SQL_DSN", "port", id="log-postgres-hash"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?timeout=soon"}, "SQL_DSN", "duration", id="mysql-timeout"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?parseTime=yes"}, "SQL_DSN", "true or false", id="mysql-bool"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?tls=custom"}, "SQL_DSN", "tls", id="mysql-custom-tls"),

@@ -59,8 +59,12 @@ def _postgres(value: str) -> PostgresDSN:
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        raise ValueError(f"malformed PostgreSQL URL ({exc})") from None
+    except ValueError:
+        # (Not the parser's message: it quotes the URL up to where it failed, password included.)
+        raise ValueError(
+            "malformed PostgreSQL URL: its port is not a number (percent-encode '/', '?', '#' and '@'"
+            " in the user name and password)"
+        ) from None
     return PostgresDSN(value, host=parts.hostname or "", database=unquote(parts.path.lstrip("/")))
 
 
@@ -103,7 +107,8 @@ def parse_mysql_dsn(dsn: str) -> MySQLDSN:
         if addr:
             host, port = _host_port(addr)
     else:
-        raise ValueError(f"malformed MySQL DSN: unknown protocol {net!r} (expected tcp or unix)")
+        # (Not the protocol's text: without an '@' it may be the user name and password.)
+        raise ValueError("malformed MySQL DSN: unknown protocol (expected tcp or unix)")
 
     charset = params.get("charset", "utf8mb4").split(",")[0].strip() or "utf8mb4"
     timeout = _duration("timeout", params["timeout"]) if "timeout" in params else None
