@@ -12,6 +12,7 @@ import asyncio
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -150,6 +151,25 @@ def test_the_gateway_opening_the_database_takes_over_from_the_snapshot(shared_di
     reading(path, body)
     # Every file there is the gateway's: none was created by the reader.
     assert set(owners(shared_dir).values()) == {os.geteuid()}
+
+
+def test_a_connection_of_a_rollback_database_switched_to_wal_is_not_reused(shared_dir: Path) -> None:
+    """A connection opened while the file used a rollback journal, still pooled when the file is
+    switched to WAL mode by a process that then closes it (-wal and -shm removed): its next read
+    would create both, owned by the reader. It is let go, and the file read as a snapshot."""
+    path, key = gateway_database(shared_dir, "delete")
+    store = Reader(path)
+    try:
+        assert store.fetch(key) == ("ok", 3)  # a connection opened in rollback mode, pooled
+        db = sqlite3.connect(path, isolation_level=None)
+        assert db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        db.execute("UPDATE tokens SET used_quota = 5 WHERE `key` = ?", (key,))
+        db.close()
+        assert store.fetch(key) == ("ok", 5)
+        assert owners(shared_dir) == {"one-api.db": 0}
+    finally:
+        store.close()
+    assert owners(shared_dir) == {"one-api.db": 0}
 
 
 def test_a_wal_file_without_its_shm_is_refused_in_one_line(shared_dir: Path) -> None:

@@ -362,7 +362,12 @@ class SQLiteStore(SQLStore):
             return False
         stamp = self._snapshots.get(id(conn))
         if stamp is None:
-            return True
+            # Opened as usual: still right unless the file has since gone to WAL mode and been
+            # closed, -wal and -shm gone with it, which this connection's next read would create.
+            try:
+                return self._snapshot_stamp() is None
+            except StoreUnavailable:
+                return False
         # The gateway creates -wal and -shm before its first read or write of a WAL database, and
         # any write to the file itself (a checkpoint, another journal mode) changes its stamp.
         try:
