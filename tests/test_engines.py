@@ -16,6 +16,7 @@ from support import Gateway
 from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
 from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
+from usage_service._dsn import parse_sql_dsn
 from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.store import SchemaError, StoreUnavailable, open_store
@@ -78,6 +79,52 @@ async def test_readiness_follows_either_table_the_token_route_reads(
             assert (await client.get(URL, headers=token.bearer)).status_code == 503
             assert (await client.get("/readyz")).status_code == 503
         assert (await client.get("/readyz")).status_code == 200
+
+
+@pytest.mark.parametrize("gateway", ["mysql"], indirect=True)
+@pytest.mark.parametrize(
+    ("user", "identified", "password"),
+    [
+        pytest.param("u_latin", "BY 'caf\u00e9-pw'", "caf\u00e9-pw", id="password-with-e-acute"),
+        pytest.param("u_cjk", "BY 'pw-\u20ac-\u5bc6\u7801'", "pw-\u20ac-\u5bc6\u7801", id="password-past-latin1"),
+        pytest.param("u_ed", "VIA ed25519 USING PASSWORD('ed-pw')", "ed-pw", id="ed25519-user"),
+    ],
+)
+async def test_users_the_gateways_driver_logs_in_as_can_read(
+    gateway: Gateway, settings: Settings, user: str, identified: str, password: str
+) -> None:
+    """The gateway's driver sends a password as UTF-8 and speaks every authentication method;
+    so must the store (a Latin-1 password failed, one past Latin-1 and an ed25519 user raised
+    errors no handler knew: 500s, and a start-up traceback)."""
+    import pymysql
+
+    server = gateway.server  # type: ignore[attr-defined]
+    with pymysql.connect(unix_socket=str(server.socket), user="root", autocommit=True, charset="utf8mb4") as root:
+        with root.cursor() as cursor:
+            if identified.startswith("VIA ed25519"):
+                cursor.execute("SELECT COUNT(*) FROM information_schema.PLUGINS WHERE PLUGIN_NAME = 'ed25519'")
+                if not cursor.fetchone()[0]:
+                    cursor.execute("INSTALL SONAME 'auth_ed25519'")
+            cursor.execute(f"DROP USER IF EXISTS '{user}'@'%'")
+            cursor.execute(f"CREATE USER '{user}'@'%' IDENTIFIED {identified}")
+            cursor.execute(f"GRANT SELECT ON `{gateway.name}`.* TO '{user}'@'%'")  # type: ignore[attr-defined]
+    token = gateway.add_token(used=4)
+    dsn = f"{user}:{password}@tcp(127.0.0.1:{server.port})/{gateway.name}"  # type: ignore[attr-defined]
+    store = await open_store(dataclasses.replace(settings, database=parse_sql_dsn(dsn)))
+    try:
+        record = await store.fetch(token.key)
+        assert record is not None and record.used_quota == 4
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("gateway", ["mysql"], indirect=True)
+async def test_a_driver_failure_while_connecting_is_one_line(gateway: Gateway, settings: Settings) -> None:
+    """A charset the server takes and the driver does not know failed inside the driver with an
+    AttributeError: a traceback at start, a 500 later. It is the database that cannot be read."""
+    database = dataclasses.replace(gateway.database, charset="utf8mb3")  # type: ignore[type-var]
+    with pytest.raises(SchemaError, match=r"^SQL_DSN: .*cannot connect \(AttributeError"):
+        await open_store(dataclasses.replace(settings, database=database))
 
 
 async def test_keys_match_exactly(gateway: Gateway, app_client: AppClient) -> None:

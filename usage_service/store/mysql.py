@@ -164,20 +164,29 @@ class MySQLStore(SQLStore):
     async def _connect(self) -> asyncmy.Connection:
         dsn = self.dsn
         timeout = max(self._timeout, 1.0)
-        conn = await asyncmy.connect(
-            host=dsn.host,
-            port=dsn.port,
-            unix_socket=dsn.unix_socket,
-            user=dsn.user,
-            password=dsn.password,
-            database=dsn.database or None,
-            charset=dsn.charset,
-            connect_timeout=max(1, math.ceil(dsn.connect_timeout or timeout)),
-            read_timeout=self._timeout + 1.0,
-            ssl=_ssl_context(dsn.tls),
-            # Each statement its own transaction: every read sees the gateway's latest commits.
-            autocommit=True,
-        )
+        try:
+            conn = await asyncmy.connect(
+                host=dsn.host,
+                port=dsn.port,
+                unix_socket=dsn.unix_socket,
+                user=dsn.user,
+                # As UTF-8, as the gateway's driver sends it (asyncmy would send a text as Latin-1:
+                # a password with 'é' would not match, one with '€' would not even be sent).
+                password=dsn.password.encode(errors="surrogateescape"),
+                database=dsn.database or None,
+                charset=dsn.charset,
+                connect_timeout=max(1, math.ceil(dsn.connect_timeout or timeout)),
+                read_timeout=self._timeout + 1.0,
+                ssl=_ssl_context(dsn.tls),
+                # Each statement its own transaction: every read sees the gateway's latest commits.
+                autocommit=True,
+            )
+        except (MySQLError, OSError, EOFError):
+            raise
+        except Exception as exc:
+            # The driver's own failures (an authentication plugin it cannot run, a charset it
+            # does not know): the database cannot be read, said in one line without the DSN.
+            raise StoreUnavailable(f"cannot connect ({type(exc).__name__}: {exc})") from None
         try:
             async with conn.cursor() as cursor:
                 # Every transaction of this session is read-only: the server refuses any write.
