@@ -16,7 +16,7 @@ from support import Gateway
 from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
 from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
-from usage_service._dsn import parse_sql_dsn
+from usage_service._dsn import MySQLDSN, parse_sql_dsn
 from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.store import SchemaError, StoreUnavailable, open_store
@@ -203,15 +203,18 @@ async def test_a_burst_of_misses_shares_statements(gateway: Gateway, app_client:
 
 @on_servers
 async def test_dropped_sessions_are_replaced(gateway: Gateway, app_client: AppClient) -> None:
-    """A database restart or failover closes the service's sessions: the next request reconnects."""
-    first, second = gateway.add_token(used=1), gateway.add_token(used=2)
-    async with app_client(refresh_interval=0) as (_, client):
-        assert (await client.get(URL, headers=first.bearer)).status_code == 200
+    """A database restart or failover closes the service's sessions, every pooled one: the next
+    requests reconnect (with four pooled on MySQL, two got 503 first)."""
+    tokens = [gateway.add_token(used=i) for i in range(4)]
+    async with app_client(refresh_interval=0, db_pool_size=4) as (app, client):
+        store = app.state.store
+        sleep = "SELECT SLEEP(0.1)" if isinstance(gateway.database, MySQLDSN) else "SELECT pg_sleep(0.1)"
+        await asyncio.gather(*(store._query(sleep, ()) for _ in range(4)))  # four sessions pooled
         assert gateway.drop_reader_sessions() >= 1  # type: ignore[attr-defined]
         await asyncio.sleep(0.2)
-        response = await client.get(URL, headers=second.bearer)
-    assert response.status_code == 200
-    assert response.json()["data"]["total_used"] == 2
+        responses = [await client.get(URL, headers=token.bearer) for token in tokens]
+    assert [response.status_code for response in responses] == [200] * 4
+    assert [response.json()["data"]["total_used"] for response in responses] == [0, 1, 2, 3]
 
 
 @on_servers

@@ -110,7 +110,10 @@ class MySQLStore(SQLStore):
                     return await self._fetch(sql, params)
                 except _ConnectionLost:
                     # A pooled connection the server dropped (restart, failover, wait_timeout):
-                    # it has been discarded; one more try on a fresh one.
+                    # it has been discarded, and the others pooled with it most likely went the
+                    # same way (asyncmy does not notice until it writes): one more try, on a
+                    # fresh one.
+                    self._drop_idle()
                     return await self._fetch(sql, params)
         except TimeoutError:
             raise StoreUnavailable("database timed out") from None
@@ -151,6 +154,10 @@ class MySQLStore(SQLStore):
                         self._discard(conn)
                     else:
                         self._idle.append((conn, time.monotonic()))
+
+    def _drop_idle(self) -> None:
+        while self._idle:
+            self._discard(self._idle.pop()[0])
 
     def _take_idle(self) -> asyncmy.Connection | None:
         now = time.monotonic()
