@@ -472,7 +472,9 @@ async def test_the_app_wires_history_and_its_metrics(
 async def test_a_day_that_closes_under_the_rounds_is_not_read_again(
     gateway: Gateway, settings: Settings, redis_url: str
 ) -> None:
-    """Rounds on time through a day's close: the leader hands the kept day over as closed."""
+    """Rounds on time through a day's close, the gateway busy: the leader hands the kept day over
+    as closed. (Idle, the gateway's rows would not show its clock past the close: the day would
+    be read once more, directly.)"""
     token, other = gateway.add_token(), gateway.add_token()
     gateway.add_log(token, created_at=T0 + 100, quota=1, model_name="a")
     gateway.add_log(other, created_at=T0 + 200, quota=50)
@@ -485,9 +487,11 @@ async def test_a_day_that_closes_under_the_rounds_is_not_read_again(
         gateway.add_log(token, created_at=T0 + DAY - 5, quota=4)  # written late
         gateway.add_log(token, created_at=T0 + DAY + 10, quota=8)  # the next day
         clock.now = T0 + DAY + GRACE - 1
+        gateway.add_log(other, created_at=int(clock.now), quota=1)
         await w.history.slots(token.id, *span)  # polled all along (the hot window is a minute)
         await round_heard(w, w, b)
         clock.now += 2  # day 0 closes: kept whole, handed over
+        gateway.add_log(other, created_at=int(clock.now), quota=1)
         await round_heard(w, w, b)
         answer = await b.history.slots(token.id, *span)
         assert answer == await plain_select(truth(b), token.id, *span)
@@ -757,3 +761,44 @@ async def test_day_sums_made_across_a_clean_up_are_not_kept(
         await round_heard(a, a, w)
         again = await sums.sums(token.id, starts, T0)
         assert sum(quota for quota, *_ in again.values()) == 23
+
+
+@pytest.mark.parametrize("skew", [0, 15], ids=["clocks-in-step", "gateway-15-s-behind"])
+async def test_a_charge_committed_after_a_later_one_shows_whatever_the_gateways_clock(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str, skew: int
+) -> None:
+    """Two gateway writers at once on PostgreSQL: x's charge takes its id first and commits after
+    y's. The rounds' settled mark must stay below it until it commits, however far the gateway's
+    clock runs behind ours: measured against ours, it was on y's row, x's fell under it and no
+    round ever read it (1 instead of 501, for as long as the token was polled)."""
+    import psycopg
+
+    gateway = make_gateway("postgres")
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    x, y = gateway.add_token(), gateway.add_token()
+    clock = Clock(NOON)
+    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        await w.history.slots(x.id, *today)
+        await round_heard(w, w)
+        clock.now += 1
+        autocommit = gateway.conn  # type: ignore[attr-defined]
+        writer = psycopg.connect(gateway.server.url(gateway.name), autocommit=False)  # type: ignore[attr-defined]
+        try:
+            gateway.conn = writer  # type: ignore[attr-defined]
+            gateway.add_log(x, created_at=int(clock.now) - skew, quota=500)  # its id taken, not committed
+            gateway.conn = autocommit  # type: ignore[attr-defined]
+            gateway.add_log(y, created_at=int(clock.now) - skew, quota=7)
+            clock.now += 1
+            await round_heard(w, w)  # a round runs meanwhile
+            writer.commit()
+        finally:
+            gateway.conn = autocommit  # type: ignore[attr-defined]
+            writer.close()
+        for _ in range(12):  # the rounds go on, and so does the gateway
+            clock.now += 1
+            gateway.add_log(y, created_at=int(clock.now) - skew, quota=7)
+            await round_heard(w, w)
+        answer = await w.history.slots(x.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 501

@@ -6,7 +6,8 @@ need not wait for the records to be read), the refresher's leader runs a history
 tokens noted within USAGE_HOT_WINDOW:
 
 1. one statement: the log's smallest id (how a clean-up shows) and the *settled* mark, the id of
-   the last row stamped SETTLE seconds ago: every row with an id up to it has been written;
+   the last row stamped SETTLE seconds before the newest one (the gateway's clock, not ours):
+   every row with an id up to it has been written;
 2. for tokens that became hot, their open days up to the last settled mark: INIT_CHUNK tokens a
    statement, each token an index range of `idx_logs_token_id` from the open days' first id;
 3. one statement: every row above the last settled mark, whatever its token (one range of the
@@ -228,7 +229,7 @@ class TailKeeper:
         if extend is not None and not await extend():
             return None
         self.stats.statements += 1
-        min_id, settled = await marks(self.reader, int(now - SETTLE))
+        min_id, settled, settled_at = await marks(self.reader, int(now), int(SETTLE))
         closed: dict[int, dict[int, Day]] = {}
         if open_day != self._open_day:
             if self._settled is not None and open_day > self._open_day:
@@ -284,7 +285,7 @@ class TailKeeper:
             add_row(slots, row)
         self._base.update(grown)
         self._settled = newly_settled
-        self._settled_at = now - SETTLE
+        self._settled_at = settled_at
         tails: dict[int, Slots] = {}
         for token_id in hot:
             base = self._base[token_id]

@@ -80,16 +80,24 @@ async def id_range(reader: LogReader) -> tuple[int, int]:
     return int(low or 0), int(high or 0)
 
 
-async def marks(reader: LogReader, settled_before: int) -> tuple[int, int]:
-    """(the log's smallest id, the id of the last row stamped before `settled_before`), 0 for
-    either when there is none: one statement, two index ends."""
+async def marks(reader: LogReader, now: int, settle: int) -> tuple[int, int, int]:
+    """(the log's smallest id, the settled mark, when it was stamped): the mark is the id of the
+    last row stamped `settle` seconds before the newest row (before `now` if the gateway's clock
+    runs ahead of ours), 0 when there is none. One statement, index ends only.
+
+    The gateway stamps its rows with its own clock: measured against ours, a gateway whose
+    clock runs behind would have the mark on rows still being committed (a lower id committed
+    after a higher one would fall under it, and never be read).
+    """
     rows = await reader.query(
-        "SELECT (SELECT min(id) FROM logs),"
-        " (SELECT id FROM logs WHERE created_at < ? ORDER BY created_at DESC LIMIT 1)",
-        (settled_before,),
+        "SELECT (SELECT min(id) FROM logs), (SELECT max(created_at) FROM logs),"
+        " (SELECT id FROM logs WHERE created_at < ? AND created_at < (SELECT max(created_at) FROM logs) - ?"
+        " ORDER BY created_at DESC LIMIT 1)",
+        (now - settle, settle),
     )
-    low, settled = rows[0] if rows else (None, None)
-    return int(low or 0), int(settled or 0)
+    low, newest, settled = rows[0] if rows else (None, None, None)
+    settled_at = min(now, int(newest if newest is not None else now)) - settle
+    return int(low or 0), int(settled or 0), settled_at
 
 
 def _select(reader: LogReader, slot: int, where: str, extra: str = "") -> str:
