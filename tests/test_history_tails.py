@@ -40,7 +40,7 @@ from usage_service.services import Services
 from usage_service.shared import SharedRedis
 from usage_service.store import open_store
 from usage_service.store.logs import LogReader
-from usage_service.tails import SETTLE, TailKeeper
+from usage_service.tails import SETTLE, TailKeeper, renote_interval
 from usage_service.usage_history import HistoryEndpoint
 
 pytestmark = pytest.mark.asyncio
@@ -87,6 +87,7 @@ async def worker(
             clock=clock,
             confirmed_for=2.0,
             note_polls=True,
+            kept_while_asked=settings.hot_window - renote_interval(settings.hot_window),  # as the app's
         )
         stack.push_async_callback(history.close)
         keeper = TailKeeper(history, settings, clock=clock)
@@ -802,3 +803,46 @@ async def test_a_charge_committed_after_a_later_one_shows_whatever_the_gateways_
             await round_heard(w, w)
         answer = await w.history.slots(x.id, *today)
         assert sum(quota for quota, *_ in answer.values()) == 501
+
+
+@pytest.mark.parametrize("through", ["history", "route"])
+async def test_a_token_back_from_a_pause_shows_what_it_spent_meanwhile(
+    gateway: Gateway, settings: Settings, redis_url: str, through: str
+) -> None:
+    """x is not asked for past USAGE_HOT_WINDOW, so it leaves the shared hot set and no round
+    reads it, while rounds (kept going by y) go on vouching for what workers hold. A charge of x
+    meanwhile shows at its next poll (its held open days, or an answer kept on them, were served
+    as if a round had read them: 1 instead of 501, until a later round did)."""
+    x, y = gateway.add_token(), gateway.add_token()
+    for token in (x, y):
+        gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    settings = dataclasses.replace(settings, hot_window=10.0)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        route = HistoryRoute(b)
+        for w in (a, b):
+            for token in (x, y):
+                await w.history.slots(token.id, *today)
+        await a.refresher.tick()
+        await b.refresher.tick()
+        await round_heard(a, a, b)
+        assert await route.quota(x) == 1
+        for _ in range(20):  # x not asked for; y asked for every second, in both workers
+            clock.now += 1
+            for w in (a, b):
+                await w.history.slots(y.id, *today)
+            await b.refresher.tick()
+            await round_heard(a, a, b)
+        assert a.keeper.stats.tokens == 1  # x left the hot set: no round reads it
+        gateway.add_log(x, created_at=int(clock.now) - 1, quota=500)
+        for _ in range(3):
+            clock.now += 1
+            await a.history.slots(y.id, *today)
+            await b.refresher.tick()
+            await round_heard(a, a, b)
+        if through == "route":
+            assert await route.quota(x) == 501
+        else:
+            for w in (a, b):
+                assert sum(quota for quota, *_ in (await w.history.slots(x.id, *today)).values()) == 501

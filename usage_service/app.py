@@ -49,7 +49,7 @@ from .services import Services
 from .shared import SharedRedis
 from .store import open_store
 from .store.logs import open_log_reader
-from .tails import TailKeeper
+from .tails import TailKeeper, renote_interval
 
 logger = logging.getLogger("usage_service")
 
@@ -156,6 +156,7 @@ def create_app(settings: Settings) -> UsageService:
             confirmed_for=max(settings.refresh_interval + 1.0, settings.cache_ttl),
             note_polls=settings.refresh_interval > 0,
             stale_if_error=settings.stale_if_error,
+            kept_while_asked=settings.hot_window - renote_interval(settings.hot_window),
         )
         services.day_sums = DaySums(history)
         keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None

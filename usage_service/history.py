@@ -232,6 +232,7 @@ class History:
         confirmed_for: float = 2.0,
         note_polls: bool = False,
         stale_if_error: float = 0.0,
+        kept_while_asked: float = math.inf,
     ) -> None:
         self.reader = reader
         self.redis_days = days
@@ -245,6 +246,12 @@ class History:
         # Tokens whose open days were asked for since the refresher last took them (tails.py).
         self._polled: set[int] = set()
         self._note_polls = note_polls
+        # The rounds keep a token's open days while it is in the shared hot set, which it leaves
+        # once nobody asked for them within USAGE_HOT_WINDOW: for `kept_while_asked` seconds after
+        # this worker last asked (the window less the re-note interval), they surely still do.
+        # Past that, what the rounds kept is taken on no one's word: the next ask reads directly.
+        self.kept_while_asked = kept_while_asked
+        self._asked: dict[int, float] = {}  # token id -> when this worker last asked for its open days
         self.clock = clock  # wall clock: created_at is one
         self.tail_ttl = tail_ttl
         self.stale_if_error = stale_if_error  # seconds open days read lately stand in for a failed read
@@ -283,8 +290,11 @@ class History:
         open_day = int(now - GRACE) // DAY
         first, last = start // DAY, (end - 1) // DAY
         wants_tail = last >= open_day
-        if wants_tail and self._note_polls:
-            self._polled.add(token_id)
+        direct = False
+        if wants_tail:
+            if not self._asked_lately(token_id, now):
+                direct = self._forget_kept_tail(token_id)
+            self._note_asked(token_id, now)
         waited_round = waited_read = False
         while True:  # at most three times: once more after each of the two waits below
             days, missing = self._held_days(token_id, first, min(last, open_day - 1))
@@ -305,7 +315,7 @@ class History:
                     await asyncio.shield(task)
                 continue
             try:
-                loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None)
+                loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None, direct)
             except StoreUnavailable:
                 # Stale-if-error, as for the balance: open days read lately stand in while the
                 # database cannot answer (closed days never missing from an answer).
@@ -436,7 +446,7 @@ class History:
         if tail is None or tail.until is not None:
             return None
         now = self.clock()
-        if tail.start > int(now - GRACE) // DAY or not self._fresh(tail, now):
+        if tail.start > int(now - GRACE) // DAY or not self._fresh(tail, now) or not self._asked_lately(token_id, now):
             return None
         return tail
 
@@ -450,8 +460,27 @@ class History:
     def note_polled(self, token_id: int) -> None:
         """Note that the token's open days were answered without asking `slots` (from an answer
         kept on them), so that the rounds go on keeping them."""
+        self._note_asked(token_id, self.clock())
+
+    def _note_asked(self, token_id: int, now: float) -> None:
         if self._note_polls:
             self._polled.add(token_id)
+        asked = self._asked
+        asked[token_id] = now
+        if len(asked) > 2 * TAILS_KEPT:
+            self._asked = {t: at for t, at in asked.items() if at > now - self.kept_while_asked}
+
+    def _asked_lately(self, token_id: int, now: float) -> bool:
+        """Whether the rounds surely still keep the token's open days (see `kept_while_asked`)."""
+        return now - self._asked.get(token_id, -math.inf) <= self.kept_while_asked
+
+    def _forget_kept_tail(self, token_id: int) -> bool:
+        """Drop the open days the rounds kept of a token they may no longer keep; True if any."""
+        tail = self._tails.get(token_id)
+        if tail is None or tail.until is not None:
+            return False
+        del self._tails[token_id]
+        return True
 
     def changed_at(self, token_id: int) -> float:
         """The time (as_of) of the last round heard to have changed the token's open days, -inf
@@ -514,8 +543,8 @@ class History:
             return now < tail.until
         return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
 
-    async def _load(self, token_id: int, missing: list[int], tail_from: int | None) -> _Loaded:
-        task = asyncio.create_task(self._read(token_id, missing, tail_from))
+    async def _load(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool = False) -> _Loaded:
+        task = asyncio.create_task(self._read(token_id, missing, tail_from, direct))
         self._inflight[token_id] = task
         task.add_done_callback(lambda t: self._finished(token_id, t))
         # Shielded: a client that goes away must not cancel the read others wait on.
@@ -527,9 +556,10 @@ class History:
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
-    async def _read(self, token_id: int, missing: list[int], tail_from: int | None) -> _Loaded:
+    async def _read(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool) -> _Loaded:
         """Read closed days (each run of consecutive ones in one statement) and the open days
-        (in the same statement when they follow the last run)."""
+        (in the same statement when they follow the last run; `direct`: never the tail the
+        rounds keep in Redis, which they may have stopped keeping)."""
         days: dict[int, Day] = {}
         encoded: dict[int, bytes] = {}
         if self.redis_days is not None and missing:
@@ -544,7 +574,7 @@ class History:
             self.stats.days_redis += len(days)
             missing = [day for day in missing if day not in days]
         tail: Tail | None = None
-        if tail_from is not None:
+        if tail_from is not None and not direct:
             tail = await self._kept_tail(token_id, tail_from)
             if tail is not None:
                 tail_from = None

@@ -67,6 +67,12 @@ RENOTE_MAX = 5.0
 Extend = Callable[[], Awaitable[bool]]
 
 
+def renote_interval(window: float) -> float:
+    """How long a worker goes without noting a token it goes on answering: a token it asked for
+    stays in the shared set for at least `window` less this."""
+    return min(window * RENOTE_FRACTION, RENOTE_MAX)
+
+
 @dataclass
 class TailStats:
     rounds: int = 0
@@ -93,7 +99,7 @@ class TailKeeper:
         self.clock = clock
         self.window = settings.hot_window
         self.hot_max = settings.hot_max
-        self.renote = min(self.window * RENOTE_FRACTION, RENOTE_MAX)
+        self.renote = renote_interval(self.window)
         self.stats = TailStats()
         self._hot: dict[int, float] = {}  # this worker's polled tokens: id -> last polled
         self._noted: dict[int, float] = {}  # when this worker last noted each in the shared set
