@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from conftest import AppClient
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from support import Gateway, free_port
 
+from usage_service import metrics
 from usage_service.access import BUCKETS
 
 pytestmark = pytest.mark.asyncio
@@ -176,3 +183,27 @@ async def test_metrics_on_their_own_address(gateway: Gateway, app_client: AppCli
     # The lifespan closed it.
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
+
+
+async def test_a_worker_that_died_leaves_no_gauge_behind(tmp_path: Path) -> None:
+    """A worker killed without its shutdown (SIGKILL, a crash) kept its gauges in every scrape:
+    its open circuit read 1 for ever. Its counters stay, so that totals never go back."""
+    script = (
+        "import os; from usage_service import metrics;"
+        " metrics.REDIS_CIRCUIT_OPEN.set(1); metrics.REFRESH_LEADER.set(1); metrics.LOOP_LAG.set(3.0);"
+        " metrics.DB_LOOKUPS.inc(5); os._exit(0)"  # dies without running its shutdown
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parent.parent)
+
+    def scraped() -> dict[str, float]:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+        text = generate_latest(registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    assert scraped()["usage_redis_circuit_open"] == 1
+    metrics.forget_dead_workers(str(tmp_path))
+    after = scraped()
+    assert {"usage_redis_circuit_open", "usage_refresh_leader", "usage_event_loop_lag_seconds"}.isdisjoint(after)
+    assert after["usage_db_lookups_total"] == 5

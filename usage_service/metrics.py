@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -223,6 +224,9 @@ class _Scrape(Collector):
 
     def collect(self) -> Iterator[Metric]:
         self.publisher.publish()
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            forget_dead_workers(directory)
         yield from self.source.collect()
 
 
@@ -260,6 +264,27 @@ async def serve_separately(registry: CollectorRegistry, host: str, port: int, re
         if server is not None:
             await asyncio.to_thread(server.shutdown)
             server.server_close()
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the gauges of workers that died without running their shutdown (killed, crashed):
+    every scrape would read them for ever (a dead worker's open circuit or leadership, say).
+    Their counters stay, so that totals never go back."""
+    for path in Path(directory).glob("gauge_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 def worker_exited() -> None:
