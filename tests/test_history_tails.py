@@ -288,7 +288,9 @@ async def test_the_day_closes_under_the_rounds(gateway: Gateway, settings: Setti
         answer = await w.history.slots(token.id, *span)
         assert answer == await plain_select(truth(w), token.id, *span)
         assert sum(quota for quota, *_ in answer.values()) == 15
-        assert w.history.stats.days_read == 1  # the closed day, once
+        # Rounds stalled across the close: the round that closes the day reads what came since
+        # the last one and hands it over all the same (it was read directly, once).
+        assert w.history.stats.days_read == 0 and w.history.stats.days_redis == 1
 
 
 @pytest.mark.parametrize("redis", ["none", "down"])
@@ -846,3 +848,41 @@ async def test_a_token_back_from_a_pause_shows_what_it_spent_meanwhile(
         else:
             for w in (a, b):
                 assert sum(quota for quota, *_ in (await w.history.slots(x.id, *today)).values()) == 501
+
+
+@pytest.mark.parametrize("late", [296, 200], ids=["rounds-on-time", "rounds-held-up"])
+async def test_a_row_written_late_within_the_grace_is_in_the_day_handed_over(
+    gateway: Gateway, settings: Settings, redis_url: str, late: int
+) -> None:
+    """A row of day 0 written `late` seconds after its time (within the 5 minutes' grace, after
+    the last round's settled mark): the round that closes the day reads it with the rest and
+    hands the day over with it (it handed over what the rounds before had kept: the row was
+    missing from the closed day in Redis, for its 7 days)."""
+    token, busy = gateway.add_token(), gateway.add_token()
+    end = T0 + DAY
+    gateway.add_log(token, created_at=T0 + 100, quota=1)
+    span = (T0, T0 + 2 * DAY)
+    last_round_before = end + GRACE - 1 if late == 296 else end + 170  # (held up ~130 s before the close)
+    clock = Clock(end + 100)
+    async with worker(settings, clock, redis_url) as w, worker(settings, clock, redis_url) as b:
+        await w.history.slots(token.id, *span)
+        await round_heard(w, w, b)
+        for t in range(end + 101, last_round_before + 1):
+            clock.now = t
+            if t % 5 == 0:
+                gateway.add_log(busy, created_at=t)  # a busy gateway writes on time
+            if t == end + late - 1:
+                gateway.add_log(token, created_at=end - 1, quota=50)  # written late
+            if t % 10 == 0:
+                await w.history.slots(token.id, *span)
+            await round_heard(w, w, b)
+        if late == 200:  # written while the rounds are held up
+            gateway.add_log(token, created_at=end - 1, quota=50)
+        clock.now = end + GRACE + 1  # day 0 closes: the leader hands it over
+        if late == 200:  # polled all along, as the workers' notes would say
+            await w.redis.history_hot.note([token.id], clock.now)  # type: ignore[union-attr]
+        gateway.add_log(busy, created_at=int(clock.now))
+        await round_heard(w, w, b)
+        answer = await b.history.slots(token.id, *span)
+        assert b.history.stats.days_redis == 1 and b.history.stats.days_read == 0  # as handed over
+        assert sum(quota for (slot, _), (quota, *_) in answer.items() if slot < end) == 51

@@ -15,8 +15,10 @@ tokens noted within USAGE_HOT_WINDOW:
    slot and model, split at the new settled mark. What is settled is added to the tokens' kept
    open days for good; the rest counts this round only and is read again next round.
 
-When a day closes, the kept slots of that day are whole (every row of it has long settled): the
-round writes them to Redis as each token's closed day, so that nobody reads that day again.
+When a day closes (5 minutes after its end), the round that closes it reads it once more with
+the open days (what the gateway wrote since the last round, late rows of the day included, in
+the same range of ids), and writes it to Redis as each token's closed day, so that nobody reads
+that day again: it holds what reading the day directly would.
 
 It writes the tails that changed to Redis (`hist:tail:<id>`; the others again once half their TTL
 has gone), then publishes one message on the invalidation channel: the round's time, the smallest
@@ -236,13 +238,14 @@ class TailKeeper:
             return None
         self.stats.statements += 1
         min_id, settled, settled_at = await marks(self.reader, int(now), int(SETTLE))
-        closed: dict[int, dict[int, Day]] = {}
+        # Days that closed since the last round are read once more with the open ones (a row
+        # the gateway wrote late, in the same range of ids), then handed over as closed.
+        closing_from = self._open_day
+        closing = self._settled is not None and open_day > closing_from
+        read_from = closing_from * DAY if closing else start
         if open_day != self._open_day:
-            if self._settled is not None and open_day > self._open_day:
-                # Days closed: what was kept of them is whole, and is each token's closed day.
-                closed = self._close_days(self._open_day, open_day)
-            self._base = {t: {k: v for k, v in slots.items() if k[0] >= start} for t, slots in self._base.items()}
-            self._guards = {t: {d: g for d, g in days.items() if d >= open_day} for t, days in self._guards.items()}
+            if not closing:
+                self._trim(open_day)
             self._open_day = open_day
         hot = set(tokens)
         if len(self._base) > len(hot) or not hot.issuperset(self._base):
@@ -252,7 +255,7 @@ class TailKeeper:
             self._settled = settled
             self._base.clear()
             self._guards.clear()
-        new = sorted(hot.difference(self._base))
+        new = sorted(hot.difference(self._base))  # (their days closing now are not read: not handed over)
         if new:
             after = await self.history.id_before(start)
             for first in range(0, len(new), INIT_CHUNK):
@@ -273,14 +276,16 @@ class TailKeeper:
             return None
         newly_settled = max(self._settled, settled)
         self.stats.statements += 1
-        rows = await rows_since(self.reader, SLOT, after_id=self._settled, settled=newly_settled, start=start)
+        rows = await rows_since(self.reader, SLOT, after_id=self._settled, settled=newly_settled, start=read_from)
         grown: dict[int, Slots] = {}
         recent: dict[int, Slots] = {}
         for row in rows:
             base = self._base.get(row.token_id)
             if base is None:
                 continue  # not polled: other tokens' rows are never kept
-            if row.settled:
+            # A closing day's rows go in whole, settled or not: what is read of it now is what
+            # reading the day directly would give, and no later round reads it again.
+            if row.settled or row.slot < start:
                 # Copied before it grows: the slots last published must stay as they were.
                 slots = grown.get(row.token_id)
                 if slots is None:
@@ -292,6 +297,11 @@ class TailKeeper:
         self._base.update(grown)
         self._settled = newly_settled
         self._settled_at = settled_at
+        closed: dict[int, dict[int, Day]] = {}
+        if closing:
+            # Days closed: what was kept of them is whole, and is each token's closed day.
+            closed = self._close_days(closing_from, open_day, skip=set(new))
+            self._trim(open_day)
         tails: dict[int, Slots] = {}
         for token_id in hot:
             base = self._base[token_id]
@@ -314,17 +324,27 @@ class TailKeeper:
         if held is None or row.min_id < held:
             days[day] = row.min_id
 
-    def _close_days(self, first: int, end: int) -> dict[int, dict[int, Day]]:
-        """The kept tokens' days from `first` up to (not including) `end`, as closed days: those
-        whose every row had settled by the last round, with half the grace to spare for rows
-        written out of order. (After a stall across a day's close, some may not have: they are
-        left to be read from the database.)"""
+    def _trim(self, open_day: int) -> None:
+        """Keep only what belongs to the open days."""
+        start = open_day * DAY
+        self._base = {t: {k: v for k, v in slots.items() if k[0] >= start} for t, slots in self._base.items()}
+        self._guards = {t: {d: g for d, g in days.items() if d >= open_day} for t, days in self._guards.items()}
+
+    def _close_days(self, first: int, end: int, *, skip: set[int]) -> dict[int, dict[int, Day]]:
+        """The kept tokens' days from `first` up to (not including) `end`, as closed days, once
+        this round has read what came since the last one: those the gateway's rows show half the
+        grace past (an idle gateway's may not: they are left to be read from the database). What
+        a day holds then is what reading it directly would: a row written later than the grace
+        after its time is in neither. The tokens in `skip` became hot this round: their base
+        holds the open days only."""
         while end > first and end * DAY + GRACE / 2 > self._settled_at:
             end -= 1
         closed: dict[int, dict[int, Day]] = {}
         if end <= first:
             return closed
         for token_id, slots in self._base.items():
+            if token_id in skip:
+                continue
             by_day: dict[int, Slots] = {day: {} for day in range(first, end)}
             for key, spend in slots.items():
                 day = key[0] // DAY
