@@ -370,7 +370,7 @@ class SQLStore(ABC):
         await self._prepare()
         # The token route's own read, of one row that never leaves the database: a database that
         # answers but has either of its tables locked (a migration of users too) is not ready.
-        await self._execute(f"SELECT 1 FROM ({self._select} LIMIT 1) AS ready", ())
+        await self._execute(f"SELECT EXISTS ({self._select} LIMIT 1)", ())
 
     async def _execute(self, sql: str, params: Sequence[Any], options: bool = False) -> Sequence[Sequence[Any]]:
         try:
