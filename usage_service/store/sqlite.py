@@ -364,10 +364,7 @@ class SQLiteStore(SQLStore):
         if stamp is None:
             # Opened as usual: still right unless the file has since gone to WAL mode and been
             # closed, -wal and -shm gone with it, which this connection's next read would create.
-            try:
-                return self._snapshot_stamp() is None
-            except StoreUnavailable:
-                return False
+            return not self._wal_without_its_files()
         # The gateway creates -wal and -shm before its first read or write of a WAL database, and
         # any write to the file itself (a checkpoint, another journal mode) changes its stamp.
         try:
@@ -376,6 +373,17 @@ class SQLiteStore(SQLStore):
             return False
         unchanged = (stat.st_ino, stat.st_size, stat.st_mtime_ns) == stamp
         return unchanged and not self._shm.exists() and not self._wal.exists()
+
+    def _wal_without_its_files(self) -> bool:
+        """Whether the file is in WAL mode without its -wal or -shm, which a read would create."""
+        try:
+            stat = os.stat(self.path)
+            header = os.pread(self._header_fd((stat.st_dev, stat.st_ino)), 20, 0)
+        except OSError:
+            return False  # gone for now: open connections read the file they opened
+        if len(header) < 20 or 2 not in (header[18], header[19]):
+            return False
+        return not (self._wal.exists() and self._shm.exists())
 
     async def _discard(self, conn: aiosqlite.Connection) -> None:
         self._conn_generation.pop(id(conn), None)
