@@ -4,6 +4,7 @@ and a database file replaced by one with other columns."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -341,3 +342,38 @@ async def test_a_hot_set_larger_than_the_default_memory_is_found_again_every_rou
         assert await round_() == 1  # and a changed row is read as it is now
     finally:
         await store.close()
+
+
+async def test_files_a_restore_replaced_are_let_go(tmp_path: Path) -> None:
+    """Each file replaced by a restore (a rename over it: rsync, litestream) stayed open, its disk
+    space held, until the service stopped: one more per restore. Once no connection reads it, it
+    is closed."""
+    import shutil
+
+    from usage_service.store.sqlite import SQLiteStore
+
+    gateway = Gateway(tmp_path / "one-api.db")
+    token = gateway.add_token(used=1)
+    gateway.close()
+    backup = tmp_path / "backup.db"
+    shutil.copy(gateway.path, backup)
+
+    def replaced_files_open() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # (the listing's own descriptor is gone)
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                count += link.startswith(str(gateway.path)) and link.endswith("(deleted)")
+        return count
+
+    store = await SQLiteStore.open(gateway.path, timeout=1.0, pool_size=2)
+    store.identity_check_interval = 0
+    try:
+        for _ in range(5):
+            shutil.copy(backup, tmp_path / "restore.tmp")
+            os.replace(tmp_path / "restore.tmp", gateway.path)
+            assert await store.fetch(token.key) is not None
+        assert replaced_files_open() <= 1  # at most the one replaced last (5 before)
+    finally:
+        await store.close()
+    assert replaced_files_open() == 0

@@ -392,6 +392,18 @@ class SQLiteStore(SQLStore):
             await conn.close()
         except (sqlite3.Error, ValueError):
             pass
+        if len(self._header_fds) > 1:
+            self._close_replaced_headers()
+
+    def _close_replaced_headers(self) -> None:
+        """Close the header descriptors of files replaced since (each holds a deleted file's disk
+        space), once no connection of theirs is left: closing a descriptor drops every POSIX lock
+        this process holds on its file, those of a connection still reading it included."""
+        if any(generation != self._generation for generation in self._conn_generation.values()):
+            return
+        current = {self._identity, _file_identity(self.path)}
+        for identity in [identity for identity in self._header_fds if identity not in current]:
+            os.close(self._header_fds.pop(identity))
 
     def _check_identity(self) -> None:
         now = time.monotonic()
