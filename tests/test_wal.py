@@ -172,6 +172,35 @@ def test_a_connection_of_a_rollback_database_switched_to_wal_is_not_reused(share
     assert owners(shared_dir) == {"one-api.db": 0}
 
 
+def _write_and_crash(path: Path) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    db.execute("UPDATE tokens SET used_quota = 11")
+    os._exit(0)  # killed: no clean close, -wal and -shm stay behind
+
+
+async def test_the_files_a_crashed_gateway_left_are_read_as_they_are(shared_dir: Path) -> None:
+    """A gateway killed with the database open leaves -wal and -shm, with nobody attached: the
+    first process to open it would rebuild -shm, truncating it, and did, as any user that may
+    write it (root here). The service opens -shm read-only whoever it runs as, and changes
+    neither file; it reads the last commit."""
+    gateway = Gateway(shared_dir / "one-api.db", journal_mode="wal")
+    token = gateway.add_token(used=3)
+    gateway.close()
+    crash = multiprocessing.get_context("fork").Process(target=_write_and_crash, args=(gateway.path,))
+    crash.start()
+    crash.join(10)
+    left = [shared_dir / "one-api.db-wal", shared_dir / "one-api.db-shm"]
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in left]
+    store = await SQLiteStore.open(gateway.path, timeout=1.0, pool_size=1)
+    try:
+        record = await store.fetch(token.key)
+        assert record is not None and record.used_quota == 11
+    finally:
+        await store.close()
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in left] == before
+
+
 def test_a_wal_file_without_its_shm_is_refused_in_one_line(shared_dir: Path) -> None:
     """A copy taken while the gateway ran (database and -wal, no -shm) cannot be read as it is."""
     source = Path(tempfile.mkdtemp(prefix="usage-wal-src-"))

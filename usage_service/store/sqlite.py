@@ -57,7 +57,7 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: Path, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
         super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.path = path
-        self._uri = path.resolve().as_uri() + "?mode=ro"
+        self._uri = path.resolve().as_uri() + "?mode=ro&readonly_shm=1"
         self._wal, self._shm = Path(f"{path}-wal"), Path(f"{path}-shm")
         self._timeout = timeout
         self._size = pool_size
