@@ -15,6 +15,7 @@ on each server (`--server granian`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -157,12 +158,14 @@ class Process:
         self.url = f"http://127.0.0.1:{self.port}"
         command = [part.replace("{port}", str(self.port)) for part in command]
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=self.log, stderr=self.log)
+        # A session of its own: stopping it stops its workers too (see stop).
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=self.log, stderr=self.log, start_new_session=True
+        )
         deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()  # one that hangs at start is not left running
-                self.process.wait()
+                self._kill()  # one that hangs at start is not left running
                 self.log.seek(0)
                 raise RuntimeError(f"{name} did not start:\n{self.log.read().decode(errors='replace')}")
             try:
@@ -208,12 +211,22 @@ class Process:
         return total / 1024
 
     def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.resume()  # a paused process would not even hear SIGTERM
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            pass
+        # Whatever is left of it: a worker whose server was killed, or did not wait for it, would
+        # go on running (and taking CPU from every later measurement).
+        self._kill()
         self.log.close()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 @contextmanager
