@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -207,3 +208,20 @@ async def test_a_worker_that_died_leaves_no_gauge_behind(tmp_path: Path) -> None
     after = scraped()
     assert {"usage_redis_circuit_open", "usage_refresh_leader", "usage_event_loop_lag_seconds"}.isdisjoint(after)
     assert after["usage_db_lookups_total"] == 5
+
+
+async def test_the_metrics_address_is_tried_again_when_it_cannot_be_had(caplog: pytest.LogCaptureFixture) -> None:
+    """An address the machine does not hold (yet: an interface still coming up) was tried once,
+    and the metrics were gone until a restart. It is said once and tried again."""
+    registry = CollectorRegistry()
+    serving = asyncio.create_task(metrics.serve_separately(registry, "192.0.2.1", free_port(), retry=0.01))
+    try:
+        for _ in range(100):  # some tries
+            await asyncio.sleep(0.01)
+        assert not serving.done()
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+    said = [r.getMessage() for r in caplog.records if "cannot serve metrics" in r.getMessage()]
+    assert len(said) == 1 and "trying again" in said[0]

@@ -24,6 +24,8 @@ class Batcher(Generic[K, V]):
         self.slots = slots
         self._busy = 0
         self._pending: dict[K, asyncio.Future[V | None]] = {}
+        # The batches running: the event loop holds its tasks only weakly.
+        self._running: set[asyncio.Task[None]] = set()
         self.batches = 0  # calls made, for tests and metrics
 
     async def load(self, key: K) -> V | None:
@@ -56,7 +58,9 @@ class Batcher(Generic[K, V]):
             batch = {key: self._pending.pop(key) for key in keys}
             self._busy += 1
             self.batches += 1
-            asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: dict[K, asyncio.Future[V | None]]) -> None:
         try:

@@ -246,17 +246,20 @@ async def serve_separately(registry: CollectorRegistry, host: str, port: int, re
     """Serve the metrics on their own address until cancelled.
 
     With several workers each tries to bind it; one succeeds, and the others keep trying, so a
-    worker that takes over from one that died serves them again within `retry` seconds.
+    worker that takes over from one that died serves them again within `retry` seconds. Any
+    other failure to bind (an address not yet assigned, a name not yet resolvable) is said
+    once, and tried again as well: given up, the metrics would be gone until a restart.
     """
     server: WSGIServer | None = None
+    said = None
     try:
         while server is None:
             try:
                 server, _ = start_http_server(port, host, registry)
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    logger.error("cannot serve metrics on %s:%d: %s", host, port, exc)
-                    return
+                if exc.errno != errno.EADDRINUSE and str(exc) != said:
+                    said = str(exc)
+                    logger.error("cannot serve metrics on %s:%d: %s; trying again every %g s", host, port, exc, retry)
                 await asyncio.sleep(retry)
         logger.info("serving metrics on http://%s:%d/metrics", host, port)
         await asyncio.Event().wait()
