@@ -466,9 +466,10 @@ class History:
         if self._note_polls:
             self._polled.add(token_id)
         asked = self._asked
+        asked.pop(token_id, None)  # most recently asked last, for keep_newest
         asked[token_id] = now
-        if len(asked) > 2 * TAILS_KEPT:
-            self._asked = {t: at for t, at in asked.items() if at > now - self.kept_while_asked}
+        # Bounded: a token forgotten here is read directly at its next ask, as after a pause.
+        self._asked = keep_newest(asked, 2 * TAILS_KEPT)
 
     def _asked_lately(self, token_id: int, now: float) -> bool:
         """Whether the rounds surely still keep the token's open days (see `kept_while_asked`)."""
