@@ -281,11 +281,17 @@ class Result:
     db_per_s: float
     peak_rss_mib: float
     cpu_us_per_req: float
+    # Ratios are taken round by round, each server against the one measured beside it in the
+    # same round (a machine whose speed drifts between rounds then cancels out), and the median
+    # round's ratio is reported.
     vs_ceiling: float | None = None
     # The same ratio from CPU per request: what one core of its own would give, which a
     # shared, noisy machine blurs far less than requests/s.
     vs_ceiling_cpu: float | None = None
     vs_naive: float | None = None
+    # Every round's figures, in the order the rounds ran (the matrix only).
+    round_rps: list[float] = field(default_factory=list)
+    round_cpu_us: list[float] = field(default_factory=list)
 
 
 class Scenario:
@@ -461,7 +467,7 @@ def run_matrix(
 ) -> list[Result]:
     """Every load against every server, the servers taking turns round after round: a machine
     whose speed drifts during the run then weighs on all of them alike. Each figure is the
-    median round (by requests/s)."""
+    median round (by requests/s); ratios are the median of each round's (`paired`)."""
     flush_redis(redis_url)
     servers = {name: factory() for name, factory in factories.items()}
     results = []
@@ -493,11 +499,14 @@ def run_matrix(
             for name, attempts in runs.items():
                 result = sorted(attempts, key=lambda r: r.rps)[len(attempts) // 2]
                 result.peak_rss_mib = max(r.peak_rss_mib for r in attempts)
+                result.round_rps = [r.rps for r in attempts]
+                result.round_cpu_us = [r.cpu_us_per_req for r in attempts]
                 results.append(result)
                 rps = ", ".join(f"{r.rps:.0f}" for r in attempts)
+                cpu = ", ".join(f"{r.cpu_us_per_req:.1f}" for r in attempts)
                 print(
                     f"  {name:21} {load:7} {result.rps:9.0f} req/s  p99 {result.p99_ms:6.2f} ms  "
-                    f"{result.cpu_us_per_req:5.1f} µs CPU/req  ({rps})",
+                    f"{result.cpu_us_per_req:5.1f} µs CPU/req  (rounds: {rps} req/s; {cpu} µs)",
                     flush=True,
                 )
     finally:
@@ -509,10 +518,17 @@ def run_matrix(
         family = "ceiling-granian" if result.server.endswith("granian") else "ceiling"
         ceiling = next((r for r in results if r.server == family and r.load == result.load), None)
         naive = next((r for r in results if r.server == "naive" and r.load == result.load), None)
-        result.vs_ceiling = result.rps / ceiling.rps if ceiling else None
-        result.vs_ceiling_cpu = ceiling.cpu_us_per_req / result.cpu_us_per_req if ceiling else None
-        result.vs_naive = result.rps / naive.rps if naive else None
+        if ceiling is not None:
+            result.vs_ceiling = paired(result.round_rps, ceiling.round_rps)
+            result.vs_ceiling_cpu = paired(ceiling.round_cpu_us, result.round_cpu_us)
+        if naive is not None:
+            result.vs_naive = paired(result.round_rps, naive.round_rps)
     return results
+
+
+def paired(numerators: list[float], denominators: list[float]) -> float:
+    """The median over rounds of one figure divided by another measured in the same round."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 # The issue's "Done when": (what, server, load, bound, at least?).
@@ -537,9 +553,10 @@ def targets(results: list[Result]) -> str:
             )
     uvicorn, granian = found.get(("usage-service", "hot")), found.get(("usage-service-granian", "hot"))
     if uvicorn is not None and granian is not None:
-        ratio = granian.cpu_us_per_req / uvicorn.cpu_us_per_req
+        ratio = paired(granian.round_cpu_us, uvicorn.round_cpu_us)
         lines.append(
-            f"| CPU per hot poll, granian ÷ uvicorn ({granian.cpu_us_per_req:.1f} ÷ {uvicorn.cpu_us_per_req:.1f} µs) "
+            f"| CPU per hot poll, granian ÷ uvicorn (median rounds: {granian.cpu_us_per_req:.1f} ÷ "
+            f"{uvicorn.cpu_us_per_req:.1f} µs) "
             f"| hot | – | {ratio:.2f} | ≤ 0.75 | {'yes' if ratio <= 0.75 else 'NO'} |"
         )
     return "\n".join(lines)
@@ -827,7 +844,8 @@ def main() -> None:
                 report["matrix"] = [asdict(r) for r in results]
                 sections.append(
                     f"## Throughput (1 worker, 50 connections; median of {args.rounds} rounds of "
-                    f"{args.seconds:g} s, servers taking turns)\n\n" + table(results)
+                    f"{args.seconds:g} s, servers taking turns; each ratio the median of its rounds' "
+                    "ratios, a round's servers measured one after another)\n\n" + table(results)
                 )
                 sections.append("## Targets (issue 12, measured in this run)\n\n" + targets(results))
             if "curve" not in args.skip:
