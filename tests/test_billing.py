@@ -167,6 +167,20 @@ async def test_relay_rules(
     assert ("www-authenticate" in response.headers) == (status == 401)
 
 
+@pytest.mark.parametrize("path", ["/dashboard/billing/subscription", USAGE])
+@pytest.mark.parametrize("form", ["sk-{key}", "{key}", "sk-{key}-3"])
+async def test_a_credential_without_the_bearer_scheme(
+    gateway: Gateway, app_client: AppClient, path: str, form: str
+) -> None:
+    """The gateway's token middleware takes `Authorization: sk-KEY` as the key itself; so do these routes."""
+    token = gateway.add_token()
+    async with app_client() as (_, client):
+        response = await client.get(path, headers={"Authorization": form.format(key=token.key)})
+        unknown = await client.get(path, headers={"Authorization": "sk-" + "x" * 48})
+    assert response.status_code == 200, response.text
+    assert_openai_error(unknown, 401, "token not found", "invalid_api_key")
+
+
 async def test_usage_route_keeps_its_own_rules(gateway: Gateway, app_client: AppClient) -> None:
     """The same expired token: readable on /api/usage/token, refused on the relay-ruled billing routes."""
     token = gateway.add_token(expired_time=PAST)

@@ -344,6 +344,9 @@ async def test_tokens_are_admitted_exactly_as_on_the_usage_route(
         pytest.param("key=sk-{key}", {"Authorization": "Bearer sk-{other}"}, 200, "other", id="header-wins"),
         pytest.param("key=sk-{other}", {"Authorization": "Bearer sk-{key}"}, 200, None, id="header-wins-again"),
         pytest.param("key=sk-{key}", {"Authorization": "Basic abc"}, 401, "Invalid Bearer token", id="bad-header"),
+        # The gateway's middleware for this route takes a value without the scheme as the key.
+        pytest.param("", {"Authorization": "sk-{key}"}, 200, None, id="header-without-scheme"),
+        pytest.param("key=sk-{key}", {"Authorization": "sk-{other}"}, 200, "other", id="schemeless-header-wins"),
         pytest.param("key=", {}, 401, "No Authorization header", id="empty-key"),
         pytest.param("", {}, 401, "No Authorization header", id="no-credential"),
         pytest.param("key=sk-{key}!", {}, 401, "Invalid Bearer token", id="malformed-key"),

@@ -64,7 +64,8 @@ def key_parameter(query_string: bytes) -> bytes | None:
 
 
 def parameter_key(value: bytes) -> bytes | None:
-    """The token key in a `?key=` value (sk-KEY or KEY, as in a Bearer header), or None."""
+    """The token key in a `?key=` value or a scheme-less Authorization value (sk-KEY or KEY, as
+    in a Bearer header), or None."""
     credential = _CREDENTIAL.fullmatch(value)
     return None if credential is None else credential.group(1)
 
@@ -78,9 +79,10 @@ def usage_verdict(record: TokenRecord) -> JSONError | None:
     return DISABLED if record.status == TOKEN_DISABLED else UNUSABLE
 
 
-def usage_rules(retry_after: int, *, query_key: bool = False) -> Rules:
+def usage_rules(retry_after: int, *, query_key: bool = False, bare_key: bool = False) -> Rules:
     """The usage route's rules and its errors, in the gateway's `{"success": false, ...}` shape;
-    `query_key` also takes the credential from `?key=` when there is no Authorization header."""
+    `query_key` also takes the credential from `?key=` when there is no Authorization header,
+    and `bare_key` an Authorization value without the Bearer scheme."""
     return Rules(
         verdict=usage_verdict,
         no_header=NO_HEADER,
@@ -91,6 +93,7 @@ def usage_rules(retry_after: int, *, query_key: bool = False) -> Rules:
         method_not_allowed=JSONError(405, "method not allowed", [(b"allow", b"GET, HEAD")]),
         internal_error=JSONError(500, "internal server error"),
         query_key=query_key,
+        bare_key=bare_key,
     )
 
 
@@ -144,6 +147,7 @@ def relay_rules(retry_after: int) -> Rules:
         not_found=OpenAIError(404, "not found", "not_found"),
         method_not_allowed=OpenAIError(405, "method not allowed", "method_not_allowed", [(b"allow", b"GET, HEAD")]),
         internal_error=OpenAIError(500, "internal server error", "internal_error", type_="server_error"),
+        bare_key=True,
     )
 
 
@@ -187,6 +191,8 @@ class TokenAuthMiddleware:
                 break
         if header:
             key = bearer_key(header)
+            if key is None and rules.bare_key:
+                key = parameter_key(header)
         elif rules.query_key and (parameter := key_parameter(scope.get("query_string", b""))) is not None:
             key = parameter_key(parameter)
         else:

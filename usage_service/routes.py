@@ -67,8 +67,9 @@ def route_table(settings: Settings, services: Services) -> RouteTable:
     history = HistoryEndpoint(
         services, unavailable=usage.unavailable, max_days=settings.history_max_days, answers=AnswerCache(*limits)
     )
-    # The usage route's rules, plus the legacy `?key=` credential older gateways took here.
-    log = usage_rules(settings.retry_after, query_key=True)
+    # The usage route's rules, plus the legacy `?key=` credential older gateways took here, and
+    # a credential without the Bearer scheme, which the gateway's middleware for this route takes.
+    log = usage_rules(settings.retry_after, query_key=True, bare_key=True)
     token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable)
     return RouteTable(
         {

@@ -34,6 +34,9 @@ class Rules:
     internal_error: ASGIApp
     # Without an Authorization header, take the credential from `?key=` (the log route's legacy form).
     query_key: bool = False
+    # Also take an Authorization value without the Bearer scheme as the credential itself, as the
+    # gateway's token middleware does (`Authorization: sk-KEY`); its usage route does not.
+    bare_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)
