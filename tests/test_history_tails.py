@@ -31,6 +31,7 @@ from usage_service.cache import AnswerCache, key_digest
 from usage_service.config import Settings
 from usage_service.days import DaySums
 from usage_service.history import DAY, GRACE, SLOT, History, Tail
+from usage_service.hotset import renote_interval
 from usage_service.lookup import TokenLookup
 from usage_service.records import TokenRecord
 from usage_service.refresh import Refresher
@@ -40,7 +41,7 @@ from usage_service.services import Services
 from usage_service.shared import SharedRedis
 from usage_service.store import open_store
 from usage_service.store.logs import LogReader
-from usage_service.tails import SETTLE, TailKeeper, renote_interval
+from usage_service.tails import SETTLE, TailKeeper
 from usage_service.usage_history import HistoryEndpoint
 
 pytestmark = pytest.mark.asyncio

@@ -70,3 +70,39 @@ async def test_the_lifespan_restarts_a_task_killed_by_an_unexpected_error(
             store.fetch_options = fails_once
             await asyncio.wait_for(read_again.wait(), timeout=10)
     assert "'options' failed" in caplog.text and "injected failure" in caplog.text
+
+
+async def test_a_round_whose_halves_both_fail_raises_the_first_and_logs_a_defect_of_the_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A round's two halves run side by side: when the first fails, the second is cancelled and
+    the first's error raised; a defect of the second is logged, never swallowed."""
+    from usage_service.refresh import _side_by_side
+    from usage_service.store import StoreUnavailable
+
+    second_started = asyncio.Event()
+
+    async def first() -> None:
+        await second_started.wait()
+        raise StoreUnavailable("injected")
+
+    async def defective() -> None:
+        second_started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            raise ValueError("a defect in the second half")  # noqa: B012 - what a defect looks like
+
+    async def expected_outage() -> None:
+        second_started.set()
+        await asyncio.Event().wait()
+
+    with caplog.at_level(logging.ERROR, logger="usage_service.refresh"):
+        with pytest.raises(StoreUnavailable):
+            await _side_by_side(first(), defective())
+        assert [r.message for r in caplog.records] == ["the round's other half failed as well"]
+        caplog.clear()
+        second_started.clear()
+        with pytest.raises(StoreUnavailable):
+            await _side_by_side(first(), expected_outage())  # cancelled as it should be: nothing said
+        assert caplog.records == []

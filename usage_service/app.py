@@ -37,6 +37,7 @@ from .config import Settings, load_settings
 from .cors import CORSMiddleware
 from .days import DaySums
 from .history import History
+from .hotset import renote_interval
 from .limiter import AuthFailureLimiter
 from .lookup import TokenLookup
 from .looplag import LoopLag
@@ -49,7 +50,7 @@ from .services import Services
 from .shared import SharedRedis
 from .store import open_store
 from .store.logs import open_log_reader
-from .tails import TailKeeper, renote_interval
+from .tails import TailKeeper
 
 logger = logging.getLogger("usage_service")
 

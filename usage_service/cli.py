@@ -21,7 +21,7 @@ import uvicorn
 
 from . import __version__, logs
 from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
-from .config import LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
+from .config import DEFAULT_PORT, LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
 from .store import SchemaError, open_store
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default=None, help="address to listen on (default: 0.0.0.0; with --demo, 127.0.0.1)")
-    parser.add_argument("--port", default=None, help="port to listen on (default: $PORT or 3001)")
+    parser.add_argument("--port", default=None, help=f"port to listen on (default: $PORT or {DEFAULT_PORT})")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one port (default: 1)")
     parser.add_argument(
         "--server",
@@ -203,7 +203,7 @@ def _note_shutdown_signal(signum: int, frame: object) -> None:
 
 
 def _port(flag: str | None) -> int:
-    raw, name = (flag, "--port") if flag is not None else (os.environ.get("PORT", "") or "3001", "PORT")
+    raw, name = (flag, "--port") if flag is not None else (os.environ.get("PORT", "") or str(DEFAULT_PORT), "PORT")
     try:
         port = int(raw)
     except ValueError:

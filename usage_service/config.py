@@ -188,6 +188,10 @@ def _billing_total(raw: str) -> BillingTotal:
 # --- the table --------------------------------------------------------------------------------
 
 
+# The listen port when neither --port nor PORT says (the gateway's own is 3000).
+DEFAULT_PORT = 3001
+
+
 @dataclass(frozen=True)
 class Variable:
     """One environment variable: the setting it fills, its default, how it is read, what it does."""
@@ -246,7 +250,7 @@ TABLE: tuple[Variable, ...] = (
         None,
         "redis:// or rediss:// URL; unset runs on the in-process cache alone",
     ),
-    Variable("PORT", None, 3001, None, "listen port (same as --port)"),
+    Variable("PORT", None, DEFAULT_PORT, None, "listen port (same as --port)"),
     Variable(
         "USAGE_CACHE_TTL",
         "cache_ttl",

@@ -12,6 +12,19 @@ from collections.abc import Iterable, Mapping
 
 from ._redis_guard import RedisGuard
 
+# A worker notes a token in the shared hot set again once this part of USAGE_HOT_WINDOW has
+# passed since it last did (at most every RENOTE_MAX seconds), not on every poll: tokens polled
+# without pause stay in the set, and noting costs a fraction of what it would.
+RENOTE_FRACTION = 0.25
+RENOTE_MAX = 5.0
+
+
+def renote_interval(window: float) -> float:
+    """How long a worker goes without noting a token it goes on answering: a token it asked for
+    stays in the shared set for at least `window` less this."""
+    return min(window * RENOTE_FRACTION, RENOTE_MAX)
+
+
 # Hot-set members per command, both ways: bounded work between two awaits of the event loop.
 HOT_SLICE = 1000
 

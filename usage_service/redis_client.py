@@ -3,8 +3,7 @@
 Every topology gets the same bounds: connections per worker (per node on Cluster), a socket
 timeout of USAGE_REDIS_TIMEOUT and one immediate retry, so a connection that died with a
 restart or a failover is replaced at once while the caller's timeout still bounds the call.
-`RedisGuard` wraps the result; anything else that needs its own client (a refresher on a loop
-of its own) calls `create_client` with the same settings.
+`RedisGuard` wraps the result.
 """
 
 from __future__ import annotations
@@ -27,8 +26,9 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 REDIS_MAX_CONNECTIONS = 32
 
 
-def create_client(settings: Settings, max_connections: int = REDIS_MAX_CONNECTIONS) -> RedisClient:
+def create_client(settings: Settings) -> RedisClient:
     """Build a client for `settings.redis_url` in `settings.redis_mode`; it connects lazily."""
+    max_connections = REDIS_MAX_CONNECTIONS
     if settings.redis_url is None:
         raise ValueError("Redis is not configured (REDIS_CONN_STRING is unset)")
     timeouts: dict[str, Any] = {

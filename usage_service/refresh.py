@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from ._redis_guard import RedisUnavailable
 from .config import Settings
-from .hotset import HOT_SLICE, parse_hot
+from .hotset import HOT_SLICE, parse_hot, renote_interval
 from .leadership import LeaderLock, Leadership
 from .records import TokenRecord, encode_cached
 from .shared import SharedRedis
@@ -39,19 +39,12 @@ U = TypeVar("U")
 # hold up requests waiting on the same event loop.
 REFRESH_CHUNK = HOT_SLICE
 
-# A worker notes a token in the shared hot set again once this part of USAGE_HOT_WINDOW has
-# passed since it last did (at most every RENOTE_MAX seconds), not every interval: tokens polled
-# without pause stay in the set, and noting costs a fraction of what it did.
-RENOTE_FRACTION = 0.25
-RENOTE_MAX = 5.0
-
 
 @dataclass
 class RefreshStats:
     runs: int = 0  # refreshes this worker performed (as leader, or on its own)
     tokens: int = 0  # tokens re-read by the last refresh
     changed: int = 0  # records that changed, since start
-    vanished: int = 0  # tokens that were deleted or lost their user, since start
     last_duration: float = 0.0
     finished_at: float = 0.0  # wall clock at the end of the last refresh
     tokens_read: int = 0  # tokens re-read, since start
@@ -103,7 +96,7 @@ class Refresher:
         self.stats = RefreshStats()
         self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
         self._noted: dict[bytes, float] = {}  # when this worker last noted each token in the shared set
-        self.renote = min(self.window * RENOTE_FRACTION, RENOTE_MAX)
+        self.renote = renote_interval(self.window)
         self._pruned_at = 0.0
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
@@ -348,7 +341,6 @@ class Refresher:
         self.stats.runs += 1
         self.stats.tokens = len(fresh)
         self.stats.changed += changed
-        self.stats.vanished += sum(1 for record in fresh.values() if record is None)
         self.stats.last_duration = time.monotonic() - started
         self.stats.finished_at = time.time()
         self.stats.tokens_read += len(fresh)
@@ -366,8 +358,12 @@ async def _side_by_side(first: Awaitable[T], second: Coroutine[Any, Any, U]) -> 
         result = await first
     except BaseException:
         other.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # ours is the error to raise
+        try:
             await other
+        except (asyncio.CancelledError, RedisUnavailable, StoreUnavailable):
+            pass  # ours is the error to raise
+        except Exception:  # a defect of its own: said, then ours is raised
+            logger.exception("the round's other half failed as well")
         raise
     return result, await other
 

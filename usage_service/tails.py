@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, tail_fingerprint
+from .hotset import renote_interval
 from .shared import SharedRedis
 from .store.spending import SpendRow, marks, rows_since, spending
 
@@ -61,26 +62,13 @@ TAIL_KEY_TTL = 60.0
 # Tokens whose open days one statement reads when they become hot.
 INIT_CHUNK = 500
 
-# A worker notes a token in the shared set again once this part of USAGE_HOT_WINDOW has passed
-# (at most every RENOTE_MAX seconds), as the balance's refresher does.
-RENOTE_FRACTION = 0.25
-RENOTE_MAX = 5.0
-
 Extend = Callable[[], Awaitable[bool]]
-
-
-def renote_interval(window: float) -> float:
-    """How long a worker goes without noting a token it goes on answering: a token it asked for
-    stays in the shared set for at least `window` less this."""
-    return min(window * RENOTE_FRACTION, RENOTE_MAX)
 
 
 @dataclass
 class TailStats:
-    rounds: int = 0
     tokens: int = 0  # tokens kept by the last round
     initialised: int = 0  # tokens whose open days were read whole, since start
-    changed: int = 0  # tails that changed, since start
     statements: int = 0  # statements the rounds sent, since start
 
 
@@ -198,7 +186,6 @@ class TailKeeper:
         await self._release(redis)
         self._published = tails
         self._written = {t: at for t, at in self._written.items() if t in tails}
-        self.stats.changed += len(changed)
         return True
 
     async def _release(self, redis: SharedRedis) -> None:
@@ -313,7 +300,6 @@ class TailKeeper:
                 for key, spend in extra.items():
                     add_to(merged, key, spend)
                 tails[token_id] = merged
-        self.stats.rounds += 1
         self.stats.tokens = len(tails)
         return _Kept(min_id, tails, closed)
 

@@ -284,7 +284,6 @@ class Answers:
         self._inflight: dict[Key, asyncio.Future[bytes]] = {}
         # Per token with a read running or waiting: its lock and how many reads hold or await it.
         self._turns: dict[int, tuple[asyncio.Lock, list[int]]] = {}
-        self.hits = 0
         self.coalesced = 0
         self.reads = 0
 
@@ -294,7 +293,6 @@ class Answers:
         if entry is not None:
             if entry[0] > now:
                 self._entries.move_to_end(key)
-                self.hits += 1
                 return entry[1]
             self._drop(key)
         flight = self._inflight.get(key)

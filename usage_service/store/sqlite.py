@@ -60,7 +60,6 @@ class SQLiteStore(SQLStore):
         self._uri = path.resolve().as_uri() + "?mode=ro&readonly_shm=1"
         self._wal, self._shm = Path(f"{path}-wal"), Path(f"{path}-shm")
         self._timeout = timeout
-        self._size = pool_size
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
         self._identity = _file_identity(path)
