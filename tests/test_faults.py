@@ -135,3 +135,28 @@ async def test_redis_slow_or_black_holed(
             assert time.monotonic() < deadline, "the circuit did not close again"
             await used(client, tokens[0])
             await asyncio.sleep(0.05)
+
+
+async def test_misses_queued_for_their_addresss_turns_are_answered_within_the_deadline(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """The failed-authentication limiter lets 3 misses of one address resolve at once here, and
+    the others wait for a turn: that wait counts against the database's deadline, so every miss
+    is answered within USAGE_DB_TIMEOUT and the stores' guard, however many queue (not a deadline
+    per batch of turns), and a token with a stale record in-process is answered from it."""
+    stale, misses = gateway.add_token(used=6), [gateway.add_token() for _ in range(24)]
+    settings = {"cache_ttl": 0.1, "local_ttl": 0.1, "refresh_interval": 0, "db_timeout": 0.5, "auth_fail_limit": 3}
+    async with app_client(**settings) as (app, client):
+        assert await used(client, stale) == 6
+        await asyncio.sleep(0.2)  # past its freshness
+        with gateway.exclusive_lock():
+            started = time.monotonic()
+            answers = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in [*misses, stale]))
+            waited = time.monotonic() - started
+    for response in answers[:-1]:
+        assert_unavailable(response)
+    assert answers[-1].status_code == 200
+    assert answers[-1].json()["data"]["total_used"] == 6
+    assert app.state.lookup.stats.stale_served == 1
+    # One deadline (1.5 s) and scheduling slack; a lock timeout (0.5 s) per batch of 3 turns: 4 s.
+    assert waited < 0.5 + STATEMENT_GUARD + 1.0, waited

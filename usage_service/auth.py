@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .limiter import NoTurn
 from .records import TOKEN_DISABLED, TOKEN_ENABLED, TOKEN_EXHAUSTED, TOKEN_EXPIRED, USER_ENABLED, TokenRecord
 from .responses import JSONError, OpenAIError
 from .routing import ROUTE_KEY, SCOPE_KEY, Rules, ShortRoute
@@ -202,24 +203,11 @@ class TokenAuthMiddleware:
             await self.refuse(rules.invalid_bearer, scope, receive, send)
             return
 
-        lookup = self.services.lookup
-        record = lookup.cached(key, scope)
+        record = self.services.lookup.cached(key, scope)
         if record is None:
-            # Resolved in one of its address's turns: a blocked address is answered before
-            # resolution (guessing costs it no lookup at all), and a burst of guesses waits.
-            limiter = self.services.limiter
-            async with limiter.turn(scope) if limiter is not None else contextlib.nullcontext() as retry_after:
-                if retry_after is not None:
-                    await self.too_many(rules, retry_after, scope, receive, send)
-                    return
-                try:
-                    record = await lookup.resolve(key, scope)
-                except StoreUnavailable:
-                    await rules.unavailable(scope, receive, send)
-                    return
-                if record is None:
-                    await self.refuse(rules.unknown_key, scope, receive, send)  # counted within the turn
-                    return
+            record = await self.resolve(key, rules, scope, receive, send)
+            if record is None:
+                return  # answered
         rejection = rules.verdict(record)
         if rejection is not None:
             await rejection(scope, receive, send)
@@ -227,6 +215,33 @@ class TokenAuthMiddleware:
 
         scope[SCOPE_KEY] = record
         await self.app(scope, receive, send)
+
+    async def resolve(self, key: bytes, rules: Rules, scope: Scope, receive: Receive, send: Send) -> TokenRecord | None:
+        """Resolve a key the in-process layer does not hold, in one of its address's turns: a
+        blocked address is answered before resolution (guessing costs it no lookup at all), and a
+        burst of guesses waits. Returns the token's record, or None once the request is answered
+        (an unknown key, a 429, or a 503 when the database does not answer within its deadline,
+        the wait for a turn included)."""
+        lookup, limiter = self.services.lookup, self.services.limiter
+        deadline = lookup.deadline()
+        turn = limiter.turn(scope, deadline) if limiter is not None else contextlib.nullcontext()
+        try:
+            async with turn as retry_after:
+                if retry_after is not None:
+                    await self.too_many(rules, retry_after, scope, receive, send)
+                    return None
+                record = await lookup.resolve(key, scope, deadline)
+                if record is None:
+                    await self.refuse(rules.unknown_key, scope, receive, send)  # counted within the turn
+                return record
+        except NoTurn:
+            record = lookup.stale(key, scope)
+            if record is None:
+                await rules.unavailable(scope, receive, send)
+            return record
+        except StoreUnavailable:
+            await rules.unavailable(scope, receive, send)
+            return None
 
     async def refuse(self, rejection: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a credential that names no token: the route's 401, or 429 once its address failed too often."""

@@ -71,13 +71,14 @@ class AuthFailureLimiter:
         return cls(settings.auth_fail_limit, settings.auth_fail_window, shared, addresses)
 
     @contextlib.asynccontextmanager
-    async def turn(self, scope: Scope) -> AsyncIterator[int | None]:
+    async def turn(self, scope: Scope, deadline: float | None = None) -> AsyncIterator[int | None]:
         """Hold one of the client's address's turns to resolve a key (waiting for one while
         `limit` are taken); give the Retry-After seconds of a 429 instead when this worker knows
         the address is over the limit, and then no key is to be resolved. Costs no Redis call.
 
         A failure is counted (`failed`) before the turn is given up, so that the turns waiting
-        learn of the block.
+        learn of the block. Raises NoTurn when none is free by `deadline` (the event loop's
+        clock): a wait for a turn counts against the request's own wait for the database.
         """
         name = address_bucket(self.addresses(scope)).encode()
         retry_after = self._retry_after(name)
@@ -89,8 +90,15 @@ class AuthFailureLimiter:
             turns = self._turns[name] = _Turns(asyncio.Semaphore(self.limit))
         turns.holders += 1
         try:
-            async with turns.free:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await turns.free.acquire()
+            except TimeoutError:
+                raise NoTurn from None
+            try:
                 yield self._retry_after(name)
+            finally:
+                turns.free.release()
         finally:
             turns.holders -= 1
             if not turns.holders:
@@ -147,6 +155,10 @@ class AuthFailureLimiter:
             results[call] = (total - failures[bucket] + 1, remaining)
             failures[bucket] -= 1
         return results
+
+
+class NoTurn(Exception):
+    """No turn to resolve a key came free before the request's deadline."""
 
 
 @dataclass(slots=True)

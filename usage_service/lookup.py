@@ -105,11 +105,19 @@ class TokenLookup:
                 self._polled[digest] = record.id
         return record
 
-    async def resolve(self, key: bytes, note: MutableMapping[str, object] | None = None) -> TokenRecord | None:
+    def deadline(self) -> float:
+        """The latest a miss arriving now is answered (the event loop's clock): USAGE_DB_TIMEOUT
+        and the stores' guard, however long it queues on the way."""
+        return asyncio.get_running_loop().time() + self.db_deadline
+
+    async def resolve(
+        self, key: bytes, note: MutableMapping[str, object] | None = None, deadline: float | None = None
+    ) -> TokenRecord | None:
         """Return the record for a key (ASCII, without 'sk-'), or None when no live token has it.
 
         Notes the layer that answered under LAYER in `note`, when given. Raises StoreUnavailable
-        when the answer is in no cache and the database cannot give it.
+        when the answer is in no cache and the database cannot give it, or not by `deadline`
+        (from `deadline()`; the trip down goes on for whoever else waits on it).
         """
         record = self.cached(key, note)
         if record is not None:
@@ -129,8 +137,7 @@ class TokenLookup:
         else:
             self.stats.coalesced += 1
         try:
-            # Shielded: a client that goes away must not cancel the trip others are waiting on.
-            record, layer = await asyncio.shield(task)
+            record, layer = await self._wait(task, deadline)
         except StoreUnavailable:
             record, layer = self._stale(digest), "stale"
             if record is None:
@@ -141,6 +148,17 @@ class TokenLookup:
         if record is not None and self._note_polls:
             self._polled[digest] = record.id
         return record
+
+    async def _wait(
+        self, task: asyncio.Task[tuple[TokenRecord | None, str]], deadline: float | None
+    ) -> tuple[TokenRecord | None, str]:
+        """Wait for a trip down until `deadline` at most. Shielded: a caller that gives up, or a
+        client that goes away, does not cancel the trip others are waiting on."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer from the database within {self.db_deadline:g} s") from None
 
     def take_polled(self) -> dict[bytes, int]:
         """Return the tokens answered since the last call, as {digest: token id}."""
@@ -185,6 +203,16 @@ class TokenLookup:
             del self._inflight[digest]
         if not task.cancelled():
             task.exception()  # retrieved here so an error nobody awaited is not reported as lost
+
+    def stale(self, key: bytes, note: MutableMapping[str, object] | None = None) -> TokenRecord | None:
+        """What a miss that cannot wait any longer is answered from: the record kept in-process
+        for this key, if it stopped being fresh within USAGE_STALE_IF_ERROR, else None."""
+        record = self._stale(key_digest(key))
+        if record is not None:
+            self.stats.stale_served += 1
+            if note is not None:
+                note[LAYER] = "stale"
+        return record
 
     def _stale(self, digest: bytes) -> TokenRecord | None:
         """The record kept in-process for this key, if it stopped being fresh within USAGE_STALE_IF_ERROR."""
