@@ -105,6 +105,10 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         pytest.param({"USAGE_METRICS": "maybe"}, "USAGE_METRICS", "on or off", id="metrics-switch"),
         pytest.param({"USAGE_METRICS_ADDRESS": "9100"}, "USAGE_METRICS_ADDRESS", "host:port", id="addr-no-host"),
         pytest.param({"USAGE_METRICS_ADDRESS": "h:99999"}, "USAGE_METRICS_ADDRESS", "host:port", id="addr-port"),
+        # Seconds are taken up to 1e9 whatever the setting, whole seconds too.
+        pytest.param(
+            {"USAGE_RETRY_AFTER": "99999999999999"}, "USAGE_RETRY_AFTER", "whole number", id="retry-after-huge"
+        ),
         pytest.param({"USAGE_LOG_FORMAT": "xml"}, "USAGE_LOG_FORMAT", "text, json", id="log-format"),
         pytest.param({"USAGE_CORS_ORIGINS": "dash.example.com"}, "USAGE_CORS_ORIGINS", "origins like", id="no-scheme"),
         pytest.param({"USAGE_CORS_ORIGINS": "https://a.example/app"}, "USAGE_CORS_ORIGINS", "origins", id="path"),

@@ -211,6 +211,30 @@ async def test_hung_redis_is_not_waited_on(gateway: Gateway, app_client: AppClie
         assert ready.status_code == 200 and ready.json()["redis"] == "unavailable"
 
 
+async def test_concurrent_misses_wait_at_most_twice_the_redis_timeout(
+    gateway: Gateway, app_client: AppClient, black_hole: BlackHole
+) -> None:
+    """Record reads are batched, two batches in flight: a miss behind them waits for one to give
+    up, then for its own; no miss waits on a hung Redis longer than twice USAGE_REDIS_TIMEOUT."""
+    tokens = [gateway.add_token() for _ in range(6)]
+    timeout = 0.3
+    url = f"redis://127.0.0.1:{black_hole.port}/0"
+    async with app_client(redis_url=url, redis_timeout=timeout, redis_cooldown=60, refresh_interval=0) as (app, client):
+        reached: list[float] = []
+        fetch = app.state.store.fetch
+
+        async def timed_fetch(key: str) -> Any:  # when each miss turns to the database
+            reached.append(time.monotonic() - started)
+            return await fetch(key)
+
+        app.state.store.fetch = timed_fetch
+        started = time.monotonic()
+        answers = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens))
+    assert [a.status_code for a in answers] == [200] * len(tokens)
+    assert len(reached) == len(tokens)
+    assert max(reached) < 2 * timeout + 0.25, reached
+
+
 async def test_redis_down_at_start(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token(used=3)
     async with app_client(redis_url="redis://127.0.0.1:1/0") as (_, client):
