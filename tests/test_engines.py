@@ -6,20 +6,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import AppClient, GatewayFactory
 from support import Gateway
+from tcpproxy import TCPProxy
 from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
 from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
 from usage_service._dsn import MySQLDSN, parse_sql_dsn
 from usage_service.cache import key_digest
 from usage_service.config import Settings
-from usage_service.store import SchemaError, StoreUnavailable, open_store
+from usage_service.store import STATEMENT_GUARD, SchemaError, StoreUnavailable, open_store
 from usage_service.store._sql import SQLStore
 
 pytestmark = pytest.mark.asyncio
@@ -215,6 +218,49 @@ async def test_dropped_sessions_are_replaced(gateway: Gateway, app_client: AppCl
         responses = [await client.get(URL, headers=token.bearer) for token in tokens]
     assert [response.status_code for response in responses] == [200] * 4
     assert [response.json()["data"]["total_used"] for response in responses] == [0, 1, 2, 3]
+
+
+def _through(database: Any, port: int) -> Any:
+    """The same database, reached through a proxy listening on `port` on loopback."""
+    if isinstance(database, MySQLDSN):
+        return dataclasses.replace(database, host="127.0.0.1", port=port)
+    parts = urlsplit(database.url)
+    return dataclasses.replace(
+        database, url=parts._replace(netloc=parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}").geturl()
+    )
+
+
+def _address(database: Any) -> tuple[str, int]:
+    if isinstance(database, MySQLDSN):
+        return database.host, database.port
+    parts = urlsplit(database.url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+@on_servers
+async def test_a_server_that_stops_answering_is_waited_on_no_longer_than_a_lock(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """A database server that goes silent (a black-holed network, a hung host) is what a lock is:
+    cached tokens answer, a miss gets 503 within USAGE_DB_TIMEOUT and the stores' guard, /readyz
+    says 503; once it answers again, so does the service."""
+    cached, missed = gateway.add_token(used=2), gateway.add_token(used=5)
+    with TCPProxy(_address(gateway.database)) as proxy:
+        database = _through(gateway.database, proxy.port)
+        async with app_client(database=database, db_timeout=0.5, refresh_interval=0, local_ttl=600) as (_, client):
+            assert (await client.get(URL, headers=cached.bearer)).json()["data"]["total_used"] == 2
+            proxy.black_hole()
+            started = time.monotonic()
+            miss = await client.get(URL, headers=missed.bearer)
+            waited = time.monotonic() - started
+            assert miss.status_code == 503 and miss.headers["retry-after"] == "1"
+            assert waited < 0.5 + STATEMENT_GUARD + 0.5, waited
+            assert (await client.get(URL, headers=cached.bearer)).status_code == 200
+            assert (await client.get("/readyz")).status_code == 503
+            proxy.heal()
+            await eventually(answer_is(client, missed, 200, total_used=5), within=10.0)
+            assert (await client.get("/readyz")).status_code == 200
 
 
 @on_servers
