@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -64,6 +68,70 @@ def test_metrics_address_with_workers(gateway: Gateway, server: str) -> None:
         histogram = "usage_http_request_duration_seconds"
         assert served(histogram + "_count", route=URL) == len(tokens)
         assert served(histogram + "_bucket", route=URL, le="+Inf") == len(tokens)
+
+
+def _workers(pid: int) -> set[int]:
+    """The server's worker processes (not multiprocessing's resource tracker, which uvicorn's
+    supervisor also starts)."""
+    workers = set()
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.add(int(child))
+    return workers
+
+
+def _listening(port: int) -> set[int]:
+    """The processes holding a listening IPv4 socket on `port` (read from /proc)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                holders.add(int(fd_dir.parent.name))
+    return holders
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_that_dies_is_replaced_and_its_metrics_address_taken_over(gateway: Gateway, server: str) -> None:
+    """operations.md: with --workers N a worker that dies is replaced, and if it served the
+    metrics address, another worker takes the address over within 5 seconds."""
+    token = gateway.add_token()
+    port = free_port()
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+    with Service(env, "--workers", "2", server=server) as service:
+
+        def metrics_served() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(metrics_served, 15), service.output()
+        assert wait_until(lambda: len(_workers(service.process.pid)) == 2, 15)
+        workers = _workers(service.process.pid)
+        [holder] = _listening(port) & workers
+        os.kill(holder, signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_until(metrics_served, 10), service.output()
+        assert time.monotonic() - killed < 6
+
+        def replaced() -> bool:
+            try:
+                answered = httpx.get(service.url + URL, headers=token.bearer, timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+            now = _workers(service.process.pid)
+            return answered and holder not in now and len(now) == len(workers)
+
+        assert wait_until(replaced, 15), service.output()
+        assert _listening(port) & _workers(service.process.pid)
+        assert service.process.poll() is None
+        assert service.stop() == 0
 
 
 def test_metrics_address_in_use_stops_start_up(gateway: Gateway) -> None:
