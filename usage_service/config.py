@@ -294,7 +294,7 @@ TABLE: tuple[Variable, ...] = (
         "redis_timeout",
         0.25,
         _seconds(minimum=0.001),
-        "seconds a request's Redis call may take before the database is asked instead (a whole hot set's: 4x, at least 1)",
+        "seconds a request's Redis call may take before the database is asked instead (background: 4x, >= 1)",
     ),
     Variable(
         "USAGE_REDIS_COOLDOWN",
@@ -352,7 +352,13 @@ TABLE: tuple[Variable, ...] = (
         _count(minimum=1, maximum=64),
         "read-only database connections per worker",
     ),
-    Variable("USAGE_RETRY_AFTER", "retry_after", 1, _count(minimum=0, maximum=int(MAX_SECONDS)), "Retry-After seconds sent with 503 answers"),
+    Variable(
+        "USAGE_RETRY_AFTER",
+        "retry_after",
+        1,
+        _count(minimum=0, maximum=int(MAX_SECONDS)),
+        "Retry-After seconds sent with 503 answers",
+    ),
     Variable(
         "USAGE_REFRESH_INTERVAL",
         "refresh_interval",
