@@ -70,7 +70,7 @@ def naive(db: Path) -> Starlette:
 
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
         nonlocal store
-        store = await SQLiteStore.open(db, timeout=2.0)
+        store = await SQLiteStore.open(db, timeout=2.0, pool_size=Settings.db_pool_size)
         yield
         await store.close()
 
@@ -117,7 +117,7 @@ def main() -> None:
 
 
 async def _fetch(db: Path, key: str):  # type: ignore[no-untyped-def]
-    store = await SQLiteStore.open(db, timeout=2.0)
+    store = await SQLiteStore.open(db, timeout=2.0, pool_size=Settings.db_pool_size)
     record = await store.fetch(key)
     await store.close()
     assert record is not None, "the ceiling's token is not in the database"

@@ -12,6 +12,7 @@ from asgi import call
 from conftest import AppClient
 from support import Gateway
 
+from usage_service.config import Settings
 from usage_service.demo import new_key
 
 LIMIT = 1000
@@ -60,7 +61,7 @@ async def test_batched_statements_use_the_key_and_id_indexes(gateway: Gateway, c
     """A batch of keys must not become a scan of every live token (found by the key sweep)."""
     from usage_service.store.sqlite import SQLiteStore
 
-    store = await SQLiteStore.open(gateway.path, timeout=1.0)
+    store = await SQLiteStore.open(gateway.path, timeout=1.0, pool_size=Settings.db_pool_size)
     try:
         for column, index in (("key", "idx_tokens_key"), ("id", "PRIMARY KEY")):
             condition, params = store._match(column, [0] * count)  # type: ignore[arg-type]

@@ -48,16 +48,14 @@ class MySQLStore(SQLStore):
         self._closed = False
 
     @classmethod
-    async def open(
-        cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4, rows_kept: int = ROW_MEMORY
-    ) -> MySQLStore:
+    async def open(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> MySQLStore:
         """Connect, check that the database is a gateway's; raise SchemaError if not."""
         store = cls(dsn, timeout=timeout, pool_size=pool_size, rows_kept=rows_kept)
         await store._start(f"SQL_DSN: {dsn.describe()}", store._check_tables)
         return store
 
     @classmethod
-    async def open_logs(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int = 4) -> MySQLStore:
+    async def open_logs(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int) -> MySQLStore:
         """Connect only for the `logs` table (LOG_SQL_DSN), in the same read-only sessions; raise
         SchemaError if the database has none."""
         store = cls(dsn, timeout=timeout, pool_size=pool_size)

@@ -55,7 +55,7 @@ class PostgresStore(SQLStore):
 
     @classmethod
     async def open(
-        cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4, rows_kept: int = ROW_MEMORY
+        cls, dsn: PostgresDSN, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY
     ) -> PostgresStore:
         """Connect, check that the database is a gateway's; raise SchemaError if not."""
         store = cls(dsn, timeout=timeout, pool_size=pool_size, rows_kept=rows_kept)
@@ -63,7 +63,7 @@ class PostgresStore(SQLStore):
         return store
 
     @classmethod
-    async def open_logs(cls, dsn: PostgresDSN, *, timeout: float, pool_size: int = 4) -> PostgresStore:
+    async def open_logs(cls, dsn: PostgresDSN, *, timeout: float, pool_size: int) -> PostgresStore:
         """Connect only for the `logs` table (LOG_SQL_DSN), in the same read-only sessions; raise
         SchemaError if the database has none."""
         store = cls(dsn, timeout=timeout, pool_size=pool_size)

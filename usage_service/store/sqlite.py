@@ -86,7 +86,7 @@ class SQLiteStore(SQLStore):
         self._json_select = ""
 
     @classmethod
-    async def open(cls, path: Path, *, timeout: float, pool_size: int = 4, rows_kept: int = ROW_MEMORY) -> SQLiteStore:
+    async def open(cls, path: Path, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> SQLiteStore:
         """Open the store, checking that the file is a gateway database; raise SchemaError if not."""
         store = cls(path, timeout=timeout, pool_size=pool_size, rows_kept=rows_kept)
         try:
@@ -100,7 +100,7 @@ class SQLiteStore(SQLStore):
         return store
 
     @classmethod
-    async def open_logs(cls, path: Path, *, timeout: float, pool_size: int = 4) -> SQLiteStore:
+    async def open_logs(cls, path: Path, *, timeout: float, pool_size: int) -> SQLiteStore:
         """Open a file only for its `logs` table (LOG_SQL_DSN), with the same read-only connections;
         raise SchemaError if it has none. Its tokens and users, if any, are never read."""
         store = cls(path, timeout=timeout, pool_size=pool_size)
