@@ -311,6 +311,40 @@ async def test_unexpected_error_is_json_500_without_traceback(gateway: Gateway, 
     assert "secret" not in response.text and "Traceback" not in response.text
 
 
+# The model-limit columns as new-api adds them, and a true and a false in each engine's types.
+_MODEL_LIMIT_COLUMNS = {
+    "sqlite": ("numeric", "text", 1, 0),
+    "postgres": ("boolean", "varchar(1024)", True, False),
+    "mysql": ("tinyint(1)", "varchar(1024)", 1, 0),
+}
+
+
+async def test_columns_added_in_place_are_read(
+    make_gateway: GatewayFactory, engine: str, app_client: AppClient
+) -> None:
+    """A gateway upgraded while the service runs (one-api's schema to new-api's) adds the
+    model-limit columns in place: once the service looks at the columns again (every minute; at
+    every statement here), it reads them, without a restart."""
+    old = make_gateway(engine, old=True)
+    user = old.add_user()
+    enabled_type, limits_type, true, false = _MODEL_LIMIT_COLUMNS[engine]
+    async with app_client(sqlite_path=old.path, database=old.database, refresh_interval=0) as (app, client):
+        app.state.store.schema_check_interval = 0
+        old._execute(f"ALTER TABLE tokens ADD COLUMN model_limits_enabled {enabled_type}", ())
+        old._execute(f"ALTER TABLE tokens ADD COLUMN model_limits {limits_type}", ())
+        key = "m" * 48
+        old._execute(
+            "INSERT INTO tokens (user_id, `key`, name, remain_quota, used_quota, unlimited_quota,"
+            " model_limits_enabled, model_limits) VALUES (?, ?, 'm', 5, 0, ?, ?, 'gpt-4o,o3')",
+            (user, key, false, true),
+        )
+        response = await client.get(URL, headers={"Authorization": f"Bearer sk-{key}"})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert data["model_limits_enabled"] is True
+    assert data["model_limits"] == {"gpt-4o": True, "o3": True}
+
+
 async def test_older_gateway_schema(make_gateway: GatewayFactory, engine: str, app_client: AppClient) -> None:
     """one-api era: key as char(48), no model-limit columns, booleans as 0/1 or text."""
     old = make_gateway(engine, old=True)

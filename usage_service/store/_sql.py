@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -52,6 +53,10 @@ LOG_REQUIRED = {"id", "token_id", "created_at", "type", "model_name", "quota", "
 # Rows fetch_many remembers, to hand back the same record for an unchanged row: at least this
 # many, and at least a whole refresh round's (see rows_kept).
 ROW_MEMORY = 50_000
+
+# How often (seconds) the tables' columns are looked at again: a gateway upgraded in place adds
+# columns (the model limits, coming from one-api) that would otherwise be read only after a restart.
+SCHEMA_CHECK_INTERVAL = 60.0
 
 # A token whose row cannot be read is logged at most this often (seconds), however often it is asked for.
 UNREADABLE_LOG_INTERVAL = 60.0
@@ -261,6 +266,8 @@ class SQLStore(ABC):
         self.errors = 0  # statements that failed or timed out (metrics)
         self._has_options = False  # whether the gateway's options table was there when last looked
         self._select = ""  # set once the schema has been read
+        self.schema_check_interval = SCHEMA_CHECK_INTERVAL  # tests set 0 to look at every statement
+        self._schema_read_at = time.monotonic()  # the openers read it
         self._rows = RowMemory(rows_kept)
         self._failing = False
         self._unreadable_logged: dict[object, float] = {}  # token id -> when its unreadable row was last logged
@@ -298,12 +305,30 @@ class SQLStore(ABC):
         return LogReader(self._query, self.engine)
 
     async def _prepare(self) -> None:
-        """Make sure the SELECT fits the database before a statement is built from it.
+        """Make sure the SELECT fits the database before a statement is built from it: its
+        columns are looked at again every `schema_check_interval` seconds.
 
-        Raise StoreUnavailable, with the reason, while no SELECT can fit it. Engines whose
-        schema may change under us (a replaced SQLite file) override this.
+        Raise StoreUnavailable while the database cannot answer. The SQLite store, whose file
+        may be replaced under it, overrides this.
         """
-        return None
+        if time.monotonic() - self._schema_read_at < self.schema_check_interval:
+            return
+        self._schema_read_at = time.monotonic()
+        try:
+            select = await self._read_select()
+        except StoreUnavailable:
+            self._schema_read_at = -math.inf  # not read: look again at the next statement
+            raise
+        except SchemaError as exc:  # the statements will say what is wrong: keep what worked
+            logger.error("%s; reading the tables with the columns they had", exc)
+            return
+        if select != self._select:
+            logger.warning("the columns of the gateway's tables changed; reading them as they are now")
+            self._select = select
+
+    async def _read_select(self) -> str:
+        """The SELECT that fits the tables' columns now; raise SchemaError if it is no gateway database."""
+        return self._select
 
     async def fetch(self, key: str) -> TokenRecord | None:
         found = await self._by_key.load(key)

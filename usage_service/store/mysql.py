@@ -73,15 +73,18 @@ class MySQLStore(SQLStore):
             raise
 
     async def _check_tables(self, where: str) -> None:
+        self._select = await self._read_select(where)
+        # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
+        await self._query(f"{self._select} LIMIT 0", ())
+
+    async def _read_select(self, where: str = "SQL_DSN") -> str:
         rows = await self._query(_COLUMNS_SQL, ())
         columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
         for table, column in rows:
             columns[str(table).lower()].add(str(column).lower())
         check_schema(columns, where, server=True)
-        self._select = select_sql(columns["tokens"], columns["users"], "`")
         self._has_options = bool(columns["options"])
-        # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
-        await self._query(f"{self._select} LIMIT 0", ())
+        return select_sql(columns["tokens"], columns["users"], "`")
 
     async def _check_logs(self, where: str) -> None:
         rows = await self._query(_LOG_COLUMNS_SQL, ())

@@ -120,6 +120,7 @@ class SQLiteStore(SQLStore):
         """Build the SELECT for the file's columns; raise SchemaError if it is no gateway database."""
         async with self._connection() as conn:
             columns = {table: await _columns(conn, table) for table in ("tokens", "users", "options")}
+        self._schema_read_at = time.monotonic()
         check_schema(columns, where)
         select = select_sql(columns["tokens"], columns["users"], '"', fixed_order=True)
         if self._select and select != self._select:
@@ -132,6 +133,8 @@ class SQLiteStore(SQLStore):
 
     async def _prepare(self) -> None:
         self._check_identity()
+        if time.monotonic() - self._schema_read_at >= self.schema_check_interval:
+            self._schema_stale = True  # columns added in place (a gateway upgraded under us)
         if self._schema_stale:
             async with self._schema_lock:
                 if self._schema_stale:
