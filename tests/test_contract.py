@@ -6,6 +6,7 @@ written by a stand-in gateway in the layout new-api gives it on that engine.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -324,25 +325,36 @@ async def test_columns_added_in_place_are_read(
 ) -> None:
     """A gateway upgraded while the service runs (one-api's schema to new-api's) adds the
     model-limit columns in place: once the service looks at the columns again (every minute; at
-    every statement here), it reads them, without a restart."""
+    every statement here), it reads them without a restart, for new tokens and, through the
+    refresher's next round, for cached ones."""
     old = make_gateway(engine, old=True)
     user = old.add_user()
     enabled_type, limits_type, true, false = _MODEL_LIMIT_COLUMNS[engine]
-    async with app_client(sqlite_path=old.path, database=old.database, refresh_interval=0) as (app, client):
+    insert = (
+        "INSERT INTO tokens (user_id, `key`, name, remain_quota, used_quota, unlimited_quota)"
+        " VALUES (?, ?, 'm', 5, 0, ?)"
+    )
+    cached = {"Authorization": "Bearer sk-" + "c" * 48}
+    old._execute(insert, (user, "c" * 48, false))
+    async with app_client(sqlite_path=old.path, database=old.database, refresh_interval=0.1) as (app, client):
+        assert (await client.get(URL, headers=cached)).json()["data"]["model_limits_enabled"] is False
         app.state.store.schema_check_interval = 0
         old._execute(f"ALTER TABLE tokens ADD COLUMN model_limits_enabled {enabled_type}", ())
         old._execute(f"ALTER TABLE tokens ADD COLUMN model_limits {limits_type}", ())
-        key = "m" * 48
-        old._execute(
-            "INSERT INTO tokens (user_id, `key`, name, remain_quota, used_quota, unlimited_quota,"
-            " model_limits_enabled, model_limits) VALUES (?, ?, 'm', 5, 0, ?, ?, 'gpt-4o,o3')",
-            (user, key, false, true),
-        )
-        response = await client.get(URL, headers={"Authorization": f"Bearer sk-{key}"})
-    assert response.status_code == 200, response.text
-    data = response.json()["data"]
-    assert data["model_limits_enabled"] is True
-    assert data["model_limits"] == {"gpt-4o": True, "o3": True}
+        old._execute(insert, (user, "n" * 48, false))
+        old._execute("UPDATE tokens SET model_limits_enabled = ?, model_limits = 'o3'", (true,))
+        new = await client.get(URL, headers={"Authorization": "Bearer sk-" + "n" * 48})
+
+        async def limited() -> bool:
+            return (await client.get(URL, headers=cached)).json()["data"]["model_limits"] == {"o3": True}
+
+        started = time.monotonic()
+        while not await limited():
+            assert time.monotonic() - started < 5, "the refresher did not bring the new columns"
+            await asyncio.sleep(0.05)
+    assert new.status_code == 200, new.text
+    assert new.json()["data"]["model_limits_enabled"] is True
+    assert new.json()["data"]["model_limits"] == {"o3": True}
 
 
 async def test_older_gateway_schema(make_gateway: GatewayFactory, engine: str, app_client: AppClient) -> None:
