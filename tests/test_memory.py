@@ -53,7 +53,7 @@ async def test_a_sweep_of_distinct_keys_leaves_the_caches_at_their_limits(
         assert len(lookup.negative) == LIMIT
         assert len(limiter._counts) == LIMIT
         assert len(refresher._hot) <= LIMIT
-        assert len(lookup._inflight) == 0
+        assert len(lookup._loads) == 0
 
 
 @pytest.mark.parametrize("count", [1, 50, 1000])

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import orjson
 
+from ._flights import Flights
 from ._lru import keep_newest
 from .history_cache import RedisDays, RedisTails
 from .store import StoreUnavailable
@@ -270,7 +271,7 @@ class History:
         # Id bounds of moments (see store/spending.py), which do not change once found.
         self._before: OrderedDict[int, int] = OrderedDict()
         self._after: OrderedDict[int, int] = OrderedDict()
-        self._inflight: dict[int, asyncio.Task[_Loaded]] = {}
+        self._flights: Flights[int, _Loaded] = Flights()  # each token's read of its days
         self._writes: set[asyncio.Task[None]] = set()  # days on their way to Redis
         # Set while the leader runs a round that will vouch for the tails again, until
         # `_round_until` at the latest (see round_began).
@@ -305,7 +306,7 @@ class History:
                 waited_round = True
                 if await self._wait_for_round():
                     continue
-            task = self._inflight.get(token_id)
+            task = self._flights.get(token_id)
             if task is not None and not waited_read:
                 # Another request is reading this token: wait for it, then read only what it
                 # did not (or, if it failed, try once more ourselves).
@@ -545,17 +546,9 @@ class History:
         return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
 
     async def _load(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool = False) -> _Loaded:
-        task = asyncio.create_task(self._read(token_id, missing, tail_from, direct))
-        self._inflight[token_id] = task
-        task.add_done_callback(lambda t: self._finished(token_id, t))
+        task = self._flights.start(token_id, self._read(token_id, missing, tail_from, direct))
         # Shielded: a client that goes away must not cancel the read others wait on.
         return await asyncio.shield(task)
-
-    def _finished(self, token_id: int, task: asyncio.Task[_Loaded]) -> None:
-        if self._inflight.get(token_id) is task:
-            del self._inflight[token_id]
-        if not task.cancelled():
-            task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
     async def _read(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool) -> _Loaded:
         """Read closed days (each run of consecutive ones in one statement) and the open days

@@ -12,6 +12,7 @@ import time
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
+from ._flights import Flights
 from .cache import UNCONFIRMED, LocalCache, RedisRecords, key_digest
 from .config import Settings
 from .records import TokenRecord, encode_cached
@@ -86,7 +87,7 @@ class TokenLookup:
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
         # The load each key's requests wait on; a load an invalidation overtook is no longer here.
-        self._inflight: dict[bytes, asyncio.Task[tuple[TokenRecord | None, str]]] = {}
+        self._loads: Flights[bytes, tuple[TokenRecord | None, str]] = Flights()
         # Tokens answered since the refresher last asked: digest -> token id (never the key).
         # Without a refresher nobody asks, so nothing is noted.
         self._polled: dict[bytes, int] = {}
@@ -129,11 +130,9 @@ class TokenLookup:
                 note[LAYER] = "negative"
             return None
 
-        task = self._inflight.get(digest)
+        task = self._loads.get(digest)
         if task is None:
-            task = asyncio.create_task(self._load(key, digest))
-            self._inflight[digest] = task
-            task.add_done_callback(lambda t: self._finished(digest, t))
+            task = self._loads.start(digest, self._load(key, digest))
         else:
             self.stats.coalesced += 1
         try:
@@ -174,7 +173,7 @@ class TokenLookup:
         now = time.monotonic()
         for digest, fingerprint in changes:
             self.negative.discard(digest)
-            self._inflight.pop(digest, None)  # what it reads may predate the change
+            self._loads.detach(digest)  # what it reads may predate the change
             held = self.local.peek(digest)
             if fingerprint is not None and held is not None and held[0].fingerprint == fingerprint:
                 continue  # the leader's truth as of its round: the round's confirmation vouches for it
@@ -197,12 +196,6 @@ class TokenLookup:
         """Take a record this worker's own refresh just read from the database (no channel:
         only its own TTL keeps it fresh)."""
         self._remember(digest, record, 0.0, UNCONFIRMED, overtaken=False)
-
-    def _finished(self, digest: bytes, task: asyncio.Task[tuple[TokenRecord | None, str]]) -> None:
-        if self._inflight.get(digest) is task:
-            del self._inflight[digest]
-        if not task.cancelled():
-            task.exception()  # retrieved here so an error nobody awaited is not reported as lost
 
     def stale(self, key: bytes, note: MutableMapping[str, object] | None = None) -> TokenRecord | None:
         """What a miss that cannot wait any longer is answered from: the record kept in-process
@@ -272,7 +265,7 @@ class TokenLookup:
 
     def _overtaken(self, digest: bytes) -> bool:
         """Whether an invalidation detached the running load of this key (see invalidate)."""
-        return self._inflight.get(digest) is not asyncio.current_task()
+        return not self._loads.flying(digest)
 
     def _remember(
         self, digest: bytes, record: TokenRecord | None, age: float, generation: int, *, overtaken: bool

@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ._flights import Flights
 from .records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int
 from .responses import JSON_TYPE, NO_CACHE, compact_json, error_body, send_body
 from .routing import SCOPE_KEY
@@ -281,7 +282,7 @@ class Answers:
         self._clock = clock
         self._entries: OrderedDict[Key, tuple[float, bytes]] = OrderedDict()  # key -> (good until, body)
         self._bytes = 0
-        self._inflight: dict[Key, asyncio.Future[bytes]] = {}
+        self._flights: Flights[Key, bytes] = Flights()
         # Per token with a read running or waiting: its lock and how many reads hold or await it.
         self._turns: dict[int, tuple[asyncio.Lock, list[int]]] = {}
         self.coalesced = 0
@@ -295,12 +296,10 @@ class Answers:
                 self._entries.move_to_end(key)
                 return entry[1]
             self._drop(key)
-        flight = self._inflight.get(key)
+        flight = self._flights.get(key)
         if flight is None:
             self.reads += 1
-            # A task of its own: a waiter that goes away (client disconnect) cancels only its wait.
-            flight = asyncio.ensure_future(self._in_turn(key[0], read))
-            self._inflight[key] = flight
+            flight = self._flights.start(key, self._in_turn(key[0], read))
             flight.add_done_callback(functools.partial(self._landed, key, now))
         else:
             self.coalesced += 1
@@ -322,8 +321,6 @@ class Answers:
                 del self._turns[token_id]
 
     def _landed(self, key: Key, started: float, flight: asyncio.Future[bytes]) -> None:
-        if self._inflight.get(key) is flight:
-            del self._inflight[key]
         if flight.cancelled() or flight.exception() is not None:
             return
         body = flight.result()
