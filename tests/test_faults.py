@@ -160,3 +160,36 @@ async def test_misses_queued_for_their_addresss_turns_are_answered_within_the_de
     assert app.state.lookup.stats.stale_served == 1
     # One deadline (1.5 s) and scheduling slack; a lock timeout (0.5 s) per batch of 3 turns: 4 s.
     assert waited < 0.5 + STATEMENT_GUARD + 1.0, waited
+
+
+async def test_an_address_has_no_more_loads_running_than_turns(gateway: Gateway, app_client: AppClient) -> None:
+    """A miss's load gives up at the deadline of the request that started it, and that request
+    keeps its limiter turn until the load has landed: with a database that hangs, an address's
+    burst never has more loads running than USAGE_AUTH_FAIL_LIMIT turns, however its requests
+    time out."""
+    tokens = [gateway.add_token() for _ in range(6)]
+    settings = {"refresh_interval": 0, "db_timeout": 0.3, "auth_fail_limit": 1}
+    async with app_client(**settings) as (app, client):
+        running = most = 0
+        release = asyncio.Event()
+
+        async def hung(key: str) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                await release.wait()
+            finally:
+                running -= 1
+
+        app.state.lookup.store.fetch = hung
+
+        async def ask(i: int, token: Token) -> httpx.Response:
+            await asyncio.sleep(0.05 * i)  # arriving one after another, while the first still waits
+            return await client.get(URL, headers=token.bearer)
+
+        answers = await asyncio.gather(*(ask(i, t) for i, t in enumerate(tokens)))
+        release.set()
+    for response in answers:
+        assert_unavailable(response)
+    assert most == 1

@@ -132,11 +132,14 @@ class TokenLookup:
 
         task = self._loads.get(digest)
         if task is None:
-            task = self._loads.start(digest, self._load(key, digest))
+            # The load gives up at this request's deadline itself: the request waits for it to
+            # land, so that its turn is not given back while the load still runs.
+            task, waits_until = self._loads.start(digest, self._load(key, digest, deadline)), None
         else:
+            waits_until = deadline
             self.stats.coalesced += 1
         try:
-            record, layer = await self._wait(task, deadline)
+            record, layer = await self._wait(task, waits_until)
         except StoreUnavailable:
             record, layer = self._stale(digest), "stale"
             if record is None:
@@ -214,7 +217,7 @@ class TokenLookup:
             return None
         return held[0]
 
-    async def _load(self, key: bytes, digest: bytes) -> tuple[TokenRecord | None, str]:
+    async def _load(self, key: bytes, digest: bytes, deadline: float | None) -> tuple[TokenRecord | None, str]:
         generation = self.local.generation  # what the load lands under, unless the channel changes meanwhile
         stale: tuple[TokenRecord, float] | None = None
         if self.redis is not None:
@@ -233,7 +236,7 @@ class TokenLookup:
         self.stats.db_reads += 1
         fetched_at = time.time()  # before the read: the record is at least this fresh
         try:
-            record = await self._fetch(key)
+            record = await self._fetch(key, deadline)
         except StoreUnavailable:
             if stale is not None:
                 self._keep_stale(digest, *stale)
@@ -246,12 +249,14 @@ class TokenLookup:
                 self.redis.write(digest, encode_cached(None, fetched_at), self.negative_ttl)
         return record, "database"
 
-    async def _fetch(self, key: bytes) -> TokenRecord | None:
-        """The store's read, given up after `db_deadline`: a statement has that long at most,
-        but a miss that waits for a connection behind other misses' statements would have it
-        after that wait. (The read goes on for whoever else waits on it.)"""
+    async def _fetch(self, key: bytes, deadline: float | None) -> TokenRecord | None:
+        """The store's read, given up after `db_deadline`, or at the deadline of the request that
+        started it: a statement has that long at most, but a miss that waits for a connection
+        behind other misses' statements would have it after that wait. So a load never outlives
+        the request (and the limiter's turn) it runs for: an address has no more loads running
+        than turns."""
         try:
-            async with asyncio.timeout(self.db_deadline):
+            async with asyncio.timeout_at(deadline) if deadline is not None else asyncio.timeout(self.db_deadline):
                 return await self.store.fetch(key.decode("ascii"))
         except TimeoutError:
             raise StoreUnavailable(f"no answer from the database within {self.db_deadline:g} s") from None
