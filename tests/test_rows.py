@@ -377,3 +377,55 @@ async def test_files_a_restore_replaced_are_let_go(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert replaced_files_open() == 0
+
+
+# --- the columns looked at again (SCHEMA_CHECK_INTERVAL) ---------------------------------------
+
+
+@pytest.mark.parametrize("due", [False, True], ids=["columns-not-due", "columns-due"])
+async def test_an_outage_is_counted_and_said_whether_or_not_the_columns_are_due(
+    due: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that stops answering when the columns are due to be looked at again fails that
+    look as it fails a statement: counted in usage_db_errors, and said once."""
+    from usage_service._dsn import PostgresDSN
+    from usage_service.store import StoreUnavailable
+    from usage_service.store.postgres import PostgresStore
+
+    store = PostgresStore(PostgresDSN("postgresql://127.0.0.1:1/gateway"), timeout=0.3, pool_size=1)
+    store._select = 'SELECT 1 FROM "tokens" AS t'  # as after open()
+
+    async def down(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        raise StoreUnavailable("connection refused")
+
+    store._query = down  # type: ignore[method-assign]
+    store.schema_check_interval = 0 if due else 3600
+    with caplog.at_level(logging.WARNING, logger="usage_service.store"):
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await store.fetch("k" * 48)
+    assert store.errors == 3
+    assert [r.message for r in caplog.records] == ["database unavailable: connection refused"]
+
+
+async def test_columns_due_are_read_once_by_the_statements_that_find_them_due(gateway: Gateway) -> None:
+    from usage_service.store.sqlite import SQLiteStore
+
+    gateway.add_token()
+    store = await SQLiteStore.open(gateway.path, timeout=0.3, pool_size=4)
+    try:
+        reads = 0
+        read_schema = store._read_schema
+
+        async def counted(where: str) -> None:
+            nonlocal reads
+            reads += 1
+            await read_schema(where)
+
+        store._read_schema = counted  # type: ignore[method-assign]
+        store.schema_check_interval = 0.5
+        await asyncio.sleep(0.5)  # due, for the four statements that start together
+        await asyncio.gather(*(store.fetch(f"{i:048d}") for i in range(4)))
+        assert reads == 1
+    finally:
+        await store.close()

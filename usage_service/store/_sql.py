@@ -316,8 +316,9 @@ class SQLStore(ABC):
         self._schema_read_at = time.monotonic()
         try:
             select = await self._read_select()
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self._schema_read_at = -math.inf  # not read: look again at the next statement
+            self._failed(exc)
             raise
         except SchemaError as exc:  # the statements will say what is wrong: keep what worked
             logger.error("%s; reading the tables with the columns they had", exc)
@@ -405,15 +406,19 @@ class SQLStore(ABC):
                 self.statements += 1
             rows = await self._query(sql, params)
         except StoreUnavailable as exc:
-            self.errors += 1
-            if not self._failing:
-                self._failing = True
-                logger.warning("database unavailable: %s", exc)
+            self._failed(exc)
             raise
         if self._failing:
             self._failing = False
             logger.warning("database answers again")
         return rows
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        """Count a statement the database did not answer; say so once, when it starts."""
+        self.errors += 1
+        if not self._failing:
+            self._failing = True
+            logger.warning("database unavailable: %s", exc)
 
 
 def _as_is(values: tuple[Any, ...]) -> tuple[Any, ...]:

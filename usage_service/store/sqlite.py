@@ -134,6 +134,7 @@ class SQLiteStore(SQLStore):
     async def _prepare(self) -> None:
         self._check_identity()
         if time.monotonic() - self._schema_read_at >= self.schema_check_interval:
+            self._schema_read_at = time.monotonic()  # once, not by every statement meanwhile
             self._schema_stale = True  # columns added in place (a gateway upgraded under us)
         if self._schema_stale:
             async with self._schema_lock:
