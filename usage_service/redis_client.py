@@ -28,7 +28,6 @@ REDIS_MAX_CONNECTIONS = 32
 
 def create_client(settings: Settings) -> RedisClient:
     """Build a client for `settings.redis_url` in `settings.redis_mode`; it connects lazily."""
-    max_connections = REDIS_MAX_CONNECTIONS
     if settings.redis_url is None:
         raise ValueError("Redis is not configured (REDIS_CONN_STRING is unset)")
     timeouts: dict[str, Any] = {
@@ -36,12 +35,12 @@ def create_client(settings: Settings) -> RedisClient:
         "socket_connect_timeout": settings.redis_timeout,
     }
     if settings.redis_mode == "sentinel":
-        return _sentinel_master(settings, settings.redis_url, max_connections, timeouts)
+        return _sentinel_master(settings, settings.redis_url, timeouts)
     if settings.redis_mode == "cluster":
         return RedisCluster.from_url(
             settings.redis_url,
             startup_nodes=[ClusterNode(host, port) for host, port in settings.redis_cluster_nodes] or None,
-            max_connections=max_connections,
+            max_connections=REDIS_MAX_CONNECTIONS,
             # Cluster's own retries follow MOVED/ASK redirects and re-read the slot map after a
             # node failure; one is enough, the caller's timeout bounds the rest.
             retry=Retry(NoBackoff(), 1),
@@ -49,7 +48,7 @@ def create_client(settings: Settings) -> RedisClient:
         )
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=max_connections,
+        max_connections=REDIS_MAX_CONNECTIONS,
         timeout=settings.redis_timeout,  # waiting for a free connection
         retry=Retry(NoBackoff(), 1),
         **timeouts,
@@ -57,7 +56,7 @@ def create_client(settings: Settings) -> RedisClient:
     return Redis.from_pool(pool)
 
 
-def _sentinel_master(settings: Settings, url: str, max_connections: int, timeouts: dict[str, Any]) -> Redis:
+def _sentinel_master(settings: Settings, url: str, timeouts: dict[str, Any]) -> Redis:
     # REDIS_CONN_STRING supplies what a connection to the master needs (credentials, database,
     # TLS); where the master is comes from the sentinels, asked again on every new connection.
     options = {k: v for k, v in parse_url(url).items() if k not in ("host", "port", "connection_class")}
@@ -73,7 +72,7 @@ def _sentinel_master(settings: Settings, url: str, max_connections: int, timeout
         settings.redis_master_name,
         redis_class=_SentinelMaster,
         connection_pool_class=_BlockingSentinelPool,
-        max_connections=max_connections,
+        max_connections=REDIS_MAX_CONNECTIONS,
         timeout=settings.redis_timeout,  # waiting for a free connection
         **options,
     )
