@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +65,7 @@ from bench import (  # noqa: E402
     redis_server,
     service_command,
 )
+from usage_service._dsn import PostgresDSN  # noqa: E402
 from usage_service.config import Settings  # noqa: E402
 from usage_service.demo import GATEWAY_SCHEMA  # noqa: E402
 from usage_service.refresh import REFRESH_CHUNK  # noqa: E402
@@ -297,11 +298,24 @@ async def measure_query(engine: str, settings: Settings, data: Data, redis_url: 
     store = await open_store(settings)
     reader = store.log_reader()
     sql = plain(reader.engine)
+    plain_conn = None
+    if isinstance(settings.database, PostgresDSN):
+        # As the gateway's server runs it, parallel workers and all (the service's own sessions
+        # do without); JIT off for both, docs/databases.md.
+        import asyncpg
+
+        plain_conn = await asyncpg.connect(settings.database.url, server_settings={"jit": "off"})
+
+    async def plain_query(text: str, params: Sequence[Any]) -> object:
+        if plain_conn is None:
+            return await reader.query(text, params)
+        return await plain_conn.fetch(reader.sql(text), *params)
+
     plains, cold_slots, cold_routes, warm_slots, warm_routes = [], [], [], [], []
     try:
-        await reader.query(sql, (hot_id, start, end))  # the OS's cache warm, as for the service
+        await plain_query(sql, (hot_id, start, end))  # the OS's cache warm, as for the service
         for _ in range(repeat):
-            plains.append(await timed(lambda: reader.query(sql, (hot_id, start, end))))
+            plains.append(await timed(lambda: plain_query(sql, (hot_id, start, end))))
             for route in (False, True):
                 flush_redis(redis_url)
                 app = create_app(settings)
@@ -321,6 +335,8 @@ async def measure_query(engine: str, settings: Settings, data: Data, redis_url: 
                             for _ in range(20):
                                 warm_slots.append(await timed(lambda h=history: h.slots(hot_id, start, end)))
     finally:
+        if plain_conn is not None:
+            await plain_conn.close()
         await store.close()
     result.plain_ms = statistics.median(plains)
     result.cold_slots_ms = statistics.median(cold_slots)

@@ -56,14 +56,18 @@ async def test_store_sessions_refuse_writes(gateway: Gateway, settings: Settings
 
 
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
-async def test_postgres_sessions_compile_nothing(gateway: Gateway, settings: Settings) -> None:
+async def test_postgres_sessions_compile_nothing_and_take_no_parallel_workers(
+    gateway: Gateway, settings: Settings
+) -> None:
     """The history's month reads cost enough for PostgreSQL's JIT, whose compiling cost more
-    than it saved: the service's sessions run without it, whatever the server's default."""
+    than it saved, and for parallel workers, which the server has few of for the gateway's own
+    queries: the service's sessions run without either, whatever the server's default."""
     store = await open_store(settings)
     assert isinstance(store, SQLStore)
     try:
-        assert await store._query("SHOW jit", ()) == [("off",)]
-        assert [tuple(row) for row in await store.log_reader().query("SHOW jit")] == [("off",)]
+        for setting, value in (("jit", "off"), ("max_parallel_workers_per_gather", "0")):
+            assert await store._query(f"SHOW {setting}", ()) == [(value,)]
+            assert [tuple(row) for row in await store.log_reader().query(f"SHOW {setting}")] == [(value,)]
     finally:
         await store.close()
 
