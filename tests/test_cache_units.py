@@ -150,7 +150,7 @@ def test_a_long_forgotten_generation_counts_its_own_deadline() -> None:
 
 
 def test_answer_cache_fresh_then_stale_within_bounds() -> None:
-    answers: AnswerCache[str] = AnswerCache(max_size=2, max_bytes=1000, ttl=1.0, stale_if_error=10.0)
+    answers: AnswerCache[bytes, str] = AnswerCache(max_size=2, max_bytes=1000, ttl=1.0, stale_if_error=10.0)
     answers.put(b"a", "A", 10, now=100.0)
     assert answers.fresh(b"a", 100.5) == "A"
     assert answers.fresh(b"a", 101.0) is None  # past USAGE_LOCAL_TTL
@@ -163,7 +163,7 @@ def test_answer_cache_fresh_then_stale_within_bounds() -> None:
 
 
 def test_answer_cache_is_bounded_by_bytes() -> None:
-    answers: AnswerCache[str] = AnswerCache(max_size=100, max_bytes=1000, ttl=1.0, stale_if_error=10.0)
+    answers: AnswerCache[bytes, str] = AnswerCache(max_size=100, max_bytes=1000, ttl=1.0, stale_if_error=10.0)
     for name in (b"a", b"b", b"c"):
         answers.put(name, name.decode(), 400, now=100.0)
     assert answers.fresh(b"a", 100.0) is None  # 1,200 bytes: the oldest went
@@ -175,7 +175,7 @@ def test_answer_cache_is_bounded_by_bytes() -> None:
 
 
 def test_answer_cache_with_no_ttl_keeps_only_stale_copies() -> None:
-    answers: AnswerCache[str] = AnswerCache(max_size=10, max_bytes=1000, ttl=0.0, stale_if_error=300.0)
+    answers: AnswerCache[bytes, str] = AnswerCache(max_size=10, max_bytes=1000, ttl=0.0, stale_if_error=300.0)
     answers.put(b"a", "A", 1, now=100.0)
     assert answers.fresh(b"a", 100.0) is None
     assert answers.stale(b"a", 100.0) == "A"

@@ -832,11 +832,14 @@ async def test_answers_are_bounded_by_entries_and_bytes() -> None:
 
         return read
 
+    def kept() -> list[int]:
+        return [token_id for token_id in (*range(5), 9) if answers.kept.peek((token_id, LogQuery())) is not None]
+
     for token_id in range(5):
         await answers.get((token_id, LogQuery()), body(5))
-    assert [key[0] for key in answers._entries] == [2, 3, 4]  # the least recently used went first
+    assert kept() == [2, 3, 4]  # the least recently rendered went first
     await answers.get((9, LogQuery()), body(20))
-    assert [key[0] for key in answers._entries] == [4, 9] and answers._bytes == 25
+    assert kept() == [4, 9] and answers.kept.bytes == 25
 
 
 @sqlite_only
@@ -895,7 +898,7 @@ async def test_answers_match_the_log_while_a_gateway_appends(
     try:
         async with app_client(**overrides) as (app, client):
             route: ShortRoute = app.exact[URL]
-            route.endpoint.answers.ttl = 0.0  # type: ignore[union-attr]  # every request reads
+            route.endpoint.answers.kept.ttl = 0.0  # type: ignore[union-attr]  # every request reads
             while len(answers) < 30 or written[0] < 20:
                 plain = await client.get(URL, headers=token.bearer)
                 answers.append([r["content"] for r in plain.json()["data"]])

@@ -248,7 +248,7 @@ class BillingUsageEndpoint:
         unavailable: ASGIApp,
         max_days: int,
         total: BillingTotal,
-        answers: AnswerCache[DatedAnswer],
+        answers: AnswerCache[bytes, DatedAnswer],
     ) -> None:
         self.lifetime = BillingEndpoint("usage", usage_data, services)
         self.services = services

@@ -18,6 +18,7 @@ from ._batch import Batcher
 from ._redis_guard import RedisGuard, RedisUnavailable, ScriptCall, ms
 from .records import CorruptCacheValue, TokenRecord, decode_cached
 
+K = TypeVar("K")
 V = TypeVar("V")
 
 
@@ -231,7 +232,7 @@ class RedisRecords:
                     await asyncio.shield(self._writer)
 
 
-class AnswerCache(Generic[V]):
+class AnswerCache(Generic[K, V]):
     """Answers rendered from the log, kept per worker for `ttl` seconds after rendering.
 
     Bounded by count and by bytes (an answer over a long range by day and model can be large):
@@ -246,28 +247,28 @@ class AnswerCache(Generic[V]):
         self.stale_if_error = stale_if_error
         self.bytes = 0
         # key -> (fresh until, answer, its size in bytes)
-        self._answers: OrderedDict[bytes, tuple[float, V, int]] = OrderedDict()
+        self._answers: OrderedDict[K, tuple[float, V, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._answers)
 
-    def fresh(self, key: bytes, now: float) -> V | None:
+    def fresh(self, key: K, now: float) -> V | None:
         entry = self._answers.get(key)
         return entry[1] if entry is not None and now < entry[0] else None
 
-    def peek(self, key: bytes) -> V | None:
+    def peek(self, key: K) -> V | None:
         """The last answer for `key`, however old."""
         entry = self._answers.get(key)
         return None if entry is None else entry[1]
 
-    def stale(self, key: bytes, now: float) -> V | None:
+    def stale(self, key: K, now: float) -> V | None:
         """The last answer for `key` if its freshness ended at most `stale_if_error` seconds ago."""
         entry = self._answers.get(key)
         if entry is None or now - entry[0] > self.stale_if_error:
             return None
         return entry[1]
 
-    def put(self, key: bytes, answer: V, size: int, now: float) -> None:
+    def put(self, key: K, answer: V, size: int, now: float) -> None:
         answers = self._answers
         old = answers.pop(key, None)
         if old is not None:

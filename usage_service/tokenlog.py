@@ -21,7 +21,6 @@ import asyncio
 import functools
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._flights import Flights
+from .cache import AnswerCache
 from .records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int
 from .responses import JSON_TYPE, NO_CACHE, compact_json, error_body, send_body
 from .routing import SCOPE_KEY
@@ -264,8 +264,9 @@ class Answers:
     One token's reads run one at a time: a key asking for many different pages or filters at
     once queues them rather than taking every connection to the gateway's database.
 
-    Bounded LRU, by entries and by bytes. A read that fails is not kept: each waiter gets the
-    error, and the next request reads again.
+    Kept in an `AnswerCache` (bounded by entries and by bytes, the least recently rendered
+    going first). A read that fails is not kept: each waiter gets the error, and the next
+    request reads again.
     """
 
     def __init__(
@@ -276,12 +277,9 @@ class Answers:
         max_bytes: int = ANSWER_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[Key, tuple[float, bytes]] = OrderedDict()  # key -> (good until, body)
-        self._bytes = 0
+        # Fresh for `ttl` from when its read began; never served stale.
+        self.kept: AnswerCache[Key, bytes] = AnswerCache(max_entries, max_bytes, ttl, stale_if_error=0.0)
         self._flights: Flights[Key, bytes] = Flights()
         # Per token with a read running or waiting: its lock and how many reads hold or await it.
         self._turns: dict[int, tuple[asyncio.Lock, list[int]]] = {}
@@ -290,12 +288,9 @@ class Answers:
 
     async def get(self, key: Key, read: Callable[[], Awaitable[bytes]]) -> bytes:
         now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None:
-            if entry[0] > now:
-                self._entries.move_to_end(key)
-                return entry[1]
-            self._drop(key)
+        body = self.kept.fresh(key, now)
+        if body is not None:
+            return body
         flight = self._flights.get(key)
         if flight is None:
             self.reads += 1
@@ -321,19 +316,9 @@ class Answers:
                 del self._turns[token_id]
 
     def _landed(self, key: Key, started: float, flight: asyncio.Future[bytes]) -> None:
-        if flight.cancelled() or flight.exception() is not None:
-            return
-        body = flight.result()
-        if key in self._entries:
-            self._drop(key)
-        self._entries[key] = (started + self.ttl, body)
-        self._bytes += len(body)
-        while self._entries and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
-            self._drop(next(iter(self._entries)))
-
-    def _drop(self, key: Key) -> None:
-        _, body = self._entries.pop(key)
-        self._bytes -= len(body)
+        if not flight.cancelled() and flight.exception() is None:
+            body = flight.result()
+            self.kept.put(key, body, len(body), started)
 
 
 class TokenLogEndpoint:

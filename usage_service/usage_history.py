@@ -213,7 +213,7 @@ class HistoryEndpoint:
         *,
         unavailable: ASGIApp,
         max_days: int,
-        answers: AnswerCache[Answer],
+        answers: AnswerCache[bytes, Answer],
     ) -> None:
         self.services = services
         self.unavailable = unavailable

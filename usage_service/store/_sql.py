@@ -327,9 +327,15 @@ class SQLStore(ABC):
             logger.warning("the columns of the gateway's tables changed; reading them as they are now")
             self._select = select
 
-    async def _read_select(self) -> str:
+    async def _read_select(self, where: str = "SQL_DSN") -> str:
         """The SELECT that fits the tables' columns now; raise SchemaError if it is no gateway database."""
         return self._select
+
+    async def _check_tables(self, where: str) -> None:
+        """At start (servers): read the columns, then the tables once, which proves the user may:
+        a missing GRANT fails start-up, not requests."""
+        self._select = await self._read_select(where)
+        await self._query(f"{self._select} LIMIT 0", ())
 
     async def fetch(self, key: str) -> TokenRecord | None:
         found = await self._by_key.load(key)

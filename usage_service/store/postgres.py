@@ -81,11 +81,6 @@ class PostgresStore(SQLStore):
             await self.close()
             raise
 
-    async def _check_tables(self, where: str) -> None:
-        self._select = await self._read_select(where)
-        # Reading the tables once proves the user may: a missing GRANT fails start-up, not requests.
-        await self._query(f"{self._select} LIMIT 0", ())
-
     async def _read_select(self, where: str = "SQL_DSN") -> str:
         rows = await self._query(_COLUMNS_SQL, ())
         columns: dict[str, set[str]] = {"tokens": set(), "users": set(), "options": set()}
