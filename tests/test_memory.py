@@ -52,7 +52,7 @@ async def test_a_sweep_of_distinct_keys_leaves_the_caches_at_their_limits(
         assert len(lookup.local) == LIMIT
         assert len(lookup.negative) == LIMIT
         assert len(limiter._counts) == LIMIT
-        assert len(refresher._hot) <= LIMIT
+        assert len(refresher.polled) <= LIMIT
         assert len(lookup._loads) == 0
 
 

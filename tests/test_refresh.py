@@ -209,7 +209,7 @@ async def test_a_token_polled_without_pause_is_noted_once_per_renote_period(
     settings = {"redis_url": redis_url, "hot_window": 4.0, "cache_ttl": 60.0, "local_ttl": 60.0}
     async with app_client(**settings, refresh_interval=3600.0) as (app, client):
         refresher = app.state.refresher
-        assert refresher.renote == 1.0
+        assert refresher.polled.renote == 1.0
         await eventually(
             lambda: _true(refresher.stats.runs >= 1)
         )  # the loop's own round, at start; the next in an hour

@@ -9,8 +9,12 @@ from __future__ import annotations
 import binascii
 import functools
 from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
 
 from ._redis_guard import RedisGuard
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 # A worker notes a token in the shared hot set again once this part of USAGE_HOT_WINDOW has
 # passed since it last did (at most every RENOTE_MAX seconds), not on every poll: tokens polled
@@ -23,6 +27,63 @@ def renote_interval(window: float) -> float:
     """How long a worker goes without noting a token it goes on answering: a token it asked for
     stays in the shared set for at least `window` less this."""
     return min(window * RENOTE_FRACTION, RENOTE_MAX)
+
+
+class Polled(Generic[K, V]):
+    """One worker's side of a hot set: what it answered within the window (key -> value, and
+    when), and when it last noted each key in the shared set.
+
+    Pruned to the window once a window, and to the `hot_max` most recently polled whenever a
+    sweep of distinct tokens outgrows that sooner: bounded in time and in size.
+    """
+
+    def __init__(self, window: float, hot_max: int) -> None:
+        self.window = window
+        self.hot_max = hot_max
+        self.renote = renote_interval(window)
+        self._polled: dict[K, tuple[V, float]] = {}
+        self._noted: dict[K, float] = {}
+        self._pruned_at = 0.0
+
+    def take(self, answered: Mapping[K, V], now: float) -> dict[K, V]:
+        """Add what was answered at `now`; return those to note in the shared set (not noted
+        within the re-note interval), to be passed to `noted` once they are."""
+        renote_before = now - self.renote
+        unnoted: dict[K, V] = {}
+        for key, value in answered.items():
+            self._polled[key] = (value, now)
+            if self._noted.get(key, 0.0) <= renote_before:
+                unnoted[key] = value
+        if now - self._pruned_at >= self.window or len(self._polled) > self.hot_max:
+            self.prune(now)
+        return unnoted
+
+    def noted(self, keys: Iterable[K], now: float) -> None:
+        """Say these keys were noted in the shared set at `now`."""
+        self._noted.update(dict.fromkeys(keys, now))
+
+    def forget_noted(self) -> None:
+        """Redis failed, and may come back empty: note every polled key again once it answers."""
+        self._noted.clear()
+
+    def prune(self, now: float) -> None:
+        since = now - self.window
+        self._pruned_at = now
+        self._polled = {key: entry for key, entry in self._polled.items() if entry[1] >= since}
+        self._noted = {key: at for key, at in self._noted.items() if at >= since}
+        if len(self._polled) > self.hot_max:  # the most recently polled win
+            recent = sorted(self._polled.items(), key=lambda item: item[1][1], reverse=True)[: self.hot_max]
+            self._polled = dict(recent)
+
+    def current(self) -> dict[K, V]:
+        """What was polled within the window, as of the last `prune`."""
+        return {key: value for key, (value, _) in self._polled.items()}
+
+    def discard(self, key: K) -> None:
+        self._polled.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._polled)
 
 
 # Hot-set members per command, both ways: bounded work between two awaits of the event loop.

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from ._redis_guard import RedisUnavailable
 from .config import Settings
-from .hotset import HOT_SLICE, parse_hot, renote_interval
+from .hotset import HOT_SLICE, Polled, parse_hot
 from .leadership import LeaderLock, Leadership
 from .records import TokenRecord, encode_cached
 from .shared import SharedRedis
@@ -94,10 +94,7 @@ class Refresher:
         writes = 3 * redis.guard.batch_timeout if redis is not None else 0.0
         self.round_lock_ttl = max(self.lock_ttl, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
         self.stats = RefreshStats()
-        self._hot: dict[bytes, tuple[int, float]] = {}  # this worker's own hot set: digest -> (id, polled at)
-        self._noted: dict[bytes, float] = {}  # when this worker last noted each token in the shared set
-        self.renote = renote_interval(self.window)
-        self._pruned_at = 0.0
+        self.polled: Polled[bytes, int] = Polled(self.window, self.hot_max)  # this worker's own: digest -> id
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
         self._members: dict[bytes, tuple[bytes, int]] = {}  # what each hot-set member read as
@@ -138,17 +135,7 @@ class Refresher:
 
     async def _tick(self) -> None:
         now = time.time()
-        hot, noted = self._hot, self._noted
-        renote_before = now - self.renote
-        unnoted: dict[bytes, int] = {}  # polled, and not noted in the shared set lately
-        for digest, token_id in self.lookup.take_polled().items():
-            hot[digest] = (token_id, now)
-            if noted.get(digest, 0.0) <= renote_before:
-                unnoted[digest] = token_id
-        if now - self._pruned_at >= self.window or len(hot) > self.hot_max:
-            # Pruning once a window keeps these bounded in time, and the cap bounds them in size
-            # when a sweep of distinct tokens arrives within one.
-            self._prune_hot(now)
+        unnoted = self.polled.take(self.lookup.take_polled(), now)  # not noted in the shared set lately
         history_unnoted = self.tails.take_polled() if self.tails is not None else []
 
         if self.redis is not None and self.lock is not None:
@@ -160,7 +147,7 @@ class Refresher:
             except RedisUnavailable:
                 self._step_down()
                 # Redis may come back empty: note everything again once it answers.
-                self._noted.clear()
+                self.polled.forget_noted()
                 if self.tails is not None:
                     self.tails.forget_noted()
         await self._own_round()
@@ -182,7 +169,7 @@ class Refresher:
         """
         if unnoted:
             await redis.hot_set.note(unnoted, now)
-            self._noted.update(dict.fromkeys(unnoted, now))
+            self.polled.noted(unnoted, now)
         leadership = await lock.lead(self.lock_ttl)
         if leadership is not Leadership.KEPT:
             # Not leading, or leading afresh: another leader may have come and gone since our
@@ -291,10 +278,10 @@ class Refresher:
             await _side_by_side(self._refresh_own(), self.tails.own_round())
 
     async def _refresh_own(self) -> None:
-        self._prune_hot(time.time())
+        self.polled.prune(time.time())
         started = time.monotonic()
         seen: dict[bytes, TokenRecord | None] = {}
-        for chunk in _chunks({digest: token_id for digest, (token_id, _) in self._hot.items()}):
+        for chunk in _chunks(self.polled.current()):
             fresh = await self._read(chunk)
             for digest, record in fresh.items():
                 self.lookup.refreshed(digest, record)
@@ -329,14 +316,6 @@ class Refresher:
                 fresh[digest] = seen if isinstance(seen, TokenRecord) and seen == record else record
         return fresh
 
-    def _prune_hot(self, now: float) -> None:
-        self._pruned_at = now
-        self._hot = {d: entry for d, entry in self._hot.items() if entry[1] >= now - self.window}
-        self._noted = {d: at for d, at in self._noted.items() if at >= now - self.window}
-        if len(self._hot) > self.hot_max:  # the most recently polled win
-            recent = sorted(self._hot.items(), key=lambda item: item[1][1], reverse=True)[: self.hot_max]
-            self._hot = dict(recent)
-
     def _finish(self, fresh: dict[bytes, TokenRecord | None], changed: int, started: float) -> None:
         self.stats.runs += 1
         self.stats.tokens = len(fresh)
@@ -347,7 +326,7 @@ class Refresher:
         # Vanished tokens leave this worker's hot set; clients polling them get "token not found".
         for digest, record in fresh.items():
             if record is None:
-                self._hot.pop(digest, None)
+                self.polled.discard(digest)
 
 
 async def _side_by_side(first: Awaitable[T], second: Coroutine[Any, Any, U]) -> tuple[T, U]:

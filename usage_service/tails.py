@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, tail_fingerprint
-from .hotset import renote_interval
+from .hotset import Polled
 from .shared import SharedRedis
 from .store.spending import SpendRow, marks, rows_since, spending
 
@@ -89,10 +89,8 @@ class TailKeeper:
         self.clock = clock
         self.window = settings.hot_window
         self.hot_max = settings.hot_max
-        self.renote = renote_interval(self.window)
         self.stats = TailStats()
-        self._hot: dict[int, float] = {}  # this worker's polled tokens: id -> last polled
-        self._noted: dict[int, float] = {}  # when this worker last noted each in the shared set
+        self.polled: Polled[int, None] = Polled(self.window, self.hot_max)  # this worker's own
         # What the rounds keep, as leader or on our own: every kept token's rows with an id up
         # to `_settled` and created_at from the open days' start, summed.
         self._settled: int | None = None
@@ -109,25 +107,16 @@ class TailKeeper:
 
     def take_polled(self) -> list[int]:
         """Take the tokens answered since last time; return those to note in the shared set."""
-        now = self.clock()
-        renote_before = now - self.renote
-        unnoted = []
-        for token_id in self.history.take_polled():
-            self._hot[token_id] = now
-            if self._noted.get(token_id, 0.0) <= renote_before:
-                unnoted.append(token_id)
-        if len(self._hot) > self.hot_max or len(self._noted) > 2 * self.hot_max:
-            self._prune(now)
-        return unnoted
+        return list(self.polled.take(dict.fromkeys(self.history.take_polled()), self.clock()))
 
     def forget_noted(self) -> None:
         """Redis failed, and may come back empty: note every polled token again once it answers."""
-        self._noted.clear()
+        self.polled.forget_noted()
 
     async def note(self, redis: SharedRedis, unnoted: list[int]) -> None:
         now = self.clock()
         await redis.history_hot.note(unnoted, now)
-        self._noted.update(dict.fromkeys(unnoted, now))
+        self.polled.noted(unnoted, now)
 
     def round_began(self, *, leading: bool) -> None:
         """A refresher's round begins; `leading`: this worker expects to run the history round."""
@@ -196,11 +185,11 @@ class TailKeeper:
     async def own_round(self) -> None:
         """Run a round over this worker's own polled tokens and keep the tails in-process."""
         now = self.clock()
-        self._prune(now)
-        if not self._hot:
+        self.polled.prune(now)
+        if not self.polled:
             self.step_down()
             return
-        kept = await self._round(list(self._hot), now, None)
+        kept = await self._round(list(self.polled.current()), now, None)
         assert kept is not None  # nobody to be deposed by
         self.history.note_min_id(kept.min_id, now, self.history.confirmed_for)
         for token_id, days in kept.closed.items():
@@ -339,13 +328,6 @@ class TailKeeper:
             guards = self._guards.get(token_id, {})
             closed[token_id] = {day: Day(day_slots, guards.get(day)) for day, day_slots in by_day.items()}
         return closed
-
-    def _prune(self, now: float) -> None:
-        since = now - self.window
-        self._hot = {t: at for t, at in self._hot.items() if at >= since}
-        self._noted = {t: at for t, at in self._noted.items() if at >= since}
-        if len(self._hot) > self.hot_max:  # the most recently polled win
-            self._hot = dict(sorted(self._hot.items(), key=lambda item: item[1], reverse=True)[: self.hot_max])
 
 
 def _same(published: Slots | None, slots: Slots) -> bool:
