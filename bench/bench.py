@@ -555,8 +555,8 @@ def targets(results: list[Result]) -> str:
     if uvicorn is not None and granian is not None:
         ratio = paired(granian.round_cpu_us, uvicorn.round_cpu_us)
         lines.append(
-            f"| CPU per hot poll, granian ÷ uvicorn (median rounds: {granian.cpu_us_per_req:.1f} ÷ "
-            f"{uvicorn.cpu_us_per_req:.1f} µs) "
+            f"| CPU per hot poll, granian ÷ uvicorn (the median of the rounds' ratios; each server's "
+            f"median round: {granian.cpu_us_per_req:.1f} and {uvicorn.cpu_us_per_req:.1f} µs) "
             f"| hot | – | {ratio:.2f} | ≤ 0.75 | {'yes' if ratio <= 0.75 else 'NO'} |"
         )
     return "\n".join(lines)

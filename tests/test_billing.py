@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -364,6 +366,21 @@ async def test_options_are_read_at_start_only_with_interval_zero(gateway: Gatewa
         await asyncio.sleep(0.3)
         assert (await billing(client, token))[0] == subscription(4)
         assert app.state.store.option_statements == 1
+
+
+async def test_without_an_options_table_the_defaults_are_used_and_said_once(
+    gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway database without `options` (a gateway not started yet): the billing routes
+    answer with the gateway's defaults, and the log says so once, not at every look."""
+    sqlite3.connect(gateway.path, isolation_level=None).execute("DROP TABLE options")
+    token = gateway.add_token(remain=700_000, used=300_000, expired_time=NEVER)
+    with caplog.at_level(logging.WARNING, logger="usage_service"):
+        async with app_client(options_interval=0) as (app, client):
+            assert (await billing(client, token))[0] == subscription(2)  # 500,000 quota per unit
+            await app.state.options.refresh()
+    said = [r for r in caplog.records if "no options table" in r.getMessage()]
+    assert len(said) == 1
 
 
 async def test_an_outage_keeps_the_last_known_options(gateway: Gateway, app_client: AppClient) -> None:

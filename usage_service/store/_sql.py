@@ -265,6 +265,7 @@ class SQLStore(ABC):
         self.option_statements = 0
         self.errors = 0  # statements that failed or timed out (metrics)
         self._has_options = False  # whether the gateway's options table was there when last looked
+        self._said_no_options = False
         self._select = ""  # set once the schema has been read
         self.schema_check_interval = SCHEMA_CHECK_INTERVAL  # tests set 0 to look at every statement
         self._schema_read_at = time.monotonic()  # the openers read it
@@ -392,6 +393,12 @@ class SQLStore(ABC):
         # (Checked again while it is missing: a gateway started after us may create it.)
         if not self._has_options:
             if not await self._execute(self._options_probe(), (), options=True):
+                if not self._said_no_options:
+                    self._said_no_options = True
+                    logger.warning(
+                        "the gateway's database has no options table: the billing routes answer with"
+                        " the gateway's default settings until it appears"
+                    )
                 return {}
             self._has_options = True
         sql, params = self._options_sql(keys)
