@@ -55,6 +55,19 @@ async def test_store_sessions_refuse_writes(gateway: Gateway, settings: Settings
         await store.close()
 
 
+@pytest.mark.parametrize("gateway", ["mysql"], indirect=True)
+async def test_mysql_sessions_are_read_only_and_bounded_by_the_db_timeout(gateway: Gateway, settings: Settings) -> None:
+    """Every MariaDB session: read-only transactions, and table-lock waits and statements cut
+    at USAGE_DB_TIMEOUT (MariaDB's max_statement_time counts seconds)."""
+    store = await open_store(dataclasses.replace(settings, db_timeout=2.5))
+    assert isinstance(store, SQLStore)
+    try:
+        rows = await store._query("SELECT @@session.tx_read_only, @@lock_wait_timeout, @@max_statement_time", ())
+        assert [tuple(int(float(v)) if i < 2 else float(v) for i, v in enumerate(row)) for row in rows] == [(1, 3, 2.5)]
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
 async def test_postgres_sessions_compile_nothing_and_take_no_parallel_workers(
     gateway: Gateway, settings: Settings

@@ -68,6 +68,14 @@ def test_a_request_head_is_bounded_at_max_request_head(
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
 
 
+@pytest.mark.parametrize(("fields", "status"), [(100, b"404"), (101, b"431")])
+def test_more_than_100_header_fields_are_refused(granian_service: Service, fields: int, status: bytes) -> None:
+    """hyper's bound on a head's fields (docs/operations.md): 100, each short here."""
+    head = b"".join(b"X-F%d: v\r\n" % i for i in range(fields - 2))  # with Host and Connection
+    answer = _exchange(granian_service.port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + head + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+
+
 def test_a_port_in_use_stops_start_up_with_one_line(gateway: Gateway) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

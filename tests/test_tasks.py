@@ -9,7 +9,7 @@ import pytest
 from conftest import AppClient
 from support import Gateway
 
-from usage_service._tasks import BackgroundTasks
+from usage_service._tasks import BackgroundTasks, supervise
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,6 +34,30 @@ async def test_a_task_that_dies_is_logged_and_restarted(caplog: pytest.LogCaptur
     assert runs == 2
     assert "'flaky' failed" in caplog.text and "injected failure" in caplog.text
     assert all(task.done() for task in tasks.tasks)
+
+
+async def test_restarts_pause_twice_as_long_each_time_up_to_the_cap_and_anew_after_a_long_run() -> None:
+    """0.5 s, then doubled after each failure up to 30 s; a run longer than the cap before it
+    failed starts the pauses over. (Clock and sleep injected: no time passes.)"""
+    now = 0.0
+    pauses: list[float] = []
+    run_lengths = iter([0.0] * 8 + [31.0, 0.0])  # eight quick failures, a long run, one more
+
+    async def sleep(seconds: float) -> None:
+        nonlocal now
+        pauses.append(seconds)
+        now += seconds
+
+    async def failing() -> None:
+        nonlocal now
+        length = next(run_lengths, None)
+        if length is None:
+            return  # done: the supervisor returns
+        now += length
+        raise RuntimeError("injected failure")
+
+    await supervise("failing", failing, clock=lambda: now, sleep=sleep)
+    assert pauses == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 0.5, 1.0]
 
 
 async def test_a_task_that_returns_is_not_restarted() -> None:

@@ -16,21 +16,27 @@ MAX_BACKOFF = 30.0
 
 
 async def supervise(
-    name: str, run: Callable[[], Awaitable[None]], backoff: float = FIRST_BACKOFF, max_backoff: float = MAX_BACKOFF
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    backoff: float = FIRST_BACKOFF,
+    max_backoff: float = MAX_BACKOFF,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """Await `run()` until it returns; each time it raises, log why and start it again after a pause."""
     delay = backoff
     while True:
-        started = time.monotonic()
+        started = clock()
         try:
             await run()
             return
         except Exception:  # any failure: the point is that no task dies silently
             # A task that ran well for a while before failing is restarted after the shortest pause.
-            if time.monotonic() - started > max_backoff:
+            if clock() - started > max_backoff:
                 delay = backoff
             logger.exception("background task %r failed; restarting it in %.1f s", name, delay)
-        await asyncio.sleep(delay)
+        await sleep(delay)
         delay = min(delay * 2, max_backoff)
 
 
