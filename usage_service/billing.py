@@ -19,7 +19,6 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .cache import AnswerCache, query_digest
@@ -27,7 +26,7 @@ from .config import BillingTotal
 from .days import day_starts, horizon, parse_date
 from .records import TokenRecord, go_int_sum
 from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, compact_json, send_body
-from .routing import SCOPE_KEY
+from .routing import SCOPE_KEY, query_values
 from .store import StoreUnavailable, TokenStore
 
 if TYPE_CHECKING:  # services.py holds a GatewayOptions: a run-time import would be circular
@@ -206,7 +205,7 @@ class BillingEndpoint:
 # --- /dashboard/billing/usage with a date range ----------------------------------------------
 
 
-def billing_range(params: QueryParams, max_days: int) -> tuple[date, date]:
+def billing_range(params: Mapping[str, str], max_days: int) -> tuple[date, date]:
     """OpenAI's range: start_date included, end_date excluded, in UTC; raise ValueError naming the bad one."""
     start_raw, end_raw = params.get("start_date") or None, params.get("end_date") or None
     if start_raw is None or end_raw is None:
@@ -276,7 +275,7 @@ class BillingUsageEndpoint:
             or answer.changed != changed
             or (answer.record is not record and answer.record != record)
         ):
-            params = QueryParams(query_string)
+            params = query_values(query_string)
             if not (params.get("start_date") or params.get("end_date")):
                 await self.lifetime(scope, receive, send)
                 return

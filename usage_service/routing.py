@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .records import TokenRecord
+
+
+def query_values(query_string: bytes) -> dict[str, str]:
+    """A query string's parameters, the first value of each, as the gateway reads them (gin's
+    `c.Query`); text that is not UTF-8 is read with replacement characters."""
+    values: dict[str, str] = {}
+    for name, value in parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True):
+        values.setdefault(name, value)
+    return values
+
 
 # Where the front door leaves the matched route for the auth middleware and the dispatcher.
 ROUTE_KEY = "usage.route"

@@ -24,7 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -33,7 +32,7 @@ from ._flights import Flights
 from .cache import AnswerCache
 from .records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int
 from .responses import JSON_TYPE, NO_CACHE, compact_json, error_body, send_body
-from .routing import SCOPE_KEY
+from .routing import SCOPE_KEY, query_values
 from .store import StoreUnavailable
 from .store.logs import LogReader
 
@@ -117,9 +116,7 @@ def parse_query(query_string: bytes) -> LogQuery:
     more than 100 is 100. Unlike it, text that is no whole number, or a negative one, is a 400
     rather than silently the default.
     """
-    values: dict[str, str] = {}
-    for name, value in parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True):
-        values.setdefault(name, value)
+    values = query_values(query_string)
     paged = "p" in values or "page_size" in values
     page = _whole(values, "p")
     size = _whole(values, "page_size")

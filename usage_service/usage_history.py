@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .billing import BillingOptions, json_number
@@ -27,7 +27,7 @@ from .days import day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, History, Spend, Tail, total
 from .records import INT64_MAX, INT64_MIN, TokenRecord
 from .responses import JSONAnswer, JSONError, send_revalidated
-from .routing import SCOPE_KEY
+from .routing import SCOPE_KEY, query_values
 from .store import StoreUnavailable
 from .store.spending import SpendingPast64Bits
 
@@ -57,7 +57,7 @@ class HistoryQuery:
         return (self.end - self.start).days + 1
 
 
-def read_date(params: QueryParams, name: str) -> date | None:
+def read_date(params: Mapping[str, str], name: str) -> date | None:
     raw = params.get(name)
     if raw is None:
         return None
@@ -67,7 +67,7 @@ def read_date(params: QueryParams, name: str) -> date | None:
         raise BadQuery(f"{name}: {exc}") from None
 
 
-def parse_history_query(params: QueryParams, now: float, max_days: int) -> HistoryQuery:
+def parse_history_query(params: Mapping[str, str], now: float, max_days: int) -> HistoryQuery:
     """Read the route's parameters, with their defaults; raise BadQuery naming a bad one."""
     try:
         zone = parse_zone(params.get("tz", "UTC"))
@@ -112,7 +112,7 @@ class ParsedQueries:
             return held[1]
         query: HistoryQuery | BadQuery
         try:
-            query = parse_history_query(QueryParams(query_string), slot * SLOT, self.max_days)
+            query = parse_history_query(query_values(query_string), slot * SLOT, self.max_days)
         except BadQuery as exc:
             # A new one, never raised: the raised one's traceback holds the parser's frames, and
             # with them the query string. Returned, not raised, by whoever asks for it.
