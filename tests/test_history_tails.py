@@ -851,6 +851,65 @@ async def test_a_token_back_from_a_pause_shows_what_it_spent_meanwhile(
                 assert sum(quota for quota, *_ in (await w.history.slots(x.id, *today)).values()) == 501
 
 
+async def test_a_token_back_from_a_pause_on_a_worker_that_never_held_it_shows_what_it_spent(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """As above, but x's first ask after its pause lands on worker b, which never held its open
+    days: the tail the leader kept for x in Redis left with x from the rounds, so b reads x's
+    open days itself (it took the old tail as vouched for: 1 instead of 501)."""
+    x, y = gateway.add_token(), gateway.add_token()
+    for token in (x, y):
+        gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    settings = dataclasses.replace(settings, hot_window=10.0)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        for token in (x, y):
+            await a.history.slots(token.id, *today)  # only a serves x before the pause
+        await a.refresher.tick()
+        await b.refresher.tick()
+        await round_heard(a, a, b)
+        for _ in range(20):  # x not asked for; y asked for every second, in both workers
+            clock.now += 1
+            for w in (a, b):
+                await w.history.slots(y.id, *today)
+            await b.refresher.tick()
+            await round_heard(a, a, b)
+        assert a.keeper.stats.tokens == 1  # x left the hot set: no round reads it
+        gateway.add_log(x, created_at=int(clock.now) - 1, quota=500)
+        clock.now += 1
+        await round_heard(a, a, b)
+        assert sum(quota for quota, *_ in (await b.history.slots(x.id, *today)).values()) == 501
+
+
+async def test_a_clean_up_reaching_into_the_open_day_leaves_the_polled_tails(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """A clean-up whose cut-off falls in the open day (an administrator clearing the log up to
+    now): the rounds read again the open days of the tokens that lost rows, and every worker
+    then shows what a direct SELECT does (the kept tails went on counting the deleted rows
+    until the day closed)."""
+    x = gateway.add_token()
+    gateway.add_log(x, created_at=NOON - 3600, quota=100)
+    gateway.add_log(x, created_at=NOON - 60, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        for w in (a, b):
+            assert sum(quota for quota, *_ in (await w.history.slots(x.id, *today)).values()) == 101
+        await a.refresher.tick()
+        await b.refresher.tick()
+        await round_heard(a, a, b)
+        gateway.clean_logs(before=NOON - 600)  # the 100
+        for _ in range(2):
+            clock.now += 1
+            await round_heard(a, a, b)
+        for w in (a, b):
+            answer = await w.history.slots(x.id, *today)
+            assert answer == await plain_select(truth(w), x.id, *today)
+            assert sum(quota for quota, *_ in answer.values()) == 1
+
+
 @pytest.mark.parametrize("late", [296, 200], ids=["rounds-on-time", "rounds-held-up"])
 async def test_a_row_written_late_within_the_grace_is_in_the_day_handed_over(
     gateway: Gateway, settings: Settings, redis_url: str, late: int

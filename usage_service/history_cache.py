@@ -123,6 +123,11 @@ class RedisTails:
         ]
         await self.guard.run(lambda: self.guard.eval_each(self._set_newer, calls), self.guard.batch_timeout)
 
+    async def forget(self, token_ids: Sequence[int]) -> None:
+        """Remove these tokens' tails (the leader's: a failure is the caller's to see)."""
+        keys = [self.key(token_id) for token_id in token_ids]
+        await self.guard.run(lambda: self.guard.client.delete(*keys), self.guard.batch_timeout)
+
 
 class HistoryHot:
     """The tokens whose history was polled lately, by every worker: a sorted set of token ids

@@ -164,6 +164,11 @@ class TailKeeper:
         if writes:
             await redis.history_tails.put_many(writes, TAIL_KEY_TTL)
             self._written.update(dict.fromkeys(writes, now))
+        # Tokens no longer polled leave the rounds: their tails go from Redis with them, or a
+        # worker asking for one later would take it as vouched for by the rounds that go on.
+        dropped = [t for t in self._published if t not in tails]
+        if dropped:
+            await redis.history_tails.forget(dropped)
         # Only a round that kept every polled token vouches for what workers hold (as the
         # balance's confirmation): past USAGE_HOT_MAX, the others' tails would go stale unseen.
         # With each tail's fingerprint: a worker holding those very open days keeps them (a
@@ -231,6 +236,11 @@ class TailKeeper:
             self._settled = settled
             self._base.clear()
             self._guards.clear()
+        # The gateway's clean-up deleted every row below min_id: a token with a kept row under
+        # it lost rows from its open days, which are read again whole (as new tokens' are).
+        for token_id in [t for t, days in self._guards.items() if min(days.values(), default=min_id) < min_id]:
+            self._base.pop(token_id, None)
+            del self._guards[token_id]
         new = sorted(hot.difference(self._base))  # (their days closing now are not read: not handed over)
         if new:
             after = await self.history.id_before(start)
