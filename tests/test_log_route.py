@@ -152,6 +152,14 @@ async def test_rows_as_the_gateway_shows_them_to_the_owner(gateway: Gateway, app
         pytest.param('"text"', "null", id="string"),
         pytest.param("{not json", "null", id="junk"),
         pytest.param('{"a":1e400}', "null", id="beyond-float64"),
+        pytest.param('{"r":2.5,"n":"\\ud800x\\uDC00"}', '{"n":"\ufffdx\ufffd","r":2.5}', id="unpaired-surrogates"),
+        pytest.param('{"n":"\\ud83d\\ude00"}', '{"n":"\U0001f600"}', id="surrogate-pair"),
+        pytest.param(
+            '{"n":"\\\\ud800\\ud83d\\ude00\\ud800"}',
+            '{"n":"\\\\ud800\U0001f600\ufffd"}',
+            id="escaped-backslash-pair-unpaired",
+        ),
+        pytest.param('{"n":"\\ud800", "x": 1e400}', "null", id="unpaired-and-junk"),
     ],
 )
 async def test_other_is_reserialised_as_the_gateway_does(stored: str, shown: str) -> None:

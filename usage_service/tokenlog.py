@@ -223,6 +223,17 @@ def _number(value: object) -> int:
     return number if INT64_MIN <= number <= INT64_MAX else 0
 
 
+# Escapes in JSON text, left to right: a surrogate pair, a surrogate alone, or any other (an
+# escaped backslash taken whole, so that the text after it is not read as an escape).
+_LONE_SURROGATE = re.compile(
+    r"\\(u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[dD][89a-fA-F][0-9a-fA-F]{2}|.)", re.S
+)
+
+
+def _unpaired_replaced(escape: re.Match[str]) -> str:
+    return "\\ufffd" if len(escape.group(1)) == 5 else escape.group(0)
+
+
 def owner_other(text: str) -> str:
     """`other` without its administrators' members, re-serialised as the gateway does (keys sorted).
 
@@ -233,7 +244,10 @@ def owner_other(text: str) -> str:
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return "null"
+        try:  # Go reads an escaped surrogate that has no pair as U+FFFD, where orjson refuses it
+            value = orjson.loads(_LONE_SURROGATE.sub(_unpaired_replaced, text))
+        except orjson.JSONDecodeError:
+            return "null"
     if not isinstance(value, dict):
         return "null"
     for member in HIDDEN_OTHER:
