@@ -113,9 +113,8 @@ class PostgresStore(SQLStore):
                 # on the 10,000,000-row bench, more than it saved.
                 "jit": "off",
                 # No parallel workers: the server's few (max_parallel_workers, 8 by default) are
-                # left to the gateway's own queries. A cold month is read in two halves on two
-                # connections already (history.py), and measured 4 to 8 % faster without them
-                # on the bench's two cores.
+                # left to the gateway's own queries; a cold month is read in two halves on two
+                # connections already (history.py).
                 "max_parallel_workers_per_gather": "0",
             },
         )
