@@ -236,8 +236,9 @@ class AnswerCache(Generic[K, V]):
     """Answers rendered from the log, kept per worker for `ttl` seconds after rendering.
 
     Bounded by count and by bytes (an answer over a long range by day and model can be large):
-    the least recently rendered go first. A copy past its freshness stays until pushed out, and
-    is served for `stale_if_error` more seconds while the log's database cannot answer.
+    the least recently used go first. A copy past its freshness stays until pushed out (the
+    history route reuses it while the rounds vouch for what it was made from), and is served
+    for `stale_if_error` more seconds while the log's database cannot answer.
     """
 
     def __init__(self, max_size: int, max_bytes: int, ttl: float, stale_if_error: float) -> None:
@@ -254,7 +255,12 @@ class AnswerCache(Generic[K, V]):
 
     def fresh(self, key: K, now: float) -> V | None:
         entry = self._answers.get(key)
-        return entry[1] if entry is not None and now < entry[0] else None
+        if entry is None:
+            return None
+        if now < entry[0]:
+            self._answers.move_to_end(key)
+            return entry[1]
+        return None
 
     def peek(self, key: K) -> V | None:
         """The last answer for `key`, however old."""

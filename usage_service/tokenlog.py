@@ -275,8 +275,8 @@ class Answers:
     One token's reads run one at a time: a key asking for many different pages or filters at
     once queues them rather than taking every connection to the gateway's database.
 
-    Kept in an `AnswerCache` (bounded by entries and by bytes, the least recently rendered
-    going first). A read that fails is not kept: each waiter gets the error, and the next
+    Kept in an `AnswerCache` (bounded by entries and by bytes, the least recently used going
+    first). A read that fails is not kept: each waiter gets the error, and the next
     request reads again.
     """
 
