@@ -20,9 +20,10 @@ from typing import Any, cast
 
 import orjson
 import pytest
+import redis
 from conftest import GatewayFactory
 from support import Gateway, Token, free_port, sample_value
-from test_freshness import Gate, GatedStore
+from test_freshness import Gate, GatedStore, until
 from test_history import T0, Clock, Recorder, explain, plain_select
 
 from usage_service.app import _open_redis
@@ -58,6 +59,7 @@ class Worker:
     redis: SharedRedis | None
     heard: asyncio.Condition
     rounds_heard: int = 0
+    rounds_begun: int = 0  # announcements heard on the channel that the leader's round began
 
     async def hear_next_round(self, after: int) -> None:
         async with self.heard:
@@ -103,8 +105,10 @@ async def worker(
                 if up:
                     live.set()
 
-            def on_history(as_of: float, min_id: int, complete: bool, changed: list[int]) -> None:
-                history.hear_round(as_of, min_id, complete, changed)
+            def on_history(
+                as_of: float, min_id: int, complete: bool, changed: list[tuple[int, bytes | None]], epoch: str
+            ) -> None:
+                history.hear_round(as_of, min_id, complete, changed, epoch)
                 me.rounds_heard += 1
 
                 async def notify() -> None:
@@ -113,9 +117,14 @@ async def worker(
 
                 asyncio.get_running_loop().create_task(notify())
 
+            def on_history_round(until: float | None) -> None:
+                history.hear_round_began(until)
+                if until is not None:
+                    me.rounds_begun += 1
+
             assert await redis.ping()  # as the lifespan does first (a Cluster client learns its slots)
             listener = asyncio.create_task(
-                redis.channel.listen(lambda _: None, lambda _: None, on_live, on_history, history.hear_round_began)
+                redis.channel.listen(lambda _: None, lambda _: None, on_live, on_history, on_history_round)
             )
 
             async def stop() -> None:
@@ -422,8 +431,10 @@ async def test_a_lapse_while_the_leaders_round_runs_late_waits_for_it(
         monkeypatch.setattr(w.keeper, "lead", late_lead)
         clock.now += 3  # past confirmed_for (2 s) since the last word: lapsed
         heard = [w.rounds_heard, f.rounds_heard]
+        begun = f.rounds_begun
         tick = asyncio.create_task(w.refresher.tick())
         await reached.wait()
+        await until(lambda: f.rounds_begun > begun)  # f heard that the round began
         gateway.add_log(tokens[2], created_at=int(clock.now) - 1, quota=50)
         read = [w.history.stats.tails_read, f.history.stats.tails_read]
         polls = [asyncio.create_task(other.history.slots(t.id, *today)) for other in (w, f) for t in tokens]
@@ -880,6 +891,78 @@ async def test_a_token_back_from_a_pause_on_a_worker_that_never_held_it_shows_wh
         clock.now += 1
         await round_heard(a, a, b)
         assert sum(quota for quota, *_ in (await b.history.slots(x.id, *today)).values()) == 501
+
+
+async def test_a_tail_left_by_a_former_leader_is_not_taken(
+    gateway: Gateway, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """As above, but the lead changes hands while x leaves the hot set: the new leader never
+    kept x, so it cannot take x's tail out of Redis; a worker that never held x takes no tail
+    of another leadership than the one whose rounds it hears, and reads x itself (it answered
+    1 instead of 501)."""
+    x, y = gateway.add_token(), gateway.add_token()
+    for token in (x, y):
+        gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    settings = dataclasses.replace(settings, hot_window=10.0)
+    async with (
+        worker(settings, clock, redis_url) as a,
+        worker(settings, clock, redis_url) as b,
+        worker(settings, clock, redis_url) as c,
+    ):
+        for token in (x, y):
+            await a.history.slots(token.id, *today)
+        await round_heard(a, a, b, c)
+        redis_client.delete(a.redis.leader_key)  # a goes away...
+        clock.now += 11  # ...and x leaves the hot window meanwhile
+        await b.history.slots(y.id, *today)
+        await b.refresher.tick()  # b notes y, and leads
+        assert b.refresher.stats.leader and b.keeper.stats.tokens == 1
+        assert await b.redis.history_tails.get(x.id) is not None  # a's tail of x, still there
+        gateway.add_log(x, created_at=int(clock.now) - 1, quota=500)
+        clock.now += 1
+        await round_heard(b, a, b, c)
+        assert sum(quota for quota, *_ in (await c.history.slots(x.id, *today)).values()) == 501
+
+
+async def test_a_deposed_leader_takes_out_no_tail_its_successor_keeps(
+    gateway: Gateway, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Leader a drops x from its rounds, and its round is held up past its lock after its last
+    check: b leads meanwhile and keeps x's tail. a's late removal of x's tail leaves b's."""
+    x, y = gateway.add_token(), gateway.add_token()
+    for token in (x, y):
+        gateway.add_log(token, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        for token in (x, y):
+            await a.history.slots(token.id, *today)
+        await a.refresher.tick()
+        members = a.redis.history_hot.members
+
+        async def without_x(since: float, limit: int) -> list[int]:
+            return [t for t in await members(since, limit) if t != x.id]
+
+        put_many = a.redis.history_tails.put_many
+
+        async def held_up(tails: Any, ttl: float) -> None:
+            await put_many(tails, ttl)
+            redis_client.delete(a.redis.leader_key)  # a's lock runs out; b leads a round
+            b.redis.history_hot.members = members  # type: ignore[method-assign]
+            clock.now += 0.5
+            await b.refresher.tick()
+            assert b.refresher.stats.leader and await b.redis.history_tails.get(x.id) is not None
+
+        a.redis.history_hot.members = without_x  # type: ignore[method-assign]
+        a.redis.history_tails.put_many = held_up  # type: ignore[method-assign]
+        clock.now += 1
+        gateway.add_log(y, created_at=int(clock.now) - 1, quota=2)  # a has y's tail to write
+        await a.history.slots(y.id, *today)
+        await a.refresher.tick()
+        assert b.refresher.stats.leader  # (held_up ran)
+        assert await b.redis.history_tails.get(x.id) is not None
 
 
 async def test_a_clean_up_reaching_into_the_open_day_leaves_the_polled_tails(

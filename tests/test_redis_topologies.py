@@ -269,17 +269,17 @@ async def test_every_script_survives_a_redis_that_lost_its_scripts(redis_topolog
 
 @pytest.mark.redis_topologies
 async def test_the_history_tails_are_kept_and_forgotten_on_each_topology(redis_topology: RedisTopology) -> None:
-    """The leader's tails go to Redis in one pipeline and leave it with their tokens (over
-    many hash slots on Cluster)."""
+    """The leader's tails go to Redis in one pipeline and leave it with their tokens, those of
+    its own leadership only (over many hash slots on Cluster)."""
     guard = RedisGuard(create_client(load_settings(redis_topology.env)), timeout=5.0, breaker=CircuitBreaker(3, 60))
     shared = SharedRedis(guard, prefix=f"t{time.time_ns()}:")
     tails = shared.history_tails
     tokens = list(range(1, 51))
-    values = {t: Tail(20_000, {}, time.time(), None).encode() for t in tokens}
+    values = {t: Tail(20_000, {}, time.time(), None, epoch="ours" if t <= 45 else "another").encode() for t in tokens}
     try:
         await tails.put_many(values, 60)
         assert [await tails.get(t) for t in tokens] == [values[t] for t in tokens]
-        await tails.forget(tokens[:40])
+        await tails.forget(tokens[:40] + tokens[45:], "ours")
         assert [await tails.get(t) for t in tokens] == [None] * 40 + [values[t] for t in tokens[40:]]
         assert guard.errors == 0
     finally:

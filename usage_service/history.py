@@ -58,7 +58,7 @@ BOUNDS_KEPT = 4096
 
 # Bumped whenever the layout of a day in Redis changes, so old and new workers never misread each other.
 DAY_FORMAT = 1
-TAIL_FORMAT = 1
+TAIL_FORMAT = 2
 
 # Runs of at least this many days read from the database are read in two halves at once.
 SPLIT_DAYS = 8
@@ -148,12 +148,15 @@ class Tail:
     # under the generation it was taken in (see History.hear_round).
     until: float | None
     generation: int = -1
+    # The leadership that kept it in Redis (TailKeeper): a worker takes a tail from Redis only
+    # under the leadership whose rounds it hears, which keeps every tail it vouches for there.
+    epoch: str = ""
 
     def encode(self) -> bytes:
         """Compact JSON for Redis: [format, start day, read at, [[slot / SLOT, model, quota,
-        prompt, completion, requests], ...]]."""
+        prompt, completion, requests], ...], epoch]."""
         slots = [[slot // SLOT, m, *spend] for (slot, m), spend in self.slots.items()]
-        return orjson.dumps([TAIL_FORMAT, self.start, self.read_at, slots])
+        return orjson.dumps([TAIL_FORMAT, self.start, self.read_at, slots, self.epoch])
 
     @property
     def fingerprint(self) -> bytes:
@@ -164,7 +167,7 @@ class Tail:
     def decode(cls, value: bytes, generation: int) -> Tail:
         """Read what `encode` wrote, as kept by the leader; raise ValueError for anything else."""
         try:
-            fmt, start, read_at, slots = orjson.loads(value)
+            fmt, start, read_at, slots, epoch = orjson.loads(value)
             if fmt != TAIL_FORMAT:
                 raise ValueError("another format")
             return cls(
@@ -173,6 +176,7 @@ class Tail:
                 float(read_at),
                 None,
                 generation,
+                str(epoch),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a cached tail: {exc}") from None
@@ -242,6 +246,7 @@ class History:
         # than one refresh interval, so that rounds on time keep them fresh without a gap.
         self.confirmed_for = confirmed_for
         self._confirmed_at = -math.inf  # as_of of the last history round this worker heard
+        self._epoch: str | None = None  # the leadership whose round that was
         self._generation = 0  # bumped whenever the channel is lost or regained
         self._changed: dict[int, float] = {}  # token id -> as_of of the last round that changed it
         # Tokens whose open days were asked for since the refresher last took them (tails.py).
@@ -370,14 +375,20 @@ class History:
             self._tails.popitem(last=False)
 
     def hear_round(
-        self, as_of: float, min_id: int, complete: bool, changed: Sequence[tuple[int, bytes | None]]
+        self,
+        as_of: float,
+        min_id: int,
+        complete: bool,
+        changed: Sequence[tuple[int, bytes | None]],
+        epoch: str | None = None,
     ) -> None:
         """Hear the leader's history round: the polled tokens' open days (`complete`: every
         polled token's) were checked as of `as_of`, and these changed or are new to the leader
         (their tails are in Redis), each with the fingerprint of its tail. The invariant: a tail
         taken before this worker hears that it changed is never served fresh after, unless it
         is the very tail the round kept (then it is the leader's from now on); only a complete
-        round keeps the others fresh."""
+        round keeps the others fresh, and only under its leadership (`epoch`) are tails taken
+        from Redis."""
         self.note_min_id(min_id, as_of, self.confirmed_for)
         for token_id, fingerprint in changed:
             self._changed[token_id] = as_of  # a read under way may predate the change
@@ -389,7 +400,8 @@ class History:
         if len(self._changed) > TAILS_KEPT:  # a tail read this long ago no longer races with a round
             self._changed = {t: at for t, at in self._changed.items() if at > as_of - 60}
         if complete:
-            self._confirmed_at = max(self._confirmed_at, as_of)
+            if as_of >= self._confirmed_at:
+                self._confirmed_at, self._epoch = as_of, epoch
             self._end_round()
 
     def round_began(self, until: float | None = None) -> None:
@@ -492,7 +504,7 @@ class History:
     def set_live(self, live: bool) -> None:
         """Hear whether rounds can reach this worker: either way, some may have been missed."""
         self._generation += 1
-        self._confirmed_at = -math.inf
+        self._confirmed_at, self._epoch = -math.inf, None
         self._end_round()
 
     def note_min_id(self, min_id: int, at: float, vouched_for: float = 0.0) -> None:
@@ -653,9 +665,10 @@ class History:
             tail = Tail.decode(value, generation)
         except ValueError:
             return None
-        # Older than a change this worker heard of while the read was under way: Redis holds a
-        # newer one, and a direct read is the surest.
-        if tail.start > tail_from or tail.read_at < self._changed.get(token_id, -math.inf):
+        # Kept by another leadership than the one whose rounds this worker hears (its rounds
+        # may not have read the token since), or older than a change this worker heard of while
+        # the read was under way: a direct read is the surest.
+        if tail.epoch != self._epoch or tail.start > tail_from or tail.read_at < self._changed.get(token_id, -math.inf):
             return None
         self.stats.tails_redis += 1
         return tail

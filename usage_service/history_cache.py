@@ -92,6 +92,17 @@ return #KEYS
 """
 
 
+# Delete each tail that leadership ARGV[1] kept (its encoding ends with that epoch).
+_FORGET_TAIL_SCRIPT = """
+local mark = ',"' .. ARGV[1] .. '"]'
+for _, key in ipairs(KEYS) do
+  local value = redis.call('get', key)
+  if value and string.sub(value, -#mark) == mark then redis.call('del', key) end
+end
+return #KEYS
+"""
+
+
 class RedisTails:
     """Polled tokens' open days as the refresher's leader last read them (`<prefix><token id>`)."""
 
@@ -99,6 +110,7 @@ class RedisTails:
         self.guard = guard
         self.prefix = prefix
         self._set_newer = guard.script(_SET_NEWER_TAIL_SCRIPT)
+        self._forget = guard.script(_FORGET_TAIL_SCRIPT)
         # Tokens asked for at once (a worker taking up the leader's tails, a started worker)
         # cost a few MGETs, not one GET each, as the balance's records do.
         self._reads: Batcher[int, bytes] = Batcher(self._read_many, max_batch=256, slots=2)
@@ -123,10 +135,12 @@ class RedisTails:
         ]
         await self.guard.run(lambda: self.guard.eval_each(self._set_newer, calls), self.guard.batch_timeout)
 
-    async def forget(self, token_ids: Sequence[int]) -> None:
-        """Remove these tokens' tails (the leader's: a failure is the caller's to see)."""
+    async def forget(self, token_ids: Sequence[int], epoch: str) -> None:
+        """Remove these tokens' tails where leadership `epoch` kept them, in one pipeline (one
+        script call per hash slot on Cluster); the leader's: a failure is the caller's to see."""
         keys = [self.key(token_id) for token_id in token_ids]
-        await self.guard.run(lambda: self.guard.client.delete(*keys), self.guard.batch_timeout)
+        calls: list[ScriptCall] = [(slot_keys, [epoch]) for slot_keys, _ in self.guard.by_slot(keys, keys)]
+        await self.guard.run(lambda: self.guard.eval_each(self._forget, calls), self.guard.batch_timeout)
 
 
 class HistoryHot:

@@ -60,12 +60,13 @@ class InvalidationChannel:
         complete: bool,
         token_ids: Iterable[int],
         fingerprints: Mapping[int, bytes] = {},
+        epoch: str = "",
     ) -> None:
-        """Tell every worker that a history round checked the polled tokens (`complete`: every
-        one) as of `as_of`, and that these tokens' open days changed (written to Redis before),
-        unless what it holds of one has its fingerprint here."""
+        """Tell every worker that a history round of leadership `epoch` checked the polled
+        tokens (`complete`: every one) as of `as_of`, and that these tokens' open days changed
+        (written to Redis before), unless what it holds of one has its fingerprint here."""
         changed = ",".join(_part(str(t), fingerprints.get(t)) for t in token_ids)
-        message = f"#{as_of!r}:{min_id}:{int(complete)}:{changed}"
+        message = f"#{as_of!r}:{min_id}:{int(complete)}:{epoch}:{changed}"
         await self.guard.run(lambda: self.guard.client.publish(self.name, message))
 
     async def publish_history_round(self, until: float | None) -> None:
@@ -79,7 +80,7 @@ class InvalidationChannel:
         on_digests: Callable[[list[tuple[bytes, bytes | None]]], None],
         on_confirm: Callable[[float], None],
         on_live: Callable[[bool], None],
-        on_history: Callable[[float, int, bool, list[tuple[int, bytes | None]]], None] | None = None,
+        on_history: Callable[[float, int, bool, list[tuple[int, bytes | None]], str], None] | None = None,
         on_history_round: Callable[[float | None], None] | None = None,
     ) -> None:
         """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
@@ -189,11 +190,11 @@ def _parse_digests(data: object) -> list[tuple[bytes, bytes | None]]:
     return changes
 
 
-def _parse_history(data: bytes) -> tuple[float, int, bool, list[tuple[int, bytes | None]]]:
-    as_of, min_id, complete, ids = data[1:].split(b":", 3)
+def _parse_history(data: bytes) -> tuple[float, int, bool, list[tuple[int, bytes | None]], str]:
+    as_of, min_id, complete, epoch, ids = data[1:].split(b":", 4)
     changed = []
     for part in ids.decode("ascii").split(","):
         if part:
             token_id, _, fingerprint = part.partition("=")
             changed.append((int(token_id), _fingerprint(fingerprint)))
-    return float(as_of), int(min_id), complete == b"1", changed
+    return float(as_of), int(min_id), complete == b"1", changed, epoch.decode("ascii")

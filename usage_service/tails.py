@@ -42,6 +42,7 @@ and forgets what it kept (refresh.py).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +104,9 @@ class TailKeeper:
         self._published: dict[int, Slots] = {}
         self._written: dict[int, float] = {}
         self._vouched = False  # this round published a complete round's word (see round_ended)
+        # This leadership's mark on the tails it keeps in Redis (see Tail.epoch): new each time
+        # this worker takes the lead, so that no worker takes a tail another leadership left.
+        self._epoch: str | None = None
         self._announced = False  # this round told the workers it began (see announce)
 
     def take_polled(self) -> list[int]:
@@ -147,11 +151,14 @@ class TailKeeper:
         kept = await self._round(members, now, extend)
         if kept is None:
             return False
+        if self._epoch is None:
+            self._epoch = uuid.uuid4().hex[:16]
+        epoch = self._epoch
         min_id, tails = kept.min_id, kept.tails
         changed = {t for t, slots in tails.items() if not _same(self._published.get(t), slots)}
         due = now - TAIL_KEY_TTL / 2
         writes = {
-            t: Tail(self._open_day, slots, now, None).encode()
+            t: Tail(self._open_day, slots, now, None, epoch=epoch).encode()
             for t, slots in tails.items()
             if t in changed or self._written.get(t, 0.0) <= due
         }
@@ -166,16 +173,17 @@ class TailKeeper:
             self._written.update(dict.fromkeys(writes, now))
         # Tokens no longer polled leave the rounds: their tails go from Redis with them, or a
         # worker asking for one later would take it as vouched for by the rounds that go on.
+        # (Only this leadership's: a successor's, should this leader be deposed by now, stays.)
         dropped = [t for t in self._published if t not in tails]
         if dropped:
-            await redis.history_tails.forget(dropped)
+            await redis.history_tails.forget(dropped, epoch)
         # Only a round that kept every polled token vouches for what workers hold (as the
         # balance's confirmation): past USAGE_HOT_MAX, the others' tails would go stale unseen.
         # With each tail's fingerprint: a worker holding those very open days keeps them (a
         # first sight of 10,000 tokens need not send every worker to Redis for each).
         fingerprints = {t: tail_fingerprint(self._open_day, tails[t]) for t in changed}
         complete = len(members) < self.hot_max
-        await redis.channel.publish_history(now, min_id, complete, sorted(changed), fingerprints)
+        await redis.channel.publish_history(now, min_id, complete, sorted(changed), fingerprints, epoch)
         self._vouched = complete
         await self._release(redis)
         self._published = tails
@@ -206,6 +214,7 @@ class TailKeeper:
         """Forget what was kept: another leader may have come and gone since."""
         self._settled = None
         self._open_day = -1
+        self._epoch = None
         self._base.clear()
         self._guards.clear()
         self._published.clear()
