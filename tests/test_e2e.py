@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -249,6 +250,36 @@ def test_demo_prints_a_working_curl_line(demo_dir: Path) -> None:
     assert '"name":"demo"' in body
     assert '"code":true' in body
     assert (demo_dir / "usage-service-demo.db").exists()
+
+
+def test_demo_uses_nothing_of_the_deployment_it_is_started_in(
+    demo_dir: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Started with a gateway's environment, the demo reads its own file and nothing else: not
+    the gateway's log database (it would show that log's rows to the demo's key), nor its
+    Redis (where the demo's tokens would be answered from, and written over, by token id)."""
+    port = free_port()
+    script = Path(sys.executable).parent / "usage-service"
+    env = {
+        **environ_without_gateway_settings(),
+        "SQL_DSN": "postgres://gateway:pw@127.0.0.1:1/new-api",
+        "LOG_SQL_DSN": "postgres://gateway:pw@127.0.0.1:1/new-api-logs",
+        "REDIS_CONN_STRING": redis_url,
+    }
+    command = [str(script), "--demo", "--port", str(port)]
+    with subprocess.Popen(command, cwd=demo_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        try:
+            _run_printed_curl_line(process)
+            with sqlite3.connect(f"file:{demo_dir / 'usage-service-demo.db'}?mode=ro", uri=True) as db:
+                (key,) = db.execute("SELECT key FROM tokens LIMIT 1").fetchone()
+            bearer = {"Authorization": f"Bearer sk-{key}"}
+            base = f"http://127.0.0.1:{port}"
+            assert httpx.get(base + "/api/log/token", headers=bearer).json()["data"]  # the demo's own log
+            assert httpx.get(base + "/api/usage/token/history", headers=bearer).status_code == 200
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+    assert redis_client.dbsize() == 0
 
 
 @pytest.mark.parametrize(

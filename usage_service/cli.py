@@ -27,6 +27,18 @@ from .store import SchemaError, open_store
 
 logger = logging.getLogger("usage_service")
 
+# What --demo leaves out of the environment it was started in: the gateway's databases and Redis.
+DEMO_IGNORES = (
+    "SQL_DSN",
+    "LOG_SQL_DSN",
+    "REDIS_CONN_STRING",
+    "USAGE_REDIS_MODE",
+    "USAGE_REDIS_SENTINELS",
+    "USAGE_REDIS_MASTER_NAME",
+    "USAGE_REDIS_SENTINEL_PASSWORD",
+    "USAGE_REDIS_CLUSTER_NODES",
+)
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SERVERS = ("uvicorn", "granian")
 APP_FACTORY = "usage_service.app:create_app_from_env"
@@ -89,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo",
         action="store_true",
         help=f"serve ./{DEMO_DB} (created in the gateway's schema with one token if missing) "
-        "instead of SQLITE_PATH, and print a curl line for the demo token",
+        "instead of SQLITE_PATH, without the gateway's log database or Redis, and print a curl "
+        "line for the demo token",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -114,8 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo_key = None
         if args.demo:
             demo_key = ensure_demo_db(DEMO_DB)
-            # The workers read the same environment: point them at the demo file.
-            os.environ["SQL_DSN"] = ""
+            # The workers read the same environment: point them at the demo file, and at
+            # nothing of a real deployment's (its request log; its Redis, whose records and
+            # spending by token id the demo's tokens would answer from and write over).
+            for name in DEMO_IGNORES:
+                os.environ.pop(name, None)
             os.environ["SQLITE_PATH"] = str(DEMO_DB.resolve())
         settings = load_settings()
         check_database_file(settings)
