@@ -347,8 +347,11 @@ def test_k8s_sidecar_runs_in_the_gateways_pod_with_probes(k8s: dict[str, dict[st
     assert gateway["image"].startswith(GATEWAY_IMAGE)
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert ports == {"usage": 3001}
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "usage"}
+    # Once started, never unready for its database: in the gateway's pod, that would take the
+    # gateway out of the Service too.
     assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "usage"}
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "usage"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "usage"}
     # The same database file and Redis as the gateway, the file mounted read-only.
     env = {e["name"]: e for e in sidecar["env"]}
     gateway_env = {e["name"]: e for e in gateway["env"]}

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Run once by the postgres image on a fresh data directory (docker-compose.yml, profile
 # "scaled"): the read-only role usage-service logs in as. It may read only the gateway's
-# tokens, users and options tables; those exist only once the gateway has started, so the
+# tokens, users, options and logs tables; those exist only once the gateway has started, so the
 # one-shot "postgres-grants" service grants them then (config/postgres/grant-readonly.sh).
 set -eu
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
