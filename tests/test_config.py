@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from usage_service._dsn import MySQLDSN, PostgresDSN
-from usage_service.cli import build_parser
+from usage_service.cli import _host, build_parser
 from usage_service.config import (
     TABLE,
     ConfigError,
@@ -269,3 +269,23 @@ def test_the_configuration_page_shows_the_table_as_generated() -> None:
     """docs/configuration.md carries `python -m usage_service.config --markdown`'s table verbatim."""
     page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     assert markdown_table() in page, "regenerate it: .venv/bin/python -m usage_service.config --markdown"
+
+
+@pytest.mark.parametrize(
+    ("flag", "address"),
+    [
+        ("0.0.0.0", "0.0.0.0"),
+        ("::1", "::1"),
+        ("localhost", "127.0.0.1"),
+        ("127.000.000.001", None),
+        ("999.1.1.1", None),
+    ],
+)
+def test_host_is_an_address_or_a_name_that_resolves(flag: str, address: str | None) -> None:
+    """Either server is given an address (granian takes no names): a name is resolved first;
+    what is neither an address nor a name this machine resolves stops start-up in one line."""
+    if address is None:
+        with pytest.raises(ConfigError, match="--host: .* is no IP address"):
+            _host(flag)
+    else:
+        assert _host(flag) == address

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import atexit
 import importlib.util
+import ipaddress
 import logging
 import os
 import shutil
@@ -120,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, log_format)
     try:
         port = _port(args.port)
+        # The demo prints its token and serves /metrics: it stays off the network unless asked.
+        host = _host(args.host if args.host is not None else ("127.0.0.1" if args.demo else "0.0.0.0"))
         if args.workers < 1:
             raise ConfigError("--workers: expected 1 or more")
         if args.server == "granian" and importlib.util.find_spec("granian") is None:
@@ -158,8 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  curl -s http://127.0.0.1:{port}/api/usage/token -H 'Authorization: Bearer sk-{demo_key}'",
             flush=True,
         )
-    # The demo prints its token and serves /metrics: it stays off the network unless asked.
-    host = args.host if args.host is not None else ("127.0.0.1" if args.demo else "0.0.0.0")
     log_config = logs.uvicorn_config(args.log_level, settings.log_format)
     if args.server == "granian":
         from . import _granian
@@ -227,6 +228,21 @@ def _port(flag: str | None) -> int:
     if not 0 < port < 65536:
         raise ConfigError(f"{name}: expected a port number between 1 and 65535 (got {port})")
     return port
+
+
+def _host(name: str) -> str:
+    """The address to listen on: `--host` as given if it is an IP address, else the address its
+    name resolves to (IPv4 first; granian takes addresses only), or ConfigError."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return str(socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)[0][4][0])
+        except (OSError, UnicodeError):
+            continue
+    raise ConfigError(f"--host: {name!r} is no IP address, nor a name this machine resolves")
 
 
 async def _check_schema(settings: Settings) -> None:
