@@ -9,7 +9,9 @@ worker has heard what was published before (`heard_so_far`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -196,6 +198,42 @@ async def test_a_subscription_redis_py_restores_by_itself_is_heard_as_a_loss(
 
         clock.ahead = 4.0  # past its own TTL: only a confirmation could keep it
         assert fresh_in_process(app, token) is None
+
+
+async def test_an_error_redis_py_does_not_document_is_a_loss_and_the_channel_comes_back(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On Cluster with its seed node down, redis-py's subscription raised a KeyError: the
+    listener took it as a loss (said once, with its traceback), not as its own death, and
+    subscribed again a moment later."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    guard = RedisGuard(client, timeout=1.0, breaker=CircuitBreaker(3, 0.05))
+    channel = SharedRedis(guard, prefix="t:").channel
+    pubsub, failures = client.pubsub, [KeyError(2917), KeyError(2917)]
+
+    def failing_pubsub() -> Any:
+        subscription = pubsub()
+        if failures:
+            failure = failures.pop()
+
+            async def subscribe(*channels: str) -> None:
+                raise failure
+
+            subscription.subscribe = subscribe
+        return subscription
+
+    client.pubsub = failing_pubsub  # type: ignore[method-assign]
+    live: list[bool] = []
+    with caplog.at_level(logging.WARNING, logger="usage_service.invalidation"):
+        listener = asyncio.create_task(channel.listen(lambda _: None, lambda _: None, live.append))
+        await until(lambda: True in live)
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    await guard.aclose()
+    assert channel.losses == 2
+    said = [r for r in caplog.records if "invalidation channel lost (KeyError)" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is not None
 
 
 async def test_an_invalidated_entry_stays_expired_through_later_confirmations(

@@ -125,10 +125,14 @@ class InvalidationChannel:
                                 on_history_round(float(data[1:]) if len(data) > 1 else None)
                     else:
                         on_digests(_parse_digests(data))
-            except REDIS_FAILURES as exc:
+            except Exception as exc:
+                # Broad on purpose, as RedisGuard.run's last resort: redis-py raises more than it
+                # documents in some failover corners (a KeyError on Cluster while its seed node is
+                # down). Anything else is said with its traceback (now and then, as a loss is);
+                # either way the channel is subscribed again a second later.
                 on_live(False)
                 reraise_cancellation()
-                self._lost(type(exc).__name__)
+                self._lost(type(exc).__name__, unexpected=not isinstance(exc, REDIS_FAILURES))
                 await asyncio.sleep(min(1.0, guard.breaker.cooldown) or 0.1)
             finally:
                 on_live(False)
@@ -138,7 +142,7 @@ class InvalidationChannel:
                     async with asyncio.timeout(guard.timeout):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, *, unexpected: bool = False) -> None:
         # While the channel is down, what a worker holds is confirmed by nothing: its polls go
         # to Redis or the database until a round is heard again. Said now and then, not per loss.
         self.losses += 1
@@ -148,6 +152,7 @@ class InvalidationChannel:
                 "invalidation channel lost (%s), subscribing again; %d time(s) since start",
                 reason,
                 self.losses,
+                exc_info=unexpected,
             )
             self._loss_logged_at = now
 
