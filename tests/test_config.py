@@ -288,3 +288,10 @@ def test_host_is_an_address_or_a_name_that_resolves(flag: str, address: str | No
             _host(flag)
     else:
         assert _host(flag) == address
+
+
+def test_a_metrics_address_with_metrics_off_stops_start_up() -> None:
+    """Two settings that contradict each other are refused, as the Redis topology's are."""
+    with pytest.raises(ConfigError, match="USAGE_METRICS_ADDRESS: set, but USAGE_METRICS is off"):
+        load_settings({"USAGE_METRICS": "off", "USAGE_METRICS_ADDRESS": "127.0.0.1:9100"})
+    assert load_settings({"USAGE_METRICS": "off"}).metrics_address is None

@@ -536,6 +536,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     values["redis_sentinel_password"] = env.get("USAGE_REDIS_SENTINEL_PASSWORD") or None
 
     values["local_ttl"] = min(values["local_ttl"], values["cache_ttl"])
+    if values["metrics_address"] is not None and not values["metrics"]:
+        raise ConfigError("USAGE_METRICS_ADDRESS: set, but USAGE_METRICS is off (metrics would be served nowhere)")
     _check_redis_topology(values["redis_mode"], values["redis_sentinels"], values["redis_cluster_nodes"], redis_url)
     return Settings(**values)
 
