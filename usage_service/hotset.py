@@ -34,7 +34,8 @@ class Polled(Generic[K, V]):
     when), and when it last noted each key in the shared set.
 
     Pruned to the window once a window, and to the `hot_max` most recently polled whenever a
-    sweep of distinct tokens outgrows that sooner: bounded in time and in size.
+    sweep of distinct tokens outgrows that sooner (what was noted goes with what was polled):
+    bounded in time and in size.
     """
 
     def __init__(self, window: float, hot_max: int) -> None:
@@ -70,13 +71,13 @@ class Polled(Generic[K, V]):
         since = now - self.window
         self._pruned_at = now
         self._polled = {key: entry for key, entry in self._polled.items() if entry[1] >= since}
-        self._noted = {key: at for key, at in self._noted.items() if at >= since}
         if len(self._polled) > self.hot_max:  # the most recently polled win
             recent = sorted(self._polled.items(), key=lambda item: item[1][1], reverse=True)[: self.hot_max]
             self._polled = dict(recent)
+        self._noted = {key: at for key, at in self._noted.items() if at >= since and key in self._polled}
 
     def current(self) -> dict[K, V]:
-        """What was polled within the window, as of the last `prune`."""
+        """What was polled: within the window as of the last `prune`, and whatever came since."""
         return {key: value for key, (value, _) in self._polled.items()}
 
     def discard(self, key: K) -> None:

@@ -226,12 +226,13 @@ def _number(value: object) -> int:
 # Escapes in JSON text, left to right: a surrogate pair, a surrogate alone, or any other (an
 # escaped backslash taken whole, so that the text after it is not read as an escape).
 _LONE_SURROGATE = re.compile(
-    r"\\(u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[dD][89a-fA-F][0-9a-fA-F]{2}|.)", re.S
+    r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|(?P<alone>u[dD][89a-fA-F][0-9a-fA-F]{2})|.)",
+    re.S,
 )
 
 
 def _unpaired_replaced(escape: re.Match[str]) -> str:
-    return "\\ufffd" if len(escape.group(1)) == 5 else escape.group(0)
+    return "\\ufffd" if escape.group("alone") else escape.group(0)
 
 
 def owner_other(text: str) -> str:
