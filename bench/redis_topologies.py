@@ -41,7 +41,7 @@ VALUE = b'[2,1700000000.0,"a token record of about the usual size, padded to loo
 async def one_round(topology: RedisTopology, digests: list[bytes], concurrency: int) -> tuple[float, float]:
     settings = Settings(redis_url=topology.url, redis_timeout=5.0, **topology.mode_settings)
     guard = RedisGuard(create_client(settings), timeout=5.0, breaker=CircuitBreaker(3, 5))
-    cache = RedisRecords(guard, prefix="bench:tok:")
+    cache = RedisRecords(guard, prefix="bench:tok:", requested_key="bench:requested")
     try:
         started = time.perf_counter()
         for digest in digests:

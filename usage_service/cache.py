@@ -147,22 +147,47 @@ return #KEYS
 """
 
 
+# The set of requested tokens (see RedisRecords): added to with an expiry, so that without a
+# leader to take it (no refresher) it does not outlive a minute of misses.
+REQUESTED_TTL_MS = 60_000
+
+_NOTE_REQUESTED_SCRIPT = """
+for member in string.gmatch(ARGV[2], '[^,]+') do redis.call('sadd', KEYS[1], member) end
+redis.call('pexpire', KEYS[1], ARGV[1])
+return 1
+"""
+
+_TAKE_REQUESTED_SCRIPT = """
+local members = redis.call('smembers', KEYS[1])
+redis.call('del', KEYS[1])
+return table.concat(members, ',')
+"""
+
+
 class RedisRecords:
     """Token records in Redis (`<prefix><digest hex>`), shared by every worker and instance.
 
     Reads of a burst of misses go out as a few MGETs; a request's writes go out behind it. Every
     failure reads as a miss (or a write not made): the caller falls back to the database.
+
+    The tokens whose records requests read from the database are also named in one set
+    (`requested_key`), which the refresher's leader takes each round (`take_requested`): a
+    request may have read a version of the row that the leader's rounds never saw (a charge
+    undone between two rounds), which the leader's next round then tells every worker about.
     """
 
-    def __init__(self, guard: RedisGuard, *, prefix: str) -> None:
+    def __init__(self, guard: RedisGuard, *, prefix: str, requested_key: str) -> None:
         self.guard = guard
         self.prefix = prefix
+        self.requested_key = requested_key
         # A burst of misses costs a few MGETs, not one GET each; writes go out behind the
         # request, pipelined.
         self._reads: Batcher[bytes, bytes | str] = Batcher(self._read_many, max_batch=256, slots=2)
         self._writes: dict[bytes, tuple[bytes, float]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._set_newer = guard.script(_SET_NEWER_SCRIPT)
+        self._note_requested = guard.script(_NOTE_REQUESTED_SCRIPT)
+        self._take_requested = guard.script(_TAKE_REQUESTED_SCRIPT)
         self.corrupt = 0  # values found that this version cannot read
 
     def key(self, digest: bytes) -> str:
@@ -195,9 +220,24 @@ class RedisRecords:
             while self._writes:
                 batch, self._writes = self._writes, {}
                 with contextlib.suppress(RedisUnavailable):
-                    await self.guard.run(functools.partial(self._set_many, batch), self.guard.batch_timeout)
+                    await self.guard.run(functools.partial(self._set_requested, batch), self.guard.batch_timeout)
         finally:
             self._writer = None
+
+    async def _set_requested(self, values: Mapping[bytes, tuple[bytes, float]]) -> None:
+        await self._set_many(values)
+        members = ",".join(digest.hex() for digest in values)
+        await self._note_requested(keys=[self.requested_key], args=[REQUESTED_TTL_MS, members])
+
+    async def take_requested(self) -> set[bytes]:
+        """The tokens requests read from the database since the last call (the leader's, once a
+        round), as digests; the set is emptied."""
+        joined = await self.guard.run(lambda: self._take_requested(keys=[self.requested_key]), self.guard.batch_timeout)
+        taken = set()
+        for member in bytes(joined).split(b",") if joined else []:
+            with contextlib.suppress(ValueError):  # only ours are there; anything else is skipped
+                taken.add(bytes.fromhex(member.decode("ascii")))
+        return taken
 
     async def store_many(self, values: Mapping[bytes, bytes], ttl: float) -> None:
         """Write many cached values in one round trip, each only over a value read earlier than it."""

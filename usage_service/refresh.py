@@ -196,6 +196,10 @@ class Refresher:
         """Re-read the shared hot set's records, write and publish what changed, and confirm the
         rest; return how many tokens were read, or None once the lock was found lost."""
         members = await redis.hot_set.members(now - self.window, self.hot_max)
+        # Tokens whose rows requests read meanwhile: what they read may be a version this
+        # leader never saw (changed and changed back between two rounds), so each is published
+        # as changed, with the fingerprint of what this round reads.
+        requested = await redis.records.take_requested()
         # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
         # the front): each token is then re-read at the same point of every round, one interval apart.
         members.sort()
@@ -225,7 +229,7 @@ class Refresher:
             changed = []
             values = {}
             for digest, record in fresh.items():
-                if last_seen.get(digest, _UNSEEN) is not record:
+                if last_seen.get(digest, _UNSEEN) is not record or digest in requested:
                     changed.append(digest)
                 elif written.get(digest, 0.0) > due:
                     continue

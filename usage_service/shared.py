@@ -29,7 +29,7 @@ from .leadership import LeaderLock
 class SharedRedis:
     def __init__(self, guard: RedisGuard, *, prefix: str) -> None:
         self.guard = guard
-        self.records = RedisRecords(guard, prefix=prefix + "tok:")
+        self.records = RedisRecords(guard, prefix=prefix + "tok:", requested_key=prefix + "requested")
         self.hot_set = HotSet(guard, key=prefix + "hot")
         self.channel = InvalidationChannel(guard, name=prefix + "invalidate:v2")
         self.failures = FailureCounter(guard, prefix=prefix + "authfail:")
