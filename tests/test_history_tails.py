@@ -819,6 +819,19 @@ async def test_a_charge_committed_after_a_later_one_shows_whatever_the_gateways_
         assert sum(quota for quota, *_ in answer.values()) == 501
 
 
+async def x_leaves_the_hot_set(y: Token, clock: Clock, a: Worker, b: Worker) -> None:
+    """20 s in which only y is asked for, every second in both workers, with a round each (led
+    by a): any other token leaves the 10 s hot window, and no round reads it any more."""
+    today = (T0, T0 + DAY)
+    for _ in range(20):
+        clock.now += 1
+        for w in (a, b):
+            await w.history.slots(y.id, *today)
+        await b.refresher.tick()
+        await round_heard(a, a, b)
+    assert a.keeper.stats.tokens == 1
+
+
 @pytest.mark.parametrize("through", ["history", "route"])
 async def test_a_token_back_from_a_pause_shows_what_it_spent_meanwhile(
     gateway: Gateway, settings: Settings, redis_url: str, through: str
@@ -842,13 +855,7 @@ async def test_a_token_back_from_a_pause_shows_what_it_spent_meanwhile(
         await b.refresher.tick()
         await round_heard(a, a, b)
         assert await route.quota(x) == 1
-        for _ in range(20):  # x not asked for; y asked for every second, in both workers
-            clock.now += 1
-            for w in (a, b):
-                await w.history.slots(y.id, *today)
-            await b.refresher.tick()
-            await round_heard(a, a, b)
-        assert a.keeper.stats.tokens == 1  # x left the hot set: no round reads it
+        await x_leaves_the_hot_set(y, clock, a, b)
         gateway.add_log(x, created_at=int(clock.now) - 1, quota=500)
         for _ in range(3):
             clock.now += 1
@@ -880,13 +887,7 @@ async def test_a_token_back_from_a_pause_on_a_worker_that_never_held_it_shows_wh
         await a.refresher.tick()
         await b.refresher.tick()
         await round_heard(a, a, b)
-        for _ in range(20):  # x not asked for; y asked for every second, in both workers
-            clock.now += 1
-            for w in (a, b):
-                await w.history.slots(y.id, *today)
-            await b.refresher.tick()
-            await round_heard(a, a, b)
-        assert a.keeper.stats.tokens == 1  # x left the hot set: no round reads it
+        await x_leaves_the_hot_set(y, clock, a, b)
         gateway.add_log(x, created_at=int(clock.now) - 1, quota=500)
         clock.now += 1
         await round_heard(a, a, b)
