@@ -12,12 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from support import Gateway, Service, environ_without_gateway_settings, wait_until
 
+from usage_service._granian import WORKER_KILL_TIMEOUT
 from usage_service._http import MAX_REQUEST_HEAD
 
 pytestmark = pytest.mark.e2e
@@ -112,3 +114,17 @@ def test_a_worker_that_dies_is_replaced(gateway: Gateway) -> None:
         assert wait_until(replaced, timeout=15), service.output()
         assert service.process.poll() is None
         assert service.stop() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_while_a_replacement_worker_starts_still_stops_the_server(gateway: Gateway) -> None:
+    """A worker just spawned to replace one that died misses a SIGTERM that comes before it has
+    started, and serves on: granian kills it after WORKER_KILL_TIMEOUT (it waited for ever),
+    and the command exits 0."""
+    with Service({"SQLITE_PATH": str(gateway.path)}, server="granian") as service:
+        [worker] = _children(service.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        assert wait_until(lambda: service.output().count("Spawning worker-1") == 2, timeout=15), service.output()
+        started = time.monotonic()
+        assert service.stop() == 0, service.output()
+        assert time.monotonic() - started < WORKER_KILL_TIMEOUT + 3

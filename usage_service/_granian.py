@@ -32,6 +32,11 @@ from granian.server.common import AbstractServer
 
 from ._http import MAX_REQUEST_HEAD
 
+# Seconds a worker has to stop after SIGTERM before granian kills it. A worker still starting
+# when the signal comes (one just spawned to replace a worker that died) misses it and would
+# serve on, and granian would wait for it for ever; a graceful stop takes a couple of seconds.
+WORKER_KILL_TIMEOUT = 10
+
 
 def http1_settings(header_timeout: int) -> HTTP1Settings:
     """granian's HTTP/1 settings: heads bounded in size and, by `header_timeout` seconds, in time."""
@@ -83,4 +88,5 @@ def server(
         log_access=False,
         # A worker that dies is replaced (a crash loop still stops the server), as uvicorn's are.
         respawn_failed_workers=True,
+        workers_kill_timeout=WORKER_KILL_TIMEOUT,
     )
