@@ -295,3 +295,13 @@ def test_a_metrics_address_with_metrics_off_stops_start_up() -> None:
     with pytest.raises(ConfigError, match="USAGE_METRICS_ADDRESS: set, but USAGE_METRICS is off"):
         load_settings({"USAGE_METRICS": "off", "USAGE_METRICS_ADDRESS": "127.0.0.1:9100"})
     assert load_settings({"USAGE_METRICS": "off"}).metrics_address is None
+
+
+@pytest.mark.parametrize("path", ["/abc", "/0x1", "/1/2", "/-1"])
+def test_a_redis_database_that_is_no_number_stops_start_up(path: str) -> None:
+    """redis-py reads such a URL as database 0; the gateway refuses it, and so does the service."""
+    with pytest.raises(ConfigError, match="REDIS_CONN_STRING: the database is a number") as refused:
+        load_settings({"REDIS_CONN_STRING": f"redis://:secret@127.0.0.1:6379{path}"})
+    assert "secret" not in str(refused.value)
+    assert load_settings({"REDIS_CONN_STRING": "redis://127.0.0.1:6379/3"}).redis_url is not None
+    assert load_settings({"REDIS_CONN_STRING": "redis://127.0.0.1:6379/"}).redis_url is not None

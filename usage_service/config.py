@@ -580,6 +580,10 @@ def _redis_url(value: str) -> str | None:
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("REDIS_CONN_STRING: the URL names no host")
+    database = parts.path.lstrip("/")
+    if parts.scheme != "unix" and database and not (database.isascii() and database.isdigit()):
+        # redis-py would quietly take database 0; the gateway refuses the URL.
+        raise ConfigError(f"REDIS_CONN_STRING: the database is a number, as in redis://host:6379/0 (got {database!r})")
     return value
 
 
