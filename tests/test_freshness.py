@@ -33,6 +33,7 @@ from usage_service._redis_guard import RedisGuard
 from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.invalidation import _parse_digests, _parse_history
+from usage_service.leadership import Leadership
 from usage_service.records import TokenRecord, decode_cached, encode_cached
 from usage_service.refresh import Refresher
 from usage_service.shared import SharedRedis
@@ -430,6 +431,15 @@ def published(client: redis.Redis, pubsub: Any, channel: str, marker: str) -> li
     raise AssertionError("the marker did not arrive")
 
 
+def lock_runs_out(refresher: Refresher, redis_client: redis.Redis) -> None:
+    """The refresher's lock runs out under it: its time passes (its event loop stalled past the
+    lock's expiry) and Redis lets the key go."""
+    lock = refresher.lock
+    assert lock is not None
+    lock.clock = lambda: time.monotonic() + refresher.round_lock_ttl
+    redis_client.delete(lock.name)
+
+
 async def test_a_deposed_leader_abandons_its_round(
     gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -449,7 +459,7 @@ async def test_a_deposed_leader_abandons_its_round(
 
         a_round = asyncio.create_task(a.tick())
         await gate.reached.wait()  # A leads and has read used=1
-        redis_client.delete(cache.leader_key)  # A's lock runs out...
+        lock_runs_out(a, redis_client)  # A stalls, and its lock runs out...
         gateway.charge(token, 5)
         await b.tick()  # ...and B takes over, reads used=6 and publishes it
         assert b.stats.leader
@@ -488,7 +498,7 @@ async def test_a_deposed_leader_whose_round_found_nothing_new_confirms_nothing(
         a.store = GatedStore(store, gate)  # type: ignore[assignment]
         a_round = asyncio.create_task(a.tick())
         await gate.reached.wait()  # A has read the token again, unchanged
-        redis_client.delete(cache.leader_key)  # A's lock runs out, and B leads a round
+        lock_runs_out(a, redis_client)  # A stalls, its lock runs out, and B leads a round
         await b.tick()
         assert b.stats.leader
         assert published(redis_client, pubsub, cache.channel.name, "before") != []
@@ -652,6 +662,37 @@ async def test_the_leader_lock_outlives_a_statement_and_a_chunks_writes_twice(
     assert refresher.round_lock_ttl >= 2 * 3 * guard.batch_timeout
     # Between rounds, a leader that died is replaced as soon as it stops renewing.
     assert refresher.lock_ttl == max(3 * interval, 1.0)
+
+
+async def test_the_lock_is_checked_by_its_lease_and_extended_before_it_runs_short(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A round's check (`hold`) needs no round trip while the holder's last extension, counted
+    from when it was sent, has the step's time left: the lock can only expire with time. Once
+    less is left it is extended, and a lock that is gone by then is found lost."""
+    now = [100.0]
+    guard = RedisGuard(redis.asyncio.Redis.from_url(redis_url), timeout=2.0, breaker=CircuitBreaker(3, 1.0))
+    lock = SharedRedis(guard, prefix=f"lease{time.time_ns()}:").leader_lock()
+    lock.clock = lambda: now[0]
+    try:
+        assert not await lock.hold(1.0, 10.0)  # never taken: extending finds nothing to extend
+        assert await lock.lead(10.0) is Leadership.TOOK
+        now[0] += 8.0  # 2 s of the lease left (less the clock drift allowed): a 1 s step fits
+        redis_client.pexpire(lock.name, 60_000)  # (seen below if it is extended)
+        assert await lock.hold(1.0, 10.0)
+        assert redis_client.pttl(lock.name) > 10_000  # not extended: no round trip
+        now[0] += 0.95  # not any more: extended, to 10 s from now
+        assert await lock.hold(1.0, 10.0)
+        assert 0 < redis_client.pttl(lock.name) <= 10_000
+        assert await lock.hold(9.0, 10.0)  # 9.9 s of the new lease left: no round trip
+        redis_client.delete(lock.name)  # gone before its time (a failover that lost it)...
+        assert await lock.hold(1.0, 10.0)  # ...goes unseen for the rest of the lease...
+        now[0] += 9.5
+        assert not await lock.hold(1.0, 10.0)  # ...and is found lost at the next extension
+        assert not await lock.hold(1.0, 10.0)  # and stays lost
+        assert redis_client.get(lock.name) is None
+    finally:
+        await guard.aclose()
 
 
 async def test_the_channel_reads_fingerprints_and_takes_an_unreadable_one_as_none() -> None:

@@ -147,6 +147,10 @@ return #KEYS
 """
 
 
+# Records per script call: Redis runs a script to its end before it serves anyone else, so the
+# leader's writes of a round (up to USAGE_HOT_MAX records) go out as a pipeline of calls this big.
+SET_SLICE = 1000
+
 # The set of requested tokens (see RedisRecords): added to with an expiry, so that without a
 # leader to take it (no refresher) it does not outlive a minute of misses.
 REQUESTED_TTL_MS = 60_000
@@ -244,7 +248,8 @@ class RedisRecords:
         await self.guard.run(lambda: self._set_many({d: (v, ttl) for d, v in values.items()}), self.guard.batch_timeout)
 
     async def _set_many(self, values: Mapping[bytes, tuple[bytes, float]]) -> None:
-        """One script call per expiry, all in one pipeline; on Cluster, one per expiry and hash slot.
+        """One script call per expiry (and SET_SLICE records), all in one pipeline; on Cluster, one
+        per expiry and hash slot.
 
         Record keys carry no hash tag, so they spread over every slot and node like any keys and
         the cluster can rebalance them slot by slot. The price is that a batch of N records is
@@ -258,9 +263,10 @@ class RedisRecords:
             keys.append(self.key(digest))
             payloads.append(value)
         calls: list[ScriptCall] = [
-            (slot_keys, [ms(ttl), b"\n".join(slot_payloads)])
+            (slot_keys[i : i + SET_SLICE], [ms(ttl), b"\n".join(slot_payloads[i : i + SET_SLICE])])
             for ttl, (keys, payloads) in by_ttl.items()
             for slot_keys, slot_payloads in self.guard.by_slot(keys, payloads)
+            for i in range(0, len(slot_keys), SET_SLICE)
         ]
         await self.guard.eval_each(self._set_newer, calls)
 

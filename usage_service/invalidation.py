@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +32,10 @@ from collections.abc import Callable, Iterable, Mapping
 from ._redis_guard import REDIS_FAILURES, RedisGuard, reraise_cancellation
 
 logger = logging.getLogger("usage_service.invalidation")
+
+# Tokens named per message: a worker reads a message in one go, so a round's first sight of
+# 10,000 tokens goes out as several.
+MESSAGE_DIGESTS = 1000
 
 # Seconds between two log lines about losing the channel (the losses between are counted in the next).
 LOSS_LOG_INTERVAL = 60.0
@@ -46,8 +51,10 @@ class InvalidationChannel:
     async def publish_invalidation(self, digests: Iterable[bytes], fingerprints: Mapping[bytes, bytes] = {}) -> None:
         """Tell every worker to expire these tokens in its in-process layer, unless what it holds
         of one has its fingerprint here."""
-        message = ",".join(_part(d.hex(), fingerprints.get(d)) for d in digests)
-        await self.guard.run(lambda: self.guard.client.publish(self.name, message))
+        parts = [_part(d.hex(), fingerprints.get(d)) for d in digests]
+        for start in range(0, len(parts), MESSAGE_DIGESTS):
+            message = ",".join(parts[start : start + MESSAGE_DIGESTS])
+            await self.guard.run(functools.partial(self.guard.client.publish, self.name, message))
 
     async def publish_confirmation(self, as_of: float) -> None:
         """Tell every worker that all hot records were checked against the database as of `as_of`."""

@@ -89,10 +89,13 @@ class Refresher:
         # Between rounds the lock outlives a couple of missed renewals, so leadership does not
         # flap, and a leader that dies is replaced within seconds.
         self.lock_ttl = max(3 * self.interval, 1.0)
-        # During a round it outlives twice the longest a leader may go between extending it and
-        # acting on it: one statement, or one chunk's writes and publications (see _shared_round).
+        # A round checks the lock before each step it takes as leader: one statement, or the
+        # round's writes and publications. Each check makes sure the lock is ours for the longest
+        # step (`step`), extending it only when less is left; during a round it is extended to
+        # twice that, so one extension covers at least a step's time of them (see _shared_round).
         writes = 3 * redis.guard.batch_timeout if redis is not None else 0.0
-        self.round_lock_ttl = max(self.lock_ttl, 2 * max(settings.db_timeout + STATEMENT_GUARD, writes))
+        self.step = max(settings.db_timeout + STATEMENT_GUARD, writes)
+        self.round_lock_ttl = max(self.lock_ttl, 2 * self.step)
         self.stats = RefreshStats()
         self.polled: Polled[bytes, int] = Polled(self.window, self.hot_max)  # this worker's own: digest -> id
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
@@ -155,14 +158,17 @@ class Refresher:
     async def _shared_round(self, redis: SharedRedis, lock: LeaderLock, unnoted: dict[bytes, int], now: float) -> None:
         """Refresh the shared hot set, and the polled history beside it, if this instance leads.
 
-        Leadership follows redis-py's Lock: the lock is extended (to `round_lock_ttl`) before
-        each statement and checked and extended again before its results are written or
-        published (a chunk that read nothing new sends nothing, and needs no check), and a
-        leader that finds it lost abandons the round there, writing and publishing nothing more,
-        and forgets what it saw. The extension outlives a statement and a chunk's writes, so a
-        check that passed still holds when they are done; and the writes are only-if-newer
-        besides, so even a leader deposed in between (an event loop stalled for seconds) never
-        replaces a newer record.
+        Leadership follows redis-py's Lock: the lock is checked before each statement and again
+        before what the round found is written and published (`LeaderLock.hold`: extended to
+        `round_lock_ttl` when less than a step's time of it is left), and a leader that finds
+        it lost abandons the round there, writing and publishing nothing more, and forgets what
+        it saw. A check that passed still holds when its step is done; and the writes are
+        only-if-newer besides, so even a leader deposed in between (an event loop stalled for
+        seconds) never replaces a newer record.
+
+        The round reads every chunk before it writes and publishes anything: on a saturated
+        worker each await waits out a whole pass of the event loop over every connection, and
+        a write and a publication per chunk made a round of 10,000 tokens take seconds.
 
         The records and the history's open days are refreshed side by side, each part checking
         the lock for itself: a charge reaches the history without waiting out the records' round.
@@ -184,7 +190,7 @@ class Refresher:
             await self.tails.announce(redis)
             refreshed, history_kept = await _side_by_side(
                 self._refresh_records(redis, lock, now),
-                self.tails.lead(redis, lambda: lock.extend(self.round_lock_ttl)),
+                self.tails.lead(redis, lambda: lock.hold(self.step, self.round_lock_ttl)),
             )
         if refreshed is None or not history_kept:
             self._deposed()
@@ -204,16 +210,18 @@ class Refresher:
         # the front): each token is then re-read at the same point of every round, one interval apart.
         members.sort()
         started = time.monotonic()
-        seen: dict[bytes, TokenRecord | None] = {}
-        changes = 0
         as_of = time.time()
         # What members read as last round, kept while they still are members.
         known = self._members
         self._members = {member: known[member] for member in members if member in known}
         last_seen, written = self._last_seen, self._written
-        checked = True  # whether the lock was checked since the last read
+        seen: dict[bytes, TokenRecord | None] = {}
+        values: dict[bytes, bytes] = {}  # records to write to Redis
+        fetched: dict[bytes, float] = {}  # when each of them was read
+        changed: list[bytes] = []
+        fingerprints: dict[bytes, bytes] = {}
         for start in range(0, len(members), REFRESH_CHUNK):
-            if not await lock.extend(self.round_lock_ttl):
+            if not await lock.hold(self.step, self.round_lock_ttl):
                 return None
             chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
             fresh = await self._read(chunk)
@@ -222,45 +230,40 @@ class Refresher:
             # ended, so Redis never holds a record older than what this round saw, which its
             # invalidations and confirmation vouch for.
             fetched_at = time.time()
-            checked = False
-            # Changed records are written now; unchanged ones once half their TTL has gone, which
+            # Changed records are written; unchanged ones once half their TTL has gone, which
             # keeps them from ageing out of the cache.
             due = fetched_at - self.cache_ttl / 2
-            changed = []
-            values = {}
             for digest, record in fresh.items():
                 if last_seen.get(digest, _UNSEEN) is not record or digest in requested:
                     changed.append(digest)
+                    if record is not None:
+                        # With what was read: a worker that holds that very record keeps it (a
+                        # first sight of 10,000 tokens need not reload them all in every worker).
+                        fingerprints[digest] = record.fingerprint
                 elif written.get(digest, 0.0) > due:
                     continue
                 # A token gone is written too, whatever USAGE_NEGATIVE_TTL: left in Redis, its
                 # old record would be taken back by every worker the invalidation reaches (with
                 # the setting at 0 a tombstone is never served, only read past to the database).
                 values[digest] = encode_cached(record, fetched_at)
-            if values or changed:  # nothing goes out of a chunk that is not checked after its read
-                if not await lock.extend(self.round_lock_ttl):
-                    return None
-                checked = True
+                fetched[digest] = fetched_at
+            seen.update(fresh)
+        # Every token polled lately was checked: workers may keep what they hold. (With the hot
+        # set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.)
+        confirm = len(members) < self.hot_max
+        if values or changed or confirm:
+            if not await lock.hold(self.step, self.round_lock_ttl):
+                return None
             if values:
                 await redis.records.store_many(values, self.lookup.redis_ttl)
-                self._written.update(dict.fromkeys(values, fetched_at))
+                written.update(fetched)
             if changed:
-                # With what was read: a worker that holds that very record keeps it (a first
-                # sight of 10,000 tokens need not reload them all in every worker).
-                fingerprints = {d: r.fingerprint for d in changed if (r := fresh[d]) is not None}
                 await redis.channel.publish_invalidation(changed, fingerprints)
-            changes += len(changed)
-            seen.update(fresh)
+            if confirm:
+                await redis.channel.publish_confirmation(as_of)
         self._last_seen = seen
-        self._written = {d: at for d, at in self._written.items() if d in seen}
-        if len(members) < self.hot_max:
-            # Every token polled lately was checked: workers may keep what they hold. (With the
-            # hot set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.) Said
-            # only under a check made since the last read: it outlives that chunk's writes and this.
-            if not checked and not await lock.extend(self.round_lock_ttl):
-                return None
-            await redis.channel.publish_confirmation(as_of)
-        self._finish(seen, changes, started)
+        self._written = {d: at for d, at in written.items() if d in seen}
+        self._finish(seen, len(changed), started)
         return len(members)
 
     def _deposed(self) -> None:
