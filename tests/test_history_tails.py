@@ -418,14 +418,14 @@ async def test_a_lapse_while_the_leaders_round_runs_late_waits_for_it(
         reached, go_on = asyncio.Event(), asyncio.Event()
         lead = w.keeper.lead
 
-        async def late_lead(redis: Any, extend: Any) -> bool:
+        async def late_lead(redis: Any, *checks: Any) -> bool:
             reached.set()
             await go_on.wait()
             if outcome == "vouched":
-                return await lead(redis, extend)
+                return await lead(redis, *checks)
             if outcome == "no word":  # as a round whose hot set was cut at USAGE_HOT_MAX ends
                 monkeypatch.setattr(w.keeper, "hot_max", 1)
-                return await lead(redis, extend)
+                return await lead(redis, *checks)
             return False
 
         monkeypatch.setattr(w.keeper, "lead", late_lead)

@@ -25,6 +25,7 @@ from usage_service.config import ConfigError, load_settings
 from usage_service.failure_counter import FailureCounter
 from usage_service.history import Tail
 from usage_service.hotset import parse_hot
+from usage_service.invalidation import MESSAGE_DIGESTS, _parse_digests
 from usage_service.leadership import Leadership
 from usage_service.records import decode_cached, encode_cached
 from usage_service.redis_client import create_client
@@ -283,6 +284,34 @@ async def test_the_history_tails_are_kept_and_forgotten_on_each_topology(redis_t
         assert [await tails.get(t) for t in tokens] == [None] * 40 + [values[t] for t in tokens[40:]]
         assert guard.errors == 0
     finally:
+        await shared.close()
+
+
+@pytest.mark.redis_topologies
+async def test_a_round_naming_many_tokens_is_heard_whole_on_each_topology(redis_topology: RedisTopology) -> None:
+    """A round that names more tokens than a message holds (a new leader's first sight) sends
+    several (in one pipeline; on Cluster, whose pipelines refuse PUBLISH, one after another); a
+    worker hears each token once, with its fingerprint."""
+    guard = RedisGuard(create_client(load_settings(redis_topology.env)), timeout=5.0, breaker=CircuitBreaker(3, 60))
+    shared = SharedRedis(guard, prefix=f"t{time.time_ns()}:")
+    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(2 * MESSAGE_DIGESTS + 500)]
+    fingerprints = {d: d[:8] for d in digests[::2]}
+    client = redis_topology.client()
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(shared.channel.name)
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        await shared.channel.publish_invalidation(digests, fingerprints)
+        heard: list[tuple[bytes, bytes | None]] = []
+        while len(heard) < len(digests):
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert message is not None, f"heard {len(heard)} of {len(digests)}"
+            heard += _parse_digests(message["data"])
+        assert heard == [(d, fingerprints.get(d)) for d in digests]
+        assert guard.errors == 0
+    finally:
+        pubsub.close()
+        client.close()
         await shared.close()
 
 

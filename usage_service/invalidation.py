@@ -34,7 +34,7 @@ from ._redis_guard import REDIS_FAILURES, RedisGuard, reraise_cancellation
 logger = logging.getLogger("usage_service.invalidation")
 
 # Tokens named per message: a worker reads a message in one go, so a round's first sight of
-# 10,000 tokens goes out as several.
+# 10,000 tokens goes out as several (in one pipeline, but on Cluster).
 MESSAGE_DIGESTS = 1000
 
 # Seconds between two log lines about losing the channel (the losses between are counted in the next).
@@ -52,9 +52,21 @@ class InvalidationChannel:
         """Tell every worker to expire these tokens in its in-process layer, unless what it holds
         of one has its fingerprint here."""
         parts = [_part(d.hex(), fingerprints.get(d)) for d in digests]
-        for start in range(0, len(parts), MESSAGE_DIGESTS):
-            message = ",".join(parts[start : start + MESSAGE_DIGESTS])
-            await self.guard.run(functools.partial(self.guard.client.publish, self.name, message))
+        messages = [",".join(parts[i : i + MESSAGE_DIGESTS]) for i in range(0, len(parts), MESSAGE_DIGESTS)]
+        if len(messages) == 1:
+            await self.guard.run(functools.partial(self.guard.client.publish, self.name, messages[0]))
+        elif messages:
+            await self.guard.run(functools.partial(self._publish_all, messages), self.guard.batch_timeout)
+
+    async def _publish_all(self, messages: list[str]) -> None:
+        if self.guard.cluster is not None:  # whose pipelines refuse PUBLISH: one after another
+            for message in messages:
+                await self.guard.cluster.publish(self.name, message)
+            return
+        pipe = self.guard.client.pipeline(transaction=False)
+        for message in messages:
+            pipe.publish(self.name, message)
+        await pipe.execute()
 
     async def publish_confirmation(self, as_of: float) -> None:
         """Tell every worker that all hot records were checked against the database as of `as_of`."""

@@ -9,13 +9,13 @@ it), `extend` says so and the holder must stop acting as leader at once: write a
 nothing more of the round under way, and forget what it saw as leader. What it may still have in
 flight is harmless: every record write is only-if-newer (see `RedisRecords`).
 
-`hold` is how a round checks the lock before each step: a lock only ever expires with time, so
+`hold` is how a round checks the lock before each statement: a lock only ever expires with time, so
 while the holder's own clock says its last extension (counted from when it was sent) has a
-step's time left, the lock is still its own and needs no round trip. (A round trip per step costs
+statement's time left, the lock is still its own and needs no round trip. (A round trip per check costs
 little on an idle worker but a whole pass of the event loop on a saturated one, where it made a
 round of 10,000 tokens take seconds.) Only a lock removed before its time (a Redis failover that
-lost it, an eviction, a FLUSHALL) escapes this; its holder then goes on for the rest of its lease,
-at most `ttl`, in which its writes still cannot replace newer ones.
+lost it, an eviction, a FLUSHALL) escapes this: its holder finds it gone at its next `extend`
+(the refresher extends it before a round's writes), and until then reads at most.
 """
 
 from __future__ import annotations

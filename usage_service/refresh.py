@@ -89,13 +89,12 @@ class Refresher:
         # Between rounds the lock outlives a couple of missed renewals, so leadership does not
         # flap, and a leader that dies is replaced within seconds.
         self.lock_ttl = max(3 * self.interval, 1.0)
-        # A round checks the lock before each step it takes as leader: one statement, or the
-        # round's writes and publications. Each check makes sure the lock is ours for the longest
-        # step (`step`), extending it only when less is left; during a round it is extended to
-        # twice that, so one extension covers at least a step's time of them (see _shared_round).
+        # A round checks the lock before each statement, and again before its writes and
+        # publications (see _shared_round). During a round the lock is extended to twice the
+        # longest either may take, so that a check that passed still holds when its work is done.
         writes = 3 * redis.guard.batch_timeout if redis is not None else 0.0
-        self.step = max(settings.db_timeout + STATEMENT_GUARD, writes)
-        self.round_lock_ttl = max(self.lock_ttl, 2 * self.step)
+        self.statement_time = settings.db_timeout + STATEMENT_GUARD
+        self.round_lock_ttl = max(self.lock_ttl, 2 * max(self.statement_time, writes))
         self.stats = RefreshStats()
         self.polled: Polled[bytes, int] = Polled(self.window, self.hot_max)  # this worker's own: digest -> id
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
@@ -158,13 +157,13 @@ class Refresher:
     async def _shared_round(self, redis: SharedRedis, lock: LeaderLock, unnoted: dict[bytes, int], now: float) -> None:
         """Refresh the shared hot set, and the polled history beside it, if this instance leads.
 
-        Leadership follows redis-py's Lock: the lock is checked before each statement and again
-        before what the round found is written and published (`LeaderLock.hold`: extended to
-        `round_lock_ttl` when less than a step's time of it is left), and a leader that finds
-        it lost abandons the round there, writing and publishing nothing more, and forgets what
-        it saw. A check that passed still holds when its step is done; and the writes are
-        only-if-newer besides, so even a leader deposed in between (an event loop stalled for
-        seconds) never replaces a newer record.
+        Leadership follows redis-py's Lock: the lock is checked before each statement (by its
+        lease, `LeaderLock.hold`: extended to `round_lock_ttl` only when less than a statement's
+        time of it is left) and extended again before what the round found is written and
+        published, and a leader that finds it lost abandons the round there, writing and
+        publishing nothing more, and forgets what it saw. A check that passed still holds when
+        its work is done; and the writes are only-if-newer besides, so even a leader deposed in
+        between (an event loop stalled for seconds) never replaces a newer record.
 
         The round reads every chunk before it writes and publishes anything: on a saturated
         worker each await waits out a whole pass of the event loop over every connection, and
@@ -190,7 +189,7 @@ class Refresher:
             await self.tails.announce(redis)
             refreshed, history_kept = await _side_by_side(
                 self._refresh_records(redis, lock, now),
-                self.tails.lead(redis, lambda: lock.hold(self.step, self.round_lock_ttl)),
+                self.tails.lead(redis, lambda: self._before_statement(lock), lambda: self._before_writes(lock)),
             )
         if refreshed is None or not history_kept:
             self._deposed()
@@ -221,7 +220,7 @@ class Refresher:
         changed: list[bytes] = []
         fingerprints: dict[bytes, bytes] = {}
         for start in range(0, len(members), REFRESH_CHUNK):
-            if not await lock.hold(self.step, self.round_lock_ttl):
+            if not await self._before_statement(lock):
                 return None
             chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
             fresh = await self._read(chunk)
@@ -252,7 +251,7 @@ class Refresher:
         # set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.)
         confirm = len(members) < self.hot_max
         if values or changed or confirm:
-            if not await lock.hold(self.step, self.round_lock_ttl):
+            if not await self._before_writes(lock):
                 return None
             if values:
                 await redis.records.store_many(values, self.lookup.redis_ttl)
@@ -265,6 +264,14 @@ class Refresher:
         self._written = {d: at for d, at in written.items() if d in seen}
         self._finish(seen, len(changed), started)
         return len(members)
+
+    async def _before_statement(self, lock: LeaderLock) -> bool:
+        """Whether the lock is ours for a statement more (no round trip while its lease lasts)."""
+        return await lock.hold(self.statement_time, self.round_lock_ttl)
+
+    async def _before_writes(self, lock: LeaderLock) -> bool:
+        """Whether the lock is still ours, extended to outlive the round's writes and publications."""
+        return await lock.extend(self.round_lock_ttl)
 
     def _deposed(self) -> None:
         logger.warning("the refresher lost its leader lock during a round; abandoned the round, wrote nothing more")

@@ -35,8 +35,8 @@ Without Redis, or while it is down, each worker runs the same round over its own
 and keeps the tails it reads in-process.
 
 Leadership: the leader lock is checked before each statement and again before the round's
-writes and its message (`check_lock`: LeaderLock.hold), as in the balance's round; a leader that
-finds it lost abandons the round and forgets what it kept (refresh.py).
+writes and its message, as in the balance's round; a leader that finds it lost abandons the round
+and forgets what it kept (refresh.py).
 """
 
 from __future__ import annotations
@@ -140,15 +140,16 @@ class TailKeeper:
         a complete round) once this worker hears it."""
         self.history.round_ended(heard_later=self._vouched)
 
-    async def lead(self, redis: SharedRedis, check_lock: LockCheck) -> bool:
-        """Run a round as leader; False: the lock was lost, and nothing more was written."""
+    async def lead(self, redis: SharedRedis, before_statement: LockCheck, before_writes: LockCheck) -> bool:
+        """Run a round as leader, checking the lock before each statement and before the writes
+        (refresh.py); False: the lock was lost, and nothing more was written."""
         now = self.clock()
         members = await redis.history_hot.members(now - self.window, self.hot_max)
         if not members:  # nobody polls history: no statement
             self.step_down()
             await self._release(redis)
             return True
-        kept = await self._round(members, now, check_lock)
+        kept = await self._round(members, now, before_statement)
         if kept is None:
             return False
         if self._epoch is None:
@@ -162,7 +163,7 @@ class TailKeeper:
             for t, slots in tails.items()
             if t in changed or self._written.get(t, 0.0) <= due
         }
-        if not await check_lock():
+        if not await before_writes():
             return False
         if kept.closed:
             await redis.history_days.put_all(
@@ -220,11 +221,11 @@ class TailKeeper:
         self._published.clear()
         self._written.clear()
 
-    async def _round(self, tokens: list[int], now: float, check_lock: LockCheck | None) -> _Kept | None:
+    async def _round(self, tokens: list[int], now: float, before_statement: LockCheck | None) -> _Kept | None:
         """Bring the kept open days of these tokens up to date; None when the lock was lost."""
         open_day = int(now - GRACE) // DAY
         start = open_day * DAY
-        if check_lock is not None and not await check_lock():
+        if before_statement is not None and not await before_statement():
             return None
         self.stats.statements += 1
         min_id, settled, settled_at = await marks(self.reader, int(now), int(SETTLE))
@@ -255,7 +256,7 @@ class TailKeeper:
             after = await self.history.id_before(start)
             for first in range(0, len(new), INIT_CHUNK):
                 chunk = new[first : first + INIT_CHUNK]
-                if check_lock is not None and not await check_lock():
+                if before_statement is not None and not await before_statement():
                     return None
                 self.stats.statements += 1
                 rows = await spending(
@@ -267,7 +268,7 @@ class TailKeeper:
                     self._guard(row)
                 self._base.update(read)
             self.stats.initialised += len(new)
-        if check_lock is not None and not await check_lock():
+        if before_statement is not None and not await before_statement():
             return None
         newly_settled = max(self._settled, settled)
         self.stats.statements += 1
