@@ -37,7 +37,7 @@ from usage_service.leadership import Leadership
 from usage_service.records import TokenRecord, decode_cached, encode_cached
 from usage_service.refresh import Refresher
 from usage_service.shared import SharedRedis
-from usage_service.store import STATEMENT_GUARD
+from usage_service.store import STATEMENT_GUARD, StoreUnavailable
 
 pytestmark = pytest.mark.asyncio
 
@@ -278,6 +278,62 @@ async def test_a_version_the_leader_never_saw_is_not_confirmed(
             served.append(await used(client, token))
         assert served == [1] * 5
         assert not redis_client.exists(records.requested_key)  # taken by the rounds
+
+
+class FailsOnce:
+    """The real store, whose next fetch_many fails (a locked database) once `armed`."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.armed = store, False
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
+        if self.armed:
+            self.armed = False
+            raise StoreUnavailable("database is locked")
+        found: dict[int, tuple[bytes, TokenRecord]] = await self.store.fetch_many(ids)
+        return found
+
+
+async def test_a_version_the_leader_never_saw_is_named_after_a_round_that_failed(
+    gateway: Gateway,
+    app_client: AppClient,
+    redis_url: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, but the round that takes the requested tokens fails before it publishes (its
+    statement finds the database locked): what it took is named by the next round that does
+    publish. (Taken and dropped, the in-between balance was confirmed for a minute.)"""
+    clock = Clock()
+    monkeypatch.setattr(usage_service.lookup, "time", clock)
+    monkeypatch.setattr(usage_service.refresh, "time", clock)
+    token, sentinel = gateway.add_token(used=1, remain=1000), gateway.add_token()
+    digest = key_digest(token.key.encode())
+    async with app_client(redis_url=redis_url, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        refresher, records = app.state.refresher, app.state.redis.records
+        store = refresher.store = FailsOnce(refresher.store)
+        await app.state.redis.hot_set.note({digest: token.id}, time.time())
+        await refresher.tick()  # the leader sees used=1
+        await heard_so_far(app, client, sentinel)
+
+        gateway.charge(token, 5)  # used=6
+        redis_client.delete(records.key(digest))  # the record is gone from Redis: a miss
+        assert await used(client, token) == 6  # read from the database
+        gateway.charge(token, -5)  # used=1 again: what the leader saw
+        await until(lambda: redis_client.sismember(records.requested_key, digest.hex()))
+        store.armed = True
+        with pytest.raises(StoreUnavailable):
+            await refresher.tick()  # takes the requested tokens, then its statement fails
+        assert not redis_client.exists(records.requested_key) and refresher.stats.leader
+
+        served = []
+        for second in range(1, 6):
+            clock.ahead = float(second)
+            await refresher.tick()
+            await heard_so_far(app, client, sentinel)
+            served.append(await used(client, token))
+        assert served == [1] * 5
 
 
 async def test_an_invalidated_entry_stays_expired_through_later_confirmations(

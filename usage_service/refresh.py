@@ -100,6 +100,7 @@ class Refresher:
         self._last_seen: dict[bytes, TokenRecord | None] = {}  # the leader's view after its last refresh
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
         self._members: dict[bytes, tuple[bytes, int]] = {}  # what each hot-set member read as
+        self._requested: set[bytes] = set()  # taken from Redis, not yet published (see _refresh_records)
 
     async def run(self) -> None:
         """Refresh every interval until cancelled; on the way out, hand leadership over."""
@@ -203,8 +204,10 @@ class Refresher:
         members = await redis.hot_set.members(now - self.window, self.hot_max)
         # Tokens whose rows requests read meanwhile: what they read may be a version this
         # leader never saw (changed and changed back between two rounds), so each is published
-        # as changed, with the fingerprint of what this round reads.
-        requested = await redis.records.take_requested()
+        # as changed, with the fingerprint of what this round reads. Kept until a round has
+        # published them: taking them empties the set in Redis, and this round may fail first.
+        self._requested |= await redis.records.take_requested()
+        requested = self._requested
         # In a fixed order (Redis gives the most recently noted first, and noting moves tokens to
         # the front): each token is then re-read at the same point of every round, one interval apart.
         members.sort()
@@ -258,6 +261,7 @@ class Refresher:
                 written.update(fetched)
             if changed:
                 await redis.channel.publish_invalidation(changed, fingerprints)
+            self._requested = set()
             if confirm:
                 await redis.channel.publish_confirmation(as_of)
         self._last_seen = seen
@@ -282,6 +286,7 @@ class Refresher:
         self.stats.leader = False
         self._last_seen.clear()
         self._written.clear()
+        self._requested.clear()  # (leading again, it names every token as changed)
         if self.tails is not None:
             self.tails.step_down()
 
