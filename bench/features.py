@@ -1,9 +1,10 @@
 """What the operators' features cost on the hot path: hot polling with each one on and off.
 
-Runs usage-service (1 worker, Redis, pinned like bench/bench.py) under the "hot" load in
+Runs usage-service (1 worker, Redis, pinned like bench/bench.py) under the "hot" load (or
+"spread": 10,000 tokens in rotation, whose refresher rounds run on the measured core) in
 alternating rounds, so that drift on a shared machine spreads over every configuration:
 
-    .venv/bin/python bench/features.py [--seconds 5] [--rounds 3] [--baseline DIR_OF_OTHER_CHECKOUT]
+    .venv/bin/python bench/features.py [--seconds 5] [--rounds 3] [--load hot|spread] [--baseline DIR_OF_OTHER_CHECKOUT]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--load", choices=["hot", "spread"], default="hot")
     parser.add_argument("--only", action="append", help="run only configurations whose name contains this")
     parser.add_argument("--baseline", type=Path, help="also run the usage_service package found in this directory")
     args = parser.parse_args()
@@ -56,10 +58,11 @@ def main() -> None:
                         "/healthz",
                     )
                     extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
-                    LOADS["hot+"] = LOADS["hot"] + extra
+                    LOADS["load+"] = LOADS[args.load] + extra
                     try:
-                        scenario.wrk(server, "hot+", 1)
-                        result = scenario.wrk(server, "hot+", args.seconds)
+                        # Warmed up until every token of the spread is in the refresher's rounds.
+                        scenario.wrk(server, "load+", 1 if args.load == "hot" else 4)
+                        result = scenario.wrk(server, "load+", args.seconds)
                     finally:
                         server.stop()
                     rps[name].append(result.rps)

@@ -13,7 +13,11 @@ time (the SQLite reading thread included; the Redis server's is not) for three k
 
     .venv/bin/python bench/refresh_round.py [--rounds 15] [--tokens 10000]
 
-Prints the median of each. Compare two checkouts by running each one's copy in turn.
+Prints the median of each. Then the wall time of a round with a tenth charged on an event loop
+kept saturated (`--busy N` callbacks of 75 µs each, always ready: a worker answering requests on
+N connections as fast as it can), and how many passes of that loop the round waited: each await
+of a round waits out a whole pass, so that count, not its CPU, is what makes a saturated worker's
+rounds late. Compare two checkouts by running each one's copy in turn.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ async def cpu_ms(action: Callable[[], Awaitable[None]]) -> float:
     return (time.process_time() - started) * 1000
 
 
-async def measure(db: Path, tokens: list[tuple[int, str, int]], redis_url: str, rounds: int) -> dict[str, float]:
+async def measure(
+    db: Path, tokens: list[tuple[int, str, int]], redis_url: str, rounds: int, busy_callbacks: int
+) -> dict[str, float]:
     # A long interval: the rounds below are driven by hand, not by the refresher's own task.
     app = create_app(Settings(sqlite_path=db, redis_url=redis_url, refresh_interval=3600.0))
     async with app.router.lifespan_context(app):
@@ -66,13 +72,58 @@ async def measure(db: Path, tokens: list[tuple[int, str, int]], redis_url: str, 
             with writer:  # the gateway's charges, outside the measured round
                 writer.executemany("UPDATE tokens SET used_quota = used_quota + 1 WHERE id = ?", charged)
             costs["10% changed"].append(await cpu_ms(refresher.tick))
+        medians = {kind: statistics.median(values) for kind, values in costs.items()}
+
+        busy = Saturation(busy_callbacks, BUSY_CALLBACK_S)
+        busy.start()
+        walls, passes = [], []
+        for _ in range(rounds):
+            with writer:
+                writer.executemany("UPDATE tokens SET used_quota = used_quota + 1 WHERE id = ?", charged)
+            passes_before, started = busy.passes, time.perf_counter()
+            await refresher.tick()
+            walls.append((time.perf_counter() - started) * 1000)
+            passes.append(busy.passes - passes_before)
+        busy.stop()
         writer.close()
-        return {kind: statistics.median(values) for kind, values in costs.items()}
+        medians["saturated wall"] = statistics.median(walls)
+        medians["saturated passes"] = statistics.median(passes)
+        return medians
+
+
+BUSY_CALLBACK_S = 75e-6  # about what answering one poll costs a worker
+
+
+class Saturation:
+    """`count` callbacks that each take `cost` seconds and schedule themselves again: every pass
+    of the event loop runs all of them, as a worker saturated by `count` connections does."""
+
+    def __init__(self, count: int, cost: float) -> None:
+        self.count, self.cost, self.running, self.passes = count, cost, False, 0
+
+    def start(self) -> None:
+        self.running = True
+        for i in range(self.count):
+            asyncio.get_running_loop().call_soon(self._step, i)
+
+    def stop(self) -> None:
+        self.running = False
+
+    def _step(self, i: int) -> None:
+        if not self.running:
+            return
+        if i == 0:
+            self.passes += 1
+        until = time.perf_counter() + self.cost
+        while time.perf_counter() < until:
+            pass
+        asyncio.get_running_loop().call_soon(self._step, i)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--busy", type=int, default=200, help="callbacks keeping the loop saturated")
     parser.add_argument("--tokens", type=int, default=bench.TOKENS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,10 +131,15 @@ def main() -> None:
         db = workdir / "one-api.db"
         tokens = bench.make_database(db)[: args.tokens]
         with bench.redis_server(workdir) as redis_url:
-            medians = asyncio.run(measure(db, tokens, redis_url, args.rounds))
+            medians = asyncio.run(measure(db, tokens, redis_url, args.rounds, args.busy))
     print(f"CPU per leader's round, {len(tokens):,} hot tokens (median of {args.rounds}):")
-    for kind, value in medians.items():
-        print(f"  {kind:12} {value:6.1f} ms")
+    for kind in ("steady", "rewrite", "10% changed"):
+        print(f"  {kind:12} {medians[kind]:6.1f} ms")
+    print(
+        f"a round with 10% changed on a loop saturated by {args.busy} callbacks of"
+        f" {BUSY_CALLBACK_S * 1e6:.0f} µs: {medians['saturated wall']:.0f} ms,"
+        f" {medians['saturated passes']:.0f} passes of the loop"
+    )
 
 
 if __name__ == "__main__":
