@@ -163,12 +163,16 @@ async def test_confirmations_keep_an_entry_fresh_up_to_its_hard_bound(
         await started(app)
         lookup = app.state.lookup
         assert await used(client, token) == 2
-        await app.state.redis.channel.publish_confirmation(clock.time() + 3600)
-        await heard_so_far(app, client, sentinel)
+        for ahead in (0.9, 1.8, 2.7, 3.6):  # a round's confirmation every 0.9 s
+            clock.ahead = ahead
+            await app.state.redis.channel.publish_confirmation(clock.time())
+            await heard_so_far(app, client, sentinel)
 
-        clock.ahead = 4.0  # past its own TTL, within the hard bound: the confirmation holds it
+        clock.ahead = 4.0  # past its own TTL, within the hard bound: the confirmations hold it
         assert fresh_in_process(app, token) is not None
-        clock.ahead = 5.5  # past the hard bound: read again, though the confirmation runs on
+        clock.ahead = 5.5  # past the hard bound: read again, though a confirmation came just now
+        await app.state.redis.channel.publish_confirmation(clock.time())
+        await heard_so_far(app, client, sentinel)
         assert fresh_in_process(app, token) is None
         reads = lookup.stats.redis_hits + lookup.stats.db_reads
         assert await used(client, token) == 2
@@ -725,3 +729,115 @@ async def test_the_channel_reads_fingerprints_and_takes_an_unreadable_one_as_non
     assert _parse_digests(message) == [(a, bytes.fromhex("ab" * 8)), (b, None), (c, None)]
     history = _parse_history(b"#1.5:7:1:0a1b:12=" + b"cd" * 8 + b",13")
     assert history == (1.5, 7, True, [(12, bytes.fromhex("cd" * 8)), (13, None)], "0a1b")
+
+
+class WallClock:
+    """A `time` module for one instance: its wall clock set by hand (`wall`), its monotonic
+    clock `mono` (both as the test moves them)."""
+
+    def __init__(self, wall: float, mono: float) -> None:
+        self.wall, self.mono = wall, mono
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+async def test_a_confirmation_from_a_leader_whose_clock_runs_ahead_holds_a_cache_ttl_at_most(
+    gateway: Gateway, app_client: AppClient, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader's wall clock 30 s ahead of a worker's: its confirmations keep what the worker
+    holds fresh for USAGE_CACHE_TTL from now at most, not 30 s more (it showed a charge made
+    once the rounds stopped, a stalled leader, 35 s late)."""
+    clock = Clock()
+    monkeypatch.setattr(usage_service.lookup, "time", clock)
+    ahead = WallClock(time.time() + 30.0, time.monotonic())
+    monkeypatch.setattr(usage_service.refresh, "time", ahead)
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    async with app_client(redis_url=redis_url, **MANUAL_ROUNDS) as (app, client):  # USAGE_CACHE_TTL 5 s
+        await started(app)
+        assert await used(client, token) == 1
+        ahead.wall, ahead.mono = time.time() + 30.0, time.monotonic()
+        await app.state.refresher.tick()  # the leader reads it, names it, confirms
+        await heard_so_far(app, client, sentinel)
+        gateway.charge(token, 5)  # and then no round is heard
+        clock.ahead = 10.0  # twice USAGE_CACHE_TTL after the round, by the worker's clock
+        assert fresh_in_process(app, token) is None
+
+
+async def test_a_record_read_before_the_leaders_by_a_clock_ahead_is_not_taken_back(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances whose wall clocks are a second apart share Redis. A request on the one
+    ahead reads a token and writes it behind; the gateway charges; the leader, on the other,
+    reads the charge 100 ms later, but its read is stamped earlier, so Redis keeps the
+    request's record over it. Workers its invalidation sends to Redis must not take that record
+    back (they did, and later rounds, finding the token unchanged, confirmed it for a minute):
+    what they take must be the record the round named, else they read the database."""
+    base, mono = float(int(time.time())), time.monotonic()
+    worker = WallClock(base + 1.0, mono)  # the requests' instance
+    leader = WallClock(base, mono)  # the leader's instance
+    monkeypatch.setattr(usage_service.lookup, "time", worker)
+    monkeypatch.setattr(usage_service.refresh, "time", leader)
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    digest = key_digest(token.key.encode())
+    async with app_client(redis_url=redis_url, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        refresher, records = app.state.refresher, app.state.redis.records
+        assert await used(client, token) == 1  # a miss: read from the database, written behind
+        await until(lambda: redis_client.get(records.key(digest)) is not None)
+
+        worker.wall += 0.1
+        leader.wall += 0.1
+        gateway.charge(token, 5)
+        await app.state.redis.hot_set.note({digest: token.id}, leader.wall)
+        await refresher.tick()  # reads used=6; its write is refused; it names the token
+        await heard_so_far(app, client, sentinel)
+        assert decode_cached(redis_client.get(records.key(digest)))[0].used_quota == 1  # (the refused write)
+        served = [await used(client, token)]
+        for second in range(1, 8):  # rounds a second apart, finding the token unchanged
+            worker.wall += 1.0
+            leader.wall += 1.0
+            worker.mono = leader.mono = mono + second
+            await refresher.tick()
+            await heard_so_far(app, client, sentinel)
+            served.append(await used(client, token))
+        assert served == [6] * 8
+
+
+async def test_a_charge_after_redis_restarted_empty_is_served_within_a_round(
+    gateway: Gateway, app_client: AppClient, own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarts without persistence between two rounds: the hot set is gone, and the
+    refresher's next call succeeds on a new connection, so it never fails. The worker, whose
+    channel was lost and regained, notes its polled tokens again in its next round: a record it
+    read after the restart is not confirmed by rounds that did not read it (until it noted them
+    again of its own accord, 5 s later, a charge went unseen)."""
+    clock = Clock()
+    monkeypatch.setattr(usage_service.lookup, "time", clock)
+    monkeypatch.setattr(usage_service.refresh, "time", clock)
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    async with app_client(redis_url=own_redis.url, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        refresher, lookup = app.state.refresher, app.state.lookup
+        assert await used(client, token) == 1
+        await refresher.tick()
+        await heard_so_far(app, client, sentinel)
+        assert refresher.stats.leader
+
+        own_redis.stop()
+        own_redis.start()  # the same port, empty
+        await until(lambda: app.state.redis.channel.losses >= 1 and lookup.invalidations_live, within=10)
+        clock.ahead = 1.5  # past the entry's own TTL (its generation is over: not confirmed)
+        assert await used(client, token) == 1  # read again from the database
+        gateway.charge(token, 5)  # used=6
+
+        served = []
+        for second in range(2, 5):
+            clock.ahead = float(second)
+            await refresher.tick()
+            await heard_so_far(app, client, sentinel)
+            served.append(await used(client, token))
+        assert served == [6, 6, 6]

@@ -186,6 +186,8 @@ def create_app(settings: Settings) -> UsageService:
                 def live(up: bool) -> None:
                     lookup.set_invalidations_live(up)
                     history.set_live(up)
+                    if up:
+                        refresher.note_again()
 
                 tasks.start(
                     "invalidations",

@@ -13,6 +13,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
 from ._flights import Flights
+from ._lru import keep_newest
 from .cache import UNCONFIRMED, LocalCache, RedisRecords, key_digest
 from .config import Settings
 from .records import TokenRecord, encode_cached
@@ -44,6 +45,13 @@ class _NotFound:
 
 
 _NOT_FOUND = _NotFound()
+
+
+class _Unnamed:
+    """No round named the token since its last load."""
+
+
+_UNNAMED = _Unnamed()
 
 
 class TokenLookup:
@@ -88,6 +96,11 @@ class TokenLookup:
         self.stats = LookupStats()
         # The load each key's requests wait on; a load an invalidation overtook is no longer here.
         self._loads: Flights[bytes, tuple[TokenRecord | None, str]] = Flights()
+        # What the round that last named each token read (its fingerprint; None: no record),
+        # until a load of it lands: a record in Redis other than that one is read past to the
+        # database (see _load). The newest entries are kept, as many as the in-process layer.
+        self._named: dict[bytes, bytes | None] = {}
+        self._named_max = max(1, settings.local_cache_size)
         # Tokens answered since the refresher last asked: digest -> token id (never the key).
         # Without a refresher nobody asks, so nothing is noted.
         self._polled: dict[bytes, int] = {}
@@ -177,6 +190,8 @@ class TokenLookup:
         for digest, fingerprint in changes:
             self.negative.discard(digest)
             self._loads.detach(digest)  # what it reads may predate the change
+            self._named[digest] = fingerprint
+            self._named = keep_newest(self._named, self._named_max)
             held = self.local.peek(digest)
             if fingerprint is not None and held is not None and held[0].fingerprint == fingerprint:
                 continue  # the leader's truth as of its round: the round's confirmation vouches for it
@@ -186,7 +201,9 @@ class TokenLookup:
         """Hear that a round checked every hot token against the database as of `as_of` (wall
         clock) and published the changes: what this worker holds, unless invalidated since,
         stays good for another cache TTL from then."""
-        self.local.confirm(time.monotonic() + as_of + self.cache_ttl - time.time())
+        # Never from later than now by this worker's clock: a leader's clock running ahead
+        # would stretch every confirmation by as much.
+        self.local.confirm(time.monotonic() + min(as_of, time.time()) + self.cache_ttl - time.time())
 
     def set_invalidations_live(self, live: bool) -> None:
         """Hear whether invalidations can reach this worker. Either way, what it holds was
@@ -220,13 +237,19 @@ class TokenLookup:
     async def _load(self, key: bytes, digest: bytes, deadline: float | None) -> tuple[TokenRecord | None, str]:
         generation = self.local.generation  # what the load lands under, unless the channel changes meanwhile
         stale: tuple[TokenRecord, float] | None = None
+        named: bytes | None | _Unnamed = self._named.pop(digest, _UNNAMED)
         if self.redis is not None:
             cached = await self.redis.get(digest)
             if cached is not None:
                 record, fetched_at = cached
                 # Another instance's clock may run ahead: a record is never younger than now.
                 age = max(0.0, time.time() - fetched_at)
-                if age < (self.cache_ttl if record is not None else self.negative_ttl):
+                # A record other than the one the leader's round named this token with is not
+                # taken: Redis keeps a record over another only by the time of their reads, each
+                # by its instance's clock, so one read before the round's (the change) by an
+                # instance whose clock runs ahead may still be there.
+                expected = isinstance(named, _Unnamed) or named == (record.fingerprint if record is not None else None)
+                if expected and age < (self.cache_ttl if record is not None else self.negative_ttl):
                     self.stats.redis_hits += 1
                     self._remember(digest, record, age, generation, overtaken=self._overtaken(digest))
                     return record, "redis"
@@ -240,6 +263,8 @@ class TokenLookup:
         except StoreUnavailable:
             if stale is not None:
                 self._keep_stale(digest, *stale)
+            if not isinstance(named, _Unnamed):
+                self._named.setdefault(digest, named)  # for the next load to check in turn
             raise
         self._remember(digest, record, time.time() - fetched_at, generation, overtaken=self._overtaken(digest))
         if self.redis is not None:

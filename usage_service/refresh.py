@@ -149,11 +149,17 @@ class Refresher:
                 return
             except RedisUnavailable:
                 self._step_down()
-                # Redis may come back empty: note everything again once it answers.
-                self.polled.forget_noted()
-                if self.tails is not None:
-                    self.tails.forget_noted()
+                self.note_again()
         await self._own_round()
+
+    def note_again(self) -> None:
+        """Redis failed, or this worker lost its connection to it: it may come back empty (a
+        restart without persistence), without the hot sets. Note every polled token again in
+        the next round, or rounds would confirm the tokens of this worker without reading them
+        until it noted them again of its own accord (up to a quarter of USAGE_HOT_WINDOW)."""
+        self.polled.forget_noted()
+        if self.tails is not None:
+            self.tails.forget_noted()
 
     async def _shared_round(self, redis: SharedRedis, lock: LeaderLock, unnoted: dict[bytes, int], now: float) -> None:
         """Refresh the shared hot set, and the polled history beside it, if this instance leads.
