@@ -242,6 +242,20 @@ async def test_an_error_redis_py_does_not_document_is_a_loss_and_the_channel_com
     assert len(said) == 1 and said[0].exc_info is not None
 
 
+async def served_per_round(
+    app: Starlette, client: httpx.AsyncClient, clock: Clock, seconds: range, token: Token, sentinel: Token
+) -> list[int]:
+    """At each of these seconds (the lookup's and refresher's clock moved there), a round of the
+    refresher, heard by the worker; then what the worker serves of the token."""
+    served = []
+    for second in seconds:
+        clock.ahead = float(second)
+        await app.state.refresher.tick()
+        await heard_so_far(app, client, sentinel)
+        served.append(await used(client, token))
+    return served
+
+
 class FailsOnce:
     """The real store, whose next fetch_many fails (a locked database) once `armed`."""
 
@@ -297,12 +311,7 @@ async def test_a_version_the_leader_never_saw_is_not_confirmed(
                 await refresher.tick()  # takes the requested tokens, then its statement fails
             assert refresher.stats.leader
 
-        served = []
-        for second in range(1, 6):
-            clock.ahead = float(second)
-            await refresher.tick()
-            await heard_so_far(app, client, sentinel)
-            served.append(await used(client, token))
+        served = await served_per_round(app, client, clock, range(1, 6), token, sentinel)
         assert served == [1] * 5
         assert not redis_client.exists(records.requested_key)  # taken by the rounds
 
@@ -834,10 +843,5 @@ async def test_a_charge_after_redis_restarted_empty_is_served_within_a_round(
         assert await used(client, token) == 1  # read again from the database
         gateway.charge(token, 5)  # used=6
 
-        served = []
-        for second in range(2, 5):
-            clock.ahead = float(second)
-            await refresher.tick()
-            await heard_so_far(app, client, sentinel)
-            served.append(await used(client, token))
+        served = await served_per_round(app, client, clock, range(2, 5), token, sentinel)
         assert served == [6, 6, 6]
