@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from support import Gateway, Service
 
 from usage_service import addresses
 from usage_service.addresses import MAX_FORWARDED_BYTES, MAX_HOPS, ClientAddresses
@@ -75,3 +79,59 @@ def test_a_huge_header_costs_a_bounded_number_of_hops(monkeypatch: pytest.Monkey
     resolve(scope(*proxies(2700)))  # as many headers
     assert 0 < len(parsed) <= MAX_HOPS + 1
     assert sum(len(hop) for hop in parsed) <= MAX_FORWARDED_BYTES + len("10.0.0.2")
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "client"),
+    [
+        # A proxy on the same host, reaching a service that listens on "::" over IPv4.
+        pytest.param("::ffff:10.0.0.2", ["198.51.100.1"], "198.51.100.1", id="a-mapped-peer-is-trusted"),
+        # A dual-stack hop in front of the proxy writes its own address in the mapped form.
+        pytest.param("10.0.0.2", ["198.51.100.2, ::ffff:10.0.0.7"], "198.51.100.2", id="a-mapped-hop-is-trusted"),
+        pytest.param("10.0.0.2", ["::ffff:198.51.100.3"], "198.51.100.3", id="a-mapped-client-is-ipv4"),
+        pytest.param("::ffff:198.51.100.4", ["192.0.2.66"], "198.51.100.4", id="a-mapped-untrusted-peer-is-ipv4"),
+    ],
+)
+def test_an_ipv4_address_in_ipv6s_mapped_form_is_that_ipv4_address(
+    peer: str, forwarded: list[str], client: str
+) -> None:
+    assert ClientAddresses(PROXIES)(scope(*forwarded, peer=peer)) == client
+    assert ClientAddresses()(scope(*forwarded, peer=peer)) == str(addresses._parse(peer))
+
+
+def _dual_stack() -> bool:
+    """Whether this machine has IPv6 and lets a socket on "::" take IPv4 connections."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _dual_stack(), reason="no dual-stack IPv6 on this machine")
+@pytest.mark.parametrize(
+    ("server", "workers"),
+    # uvicorn listens on both families only when its workers share a socket it made itself.
+    [pytest.param("granian", "1", id="granian"), pytest.param("uvicorn", "2", id="uvicorn-2-workers")],
+)
+def test_a_proxy_on_the_same_host_is_trusted_when_the_service_listens_on_ipv6(
+    tmp_path: Path, server: str, workers: str
+) -> None:
+    """Listening on "::", IPv4 peers arrive as ::ffff:127.0.0.1: the proxy listed as 127.0.0.1 is
+    still trusted, so each client behind it is counted alone (not all of them as the proxy)."""
+    db = Gateway(tmp_path / "one-api.db")
+    token = db.add_token()
+    env = {"SQLITE_PATH": str(db.path), "USAGE_AUTH_FAIL_LIMIT": "3", "USAGE_TRUSTED_PROXIES": "127.0.0.1"}
+    bad = {"Authorization": "Bearer sk-" + "x" * 48}
+    with Service(env, "--host", "::", "--workers", workers, server=server) as service:
+        url = service.url + "/api/usage/token"
+        statuses = [httpx.get(url, headers={**bad, "X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(6)]
+        assert statuses == [401] * 6
+        fresh = httpx.get(url, headers={**token.bearer, "X-Forwarded-For": "203.0.113.77"})
+        assert fresh.status_code == 200
+        # One client's failures are still its own.
+        mine = [httpx.get(url, headers={**bad, "X-Forwarded-For": "192.0.2.1"}).status_code for _ in range(4)]
+        assert mine == [401, 401, 401, 429]
+    db.close()

@@ -32,6 +32,10 @@ class ClientAddresses:
     not itself a trusted proxy is the client. Anything to the left of it was written by the
     client and proves nothing. At most MAX_HOPS hops are read: if they are all trusted proxies,
     the leftmost of them is the client.
+
+    An IPv4 address in IPv6's mapped form (`::ffff:a.b.c.d`: an IPv4 peer of a dual-stack
+    socket, listening on `::`, or such a hop) is that IPv4 address, for the trust check as for
+    the answer: a proxy listed as 127.0.0.1 is trusted however the socket names it.
     """
 
     def __init__(self, trusted: Sequence[Network] = ()) -> None:
@@ -40,6 +44,8 @@ class ClientAddresses:
     def __call__(self, scope: Scope) -> str:
         client = scope.get("client")
         peer = client[0] if client else UNKNOWN
+        if peer.startswith("::ffff:"):
+            peer = str(_parse(peer) or peer)
         if not self.trusted or not self._is_trusted(_parse(peer)):
             return peer
         forwarded = [value for name, value in scope["headers"] if name == b"x-forwarded-for"]
@@ -75,6 +81,9 @@ def _parse(hop: str) -> Address | None:
     elif hop.count(":") == 1:  # v4:port
         hop = hop.partition(":")[0]
     try:
-        return ipaddress.ip_address(hop)
+        ip = ipaddress.ip_address(hop)
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
