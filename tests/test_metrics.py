@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,31 @@ async def test_a_worker_that_died_leaves_no_gauge_behind(tmp_path: Path) -> None
     after = scraped()
     assert {"usage_redis_circuit_open", "usage_refresh_leader", "usage_event_loop_lag_seconds"}.isdisjoint(after)
     assert after["usage_db_lookups_total"] == 5
+
+
+async def test_a_scrape_holds_while_workers_come_and_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrape answered 500 when a worker's file was empty (a worker starting) or gone by the
+    time it was read (another worker's scrape had just forgotten a dead worker's gauges)."""
+    script = "import os; from usage_service import metrics; metrics.DB_LOOKUPS.inc(5); os._exit(0)"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parent.parent)
+    (tmp_path / "counter_4194301.db").touch()  # a worker starting: created, not yet sized
+    forgotten = tmp_path / "gauge_max_4194303.db"
+    forgotten.write_bytes(struct.pack("i", 8) + bytes(4))  # a worker's file holding no value yet
+    real_merge = MultiProcessCollector.merge
+    merges = 0
+
+    def merge_after_another_scrape(files: list[str], accumulate: bool = True) -> object:
+        # Between this scrape's listing and its reading, another worker's scrape removes a file.
+        nonlocal merges
+        merges += 1
+        forgotten.unlink(missing_ok=True)
+        return real_merge(files, accumulate)  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(MultiProcessCollector, "merge", staticmethod(merge_after_another_scrape))
+    samples = {s.name: s.value for family in metrics.every_worker(str(tmp_path)) for s in family.samples}
+    assert samples["usage_db_lookups_total"] == 5
+    assert merges == 2  # listed again once
 
 
 async def test_the_metrics_address_is_tried_again_when_it_cannot_be_had(caplog: pytest.LogCaptureFixture) -> None:

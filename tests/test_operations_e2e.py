@@ -155,3 +155,50 @@ def test_metrics_address_in_use_stops_start_up(gateway: Gateway) -> None:
     assert result.returncode == 2
     assert "USAGE_METRICS_ADDRESS: cannot listen on" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_metrics_directory_that_cannot_be_written_stops_start_up(gateway: Gateway, tmp_path: Path) -> None:
+    """Each worker failed as it started, and was started again, for ever: the port never answered."""
+    env = {
+        **environ_without_gateway_settings(),
+        "SQLITE_PATH": str(gateway.path),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "usage_service", "--port", str(free_port()), "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"usage-service: error: PROMETHEUS_MULTIPROC_DIR: {str(tmp_path / 'missing')!r} is not a directory this"
+        " user can write (the workers keep their metrics there); create it, or unset it"
+    ]
+
+
+def test_an_operators_metrics_directory_starts_empty_with_one_worker(gateway: Gateway) -> None:
+    """With one worker the directory was not emptied: the previous run's counts were added in.
+    Emptying it takes the workers' files only: a directory shared with the gateway's database
+    (which is a .db file too) keeps it."""
+    token = gateway.add_token()
+    beside = gateway.path.parent
+    assert (beside / "one-api.db").exists()
+    env = {"SQLITE_PATH": str(gateway.path), "PROMETHEUS_MULTIPROC_DIR": str(beside)}
+
+    def answered_after_three_polls() -> float:
+        with Service(env) as service:
+            for _ in range(3):
+                assert httpx.get(service.url + "/api/usage/token", headers=token.bearer).status_code == 200
+            text = httpx.get(service.url + "/metrics").text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "usage_http_requests_total" and sample.labels["route"] == "/api/usage/token"
+        )
+
+    assert answered_after_three_polls() == 3
+    assert answered_after_three_polls() == 3
+    assert gateway.path.exists()

@@ -15,13 +15,13 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from . import __version__, logs
 from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
+from ._metric_files import worker_files
 from .config import DEFAULT_PORT, LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
 from .store import SchemaError, open_store
@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_check_schema(settings))
         if settings.metrics and settings.metrics_address is not None:
             _check_metrics_address(settings.metrics_address, port)
+        _check_metrics_directory()
     except (ConfigError, SchemaError) as exc:
         print(f"usage-service: error: {exc}", file=sys.stderr)
         return 2
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif settings.redis_mode == "cluster":
         logger.info("redis: a cluster, found through %d seed node(s)", 1 + len(settings.redis_cluster_nodes))
     logger.info("open files limit %d: about as many connections per worker", raise_descriptor_limit())
-    if args.workers > 1:
+    if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _share_metrics_between_workers()
     if demo_key is not None:
         print(
@@ -202,13 +203,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _check_metrics_directory() -> None:
+    """An operator's PROMETHEUS_MULTIPROC_DIR must be a directory the workers can write: each
+    worker would otherwise fail as it starts, and be started again, for ever."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR: {directory!r} is not a directory this user can write"
+            " (the workers keep their metrics there); create it, or unset it"
+        )
+
+
 def _share_metrics_between_workers() -> None:
     # prometheus-client adds up the workers' metrics through files in this directory; it must
-    # be set before the workers import it, and start empty.
+    # be set before the workers import it, and start empty: a previous run's files would be
+    # added in.
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
-        for stale in Path(directory).glob("*.db"):
-            stale.unlink()
+        for stale in worker_files(directory):
+            stale.unlink(missing_ok=True)
         return
     directory = tempfile.mkdtemp(prefix="usage-service-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory

@@ -15,8 +15,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -33,6 +32,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from ._metric_files import worker_files
 from ._redis_guard import RedisGuard
 from .access import BUCKETS, RequestStats
 from .history import History
@@ -218,16 +218,41 @@ class _Scrape(Collector):
 
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
-        self.source: Collector = REGISTRY
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            self.source = MultiProcessCollector(None)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterator[Metric]:
         self.publisher.publish()
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if directory:
-            forget_dead_workers(directory)
-        yield from self.source.collect()
+        if not directory:
+            yield from REGISTRY.collect()
+            return
+        forget_dead_workers(directory)
+        yield from every_worker(directory)
+
+
+def every_worker(directory: str, attempts: int = 5) -> Iterable[Metric]:
+    """The metrics of every worker, merged from their files in `directory`.
+
+    prometheus-client's own collector fails the scrape (500) on a file that is gone by the time
+    it reads it (another worker's scrape forgot a dead worker's gauges, forget_dead_workers) or
+    that a new worker has created but not yet sized (empty). Neither holds anything to count:
+    an empty file is left out, and the files are listed again if one went meanwhile.
+    """
+    while True:
+        files = []
+        for path in worker_files(directory):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size >= _FILE_HEADER:
+                    files.append(str(path))
+        try:
+            return MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-any-return, no-untyped-call]
+        except FileNotFoundError:
+            attempts -= 1
+            if not attempts:
+                raise
+
+
+# A worker's metrics file begins with 8 bytes saying how much of it is used.
+_FILE_HEADER = 8
 
 
 def scrape_registry(publisher: Publisher) -> CollectorRegistry:
@@ -273,9 +298,9 @@ def forget_dead_workers(directory: str) -> None:
     """Drop the gauges of workers that died without running their shutdown (killed, crashed):
     every scrape would read them for ever (a dead worker's open circuit or leadership, say).
     Their counters stay, so that totals never go back."""
-    for path in Path(directory).glob("gauge_*.db"):
-        pid = path.stem.rpartition("_")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+    for path in worker_files(directory):
+        kind, _, pid = path.stem.rpartition("_")
+        if kind.startswith("gauge_") and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 path.unlink()
 
