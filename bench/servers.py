@@ -22,8 +22,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from usage_service import logs
+from usage_service._http import raise_descriptor_limit
 from usage_service.auth import bearer_key, usage_verdict
-from usage_service.cli import MAX_IN_FLIGHT, SERVER_OPTIONS
+from usage_service.cli import SERVER_OPTIONS
 from usage_service.config import Settings
 from usage_service.store.sqlite import SQLiteStore
 
@@ -105,7 +106,7 @@ def main() -> None:
             log_level="warning",
             log_config=config,
             header_timeout=Settings.header_timeout,
-            max_in_flight=MAX_IN_FLIGHT,
+            open_files=raise_descriptor_limit(),
         ).serve()
         return
     if args.kind == "ceiling":

@@ -3,6 +3,7 @@ black-holed, WAL files left untouched, hostile requests, and no key material any
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -100,6 +101,45 @@ def _refused(port: int) -> bool:
         # Caught in the listener's backlog as it closed: ask again, the next try is refused.
         return False
     return False
+
+
+def test_sigterm_with_a_head_half_sent_runs_the_shutdown(tmp_path: Path, server: str) -> None:
+    """granian's graceful stop waits for a connection part-way through a head until its header
+    timeout; the worker was killed first (10 s), and its shutdown (the leader lock handed over,
+    its metrics' live gauges removed) never ran."""
+    gateway = Gateway(tmp_path / "one-api.db")
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    # A header timeout (the default is 10 s) just past the 10 s granian gave a worker to stop.
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_HEADER_TIMEOUT": "11", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with Service(env, server=server) as service, socket.create_connection(("127.0.0.1", service.port)) as client:
+        assert list(metrics_dir.glob("gauge_live*.db"))  # what only the worker's shutdown removes
+        client.sendall(b"G")
+        time.sleep(0.2)  # (not synchronisation: whether or not the byte has been read, the stop must hold)
+        started = time.monotonic()
+        assert service.stop() == 0, service.output()
+        assert time.monotonic() - started < 11 + 3
+    assert "Killing" not in service.output()
+    assert not list(metrics_dir.glob("gauge_live*.db")), service.output()
+    gateway.close()
+
+
+def test_sigterm_with_a_client_that_reads_nothing_still_stops(tmp_path: Path, server: str) -> None:
+    """An answer waiting to be written to a client that reads nothing held uvicorn's graceful
+    stop for ever; it is cancelled 10 s after SIGTERM (granian kills the worker
+    USAGE_HEADER_TIMEOUT + 10 s after it), and the command exits 0."""
+    gateway = Gateway(tmp_path / "one-api.db")
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_HEADER_TIMEOUT": "2"}
+    with Service(env, server=server) as service, socket.create_connection(("127.0.0.1", service.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(1)
+        with contextlib.suppress(TimeoutError):  # until the server stops reading
+            for _ in range(20):
+                client.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+        started = time.monotonic()
+        assert service.stop() == 0, service.output()
+        assert time.monotonic() - started < 2 + 10 + 3
+    gateway.close()
 
 
 def test_redis_black_holed_under_the_real_process(

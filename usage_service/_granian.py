@@ -14,9 +14,10 @@ less CPU than under uvicorn. What cli.py's SERVER_OPTIONS and _http.py give uvic
   shutdown, and the command exits 0.
 
 Where granian differs, for want of a setting: its own answers to requests it cannot parse
-(400, 431) are written by hyper with an empty body (no hook makes them JSON); past
-MAX_IN_FLIGHT requests in a worker, further ones wait instead of being answered 503; and every
-response carries `server: granian`.
+(400, 431) are written by hyper with an empty body (no hook makes them JSON); it bounds a
+worker's connections (by the open files limit), not its requests in flight, so none is answered
+503 for being one too many; a SIGTERM waits for connections part-way through a head until their
+header-read timeout; and every response carries `server: granian`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ from granian.server.common import AbstractServer
 
 from ._http import MAX_REQUEST_HEAD
 
-# Seconds a worker has to stop after SIGTERM before granian kills it. A worker still starting
-# when the signal comes (one just spawned to replace a worker that died) misses it and would
-# serve on, and granian would wait for it for ever; a graceful stop takes a couple of seconds.
-WORKER_KILL_TIMEOUT = 10
+# Seconds a worker has, beyond USAGE_HEADER_TIMEOUT, to stop after SIGTERM before granian kills
+# it. A worker still starting when the signal comes (one just spawned to replace a worker that
+# died) misses it and would serve on, and granian would wait for it for ever. A worker that got
+# it waits for the connections part-way through a head until their header-read timeout closes
+# them (hyper's graceful shutdown), then finishes what is in flight and runs the lifespan's
+# shutdown (the leader lock handed over, the metrics' files removed): killed sooner, it skipped
+# all that.
+STOP_MARGIN = 10
+
+# Descriptors a worker keeps for itself (database and Redis connections, logs, metrics' files).
+OWN_DESCRIPTORS = 128
 
 
 def http1_settings(header_timeout: int) -> HTTP1Settings:
@@ -59,7 +67,7 @@ def server(
     log_level: str,
     log_config: dict[str, Any],
     header_timeout: int,
-    max_in_flight: int,
+    open_files: int,
 ) -> AbstractServer[Any]:
     """granian set up to serve the app factory `target` ("module:function"); `.serve()` runs it.
 
@@ -78,9 +86,10 @@ def server(
         loop=Loops.uvloop if importlib.util.find_spec("uvloop") else Loops.asyncio,
         http=HTTPModes.http1,
         http1_settings=http1_settings(header_timeout),
-        # Requests a worker runs at once; past it granian leaves further requests waiting (on
-        # uvicorn they are answered 503: granian has no such answer).
-        backpressure=max_in_flight,
+        # granian's backpressure counts connections, not requests: a worker takes no new
+        # connection past it, so idle ones from one client would shut it to everyone else. It
+        # is set to what the open files allow, as uvicorn's connections are bounded.
+        backpressure=max(1, open_files - OWN_DESCRIPTORS),
         websockets=False,
         log_enabled=True,
         log_level=LogLevels(log_level),
@@ -88,5 +97,5 @@ def server(
         log_access=False,
         # A worker that dies is replaced (a crash loop still stops the server), as uvicorn's are.
         respawn_failed_workers=True,
-        workers_kill_timeout=WORKER_KILL_TIMEOUT,
+        workers_kill_timeout=header_timeout + STOP_MARGIN,
     )

@@ -26,6 +26,12 @@ logger = logging.getLogger("usage_service.http")
 # Request line plus headers. nginx's default buffers allow 4 × 8 KiB; a poll needs a few hundred bytes.
 MAX_REQUEST_HEAD = 32 * 1024
 
+# Requests read ahead of the one being answered. httptools parses every request a read holds,
+# and uvicorn queues each one: a client pipelining requests without reading the answers had
+# every request it sent parsed and held (hundreds of MiB from one connection). Past this many
+# queued, the rest of what was read is kept as bytes and reading stops until the queue shortens.
+MAX_PIPELINED = 16
+
 # What ends a request head (httptools accepts no other line ending), and a chunked body.
 _BLANK_LINE = b"\r\n\r\n"
 
@@ -85,6 +91,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._tail = b""  # the last 3 bytes received, where a blank line may have begun
         self._head_timer: asyncio.TimerHandle | None = None
         self._oversized = False  # a head went over MAX_REQUEST_HEAD: answer 431 once the pipeline is done
+        self._unread = b""  # what was read past MAX_PIPELINED queued requests, from a head's start
+        self._answering: Any = None  # the request being answered (uvicorn's `cycle` is the last one read)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -94,10 +102,29 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        # uvicorn tells only the last request read that its client is gone: with requests
+        # pipelined behind it, the one being answered wrote on to the closed connection, and
+        # failed with a traceback.
+        answering = self._answering
+        if answering is not None and answering is not self.cycle and not answering.response_complete:
+            answering.disconnected = True
+            answering.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         if self._oversized:
+            return
+        if self._unread:
+            # Reading resumed (uvicorn does so when a request awaits its body) while bytes wait
+            # for the queue to shorten: these come after them.
+            self._unread += data
+            self.flow.pause_reading()
+            if len(self._unread) > MAX_PIPELINED * MAX_REQUEST_HEAD:
+                self._reject_oversized()
             return
         if self._head_timer is None and self.timeout_keep_alive_task is not None:
             # uvicorn stops its keep-alive timer at the first byte of the next request; keep it
@@ -108,6 +135,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # head, pipelined or not, are counted before the parser buffers them.
         start, size = 0, len(data)
         while start < size:
+            if self._in_head and self._head_bytes == 0 and len(self.pipeline) >= MAX_PIPELINED:
+                self._unread, self._tail = data[start:], b""
+                self.flow.pause_reading()
+                return
             if self._in_head:
                 stop = self._blank_line_end(data, start)
                 self._head_bytes += stop - start
@@ -188,9 +219,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._oversized and self.cycle.response_complete and not self.transport.is_closing():
+        super().on_response_complete()  # starts the next queued request, and resumes reading
+        if self.transport.is_closing():
+            return
+        if self._oversized and self.cycle.response_complete:
             self._answer_too_large()
+        elif self._unread and len(self.pipeline) < MAX_PIPELINED:
+            unread, self._unread = self._unread, b""
+            self.data_received(unread)  # before anything read from now on
 
     def _answer_too_large(self) -> None:
         self.transport.write(_TOO_LARGE)

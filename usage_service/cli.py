@@ -65,6 +65,9 @@ SERVER_OPTIONS: dict[str, Any] = {
     "limit_concurrency": MAX_IN_FLIGHT,
     # Connections the kernel queues for a worker that is not accepting fast enough (uvicorn's default).
     "backlog": 2048,
+    # Seconds the requests in flight have to finish after SIGTERM; then they are cancelled and the
+    # worker stops. A response to a client that reads nothing would otherwise hold it for ever.
+    "timeout_graceful_shutdown": 10,
 }
 
 
@@ -153,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("redis: the master %r named by the sentinels %s", settings.redis_master_name, sentinels)
     elif settings.redis_mode == "cluster":
         logger.info("redis: a cluster, found through %d seed node(s)", 1 + len(settings.redis_cluster_nodes))
-    logger.info("open files limit %d: about as many connections per worker", raise_descriptor_limit())
+    open_files = raise_descriptor_limit()
+    logger.info("open files limit %d: about as many connections per worker", open_files)
     if args.workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _share_metrics_between_workers()
     if demo_key is not None:
@@ -174,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=args.log_level,
             log_config=log_config,
             header_timeout=settings.header_timeout,
-            max_in_flight=MAX_IN_FLIGHT,
+            open_files=open_files,
         )
         try:
             granian.serve()  # returns once the workers have stopped gracefully
