@@ -14,6 +14,7 @@ import pytest
 from conftest import GatewayFactory
 from dbservers import POSTGRES_LOGS_SCHEMA, PostgresGateway, PostgresServer
 from support import Gateway, free_port
+from test_freshness import Gate, until
 
 from usage_service.app import _open_redis
 from usage_service.config import Settings
@@ -376,6 +377,54 @@ async def test_concurrent_misses_for_a_token_share_one_read(gateway: Gateway, se
     assert all(answer == answers[0] for answer in answers) and len(answers[0]) == 5
     assert sum(sql.count("GROUP BY") for sql, _ in recorder.sent) == 1
     assert history.stats.coalesced == 9
+
+
+@sqlite_only
+async def test_a_request_that_waited_on_anothers_read_counts_each_day_once(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """usage_history_days_total and usage_history_tails_total count each day (and tail) a request
+    answers once, under the layer it came from: a request that waited on another's read and then
+    looked again counted the days it had found held before the wait a second time."""
+    token = gateway.add_token()
+    for day in range(11):
+        gateway.add_log(token, created_at=T0 + day * DAY + 3600, quota=day + 1)
+    clock = Clock(T0 + 10 * DAY + 7200)  # days 0 to 9 closed, day 10 open
+    async with engine(settings, clock) as (history, recorder):
+        await history.slots(token.id, T0 + 7 * DAY, T0 + 11 * DAY)  # days 7 to 9 and the tail, held
+        stats = history.stats
+        before = dataclasses.replace(stats)
+        # The next read of the log's spending is held once it has read (injected ordering).
+        gate, run = Gate(), recorder.run
+
+        async def held(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+            rows = await run(sql, params)
+            if "GROUP BY" in sql:
+                await gate.hold()
+            return rows  # type: ignore[no-any-return]
+
+        recorder.run = held
+        first = asyncio.create_task(history.slots(token.id, T0, T0 + 11 * DAY))
+        await gate.reached.wait()  # reading days 0 to 6
+        second = asyncio.create_task(history.slots(token.id, T0, T0 + 11 * DAY))
+        await until(lambda: stats.coalesced > before.coalesced)  # waiting on that read
+        gate.release.set()
+        answers = await asyncio.gather(first, second)
+        assert answers[0] == answers[1] == await plain_select(history.reader, token.id, T0, T0 + 11 * DAY)
+    assert sum(sql.count("GROUP BY") for sql, _ in recorder.sent) == 2  # the warm-up's and the first's
+    # Two answers of ten closed days and the tail each: the first took 3 days in-process and read
+    # 7, the second took all 10 in-process after its wait; both took the tail in-process.
+    days = {
+        "local": stats.days_local - before.days_local,
+        "redis": stats.days_redis - before.days_redis,
+        "database": stats.days_read - before.days_read,
+    }
+    tails = {
+        "local": stats.tails_local - before.tails_local,
+        "redis": stats.tails_redis - before.tails_redis,
+        "database": stats.tails_read - before.tails_read,
+    }
+    assert (days, tails) == ({"local": 13, "redis": 0, "database": 7}, {"local": 2, "redis": 0, "database": 0})
 
 
 @sqlite_only

@@ -305,6 +305,9 @@ class History:
         while True:  # at most three times: once more after each of the two waits below
             days, missing = self._held_days(token_id, first, min(last, open_day - 1))
             tail = self._held_tail(token_id, open_day, now) if wants_tail else None
+            # Counted after the loop, from the last pass alone: a pass before a wait found
+            # some of the same days held, and counting every pass counted those twice.
+            held_days, held_tail = len(days), tail is not None
             if not missing and (tail is not None or not wants_tail):
                 break
             if wants_tail and tail is None and not waited_round:
@@ -333,6 +336,8 @@ class History:
             days.update({day: entry.slots for day, entry in loaded.days.items()})
             tail = tail or loaded.tail
             break
+        self.stats.days_local += held_days
+        self.stats.tails_local += held_tail
         found: dict[tuple[int, str], Spend] = {}
         for day, day_slots in days.items():
             if start <= day * DAY and (day + 1) * DAY <= end:
@@ -536,14 +541,12 @@ class History:
             else:
                 kept[key] = encoded  # back in, as the most recently used
                 held[day] = entry.slots
-        self.stats.days_local += len(held)
         return held, missing
 
     def _held_tail(self, token_id: int, open_day: int, now: float) -> Tail | None:
         tail = self._tails.get(token_id)
         if tail is None or tail.start > open_day or not self._fresh(tail, now):
             return None
-        self.stats.tails_local += 1
         return tail
 
     def _stale_tail(self, token_id: int, open_day: int, now: float) -> Tail | None:
