@@ -42,13 +42,13 @@ class Clock:
 class Recorder:
     """A LogReader's `run` that notes each statement before the engine's database runs it."""
 
-    def __init__(self, run: Callable[[str, Sequence[Any]], Any]) -> None:
+    def __init__(self, run: Callable[..., Any]) -> None:
         self.run = run
         self.sent: list[tuple[str, Sequence[Any]]] = []
 
-    async def __call__(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def __call__(self, sql: str, params: Sequence[Any], *resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
         self.sent.append((sql, params))
-        return await self.run(sql, params)  # type: ignore[no-any-return]
+        return await self.run(sql, params, *resent)  # type: ignore[no-any-return]
 
 
 @asynccontextmanager
@@ -185,13 +185,13 @@ async def test_a_long_cold_range_is_read_in_two_halves_at_once(gateway: Gateway,
     rows = write_random_log(gateway, [mine, other], days=12, per_day=40, seed=7)
     in_flight = most = 0
 
-    async def run(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def run(sql: str, params: Sequence[Any], *resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
         try:
             await asyncio.sleep(0)  # both halves sent before either is answered
-            return await inner(sql, params)  # type: ignore[no-any-return]
+            return await inner(sql, params, *resent)  # type: ignore[no-any-return]
         finally:
             in_flight -= 1
 
@@ -279,7 +279,7 @@ async def test_the_index_in_token_order_is_looked_for_every_few_minutes() -> Non
     looks = 0
     exists, down = False, False
 
-    async def run(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def run(sql: str, params: Sequence[Any], resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
         nonlocal looks
         assert "pg_indexes" in sql
         looks += 1
@@ -702,7 +702,7 @@ async def test_postgres_reads_a_busy_tokens_month_through_the_index_in_token_ord
             conn.execute(f"SET {setting} = 0")
         sent: list[tuple[str, Sequence[Any]]] = []
 
-        async def run(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+        async def run(sql: str, params: Sequence[Any], resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
             if "pg_indexes" in sql:  # the reader's look for the index: the database answers
                 return conn.execute(sql.replace("%", "%%")).fetchall()  # type: ignore[no-any-return]
             sent.append((sql, params))

@@ -178,6 +178,31 @@ async def test_text_that_is_not_utf8_shows_replacement_characters(gateway: Gatew
     assert response.json()["data"][0]["content"] == "ok\ufffd"
 
 
+@sqlite_only
+async def test_a_read_sent_again_for_text_that_is_not_utf8_is_the_logs_statement(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """SQLite reads a statement again when some text is not UTF-8: a log read's second statement
+    is the log's (usage_log_db_statements), not a token statement (usage_db_statements)."""
+    clean, damaged = gateway.add_token(), gateway.add_token()
+    gateway.add_log(clean, model_name="gpt-4o")
+    bad = gateway.add_log(damaged, model_name="x")
+    gateway.db.execute("UPDATE logs SET model_name = CAST(? AS TEXT) WHERE id = ?", (b"gpt\xff", bad))
+    async with app_client(refresh_interval=0) as (app, client):
+        for token in (clean, damaged):  # their token statements, before counting
+            assert (await client.get("/api/usage/token", headers=token.bearer)).status_code == 200
+
+        async def cost(token: Token) -> tuple[int, int]:
+            before = app.state.store.statements, app.state.logs.statements
+            assert (await client.get(URL, headers=token.bearer)).status_code == 200
+            return app.state.store.statements - before[0], app.state.logs.statements - before[1]
+
+        assert await cost(clean) == (0, 1)
+        assert await cost(damaged) == (0, 2)  # the read, and the read again: both the log's
+        shown = (await client.get(URL, headers=damaged.bearer)).json()["data"][0]["model_name"]
+    assert shown == "gpt\ufffd"
+
+
 async def test_the_plain_list_is_the_newest_thousand(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token()
     _add_many(gateway, token, 1005)

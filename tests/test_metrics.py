@@ -124,6 +124,27 @@ async def test_database_errors(gateway: Gateway, app_client: AppClient) -> None:
     assert grown(before, after, "usage_http_requests_total", route=URL, status="503") == 1
 
 
+async def test_readiness_probes_are_not_statements(gateway: Gateway, app_client: AppClient) -> None:
+    """/readyz reads the database, but usage_db_statements says what polling costs: however often
+    a probe asks, it adds nothing, and a failed probe adds nothing to usage_db_errors (its answer
+    says so). A lookup still counts."""
+    token = gateway.add_token()
+    async with app_client(refresh_interval=0) as (_, client):
+        before = await scrape(client)
+        for _ in range(20):
+            assert (await client.get("/readyz")).status_code == 200
+        with gateway.exclusive_lock():
+            failed = await client.get("/readyz")
+        probed = await scrape(client)
+        assert (await client.get(URL, headers=token.bearer)).status_code == 200
+        looked_up = await scrape(client)
+    assert failed.status_code == 503 and failed.json()["database"] == "unavailable"
+    assert grown(before, probed, "usage_db_statements_total") == 0
+    assert grown(before, probed, "usage_db_errors_total") == 0
+    assert grown(probed, looked_up, "usage_db_statements_total") == 1
+    assert grown(probed, looked_up, "usage_db_lookups_total") == 1
+
+
 async def test_redis_circuit_state(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
     token = gateway.add_token()
     async with app_client(redis_url=redis_url) as (_, client):

@@ -395,7 +395,7 @@ async def test_an_outage_is_counted_and_said_whether_or_not_the_columns_are_due(
     store = PostgresStore(PostgresDSN("postgresql://127.0.0.1:1/gateway"), timeout=0.3, pool_size=1)
     store._select = 'SELECT 1 FROM "tokens" AS t'  # as after open()
 
-    async def down(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def down(sql: str, params: Sequence[Any], *resent: object) -> Sequence[Sequence[Any]]:
         raise StoreUnavailable("connection refused")
 
     store._query = down  # type: ignore[method-assign]
@@ -406,6 +406,33 @@ async def test_an_outage_is_counted_and_said_whether_or_not_the_columns_are_due(
                 await store.fetch("k" * 48)
     assert store.errors == 3
     assert [r.message for r in caplog.records] == ["database unavailable: connection refused"]
+
+
+@pytest.mark.parametrize("due", [False, True], ids=["columns-not-due", "columns-due"])
+async def test_a_readiness_probe_is_neither_a_statement_nor_an_error(due: bool) -> None:
+    """/readyz's probe of a server that does not answer (nothing listens on its port) fails, but
+    counts in neither usage_db_statements nor usage_db_errors, whether or not the columns are due
+    to be looked at again; a lookup's statement still counts in both."""
+    from support import free_port
+
+    from usage_service._dsn import PostgresDSN
+    from usage_service.store import StoreUnavailable
+    from usage_service.store.postgres import PostgresStore
+
+    store = PostgresStore(PostgresDSN(f"postgresql://u@127.0.0.1:{free_port()}/gateway"), timeout=0.3, pool_size=1)
+    store._select = 'SELECT 1 FROM "tokens" AS t'  # as after open()
+    store._pool = await store._create_pool()  # connects on first use, as after open()
+    store.schema_check_interval = 0 if due else 3600
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+        assert (store.statements, store.errors) == (0, 0)
+        with pytest.raises(StoreUnavailable):
+            await store.fetch("k" * 48)
+        assert store.errors == 1 and store.statements == (0 if due else 1)  # due: the look at the columns failed
+    finally:
+        await store.close()
 
 
 async def test_columns_due_are_read_once_by_the_statements_that_find_them_due(gateway: Gateway) -> None:

@@ -83,7 +83,8 @@ class TokenStore(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers a query now."""
+        """Raise StoreUnavailable unless the database answers a query now (a readiness probe:
+        counted neither among `statements` nor among `errors`)."""
         ...
 
     async def close(self) -> None: ...

@@ -21,7 +21,7 @@ from .._lru import keep_newest
 from ..cache import key_digest
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
 from . import SchemaError, StoreUnavailable, UnreadableRow
-from .logs import Engine, LogReader
+from .logs import Engine, LogReader, Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
 
@@ -278,8 +278,12 @@ class SQLStore(ABC):
         )
 
     @abstractmethod
-    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-        """Run one read statement; raise StoreUnavailable if the database cannot answer."""
+    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
+        """Run one read statement; raise StoreUnavailable if the database cannot answer.
+
+        The caller counts the statement; `resent` is called for each further one sent for it
+        (SQLite reads it again when some text is not UTF-8), for the caller to count too.
+        """
 
     @abstractmethod
     def _match(self, column: Column, values: Sequence[Any]) -> tuple[str, Sequence[Any]]:
@@ -305,12 +309,13 @@ class SQLStore(ABC):
         """A reader of the gateway's log through this store's connections (no LOG_SQL_DSN)."""
         return LogReader(self._query, self.engine)
 
-    async def _prepare(self) -> None:
+    async def _prepare(self, *, counted: bool = True) -> None:
         """Make sure the SELECT fits the database before a statement is built from it: its
         columns are looked at again every `schema_check_interval` seconds.
 
-        Raise StoreUnavailable while the database cannot answer. The SQLite store, whose file
-        may be replaced under it, overrides this.
+        Raise StoreUnavailable while the database cannot answer, counted among the errors
+        unless `counted` is false (ping). The SQLite store, whose file may be replaced under
+        it, overrides this.
         """
         if time.monotonic() - self._schema_read_at < self.schema_check_interval:
             return
@@ -319,7 +324,8 @@ class SQLStore(ABC):
             select = await self._read_select()
         except StoreUnavailable as exc:
             self._schema_read_at = -math.inf  # not read: look again at the next statement
-            self._failed(exc)
+            if counted:
+                self._failed(exc)
             raise
         except SchemaError as exc:  # the statements will say what is wrong: keep what worked
             logger.error("%s; reading the tables with the columns they had", exc)
@@ -406,18 +412,18 @@ class SQLStore(ABC):
         return {_text(row[0]): _text(row[1]) for row in rows if row[0] is not None and row[1] is not None}
 
     async def ping(self) -> None:
-        await self._prepare()
+        # Not counted among the statements, nor a failure among the errors (as the log's ping):
+        # those counters say what polling costs and how its reads fare, however often a probe asks.
+        await self._prepare(counted=False)
         # The token route's own read, of one row that never leaves the database: a database that
         # answers but has either of its tables locked (a migration of users too) is not ready.
-        await self._execute(f"SELECT EXISTS ({self._select} LIMIT 1)", ())
+        await self._query(f"SELECT EXISTS ({self._select} LIMIT 1)", ())
 
     async def _execute(self, sql: str, params: Sequence[Any], options: bool = False) -> Sequence[Sequence[Any]]:
+        count = self._count_option_statement if options else self._count_statement
         try:
-            if options:
-                self.option_statements += 1
-            else:
-                self.statements += 1
-            rows = await self._query(sql, params)
+            count()
+            rows = await self._query(sql, params, count)
         except StoreUnavailable as exc:
             self._failed(exc)
             raise
@@ -425,6 +431,12 @@ class SQLStore(ABC):
             self._failing = False
             logger.warning("database answers again")
         return rows
+
+    def _count_statement(self) -> None:
+        self.statements += 1
+
+    def _count_option_statement(self) -> None:
+        self.option_statements += 1
 
     def _failed(self, exc: StoreUnavailable) -> None:
         """Count a statement the database did not answer; say so once, when it starts."""

@@ -29,7 +29,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("usage_service.store.logs")
 
 Engine = Literal["sqlite", "postgres", "mysql"]
-Run = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
+# Called once for every statement a store sends beyond the one it was asked to run (SQLite sends
+# one again to read text that is not UTF-8): its sender counts it as one of its own.
+Resent = Callable[[], None]
+Run = Callable[[str, Sequence[Any], Resent], Awaitable[Sequence[Sequence[Any]]]]
+
+
+def uncounted() -> None:
+    """The `Resent` of a statement no counter reports (a look at the columns, a readiness probe)."""
+
 
 # Seconds between attempts to open a log database that could not be opened: a request for the
 # log while it is down costs no connection attempt within this interval.
@@ -91,7 +99,7 @@ class LogReader:
         """Run one read statement (written with `?`); raise StoreUnavailable if the database cannot answer."""
         self.statements += 1
         try:
-            rows = await self._run(self.sql(text), params)
+            rows = await self._run(self.sql(text), params, self._resent)
         except StoreUnavailable as exc:
             self.errors += 1
             if not self._failing:
@@ -102,6 +110,9 @@ class LogReader:
             self._failing = False
             logger.warning("log database answers again")
         return rows
+
+    def _resent(self) -> None:
+        self.statements += 1
 
     async def token_order(self) -> bool:
         """Whether the log has an index on (token_id, id), which a token's rows of an id range
@@ -119,14 +130,14 @@ class LogReader:
 
     async def look_for_token_order(self) -> bool:
         """token_order's look, now; raise StoreUnavailable if the database cannot answer."""
-        self._token_order = bool(await self._run(_TOKEN_ORDER_INDEX, ()))
+        self._token_order = bool(await self._run(_TOKEN_ORDER_INDEX, (), uncounted))
         self._token_order_seen = self._clock()
         return self._token_order
 
     async def ping(self) -> None:
         """Raise StoreUnavailable (StoreMisconfigured, with the reason, if it cannot be opened)
         unless the log table can be read now. Not counted among the log's statements."""
-        await self._run(f"SELECT 1 FROM {self.q('logs')} LIMIT 1", ())
+        await self._run(f"SELECT 1 FROM {self.q('logs')} LIMIT 1", (), uncounted)
 
     async def close(self) -> None:
         if self._close is not None:
@@ -222,11 +233,11 @@ class _LogDatabase:
 
         return await SQLiteStore.open_logs(self.target, timeout=timeout, pool_size=pool_size)
 
-    async def run(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def run(self, sql: str, params: Sequence[Any], resent: Resent) -> Sequence[Sequence[Any]]:
         store = self._store
         if store is None:
             store = await self._reopen()
-        return await store._query(sql, params)
+        return await store._query(sql, params, resent)
 
     async def _reopen(self) -> SQLStore:
         async with self._lock:  # one attempt at a time, however many requests ask

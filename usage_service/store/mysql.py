@@ -17,6 +17,7 @@ from asyncmy.errors import MySQLError
 from .._dsn import MySQLDSN
 from . import STATEMENT_GUARD, SchemaError, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
+from .logs import Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
 
@@ -98,7 +99,7 @@ class MySQLStore(SQLStore):
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         return f"SELECT `key`, `value` FROM `options` WHERE `key` IN ({', '.join(['%s'] * len(keys))})", tuple(keys)
 
-    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
         try:
             # Bounds waiting for a free connection, connecting and the statement(s) together.
             async with asyncio.timeout(self._timeout + STATEMENT_GUARD):

@@ -11,6 +11,7 @@ import asyncpg
 from .._dsn import PostgresDSN
 from . import STATEMENT_GUARD, SchemaError, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
+from .logs import Resent, uncounted
 
 # Seconds a connection may sit idle in the pool before it is closed.
 IDLE_LIFETIME = 60.0
@@ -131,7 +132,7 @@ class PostgresStore(SQLStore):
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         return 'SELECT "key", "value" FROM "options" WHERE "key" = ANY($1::text[])', (list(keys),)
 
-    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
         pool = self._pool
         if pool is None or pool.is_closing():
             raise StoreUnavailable("store is closed")

@@ -28,6 +28,7 @@ from ._sql import (
     select_from,
     select_sql,
 )
+from .logs import Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
 
@@ -131,7 +132,8 @@ class SQLiteStore(SQLStore):
             tables = select_from('"', fixed_order=True)
             self._json_select = f"SELECT group_concat(json_array({row}), char(10)) {tables}"
 
-    async def _prepare(self) -> None:
+    async def _prepare(self, *, counted: bool = True) -> None:
+        # (A failure to read the file's columns is never counted among the errors here.)
         self._check_identity()
         if time.monotonic() - self._schema_read_at >= self.schema_check_interval:
             self._schema_read_at = time.monotonic()  # once, not by every statement meanwhile
@@ -206,7 +208,7 @@ class SQLiteStore(SQLStore):
         self._header_fds.clear()
         self._spare_fds.clear()
 
-    async def _query(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
@@ -214,7 +216,7 @@ class SQLiteStore(SQLStore):
                 for _ in range(2):
                     async with self._connection() as conn:
                         try:
-                            rows = await self._read_rows(conn, sql, params)
+                            rows = await self._read_rows(conn, sql, params, resent)
                         except asyncio.CancelledError:
                             await conn.interrupt()
                             raise
@@ -225,7 +227,9 @@ class SQLiteStore(SQLStore):
             raise StoreUnavailable("database timed out") from None
         raise StoreUnavailable("the database changed while it was read")
 
-    async def _read_rows(self, conn: aiosqlite.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _read_rows(
+        self, conn: aiosqlite.Connection, sql: str, params: Sequence[Any], resent: Resent
+    ) -> list[Any]:
         try:
             return list(await conn.execute_fetchall(sql, params))
         except sqlite3.OperationalError as exc:
@@ -234,8 +238,9 @@ class SQLiteStore(SQLStore):
             # (The message quotes the text: it may be a key, so it goes nowhere.)
             if not str(exc).startswith(_UNDECODABLE):
                 raise
-        # Some text is not UTF-8: read the statement again, replacing what cannot be decoded.
-        self.statements += 1
+        # Some text is not UTF-8: read the statement again, replacing what cannot be decoded
+        # (counted by whoever sent it: a token statement or one of the log's).
+        resent()
         conn.text_factory = _TEXT
         try:
             return list(await conn.execute_fetchall(sql, params))
