@@ -300,7 +300,12 @@ class Service:
         command += ["--server", server, *args]
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            command, env={**environ_without_gateway_settings(), **env}, cwd=cwd, stdout=self.log, stderr=self.log
+            command,
+            env={**environ_without_gateway_settings(), **env},
+            cwd=cwd,
+            stdout=self.log,
+            stderr=self.log,
+            start_new_session=True,  # its own process group: a kill takes its workers too
         )
 
     def wait_ready(self, timeout: float = 15.0) -> Service:
@@ -322,7 +327,7 @@ class Service:
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
 

@@ -129,9 +129,12 @@ def test_a_worker_that_dies_is_replaced_and_its_metrics_address_taken_over(gatew
             return answered and holder not in now and len(now) == len(workers)
 
         assert wait_until(replaced, 15), service.output()
+        # The replacement has started (one still starting when SIGTERM comes misses it, and is
+        # killed later: test_granian_e2e's test_sigterm_while_a_replacement_worker_starts...).
+        assert wait_until(lambda: service.output().count(WORKER_STARTED[server]) == 3, 15), service.output()
         assert _listening(port) & _workers(service.process.pid)
         assert service.process.poll() is None
-        assert service.stop() == 0
+        assert service.stop() == 0, service.output()
 
 
 def test_metrics_address_in_use_stops_start_up(gateway: Gateway) -> None:
