@@ -397,15 +397,16 @@ async def test_a_request_that_waited_on_anothers_read_counts_each_day_once(
         # The next read of the log's spending is held once it has read (injected ordering).
         gate, run = Gate(), recorder.run
 
-        async def held(sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-            rows = await run(sql, params)
+        async def held(sql: str, params: Sequence[Any], *resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
+            rows = await run(sql, params, *resent)
             if "GROUP BY" in sql:
                 await gate.hold()
             return rows  # type: ignore[no-any-return]
 
         recorder.run = held
         first = asyncio.create_task(history.slots(token.id, T0, T0 + 11 * DAY))
-        await gate.reached.wait()  # reading days 0 to 6
+        await until(lambda: gate.reached.is_set() or first.done())  # reading days 0 to 6
+        assert not first.done(), first.result()
         second = asyncio.create_task(history.slots(token.id, T0, T0 + 11 * DAY))
         await until(lambda: stats.coalesced > before.coalesced)  # waiting on that read
         gate.release.set()
