@@ -117,13 +117,19 @@ def _dual_stack() -> bool:
     [pytest.param("granian", "1", id="granian"), pytest.param("uvicorn", "2", id="uvicorn-2-workers")],
 )
 def test_a_proxy_on_the_same_host_is_trusted_when_the_service_listens_on_ipv6(
-    tmp_path: Path, server: str, workers: str
+    tmp_path: Path, server: str, workers: str, redis_url: str
 ) -> None:
     """Listening on "::", IPv4 peers arrive as ::ffff:127.0.0.1: the proxy listed as 127.0.0.1 is
-    still trusted, so each client behind it is counted alone (not all of them as the proxy)."""
+    still trusted, so each client behind it is counted alone (not all of them as the proxy).
+    (With Redis, which the workers count through together: without it each counts alone.)"""
     db = Gateway(tmp_path / "one-api.db")
     token = db.add_token()
-    env = {"SQLITE_PATH": str(db.path), "USAGE_AUTH_FAIL_LIMIT": "3", "USAGE_TRUSTED_PROXIES": "127.0.0.1"}
+    env = {
+        "SQLITE_PATH": str(db.path),
+        "REDIS_CONN_STRING": redis_url,
+        "USAGE_AUTH_FAIL_LIMIT": "3",
+        "USAGE_TRUSTED_PROXIES": "127.0.0.1",
+    }
     bad = {"Authorization": "Bearer sk-" + "x" * 48}
     with Service(env, "--host", "::", "--workers", workers, server=server) as service:
         url = service.url + "/api/usage/token"
