@@ -99,6 +99,15 @@ def test_an_ipv4_address_in_ipv6s_mapped_form_is_that_ipv4_address(
     assert ClientAddresses()(scope(*forwarded, peer=peer)) == str(addresses._parse(peer))
 
 
+@pytest.mark.parametrize("listed", ["::ffff:127.0.0.1", "::ffff:0:0/96", "::ffff:127.0.0.0/104", "::/0", "127.0.0.1"])
+@pytest.mark.parametrize("peer", ["::ffff:127.0.0.1", "127.0.0.1"])
+def test_a_proxy_listed_in_ipv6s_mapped_form_is_trusted(listed: str, peer: str) -> None:
+    """Listing the proxy as ::ffff:127.0.0.1 was how to trust it on "::" before mapped peers were
+    read as IPv4: such an entry, or a network of them, names the IPv4 addresses it maps."""
+    trusted = load_settings({"USAGE_TRUSTED_PROXIES": listed}).trusted_proxies
+    assert ClientAddresses(trusted)(scope("203.0.113.7", peer=peer)) == "203.0.113.7"
+
+
 def _dual_stack() -> bool:
     """Whether this machine has IPv6 and lets a socket on "::" take IPv4 connections."""
     try:

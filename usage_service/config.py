@@ -141,16 +141,28 @@ def _address(raw: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# IPv4 addresses in IPv6's mapped form (::ffff:a.b.c.d), which addresses.py reads as IPv4.
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def _networks(raw: str) -> tuple[Network, ...]:
-    networks = []
+    networks: list[Network] = []
     for part in raw.split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            networks.append(ipaddress.ip_network(part, strict=False))
+            network = ipaddress.ip_network(part, strict=False)
         except ValueError:
             raise ValueError(f"expected comma-separated addresses or CIDRs such as 10.0.0.0/8, not {part!r}") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            # Written as mapped (::ffff:127.0.0.1): the IPv4 network it names.
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        elif isinstance(network, ipaddress.IPv6Network) and network.supernet_of(_MAPPED):
+            networks.append(ipaddress.IPv4Network("0.0.0.0/0"))  # (::/0): every IPv4 address too
+        networks.append(network)
     return tuple(networks)
 
 
