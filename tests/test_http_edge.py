@@ -193,6 +193,20 @@ def test_a_pipelined_oversized_head_is_refused(edge: tuple[Service, Token], spli
     assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
 
 
+def test_an_unparsable_request_is_answered_after_the_requests_before_it(edge: tuple[Service, Token]) -> None:
+    """uvicorn wrote its 400 as soon as it failed to parse a request, ahead of the answers of the
+    requests pipelined before it; it comes after them now, as the 431 does."""
+    service, token = edge
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(get(token) * 20 + b"NOT HTTP AT ALL\r\n\r\n")
+        buffer = bytearray()
+        answers = [read_response(sock, buffer) for _ in range(21)]
+        assert [status for status, _, _ in answers] == [200] * 20 + [400]
+        if service.server == "uvicorn":
+            assert orjson.loads(answers[-1][2])["success"] is False
+        assert is_closed(sock)
+
+
 def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> None:
     """Slowloris: connections that never finish a head, or go quiet after an answer, are closed
     after the head timeout, and the descriptors they held come back."""

@@ -7,7 +7,9 @@ Here every request head, pipelined ones included, is bounded in size (MAX_REQUES
 nothing more is read, the requests before it are answered, then 431 and the connection closed)
 and in time (uvicorn's `timeout_keep_alive`, which the command sets from USAGE_HEADER_TIMEOUT: a
 connection that has not sent a whole head that long after opening or after its last response is
-closed). Past `limit_concurrency` requests in flight, a request is answered 503, in JSON.
+closed). A request that cannot be parsed is answered 400, after the requests before it, and
+the connection closed. At most MAX_PIPELINED requests are read ahead of the one being answered.
+Past `limit_concurrency` requests in flight, a request is answered 503, in JSON.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_left: int | None = None  # bytes of a Content-Length body still to come, else None
         self._tail = b""  # the last 3 bytes received, where a blank line may have begun
         self._head_timer: asyncio.TimerHandle | None = None
-        self._oversized = False  # a head went over MAX_REQUEST_HEAD: answer 431 once the pipeline is done
+        self._refusal: bytes | None = None  # a refused head's 431 or 400, sent after the answers before it
         self._unread = b""  # what was read past MAX_PIPELINED queued requests, from a head's start
         self._answering: Any = None  # the request being answered (uvicorn's `cycle` is the last one read)
 
@@ -116,7 +118,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
-        if self._oversized:
+        if self._refusal is not None:
             return
         if self._unread:
             # Reading resumed (uvicorn does so when a request awaits its body) while bytes wait
@@ -152,7 +154,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 stop = self._blank_line_end(data, start)
             in_head = self._in_head
             super().data_received(data[start:stop])
-            if self.transport.is_closing():
+            if self._refusal is not None or self.transport.is_closing():
                 return
             if in_head and not self._in_head:  # a head is over, and its message is not: a body follows
                 self._body_left = self._content_length()
@@ -200,9 +202,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._body_left = None
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn's own answer to a request it cannot parse is text/plain; ours are all JSON.
-        self.transport.write(_INVALID)
-        self.transport.close()
+        # uvicorn's own answer to a request it cannot parse is text/plain, and written at once,
+        # before the answers of the requests pipelined ahead of it; ours are JSON, and in order.
+        self._refuse(_INVALID)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -211,23 +213,28 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _reject_oversized(self) -> None:
         logger.warning("request head over %d bytes; answered 431 and closed the connection", MAX_REQUEST_HEAD)
-        self._oversized = True
+        self._refuse(_TOO_LARGE)
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer a head that cannot be served, and close: after the requests before it in the
+        pipeline have been answered, in order; nothing more is read meanwhile."""
+        self._refusal = answer
         if self.cycle is None or self.cycle.response_complete:
-            self._answer_too_large()
+            self._send_refusal()
         else:
-            # Requests before it in the pipeline are answered first, in order; nothing more is read.
             self.flow.pause_reading()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next queued request, and resumes reading
         if self.transport.is_closing():
             return
-        if self._oversized and self.cycle.response_complete:
-            self._answer_too_large()
+        if self._refusal is not None and self.cycle.response_complete:
+            self._send_refusal()
         elif self._unread and len(self.pipeline) < MAX_PIPELINED:
             unread, self._unread = self._unread, b""
             self.data_received(unread)  # before anything read from now on
 
-    def _answer_too_large(self) -> None:
-        self.transport.write(_TOO_LARGE)
+    def _send_refusal(self) -> None:
+        assert self._refusal is not None
+        self.transport.write(self._refusal)
         self.transport.close()
