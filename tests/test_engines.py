@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import AppClient, GatewayFactory
+from dbservers import PostgresGateway
 from support import Gateway
 from tcpproxy import TCPProxy
 from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
@@ -155,6 +156,31 @@ async def test_keys_match_exactly(gateway: Gateway, app_client: AppClient) -> No
         response = await client.get(URL, headers={"Authorization": f"Bearer sk-{token.key.lower()}"})
     assert response.status_code == 401
     assert response.json()["message"] == "token not found"
+
+
+@on_servers
+async def test_numbers_in_decimal_columns_are_read_as_numbers(gateway: Gateway, app_client: AppClient) -> None:
+    """A NUMERIC (PostgreSQL) or DECIMAL (MySQL) column arrives as a Decimal, which was read as
+    the column's default: a disabled token was served, an expired one never expired, an
+    unlimited one was limited, and a quota past 64 bits read as 0 instead of failing alone."""
+    disabled = gateway.add_token(status=2)
+    expired = gateway.add_token(expired_time=1000)
+    unlimited = gateway.add_token(unlimited=1, remain=500_000)
+    plain = gateway.add_token(remain=500_000)
+    huge = gateway.add_token()
+    for column in ("status", "expired_time", "remain_quota", "unlimited_quota"):
+        if isinstance(gateway, PostgresGateway):
+            cast = f"{column}::int" if column == "unlimited_quota" else column
+            gateway._execute(f"ALTER TABLE tokens ALTER COLUMN {column} TYPE numeric(30, 0) USING {cast}", ())
+        else:
+            gateway._execute(f"ALTER TABLE tokens MODIFY {column} DECIMAL(30, 0)", ())
+    gateway._execute("UPDATE tokens SET remain_quota = 100000000000000000000000 WHERE id = ?", (huge.id,))
+    async with app_client() as (_, client):
+        assert (await client.get(URL, headers=disabled.bearer)).status_code == 401
+        assert (await client.get(URL, headers=expired.bearer)).json()["data"]["expires_at"] == 1000
+        assert (await client.get(URL, headers=unlimited.bearer)).json()["data"]["unlimited_quota"] is True
+        assert (await client.get(URL, headers=plain.bearer)).json()["data"]["total_available"] == 500_000
+        assert (await client.get(URL, headers=huge.bearer)).status_code == 503  # that token alone
 
 
 async def test_fetch_many_batches_and_reuses_unchanged_records(gateway: Gateway, app_client: AppClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -55,6 +56,8 @@ def test_parse_model_limits(column: object, expected: tuple[str, ...]) -> None:
         (b"1", True),
         (1.0, True),
         (True, True),
+        (Decimal("1"), True),
+        (Decimal("0"), False),
     ],
 )
 def test_as_bool(value: object, expected: bool) -> None:
@@ -63,7 +66,19 @@ def test_as_bool(value: object, expected: bool) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(5, 5), (None, 0), ("12", 12), ("x", 0), (2.9, 2), (float("nan"), 0), (2**63 - 1, 2**63 - 1)],
+    [
+        (5, 5),
+        (None, 0),
+        ("12", 12),
+        ("x", 0),
+        (2.9, 2),
+        (float("nan"), 0),
+        (2**63 - 1, 2**63 - 1),
+        (Decimal("500000"), 500_000),  # NUMERIC, DECIMAL
+        (Decimal("2.9"), 2),
+        (Decimal(10**23), 10**23),  # read whole: the row's range check refuses it
+        (Decimal("NaN"), 0),
+    ],
 )
 def test_as_int(value: object, expected: int) -> None:
     assert as_int(value) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -138,7 +139,7 @@ def as_bool(value: object) -> bool:
     """Read a gateway boolean: 1/0 in numeric columns, occasionally 'true'/'false' text."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | Decimal):
         return value != 0
     if isinstance(value, str | bytes):
         text = value.decode(errors="replace") if isinstance(value, bytes) else value
@@ -147,12 +148,16 @@ def as_bool(value: object) -> bool:
 
 
 def as_int(value: object, default: int = 0) -> int:
-    """Read an integer column defensively: NULL and junk become the default, floats are truncated."""
+    """Read an integer column defensively: NULL and junk become the default, floats are truncated,
+    and so are decimals (a NUMERIC or DECIMAL column; one past 64 bits is read whole, for the
+    caller's range check to refuse)."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value == value and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, Decimal) and value.is_finite():
         return int(value)
     if isinstance(value, str | bytes):
         try:
