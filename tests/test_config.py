@@ -174,6 +174,12 @@ def test_directory_is_not_a_database(tmp_path: Path) -> None:
             id="params",
         ),
         pytest.param(
+            # MySQL 8's name for utf8, first in a list; a tls value in capitals (go-sql-driver takes both).
+            "u@tcp(db)/x?charset=utf8mb3,utf8mb4&tls=SKIP-VERIFY",
+            MySQLDSN(user="u", host="db", database="x", charset="utf8", tls="skip-verify"),
+            id="utf8mb3-and-capitals",
+        ),
+        pytest.param(
             "u@tcp(db)/x?timeout=500ms&tls=true",
             MySQLDSN(user="u", host="db", database="x", connect_timeout=0.5, tls="true"),
             id="ms",

@@ -111,6 +111,8 @@ def parse_mysql_dsn(dsn: str) -> MySQLDSN:
         raise ValueError("malformed MySQL DSN: unknown protocol (expected tcp or unix)")
 
     charset = params.get("charset", "utf8mb4").split(",")[0].strip() or "utf8mb4"
+    # MySQL 8's name for what the driver knows as utf8 (the server takes either).
+    charset = "utf8" if charset.lower() == "utf8mb3" else charset
     timeout = _duration("timeout", params["timeout"]) if "timeout" in params else None
     for name in ("readTimeout", "writeTimeout"):
         if name in params:
@@ -123,7 +125,9 @@ def parse_mysql_dsn(dsn: str) -> MySQLDSN:
         tls = "true"
     elif tls.lower() in ("0", "false"):
         tls = "false"
-    elif tls not in ("skip-verify", "preferred"):
+    elif tls.lower() in ("skip-verify", "preferred"):  # in any case, as the gateway's driver reads it
+        tls = tls.lower()
+    else:
         raise ValueError("malformed MySQL DSN: tls must be true, false, skip-verify or preferred")
     return MySQLDSN(
         user=user,
