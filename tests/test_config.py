@@ -185,6 +185,13 @@ def test_directory_is_not_a_database(tmp_path: Path) -> None:
             id="ms",
         ),
         pytest.param(
+            # Several hosts (failover), and parameters the gateway's driver reads itself: asyncpg
+            # would send them to the server as settings, which it refuses.
+            "postgres://u:pw@db1:5432,db2:5433/new-api?connect_timeout=10&sslmode=require&statement_cache_capacity=0",
+            PostgresDSN("postgres://u:pw@db1:5432,db2:5433/new-api?sslmode=require", host="db1", database="new-api"),
+            id="postgres-failover-and-pgx-parameters",
+        ),
+        pytest.param(
             "postgres://u:pw@db:5432/new-api?sslmode=disable",
             PostgresDSN("postgres://u:pw@db:5432/new-api?sslmode=disable", host="db", database="new-api"),
             id="postgres",

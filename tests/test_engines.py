@@ -183,6 +183,25 @@ async def test_numbers_in_decimal_columns_are_read_as_numbers(gateway: Gateway, 
         assert (await client.get(URL, headers=huge.bearer)).status_code == 503  # that token alone
 
 
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+async def test_a_url_the_gateways_driver_takes_is_taken(gateway: Gateway, settings: Settings) -> None:
+    """Several hosts (the first down, as in a failover) and pgx's own parameters stopped start-up:
+    a malformed port, and `unrecognized configuration parameter "connect_timeout"`."""
+    database = gateway.database  # type: ignore[attr-defined]
+    parts = urlsplit(database.url)
+    credentials, _, address = parts.netloc.rpartition("@")
+    netloc = f"{credentials}@127.0.0.1:1,{address}"
+    query = "connect_timeout=10&statement_cache_capacity=0&default_query_exec_mode=simple_protocol"
+    url = parts._replace(netloc=netloc, query=f"{parts.query}&{query}" if parts.query else query).geturl()
+    store = await open_store(dataclasses.replace(settings, database=parse_sql_dsn(url)))
+    try:
+        token = gateway.add_token()
+        found = await store.fetch_many([token.id])
+        assert found[token.id][0] == key_digest(token.key.encode())  # type: ignore[index]
+    finally:
+        await store.close()
+
+
 async def test_fetch_many_batches_and_reuses_unchanged_records(gateway: Gateway, app_client: AppClient) -> None:
     tokens = [gateway.add_token(used=i) for i in range(25)]
     deleted = gateway.add_token(deleted=True)

@@ -55,17 +55,49 @@ def parse_sql_dsn(value: str) -> PostgresDSN | MySQLDSN | None:
     return parse_mysql_dsn(value)
 
 
+# Parameters the gateway's driver (pgx) reads itself. asyncpg sends any parameter it does not
+# know to the server as a setting, which the server refuses: they are left out of its URL (the
+# service's own timeouts and statements apply).
+_PGX_ONLY = frozenset(
+    {
+        "connect_timeout",
+        "sslsni",
+        "krbspn",
+        "statement_cache_capacity",
+        "description_cache_capacity",
+        "default_query_exec_mode",
+    }
+)
+_BAD_PORT = (
+    "malformed PostgreSQL URL: its port is not a number (percent-encode '/', '?', '#' and '@'"
+    " in the user name and password)"
+)
+
+
 def _postgres(value: str) -> PostgresDSN:
+    # (Not the parser's messages: they quote the URL up to where they failed, password included.)
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError:
-        # (Not the parser's message: it quotes the URL up to where it failed, password included.)
-        raise ValueError(
-            "malformed PostgreSQL URL: its port is not a number (percent-encode '/', '?', '#' and '@'"
-            " in the user name and password)"
-        ) from None
-    return PostgresDSN(value, host=parts.hostname or "", database=unquote(parts.path.lstrip("/")))
+        raise ValueError(_BAD_PORT) from None
+    # Several hosts, for failover (host1:5432,host2:5432), as pgx and asyncpg take them.
+    hosts = [_host_port_of_url(part) for part in parts.netloc.rpartition("@")[2].split(",")]
+    if any(port and not port.isdigit() for _, port in hosts):
+        raise ValueError(_BAD_PORT)
+    query = "&".join(
+        pair for pair in parts.query.split("&") if pair and unquote(pair.partition("=")[0]) not in _PGX_ONLY
+    )
+    url = parts._replace(query=query).geturl()
+    return PostgresDSN(url, host=hosts[0][0], database=unquote(parts.path.lstrip("/")))
+
+
+def _host_port_of_url(address: str) -> tuple[str, str]:
+    """(host, port) of `host`, `host:port`, `[v6]` or `[v6]:port`; the port '' when there is none."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _, port = address.partition(":")
+    return host, port
 
 
 # Messages say what is wrong without echoing the DSN, which carries the password.
