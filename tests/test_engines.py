@@ -168,19 +168,35 @@ async def test_numbers_in_decimal_columns_are_read_as_numbers(gateway: Gateway, 
     unlimited = gateway.add_token(unlimited=1, remain=500_000)
     plain = gateway.add_token(remain=500_000)
     huge = gateway.add_token()
-    for column in ("status", "expired_time", "remain_quota", "unlimited_quota"):
-        if isinstance(gateway, PostgresGateway):
+    # (The server's database is the next test's too: its columns are put back as they were.)
+    postgres = isinstance(gateway, PostgresGateway)
+    columns = {"status": "bigint DEFAULT 1", "expired_time": "bigint DEFAULT -1", "remain_quota": "bigint DEFAULT 0"}
+    for column in [*columns, "unlimited_quota"]:
+        if postgres:
             cast = f"{column}::int" if column == "unlimited_quota" else column
             gateway._execute(f"ALTER TABLE tokens ALTER COLUMN {column} TYPE numeric(30, 0) USING {cast}", ())
         else:
             gateway._execute(f"ALTER TABLE tokens MODIFY {column} DECIMAL(30, 0)", ())
-    gateway._execute("UPDATE tokens SET remain_quota = 100000000000000000000000 WHERE id = ?", (huge.id,))
-    async with app_client() as (_, client):
-        assert (await client.get(URL, headers=disabled.bearer)).status_code == 401
-        assert (await client.get(URL, headers=expired.bearer)).json()["data"]["expires_at"] == 1000
-        assert (await client.get(URL, headers=unlimited.bearer)).json()["data"]["unlimited_quota"] is True
-        assert (await client.get(URL, headers=plain.bearer)).json()["data"]["total_available"] == 500_000
-        assert (await client.get(URL, headers=huge.bearer)).status_code == 503  # that token alone
+    try:
+        gateway._execute("UPDATE tokens SET remain_quota = 100000000000000000000000 WHERE id = ?", (huge.id,))
+        async with app_client() as (_, client):
+            assert (await client.get(URL, headers=disabled.bearer)).status_code == 401
+            assert (await client.get(URL, headers=expired.bearer)).json()["data"]["expires_at"] == 1000
+            assert (await client.get(URL, headers=unlimited.bearer)).json()["data"]["unlimited_quota"] is True
+            assert (await client.get(URL, headers=plain.bearer)).json()["data"]["total_available"] == 500_000
+            assert (await client.get(URL, headers=huge.bearer)).status_code == 503  # that token alone
+    finally:
+        gateway._execute("UPDATE tokens SET remain_quota = 0 WHERE id = ?", (huge.id,))
+        for column, declared in columns.items():
+            if postgres:
+                gateway._execute(f"ALTER TABLE tokens ALTER COLUMN {column} TYPE bigint USING {column}::bigint", ())
+            else:
+                gateway._execute(f"ALTER TABLE tokens MODIFY {column} {declared}", ())
+        if postgres:
+            boolean = "TYPE boolean USING unlimited_quota <> 0"
+            gateway._execute(f"ALTER TABLE tokens ALTER COLUMN unlimited_quota {boolean}", ())
+        else:
+            gateway._execute("ALTER TABLE tokens MODIFY unlimited_quota boolean", ())
 
 
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
