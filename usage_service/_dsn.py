@@ -81,7 +81,10 @@ def _postgres(value: str) -> PostgresDSN:
     except ValueError:
         raise ValueError(_BAD_PORT) from None
     # Several hosts, for failover (host1:5432,host2:5432), as pgx and asyncpg take them.
-    hosts = [_host_port_of_url(part) for part in parts.netloc.rpartition("@")[2].split(",")]
+    try:
+        hosts = [_split_address(part) for part in parts.netloc.rpartition("@")[2].split(",")]
+    except ValueError:
+        raise ValueError(_BAD_PORT) from None
     if any(port and not port.isdigit() for _, port in hosts):
         raise ValueError(_BAD_PORT)
     query = "&".join(
@@ -91,13 +94,18 @@ def _postgres(value: str) -> PostgresDSN:
     return PostgresDSN(url, host=hosts[0][0], database=unquote(parts.path.lstrip("/")))
 
 
-def _host_port_of_url(address: str) -> tuple[str, str]:
-    """(host, port) of `host`, `host:port`, `[v6]` or `[v6]:port`; the port '' when there is none."""
+def _split_address(address: str) -> tuple[str, str]:
+    """(host, port as written) of `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6
+    address; the port '' when there is none. ValueError on text after `]` that is no port."""
     if address.startswith("["):
         host, _, rest = address[1:].partition("]")
-        return host, rest.removeprefix(":")
-    host, _, port = address.partition(":")
-    return host, port
+        if rest and not rest.startswith(":"):
+            raise ValueError("bad IPv6 address")
+        return host, rest[1:]
+    if address.count(":") == 1:
+        host, _, port = address.partition(":")
+        return host, port
+    return address, ""
 
 
 # Messages say what is wrong without echoing the DSN, which carries the password.
@@ -188,15 +196,10 @@ def _params(query: str) -> dict[str, str]:
 
 
 def _host_port(addr: str) -> tuple[str, int]:
-    if addr.startswith("["):  # [IPv6]:port or [IPv6]
-        host, _, rest = addr[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise ValueError("malformed MySQL DSN: bad IPv6 address")
-    elif addr.count(":") == 1:
-        host, port = addr.split(":")
-    else:  # a bare host, or a bare IPv6 address
-        host, port = addr, ""
+    try:
+        host, port = _split_address(addr)
+    except ValueError:
+        raise ValueError("malformed MySQL DSN: bad IPv6 address") from None
     if not port:
         return host, MYSQL_PORT
     if not port.isdigit() or not 0 < int(port) < 65536:
