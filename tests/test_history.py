@@ -21,7 +21,7 @@ from usage_service.config import Settings
 from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, plus
 from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
-from usage_service.store.logs import TOKEN_ORDER_CHECK, LogReader
+from usage_service.store.logs import TOKEN_ORDER_CHECK, LogReader, uncounted
 from usage_service.store.spending import spending
 
 pytestmark = pytest.mark.asyncio
@@ -45,10 +45,14 @@ class Recorder:
     def __init__(self, run: Callable[..., Any]) -> None:
         self.run = run
         self.sent: list[tuple[str, Sequence[Any]]] = []
+        self.hashed: list[bool] = []  # each statement's hash_groups
 
-    async def __call__(self, sql: str, params: Sequence[Any], *resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
+    async def __call__(
+        self, sql: str, params: Sequence[Any], *resent: Callable[[], None], hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
         self.sent.append((sql, params))
-        return await self.run(sql, params, *resent)  # type: ignore[no-any-return]
+        self.hashed.append(hash_groups)
+        return await self.run(sql, params, *resent, hash_groups=hash_groups)  # type: ignore[no-any-return]
 
 
 @asynccontextmanager
@@ -185,13 +189,15 @@ async def test_a_long_cold_range_is_read_in_two_halves_at_once(gateway: Gateway,
     rows = write_random_log(gateway, [mine, other], days=12, per_day=40, seed=7)
     in_flight = most = 0
 
-    async def run(sql: str, params: Sequence[Any], *resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
+    async def run(
+        sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+    ) -> Sequence[Sequence[Any]]:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
         try:
             await asyncio.sleep(0)  # both halves sent before either is answered
-            return await inner(sql, params, *resent)  # type: ignore[no-any-return]
+            return await inner(sql, params, *resent, **options)  # type: ignore[no-any-return]
         finally:
             in_flight -= 1
 
@@ -251,16 +257,20 @@ async def test_queries_read_an_index_range_never_the_table(gateway: Gateway, set
     async with engine(settings, Clock(T0 + 2 * DAY + 3600)) as (history, recorder):
         await history.slots(token.id, T0, T0 + 3 * DAY)
         await history.slots(token.id + 1, T0 + DAY, T0 + 2 * DAY)
-        sent = list(recorder.sent)
+        sent = list(zip(recorder.sent, recorder.hashed, strict=True))
         assert len(sent) >= 4
-        for sql, params in sent:
-            plan = await explain(history.reader, recorder, sql, params)
+        for (sql, params), hash_groups in sent:
+            plan = await explain(history.reader, recorder, sql, params, hash_groups=hash_groups)
             if history.reader.engine == "sqlite":
                 assert not any(line.startswith("SCAN logs") for line in plan), (sql, plan)
                 if "GROUP BY" in sql:
                     assert any("idx_logs_token_id (token_id=? AND rowid>?" in line for line in plan), plan
             elif history.reader.engine == "postgres":
                 assert not any("Seq Scan on logs" in line for line in plan), (sql, plan)
+                if "GROUP BY" in sql:
+                    # Grouped by hashing: a month's rows sorted would spill to the server's disk.
+                    assert any("HashAggregate" in line for line in plan), plan
+                    assert not any("Sort" in line for line in plan), plan
                 if "GROUP BY" in sql and await history.reader.token_order():
                     # One token's id range: a range of the index in token order, never the
                     # primary key's range over every token's rows.
@@ -273,13 +283,34 @@ async def test_queries_read_an_index_range_never_the_table(gateway: Gateway, set
                     assert all(line.split("|")[1] in ("idx_logs_token_id", "PRIMARY") for line in plan), plan
 
 
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+async def test_hashing_the_groups_holds_for_that_statement_only(gateway: Gateway, settings: Settings) -> None:
+    """A spending statement groups by hashing; the token log's pages, sent later on the same
+    pooled connection, may still sort (sorting disfavoured for the whole session would make a
+    page walk the primary key past every other token's rows)."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 60, quota=5)
+    store = await open_store(dataclasses.replace(settings, db_pool_size=1))
+    try:
+        reader = store.log_reader()
+        before = await reader.query("SHOW enable_sort")
+        rows = await spending(reader, [token.id], SLOT, start=T0, end=T0 + DAY, after_id=0, before_id=None)
+        assert [(row.token_id, row.quota) for row in rows] == [(token.id, 5)]
+        assert before == [("on",)] and await reader.query("SHOW enable_sort") == [("on",)]
+        assert await reader.query("SELECT current_setting('transaction_read_only')") == [("on",)]
+    finally:
+        await store.close()
+
+
 async def test_the_index_in_token_order_is_looked_for_every_few_minutes() -> None:
     """An operator may create the advised index (or drop it) while the service runs: the reader
     looks again every TOKEN_ORDER_CHECK seconds, and a look that fails changes nothing."""
     looks = 0
     exists, down = False, False
 
-    async def run(sql: str, params: Sequence[Any], resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
+    async def run(
+        sql: str, params: Sequence[Any], resent: Callable[[], None], **options: Any
+    ) -> Sequence[Sequence[Any]]:
         nonlocal looks
         assert "pg_indexes" in sql
         looks += 1
@@ -307,11 +338,14 @@ async def test_the_index_in_token_order_is_looked_for_every_few_minutes() -> Non
     assert looks == 4
 
 
-async def explain(reader: LogReader, recorder: Recorder, sql: str, params: Sequence[Any]) -> list[str]:
+async def explain(
+    reader: LogReader, recorder: Recorder, sql: str, params: Sequence[Any], *, hash_groups: bool = False
+) -> list[str]:
     if reader.engine == "sqlite":
         return [str(row[3]) for row in await recorder.run("EXPLAIN QUERY PLAN " + sql, params)]
     if reader.engine == "postgres":
-        return [str(row[0]) for row in await recorder.run("EXPLAIN " + sql, params)]
+        rows = await recorder.run("EXPLAIN " + sql, params, uncounted, hash_groups=hash_groups)
+        return [str(row[0]) for row in rows]
     rows = await recorder.run("EXPLAIN " + sql, params)
     return [f"{row[3]}|{row[5]}" for row in rows]  # access type | key
 
@@ -397,8 +431,10 @@ async def test_a_request_that_waited_on_anothers_read_counts_each_day_once(
         # The next read of the log's spending is held once it has read (injected ordering).
         gate, run = Gate(), recorder.run
 
-        async def held(sql: str, params: Sequence[Any], *resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
-            rows = await run(sql, params, *resent)
+        async def held(
+            sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
+            rows = await run(sql, params, *resent, **options)
             if "GROUP BY" in sql:
                 await gate.hold()
             return rows  # type: ignore[no-any-return]
@@ -703,7 +739,9 @@ async def test_postgres_reads_a_busy_tokens_month_through_the_index_in_token_ord
             conn.execute(f"SET {setting} = 0")
         sent: list[tuple[str, Sequence[Any]]] = []
 
-        async def run(sql: str, params: Sequence[Any], resent: Callable[[], None]) -> Sequence[Sequence[Any]]:
+        async def run(
+            sql: str, params: Sequence[Any], resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
             if "pg_indexes" in sql:  # the reader's look for the index: the database answers
                 return conn.execute(sql.replace("%", "%%")).fetchall()  # type: ignore[no-any-return]
             sent.append((sql, params))

@@ -361,10 +361,10 @@ async def test_round_statements_read_index_ranges(
         clock.now += 1
         gateway.add_log(tokens[0], created_at=NOON, quota=3)
         await w.refresher.tick()
-        statements = w.recorder.sent[started:]
+        statements = list(zip(w.recorder.sent, w.recorder.hashed, strict=True))[started:]
         assert len(statements) == 5  # marks, the two tokens whole, what came since; marks, what came since
-        for sql, params in statements:
-            plan = await explain(w.history.reader, w.recorder, sql, params)
+        for (sql, params), hash_groups in statements:
+            plan = await explain(w.history.reader, w.recorder, sql, params, hash_groups=hash_groups)
             if engine == "sqlite":
                 assert not any(line.startswith("SCAN logs") for line in plan), (sql, plan)
             elif engine == "postgres":

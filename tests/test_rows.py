@@ -395,7 +395,7 @@ async def test_an_outage_is_counted_and_said_whether_or_not_the_columns_are_due(
     store = PostgresStore(PostgresDSN("postgresql://127.0.0.1:1/gateway"), timeout=0.3, pool_size=1)
     store._select = 'SELECT 1 FROM "tokens" AS t'  # as after open()
 
-    async def down(sql: str, params: Sequence[Any], *resent: object) -> Sequence[Sequence[Any]]:
+    async def down(sql: str, params: Sequence[Any], *resent: object, **options: object) -> Sequence[Sequence[Any]]:
         raise StoreUnavailable("connection refused")
 
     store._query = down  # type: ignore[method-assign]

@@ -629,7 +629,7 @@ class History:
         day, and the smallest id of each day's rows.
 
         A long run is read in two halves at once, on two connections: most of a cold month's time
-        is the database sorting its rows to group them, and each half is sorted on a core of its
+        is the database reading and grouping its rows, and each half is read on a core of its
         own. Each half is summed as soon as it lands, while the other may still be read.
         """
         by_day: dict[int, Slots] = {}

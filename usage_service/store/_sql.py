@@ -278,11 +278,14 @@ class SQLStore(ABC):
         )
 
     @abstractmethod
-    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
+    async def _query(
+        self, sql: str, params: Sequence[Any], resent: Resent = uncounted, /, *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
         """Run one read statement; raise StoreUnavailable if the database cannot answer.
 
         The caller counts the statement; `resent` is called for each further one sent for it
         (SQLite reads it again when some text is not UTF-8), for the caller to count too.
+        `hash_groups`: see `logs.Run` (PostgreSQL's store acts on it, the others need not).
         """
 
     @abstractmethod

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .._dsn import MySQLDSN, PostgresDSN
 from ..config import Settings
@@ -32,7 +32,20 @@ Engine = Literal["sqlite", "postgres", "mysql"]
 # Called once for every statement a store sends beyond the one it was asked to run (SQLite sends
 # one again to read text that is not UTF-8): its sender counts it as one of its own.
 Resent = Callable[[], None]
-Run = Callable[[str, Sequence[Any], Resent], Awaitable[Sequence[Sequence[Any]]]]
+
+
+class Run(Protocol):
+    """How a LogReader sends one statement: its store's `_query`.
+
+    `hash_groups`: the statement groups a range of rows; group them by hashing rather than by
+    sorting them (on PostgreSQL; the other engines choose alone). PostgreSQL's planner misjudges
+    how many of a month's rows are one token's, sorts them, and a cold month's sort spills to
+    temporary files on the gateway's server; hashed, its groups (days by models) fit in memory.
+    """
+
+    def __call__(
+        self, sql: str, params: Sequence[Any], resent: Resent, /, *, hash_groups: bool = False
+    ) -> Awaitable[Sequence[Sequence[Any]]]: ...
 
 
 def uncounted() -> None:
@@ -95,11 +108,14 @@ class LogReader:
         parts = text.split("?")
         return "".join(part + (f"${i}" if i < len(parts) else "") for i, part in enumerate(parts, start=1))
 
-    async def query(self, text: str, params: Sequence[Any] = ()) -> Sequence[Sequence[Any]]:
-        """Run one read statement (written with `?`); raise StoreUnavailable if the database cannot answer."""
+    async def query(
+        self, text: str, params: Sequence[Any] = (), *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
+        """Run one read statement (written with `?`); raise StoreUnavailable if the database
+        cannot answer. `hash_groups`: see `Run`."""
         self.statements += 1
         try:
-            rows = await self._run(self.sql(text), params, self._resent)
+            rows = await self._run(self.sql(text), params, self._resent, hash_groups=hash_groups)
         except StoreUnavailable as exc:
             self.errors += 1
             if not self._failing:
@@ -233,11 +249,13 @@ class _LogDatabase:
 
         return await SQLiteStore.open_logs(self.target, timeout=timeout, pool_size=pool_size)
 
-    async def run(self, sql: str, params: Sequence[Any], resent: Resent) -> Sequence[Sequence[Any]]:
+    async def run(
+        self, sql: str, params: Sequence[Any], resent: Resent, /, *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
         store = self._store
         if store is None:
             store = await self._reopen()
-        return await store._query(sql, params, resent)
+        return await store._query(sql, params, resent, hash_groups=hash_groups)
 
     async def _reopen(self) -> SQLStore:
         async with self._lock:  # one attempt at a time, however many requests ask

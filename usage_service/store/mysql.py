@@ -99,7 +99,9 @@ class MySQLStore(SQLStore):
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         return f"SELECT `key`, `value` FROM `options` WHERE `key` IN ({', '.join(['%s'] * len(keys))})", tuple(keys)
 
-    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
+    async def _query(
+        self, sql: str, params: Sequence[Any], resent: Resent = uncounted, /, *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
         try:
             # Bounds waiting for a free connection, connecting and the statement(s) together.
             async with asyncio.timeout(self._timeout + STATEMENT_GUARD):

@@ -132,7 +132,9 @@ class PostgresStore(SQLStore):
     def _options_sql(self, keys: Sequence[str]) -> tuple[str, Sequence[Any]]:
         return 'SELECT "key", "value" FROM "options" WHERE "key" = ANY($1::text[])', (list(keys),)
 
-    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
+    async def _query(
+        self, sql: str, params: Sequence[Any], resent: Resent = uncounted, /, *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
         pool = self._pool
         if pool is None or pool.is_closing():
             raise StoreUnavailable("store is closed")
@@ -140,21 +142,27 @@ class PostgresStore(SQLStore):
             # Bounds waiting for a free connection, connecting and the statement(s) together.
             async with asyncio.timeout(self._timeout + STATEMENT_GUARD):
                 try:
-                    return await self._fetch(pool, sql, params)
+                    return await self._fetch(pool, sql, params, hash_groups)
                 except _CONNECTION_LOST:
                     # A pooled connection the server dropped (restart, failover, idle kill): the
                     # pool has discarded it; one more try on a fresh one.
-                    return await self._fetch(pool, sql, params)
+                    return await self._fetch(pool, sql, params, hash_groups)
         except TimeoutError:
             raise StoreUnavailable("database timed out") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
 
     @staticmethod
-    async def _fetch(pool: asyncpg.Pool, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
+    async def _fetch(pool: asyncpg.Pool, sql: str, params: Sequence[Any], hash_groups: bool) -> Sequence[Sequence[Any]]:
         async with pool.acquire() as conn:
-            # Records index like tuples.
-            return cast(Sequence[Sequence[Any]], await conn.fetch(sql, *params))
+            if not hash_groups:
+                # Records index like tuples.
+                return cast(Sequence[Sequence[Any]], await conn.fetch(sql, *params))
+            # Sorting disfavoured for this statement only (SET LOCAL ends with its transaction):
+            # the token log's pages, on the same connections, still sort when they must.
+            async with conn.transaction(readonly=True):
+                await conn.execute("SET LOCAL enable_sort = off")
+                return cast(Sequence[Sequence[Any]], await conn.fetch(sql, *params))
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -146,7 +146,7 @@ async def spending(
     if end is not None:
         where += " AND created_at < ?"
         params.append(end)
-    rows = await reader.query(_select(reader, slot, where), params)
+    rows = await reader.query(_select(reader, slot, where), params, hash_groups=True)
     return [_row(row) for row in rows]
 
 

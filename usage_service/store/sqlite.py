@@ -208,7 +208,9 @@ class SQLiteStore(SQLStore):
         self._header_fds.clear()
         self._spare_fds.clear()
 
-    async def _query(self, sql: str, params: Sequence[Any], resent: Resent = uncounted) -> Sequence[Sequence[Any]]:
+    async def _query(
+        self, sql: str, params: Sequence[Any], resent: Resent = uncounted, /, *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
         # SQLite's own busy timeout bounds waiting on the gateway's locks; this outer bound also
         # covers waiting for a free connection and a query that hangs for any other reason.
         try:
