@@ -16,6 +16,7 @@ from dbservers import POSTGRES_LOGS_SCHEMA, PostgresGateway, PostgresServer
 from support import Gateway, free_port
 from test_freshness import Gate, until
 
+from usage_service import history as history_module
 from usage_service.app import _open_redis
 from usage_service.config import Settings
 from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, plus
@@ -302,6 +303,39 @@ async def test_hashing_the_groups_holds_for_that_statement_only(gateway: Gateway
         await store.close()
 
 
+@sqlite_only
+async def test_the_logs_statements_take_at_most_half_the_connections(gateway: Gateway, settings: Settings) -> None:
+    """Without LOG_SQL_DSN the log is read through the token store's connections: at most half
+    of them carry log statements at once, the rest are left to the balance's lookups; a log
+    statement whose turn does not come in time is not sent, and answers StoreUnavailable."""
+    token = gateway.add_token()
+    store = await open_store(dataclasses.replace(settings, db_pool_size=4, db_timeout=0.0))
+    try:
+        gate, query, in_flight = Gate(), store._query, [0]
+
+        async def held(sql: str, params: Sequence[Any], *more: Any, **options: Any) -> Sequence[Sequence[Any]]:
+            in_flight[0] += 1
+            await gate.hold()
+            in_flight[0] -= 1
+            return await query(sql, params, *more, **options)
+
+        store._query = held  # type: ignore[method-assign]
+        reader = store.log_reader()  # its statements held; the store's own lookups not
+        store._query = query  # type: ignore[method-assign]
+        sent = [asyncio.create_task(reader.query("SELECT 1")) for _ in range(2)]
+        await until(lambda: in_flight[0] == 2)
+        with pytest.raises(StoreUnavailable, match="busy"):
+            await reader.query("SELECT 1")  # its turn does not come within the wait (1 s here)
+        assert (reader.statements, reader.busy) == (2, 1)
+        assert await store.fetch(token.key) is not None  # the balance's lookups go on meanwhile
+        third = asyncio.create_task(reader.query("SELECT 2"))
+        gate.release.set()
+        assert [await task for task in (*sent, third)] == [[(1,)], [(1,)], [(2,)]]
+        assert reader.statements == 3
+    finally:
+        await store.close()
+
+
 async def test_the_index_in_token_order_is_looked_for_every_few_minutes() -> None:
     """An operator may create the advised index (or drop it) while the service runs: the reader
     looks again every TOKEN_ORDER_CHECK seconds, and a look that fails changes nothing."""
@@ -411,6 +445,68 @@ async def test_concurrent_misses_for_a_token_share_one_read(gateway: Gateway, se
     assert all(answer == answers[0] for answer in answers) and len(answers[0]) == 5
     assert sum(sql.count("GROUP BY") for sql, _ in recorder.sent) == 1
     assert history.stats.coalesced == 9
+
+
+@sqlite_only
+async def test_a_burst_of_one_tokens_ranges_reads_them_in_turn(gateway: Gateway, settings: Settings) -> None:
+    """Requests for different ranges of one token read its log one at a time (review: each
+    started its own read once the first had landed, two statements each, and a burst of one
+    token's history took every connection the balance's lookups needed)."""
+    token = gateway.add_token()
+    rows = write_random_log(gateway, [token, gateway.add_token()], days=40, per_day=5, seed=3)
+    in_flight = most = 0
+    async with engine(settings, Clock(T0 + 39 * DAY + 3600)) as (history, recorder):
+        run = recorder.run
+
+        async def counted(
+            sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
+            nonlocal in_flight, most
+            grouping = "GROUP BY" in sql
+            in_flight += grouping
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0)  # every request has started before any statement is answered
+                return await run(sql, params, *resent, **options)  # type: ignore[no-any-return]
+            finally:
+                in_flight -= grouping
+
+        recorder.run = counted
+        history.note_min_id(1, T0 + 39 * DAY + 3600)  # no look of its own at the log's smallest id
+        ranges = [(T0 + first * DAY, T0 + (first + 10) * DAY) for first in range(0, 30, 5)]
+        answers = await asyncio.gather(*(history.slots(token.id, start, end) for start, end in ranges))
+    assert most <= 2, most  # one read at a time: a long range's two halves at most (12 before)
+    for (start, end), answer in zip(ranges, answers, strict=True):
+        assert answer == direct(rows, token.id, start, end)
+
+
+@sqlite_only
+async def test_a_request_waits_for_its_tokens_earlier_reads_for_a_bounded_time(
+    gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the token that does not land within TURN_WAIT: the next request for the token
+    answers StoreUnavailable (503) rather than queueing for ever; the read itself goes on."""
+    monkeypatch.setattr(history_module, "TURN_WAIT", 0.05)
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 3600, quota=4)
+    async with engine(settings, Clock(T0 + 3 * DAY)) as (history, recorder):
+        gate, run = Gate(), recorder.run
+
+        async def held(
+            sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
+            rows = await run(sql, params, *resent, **options)
+            if "GROUP BY" in sql:
+                await gate.hold()
+            return rows  # type: ignore[no-any-return]
+
+        recorder.run = held
+        first = asyncio.create_task(history.slots(token.id, T0, T0 + DAY))
+        await until(lambda: gate.reached.is_set() or first.done())
+        with pytest.raises(StoreUnavailable, match="still running"):
+            await history.slots(token.id, T0 + DAY, T0 + 2 * DAY)
+        gate.release.set()
+        assert sum(spend[0] for spend in (await first).values()) == 4
 
 
 @sqlite_only

@@ -60,6 +60,9 @@ BOUNDS_KEPT = 4096
 DAY_FORMAT = 1
 TAIL_FORMAT = 2
 
+# Seconds a request waits, all told, for earlier reads of its token's log to land (they run one
+# at a time) before it answers 503 (or with what stale-if-error holds).
+TURN_WAIT = 10.0
 # Runs of at least this many days read from the database are read in two halves at once.
 SPLIT_DAYS = 8
 
@@ -301,8 +304,9 @@ class History:
             if not self._asked_lately(token_id, now):
                 direct = self._forget_kept_tail(token_id)
             self._note_asked(token_id, now)
-        waited_round = waited_read = False
-        while True:  # at most three times: once more after each of the two waits below
+        waited_round = False
+        turn_ends = asyncio.get_running_loop().time() + TURN_WAIT
+        while True:  # once more after the round's wait, and after each read of the token's we waited for
             days, missing = self._held_days(token_id, first, min(last, open_day - 1))
             tail = self._held_tail(token_id, open_day, now) if wants_tail else None
             # Counted after the loop, from the last pass alone: a pass before a wait found
@@ -314,16 +318,16 @@ class History:
                 waited_round = True
                 if await self._wait_for_round():
                     continue
-            task = self._flights.get(token_id)
-            if task is not None and not waited_read:
-                # Another request is reading this token: wait for it, then read only what it
-                # did not (or, if it failed, try once more ourselves).
-                waited_read = True
-                self.stats.coalesced += 1
-                with contextlib.suppress(StoreUnavailable):
-                    await asyncio.shield(task)
-                continue
             try:
+                task = self._flights.get(token_id)
+                if task is not None:
+                    # One read of a token's log at a time: a burst of one token's requests for
+                    # different ranges reads them in turn, not side by side on every connection.
+                    # Wait for the running one, then read only what it did not; its failure is
+                    # ours (the database is failing now).
+                    self.stats.coalesced += 1
+                    await self._wait_turn(task, turn_ends)
+                    continue
                 loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None, direct)
             except StoreUnavailable:
                 # Stale-if-error, as for the balance: open days read lately stand in while the
@@ -559,6 +563,16 @@ class History:
         if tail.until is not None:
             return now < tail.until
         return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
+
+    @staticmethod
+    async def _wait_turn(task: asyncio.Task[_Loaded], turn_ends: float) -> None:
+        """Wait (shielded) for another request's read of the token, until `turn_ends` (loop time)
+        at the latest; raise StoreUnavailable if it failed or the turn did not come in time."""
+        try:
+            async with asyncio.timeout_at(turn_ends):
+                await asyncio.shield(task)
+        except TimeoutError:
+            raise StoreUnavailable("earlier reads of this token's history are still running") from None
 
     async def _load(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool = False) -> _Loaded:
         task = self._flights.start(token_id, self._read(token_id, missing, tail_from, direct))

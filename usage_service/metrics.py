@@ -50,6 +50,9 @@ REQUEST_SECONDS = Histogram(
 )
 DB_STATEMENTS = Counter("usage_db_statements", "Statements sent to the gateway's database")
 LOG_DB_STATEMENTS = Counter("usage_log_db_statements", "Statements sent to read the gateway's request log")
+LOG_DB_BUSY = Counter(
+    "usage_log_db_busy", "Log statements not sent: the log's share of the token database's connections stayed busy"
+)
 DB_ERRORS = Counter("usage_db_errors", "Database statements that failed or timed out")
 CACHE_HITS = Counter("usage_cache_hits", "Lookups answered by a cache layer", ["layer"])
 CACHE_MISSES = Counter("usage_cache_misses", "Lookups a cache layer could not answer", ["layer"])
@@ -158,7 +161,7 @@ class Publisher:
                 (REDIS_OVERLOADED, lambda: redis.overloaded),
             ]
         if logs is not None:
-            self._counters.append((LOG_DB_STATEMENTS, lambda: logs.statements))
+            self._counters += [(LOG_DB_STATEMENTS, lambda: logs.statements), (LOG_DB_BUSY, lambda: logs.busy)]
         self._published = [0] * len(self._counters)
         self._redis = redis
         self._lag = lag

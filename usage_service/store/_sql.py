@@ -20,7 +20,7 @@ from .._batch import Batcher
 from .._lru import keep_newest
 from ..cache import key_digest
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
-from . import SchemaError, StoreUnavailable, UnreadableRow
+from . import STATEMENT_GUARD, SchemaError, StoreUnavailable, UnreadableRow
 from .logs import Engine, LogReader, Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
@@ -260,7 +260,10 @@ class SQLStore(ABC):
     fetch_batch = 1000  # keys or ids per statement
     engine: ClassVar[Engine]
 
+    _timeout: float  # seconds a statement may wait on the database (each engine's store sets it)
+
     def __init__(self, *, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
+        self.pool_size = pool_size  # connections at most
         self.statements = 0
         self.option_statements = 0
         self.errors = 0  # statements that failed or timed out (metrics)
@@ -309,8 +312,12 @@ class SQLStore(ABC):
         """Close every connection; statements after this raise StoreUnavailable."""
 
     def log_reader(self) -> LogReader:
-        """A reader of the gateway's log through this store's connections (no LOG_SQL_DSN)."""
-        return LogReader(self._query, self.engine)
+        """A reader of the gateway's log through this store's connections (no LOG_SQL_DSN): the
+        log's statements take at most half of them at once (one with a single connection), so
+        that history and log reads, however many, leave the balance's lookups connections."""
+        return LogReader(
+            self._query, self.engine, share=max(1, self.pool_size // 2), share_wait=self._timeout + STATEMENT_GUARD
+        )
 
     async def _prepare(self, *, counted: bool = True) -> None:
         """Make sure the SELECT fits the database before a statement is built from it: its

@@ -79,13 +79,21 @@ class LogReader:
         close: Callable[[], Awaitable[None]] | None = None,
         separate: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        share: int | None = None,
+        share_wait: float = math.inf,
     ) -> None:
         self._run = run
+        # At most `share` of the log's statements at once, each waiting at most `share_wait`
+        # seconds for its turn: set when the log is read through the token store's connections,
+        # so that a burst of history and log reads leaves the rest to the balance's lookups.
+        self._share = None if share is None else asyncio.Semaphore(share)
+        self._share_wait = share_wait
         self.engine: Engine = engine
         self._close = close  # set when the reader owns its connections (LOG_SQL_DSN)
         self.separate = separate  # the log is in a database of its own (LOG_SQL_DSN), reported by /readyz
         self.statements = 0  # statements sent to read the log since start
         self.errors = 0
+        self.busy = 0  # statements not sent: their turn did not come within share_wait
         self._failing = False
         self._clock = clock
         self._token_order = False  # what the last look for an index in token order found
@@ -113,6 +121,20 @@ class LogReader:
     ) -> Sequence[Sequence[Any]]:
         """Run one read statement (written with `?`); raise StoreUnavailable if the database
         cannot answer. `hash_groups`: see `Run`."""
+        if self._share is None:
+            return await self._send(text, params, hash_groups)
+        try:
+            async with asyncio.timeout(self._share_wait):
+                await self._share.acquire()
+        except TimeoutError:
+            self.busy += 1
+            raise StoreUnavailable("the log's share of the database connections is busy") from None
+        try:
+            return await self._send(text, params, hash_groups)
+        finally:
+            self._share.release()
+
+    async def _send(self, text: str, params: Sequence[Any], hash_groups: bool) -> Sequence[Sequence[Any]]:
         self.statements += 1
         try:
             rows = await self._run(self.sql(text), params, self._resent, hash_groups=hash_groups)

@@ -51,7 +51,6 @@ class PostgresStore(SQLStore):
         super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.dsn = dsn
         self._timeout = timeout
-        self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
 
     @classmethod
@@ -100,7 +99,7 @@ class PostgresStore(SQLStore):
         return await asyncpg.create_pool(
             self.dsn.url,
             min_size=0,
-            max_size=self._pool_size,
+            max_size=self.pool_size,
             max_inactive_connection_lifetime=IDLE_LIFETIME,
             timeout=max(self._timeout, 1.0),  # connecting
             server_settings={
