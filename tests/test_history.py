@@ -510,6 +510,38 @@ async def test_a_request_waits_for_its_tokens_earlier_reads_for_a_bounded_time(
 
 
 @sqlite_only
+async def test_a_token_whose_queue_of_requests_is_full_is_answered_at_once(
+    gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past TURN_QUEUE requests of one token waiting for its read, the next is answered
+    StoreUnavailable (503) at once; the waiting ones are answered when the read lands."""
+    monkeypatch.setattr(history_module, "TURN_QUEUE", 2)
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 3600, quota=4)
+    async with engine(settings, Clock(T0 + 3 * DAY)) as (history, recorder):
+        gate, run = Gate(), recorder.run
+
+        async def held(
+            sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
+            rows = await run(sql, params, *resent, **options)
+            if "GROUP BY" in sql:
+                await gate.hold()
+            return rows  # type: ignore[no-any-return]
+
+        recorder.run = held
+        first = asyncio.create_task(history.slots(token.id, T0, T0 + DAY))
+        await until(lambda: gate.reached.is_set() or first.done())
+        waiting = [asyncio.create_task(history.slots(token.id, T0, T0 + DAY)) for _ in range(2)]
+        await until(lambda: history.stats.coalesced == 2)
+        with pytest.raises(StoreUnavailable, match="at once"):
+            await history.slots(token.id, T0, T0 + DAY)
+        gate.release.set()
+        answers = await asyncio.gather(first, *waiting)
+        assert all(sum(spend[0] for spend in answer.values()) == 4 for answer in answers)
+
+
+@sqlite_only
 async def test_a_request_that_waited_on_anothers_read_counts_each_day_once(
     gateway: Gateway, settings: Settings
 ) -> None:

@@ -63,6 +63,8 @@ TAIL_FORMAT = 2
 # Seconds a request waits, all told, for earlier reads of its token's log to land (they run one
 # at a time) before it answers 503 (or with what stale-if-error holds).
 TURN_WAIT = 10.0
+# Requests of one token that may wait for its reads at once, in a worker; more answer 503 at once.
+TURN_QUEUE = 32
 # Runs of at least this many days read from the database are read in two halves at once.
 SPLIT_DAYS = 8
 
@@ -280,6 +282,7 @@ class History:
         self._before: OrderedDict[int, int] = OrderedDict()
         self._after: OrderedDict[int, int] = OrderedDict()
         self._flights: Flights[int, _Loaded] = Flights()  # each token's read of its days
+        self._waiting: dict[int, int] = {}  # token id -> requests waiting for its read (_wait_turn)
         self._writes: set[asyncio.Task[None]] = set()  # days on their way to Redis
         # Set while the leader runs a round that will vouch for the tails again, until
         # `_round_until` at the latest (see round_began).
@@ -306,8 +309,9 @@ class History:
             self._note_asked(token_id, now)
         waited_round = False
         turn_ends = asyncio.get_running_loop().time() + TURN_WAIT
+        decoded: dict[int, tuple[bytes, Day]] = {}  # day -> (value, as decoded) for _held_days
         while True:  # once more after the round's wait, and after each read of the token's we waited for
-            days, missing = self._held_days(token_id, first, min(last, open_day - 1))
+            days, missing = self._held_days(token_id, first, min(last, open_day - 1), decoded)
             tail = self._held_tail(token_id, open_day, now) if wants_tail else None
             # Counted after the loop, from the last pass alone: a pass before a wait found
             # some of the same days held, and counting every pass counted those twice.
@@ -325,8 +329,7 @@ class History:
                     # different ranges reads them in turn, not side by side on every connection.
                     # Wait for the running one, then read only what it did not; its failure is
                     # ours (the database is failing now).
-                    self.stats.coalesced += 1
-                    await self._wait_turn(task, turn_ends)
+                    await self._wait_turn(token_id, task, turn_ends)
                     continue
                 loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None, direct)
             except StoreUnavailable:
@@ -529,14 +532,26 @@ class History:
         with contextlib.suppress(StoreUnavailable):
             self.min_id, _ = await id_range(self.reader)
 
-    def _held_days(self, token_id: int, first: int, last: int) -> tuple[dict[int, Slots], list[int]]:
+    def _held_days(
+        self, token_id: int, first: int, last: int, decoded: dict[int, tuple[bytes, Day]]
+    ) -> tuple[dict[int, Slots], list[int]]:
+        """The days held in-process, and those missing. `decoded`: what the request's earlier
+        passes decoded (a request looks again after each read it waits for: each day it holds
+        is decoded once, not once a pass)."""
         held: dict[int, Slots] = {}
         missing: list[int] = []
         kept = self._days
         for day in range(first, last + 1):
             key = _day_key(token_id, day)
             encoded = kept.pop(key, None)
-            entry = None if encoded is None else Day.decode(day, encoded)
+            entry = None
+            if encoded is not None:
+                seen = decoded.get(day)
+                if seen is not None and seen[0] is encoded:  # the same value as an earlier pass found
+                    entry = seen[1]
+                else:
+                    entry = Day.decode(day, encoded)
+                    decoded[day] = (encoded, entry)
             if entry is not None and not entry.valid(self.min_id):
                 self.stats.cleaned += 1
                 entry = None
@@ -564,15 +579,25 @@ class History:
             return now < tail.until
         return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
 
-    @staticmethod
-    async def _wait_turn(task: asyncio.Task[_Loaded], turn_ends: float) -> None:
+    async def _wait_turn(self, token_id: int, task: asyncio.Task[_Loaded], turn_ends: float) -> None:
         """Wait (shielded) for another request's read of the token, until `turn_ends` (loop time)
-        at the latest; raise StoreUnavailable if it failed or the turn did not come in time."""
+        at the latest; raise StoreUnavailable if it failed, if the turn did not come in time, or
+        at once if TURN_QUEUE requests of the token wait already (each looks again at every read
+        that lands: a queue without bound would cost a pass over its days per read per waiter)."""
+        waiting = self._waiting.get(token_id, 0)
+        if waiting >= TURN_QUEUE:
+            raise StoreUnavailable("too many requests for this token's history at once")
+        self._waiting[token_id] = waiting + 1
+        self.stats.coalesced += 1
         try:
             async with asyncio.timeout_at(turn_ends):
                 await asyncio.shield(task)
         except TimeoutError:
             raise StoreUnavailable("earlier reads of this token's history are still running") from None
+        finally:
+            waiting = self._waiting.pop(token_id) - 1
+            if waiting:
+                self._waiting[token_id] = waiting
 
     async def _load(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool = False) -> _Loaded:
         task = self._flights.start(token_id, self._read(token_id, missing, tail_from, direct))
