@@ -510,6 +510,28 @@ async def test_a_request_waits_for_its_tokens_earlier_reads_for_a_bounded_time(
 
 
 @sqlite_only
+@pytest.mark.timeout(20)  # the signal interrupts a loop that never yields
+async def test_a_read_that_landed_but_has_not_left_the_table_is_not_waited_on(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """A token's read that has just landed stays in the table until its done-callback runs; a
+    request that looks in between reads for itself (waiting on a done task does not yield to
+    the loop: looking again found it again, for ever, and the worker's loop spun)."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 3600, quota=4)
+    async with engine(settings, Clock(T0 + 3 * DAY)) as (history, _):
+
+        async def landed() -> None:
+            return None
+
+        task = asyncio.create_task(landed())
+        await task
+        history._flights._tasks[token.id] = task  # type: ignore[assignment]  # as before its callback ran
+        answer = await history.slots(token.id, T0, T0 + DAY)
+    assert sum(spend[0] for spend in answer.values()) == 4
+
+
+@sqlite_only
 async def test_a_token_whose_queue_of_requests_is_full_is_answered_at_once(
     gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

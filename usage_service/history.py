@@ -126,6 +126,12 @@ class Day:
         slots = [[(slot - first) // SLOT, model, *spend] for (slot, model), spend in self.slots.items()]
         return orjson.dumps([DAY_FORMAT, self.guard, slots])
 
+    @staticmethod
+    def guard_of(value: bytes) -> int | None:
+        """The guard of what `encode` wrote, read without decoding its slots."""
+        guard = value[1 : value.index(b",[")].split(b",")[1]
+        return None if guard == b"null" else int(guard)
+
     @classmethod
     def decode(cls, day: int, value: bytes) -> Day:
         """Read what `encode` wrote; raise ValueError for anything else."""
@@ -309,26 +315,36 @@ class History:
             self._note_asked(token_id, now)
         waited_round = False
         turn_ends = asyncio.get_running_loop().time() + TURN_WAIT
-        decoded: dict[int, tuple[bytes, Day]] = {}  # day -> (value, as decoded) for _held_days
+        turn_failed: StoreUnavailable | None = None
         while True:  # once more after the round's wait, and after each read of the token's we waited for
-            days, missing = self._held_days(token_id, first, min(last, open_day - 1), decoded)
+            task = self._running_read(token_id)
+            tail_from = open_day if wants_tail else None
+            if task is not None and self._lacks(token_id, first, min(last, open_day - 1), tail_from, now):
+                # One read of a token's log at a time: a burst of one token's requests for
+                # different ranges reads them in turn, not side by side on every connection.
+                # Wait for the running one, then read only what it did not; its failure is
+                # ours (the database is failing now), answered as our own read's would be.
+                try:
+                    await self._wait_turn(token_id, task, turn_ends)
+                    continue
+                except StoreUnavailable as exc:
+                    turn_failed = exc
+            days, missing = self._held_days(token_id, first, min(last, open_day - 1))
             tail = self._held_tail(token_id, open_day, now) if wants_tail else None
             # Counted after the loop, from the last pass alone: a pass before a wait found
             # some of the same days held, and counting every pass counted those twice.
             held_days, held_tail = len(days), tail is not None
             if not missing and (tail is not None or not wants_tail):
                 break
-            if wants_tail and tail is None and not waited_round:
+            if wants_tail and tail is None and not waited_round and turn_failed is None:
                 waited_round = True
                 if await self._wait_for_round():
                     continue
             try:
-                task = self._flights.get(token_id)
-                if task is not None:
-                    # One read of a token's log at a time: a burst of one token's requests for
-                    # different ranges reads them in turn, not side by side on every connection.
-                    # Wait for the running one, then read only what it did not; its failure is
-                    # ours (the database is failing now).
+                if turn_failed is not None:
+                    raise turn_failed
+                task = self._running_read(token_id)
+                if task is not None:  # one began while this request waited for the round
                     await self._wait_turn(token_id, task, turn_ends)
                     continue
                 loaded = await self._load(token_id, missing, open_day if wants_tail and tail is None else None, direct)
@@ -532,26 +548,14 @@ class History:
         with contextlib.suppress(StoreUnavailable):
             self.min_id, _ = await id_range(self.reader)
 
-    def _held_days(
-        self, token_id: int, first: int, last: int, decoded: dict[int, tuple[bytes, Day]]
-    ) -> tuple[dict[int, Slots], list[int]]:
-        """The days held in-process, and those missing. `decoded`: what the request's earlier
-        passes decoded (a request looks again after each read it waits for: each day it holds
-        is decoded once, not once a pass)."""
+    def _held_days(self, token_id: int, first: int, last: int) -> tuple[dict[int, Slots], list[int]]:
         held: dict[int, Slots] = {}
         missing: list[int] = []
         kept = self._days
         for day in range(first, last + 1):
             key = _day_key(token_id, day)
             encoded = kept.pop(key, None)
-            entry = None
-            if encoded is not None:
-                seen = decoded.get(day)
-                if seen is not None and seen[0] is encoded:  # the same value as an earlier pass found
-                    entry = seen[1]
-                else:
-                    entry = Day.decode(day, encoded)
-                    decoded[day] = (encoded, entry)
+            entry = None if encoded is None else Day.decode(day, encoded)
             if entry is not None and not entry.valid(self.min_id):
                 self.stats.cleaned += 1
                 entry = None
@@ -561,6 +565,20 @@ class History:
                 kept[key] = encoded  # back in, as the most recently used
                 held[day] = entry.slots
         return held, missing
+
+    def _lacks(self, token_id: int, first: int, last: int, tail_from: int | None, now: float) -> bool:
+        """Whether `_held_days` (and `_held_tail` from `tail_from`, if not None) would find
+        something missing, told without decoding any day: a request waiting for its token's
+        reads looks again at every read that lands."""
+        kept, min_id = self._days, self.min_id
+        for day in range(first, last + 1):
+            encoded = kept.get(_day_key(token_id, day))
+            if encoded is None:
+                return True
+            guard = Day.guard_of(encoded)
+            if guard is not None and guard < min_id:
+                return True
+        return tail_from is not None and self._held_tail(token_id, tail_from, now) is None
 
     def _held_tail(self, token_id: int, open_day: int, now: float) -> Tail | None:
         tail = self._tails.get(token_id)
@@ -578,6 +596,13 @@ class History:
         if tail.until is not None:
             return now < tail.until
         return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
+
+    def _running_read(self, token_id: int) -> asyncio.Task[_Loaded] | None:
+        """The token's read still running, if any. One that has just landed may still be in the
+        table until its callback runs: waiting on it would not yield to the loop, and looking
+        again at once would find it again, for ever."""
+        task = self._flights.get(token_id)
+        return None if task is None or task.done() else task
 
     async def _wait_turn(self, token_id: int, task: asyncio.Task[_Loaded], turn_ends: float) -> None:
         """Wait (shielded) for another request's read of the token, until `turn_ends` (loop time)
