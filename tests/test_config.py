@@ -73,6 +73,9 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
     ("env", "variable", "words"),
     [
         pytest.param({"SQL_DSN": "postgres://u:s3cret@db:port/x"}, "SQL_DSN", "PostgreSQL URL", id="postgres-bad-port"),
+        # An OverflowError in asyncpg, 79 lines of it.
+        pytest.param({"SQL_DSN": "postgres://u:s3cret@db:99999/x"}, "SQL_DSN", "1 and 65535", id="postgres-port-big"),
+        pytest.param({"SQL_DSN": "postgres://u:s3cret@db:0/x"}, "SQL_DSN", "1 and 65535", id="postgres-port-zero"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db:3306)"}, "SQL_DSN", "missing the '/'", id="mysql-no-slash"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db:3306/new-api"}, "SQL_DSN", "missing ')'", id="mysql-unterminated"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?loc=Asia/Shanghai"}, "SQL_DSN", "escape", id="mysql-unescaped"),
@@ -198,6 +201,12 @@ def test_directory_is_not_a_database(tmp_path: Path) -> None:
         ),
         pytest.param(
             "postgresql://u:pw@db/x", PostgresDSN("postgresql://u:pw@db/x", host="db", database="x"), id="postgresql"
+        ),
+        pytest.param(
+            # The gateway's URL parser ends the password at the last '@', asyncpg at the first.
+            "postgres://u:p@ss:w%2Frd@db/x",
+            PostgresDSN("postgres://u:p%40ss%3Aw%2Frd@db/x", host="db", database="x"),
+            id="postgres-password-with-at",
         ),
         pytest.param("local", None, id="local"),
         pytest.param("local-sqlite", None, id="local-anything"),

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import AppClient, GatewayFactory
-from dbservers import PostgresGateway
+from dbservers import READER, READER_PASSWORD, PostgresGateway
 from support import Gateway
 from tcpproxy import TCPProxy
 from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
@@ -214,6 +214,23 @@ async def test_a_url_the_gateways_driver_takes_is_taken(gateway: Gateway, settin
         token = gateway.add_token()
         found = await store.fetch_many([token.id])
         assert found[token.id][0] == key_digest(token.key.encode())  # type: ignore[index]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+async def test_a_password_with_an_unencoded_at_sign_is_taken(gateway: Gateway, settings: Settings) -> None:
+    """The gateway's URL parser ends the password at the last '@'; asyncpg, handed the URL as
+    written, ended it at the first and looked up the rest as the host name."""
+    # The service's role, whose password holds an '@' (and a ':'), which the gateway's DSN encodes.
+    address = urlsplit(gateway.dsn).netloc.rpartition("@")[2]  # type: ignore[attr-defined]
+    dsn = f"postgres://{READER}:{READER_PASSWORD}@{address}/{gateway.name}"  # type: ignore[attr-defined]
+    assert "@" in READER_PASSWORD
+    token = gateway.add_token(used=4)
+    store = await open_store(dataclasses.replace(settings, database=parse_sql_dsn(dsn)))
+    try:
+        record = await store.fetch(token.key)
+        assert record is not None and record.used_quota == 4
     finally:
         await store.close()
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 MYSQL_PORT = 3306
 
 
 @dataclass(frozen=True)
 class PostgresDSN:
-    # The whole URL goes to asyncpg as it is (it reads sslmode and the like); it may carry a
-    # password, so it stays out of repr.
+    # The URL goes to asyncpg as written (it reads sslmode and the like), but for the user name
+    # and password, percent-encoded, and pgx's own parameters, left out; it may carry a password,
+    # so it stays out of repr.
     url: str = field(repr=False)
     host: str = ""
     database: str = ""
@@ -87,11 +88,27 @@ def _postgres(value: str) -> PostgresDSN:
         raise ValueError(_BAD_PORT) from None
     if any(port and not port.isdigit() for _, port in hosts):
         raise ValueError(_BAD_PORT)
+    if any(port and not 0 < int(port) < 65536 for _, port in hosts):
+        raise ValueError("malformed PostgreSQL URL: the port is not a number between 1 and 65535")
     query = "&".join(
         pair for pair in parts.query.split("&") if pair and unquote(pair.partition("=")[0]) not in _PGX_ONLY
     )
-    url = parts._replace(query=query).geturl()
+    url = parts._replace(netloc=_encoded_user_info(parts.netloc), query=query).geturl()
     return PostgresDSN(url, host=hosts[0][0], database=unquote(parts.path.lstrip("/")))
+
+
+def _encoded_user_info(netloc: str) -> str:
+    """`netloc` with its user name and password percent-encoded. Go's URL parser (the gateway's)
+    ends them at the last '@', so a password may hold one unencoded; asyncpg ends them at the
+    first, and looked up the rest of the password as the host."""
+    user_info, at, hosts = netloc.rpartition("@")
+    if not at:
+        return netloc
+    user, colon, password = user_info.partition(":")  # the first ':': a password may contain ':'
+    encoded = quote(unquote(user), safe="")
+    if colon:
+        encoded += ":" + quote(unquote(password), safe="")
+    return f"{encoded}@{hosts}"
 
 
 def _split_address(address: str) -> tuple[str, str]:
