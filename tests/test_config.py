@@ -43,6 +43,25 @@ def test_defaults_match_the_gateway() -> None:
             {"REDIS_CONN_STRING": "redis://:pw@cache:6379/2"}, "redis_url", "redis://:pw@cache:6379/2", id="redis-url"
         ),
         pytest.param({"REDIS_CONN_STRING": "rediss://cache:6380"}, "redis_url", "rediss://cache:6380", id="tls"),
+        pytest.param(
+            # go-redis's options, as the gateway takes them: checked, and left to the service's own settings.
+            {"REDIS_CONN_STRING": "redis://:pw@cache:6379/2?dial_timeout=5s&read_timeout=3&pool_size=20&pool_fifo=1"},
+            "redis_url",
+            "redis://:pw@cache:6379/2",
+            id="redis-gateway-options",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:pw@cache:6379/2?db=3&min_idle_conns=&idle_timeout=-1"},
+            "redis_url",
+            "redis://:pw@cache:6379/3",
+            id="redis-db-option-wins",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "unix:///run/redis.sock?db=4&write_timeout=1m30s"},
+            "redis_url",
+            "unix:///run/redis.sock?db=4",
+            id="redis-socket-db-option",
+        ),
         pytest.param({"USAGE_CACHE_TTL": "0.5"}, "cache_ttl", 0.5, id="float-ttl"),
         pytest.param({"USAGE_CACHE_TTL": "0.5"}, "local_ttl", 0.5, id="local-ttl-capped-by-cache-ttl"),
         pytest.param({"USAGE_LOCAL_TTL": "0.2"}, "local_ttl", 0.2, id="local-ttl"),
@@ -94,6 +113,53 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         pytest.param({"REDIS_CONN_STRING": "http://cache"}, "REDIS_CONN_STRING", "scheme", id="bad-scheme"),
         pytest.param({"REDIS_CONN_STRING": "redis://cache:port"}, "REDIS_CONN_STRING", "malformed", id="bad-port"),
         pytest.param({"REDIS_CONN_STRING": "redis://"}, "REDIS_CONN_STRING", "no host", id="no-host"),
+        # The query string was first read by redis-py in every worker: a traceback, then a hang.
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:s3cret@cache/0?db=abc"},
+            "REDIS_CONN_STRING",
+            "is a number",
+            id="redis-db-abc",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:s3cret@cache/0?socket_timeout=5"},
+            "REDIS_CONN_STRING",
+            "unknown option 'socket_timeout'",
+            id="redis-py-option",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:s3cret@cache/0?dial_timeout=soon"},
+            "REDIS_CONN_STRING",
+            "dial_timeout is not a duration",
+            id="redis-bad-duration",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:s3cret@cache/0?pool_size=1e3"},
+            "REDIS_CONN_STRING",
+            "pool_size is not a whole number",
+            id="redis-bad-number",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:s3cret@cache/0?pool_fifo=yes"},
+            "REDIS_CONN_STRING",
+            "pool_fifo is not true",
+            id="redis-bad-boolean",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://:s3cret@cache:7000?db=1", "USAGE_REDIS_MODE": "cluster"},
+            "REDIS_CONN_STRING",
+            "only database 0",
+            id="redis-cluster-db-option",
+        ),
+        pytest.param(
+            {
+                "REDIS_CONN_STRING": "redis://:s3cret@mymaster?db=abc",
+                "USAGE_REDIS_MODE": "sentinel",
+                "USAGE_REDIS_SENTINELS": "127.0.0.1:26379",
+            },
+            "REDIS_CONN_STRING",
+            "is a number",
+            id="redis-sentinel-db-abc",
+        ),
         pytest.param({"USAGE_CACHE_TTL": "five"}, "USAGE_CACHE_TTL", "number", id="ttl-not-a-number"),
         pytest.param({"USAGE_CACHE_TTL": "-1"}, "USAGE_CACHE_TTL", "from", id="ttl-negative"),
         pytest.param({"USAGE_CACHE_TTL": "0"}, "USAGE_CACHE_TTL", "from", id="ttl-zero"),

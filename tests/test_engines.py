@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from test_billing import FUTURE, SUBSCRIPTION, TOKEN, USAGE, USER, subscription
 from test_refresh import CHANGES, SLOW_CACHE, answer_is, eventually
 
 from usage_service._dsn import MySQLDSN, parse_sql_dsn
+from usage_service.app import create_app
 from usage_service.cache import key_digest
 from usage_service.config import Settings
 from usage_service.store import STATEMENT_GUARD, SchemaError, StoreUnavailable, open_store
@@ -233,6 +235,29 @@ async def test_a_password_with_an_unencoded_at_sign_is_taken(gateway: Gateway, s
         assert record is not None and record.used_quota == 4
     finally:
         await store.close()
+
+
+async def test_a_set_up_that_fails_closes_what_it_opened(gateway: Gateway, settings: Settings) -> None:
+    """A Redis URL redis-py refuses (one the start-up checks once let through) failed the
+    lifespan after the database was opened, and left it open: on SQLite, aiosqlite's thread,
+    which is no daemon, then kept the worker from ever exiting."""
+    threads = set(threading.enumerate())
+    app = create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0?db=abc"))
+    with pytest.raises(ValueError, match="'db'"):
+        async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
+            pass
+    store = app.state.store
+    assert store is not None
+    with pytest.raises(StoreUnavailable):
+        await store.fetch("k" * 48)
+
+    def left() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in threads and not t.daemon]
+
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not left()
 
 
 async def test_fetch_many_batches_and_reuses_unchanged_records(gateway: Gateway, app_client: AppClient) -> None:

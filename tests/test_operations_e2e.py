@@ -14,8 +14,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
-from support import WORKER_STARTED, Gateway, Service, environ_without_gateway_settings, free_port, wait_until
+from support import (
+    WORKER_STARTED,
+    Gateway,
+    RedisServer,
+    Service,
+    environ_without_gateway_settings,
+    free_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -205,3 +214,90 @@ def test_an_operators_metrics_directory_starts_empty_with_one_worker(gateway: Ga
     assert answered_after_three_polls() == 3
     assert answered_after_three_polls() == 3
     assert gateway.path.exists()
+
+
+def _start_up(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the command to where it serves or stops; bounded, so that a start-up that hangs
+    fails the test instead of holding it."""
+    return subprocess.run(
+        [sys.executable, "-m", "usage_service", "--host", "127.0.0.1", "--port", str(free_port()), *args],
+        env={**environ_without_gateway_settings(), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+SENTINEL = {"USAGE_REDIS_MODE": "sentinel", "USAGE_REDIS_SENTINELS": "127.0.0.1:26379"}
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        pytest.param({"REDIS_CONN_STRING": "redis://127.0.0.1:6390/0?db=abc"}, "database is a number", id="db-abc"),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://127.0.0.1:6390/0?socket_timeout=5s"}, "unknown option", id="redis-py-option"
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://127.0.0.1:7000?db=1", "USAGE_REDIS_MODE": "cluster"},
+            "only database 0",
+            id="cluster-db-option",
+        ),
+        pytest.param(
+            {"REDIS_CONN_STRING": "redis://127.0.0.1:6390?db=abc", **SENTINEL}, "database is a number", id="sentinel"
+        ),
+    ],
+)
+def test_a_redis_url_redis_py_would_refuse_stops_start_up_in_one_line(
+    gateway: Gateway, server: str, env: dict[str, str], words: str
+) -> None:
+    """The query string was first read in the worker, by redis-py: a traceback, "Application
+    startup failed", and then the process never exited (aiosqlite's thread, left running by the
+    failed set-up, is no daemon), not even on SIGTERM."""
+    result = _start_up({"SQLITE_PATH": str(gateway.path), **env}, "--server", server)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("usage-service: error: REDIS_CONN_STRING: ") and words in line
+
+
+def test_a_redis_url_with_the_gateways_options_is_served(gateway: Gateway, redis_server: RedisServer) -> None:
+    """go-redis's options, which the gateway takes (redis-py raised TypeError on dial_timeout),
+    are taken; the database the query names is the one written to."""
+    token = gateway.add_token()
+    url = f"redis://127.0.0.1:{redis_server.port}/0?dial_timeout=5s&read_timeout=3s&pool_size=20&db=7"
+    database_7 = redis.Redis(port=redis_server.port, db=7)
+    database_7.flushdb()
+    try:
+        env = {"SQLITE_PATH": str(gateway.path), "REDIS_CONN_STRING": url, "USAGE_REFRESH_INTERVAL": "0"}
+        with Service(env) as service:
+            assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
+            assert wait_until(lambda: any(database_7.scan_iter("usage:tok:*")), 5), service.output()
+    finally:
+        database_7.flushdb()
+        database_7.close()
+
+
+def test_a_postgres_port_out_of_range_stops_start_up_in_one_line() -> None:
+    """asyncpg's OverflowError: 79 lines of traceback and exit status 1."""
+    result = _start_up({"SQL_DSN": "postgres://u:s3cret@127.0.0.1:99999/db"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "usage-service: error: SQL_DSN: malformed PostgreSQL URL: the port is not a number between 1 and 65535"
+    ]
+
+
+@pytest.mark.parametrize("where", ["read-only-directory", "not-a-database"])
+def test_a_demo_database_that_cannot_be_made_stops_start_up_in_one_line(tmp_path: Path, where: str) -> None:
+    """sqlite3's OperationalError or DatabaseError, as a traceback."""
+    if where == "read-only-directory":
+        cwd = Path("/proc")  # not writable, by root either
+    else:
+        cwd = tmp_path
+        (tmp_path / "usage-service-demo.db").write_text("not a database\n")
+    result = _start_up({}, "--demo", cwd=cwd)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"usage-service: error: --demo: cannot use {str(cwd / 'usage-service-demo.db')!r}")
+    if where == "not-a-database":
+        assert (tmp_path / "usage-service-demo.db").read_text() == "not a database\n"

@@ -139,74 +139,74 @@ def create_app(settings: Settings) -> UsageService:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        store = services.store = await open_store(settings)
-        logs = services.logs = await open_log_reader(settings, store)
-        lag = LoopLag()  # an overloaded worker's timeouts are not Redis's fault (RedisGuard)
-        redis = services.redis = _open_redis(settings, lag)
-        if redis is not None and not await redis.ping():
-            logger.warning("redis does not answer at start; serving from the database until it does")
-        lookup = services.lookup = TokenLookup(store, redis.records if redis else None, settings)
-        services.limiter = AuthFailureLimiter.from_settings(settings, redis.failures if redis else None)
-        history = services.history = History(
-            logs,
-            days=redis.history_days if redis else None,
-            tails=redis.history_tails if redis else None,
-            # A round's confirmation holds until the next one is due and a second more, or, when
-            # rounds run late (a loaded leader), as long as a record in Redis is fresh: the bound
-            # the balance keeps when invalidations are late.
-            confirmed_for=max(settings.refresh_interval + 1.0, settings.cache_ttl),
-            note_polls=settings.refresh_interval > 0,
-            stale_if_error=settings.stale_if_error,
-            kept_while_asked=settings.hot_window - renote_interval(settings.hot_window),
-        )
-        services.day_sums = DaySums(history)
-        keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
-        refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)
-        options = services.options = GatewayOptions(store, settings.options_interval)
-        services.metrics = None
-        await options.refresh()
-        tasks = BackgroundTasks()
-        tasks.start("options", options.run)
-        tasks.start("loop lag", lag.run)
-        if settings.metrics:
-            guard = redis.guard if redis else None
-            publisher = metrics.Publisher(
-                store, lookup, refresher, request_stats, guard, logs=logs, history=history, lag=lag
+        # What is opened is closed in reverse order, at shutdown and as well when a later step of
+        # the set-up fails: a store left open keeps aiosqlite's thread, which is no daemon, and
+        # the worker could then never exit.
+        async with contextlib.AsyncExitStack() as opened:
+            opened.callback(metrics.worker_exited)
+            store = services.store = await open_store(settings)
+            opened.push_async_callback(store.close)
+            logs = services.logs = await open_log_reader(settings, store)
+            opened.push_async_callback(logs.close)
+            lag = LoopLag()  # an overloaded worker's timeouts are not Redis's fault (RedisGuard)
+            redis = services.redis = _open_redis(settings, lag)
+            if redis is not None:
+                opened.push_async_callback(_close_redis, redis)
+                if not await redis.ping():
+                    logger.warning("redis does not answer at start; serving from the database until it does")
+            lookup = services.lookup = TokenLookup(store, redis.records if redis else None, settings)
+            services.limiter = AuthFailureLimiter.from_settings(settings, redis.failures if redis else None)
+            history = services.history = History(
+                logs,
+                days=redis.history_days if redis else None,
+                tails=redis.history_tails if redis else None,
+                # A round's confirmation holds until the next one is due and a second more, or, when
+                # rounds run late (a loaded leader), as long as a record in Redis is fresh: the bound
+                # the balance keeps when invalidations are late.
+                confirmed_for=max(settings.refresh_interval + 1.0, settings.cache_ttl),
+                note_polls=settings.refresh_interval > 0,
+                stale_if_error=settings.stale_if_error,
+                kept_while_asked=settings.hot_window - renote_interval(settings.hot_window),
             )
-            registry = services.metrics = metrics.scrape_registry(publisher)
-            tasks.start("metrics", publisher.run)
-            if settings.metrics_address is not None:
-                host, port = settings.metrics_address
-                tasks.start("metrics server", lambda: metrics.serve_separately(registry, host, port))
-        if settings.refresh_interval > 0:
-            tasks.start("refresher", refresher.run)
-            if redis is not None:
-                channel = redis.channel
-
-                def live(up: bool) -> None:
-                    lookup.set_invalidations_live(up)
-                    history.set_live(up)
-                    if up:
-                        refresher.note_again()
-
-                tasks.start(
-                    "invalidations",
-                    lambda: channel.listen(
-                        lookup.invalidate, lookup.confirm, live, history.hear_round, history.hear_round_began
-                    ),
+            opened.push_async_callback(history.close)
+            services.day_sums = DaySums(history)
+            keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
+            refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)
+            options = services.options = GatewayOptions(store, settings.options_interval)
+            services.metrics = None
+            await options.refresh()
+            tasks = BackgroundTasks()
+            opened.push_async_callback(tasks.stop, SHUTDOWN_GRACE)
+            tasks.start("options", options.run)
+            tasks.start("loop lag", lag.run)
+            if settings.metrics:
+                guard = redis.guard if redis else None
+                publisher = metrics.Publisher(
+                    store, lookup, refresher, request_stats, guard, logs=logs, history=history, lag=lag
                 )
-        try:
+                registry = services.metrics = metrics.scrape_registry(publisher)
+                tasks.start("metrics", publisher.run)
+                if settings.metrics_address is not None:
+                    host, port = settings.metrics_address
+                    tasks.start("metrics server", lambda: metrics.serve_separately(registry, host, port))
+            if settings.refresh_interval > 0:
+                tasks.start("refresher", refresher.run)
+                if redis is not None:
+                    channel = redis.channel
+
+                    def live(up: bool) -> None:
+                        lookup.set_invalidations_live(up)
+                        history.set_live(up)
+                        if up:
+                            refresher.note_again()
+
+                    tasks.start(
+                        "invalidations",
+                        lambda: channel.listen(
+                            lookup.invalidate, lookup.confirm, live, history.hear_round, history.hear_round_began
+                        ),
+                    )
             yield
-        finally:
-            await tasks.stop(SHUTDOWN_GRACE)
-            await history.close()
-            if redis is not None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SHUTDOWN_GRACE):
-                        await redis.close()
-            await logs.close()
-            await store.close()
-            metrics.worker_exited()
 
     polled = TokenAuthMiddleware(dispatch, services=services)
     # Outside authentication: a preflight carries no credential, and rejections need the headers too.
@@ -259,3 +259,10 @@ def _open_redis(settings: Settings, lag: LoopLag | None = None) -> SharedRedis |
     breaker = CircuitBreaker(REDIS_FAILURE_THRESHOLD, settings.redis_cooldown)
     guard = RedisGuard(create_client(settings), timeout=settings.redis_timeout, breaker=breaker, lag=lag)
     return SharedRedis(guard, prefix=settings.redis_prefix)
+
+
+async def _close_redis(redis: SharedRedis) -> None:
+    # Bounded: a Redis that does not answer must not hold the worker's shutdown.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SHUTDOWN_GRACE):
+            await redis.close()

@@ -12,18 +12,21 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from redis.exceptions import RedisError
 
 from . import __version__, logs
 from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
 from ._metric_files import worker_files
 from .config import DEFAULT_PORT, LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
 from .demo import DEMO_DB, ensure_demo_db
+from .redis_client import create_client
 from .store import SchemaError, open_store
 
 logger = logging.getLogger("usage_service")
@@ -132,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--server granian: granian is not installed (pip install 'usage-service[granian]')")
         demo_key = None
         if args.demo:
-            demo_key = ensure_demo_db(DEMO_DB)
+            demo_key = _demo_db()
             # The workers read the same environment: point them at the demo file, and at
             # nothing of a real deployment's (its request log; its Redis, whose records and
             # spending by token id the demo's tokens would answer from and write over).
@@ -142,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         check_database_file(settings)
         asyncio.run(_check_schema(settings))
+        asyncio.run(_check_redis(settings))
         if settings.metrics and settings.metrics_address is not None:
             _check_metrics_address(settings.metrics_address, port)
         _check_metrics_directory()
@@ -189,21 +193,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
-    # it found installed. Installing ours first turns a clean shutdown into exit status 0.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _note_shutdown_signal)
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=args.workers,
-        log_level=args.log_level,
-        log_config=log_config,
-        # Also how long a connection may take to send a request head (_http.py).
-        timeout_keep_alive=settings.header_timeout,
-        **SERVER_OPTIONS,
-    )
+    # it found installed. Installing ours first turns a clean shutdown into exit status 0. Only
+    # while uvicorn runs: past it, a process that cannot exit (a thread that will not stop) must
+    # still be stopped by the signals.
+    previous = {signum: signal.signal(signum, _note_shutdown_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=args.workers,
+            log_level=args.log_level,
+            log_config=log_config,
+            # Also how long a connection may take to send a request head (_http.py).
+            timeout_keep_alive=settings.header_timeout,
+            **SERVER_OPTIONS,
+        )
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
@@ -266,6 +275,28 @@ async def _check_schema(settings: Settings) -> None:
     # Fail here, with one line, rather than inside every worker's lifespan with a traceback.
     store = await open_store(settings)
     await store.close()
+
+
+async def _check_redis(settings: Settings) -> None:
+    """Build the Redis client as every worker will, so that what redis-py refuses in the URL
+    stops start-up here, in one line: in a worker it failed the lifespan, with a traceback.
+    Nothing is sent: the client connects on its first command."""
+    if settings.redis_url is None:
+        return
+    try:
+        client = create_client(settings)
+    except (ValueError, TypeError, RedisError) as exc:  # redis-py's own words name no password
+        raise ConfigError(f"REDIS_CONN_STRING: {exc}") from None
+    await client.aclose()
+
+
+def _demo_db() -> str:
+    """`ensure_demo_db` in the working directory, or ConfigError when it cannot be written
+    there (a read-only directory) or holds something else under the demo's name."""
+    try:
+        return ensure_demo_db(DEMO_DB)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"--demo: cannot use {str(DEMO_DB.absolute())!r} as the demo database ({exc})") from None
 
 
 def _check_metrics_address(address: tuple[str, int], port: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 from ._dsn import MySQLDSN, PostgresDSN, parse_sql_dsn
+from ._redis_url import parse_redis_url
 
 T = TypeVar("T")
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -260,7 +261,8 @@ TABLE: tuple[Variable, ...] = (
         "redis_url",
         None,
         None,
-        "redis:// or rediss:// URL; unset runs on the in-process cache alone",
+        "redis:// or rediss:// URL, with the options the gateway's go-redis takes (?db=, ?dial_timeout=, ...);"
+        " unset runs on the in-process cache alone",
     ),
     Variable("PORT", None, DEFAULT_PORT, None, "listen port (same as --port)"),
     Variable(
@@ -579,24 +581,10 @@ def check_database_file(settings: Settings) -> None:
 
 
 def _redis_url(value: str) -> str | None:
-    if not value:
-        return None
     try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
+        return parse_redis_url(value)
     except ValueError as exc:
-        raise ConfigError(f"REDIS_CONN_STRING: malformed URL ({exc})") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"REDIS_CONN_STRING: expected a redis://, rediss:// or unix:// URL, got scheme {parts.scheme!r}"
-        )
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError("REDIS_CONN_STRING: the URL names no host")
-    database = parts.path.lstrip("/")
-    if parts.scheme != "unix" and database and not (database.isascii() and database.isdigit()):
-        # redis-py would quietly take database 0; the gateway refuses the URL.
-        raise ConfigError(f"REDIS_CONN_STRING: the database is a number, as in redis://host:6379/0 (got {database!r})")
-    return value
+        raise ConfigError(f"REDIS_CONN_STRING: {exc}") from None
 
 
 def _check_redis_topology(
