@@ -19,7 +19,8 @@ from test_freshness import Gate, until
 from usage_service import history as history_module
 from usage_service.app import _open_redis
 from usage_service.config import Settings
-from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, plus
+from usage_service.days import DaySums
+from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, _Loaded, plus
 from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import TOKEN_ORDER_CHECK, LogReader, uncounted
@@ -529,6 +530,84 @@ async def test_a_read_that_landed_but_has_not_left_the_table_is_not_waited_on(
         history._flights._tasks[token.id] = task  # type: ignore[assignment]  # as before its callback ran
         answer = await history.slots(token.id, T0, T0 + DAY)
     assert sum(spend[0] for spend in answer.values()) == 4
+
+
+@sqlite_only
+async def test_a_request_that_waited_its_turn_judges_the_tail_when_it_answers(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """A tail fresh for a second when a request began is not served after the request waited
+    for its token's other read for longer: freshness is judged when the answer is made (found
+    by review: the time was taken once, at the start)."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 3600, quota=1)  # day 0, closed
+    gateway.add_log(token, created_at=T0 + 3 * DAY + 600, quota=10)  # day 3, open
+    clock = Clock(T0 + 3 * DAY + 3600)
+    async with engine(settings, clock) as (history, recorder):
+        history.note_min_id(1, clock.now, 10**9)
+        await history.slots(token.id, T0 + 3 * DAY, T0 + 4 * DAY)  # the tail, fresh for a second
+        gate, run = Gate(), recorder.run
+
+        async def held(
+            sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
+            rows = await run(sql, params, *resent, **options)
+            if "GROUP BY" in sql and not gate.reached.is_set():
+                await gate.hold()
+            return rows  # type: ignore[no-any-return]
+
+        recorder.run = held
+        other = asyncio.create_task(history.slots(token.id, T0, T0 + DAY))  # another range: day 0 read
+        await until(gate.reached.is_set)
+        mine = asyncio.create_task(history.slots(token.id, T0, T0 + 4 * DAY))  # days 0 to 2 and the tail
+        await until(lambda: history.stats.coalesced == 1)  # waiting for its turn
+        gateway.add_log(token, created_at=T0 + 3 * DAY + 3000, quota=100)  # charged meanwhile
+        clock.now += 8
+        gate.release.set()
+        await other
+        assert await mine == await plain_select(history.reader, token.id, T0, T0 + 4 * DAY)
+
+
+@sqlite_only
+async def test_a_request_over_closed_and_open_days_waits_its_turn_once(
+    gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history's sums ask for the closed part and the open part of a range separately: the
+    request's wait for its token's turns is bounded once, by TURN_WAIT from its start, not once
+    per part (found by review: 2 x TURN_WAIT)."""
+    monkeypatch.setattr(history_module, "TURN_WAIT", 1.0)
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 3600, quota=1)
+    clock = Clock(T0 + 3 * DAY + 3600)
+    loop = asyncio.get_running_loop()
+    async with engine(settings, clock) as (history, recorder):
+        history.note_min_id(1, clock.now, 10**9)
+        sums = DaySums(history)
+        first_read, second_read = asyncio.Event(), asyncio.Event()
+
+        async def running(landed: asyncio.Event) -> Any:
+            await landed.wait()
+            return _Loaded({}, None)
+
+        history._flights._tasks[token.id] = asyncio.create_task(running(first_read))  # another's read
+        run = recorder.run
+
+        async def another_begins(
+            sql: str, params: Sequence[Any], *resent: Callable[[], None], **options: Any
+        ) -> Sequence[Sequence[Any]]:
+            # While this request reads its closed days, another read of the token begins.
+            if "GROUP BY" in sql:
+                history._flights._tasks[token.id] = asyncio.create_task(running(second_read))
+            return await run(sql, params, *resent, **options)  # type: ignore[no-any-return]
+
+        recorder.run = another_begins
+        began = loop.time()
+        loop.call_later(0.9, first_read.set)  # the first read lands just within the turn
+        with pytest.raises(StoreUnavailable, match="still running"):
+            await sums.sums(token.id, tuple(T0 + day * DAY for day in range(5)), T0 + 4 * DAY)
+        waited = loop.time() - began
+        second_read.set()
+        assert waited < 1.5, waited  # 1.9 s with a deadline per part
 
 
 @sqlite_only

@@ -131,12 +131,13 @@ class DaySums:
         if end <= start:
             return {}
         boundary = self.history.open_from()
+        turn_ends = self.history.turn_deadline()  # one for both parts: the request's wait is bounded once
         closed: dict[tuple[int, str], Spend] = {}
         if start < boundary:
             min_id = await self.history.current_min_id()  # moved: the clean-up may have taken kept days
             kept = self._kept.get((token_id, boundary, min_id, starts))
             if kept is None:
-                slots = await self.history.slots(token_id, start, min(boundary, end))
+                slots = await self.history.slots(token_id, start, min(boundary, end), turn_ends=turn_ends)
                 kept = by_day_and_model(slots, starts)
                 # Kept only if the clean-up did not move meanwhile: days the history held were
                 # checked against the smallest id before the read, and may hold rows it took.
@@ -147,7 +148,8 @@ class DaySums:
             closed = kept
         if end <= boundary:
             return closed
-        open_sums = by_day_and_model(await self.history.slots(token_id, max(start, boundary), end), starts)
+        open_slots = await self.history.slots(token_id, max(start, boundary), end, turn_ends=turn_ends)
+        open_sums = by_day_and_model(open_slots, starts)
         if not closed:
             return open_sums
         if not open_sums:

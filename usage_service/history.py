@@ -295,10 +295,14 @@ class History:
         self._round: asyncio.Event | None = None
         self._round_until = -math.inf
 
-    async def slots(self, token_id: int, start: int, end: int) -> dict[tuple[int, str], Spend]:
+    async def slots(
+        self, token_id: int, start: int, end: int, *, turn_ends: float | None = None
+    ) -> dict[tuple[int, str], Spend]:
         """{(slot_start, model_name): Spend} over the token's rows with start <= created_at < end.
         start and end are Unix seconds, multiples of SLOT. Raises StoreUnavailable (and
-        ValueError for a range of more than MAX_DAYS)."""
+        ValueError for a range of more than MAX_DAYS). `turn_ends`: until when (loop time) the
+        request may wait for its token's other reads, from `turn_deadline()` (a request that
+        asks for two parts shares one deadline); TURN_WAIT from now without it."""
         if end <= start:
             return {}
         if end - start > MAX_DAYS * DAY:
@@ -314,9 +318,13 @@ class History:
                 direct = self._forget_kept_tail(token_id)
             self._note_asked(token_id, now)
         waited_round = False
-        turn_ends = asyncio.get_running_loop().time() + TURN_WAIT
+        if turn_ends is None:
+            turn_ends = self.turn_deadline()
         turn_failed: StoreUnavailable | None = None
         while True:  # once more after the round's wait, and after each read of the token's we waited for
+            # Freshness is judged when the answer is made: a pass after a wait takes the time again
+            # (which day is open stays as the request found it).
+            now = self.clock()
             task = self._running_read(token_id)
             tail_from = open_day if wants_tail else None
             if task is not None and self._lacks(token_id, first, min(last, open_day - 1), tail_from, now):
@@ -596,6 +604,11 @@ class History:
         if tail.until is not None:
             return now < tail.until
         return tail.generation == self._generation and now < self._confirmed_at + self.confirmed_for
+
+    @staticmethod
+    def turn_deadline() -> float:
+        """Until when (loop time) a request starting now may wait for its token's reads."""
+        return asyncio.get_running_loop().time() + TURN_WAIT
 
     def _running_read(self, token_id: int) -> asyncio.Task[_Loaded] | None:
         """The token's read still running, if any. One that has just landed may still be in the
