@@ -133,12 +133,7 @@ async def test_users_the_gateways_driver_logs_in_as_can_read(
             cursor.execute(f"GRANT SELECT ON `{gateway.name}`.* TO '{user}'@'%'")  # type: ignore[attr-defined]
     token = gateway.add_token(used=4)
     dsn = f"{user}:{password}@tcp(127.0.0.1:{server.port})/{gateway.name}"  # type: ignore[attr-defined]
-    store = await open_store(dataclasses.replace(settings, database=parse_sql_dsn(dsn)))
-    try:
-        record = await store.fetch(token.key)
-        assert record is not None and record.used_quota == 4
-    finally:
-        await store.close()
+    await assert_read_through(settings, dsn, token, used=4)
 
 
 @pytest.mark.parametrize("gateway", ["mysql"], indirect=True)
@@ -229,12 +224,7 @@ async def test_a_password_with_an_unencoded_at_sign_is_taken(gateway: Gateway, s
     dsn = f"postgres://{READER}:{READER_PASSWORD}@{address}/{gateway.name}"  # type: ignore[attr-defined]
     assert "@" in READER_PASSWORD
     token = gateway.add_token(used=4)
-    store = await open_store(dataclasses.replace(settings, database=parse_sql_dsn(dsn)))
-    try:
-        record = await store.fetch(token.key)
-        assert record is not None and record.used_quota == 4
-    finally:
-        await store.close()
+    await assert_read_through(settings, dsn, token, used=4)
 
 
 async def test_a_set_up_that_fails_closes_what_it_opened(gateway: Gateway, settings: Settings) -> None:
@@ -471,3 +461,13 @@ async def test_billing_reads_options_and_owner_quota(
         assert app.state.store.option_statements >= 1
     assert sub.json() == expected_subscription
     assert use.json() == {"object": "list", "total_usage": expected_usage}
+
+
+async def assert_read_through(settings: Settings, dsn: str, token: Any, *, used: int) -> None:
+    """A store opened on `dsn` reads `token` (whose used quota is `used`)."""
+    store = await open_store(dataclasses.replace(settings, database=parse_sql_dsn(dsn)))
+    try:
+        record = await store.fetch(token.key)
+        assert record is not None and record.used_quota == used
+    finally:
+        await store.close()
