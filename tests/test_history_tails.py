@@ -517,7 +517,8 @@ async def test_a_day_that_closes_under_the_rounds_is_not_read_again(
 @pytest.mark.redis_topologies
 async def test_a_late_tail_write_never_replaces_a_newer_one(settings: Settings, redis_url: str) -> None:
     """A deposed leader's write, held up past its lock, lands after its successor's: ignored."""
-    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url))
+    # A generous timeout here and below: a loaded machine's late answer would read as a miss.
+    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url, redis_timeout=5.0))
     assert redis is not None
     try:
         day = T0 // DAY
@@ -536,7 +537,7 @@ async def test_a_late_tail_write_never_replaces_a_newer_one(settings: Settings, 
 async def test_tails_asked_for_at_once_are_read_in_a_few_mgets(settings: Settings, redis_url: str) -> None:
     """A worker taking up 500 tokens' tails at once (a started worker, a lost channel regained)
     makes a few round trips, not 500; a token the leader keeps nothing for reads as None."""
-    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url))
+    redis = _open_redis(dataclasses.replace(settings, redis_url=redis_url, redis_timeout=5.0))
     assert redis is not None
     try:
         day = T0 // DAY
