@@ -512,6 +512,104 @@ async def test_a_deposed_leader_abandons_its_round(
         pubsub.close()
 
 
+class HeldStore:
+    """The real store, whose statements are counted as they are sent and held, once read, until
+    the test lets them return; `full` is set once `wanted` are held at once."""
+
+    def __init__(self, store: Any, wanted: int) -> None:
+        self.store, self.wanted = store, wanted
+        self.sent = self.held = 0
+        self.full, self.release = asyncio.Event(), asyncio.Event()
+
+    async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
+        self.sent += 1
+        found: dict[int, tuple[bytes, TokenRecord]] = await self.store.fetch_many(ids)
+        self.held += 1
+        if self.held == self.wanted:
+            self.full.set()
+        await self.release.wait()
+        return found
+
+
+def note_every_token(gateway: Gateway) -> dict[bytes, int]:
+    """{digest: id} of every token of the gateway, as polls would note them."""
+    return {key_digest(str(key).encode()): int(i) for i, key in gateway.db.execute("SELECT id, `key` FROM tokens")}
+
+
+async def test_a_round_keeps_a_few_statements_in_flight_each_sent_while_its_lock_holds(
+    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """On a saturated worker every await of a round waits out a whole pass of the event loop, so
+    a round keeps READ_AHEAD statements in flight rather than one. Each is still sent only while
+    the lock is ours: once the round finds it lost, it sends no statement more, writes and
+    publishes nothing."""
+    ahead = usage_service.refresh.READ_AHEAD
+    gateway.add_tokens((ahead + 2) * usage_service.refresh.REFRESH_CHUNK)
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        cache = app.state.redis
+        held = HeldStore(app.state.store, wanted=ahead)
+        a = Refresher(app.state.lookup, held, cache, dataclasses.replace(settings, redis_url=redis_url))  # type: ignore[arg-type]
+        await cache.hot_set.note(note_every_token(gateway), time.time())
+        pubsub = redis_client.pubsub()
+        pubsub.subscribe(cache.channel.name)
+        published(redis_client, pubsub, cache.channel.name, "subscribed")
+
+        a_round = asyncio.create_task(a.tick())
+        async with asyncio.timeout(10):
+            await held.full.wait()
+        for _ in range(20):  # the round's turns: no statement more while these are held
+            await asyncio.sleep(0)
+        assert held.sent == ahead
+        lock_runs_out(a, redis_client)
+        held.release.set()
+        await a_round
+        assert held.sent == ahead  # none sent once the lock was found lost
+        assert not a.stats.leader
+        assert published(redis_client, pubsub, cache.channel.name, "after") == []
+        assert redis_client.keys(cache.records.prefix + "*") == []
+        pubsub.close()
+
+
+async def test_a_round_publishes_its_news_before_it_renews_unchanged_records(
+    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Renewing 10,000 unchanged records in Redis takes a saturated worker a good part of a
+    second, and nobody waits for it: a change is published (and the round confirmed) first."""
+    gateway.add_tokens(50)
+    token = gateway.add_token(used=1)
+    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
+        cache = app.state.redis
+        a = Refresher(app.state.lookup, app.state.store, cache, dataclasses.replace(settings, redis_url=redis_url))
+        await cache.hot_set.note(note_every_token(gateway), time.time())
+        await a.tick()  # first sight: every record written and published
+        assert a.stats.leader
+        a.cache_ttl = 0.0  # every record written so far is due for renewal
+        pubsub = redis_client.pubsub()
+        pubsub.subscribe(cache.channel.name)
+        published(redis_client, pubsub, cache.channel.name, "subscribed")
+
+        store_many, renewal = cache.records.store_many, Gate()
+
+        async def held_renewal(values: dict[bytes, bytes], ttl: float) -> None:
+            if len(values) > 1:
+                await renewal.hold()
+            await store_many(values, ttl)
+
+        cache.records.store_many = held_renewal
+        gateway.charge(token, 5)
+        a_round = asyncio.create_task(a.tick())
+        async with asyncio.timeout(10):
+            await renewal.reached.wait()
+        news = published(redis_client, pubsub, cache.channel.name, "renewing")
+        digest = key_digest(token.key.encode())
+        assert len(news) == 2 and digest.hex().encode() in news[0] and news[1].startswith(b"@")  # change, confirmation
+        assert decode_cached(redis_client.get(cache.records.key(digest)))[0].used_quota == 6
+        renewal.release.set()
+        await a_round
+        assert a.stats.leader
+        pubsub.close()
+
+
 async def test_a_deposed_leader_whose_round_found_nothing_new_confirms_nothing(
     gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
 ) -> None:

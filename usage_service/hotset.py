@@ -7,11 +7,10 @@ were last noted. Workers note what they answered; the refresher's leader reads i
 from __future__ import annotations
 
 import binascii
-import functools
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 
-from ._redis_guard import RedisGuard
+from ._redis_guard import RedisGuard, ScriptCall
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -121,13 +120,15 @@ class HotSet:
     async def note(self, polled: Mapping[bytes, int], now: float) -> None:
         """Mark tokens ({digest: id}) as polled at `now`."""
         items = list(polled.items())
-        # In slices, each one string that Redis splits: packing a ZADD of 10,000 members, two
-        # arguments each, would hold up the event loop.
-        for start in range(0, len(items), HOT_SLICE):
-            members = ",".join([f"{token_id}:{digest.hex()}" for digest, token_id in items[start : start + HOT_SLICE]])
-            await self.guard.run(
-                functools.partial(self._note, keys=[self.key], args=[now, members]), self.guard.batch_timeout
-            )
+        # In slices, each one string that Redis splits (packing a ZADD of 10,000 members, two
+        # arguments each, would hold up the event loop), all in one pipeline: on a saturated
+        # worker each round trip waits out a whole pass of the event loop.
+        calls: list[ScriptCall] = [
+            ([self.key], [now, ",".join([f"{t}:{digest.hex()}" for digest, t in items[start : start + HOT_SLICE]])])
+            for start in range(0, len(items), HOT_SLICE)
+        ]
+        if calls:
+            await self.guard.run(lambda: self.guard.eval_each(self._note, calls), self.guard.batch_timeout)
 
     async def members(self, since: float, limit: int) -> list[bytes]:
         """Forget tokens not polled since `since`; return the most recent others, unparsed (see

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -38,6 +39,8 @@ U = TypeVar("U")
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
 REFRESH_CHUNK = HOT_SLICE
+# A round's statements in flight at once (see Refresher._read_ahead).
+READ_AHEAD = 4
 
 
 @dataclass
@@ -224,56 +227,94 @@ class Refresher:
         self._members = {member: known[member] for member in members if member in known}
         last_seen, written = self._last_seen, self._written
         seen: dict[bytes, TokenRecord | None] = {}
-        values: dict[bytes, bytes] = {}  # records to write to Redis
+        values: dict[bytes, bytes] = {}  # changed records, to write to Redis before they are published
+        renewed: dict[bytes, bytes] = {}  # unchanged ones, rewritten after (see below)
         fetched: dict[bytes, float] = {}  # when each of them was read
         changed: list[bytes] = []
         fingerprints: dict[bytes, bytes] = {}
-        for start in range(0, len(members), REFRESH_CHUNK):
-            if not await self._before_statement(lock):
-                return None
-            chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
-            fresh = await self._read(chunk)
-            # Stamped when the read has ended (a request's read is stamped when it begins): a
-            # request's record replaces these in Redis only if its read began after this one
-            # ended, so Redis never holds a record older than what this round saw, which its
-            # invalidations and confirmation vouch for.
-            fetched_at = time.time()
-            # Changed records are written; unchanged ones once half their TTL has gone, which
-            # keeps them from ageing out of the cache.
-            due = fetched_at - self.cache_ttl / 2
-            for digest, record in fresh.items():
-                if last_seen.get(digest, _UNSEEN) is not record or digest in requested:
-                    changed.append(digest)
-                    if record is not None:
-                        # With what was read: a worker that holds that very record keeps it (a
-                        # first sight of 10,000 tokens need not reload them all in every worker).
-                        fingerprints[digest] = record.fingerprint
-                elif written.get(digest, 0.0) > due:
-                    continue
-                # A token gone is written too, whatever USAGE_NEGATIVE_TTL: left in Redis, its
-                # old record would be taken back by every worker the invalidation reaches (with
-                # the setting at 0 a tombstone is never served, only read past to the database).
-                values[digest] = encode_cached(record, fetched_at)
-                fetched[digest] = fetched_at
-            seen.update(fresh)
+        chunks = self._read_ahead(lock, members)
+        try:
+            # Each chunk stamped when its read ended (a request's read is stamped when it
+            # begins): a request's record replaces these in Redis only if its read began after
+            # this one ended, so Redis never holds a record older than what this round saw,
+            # which its invalidations and confirmation vouch for.
+            async for fresh, fetched_at in chunks:
+                # Changed records are written; unchanged ones once half their TTL has gone, which
+                # keeps them from ageing out of the cache.
+                due = fetched_at - self.cache_ttl / 2
+                for digest, record in fresh.items():
+                    if last_seen.get(digest, _UNSEEN) is not record or digest in requested:
+                        changed.append(digest)
+                        if record is not None:
+                            # With what was read: a worker that holds that very record keeps it
+                            # (a first sight of 10,000 tokens need not reload them all in every
+                            # worker).
+                            fingerprints[digest] = record.fingerprint
+                        # A token gone is written too, whatever USAGE_NEGATIVE_TTL: left in
+                        # Redis, its old record would be taken back by every worker the
+                        # invalidation reaches (with the setting at 0 a tombstone is never
+                        # served, only read past to the database).
+                        values[digest] = encode_cached(record, fetched_at)
+                    elif written.get(digest, 0.0) <= due:
+                        renewed[digest] = encode_cached(record, fetched_at)
+                    else:
+                        continue
+                    fetched[digest] = fetched_at
+                seen.update(fresh)
+        except _LockLost:
+            return None
+        finally:
+            await chunks.aclose()
         # Every token polled lately was checked: workers may keep what they hold. (With the hot
         # set cut at USAGE_HOT_MAX, some were not, and entries age out as usual.)
         confirm = len(members) < self.hot_max
-        if values or changed or confirm:
+        if values or renewed or confirm:
             if not await self._before_writes(lock):
                 return None
             if values:
                 await redis.records.store_many(values, self.lookup.redis_ttl)
-                written.update(fetched)
             if changed:
                 await redis.channel.publish_invalidation(changed, fingerprints)
             self._requested = set()
             if confirm:
                 await redis.channel.publish_confirmation(as_of)
+            # Unchanged records are only renewed, which nobody waits for: after the news.
+            if renewed:
+                await redis.records.store_many(renewed, self.lookup.redis_ttl)
+            written.update(fetched)
         self._last_seen = seen
         self._written = {d: at for d, at in written.items() if d in seen}
         self._finish(seen, len(changed), started)
         return len(members)
+
+    async def _read_ahead(
+        self, lock: LeaderLock, members: list[bytes]
+    ) -> AsyncGenerator[tuple[dict[bytes, TokenRecord | None], float]]:
+        """The members' records a chunk at a time, each with when its read ended, READ_AHEAD
+        statements in flight: on a saturated worker every await waits out a whole pass of the
+        event loop, and the next statement runs while the round waits for this one. The lock is
+        checked before each statement is sent; _LockLost when it is found lost."""
+        starts = iter(range(0, len(members), REFRESH_CHUNK))
+        reads: deque[asyncio.Task[tuple[dict[bytes, TokenRecord | None], float]]] = deque()
+        try:
+            while True:
+                while len(reads) < READ_AHEAD and (start := next(starts, None)) is not None:
+                    if not await self._before_statement(lock):
+                        raise _LockLost
+                    chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
+                    reads.append(asyncio.ensure_future(self._timed_read(chunk)))
+                if not reads:
+                    return
+                yield await reads.popleft()
+        finally:
+            for read in reads:
+                read.cancel()
+            if reads:
+                await asyncio.gather(*reads, return_exceptions=True)
+
+    async def _timed_read(self, hot: dict[bytes, int]) -> tuple[dict[bytes, TokenRecord | None], float]:
+        fresh = await self._read(hot)
+        return fresh, time.time()
 
     async def _before_statement(self, lock: LeaderLock) -> bool:
         """Whether the lock is ours for a statement more (no round trip while its lease lasts)."""
@@ -377,6 +418,10 @@ def _chunks(hot: dict[bytes, int]) -> Iterator[dict[bytes, int]]:
     items = list(hot.items())
     for start in range(0, len(items), REFRESH_CHUNK):
         yield dict(items[start : start + REFRESH_CHUNK])
+
+
+class _LockLost(Exception):
+    """The leader lock was found lost before a statement of the round."""
 
 
 class _Unseen:
