@@ -72,6 +72,17 @@ def test_defaults_match_the_gateway() -> None:
         pytest.param({"USAGE_METRICS_ADDRESS": "127.0.0.1:9100"}, "metrics_address", ("127.0.0.1", 9100), id="addr"),
         pytest.param({"USAGE_METRICS_ADDRESS": "[::1]:9100"}, "metrics_address", ("::1", 9100), id="addr-ipv6"),
         pytest.param({"USAGE_LOG_FORMAT": "json"}, "log_format", "json", id="json-logs"),
+        pytest.param({"USAGE_LOG_FORMAT": "JSON"}, "log_format", "json", id="json-logs-any-case"),
+        pytest.param(
+            {
+                "REDIS_CONN_STRING": "redis://cache:6379",
+                "USAGE_REDIS_MODE": "sentinel",
+                "USAGE_REDIS_SENTINELS": "s1, s2:26380",
+            },
+            "redis_sentinels",
+            (("s1", 26379), ("s2", 26380)),
+            id="sentinels-default-port",
+        ),
         pytest.param({"USAGE_ACCESS_LOG": "yes"}, "access_log", True, id="access-log"),
         pytest.param({"USAGE_CORS_ORIGINS": ""}, "cors_origins", ("*",), id="cors-default"),
         pytest.param({"USAGE_CORS_ORIGINS": "off"}, "cors_origins", (), id="cors-off"),
@@ -179,6 +190,8 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
             {"USAGE_RETRY_AFTER": "99999999999999"}, "USAGE_RETRY_AFTER", "whole number", id="retry-after-huge"
         ),
         pytest.param({"USAGE_LOG_FORMAT": "xml"}, "USAGE_LOG_FORMAT", "text, json", id="log-format"),
+        # Port 0 is no sentinel's: it was taken as "no port" and became 26379.
+        pytest.param({"USAGE_REDIS_SENTINELS": "s1:0"}, "USAGE_REDIS_SENTINELS", "host:port", id="sentinel-port-0"),
         pytest.param({"USAGE_CORS_ORIGINS": "dash.example.com"}, "USAGE_CORS_ORIGINS", "origins like", id="no-scheme"),
         pytest.param({"USAGE_CORS_ORIGINS": "https://a.example/app"}, "USAGE_CORS_ORIGINS", "origins", id="path"),
     ],

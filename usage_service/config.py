@@ -124,9 +124,9 @@ def _addresses(default_port: int) -> Callable[[str], tuple[tuple[str, int], ...]
                 host, port = parts.hostname, parts.port
             except ValueError:
                 host = port = None
-            if not host or parts.path or parts.username or parts.password:
+            if not host or port == 0 or parts.path or parts.username or parts.password:
                 raise ValueError(f"expected comma-separated host:port addresses, {item!r} is not one")
-            addresses.append((host, port or default_port))
+            addresses.append((host, default_port if port is None else port))
         if not addresses:
             raise ValueError("expected at least one host:port address")
         return tuple(addresses)
@@ -168,9 +168,10 @@ def _networks(raw: str) -> tuple[Network, ...]:
 
 
 def _log_format(raw: str) -> str:
-    if raw not in LOG_FORMATS:
+    log_format = next((f for f in LOG_FORMATS if f == raw.lower()), None)
+    if log_format is None:
         raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}")
-    return raw
+    return log_format
 
 
 def _cors_origins(raw: str) -> tuple[str, ...]:
