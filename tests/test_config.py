@@ -106,6 +106,12 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         # An OverflowError in asyncpg, 79 lines of it.
         pytest.param({"SQL_DSN": "postgres://u:s3cret@db:99999/x"}, "SQL_DSN", "1 and 65535", id="postgres-port-big"),
         pytest.param({"SQL_DSN": "postgres://u:s3cret@db:0/x"}, "SQL_DSN", "1 and 65535", id="postgres-port-zero"),
+        pytest.param(
+            {"SQL_DSN": "postgres://u:s3cret%zz@db/x"}, "SQL_DSN", "starts no escape", id="postgres-bad-escape"
+        ),
+        pytest.param(
+            {"SQL_DSN": "postgres://u:s3cret@db/x%2"}, "SQL_DSN", "starts no escape", id="postgres-bad-escape-db"
+        ),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db:3306)"}, "SQL_DSN", "missing the '/'", id="mysql-no-slash"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db:3306/new-api"}, "SQL_DSN", "missing ')'", id="mysql-unterminated"),
         pytest.param({"SQL_DSN": "root:s3cret@tcp(db)/d?loc=Asia/Shanghai"}, "SQL_DSN", "escape", id="mysql-unescaped"),

@@ -75,6 +75,9 @@ _BAD_PORT = (
 )
 
 
+_BAD_ESCAPE = re.compile("%(?![0-9A-Fa-f]{2})")
+
+
 def _postgres(value: str) -> PostgresDSN:
     # (Not the parser's messages: they quote the URL up to where they failed, password included.)
     try:
@@ -90,6 +93,9 @@ def _postgres(value: str) -> PostgresDSN:
         raise ValueError(_BAD_PORT)
     if any(port and not 0 < int(port) < 65536 for _, port in hosts):
         raise ValueError("malformed PostgreSQL URL: the port is not a number between 1 and 65535")
+    # Go's parser (the gateway's) refuses a '%' that starts no escape; Python's would keep it.
+    if _BAD_ESCAPE.search(parts.netloc.rpartition("@")[0]) or _BAD_ESCAPE.search(parts.path):
+        raise ValueError("malformed PostgreSQL URL: a '%' that starts no escape (write '%' as %25)")
     query = "&".join(
         pair for pair in parts.query.split("&") if pair and unquote(pair.partition("=")[0]) not in _PGX_ONLY
     )
