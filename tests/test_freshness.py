@@ -256,11 +256,22 @@ async def served_per_round(
     return served
 
 
-class FailsOnce:
+class WrappedStore:
+    """The real store, for a test to alter its fetch_many: everything else is the store's."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+class FailsOnce(WrappedStore):
     """The real store, whose next fetch_many fails (a locked database) once `armed`."""
 
     def __init__(self, store: Any) -> None:
-        self.store, self.armed = store, False
+        super().__init__(store)
+        self.armed = False
 
     async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
         if self.armed:
@@ -439,11 +450,12 @@ async def test_stale_if_error_survives_an_invalidation(
 # --- leadership ---------------------------------------------------------------------------
 
 
-class GatedStore:
+class GatedStore(WrappedStore):
     """The real store, whose fetch_many holds its result at a gate."""
 
     def __init__(self, store: Any, gate: Gate) -> None:
-        self.store, self.gate = store, gate
+        super().__init__(store)
+        self.gate = gate
 
     async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
         found: dict[int, tuple[bytes, TokenRecord]] = await self.store.fetch_many(ids)
@@ -512,12 +524,13 @@ async def test_a_deposed_leader_abandons_its_round(
         pubsub.close()
 
 
-class HeldStore:
+class HeldStore(WrappedStore):
     """The real store, whose statements are counted as they are sent and held, once read, until
     the test lets them return; `full` is set once `wanted` are held at once."""
 
     def __init__(self, store: Any, wanted: int) -> None:
-        self.store, self.wanted = store, wanted
+        super().__init__(store)
+        self.wanted = wanted
         self.sent = self.held = 0
         self.full, self.release = asyncio.Event(), asyncio.Event()
 
@@ -536,24 +549,38 @@ def note_every_token(gateway: Gateway) -> dict[bytes, int]:
     return {key_digest(str(key).encode()): int(i) for i, key in gateway.db.execute("SELECT id, `key` FROM tokens")}
 
 
-async def test_a_round_keeps_a_few_statements_in_flight_each_sent_while_its_lock_holds(
-    gateway: Gateway, app_client: AppClient, settings: Settings, redis_url: str, redis_client: redis.Redis
+@pytest.mark.parametrize(
+    ("pool", "others", "ahead"),
+    [(4, 0, 3), (8, 0, 4), (1, 0, 1), (2, 0, 1), (4, 2, 1)],
+    ids=["default-pool", "large-pool", "one-connection", "two-connections", "two-held-by-others"],
+)
+async def test_a_round_sends_statements_ahead_while_two_connections_are_spare_and_its_lock_holds(
+    gateway: Gateway,
+    app_client: AppClient,
+    settings: Settings,
+    redis_url: str,
+    redis_client: redis.Redis,
+    pool: int,
+    others: int,
+    ahead: int,
 ) -> None:
     """On a saturated worker every await of a round waits out a whole pass of the event loop, so
-    a round keeps READ_AHEAD statements in flight rather than one. Each is still sent only while
-    the lock is ours: once the round finds it lost, it sends no statement more, writes and
-    publishes nothing."""
-    ahead = usage_service.refresh.READ_AHEAD
-    gateway.add_tokens((ahead + 2) * usage_service.refresh.REFRESH_CHUNK)
-    async with app_client(redis_url=redis_url, refresh_interval=0) as (app, _):
-        cache = app.state.redis
-        held = HeldStore(app.state.store, wanted=ahead)
+    a round keeps up to READ_AHEAD statements in flight rather than one, but sends one ahead of
+    its others only while the store has two connections spare: it never waits for a connection
+    behind its own round (where its time would run out), and the requests' misses keep one.
+    Each is sent only while the lock is ours: once the round finds it lost, it sends no
+    statement more, writes and publishes nothing."""
+    gateway.add_tokens((usage_service.refresh.READ_AHEAD + 2) * usage_service.refresh.REFRESH_CHUNK)
+    async with app_client(redis_url=redis_url, refresh_interval=0, db_pool_size=pool) as (app, _):
+        cache, store = app.state.redis, app.state.store
+        held = HeldStore(store, wanted=ahead)
         a = Refresher(app.state.lookup, held, cache, dataclasses.replace(settings, redis_url=redis_url))  # type: ignore[arg-type]
         await cache.hot_set.note(note_every_token(gateway), time.time())
         pubsub = redis_client.pubsub()
         pubsub.subscribe(cache.channel.name)
         published(redis_client, pubsub, cache.channel.name, "subscribed")
 
+        store._in_flight += others  # statements of others (request misses, the log's) under way
         a_round = asyncio.create_task(a.tick())
         async with asyncio.timeout(10):
             await held.full.wait()
@@ -563,6 +590,7 @@ async def test_a_round_keeps_a_few_statements_in_flight_each_sent_while_its_lock
         lock_runs_out(a, redis_client)
         held.release.set()
         await a_round
+        store._in_flight -= others
         assert held.sent == ahead  # none sent once the lock was found lost
         assert not a.stats.leader
         assert published(redis_client, pubsub, cache.channel.name, "after") == []
@@ -686,12 +714,13 @@ async def test_a_late_write_never_replaces_a_newer_record(
         assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 30
 
 
-class StoreGatedBefore:
+class StoreGatedBefore(WrappedStore):
     """The real store, whose fetch_many waits at a gate before it reads: a statement that waits
     for a connection, a lock or the network after the round took its turn."""
 
     def __init__(self, store: Any, gate: Gate) -> None:
-        self.store, self.gate = store, gate
+        super().__init__(store)
+        self.gate = gate
 
     async def fetch_many(self, ids: Sequence[int]) -> dict[int, tuple[bytes, TokenRecord]]:
         await self.gate.hold()

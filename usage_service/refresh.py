@@ -39,7 +39,7 @@ U = TypeVar("U")
 # Tokens re-read, written and compared at a time: one statement each, and short enough not to
 # hold up requests waiting on the same event loop.
 REFRESH_CHUNK = HOT_SLICE
-# A round's statements in flight at once (see Refresher._read_ahead).
+# A round's statements in flight at once, at most (see Refresher._read_ahead).
 READ_AHEAD = 4
 
 
@@ -92,9 +92,10 @@ class Refresher:
         # Between rounds the lock outlives a couple of missed renewals, so leadership does not
         # flap, and a leader that dies is replaced within seconds.
         self.lock_ttl = max(3 * self.interval, 1.0)
-        # A round checks the lock before each statement, and again before its writes and
-        # publications (see _shared_round). During a round the lock is extended to twice the
-        # longest either may take, so that a check that passed still holds when its work is done.
+        # A round checks the lock before each statement, again before its writes and
+        # publications, and again before it renews unchanged records (see _shared_round). During
+        # a round the lock is extended to twice the longest any of these may take, so that a
+        # check that passed still holds when its work is done.
         writes = 3 * redis.guard.batch_timeout if redis is not None else 0.0
         self.statement_time = settings.db_timeout + STATEMENT_GUARD
         self.round_lock_ttl = max(self.lock_ttl, 2 * max(self.statement_time, writes))
@@ -104,6 +105,7 @@ class Refresher:
         self._written: dict[bytes, float] = {}  # when the leader last wrote each hot record to Redis
         self._members: dict[bytes, tuple[bytes, int]] = {}  # what each hot-set member read as
         self._requested: set[bytes] = set()  # taken from Redis, not yet published (see _refresh_records)
+        self._reading = 0  # the round's reads under way (see _read_ahead)
 
     async def run(self) -> None:
         """Refresh every interval until cancelled; on the way out, hand leadership over."""
@@ -278,8 +280,11 @@ class Refresher:
             self._requested = set()
             if confirm:
                 await redis.channel.publish_confirmation(as_of)
-            # Unchanged records are only renewed, which nobody waits for: after the news.
+            # Unchanged records are only renewed, which nobody waits for: after the news, under
+            # an extension of the lock of their own.
             if renewed:
+                if not await self._before_writes(lock):
+                    return None
                 await redis.records.store_many(renewed, self.lookup.redis_ttl)
             written.update(fetched)
         self._last_seen = seen
@@ -290,15 +295,20 @@ class Refresher:
     async def _read_ahead(
         self, lock: LeaderLock, members: list[bytes]
     ) -> AsyncGenerator[tuple[dict[bytes, TokenRecord | None], float]]:
-        """The members' records a chunk at a time, each with when its read ended, READ_AHEAD
-        statements in flight: on a saturated worker every await waits out a whole pass of the
-        event loop, and the next statement runs while the round waits for this one. The lock is
-        checked before each statement is sent; _LockLost when it is found lost."""
+        """The members' records a chunk at a time, each with when its read ended, up to
+        READ_AHEAD statements in flight: on a saturated worker every await waits out a whole
+        pass of the event loop, and the next statements run while the round waits for this one.
+        A statement goes ahead of the round's others only while the store has two connections
+        spare: it never waits for one behind its own round (its time would run out there, and
+        the round fail), and requests' misses keep one. The lock is checked before each
+        statement is sent; _LockLost when it is found lost."""
         starts = iter(range(0, len(members), REFRESH_CHUNK))
         reads: deque[asyncio.Task[tuple[dict[bytes, TokenRecord | None], float]]] = deque()
         try:
             while True:
-                while len(reads) < READ_AHEAD and (start := next(starts, None)) is not None:
+                while (not reads or (len(reads) < READ_AHEAD and self._spare_for_us(len(reads)) >= 2)) and (
+                    start := next(starts, None)
+                ) is not None:
                     if not await self._before_statement(lock):
                         raise _LockLost
                     chunk = parse_hot(members[start : start + REFRESH_CHUNK], self._members)
@@ -312,8 +322,17 @@ class Refresher:
             if reads:
                 await asyncio.gather(*reads, return_exceptions=True)
 
+    def _spare_for_us(self, sent: int) -> int:
+        """The store's connections neither others' statements nor the round's `sent` reads hold
+        (those of them that have started are among the store's own count already)."""
+        return self.store.spare_connections + self._reading - sent
+
     async def _timed_read(self, hot: dict[bytes, int]) -> tuple[dict[bytes, TokenRecord | None], float]:
-        fresh = await self._read(hot)
+        self._reading += 1
+        try:
+            fresh = await self._read(hot)
+        finally:
+            self._reading -= 1
         return fresh, time.time()
 
     async def _before_statement(self, lock: LeaderLock) -> bool:

@@ -57,6 +57,13 @@ class TokenStore(Protocol):
     errors: int
     """Statements that failed or timed out since start (read by the metrics)."""
 
+    @property
+    def spare_connections(self) -> int:
+        """Connections no statement holds or waits for now (the refresher sends a statement
+        ahead of its round only while two are spare: it never waits for a connection, and one
+        stays for the requests' misses)."""
+        ...
+
     async def fetch(self, key: str) -> TokenRecord | None:
         """Return the live token with this key (without 'sk-') joined with its live user, or None.
 

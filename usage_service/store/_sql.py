@@ -264,6 +264,7 @@ class SQLStore(ABC):
 
     def __init__(self, *, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
         self.pool_size = pool_size  # connections at most
+        self._in_flight = 0  # statements holding or awaiting a connection (see spare_connections)
         self.statements = 0
         self.option_statements = 0
         self.errors = 0  # statements that failed or timed out (metrics)
@@ -311,12 +312,27 @@ class SQLStore(ABC):
     async def close(self) -> None:
         """Close every connection; statements after this raise StoreUnavailable."""
 
+    @property
+    def spare_connections(self) -> int:
+        """Connections no statement of this store holds or waits for now."""
+        return max(0, self.pool_size - self._in_flight)
+
+    async def _sent(
+        self, sql: str, params: Sequence[Any], resent: Resent = uncounted, /, *, hash_groups: bool = False
+    ) -> Sequence[Sequence[Any]]:
+        """`_query`, counted among the statements in flight while it runs."""
+        self._in_flight += 1
+        try:
+            return await self._query(sql, params, resent, hash_groups=hash_groups)
+        finally:
+            self._in_flight -= 1
+
     def log_reader(self) -> LogReader:
         """A reader of the gateway's log through this store's connections (no LOG_SQL_DSN): the
         log's statements take at most half of them at once (one with a single connection), so
         that history and log reads, however many, leave the balance's lookups connections."""
         return LogReader(
-            self._query, self.engine, share=max(1, self.pool_size // 2), share_wait=self._timeout + STATEMENT_GUARD
+            self._sent, self.engine, share=max(1, self.pool_size // 2), share_wait=self._timeout + STATEMENT_GUARD
         )
 
     async def _prepare(self, *, counted: bool = True) -> None:
@@ -433,7 +449,7 @@ class SQLStore(ABC):
         count = self._count_option_statement if options else self._count_statement
         try:
             count()
-            rows = await self._query(sql, params, count)
+            rows = await self._sent(sql, params, count)
         except StoreUnavailable as exc:
             self._failed(exc)
             raise
