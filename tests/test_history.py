@@ -329,7 +329,7 @@ async def test_the_logs_statements_take_at_most_half_the_connections(gateway: Ga
     token = gateway.add_token()
     store = await open_store(dataclasses.replace(settings, db_pool_size=4, db_timeout=0.0))
     try:
-        gate, query, in_flight = Gate(), store._query, [0]
+        gate, query, in_flight = Gate(), store._sent, [0]
 
         async def held(sql: str, params: Sequence[Any], *more: Any, **options: Any) -> Sequence[Sequence[Any]]:
             in_flight[0] += 1
@@ -337,9 +337,9 @@ async def test_the_logs_statements_take_at_most_half_the_connections(gateway: Ga
             in_flight[0] -= 1
             return await query(sql, params, *more, **options)
 
-        store._query = held  # type: ignore[method-assign]
+        store._sent = held  # type: ignore[method-assign]
         reader = store.log_reader()  # its statements held; the store's own lookups not
-        store._query = query  # type: ignore[method-assign]
+        store._sent = query  # type: ignore[method-assign]
         sent = [asyncio.create_task(reader.query("SELECT 1")) for _ in range(2)]
         await until(lambda: in_flight[0] == 2)
         with pytest.raises(StoreUnavailable, match="busy"):
