@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import GatewayFactory
 from dbservers import POSTGRES_LOGS_SCHEMA, PostgresGateway, PostgresServer
-from support import Gateway, free_port
+from support import Gateway, Token, free_port
 from test_freshness import Gate, until
 
 from usage_service import history as history_module
@@ -498,6 +498,20 @@ async def test_a_burst_of_one_tokens_ranges_reads_them_in_turn(gateway: Gateway,
         assert answer == direct(rows, token.id, start, end)
 
 
+@asynccontextmanager
+async def a_first_read_held(
+    gateway: Gateway, settings: Settings, token: Token
+) -> AsyncIterator[tuple[History, Gate, asyncio.Task[dict[tuple[int, str], Spend]]]]:
+    """A token with a charge of 4 on its first day, whose read of that day is under way and held
+    at the gate: (its engine, the gate, the read)."""
+    gateway.add_log(token, created_at=T0 + 3600, quota=4)
+    async with engine(settings, Clock(T0 + 3 * DAY)) as (history, recorder):
+        gate = hold_reads(recorder)
+        first = asyncio.create_task(history.slots(token.id, T0, T0 + DAY))
+        await until(lambda: gate.reached.is_set() or first.done())
+        yield history, gate, first
+
+
 @sqlite_only
 async def test_a_request_waits_for_its_tokens_earlier_reads_for_a_bounded_time(
     gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
@@ -506,11 +520,7 @@ async def test_a_request_waits_for_its_tokens_earlier_reads_for_a_bounded_time(
     answers StoreUnavailable (503) rather than queueing for ever; the read itself goes on."""
     monkeypatch.setattr(history_module, "TURN_WAIT", 0.05)
     token = gateway.add_token()
-    gateway.add_log(token, created_at=T0 + 3600, quota=4)
-    async with engine(settings, Clock(T0 + 3 * DAY)) as (history, recorder):
-        gate = hold_reads(recorder)
-        first = asyncio.create_task(history.slots(token.id, T0, T0 + DAY))
-        await until(lambda: gate.reached.is_set() or first.done())
+    async with a_first_read_held(gateway, settings, token) as (history, gate, first):
         with pytest.raises(StoreUnavailable, match="still running"):
             await history.slots(token.id, T0 + DAY, T0 + 2 * DAY)
         gate.release.set()
@@ -615,11 +625,7 @@ async def test_a_token_whose_queue_of_requests_is_full_is_answered_at_once(
     StoreUnavailable (503) at once; the waiting ones are answered when the read lands."""
     monkeypatch.setattr(history_module, "TURN_QUEUE", 2)
     token = gateway.add_token()
-    gateway.add_log(token, created_at=T0 + 3600, quota=4)
-    async with engine(settings, Clock(T0 + 3 * DAY)) as (history, recorder):
-        gate = hold_reads(recorder)
-        first = asyncio.create_task(history.slots(token.id, T0, T0 + DAY))
-        await until(lambda: gate.reached.is_set() or first.done())
+    async with a_first_read_held(gateway, settings, token) as (history, gate, first):
         waiting = [asyncio.create_task(history.slots(token.id, T0, T0 + DAY)) for _ in range(2)]
         await until(lambda: history.stats.coalesced == 2)
         with pytest.raises(StoreUnavailable, match="at once"):
