@@ -329,7 +329,10 @@ class PostgresGateway(Gateway):
 
     BOOLEANS = ("unlimited_quota", "model_limits_enabled")
 
-    def __init__(self, server: PostgresServer, database: str, *, schema: str = POSTGRES_SCHEMA) -> None:
+    def __init__(
+        self, server: PostgresServer, database: str, *, schema: str = POSTGRES_SCHEMA, encoding: str = "UTF8"
+    ) -> None:
+        """`encoding`: the database's; SQL_ASCII keeps whatever bytes the gateway writes."""
         import psycopg
 
         from usage_service._dsn import parse_sql_dsn
@@ -339,7 +342,8 @@ class PostgresGateway(Gateway):
         with psycopg.connect(server.url("postgres"), autocommit=True) as admin:
             exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
             if not exists:
-                admin.execute(f'CREATE DATABASE "{database}"')
+                locale = " LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0" if encoding != "UTF8" else ""
+                admin.execute(f"CREATE DATABASE \"{database}\" ENCODING '{encoding}'{locale}")  # type: ignore[arg-type]
             role = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER,)).fetchone()
         self.conn = psycopg.connect(server.url(database), autocommit=True)
         try:
@@ -364,12 +368,10 @@ class PostgresGateway(Gateway):
                 # would make the planner prefer a scan of it, at a moment nobody chose, and the
                 # tests that read query plans would pass or fail by timing. Plans are read
                 # without statistics (the benches ANALYZE theirs).
-                for (table,) in self.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
+                for table in self._tables():
                     self.conn.execute(f'ALTER TABLE "{table}" SET (autovacuum_enabled = false)')  # type: ignore[arg-type]
             # A fresh gateway per test, on tables made once per session.
-            tables = [
-                name for (name,) in self.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-            ]
+            tables = self._tables()
             self.conn.execute(f"TRUNCATE {', '.join(sorted(tables))} RESTART IDENTITY")  # type: ignore[arg-type]
         except BaseException:
             self.conn.close()
@@ -377,6 +379,11 @@ class PostgresGateway(Gateway):
         self.dsn = server.url(database, READER, _url_quote(READER_PASSWORD))  # SQL_DSN, as the gateway has it
         self.database = parse_sql_dsn(self.dsn)
         self.owner_database = parse_sql_dsn(server.url(database))  # the gateway's own, all-powerful user
+
+    def _tables(self) -> list[str]:
+        # (psycopg reads a SQL_ASCII database's text as bytes.)
+        rows = self.conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return [name.decode() if isinstance(name, bytes) else name for (name,) in rows]
 
     def drop_reader_sessions(self) -> int:
         """Close the service's sessions from the server side, as a restart or failover would."""

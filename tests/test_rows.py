@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import SQLITE_OLD_SCHEMA, AppClient
 from support import Gateway, Token
@@ -48,6 +49,50 @@ async def test_text_that_is_not_utf8_reads_as_the_gateway_shows_it(gateway: Gate
     data = responses[5].json()["data"]
     assert data["model_limits"] == {"gpt-4\ufffdo": True, "o3": True}
     assert data["name"] == "n\ufffdw\x00"
+
+
+async def test_text_that_is_not_utf8_in_a_sql_ascii_postgres_database_reads_as_the_gateway_shows_it(
+    settings: Settings, request: pytest.FixtureRequest
+) -> None:
+    """A PostgreSQL database created as SQL_ASCII keeps whatever bytes the gateway wrote, and the
+    server refuses to send them to a UTF-8 session: one such row failed each statement reading it
+    (the 59 tokens batched beside it, every refresh round, the token's log)."""
+    from dbservers import PostgresGateway
+
+    from usage_service.app import create_app
+
+    gateway = PostgresGateway(request.getfixturevalue("postgres_server"), "new-api-sql-ascii", encoding="SQL_ASCII")
+    try:
+        tokens = [gateway.add_token(used=i) for i in range(60)]
+        bad = tokens[5]
+        gateway.conn.execute(
+            "UPDATE tokens SET model_limits = E'gpt-4\\xffo,o3', name = E'n\\xe9w' WHERE id = %s", (bad.id,)
+        )
+        gateway.add_log(bad, model_name="gpt-4o", content="fine")
+        gateway.conn.execute("UPDATE logs SET model_name = E'gpt-4\\xffo', content = E'caf\\xe9'")
+        overrides = {"db_pool_size": 1, "refresh_interval": 0, "sqlite_path": None, "database": gateway.database}
+        app = create_app(dataclasses.replace(settings, **overrides))  # type: ignore[arg-type]
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                responses = await asyncio.gather(*(client.get(URL, headers=t.bearer) for t in tokens))
+                assert app.state.store.statements < 60 / 4  # the bad row shared its statements
+                refreshed = await app.state.store.fetch_many([t.id for t in tokens])  # a refresher's re-read
+                log = await client.get("/api/log/token", headers=bad.bearer)
+                history = await client.get("/api/usage/token/history?group_by=model", headers=bad.bearer)
+    finally:
+        gateway.close()
+    assert [r.status_code for r in responses] == [200] * 60
+    assert [r.json()["data"]["total_used"] for r in responses] == list(range(60))
+    data = responses[5].json()["data"]
+    assert data["model_limits"] == {"gpt-4\ufffdo": True, "o3": True}
+    assert data["name"] == "n\ufffdw"
+    assert sorted(refreshed) == sorted(t.id for t in tokens)
+    assert refreshed[bad.id][1].model_limits == ("gpt-4\ufffdo", "o3")
+    assert log.status_code == 200, log.text
+    assert [(row["model_name"], row["content"]) for row in log.json()["data"]] == [("gpt-4\ufffdo", "caf\ufffd")]
+    assert history.status_code == 200, history.text
+    assert [bucket["model"] for bucket in history.json()["data"]["buckets"]] == ["gpt-4\ufffdo"]
 
 
 async def test_an_unreadable_row_fails_alone(

@@ -71,8 +71,15 @@ class PostgresStore(SQLStore):
         return store
 
     async def _start(self, where: str, check: Callable[[str], Awaitable[None]]) -> None:
+        connecting = max(self._timeout, 1.0) + 5.0
         try:
-            self._pool = await asyncio.wait_for(self._create_pool(), timeout=max(self._timeout, 1.0) + 5.0)
+            self._pool = await asyncio.wait_for(self._create_pool(), timeout=connecting)
+            if await self._server_encoding() == "SQL_ASCII":
+                # The server keeps text as the bytes it was given and refuses to send a row whose
+                # bytes are not UTF-8 to a UTF-8 session: one such row would fail every statement
+                # that reads it. Sessions that take the bytes as they are, read leniently, instead.
+                await self._pool.close()
+                self._pool = await asyncio.wait_for(self._create_pool(raw_text=True), timeout=connecting)
             await check(where)
         except (StoreUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             await self.close()
@@ -95,14 +102,23 @@ class PostgresStore(SQLStore):
         check_log_schema({column for (column,) in rows}, where, server=True)
         await self._query('SELECT "id" FROM "logs" LIMIT 0', ())  # proves the GRANT
 
-    async def _create_pool(self) -> asyncpg.Pool:
+    async def _server_encoding(self) -> str:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            return str(conn.get_settings().server_encoding).upper()
+
+    async def _create_pool(self, *, raw_text: bool = False) -> asyncpg.Pool:
+        """The pool of read-only sessions; with `raw_text`, sessions that receive text as the
+        server holds it (a SQL_ASCII database) and read it as the gateway shows it."""
         return await asyncpg.create_pool(
             self.dsn.url,
             min_size=0,
             max_size=self.pool_size,
             max_inactive_connection_lifetime=IDLE_LIFETIME,
             timeout=max(self._timeout, 1.0),  # connecting
+            init=_read_text_leniently if raw_text else None,
             server_settings={
+                **({"client_encoding": "SQL_ASCII"} if raw_text else {}),
                 # Every transaction of these sessions is read-only: the server refuses any write.
                 "default_transaction_read_only": "on",
                 # A statement waiting on a gateway's lock (or anything else) gives up in time.
@@ -169,6 +185,25 @@ class PostgresStore(SQLStore):
                 await asyncio.wait_for(self._pool.close(), timeout=self._timeout + 1.0)
             except TimeoutError:
                 self._pool.terminate()
+
+
+# The text types of the columns the service reads (and of what its statements make of them).
+_TEXT_TYPES = ("text", "varchar", "bpchar", "name")
+
+
+async def _read_text_leniently(conn: asyncpg.Connection) -> None:
+    """Decode text as UTF-8, showing bytes that are not as U+FFFD (as the gateway's JSON encoder
+    does), instead of failing the row and the statement with it; parameters are sent as UTF-8."""
+    for name in _TEXT_TYPES:
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=_utf8, decoder=_lenient, format="binary")
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode()
+
+
+def _lenient(data: bytes) -> str:
+    return data.decode(errors="replace")
 
 
 def _reason(exc: BaseException) -> str:
