@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import logging
 import threading
 import time
 from collections import deque
@@ -225,6 +226,30 @@ async def test_a_password_with_an_unencoded_at_sign_is_taken(gateway: Gateway, s
     assert "@" in READER_PASSWORD
     token = gateway.add_token(used=4)
     await assert_read_through(settings, dsn, token, used=4)
+
+
+@pytest.mark.parametrize("gateway", ["mysql"], indirect=True)
+async def test_tls_preferred_on_a_server_without_tls_connects_in_plain_text(
+    gateway: Gateway, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the gateway's driver does (the test's MariaDB offers no TLS): `tls=preferred` stopped
+    start-up with the TLS handshake's error; `tls=skip-verify` still insists on TLS."""
+    database: MySQLDSN = gateway.database  # type: ignore[attr-defined]
+    token = gateway.add_token(used=3)
+    with pytest.raises(SchemaError, match="cannot read it"):
+        await open_store(dataclasses.replace(settings, database=dataclasses.replace(database, tls="skip-verify")))
+    caplog.set_level(logging.WARNING, logger="usage_service")
+    store = await open_store(dataclasses.replace(settings, database=dataclasses.replace(database, tls="preferred")))
+    try:
+        for _ in range(2):
+            gateway.drop_reader_sessions()  # type: ignore[attr-defined]
+            found = await store.fetch_many([token.id])
+            assert found[token.id][1].used_quota == 3  # type: ignore[index]
+    finally:
+        await store.close()
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "tls=preferred and the server offers no TLS: connecting without it, as the gateway's driver does"
+    ]
 
 
 async def test_a_set_up_that_fails_closes_what_it_opened(gateway: Gateway, settings: Settings) -> None:

@@ -47,6 +47,8 @@ class MySQLStore(SQLStore):
         self._idle: list[tuple[asyncmy.Connection, float]] = []  # (connection, idle since), newest last
         self._slots = asyncio.Semaphore(pool_size)
         self._closed = False
+        # `tls=preferred` on a server that offers no TLS: plain text, as the gateway's driver does.
+        self._tls = dsn.tls
 
     @classmethod
     async def open(cls, dsn: MySQLDSN, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> MySQLStore:
@@ -168,6 +170,21 @@ class MySQLStore(SQLStore):
         return None
 
     async def _connect(self) -> asyncmy.Connection:
+        try:
+            conn = await self._login(self._tls)
+        except MySQLError as exc:
+            if self._tls != "preferred" or not isinstance(exc.__cause__, ssl.SSLError):
+                raise
+            # The server answered the TLS request in plain text: it offers none.
+            logger.warning(
+                "%s: tls=preferred and the server offers no TLS: connecting without it, as the gateway's driver does",
+                self.dsn.describe(),
+            )
+            self._tls = "false"
+            conn = await self._login(self._tls)
+        return await self._session(conn)
+
+    async def _login(self, tls: str) -> asyncmy.Connection:
         dsn = self.dsn
         timeout = max(self._timeout, 1.0)
         try:
@@ -183,7 +200,7 @@ class MySQLStore(SQLStore):
                 charset=dsn.charset,
                 connect_timeout=max(1, math.ceil(dsn.connect_timeout or timeout)),
                 read_timeout=self._timeout + 1.0,
-                ssl=_ssl_context(dsn.tls),
+                ssl=_ssl_context(tls),
                 # Each statement its own transaction: every read sees the gateway's latest commits.
                 autocommit=True,
             )
@@ -193,6 +210,10 @@ class MySQLStore(SQLStore):
             # The driver's own failures (an authentication plugin it cannot run, a charset it
             # does not know): the database cannot be read, said in one line without the DSN.
             raise StoreUnavailable(f"cannot connect ({type(exc).__name__}: {exc})") from None
+        return conn
+
+    async def _session(self, conn: asyncmy.Connection) -> asyncmy.Connection:
+        """Make a new connection's session read-only and bounded in time."""
         try:
             async with conn.cursor() as cursor:
                 # Every transaction of this session is read-only: the server refuses any write.
