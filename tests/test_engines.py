@@ -90,6 +90,26 @@ async def test_postgres_sessions_compile_nothing_and_take_no_parallel_workers(
 
 
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
+async def test_postgres_sessions_send_the_server_our_statements_only(gateway: Gateway, settings: Settings) -> None:
+    """The driver's pool used to send a statement of its own after each of ours (`RESET ALL`,
+    `UNLISTEN *` ...), doubling what the gateway's server answered for us; and a session still
+    reads as it was set up after a statement that set something for its transaction only."""
+    token = gateway.add_token(used=2)
+    store = await open_store(dataclasses.replace(settings, db_pool_size=1))
+    assert isinstance(store, SQLStore)
+    try:
+        assert (await store.fetch_many([token.id]))[token.id][1].used_quota == 2  # type: ignore[index]
+        (last,) = gateway.conn.execute(  # type: ignore[attr-defined]
+            "SELECT query FROM pg_stat_activity WHERE application_name = 'usage-service'"
+        ).fetchall()
+        assert "RESET" not in last[0] and '"tokens"' in last[0]
+        await store.log_reader().query("SELECT 1", hash_groups=True)  # SET LOCAL enable_sort = off
+        assert await store._query("SHOW enable_sort", ()) == [("on",)]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
 @pytest.mark.parametrize("table", ["tokens", "users"])
 async def test_readiness_follows_either_table_the_token_route_reads(
     gateway: Gateway, app_client: AppClient, table: str

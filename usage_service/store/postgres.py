@@ -117,6 +117,10 @@ class PostgresStore(SQLStore):
             max_inactive_connection_lifetime=IDLE_LIFETIME,
             timeout=max(self._timeout, 1.0),  # connecting
             init=_read_text_leniently if raw_text else None,
+            # A session is returned to the pool as it was taken: its statements change nothing
+            # that outlives their transaction (SET LOCAL at most). The driver's default reset sent
+            # the server a statement of its own (RESET ALL, UNLISTEN *, ...) after each of ours.
+            reset=_nothing_to_reset,
             server_settings={
                 **({"client_encoding": "SQL_ASCII"} if raw_text else {}),
                 # Every transaction of these sessions is read-only: the server refuses any write.
@@ -185,6 +189,10 @@ class PostgresStore(SQLStore):
                 await asyncio.wait_for(self._pool.close(), timeout=self._timeout + 1.0)
             except TimeoutError:
                 self._pool.terminate()
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """(The pool still rolls back a transaction left open before calling this.)"""
 
 
 # The text types of the columns the service reads (and of what its statements make of them).
