@@ -137,6 +137,27 @@ async def test_a_read_that_an_invalidation_overtakes_lands_expired(
         assert await used(client, token) == 6
 
 
+@pytest.mark.parametrize(("hot_max", "confirmed"), [(2, False), (4, True)], ids=["cut", "whole"])
+async def test_a_round_cut_at_hot_max_confirms_nothing(
+    gateway: Gateway, app_client: AppClient, redis_url: str, hot_max: int, confirmed: bool
+) -> None:
+    """Past USAGE_HOT_MAX the round reads only some of the polled tokens: it may not vouch for
+    what workers hold of the others, so it publishes no confirmation (changes still go out)."""
+    tokens, sentinel = [gateway.add_token(used=1) for _ in range(3)], gateway.add_token()
+    settings = {"cache_ttl": 60.0, "local_ttl": 60.0, "hot_max": hot_max, **MANUAL_ROUNDS}
+    async with app_client(redis_url=redis_url, **settings) as (app, client):
+        await started(app)
+        for token in tokens:
+            assert await used(client, token) == 1
+        await app.state.redis.hot_set.note({key_digest(t.key.encode()): t.id for t in tokens}, time.time())
+        gateway.charge(tokens[0], 5)
+        before = app.state.lookup.local.confirmed_until
+        await app.state.refresher.tick()
+        await heard_so_far(app, client, sentinel)
+        assert app.state.refresher.stats.tokens == min(hot_max, 3)
+        assert (app.state.lookup.local.confirmed_until > before) is confirmed
+
+
 class Clock:
     """The lookup's clock (usage_service.lookup's `time`), which a test moves on."""
 
@@ -712,6 +733,13 @@ async def test_a_late_write_never_replaces_a_newer_record(
         assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 20
         await cache.records.store_many({digest: encode_cached(record, now + 30)}, 60)
         assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 30
+        # A request's write-behind of what it read earlier than that: left alone as well.
+        cache.records.write(digest, encode_cached(record, now + 25), 60)
+        await cache.records._writer
+        assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 30
+        cache.records.write(digest, encode_cached(record, now + 35), 60)
+        await cache.records._writer
+        assert decode_cached(redis_client.get(cache.records.key(digest)))[1] == now + 35
 
 
 class StoreGatedBefore(WrappedStore):
@@ -799,7 +827,17 @@ async def test_many_records_go_out_in_one_call_each_only_over_an_older_one(
             records[digest] = app.state.lookup.local.get(digest, 0.0)
         first, second, third = records
         await cache.records.store_many({second: encode_cached(records[second], now + 5)}, 60)  # newer already
+        sent: list[int] = []
+        eval_each = cache.guard.eval_each
+
+        async def counted(script: Any, calls: Sequence[Any]) -> list[Any]:
+            sent.append(len(calls))
+            return await eval_each(script, calls)
+
+        cache.guard.eval_each = counted
         await cache.records.store_many({d: encode_cached(r, now) for d, r in records.items()}, 60)
+        del cache.guard.eval_each
+        assert sent == [1]  # one pipeline of one script call
         stored = {d: decode_cached(redis_client.get(cache.records.key(d))) for d in records}
         assert stored == {
             first: (records[first], now),
