@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -477,3 +478,37 @@ async def test_a_query_parsed_once_per_slot_is_what_parsing_it_at_that_moment_gi
     for _ in range(2):
         error = queries.get(bad, query_digest(bad), moments[0])
         assert isinstance(error, ValueError) and str(error) == "start_date: expected a date as YYYY-MM-DD"
+
+
+async def test_a_kept_answer_holds_its_body_not_the_sums_it_was_made_from(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """Each query string has an answer of its own, and each answer kept the (day, model) sums it
+    was made from, to compare the next computation with: 100 days of 20 models held about 75 KB
+    per answer beside a body of 3 KB, unseen by the answers' byte bound (one key sending distinct
+    query strings grew a worker by 1.5 GiB). An answer now keeps a digest of its sums."""
+    token = gateway.add_token()
+    now = int(time.time())
+    for day in reversed(range(100)):  # in time order, as the gateway appends them
+        for model in range(20):
+            gateway.add_log(token, created_at=now - day * 86_400, model_name=f"model-{model}", quota=day + 1)
+    async with app_client(refresh_interval=0) as (_, client):
+        start = (datetime.now(UTC).date() - timedelta(days=99)).isoformat()
+
+        async def ask(n: int) -> int:
+            answer = await client.get(f"{URL}?group_by=model&start_date={start}&n={n}", headers=token.bearer)
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["data"]["buckets"]) == 20
+            return len(answer.content)
+
+        for n in range(20):  # the days read and kept, the allocator warmed up
+            await ask(n)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            body = max([await ask(n) for n in range(20, 220)])
+            grown = (tracemalloc.get_traced_memory()[0] - before) / 200
+        finally:
+            tracemalloc.stop()
+    assert body < 4_000
+    assert grown < body + 3_000, f"{grown:.0f} bytes kept per answer"

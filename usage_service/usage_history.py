@@ -11,6 +11,7 @@ changed the token's spending puts an end to it at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import weakref
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from datetime import date, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
+import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .billing import BillingOptions, json_number
@@ -174,8 +176,8 @@ def history_data(query: HistoryQuery, sums: dict[tuple[int, str], Spend], option
 class Answer:
     options: BillingOptions  # what the amounts were converted with: a change re-renders
     rendered: JSONAnswer
-    # What the answer was rendered from (the query's days and the sums): an answer whose next
-    # computation gives the same is served again without being rendered again.
+    # What the answer was rendered from (the query's days and a digest of the sums): an answer
+    # whose next computation gives the same is served again without being rendered again.
     source: tuple[object, ...]
     # When the last round heard to have changed the token had run, as the answer was made
     # (History.changed_at): a later one makes the answer out of date, however young it is.
@@ -189,7 +191,14 @@ class Answer:
 
 
 def source_of(query: HistoryQuery, sums: dict[tuple[int, str], Spend]) -> tuple[object, ...]:
-    return (query.start, query.end, sums)  # the sums are never changed once computed
+    # A digest, not the sums: kept for every answer, a long range's sums by day and model held
+    # many times the answer's own bytes (and pinned sums the day caches had let go).
+    items = list(sums.items())
+    try:
+        text = orjson.dumps(items)
+    except orjson.JSONEncodeError:  # a sum past 64 bits (which the answer then refuses)
+        text = repr(items).encode()
+    return (query.start, query.end, hashlib.blake2b(text, digest_size=16).digest())
 
 
 def render(
