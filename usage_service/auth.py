@@ -12,14 +12,13 @@ import logging
 import re
 import time
 from functools import lru_cache
-from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .limiter import NoTurn
 from .records import TOKEN_DISABLED, TOKEN_ENABLED, TOKEN_EXHAUSTED, TOKEN_EXPIRED, USER_ENABLED, TokenRecord
 from .responses import JSONError, OpenAIError
-from .routing import ROUTE_KEY, SCOPE_KEY, Rules, ShortRoute
+from .routing import ROUTE_KEY, SCOPE_KEY, Rules, ShortRoute, TooManyParameters, query_pairs
 from .services import Services
 from .store import StoreUnavailable
 
@@ -57,8 +56,14 @@ def bearer_key(value: bytes) -> bytes | None:
 
 def key_parameter(query_string: bytes) -> bytes | None:
     """The first `key` query parameter, percent-decoded, or None if it is empty (as the gateway
-    reads it). (Never logged, never echoed.)"""
-    for name, value in parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True):
+    reads it) or the query string holds too many parameters to look. (Never logged, never echoed.)"""
+    if not query_string:
+        return None
+    try:
+        pairs = query_pairs(query_string)
+    except TooManyParameters:
+        return None
+    for name, value in pairs:
         if name == "key":
             return value.encode(errors="replace") if value else None
     return None

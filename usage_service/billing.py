@@ -26,7 +26,7 @@ from .config import BillingTotal
 from .days import day_starts, horizon, parse_date
 from .records import TokenRecord, go_int_sum
 from .responses import JSON_TYPE, NO_CACHE, Headers, OpenAIError, compact_json, send_body
-from .routing import SCOPE_KEY, query_values
+from .routing import SCOPE_KEY, TooManyParameters, query_values
 from .store import StoreUnavailable, TokenStore
 
 if TYPE_CHECKING:  # services.py holds a GatewayOptions: a run-time import would be circular
@@ -275,7 +275,11 @@ class BillingUsageEndpoint:
             or answer.changed != changed
             or (answer.record is not record and answer.record != record)
         ):
-            params = query_values(query_string)
+            try:
+                params = query_values(query_string)
+            except TooManyParameters as exc:
+                await OpenAIError(400, str(exc), "invalid_request")(scope, receive, send)
+                return
             if not (params.get("start_date") or params.get("end_date")):
                 await self.lifetime(scope, receive, send)
                 return

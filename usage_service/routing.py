@@ -15,12 +15,31 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .records import TokenRecord
 
+# Parameters a query string may hold: the routes read at most seven, and parsing 15,000 of them
+# (what a 32 KiB request head holds) cost a worker 21 ms of CPU per request.
+MAX_PARAMETERS = 64
+
+
+class TooManyParameters(ValueError):
+    def __init__(self) -> None:
+        super().__init__(f"too many query parameters (at most {MAX_PARAMETERS})")
+
+
+def query_pairs(query_string: bytes) -> list[tuple[str, str]]:
+    """A query string's (name, value) pairs, percent-decoded, as the gateway reads them; text
+    that is not UTF-8 is read with replacement characters. Raises TooManyParameters past
+    MAX_PARAMETERS, before parsing any."""
+    try:
+        return parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True, max_num_fields=MAX_PARAMETERS)
+    except ValueError:  # (the only one parse_qsl raises unless parsing strictly)
+        raise TooManyParameters from None
+
 
 def query_values(query_string: bytes) -> dict[str, str]:
     """A query string's parameters, the first value of each, as the gateway reads them (gin's
-    `c.Query`); text that is not UTF-8 is read with replacement characters."""
+    `c.Query`). Raises TooManyParameters."""
     values: dict[str, str] = {}
-    for name, value in parse_qsl(query_string.decode(errors="replace"), keep_blank_values=True):
+    for name, value in query_pairs(query_string):
         values.setdefault(name, value)
     return values
 

@@ -32,7 +32,7 @@ from ._flights import Flights
 from .cache import AnswerCache
 from .records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int
 from .responses import JSON_TYPE, NO_CACHE, compact_json, error_body, send_body
-from .routing import SCOPE_KEY, query_values
+from .routing import SCOPE_KEY, TooManyParameters, query_values
 from .store import StoreUnavailable
 from .store.logs import LogReader
 
@@ -116,7 +116,10 @@ def parse_query(query_string: bytes) -> LogQuery:
     more than 100 is 100. Unlike it, text that is no whole number, or a negative one, is a 400
     rather than silently the default.
     """
-    values = query_values(query_string)
+    try:
+        values = query_values(query_string)
+    except TooManyParameters as exc:
+        raise BadParameter(str(exc)) from None
     paged = "p" in values or "page_size" in values
     page = _whole(values, "p")
     size = _whole(values, "page_size")

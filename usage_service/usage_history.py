@@ -29,7 +29,7 @@ from .days import day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, History, Spend, Tail, total
 from .records import INT64_MAX, INT64_MIN, TokenRecord
 from .responses import JSONAnswer, JSONError, send_revalidated
-from .routing import SCOPE_KEY, query_values
+from .routing import SCOPE_KEY, TooManyParameters, query_values
 from .store import StoreUnavailable
 from .store.spending import SpendingPast64Bits
 
@@ -115,7 +115,7 @@ class ParsedQueries:
         query: HistoryQuery | BadQuery
         try:
             query = parse_history_query(query_values(query_string), slot * SLOT, self.max_days)
-        except BadQuery as exc:
+        except (BadQuery, TooManyParameters) as exc:
             # A new one, never raised: the raised one's traceback holds the parser's frames, and
             # with them the query string. Returned, not raised, by whoever asks for it.
             query = BadQuery(str(exc))
