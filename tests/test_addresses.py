@@ -79,6 +79,10 @@ def test_a_huge_header_costs_a_bounded_number_of_hops(monkeypatch: pytest.Monkey
     resolve(scope(*proxies(2700)))  # as many headers
     assert 0 < len(parsed) <= MAX_HOPS + 1
     assert sum(len(hop) for hop in parsed) <= MAX_FORWARDED_BYTES + len("10.0.0.2")
+    parsed.clear()
+    # Few hops, one of them 100 KB long: the bytes read are bounded too, not only the hops.
+    assert resolve(scope("198.51.100.9, " + "x" * 100_000 + ", 10.0.0.7")) == "10.0.0.7"
+    assert 0 < sum(len(hop) for hop in parsed) <= MAX_FORWARDED_BYTES + len("10.0.0.2")
 
 
 @pytest.mark.parametrize(

@@ -8,17 +8,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from usage_service import auth
 from usage_service.auth import (
     _BEARER,
     DISABLED,
-    INVALID_BEARER,
-    NO_HEADER,
+    NOT_FOUND,
     UNUSABLE,
     USER_BANNED,
     bearer_key,
     usage_verdict,
 )
 from usage_service.records import TokenRecord
+from usage_service.responses import JSONError
 
 KEY = "AbCdEf0123456789AbCdEf0123456789AbCdEf0123456789"
 
@@ -79,8 +80,10 @@ def test_fast_parse_agrees_with_the_pattern(parts: list[bytes]) -> None:
 
 
 def test_rejections_carry_www_authenticate() -> None:
-    for rejection in (NO_HEADER, INVALID_BEARER, DISABLED, UNUSABLE):
-        assert rejection.status == 401
+    """Every 401 the auth middleware can send, in both routes' shapes."""
+    rejections = [value for value in vars(auth).values() if isinstance(value, JSONError) and value.status == 401]
+    assert NOT_FOUND in rejections and auth.RELAY_NOT_FOUND in rejections and len(rejections) >= 11
+    for rejection in rejections:
         assert (b"www-authenticate", b"Bearer") in rejection.headers
 
 

@@ -214,6 +214,7 @@ def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> No
     pid = service.process.pid
     assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200  # the database is open
     before = descriptors(pid)
+    opened = time.monotonic()
     slow = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(30)]
     idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(10)]
     kept_alive = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(10)]
@@ -231,6 +232,7 @@ def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> No
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ)
         open_ = set(everyone)
+        closed_after: list[float] = []
         sent = 0
         # The server's own timer closes them; bounded by a few times its timeout.
         deadline = time.monotonic() + 5 * HEAD_TIMEOUT + 5
@@ -240,6 +242,7 @@ def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> No
                 if is_closed(sock):  # type: ignore[arg-type]
                     selector.unregister(sock)
                     open_.discard(sock)  # type: ignore[arg-type]
+                    closed_after.append(time.monotonic() - opened)
             if sent < len(trickle):  # one more byte of each slow head per round
                 for sock in slow:
                     if sock in open_:
@@ -251,6 +254,9 @@ def test_slow_and_idle_connections_are_closed(edge: tuple[Service, Token]) -> No
         selector.close()
         assert not open_, f"{len(open_)} of {len(everyone)} slow or idle connections still open"
         assert sent < len(trickle)  # the slow heads were cut off while still trickling
+        # By USAGE_HEADER_TIMEOUT (not the servers' own defaults of 5 to 10 s), and not before:
+        # the last were answered, or opened, a moment after `opened`.
+        assert HEAD_TIMEOUT - 0.5 <= min(closed_after) and max(closed_after) <= 2 * HEAD_TIMEOUT + 1, closed_after
     finally:
         for sock in everyone:
             sock.close()

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -257,18 +258,36 @@ async def test_a_scrape_holds_while_workers_come_and_go(tmp_path: Path, monkeypa
     assert merges == 2  # listed again once
 
 
-async def test_the_metrics_address_is_tried_again_when_it_cannot_be_had(caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_metrics_address_is_tried_again_when_it_cannot_be_had(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An address the machine does not hold (yet: an interface still coming up) was tried once,
     and the metrics were gone until a restart. It is said once and tried again."""
-    registry = CollectorRegistry()
-    serving = asyncio.create_task(metrics.serve_separately(registry, "192.0.2.1", free_port(), retry=0.01))
+    registry, port = CollectorRegistry(), free_port()
+    tries: list[str] = []
+    start = metrics.start_http_server
+
+    def start_once_held(port: int, host: str, registry: CollectorRegistry) -> Any:
+        tries.append(host)
+        if len(tries) <= 5:  # the address comes up after five tries
+            return start(port, "192.0.2.1", registry)  # (TEST-NET-1: never this machine's)
+        return start(port, "127.0.0.1", registry)
+
+    monkeypatch.setattr(metrics, "start_http_server", start_once_held)
+    serving = asyncio.create_task(metrics.serve_separately(registry, "metrics.internal", port, retry=0.01))
     try:
-        for _ in range(100):  # some tries
-            await asyncio.sleep(0.01)
-        assert not serving.done()
+        async with httpx.AsyncClient() as client:
+            for _ in range(500):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200:
+                        break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the metrics were never served")
     finally:
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
+    assert len(tries) == 6
     said = [r.getMessage() for r in caplog.records if "cannot serve metrics" in r.getMessage()]
     assert len(said) == 1 and "trying again" in said[0]
