@@ -943,7 +943,7 @@ async def test_answers_match_the_log_while_a_gateway_appends(
 ) -> None:
     """Every answer is exactly the token's newest rows as a direct SELECT reads them: the log is
     append-only, so the rows up to an answer's newest one never change afterwards."""
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"log_reads_per_token": 0}  # every request reads, as often as it can
     if engine_of(gateway) == "sqlite":
         # A busy SQLite gateway runs in WAL mode: in rollback mode a writer that never pauses
         # keeps readers out (its pending lock), and reads would time out rather than be tested.
@@ -980,7 +980,7 @@ async def test_answers_match_the_log_while_a_gateway_appends(
         stop.set()
         writer.join()
     newest_first = _direct_contents(gateway, token)
-    if overrides:
+    if "sqlite_path" in overrides:
         gateway.close()
     assert len(newest_first) >= 50
     for answer in answers:
@@ -1104,3 +1104,75 @@ async def test_postgres_start_up_advises_an_index_in_token_order(
     finally:
         gateway.conn.execute("DROP INDEX idx_logs_token_id_id")  # type: ignore[attr-defined]
     assert advised() == 1  # not again
+
+
+# --- the per-token read budget -------------------------------------------------------------------
+
+
+async def test_a_tokens_reads_are_budgeted_after_a_burst() -> None:
+    clock = Clock()
+    budget = tokenlog.ReadBudget(2.0, burst=8.0, clock=clock)
+    for _ in range(8):
+        budget.spend(1)
+    with pytest.raises(tokenlog.ReadsSpent) as spent:
+        budget.spend(1)
+    assert spent.value.retry_after == pytest.approx(0.5)
+    budget.spend(2)  # another token's budget is its own
+    clock.now += 0.5
+    budget.spend(1)  # one more, earned back at 2 a second
+    with pytest.raises(tokenlog.ReadsSpent):
+        budget.spend(1)
+    clock.now += 100
+    for _ in range(8):  # whole again, never more than the burst
+        budget.spend(1)
+    with pytest.raises(tokenlog.ReadsSpent):
+        budget.spend(1)
+
+
+async def test_the_budgets_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One entry per token that read lately: tokens whose budget is whole again are forgotten
+    (as good as new), and past the bound the oldest go."""
+    monkeypatch.setattr(tokenlog, "BUDGETS_KEPT", 100)
+    clock = Clock()
+    budget = tokenlog.ReadBudget(1.0, burst=4.0, clock=clock)
+    for token_id in range(1000):
+        budget.spend(token_id)
+        clock.now += 0.001
+        assert len(budget._left) <= 100
+    for token_id in range(995, 1000):  # the newest are still counted
+        budget.spend(token_id)
+        budget.spend(token_id)
+        budget.spend(token_id)
+        with pytest.raises(tokenlog.ReadsSpent):
+            budget.spend(token_id)
+
+
+@sqlite_only
+async def test_a_key_asking_for_new_parameters_each_time_is_refused_past_its_budget(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """Each parameter set not asked for within the last second is a read of the gateway's
+    database: one key asking for a new one each time made a worker read for it about 85 times a
+    second. Past its budget (USAGE_LOG_READS_PER_TOKEN a second after a burst of four times as
+    many), a 429; answers served again cost none, and other tokens have budgets of their own."""
+    token, other = gateway.add_token(), gateway.add_token()
+    gateway.add_log(token)
+    async with app_client(log_reads_per_token=1) as (app, client):
+        statements = app.state.logs.statements
+        answers = [await client.get(f"{URL}?start_timestamp={n}", headers=token.bearer) for n in range(5)]
+        again = await client.get(f"{URL}?start_timestamp=0", headers=token.bearer)  # answered a moment ago
+        others = await client.get(URL, headers=other.bearer)
+        read = app.state.logs.statements - statements
+    assert [a.status_code for a in answers] == [200] * 4 + [429]
+    assert answers[4].json() == {"success": False, "message": "too many reads of this token's log, retry later"}
+    assert answers[4].headers["retry-after"] == "1"
+    assert (again.status_code, others.status_code) == (200, 200)
+    assert read == 5  # four of the token's, one of the other's
+
+
+@sqlite_only
+async def test_no_read_budget_when_turned_off(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    async with app_client(log_reads_per_token=0) as (_, client):
+        answers = [await client.get(f"{URL}?start_timestamp={n}", headers=token.bearer) for n in range(30)]
+    assert [a.status_code for a in answers] == [200] * 30

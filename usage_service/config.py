@@ -411,6 +411,14 @@ TABLE: tuple[Variable, ...] = (
         " /dashboard/billing/usage may span one day more); 400 beyond",
     ),
     Variable(
+        "USAGE_LOG_READS_PER_TOKEN",
+        "log_reads_per_token",
+        5,
+        _count(minimum=0),
+        "reads of one token's request log per second a worker makes for /api/log/token, after a burst of four"
+        " times as many (an answer served again is no read); 429 beyond; 0: no limit",
+    ),
+    Variable(
         "USAGE_BILLING_TOTAL",
         "billing_total",
         "lifetime",
@@ -517,6 +525,7 @@ class Settings:
     hot_max: int = _DEFAULTS["hot_max"]
     options_interval: float = _DEFAULTS["options_interval"]
     history_max_days: int = _DEFAULTS["history_max_days"]
+    log_reads_per_token: int = _DEFAULTS["log_reads_per_token"]
     billing_total: BillingTotal = _DEFAULTS["billing_total"]
     # Operators' and integrators' features (metrics, logs, CORS).
     metrics: bool = _DEFAULTS["metrics"]

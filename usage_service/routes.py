@@ -23,7 +23,7 @@ from .responses import JSONError, error_body, send_revalidated
 from .routing import SCOPE_KEY, RouteTable, ShortRoute, both_slashes
 from .services import Services
 from .store import StoreMisconfigured, StoreUnavailable
-from .tokenlog import TokenLogEndpoint
+from .tokenlog import Answers, ReadBudget, TokenLogEndpoint
 from .usage_history import HistoryEndpoint
 
 logger = logging.getLogger("usage_service.routes")
@@ -70,7 +70,9 @@ def route_table(settings: Settings, services: Services) -> RouteTable:
     # The usage route's rules, plus the legacy `?key=` credential older gateways took here, and
     # a credential without the Bearer scheme, which the gateway's middleware for this route takes.
     log = usage_rules(settings.retry_after, query_key=True, bare_key=True)
-    token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable)
+    rate = settings.log_reads_per_token
+    budget = ReadBudget(rate, burst=4 * rate) if rate else None
+    token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable, Answers(budget=budget))
     return RouteTable(
         {
             **both_slashes(USAGE_PATHS, ShortRoute(token_usage, usage)),
