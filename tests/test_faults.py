@@ -4,8 +4,11 @@ slow or black-holed behind a proxy we control."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -14,7 +17,10 @@ from conftest import AppClient
 from support import Gateway, RedisServer, Token, sample_value
 from tcpproxy import TCPProxy
 
-from usage_service.store import STATEMENT_GUARD
+import usage_service.app
+from usage_service.app import create_app
+from usage_service.config import Settings
+from usage_service.store import STATEMENT_GUARD, StoreNotReady
 
 URL = "/api/usage/token"
 
@@ -90,6 +96,46 @@ async def test_locked_database_misses_wait_at_most_the_busy_timeout(gateway: Gat
         # The busy timeout plus the stores' one-second guard, with room for a loaded machine
         # (queued behind the first statement, the others waited two busy timeouts: 3 s).
         assert waited < 1.5 + STATEMENT_GUARD + 0.4
+
+
+async def test_a_worker_starting_while_the_database_is_locked_waits_for_it(
+    gateway: Gateway, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that started during a migration's lock (a replacement for one that died) failed
+    its start-up, and uvicorn then stopped the whole service, healthy workers included, with
+    exit status 0. It now tries again, for up to START_PATIENCE seconds."""
+    token = gateway.add_token(used=3)
+    app = create_app(dataclasses.replace(settings, db_timeout=0.2))
+    caplog.set_level(logging.WARNING, logger="usage_service")
+    async with contextlib.AsyncExitStack() as stack:
+        with gateway.exclusive_lock():
+            starting = asyncio.ensure_future(stack.enter_async_context(app.router.lifespan_context(app)))
+            await until(lambda: any("trying again" in r.getMessage() for r in caplog.records))
+            assert not starting.done()
+        await asyncio.wait_for(starting, timeout=10)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            assert await used(client, token) == 3
+    said = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert said[0].startswith("SQLITE_PATH: cannot read") and "locked" in said[0]
+
+
+async def test_a_worker_stops_trying_after_start_patience(
+    gateway: Gateway, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(usage_service.app, "START_PATIENCE", 0.5)
+    app = create_app(dataclasses.replace(settings, db_timeout=0.2))
+    with gateway.exclusive_lock(), pytest.raises(StoreNotReady, match="locked"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+async def until(condition: Callable[[], object], within: float = 10.0) -> None:
+    """Wait for a condition another task brings about (never for time itself to pass)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come about"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

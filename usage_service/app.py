@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -48,7 +48,7 @@ from .routes import INTERNAL_ERROR, http_error, route_table, routes
 from .routing import ROUTE_KEY, RouteTable, dispatch
 from .services import Services
 from .shared import SharedRedis
-from .store import open_store
+from .store import StoreNotReady, open_store
 from .store.logs import open_log_reader
 from .tails import TailKeeper
 
@@ -56,6 +56,8 @@ logger = logging.getLogger("usage_service")
 
 # Consecutive Redis failures that open the circuit: one stale connection after a Redis restart
 # must not, three refused connections in a row should.
+T = TypeVar("T")
+
 REDIS_FAILURE_THRESHOLD = 3
 # Seconds the lifespan waits for background tasks and Redis to stop.
 SHUTDOWN_GRACE = 2.0
@@ -117,6 +119,29 @@ class UsageService:
                 self.access.record(scope, scope.get(STATUS_KEY, 500), started)
 
 
+# How long a worker keeps trying to open a database it cannot read yet (locked by a migration,
+# a server restarting, a file being restored) before its start-up fails. The command's own
+# checks stop the first start at once; this is for a worker starting later (a replacement for
+# one that died), which failing would stop the whole service with it.
+START_PATIENCE = 30.0
+
+
+async def _patiently(open_: Callable[[], Awaitable[T]]) -> T:
+    """`open_()`, tried again while it raises StoreNotReady, for up to START_PATIENCE seconds."""
+    loop = asyncio.get_running_loop()
+    deadline, pause = loop.time() + START_PATIENCE, 0.5
+    while True:
+        try:
+            return await open_()
+        except StoreNotReady as exc:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            logger.warning("%s; trying again in %g s", exc, min(pause, left))
+            await asyncio.sleep(min(pause, left))
+            pause = min(2 * pause, 5.0)
+
+
 def _noting_status(scope: Scope, send: Send) -> Send:
     async def send_noting_status(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -144,7 +169,7 @@ def create_app(settings: Settings) -> UsageService:
         # the worker could then never exit.
         async with contextlib.AsyncExitStack() as opened:
             opened.callback(metrics.worker_exited)
-            store = services.store = await open_store(settings)
+            store = services.store = await _patiently(lambda: open_store(settings))
             opened.push_async_callback(store.close)
             logs = services.logs = await open_log_reader(settings, store)
             opened.push_async_callback(logs.close)

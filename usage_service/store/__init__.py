@@ -49,6 +49,11 @@ class SchemaError(Exception):
     """The database does not look like a new-api gateway's; raised at start-up."""
 
 
+class StoreNotReady(SchemaError):
+    """The database could not be read at start-up (locked, unreachable, missing, timed out):
+    which may pass, unlike a database that is no gateway's."""
+
+
 class TokenStore(Protocol):
     statements: int
     """Statements sent to the database for token records since start (read by tests, benchmarks, metrics)."""

@@ -15,7 +15,7 @@ import asyncmy
 from asyncmy.errors import MySQLError
 
 from .._dsn import MySQLDSN
-from . import STATEMENT_GUARD, SchemaError, StoreUnavailable
+from . import STATEMENT_GUARD, SchemaError, StoreNotReady, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 from .logs import Resent, uncounted
 
@@ -70,7 +70,7 @@ class MySQLStore(SQLStore):
             await check(where)
         except StoreUnavailable as exc:
             await self.close()
-            raise SchemaError(f"{where}: cannot read it: {exc}") from None
+            raise StoreNotReady(f"{where}: cannot read it: {exc}") from None
         except SchemaError:
             await self.close()
             raise

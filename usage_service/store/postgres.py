@@ -9,7 +9,7 @@ from typing import Any, cast
 import asyncpg
 
 from .._dsn import PostgresDSN
-from . import STATEMENT_GUARD, SchemaError, StoreUnavailable
+from . import STATEMENT_GUARD, SchemaError, StoreNotReady, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 from .logs import Resent, uncounted
 
@@ -83,7 +83,7 @@ class PostgresStore(SQLStore):
             await check(where)
         except (StoreUnavailable, OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             await self.close()
-            raise SchemaError(f"{where}: cannot read it: {_reason(exc)}") from None
+            raise StoreNotReady(f"{where}: cannot read it: {_reason(exc)}") from None
         except SchemaError:
             await self.close()
             raise

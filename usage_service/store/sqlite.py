@@ -16,7 +16,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from . import STATEMENT_GUARD, SchemaError, StoreMisconfigured, StoreUnavailable, UnreadableRow
+from . import STATEMENT_GUARD, SchemaError, StoreMisconfigured, StoreNotReady, StoreUnavailable, UnreadableRow
 from ._sql import (
     ROW_MEMORY,
     Column,
@@ -94,7 +94,7 @@ class SQLiteStore(SQLStore):
             await store._read_schema(f"SQLITE_PATH: {str(path)!r}")
         except StoreUnavailable as exc:
             await store.close()
-            raise SchemaError(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
+            raise StoreNotReady(f"SQLITE_PATH: cannot read {str(path)!r}: {exc}") from None
         except SchemaError:
             await store.close()
             raise
@@ -111,7 +111,7 @@ class SQLiteStore(SQLStore):
                 check_log_schema(await _columns(conn, "logs"), where)
         except StoreUnavailable as exc:
             await store.close()
-            raise SchemaError(f"{where}: cannot read it: {exc}") from None
+            raise StoreNotReady(f"{where}: cannot read it: {exc}") from None
         except SchemaError:
             await store.close()
             raise
