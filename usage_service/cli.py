@@ -213,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if _STOPPED_BY.count(signal.SIGINT) > 1:
+        # uvicorn's answer to a second SIGINT: it stopped without waiting for what was in flight.
+        logger.warning("forced to stop by a second SIGINT: requests in flight were cut off")
+        return 130
     return 0
 
 
@@ -241,7 +245,12 @@ def _share_metrics_between_workers() -> None:
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 
+# The signals uvicorn stopped on, as it hands them on once stopped.
+_STOPPED_BY: list[int] = []
+
+
 def _note_shutdown_signal(signum: int, frame: object) -> None:
+    _STOPPED_BY.append(signum)
     logger.debug("stopped by signal %d", signum)
 
 
