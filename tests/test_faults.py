@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -128,6 +129,33 @@ async def test_a_worker_stops_trying_after_start_patience(
     with gateway.exclusive_lock(), pytest.raises(StoreNotReady, match="locked"):
         async with app.router.lifespan_context(app):
             pass
+
+
+async def test_a_worker_trying_its_database_again_stops_trying_on_sigterm(
+    gateway: Gateway, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server acts on SIGTERM only once start-up is over: a worker still trying its database
+    held up the stop by up to START_PATIENCE. Its start-up now fails at the signal, and the
+    server's own handler is still called (and put back afterwards)."""
+    heard: list[int] = []
+
+    def the_servers(signum: int, frame: object) -> None:
+        heard.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, the_servers)
+    app = create_app(dataclasses.replace(settings, db_timeout=0.2))
+    caplog.set_level(logging.WARNING, logger="usage_service")
+    try:
+        with gateway.exclusive_lock():
+            starting = asyncio.ensure_future(app.router.lifespan_context(app).__aenter__())
+            await until(lambda: any("trying again" in r.getMessage() for r in caplog.records))
+            signal.raise_signal(signal.SIGTERM)
+            with pytest.raises(StoreNotReady, match="locked"):
+                await asyncio.wait_for(starting, timeout=5)
+        assert heard == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is the_servers  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def until(condition: Callable[[], object], within: float = 10.0) -> None:

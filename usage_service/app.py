@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import NoReturn, TypeVar
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -127,19 +129,52 @@ START_PATIENCE = 30.0
 
 
 async def _patiently(open_: Callable[[], Awaitable[T]]) -> T:
-    """`open_()`, tried again while it raises StoreNotReady, for up to START_PATIENCE seconds."""
+    """`open_()`, tried again while it raises StoreNotReady, for up to START_PATIENCE seconds,
+    and not after a SIGTERM or SIGINT: the server acts on those only once start-up is over, so a
+    worker still trying would hold up the stop."""
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     deadline, pause = loop.time() + START_PATIENCE, 0.5
-    while True:
-        try:
-            return await open_()
-        except StoreNotReady as exc:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise
-            logger.warning("%s; trying again in %g s", exc, min(pause, left))
-            await asyncio.sleep(min(pause, left))
-            pause = min(2 * pause, 5.0)
+    with _setting_on_stop_signals(loop, stop):
+        while True:
+            try:
+                return await open_()
+            except StoreNotReady as exc:
+                left = deadline - loop.time()
+                if left <= 0 or stop.is_set():
+                    raise
+                logger.warning("%s; trying again in %g s", exc, min(pause, left))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), min(pause, left))
+                if stop.is_set():
+                    raise
+                pause = min(2 * pause, 5.0)
+
+
+@contextlib.contextmanager
+def _setting_on_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
+    """Set `stop` on SIGTERM and SIGINT as well as calling their handlers (the server's): in the
+    main thread, where a handler is installed; elsewhere nothing."""
+    chained: dict[int, Callable[[int, FrameType | None], Any]] = {}
+
+    def chain(handler: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], None]:
+        def handle(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(stop.set)
+            handler(signum, frame)
+
+        return handle
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, chain(handler))
+                chained[signum] = handler
+    try:
+        yield
+    finally:
+        for chained_signum, handler in chained.items():
+            signal.signal(chained_signum, handler)
 
 
 def _noting_status(scope: Scope, send: Send) -> Send:
