@@ -4,9 +4,11 @@ checks, dropped connections, batching, and the refresher's re-reads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
+import struct
 import threading
 import time
 from collections import deque
@@ -270,6 +272,48 @@ async def test_tls_preferred_on_a_server_without_tls_connects_in_plain_text(
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
         "tls=preferred and the server offers no TLS: connecting without it, as the gateway's driver does"
     ]
+
+
+async def test_tls_preferred_on_a_server_that_offers_tls_never_goes_without() -> None:
+    """A server whose greeting offers TLS but whose handshake fails (a cipher the client refuses,
+    a reset mid-handshake) is an error: the service once took any failed handshake as a server
+    without TLS, and logged in in plain text from then on."""
+    from usage_service.store.mysql import MySQLStore
+
+    caps = 0x1 | 0x4 | 0x8 | 0x200 | 0x800 | 0x8000 | 0x80000  # CLIENT_SSL (0x800) among them
+    salt = b"abcdefghijklmnopqrst"
+    body = (
+        b"\x0a8.0.36\x00" + struct.pack("<I", 7) + salt[:8] + b"\x00" + struct.pack("<H", caps & 0xFFFF)
+        + b"\x21" + struct.pack("<H", 2) + struct.pack("<H", caps >> 16) + bytes([21]) + b"\x00" * 10
+        + salt[8:] + b"\x00mysql_native_password\x00"
+    )  # fmt: skip
+    greeting = struct.pack("<I", len(body))[:3] + b"\x00" + body
+    seen: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            await writer.drain()
+            head = await reader.readexactly(4)
+            packet = await reader.readexactly(int.from_bytes(head[:3], "little"))
+            seen.append("TLS asked" if len(packet) == 32 else "plain-text login")
+            await reader.read(4096)  # the ClientHello, answered with an alert: protocol_version
+            writer.write(b"\x15\x03\x01\x00\x02\x02\x46")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = MySQLStore(
+        MySQLDSN(user="u", host="127.0.0.1", port=port, database="d", tls="preferred"), timeout=1.0, pool_size=1
+    )
+    try:
+        for _ in range(2):
+            with pytest.raises(Exception, match="PROTOCOL_VERSION"):
+                await store._connect()
+    finally:
+        server.close()
+    assert seen == ["TLS asked", "TLS asked"]
 
 
 async def test_a_set_up_that_fails_closes_what_it_opened(gateway: Gateway, settings: Settings) -> None:

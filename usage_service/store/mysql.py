@@ -173,9 +173,11 @@ class MySQLStore(SQLStore):
         try:
             conn = await self._login(self._tls)
         except MySQLError as exc:
-            if self._tls != "preferred" or not isinstance(exc.__cause__, ssl.SSLError):
+            # The driver asks for TLS whatever the server offers: with `preferred`, a failed
+            # handshake is a server without TLS only if its greeting says so (a server that
+            # offers TLS and fails the handshake is an error, not a reason to go without).
+            if self._tls != "preferred" or not isinstance(exc.__cause__, ssl.SSLError) or await self._offers_tls():
                 raise
-            # The server answered the TLS request in plain text: it offers none.
             logger.warning(
                 "%s: tls=preferred and the server offers no TLS: connecting without it, as the gateway's driver does",
                 self.dsn.describe(),
@@ -183,6 +185,25 @@ class MySQLStore(SQLStore):
             self._tls = "false"
             conn = await self._login(self._tls)
         return await self._session(conn)
+
+    async def _offers_tls(self) -> bool:
+        """Whether the server's greeting offers TLS (CLIENT_SSL), read on a connection of its own
+        that sends nothing; True when it cannot be told."""
+        dsn = self.dsn
+        try:
+            async with asyncio.timeout(max(self._timeout, 1.0)):
+                if dsn.unix_socket:
+                    reader, writer = await asyncio.open_unix_connection(dsn.unix_socket)
+                else:
+                    reader, writer = await asyncio.open_connection(dsn.host, dsn.port)
+                try:
+                    header = await reader.readexactly(4)
+                    greeting = await reader.readexactly(int.from_bytes(header[:3], "little"))
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            return True
+        return _greeting_offers_tls(greeting)
 
     async def _login(self, tls: str) -> asyncmy.Connection:
         dsn = self.dsn
@@ -259,6 +280,22 @@ def _is_connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, OSError | EOFError):
         return True
     return bool(exc.args) and exc.args[0] in _LOST_ERRNOS
+
+
+_CLIENT_SSL = 0x0800  # the capability flag a server that offers TLS sets in its greeting
+
+
+def _greeting_offers_tls(greeting: bytes) -> bool:
+    """Whether a protocol-10 greeting sets CLIENT_SSL: after the version byte, the server's
+    version (NUL-ended), the connection id (4), the salt's first part (8) and a filler (1) come
+    the capability flags' lower two bytes. Anything else (an error packet: too many connections,
+    a host not allowed) is taken to offer it."""
+    if not greeting or greeting[0] != 10 or b"\0" not in greeting[1:]:
+        return True
+    flags = greeting.index(b"\0", 1) + 1 + 4 + 8 + 1
+    if len(greeting) < flags + 2:
+        return True
+    return bool(int.from_bytes(greeting[flags : flags + 2], "little") & _CLIENT_SSL)
 
 
 def _ssl_context(tls: str) -> ssl.SSLContext | None:
