@@ -301,6 +301,8 @@ async def test_tls_preferred_on_a_server_that_offers_tls_never_goes_without() ->
             writer.write(b"\x15\x03\x01\x00\x02\x02\x46")
             await writer.drain()
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -313,6 +315,7 @@ async def test_tls_preferred_on_a_server_that_offers_tls_never_goes_without() ->
                 await store._connect()
     finally:
         server.close()
+        await server.wait_closed()
     assert seen == ["TLS asked", "TLS asked"]
 
 

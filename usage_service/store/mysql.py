@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import ssl
@@ -201,6 +202,8 @@ class MySQLStore(SQLStore):
                     greeting = await reader.readexactly(int.from_bytes(header[:3], "little"))
                 finally:
                     writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             return True
         return _greeting_offers_tls(greeting)
