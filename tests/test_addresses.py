@@ -56,6 +56,8 @@ def proxies(count: int) -> list[str]:
             "10.0.0.7",
             id="a-scoped-address-is-not-read",
         ),
+        # Garbage ends the walk: what lies left of it, on the client's side, could be anything.
+        pytest.param(["198.51.100.1, not-an-address, 10.0.0.7"], "10.0.0.7", id="garbage-ends-the-walk"),
     ],
 )
 def test_the_client_is_read_from_the_right(forwarded: list[str], client: str) -> None:

@@ -30,6 +30,7 @@ async def test_preflight_any_origin(gateway: Gateway, app_client: AppClient, pat
     allowed = {h.strip().lower() for h in response.headers["access-control-allow-headers"].split(",")}
     assert {"authorization", "if-none-match"} <= allowed
     assert int(response.headers["access-control-max-age"]) > 0
+    assert response.headers["cache-control"] == "no-store"  # the browser's preflight cache, not a proxy's
     assert response.content == b""
 
 
