@@ -251,12 +251,17 @@ async def test_a_password_with_an_unencoded_at_sign_is_taken(gateway: Gateway, s
 
 
 @pytest.mark.parametrize("gateway", ["mysql"], indirect=True)
+@pytest.mark.parametrize("over", ["tcp", "unix"])
 async def test_tls_preferred_on_a_server_without_tls_connects_in_plain_text(
-    gateway: Gateway, settings: Settings, caplog: pytest.LogCaptureFixture
+    gateway: Gateway, settings: Settings, caplog: pytest.LogCaptureFixture, over: str
 ) -> None:
     """As the gateway's driver does (the test's MariaDB offers no TLS): `tls=preferred` stopped
-    start-up with the TLS handshake's error; `tls=skip-verify` still insists on TLS."""
+    start-up with the TLS handshake's error (over a unix socket, a broken pipe); `tls=skip-verify`
+    still insists on TLS."""
     database: MySQLDSN = gateway.database  # type: ignore[attr-defined]
+    if over == "unix":  # (as the gateway's own user: the service's may log in over TCP only)
+        owner: MySQLDSN = gateway.owner_database  # type: ignore[attr-defined]
+        database = dataclasses.replace(owner, unix_socket=str(gateway.server.socket))  # type: ignore[attr-defined]
     token = gateway.add_token(used=3)
     with pytest.raises(SchemaError, match="cannot read it"):
         await open_store(dataclasses.replace(settings, database=dataclasses.replace(database, tls="skip-verify")))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import ssl
@@ -171,48 +170,30 @@ class MySQLStore(SQLStore):
         return None
 
     async def _connect(self) -> asyncmy.Connection:
+        conn = self._new_connection(self._tls)
         try:
-            conn = await self._login(self._tls)
-        except MySQLError as exc:
-            # The driver asks for TLS whatever the server offers: with `preferred`, a failed
-            # handshake is a server without TLS only if its greeting says so (a server that
-            # offers TLS and fails the handshake is an error, not a reason to go without).
-            if self._tls != "preferred" or not isinstance(exc.__cause__, ssl.SSLError) or await self._offers_tls():
+            await _login(conn)
+        except MySQLError:
+            # The driver asks for TLS whatever the server offers, where the gateway's driver, with
+            # `preferred`, asks only a server whose greeting offers it: a login that failed on a
+            # server that offers none is made again without. (A server that offers TLS and fails
+            # the handshake is an error, never a reason to go without.)
+            if self._tls != "preferred" or _offered_tls(conn):
                 raise
             logger.warning(
                 "%s: tls=preferred and the server offers no TLS: connecting without it, as the gateway's driver does",
                 self.dsn.describe(),
             )
             self._tls = "false"
-            conn = await self._login(self._tls)
+            conn = self._new_connection(self._tls)
+            await _login(conn)
         return await self._session(conn)
 
-    async def _offers_tls(self) -> bool:
-        """Whether the server's greeting offers TLS (CLIENT_SSL), read on a connection of its own
-        that sends nothing; True when it cannot be told."""
+    def _new_connection(self, tls: str) -> asyncmy.Connection:
+        """A connection to the database, not yet made."""
         dsn = self.dsn
         try:
-            async with asyncio.timeout(max(self._timeout, 1.0)):
-                if dsn.unix_socket:
-                    reader, writer = await asyncio.open_unix_connection(dsn.unix_socket)
-                else:
-                    reader, writer = await asyncio.open_connection(dsn.host, dsn.port)
-                try:
-                    header = await reader.readexactly(4)
-                    greeting = await reader.readexactly(int.from_bytes(header[:3], "little"))
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            return True
-        return _greeting_offers_tls(greeting)
-
-    async def _login(self, tls: str) -> asyncmy.Connection:
-        dsn = self.dsn
-        timeout = max(self._timeout, 1.0)
-        try:
-            conn = await asyncmy.connect(
+            return asyncmy.Connection(  # type: ignore[no-untyped-call]
                 host=dsn.host,
                 port=dsn.port,
                 unix_socket=dsn.unix_socket,
@@ -222,19 +203,14 @@ class MySQLStore(SQLStore):
                 password=dsn.password.encode(errors="surrogateescape"),
                 database=dsn.database or None,
                 charset=dsn.charset,
-                connect_timeout=max(1, math.ceil(dsn.connect_timeout or timeout)),
+                connect_timeout=max(1, math.ceil(dsn.connect_timeout or max(self._timeout, 1.0))),
                 read_timeout=self._timeout + 1.0,
                 ssl=_ssl_context(tls),
                 # Each statement its own transaction: every read sees the gateway's latest commits.
                 autocommit=True,
             )
-        except (MySQLError, OSError, EOFError):
-            raise
-        except Exception as exc:
-            # The driver's own failures (an authentication plugin it cannot run, a charset it
-            # does not know): the database cannot be read, said in one line without the DSN.
-            raise StoreUnavailable(f"cannot connect ({type(exc).__name__}: {exc})") from None
-        return conn
+        except Exception as exc:  # the driver's own checks (a charset it does not know)
+            raise _driver_failure(exc) from None
 
     async def _session(self, conn: asyncmy.Connection) -> asyncmy.Connection:
         """Make a new connection's session read-only and bounded in time."""
@@ -288,17 +264,25 @@ def _is_connection_lost(exc: BaseException) -> bool:
 _CLIENT_SSL = 0x0800  # the capability flag a server that offers TLS sets in its greeting
 
 
-def _greeting_offers_tls(greeting: bytes) -> bool:
-    """Whether a protocol-10 greeting sets CLIENT_SSL: after the version byte, the server's
-    version (NUL-ended), the connection id (4), the salt's first part (8) and a filler (1) come
-    the capability flags' lower two bytes. Anything else (an error packet: too many connections,
-    a host not allowed) is taken to offer it."""
-    if not greeting or greeting[0] != 10 or b"\0" not in greeting[1:]:
-        return True
-    flags = greeting.index(b"\0", 1) + 1 + 4 + 8 + 1
-    if len(greeting) < flags + 2:
-        return True
-    return bool(int.from_bytes(greeting[flags : flags + 2], "little") & _CLIENT_SSL)
+async def _login(conn: asyncmy.Connection) -> None:
+    try:
+        await conn.connect()
+    except (MySQLError, OSError, EOFError):
+        raise
+    except Exception as exc:
+        raise _driver_failure(exc) from None
+
+
+def _driver_failure(exc: Exception) -> StoreUnavailable:
+    """The driver's own failures (an authentication plugin it cannot run, a charset it does not
+    know): the database cannot be read, said in one line without the DSN."""
+    return StoreUnavailable(f"cannot connect ({type(exc).__name__}: {exc})")
+
+
+def _offered_tls(conn: asyncmy.Connection) -> bool:
+    """Whether the server's greeting offered TLS; True when no greeting was read (nothing told)."""
+    capabilities = getattr(conn, "server_capabilities", None)
+    return capabilities is None or bool(capabilities & _CLIENT_SSL)
 
 
 def _ssl_context(tls: str) -> ssl.SSLContext | None:
