@@ -213,9 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if _STOPPED_BY.count(signal.SIGINT) > 1:
-        # uvicorn's answer to a second SIGINT: it stopped without waiting for what was in flight.
-        logger.warning("forced to stop by a second SIGINT: requests in flight were cut off")
+    # uvicorn hands the signals on last first: the last noted is the one that began the stop.
+    if signal.SIGINT in _STOPPED_BY[:-1]:
+        # uvicorn's answer to a SIGINT during a stop: it stopped without waiting for what was in flight.
+        logger.warning("forced to stop by a second signal (SIGINT): requests in flight were cut off")
         return 130
     return 0
 
