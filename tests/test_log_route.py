@@ -16,6 +16,7 @@ import pytest
 from conftest import AppClient, GatewayFactory
 from support import Gateway, Token
 
+from usage_service import budget as budget_module
 from usage_service import tokenlog
 from usage_service.config import Settings, load_settings
 from usage_service.routing import ShortRoute
@@ -1111,30 +1112,30 @@ async def test_postgres_start_up_advises_an_index_in_token_order(
 
 async def test_a_tokens_reads_are_budgeted_after_a_burst() -> None:
     clock = Clock()
-    budget = tokenlog.ReadBudget(2.0, burst=8.0, clock=clock)
+    budget = budget_module.TokenBudget(2.0, burst=8.0, clock=clock)
     for _ in range(8):
         budget.spend(1)
-    with pytest.raises(tokenlog.ReadsSpent) as spent:
+    with pytest.raises(budget_module.Spent) as spent:
         budget.spend(1)
     assert spent.value.retry_after == pytest.approx(0.5)
     budget.spend(2)  # another token's budget is its own
     clock.now += 0.5
     budget.spend(1)  # one more, earned back at 2 a second
-    with pytest.raises(tokenlog.ReadsSpent):
+    with pytest.raises(budget_module.Spent):
         budget.spend(1)
     clock.now += 100
     for _ in range(8):  # whole again, never more than the burst
         budget.spend(1)
-    with pytest.raises(tokenlog.ReadsSpent):
+    with pytest.raises(budget_module.Spent):
         budget.spend(1)
 
 
 async def test_the_budgets_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """One entry per token that read lately: tokens whose budget is whole again are forgotten
     (as good as new), and past the bound the oldest go."""
-    monkeypatch.setattr(tokenlog, "BUDGETS_KEPT", 100)
+    monkeypatch.setattr(budget_module, "BUDGETS_KEPT", 100)
     clock = Clock()
-    budget = tokenlog.ReadBudget(1.0, burst=4.0, clock=clock)
+    budget = budget_module.TokenBudget(1.0, burst=4.0, clock=clock)
     for token_id in range(1000):
         budget.spend(token_id)
         clock.now += 0.001
@@ -1143,7 +1144,7 @@ async def test_the_budgets_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         budget.spend(token_id)
         budget.spend(token_id)
         budget.spend(token_id)
-        with pytest.raises(tokenlog.ReadsSpent):
+        with pytest.raises(budget_module.Spent):
             budget.spend(token_id)
 
 
@@ -1176,3 +1177,18 @@ async def test_no_read_budget_when_turned_off(gateway: Gateway, app_client: AppC
     async with app_client(log_reads_per_token=0) as (_, client):
         answers = [await client.get(f"{URL}?start_timestamp={n}", headers=token.bearer) for n in range(30)]
     assert [a.status_code for a in answers] == [200] * 30
+
+
+async def test_a_budget_spent_by_cost_never_refuses_for_ever() -> None:
+    """Work is charged by its cost (days summed); a cost past the burst takes a whole burst, so
+    that it can still be done once the budget is whole again."""
+    clock = Clock()
+    budget = budget_module.TokenBudget(10.0, burst=40.0, clock=clock)
+    budget.spend(1, 30)
+    with pytest.raises(budget_module.Spent) as spent:
+        budget.spend(1, 30)
+    assert spent.value.retry_after == pytest.approx(2.0) and spent.value.header == (b"retry-after", b"2")
+    clock.now += 4
+    budget.spend(1, 3650)  # capped at the burst: the budget is whole, so it is taken
+    with pytest.raises(budget_module.Spent):
+        budget.spend(1, 1)

@@ -517,3 +517,43 @@ async def test_a_kept_answer_holds_its_body_not_the_sums_it_was_made_from(
             tracemalloc.stop()
     assert body < 4_000
     assert grown < body + 3_000, f"{grown:.0f} bytes kept per answer"
+
+
+async def test_a_key_asking_for_new_ranges_each_time_is_refused_past_its_budget_of_days(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """Each range whose closed days a worker does not hold summed is summed slot by slot (for a
+    busy token's 100 days, tens of thousands): one key asking for a new range each time could
+    keep a worker's core busy for itself. Past its budget of days (USAGE_HISTORY_DAYS_PER_TOKEN
+    a second after a burst of four times as many), a 429 in each route's shape; a range asked for
+    again costs none, and other tokens have budgets of their own."""
+    token, other = gateway.add_token(), gateway.add_token()
+    today = datetime.now(UTC).date()
+
+    def dates(back: int) -> str:  # 60 days ending `back` days ago: closed days only
+        return f"start_date={today - timedelta(days=back + 59)}&end_date={today - timedelta(days=back)}"
+
+    async with app_client(history_days_per_token=30) as (_, client):  # a burst of 120 days
+        answers = [await client.get(f"{URL}?{dates(back)}", headers=token.bearer) for back in (1, 2, 3)]
+        again = await client.get(f"{URL}?{dates(1)}&tz=UTC", headers=token.bearer)  # its days are held
+        others = await client.get(f"{URL}?{dates(3)}", headers=other.bearer)
+        billing = await client.get(
+            f"/v1/dashboard/billing/usage?start_date={today - timedelta(days=90)}&end_date={today - timedelta(days=4)}",
+            headers=token.bearer,
+        )
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[2].json() == {"success": False, "message": "too many new date ranges for this token, retry later"}
+    assert 1 <= int(answers[2].headers["retry-after"]) <= 2
+    assert (again.status_code, others.status_code) == (200, 200)
+    assert billing.status_code == 429
+    assert billing.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_no_budget_of_days_when_turned_off(gateway: Gateway, app_client: AppClient) -> None:
+    token = gateway.add_token()
+    today = datetime.now(UTC).date()
+    async with app_client(history_days_per_token=0) as (_, client):
+        for back in range(1, 21):
+            start, end = today - timedelta(days=back + 99), today - timedelta(days=back)
+            answer = await client.get(f"{URL}?start_date={start}&end_date={end}", headers=token.bearer)
+            assert answer.status_code == 200

@@ -35,6 +35,7 @@ from .access import OTHER, AccessLog, RequestStats
 from .addresses import ClientAddresses
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
+from .budget import TokenBudget
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
 from .days import DaySums
@@ -229,7 +230,8 @@ def create_app(settings: Settings) -> UsageService:
                 kept_while_asked=settings.hot_window - renote_interval(settings.hot_window),
             )
             opened.push_async_callback(history.close)
-            services.day_sums = DaySums(history)
+            days = settings.history_days_per_token
+            services.day_sums = DaySums(history, budget=TokenBudget(days, burst=4 * days) if days else None)
             keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
             refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)
             options = services.options = GatewayOptions(store, settings.options_interval)

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .budget import TOO_MANY_DAYS, Spent
 from .cache import AnswerCache, query_digest
 from .config import BillingTotal
 from .days import day_starts, horizon, parse_date
@@ -290,6 +291,10 @@ class BillingUsageEndpoint:
                 return
             try:
                 data = await self.daily_costs(record, start, end, options)
+            except Spent as spent:
+                too_many = OpenAIError(429, TOO_MANY_DAYS, "rate_limit_exceeded", [spent.header], type_="requests")
+                await too_many(scope, receive, send)
+                return
             except StoreUnavailable:
                 answer = self.answers.stale(key, now)
                 if answer is None:

@@ -419,6 +419,15 @@ TABLE: tuple[Variable, ...] = (
         " times as many (an answer served again is no read); 429 beyond; 0: no limit",
     ),
     Variable(
+        "USAGE_HISTORY_DAYS_PER_TOKEN",
+        "history_days_per_token",
+        400,
+        _count(minimum=0),
+        "days of one token's spending per second a worker sums anew for /api/usage/token/history and a dated"
+        " /dashboard/billing/usage, after a burst of four times as many (a range asked for again costs none); 429"
+        " beyond; 0: no limit",
+    ),
+    Variable(
         "USAGE_BILLING_TOTAL",
         "billing_total",
         "lifetime",
@@ -526,6 +535,7 @@ class Settings:
     options_interval: float = _DEFAULTS["options_interval"]
     history_max_days: int = _DEFAULTS["history_max_days"]
     log_reads_per_token: int = _DEFAULTS["log_reads_per_token"]
+    history_days_per_token: int = _DEFAULTS["history_days_per_token"]
     billing_total: BillingTotal = _DEFAULTS["billing_total"]
     # Operators' and integrators' features (metrics, logs, CORS).
     metrics: bool = _DEFAULTS["metrics"]

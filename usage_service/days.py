@@ -19,6 +19,7 @@ from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .budget import TokenBudget
 from .history import SLOT, History, Spend, add_to, plus
 
 # Dates a range may name: the log has no row before 1970, and the day after the last one must
@@ -117,9 +118,12 @@ class DaySums:
     gateway's clean-up moves the log's smallest id; bounded by the number of sums kept.
     """
 
-    def __init__(self, history: History, max_sums: int = SUMS_KEPT) -> None:
+    def __init__(self, history: History, max_sums: int = SUMS_KEPT, *, budget: TokenBudget | None = None) -> None:
         self.history = history
         self.max_sums = max_sums
+        # Days summed per token for ranges whose closed part is not kept (the costly part: every
+        # slot of every day; for a busy token's 100 days, tens of thousands); None: not counted.
+        self.budget = budget
         self.kept_sums = 0
         self._kept: OrderedDict[tuple[int, int, int, tuple[int, ...]], dict[tuple[int, str], Spend]] = OrderedDict()
 
@@ -137,6 +141,8 @@ class DaySums:
             min_id = await self.history.current_min_id()  # moved: the clean-up may have taken kept days
             kept = self._kept.get((token_id, boundary, min_id, starts))
             if kept is None:
+                if self.budget is not None:
+                    self.budget.spend(token_id, len(starts) - 1)  # raises Spent
                 slots = await self.history.slots(token_id, start, min(boundary, end), turn_ends=turn_ends)
                 kept = by_day_and_model(slots, starts)
                 # Kept only if the clean-up did not move meanwhile: days the history held were

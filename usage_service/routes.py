@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import relay_rules, usage_rules
 from .billing import BillingEndpoint, BillingUsageEndpoint, subscription_data
+from .budget import TokenBudget
 from .cache import AnswerCache
 from .config import Settings
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -23,7 +24,7 @@ from .responses import JSONError, error_body, send_revalidated
 from .routing import SCOPE_KEY, RouteTable, ShortRoute, both_slashes
 from .services import Services
 from .store import StoreMisconfigured, StoreUnavailable
-from .tokenlog import Answers, ReadBudget, TokenLogEndpoint
+from .tokenlog import Answers, TokenLogEndpoint
 from .usage_history import HistoryEndpoint
 
 logger = logging.getLogger("usage_service.routes")
@@ -71,7 +72,7 @@ def route_table(settings: Settings, services: Services) -> RouteTable:
     # a credential without the Bearer scheme, which the gateway's middleware for this route takes.
     log = usage_rules(settings.retry_after, query_key=True, bare_key=True)
     rate = settings.log_reads_per_token
-    budget = ReadBudget(rate, burst=4 * rate) if rate else None
+    budget = TokenBudget(rate, burst=4 * rate) if rate else None
     token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable, Answers(budget=budget))
     return RouteTable(
         {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._flights import Flights
+from .budget import Spent, TokenBudget
 from .cache import AnswerCache
 from .records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int
 from .responses import JSON_TYPE, NO_CACHE, JSONError, compact_json, error_body, send_body
@@ -272,46 +272,6 @@ def _text(value: object) -> str:
 
 Key = tuple[int, LogQuery]  # the token's id, never its key
 
-# How many reads a budget remembers tokens for: past it, those whose budget is whole again go.
-BUDGETS_KEPT = 10_000
-
-
-class ReadsSpent(Exception):
-    """The token's reads of its log are spent for now; `retry_after` seconds until the next."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(retry_after)
-        self.retry_after = retry_after
-
-
-class ReadBudget:
-    """Reads of a token's log one worker makes for requests: `rate` a second, after a burst of
-    `burst` (a token bucket per token id). Each distinct parameter set is a read of up to 1,000
-    rows on the gateway's database: without a budget, one key asking for a new one each time
-    had a worker read about 85 a second for it."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst = rate, burst
-        self._clock = clock
-        self._left: dict[int, tuple[float, float]] = {}  # token id -> (reads left, as of when)
-
-    def spend(self, token_id: int) -> None:
-        """Take one read of the token's budget, or raise ReadsSpent."""
-        now = self._clock()
-        left, then = self._left.get(token_id, (self.burst, now))
-        left = min(self.burst, left + (now - then) * self.rate)
-        if left < 1.0:
-            raise ReadsSpent((1.0 - left) / self.rate)
-        if len(self._left) >= BUDGETS_KEPT and token_id not in self._left:
-            self._forget_whole(now)
-        self._left[token_id] = (left - 1.0, now)
-
-    def _forget_whole(self, now: float) -> None:
-        whole = self.burst / self.rate  # seconds for an empty budget to be whole again
-        self._left = {t: held for t, held in self._left.items() if now - held[1] < whole}
-        if len(self._left) >= BUDGETS_KEPT:  # all spent lately: the oldest half go
-            self._left = dict(sorted(self._left.items(), key=lambda item: item[1][1])[BUDGETS_KEPT // 2 :])
-
 
 class Answers:
     """Rendered answers by token id and parameters, each served for at most `ttl` seconds after
@@ -331,11 +291,14 @@ class Answers:
         *,
         max_entries: int = ANSWER_ENTRIES,
         max_bytes: int = ANSWER_BYTES,
-        budget: ReadBudget | None = None,
+        budget: TokenBudget | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
-        self.budget = budget  # None: reads are not counted per token
+        # Reads of each token's log (each distinct parameter set not answered within `ttl` is
+        # a read of up to 1,000 rows: one key asking for a new one each time had a worker read
+        # about 85 a second for it); None: not counted.
+        self.budget = budget
         # Fresh for `ttl` from when its read began; never served stale.
         self.kept: AnswerCache[Key, bytes] = AnswerCache(max_entries, max_bytes, ttl, stale_if_error=0.0)
         self._flights: Flights[Key, bytes] = Flights()
@@ -352,7 +315,7 @@ class Answers:
         flight = self._flights.get(key)
         if flight is None:
             if self.budget is not None:
-                self.budget.spend(key[0])  # raises ReadsSpent
+                self.budget.spend(key[0])  # raises Spent
             self.reads += 1
             flight = self._flights.start(key, self._in_turn(key[0], read))
             flight.add_done_callback(functools.partial(self._landed, key, now))
@@ -388,7 +351,6 @@ class TokenLogEndpoint:
         self.reader = reader  # the lifespan opens it: looked up per request
         self.unavailable = unavailable
         self.answers = answers or Answers()
-        self._spent: dict[int, JSONError] = {}  # 429s by their Retry-After
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record: TokenRecord = scope[SCOPE_KEY]
@@ -405,17 +367,10 @@ class TokenLogEndpoint:
         except StoreUnavailable:
             await self.unavailable(scope, receive, send)
             return
-        except ReadsSpent as spent:
-            await self.too_many(math.ceil(spent.retry_after))(scope, receive, send)
+        except Spent as spent:
+            await JSONError(429, TOO_MANY_READS, [spent.header])(scope, receive, send)
             return
         await send_body(scope, send, 200, [JSON_TYPE, NO_CACHE, _length(body)], body)
-
-    def too_many(self, retry_after: int) -> JSONError:
-        answer = self._spent.get(retry_after)
-        if answer is None:
-            headers = [(b"retry-after", str(retry_after).encode())]
-            answer = self._spent[retry_after] = JSONError(429, TOO_MANY_READS, headers)
-        return answer
 
 
 TOO_MANY_READS = "too many reads of this token's log, retry later"

@@ -24,6 +24,7 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .billing import BillingOptions, json_number
+from .budget import TOO_MANY_DAYS, Spent
 from .cache import AnswerCache, query_digest
 from .days import day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, History, Spend, Tail, total
@@ -280,6 +281,8 @@ class HistoryEndpoint:
             sums = await self.services.day_sums.sums(token_id, day_starts_of(query), horizon(now))
         except StoreUnavailable:
             return self.answers.stale(key, clock) or self.unavailable
+        except Spent as spent:
+            return JSONError(429, TOO_MANY_DAYS, [spent.header])
         # The open days the sums were made from, if the rounds keep them (nothing was awaited
         # since they were taken).
         vouched = history.vouched_tail(token_id)
