@@ -35,7 +35,7 @@ from .access import OTHER, AccessLog, RequestStats
 from .addresses import ClientAddresses
 from .auth import TokenAuthMiddleware
 from .billing import GatewayOptions
-from .budget import TokenBudget
+from .budget import per_second
 from .config import Settings, load_settings
 from .cors import CORSMiddleware
 from .days import DaySums
@@ -230,8 +230,7 @@ def create_app(settings: Settings) -> UsageService:
                 kept_while_asked=settings.hot_window - renote_interval(settings.hot_window),
             )
             opened.push_async_callback(history.close)
-            days = settings.history_days_per_token
-            services.day_sums = DaySums(history, budget=TokenBudget(days, burst=4 * days) if days else None)
+            services.day_sums = DaySums(history, budget=per_second(settings.history_days_per_token))
             keeper = TailKeeper(history, settings) if settings.refresh_interval > 0 else None
             refresher = services.refresher = Refresher(lookup, store, redis, settings, tails=keeper)
             options = services.options = GatewayOptions(store, settings.options_interval)

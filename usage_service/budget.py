@@ -56,3 +56,9 @@ class TokenBudget:
         self._left = {t: held for t, held in self._left.items() if now - held[1] < whole}
         if len(self._left) >= BUDGETS_KEPT:  # all spent lately: the oldest half go
             self._left = dict(sorted(self._left.items(), key=lambda item: item[1][1])[BUDGETS_KEPT // 2 :])
+
+
+def per_second(rate: int) -> TokenBudget | None:
+    """The budget a setting names: `rate` units a second, after a burst of four times as many;
+    None for 0 (no budget)."""
+    return TokenBudget(rate, burst=4 * rate) if rate else None

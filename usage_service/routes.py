@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from .auth import relay_rules, usage_rules
 from .billing import BillingEndpoint, BillingUsageEndpoint, subscription_data
-from .budget import TokenBudget
+from .budget import per_second
 from .cache import AnswerCache
 from .config import Settings
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -71,8 +71,7 @@ def route_table(settings: Settings, services: Services) -> RouteTable:
     # The usage route's rules, plus the legacy `?key=` credential older gateways took here, and
     # a credential without the Bearer scheme, which the gateway's middleware for this route takes.
     log = usage_rules(settings.retry_after, query_key=True, bare_key=True)
-    rate = settings.log_reads_per_token
-    budget = TokenBudget(rate, burst=4 * rate) if rate else None
+    budget = per_second(settings.log_reads_per_token)
     token_log = TokenLogEndpoint(lambda: services.logs, log.unavailable, Answers(budget=budget))
     return RouteTable(
         {
