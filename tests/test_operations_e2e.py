@@ -51,6 +51,17 @@ def test_json_access_log(gateway: Gateway, server: str) -> None:
     assert token.key not in output
 
 
+def test_the_log_format_in_the_environment_is_read_as_settings_read_it(gateway: Gateway, server: str) -> None:
+    # In any case and with spaces, as every setting: the command's own lines (its warnings
+    # about Redis and limits come first) are JSON as well as the workers'.
+    env = {"SQLITE_PATH": str(gateway.path), "USAGE_LOG_FORMAT": " JSON "}
+    with Service(env, server=server) as service:
+        assert wait_until(lambda: WORKER_STARTED[server] in service.output())
+    lines = [line for line in service.output().splitlines() if line.strip()]
+    assert any("REDIS_CONN_STRING is not set" in json.loads(line).get("message", "") for line in lines)
+    assert all(line.startswith("{") for line in lines), lines
+
+
 def test_metrics_address_with_workers(gateway: Gateway, server: str) -> None:
     tokens = [gateway.add_token() for _ in range(20)]
     port = free_port()

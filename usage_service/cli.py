@@ -24,7 +24,16 @@ from redis.exceptions import RedisError
 from . import __version__, logs
 from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
 from ._metric_files import worker_files
-from .config import DEFAULT_PORT, LOG_FORMATS, VARIABLES, ConfigError, Settings, check_database_file, load_settings
+from .config import (
+    DEFAULT_PORT,
+    LOG_FORMATS,
+    VARIABLES,
+    ConfigError,
+    Settings,
+    check_database_file,
+    load_settings,
+    read_variable,
+)
 from .demo import DEMO_DB, ensure_demo_db
 from .redis_client import create_client
 from .store import SchemaError, open_store
@@ -123,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["USAGE_LOG_FORMAT"] = args.log_format
     if args.access_log:
         os.environ["USAGE_ACCESS_LOG"] = "on"
-    log_format = os.environ.get("USAGE_LOG_FORMAT", "").strip()
+    try:  # read as the workers read it: the command's own lines are in their format
+        log_format = read_variable("USAGE_LOG_FORMAT")
+    except ConfigError:
+        log_format = "text"  # load_settings, below, says what is wrong with it
     logs.configure(args.log_level, log_format)
     try:
         port = _port(args.port)

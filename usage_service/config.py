@@ -576,6 +576,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(**values)
 
 
+def read_variable(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One variable of the table as load_settings reads it (ConfigError if its value is bad)."""
+    (variable,) = (v for v in TABLE if v.name == name)
+    return _read(os.environ if environ is None else environ, variable)
+
+
 def _read(env: Mapping[str, str], variable: Variable) -> Any:
     assert variable.parse is not None
     raw = env.get(variable.name, "").strip()
