@@ -130,6 +130,12 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         pytest.param({"REDIS_CONN_STRING": "http://cache"}, "REDIS_CONN_STRING", "scheme", id="bad-scheme"),
         pytest.param({"REDIS_CONN_STRING": "redis://cache:port"}, "REDIS_CONN_STRING", "malformed", id="bad-port"),
         pytest.param({"REDIS_CONN_STRING": "redis://"}, "REDIS_CONN_STRING", "no host", id="no-host"),
+        # A password's / ? or # ends the host part early: urllib's own message quoted the password's
+        # first part as the port.
+        pytest.param({"REDIS_CONN_STRING": "redis://:s3cret/x@c:6379/0"}, "REDIS_CONN_STRING", "%2F", id="pw-slash"),
+        pytest.param({"REDIS_CONN_STRING": "redis://:s3cret?x@cache/0"}, "REDIS_CONN_STRING", "%3F", id="pw-question"),
+        pytest.param({"REDIS_CONN_STRING": "redis://:s3cret#x@cache:6379"}, "REDIS_CONN_STRING", "%23", id="pw-hash"),
+        pytest.param({"REDIS_CONN_STRING": "redis://u:pw/s3cret@c/0"}, "REDIS_CONN_STRING", "password", id="pw-path"),
         # The query string was first read by redis-py in every worker: a traceback, then a hang.
         pytest.param(
             {"REDIS_CONN_STRING": "redis://:s3cret@cache/0?db=abc"},

@@ -43,6 +43,13 @@ def parse_redis_url(value: str) -> str | None:
         return None
     try:
         parts = urlsplit(value)
+    except ValueError:
+        raise ValueError("malformed URL") from None
+    # A password with / ? or # in it ends the URL's host part early: its rest, up to the '@',
+    # would be read as a port, a path or a query, and quoted in the messages below.
+    if "@" in parts.query + parts.fragment + ("" if parts.scheme == "unix" else parts.path):
+        raise ValueError("malformed URL: in a password, / ? and # are written %2F, %3F and %23")
+    try:
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
         raise ValueError(f"malformed URL ({exc})") from None
