@@ -258,12 +258,16 @@ async def test_range_limit(gateway: Gateway, app_client: AppClient) -> None:
         week = await client.get(
             URL, params={"start_date": "2026-01-01", "end_date": "2026-01-08"}, headers=token.bearer
         )
-        default = await client.get(URL, headers=token.bearer)  # the 30-day default is over 7 days too
+        # Without a start, the range is the last 30 days, or as many as the setting allows.
+        default = await client.get(URL, headers=token.bearer)
+        ended = await client.get(URL, params={"end_date": "2026-01-08"}, headers=token.bearer)
     assert len(longest["buckets"]) == 100
     message = "start_date, end_date: at most {} days at once (end_date is included)"
     assert over.status_code == 400 and over.json() == {"success": False, "message": message.format(100)}
     assert week.status_code == 400 and week.json()["message"] == message.format(7)
-    assert default.status_code == 400
+    assert default.status_code == 200 and len(default.json()["data"]["buckets"]) == 7
+    assert ended.status_code == 200
+    assert [b["date"] for b in ended.json()["data"]["buckets"]][::6] == ["2026-01-02", "2026-01-08"]
 
 
 @pytest.mark.parametrize(

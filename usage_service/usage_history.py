@@ -83,7 +83,7 @@ def parse_history_query(params: Mapping[str, str], now: float, max_days: int) ->
     if end is None:
         end = today(zone, now) if start is None else max(start, today(zone, now))
     if start is None:
-        start = end - timedelta(days=DEFAULT_DAYS - 1)
+        start = end - timedelta(days=min(DEFAULT_DAYS, max_days) - 1)
     query = HistoryQuery(start, end, zone, grouping)
     if end < start:
         raise BadQuery("end_date: before start_date")
