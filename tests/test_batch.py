@@ -1,4 +1,4 @@
-"""The batcher that coalesces concurrent lookups."""
+"""The batcher that coalesces concurrent lookups, and the single flights of reads."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from collections.abc import Sequence
 import pytest
 
 from usage_service._batch import Batcher
+from usage_service._flights import Flights
 
 pytestmark = pytest.mark.asyncio
+
+# What the batchers' callers here handle: an outage, as each of the service's own handles its own.
+HANDLED = {"expected": (ConnectionError,), "what": "a test read"}
 
 
 class Source:
@@ -28,7 +32,7 @@ class Source:
 
 async def test_first_goes_alone_the_rest_wait_together() -> None:
     source = Source()
-    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=100, slots=1)
+    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=100, slots=1, **HANDLED)
     waiting = [asyncio.create_task(batcher.load(k)) for k in range(10)]
     await asyncio.sleep(0)
     source.release.set()
@@ -38,7 +42,7 @@ async def test_first_goes_alone_the_rest_wait_together() -> None:
 
 async def test_batches_are_bounded_and_waiting_keys_are_asked_once() -> None:
     source = Source()
-    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=3, slots=1)
+    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=3, slots=1, **HANDLED)
     waiting = asyncio.gather(batcher.load(99), *(batcher.load(k % 7) for k in range(20)))
     await asyncio.sleep(0)
     source.release.set()
@@ -50,7 +54,7 @@ async def test_batches_are_bounded_and_waiting_keys_are_asked_once() -> None:
 
 async def test_failure_reaches_every_waiter() -> None:
     source = Source(fail=True)
-    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=10, slots=1)
+    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=10, slots=1, **HANDLED)
     waiting = [asyncio.create_task(batcher.load(k)) for k in range(3)]
     await asyncio.sleep(0)
     source.release.set()
@@ -60,7 +64,7 @@ async def test_failure_reaches_every_waiter() -> None:
 
 async def test_a_waiter_giving_up_does_not_cancel_the_others() -> None:
     source = Source()
-    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=10, slots=1)
+    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=10, slots=1, **HANDLED)
     impatient = asyncio.create_task(batcher.load(2))
     patient = asyncio.create_task(batcher.load(2))
     await asyncio.sleep(0)
@@ -71,7 +75,7 @@ async def test_a_waiter_giving_up_does_not_cancel_the_others() -> None:
 
 async def test_many_keys_go_out_with_the_others_waiting_and_a_failure_reaches_every_caller() -> None:
     source = Source()
-    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=100, slots=1)
+    batcher: Batcher[int, str] = Batcher(source.load_many, max_batch=100, slots=1, **HANDLED)
     first = asyncio.create_task(batcher.load(0))  # takes the slot
     await asyncio.sleep(0)
     one = asyncio.create_task(batcher.load(3))
@@ -84,6 +88,87 @@ async def test_many_keys_go_out_with_the_others_waiting_and_a_failure_reaches_ev
 
     down = Source(fail=True)
     down.release.set()
-    failing: Batcher[int, str] = Batcher(down.load_many, max_batch=100, slots=1)
+    failing: Batcher[int, str] = Batcher(down.load_many, max_batch=100, slots=1, **HANDLED)
     with pytest.raises(RuntimeError, match="down"):
         await failing.load_many([1, 2])
+
+
+async def settle() -> None:
+    """Let every task ready to run take its steps."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a defect"), ConnectionError("an outage")], ids=["defect", "outage"])
+async def test_a_batch_that_fails_once_its_waiters_have_gone_is_logged_unless_they_would_have_handled_it(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = asyncio.Event()
+
+    async def load_many(keys: Sequence[int]) -> dict[int, str]:
+        await release.wait()
+        raise error
+
+    batcher: Batcher[int, str] = Batcher(load_many, max_batch=10, slots=1, **HANDLED)
+    first = asyncio.create_task(batcher.load(0))  # takes the slot: the next two wait together
+    await settle()
+    gone = asyncio.create_task(batcher.load(1))
+    heard = asyncio.create_task(batcher.load(2))
+    await settle()
+    gone.cancel()
+    await settle()  # one of the batch's waiters has gone
+    release.set()
+    for waiter in (first, heard):
+        with pytest.raises(type(error)):
+            await waiter  # a waiter left: the error is its to handle, and nothing is logged
+    assert not caplog.records
+
+    release.clear()
+    gone = asyncio.create_task(batcher.load(3))
+    await settle()  # the read is under way, its waiters waiting
+    gone.cancel()
+    await settle()  # and one has gone
+    release.set()
+    await settle()
+    logged = [
+        r for r in caplog.records if "a test read failed after every request waiting for it had gone" in r.message
+    ]
+    assert len(logged) == (1 if isinstance(error, RuntimeError) else 0)
+    assert not logged or logged[0].exc_info[1] is error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a defect"), ConnectionError("an outage")], ids=["defect", "outage"])
+async def test_a_flight_that_fails_once_its_waiters_have_gone_is_logged_unless_they_would_have_handled_it(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    flights: Flights[str, str] = Flights((ConnectionError,), "a test read")
+    release = asyncio.Event()
+
+    async def read() -> str:
+        await release.wait()
+        raise error
+
+    task = flights.start("k", read())
+    gone = asyncio.create_task(flights.wait(task))
+    heard = asyncio.create_task(flights.wait(task))
+    await settle()  # the read is under way, its waiters waiting
+    gone.cancel()
+    await settle()  # and one has gone
+    release.set()
+    with pytest.raises(type(error)):
+        await heard
+    assert not caplog.records
+
+    release.clear()
+    task = flights.start("k", read())
+    gone = asyncio.create_task(flights.wait(task))
+    await settle()  # the read is under way, its waiters waiting
+    gone.cancel()
+    await settle()  # and one has gone
+    release.set()
+    await settle()
+    logged = [
+        r for r in caplog.records if "a test read failed after every request waiting for it had gone" in r.message
+    ]
+    assert len(logged) == (1 if isinstance(error, RuntimeError) else 0)
+    assert not logged or logged[0].exc_info[1] is error

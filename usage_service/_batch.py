@@ -11,15 +11,28 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
+from ._flights import Waiters, unheard
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
 class Batcher(Generic[K, V]):
     def __init__(
-        self, load_many: Callable[[Sequence[K]], Awaitable[Mapping[K, V]]], *, max_batch: int, slots: int
+        self,
+        load_many: Callable[[Sequence[K]], Awaitable[Mapping[K, V]]],
+        *,
+        max_batch: int,
+        slots: int,
+        expected: tuple[type[BaseException], ...],
+        what: str,
     ) -> None:
+        """`expected`: the errors of `load_many` its callers handle (an outage); any other that
+        fails a batch nobody waits for any more is logged, as `what` failing."""
         self._load_many = load_many
+        self._expected = expected
+        self._what = what
+        self._waiters = Waiters()
         self.max_batch = max_batch
         self.slots = slots
         self._busy = 0
@@ -36,7 +49,8 @@ class Batcher(Generic[K, V]):
             self._pending[key] = future
             self._dispatch()
         # Shielded: one caller giving up must not cancel the answer others wait on.
-        return await asyncio.shield(future)
+        with self._waiters.on(future):
+            return await asyncio.shield(future)
 
     async def load_many(self, keys: Sequence[K]) -> dict[K, V]:
         """The values of many keys, those `load_many` returned, batched like `load`'s."""
@@ -49,7 +63,8 @@ class Batcher(Generic[K, V]):
             futures.append(future)
         self._dispatch()
         # Shielded, as in `load`: the futures may be other callers' too.
-        values = await asyncio.shield(asyncio.gather(*futures))
+        with self._waiters.on(*futures):
+            values = await asyncio.shield(asyncio.gather(*futures))
         return {key: value for key, value in zip(keys, values, strict=True) if value is not None}
 
     def _dispatch(self) -> None:
@@ -72,10 +87,14 @@ class Batcher(Generic[K, V]):
         except Exception as exc:
             # Broad on purpose: not handled here but handed on, whatever it is, to every caller
             # waiting on this batch, as if each had made the call itself.
+            heard = False
             for future in batch.values():
                 if not future.done():
                     future.set_exception(exc)
-                    future.exception()  # counted as seen even if every waiter went away
+                    future.exception()  # retrieved: asyncio is not to report it as lost
+                    heard = heard or self._waiters.any(future)
+            if not heard:
+                unheard(exc, self._expected, self._what)
         else:
             for key, future in batch.items():
                 if not future.done():

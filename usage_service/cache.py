@@ -186,7 +186,9 @@ class RedisRecords:
         self.requested_key = requested_key
         # A burst of misses costs a few MGETs, not one GET each; writes go out behind the
         # request, pipelined.
-        self._reads: Batcher[bytes, bytes | str] = Batcher(self._read_many, max_batch=256, slots=2)
+        self._reads: Batcher[bytes, bytes | str] = Batcher(
+            self._read_many, max_batch=256, slots=2, expected=(RedisUnavailable,), what="a read of records from Redis"
+        )
         self._writes: dict[bytes, tuple[bytes, float]] = {}
         self._writer: asyncio.Task[None] | None = None
         self._set_newer = guard.script(_SET_NEWER_SCRIPT)

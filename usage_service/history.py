@@ -287,7 +287,9 @@ class History:
         # Id bounds of moments (see store/spending.py), which do not change once found.
         self._before: OrderedDict[int, int] = OrderedDict()
         self._after: OrderedDict[int, int] = OrderedDict()
-        self._flights: Flights[int, _Loaded] = Flights()  # each token's read of its days
+        self._flights: Flights[int, _Loaded] = Flights(
+            (StoreUnavailable,), "a read of a token's spending"
+        )  # each token's read of its days
         self._waiting: dict[int, int] = {}  # token id -> requests waiting for its read (_wait_turn)
         self._writes: set[asyncio.Task[None]] = set()  # days on their way to Redis
         # Set while the leader runs a round that will vouch for the tails again, until
@@ -629,7 +631,7 @@ class History:
         self.stats.coalesced += 1
         try:
             async with asyncio.timeout_at(turn_ends):
-                await asyncio.shield(task)
+                await self._flights.wait(task)
         except TimeoutError:
             raise StoreUnavailable("earlier reads of this token's history are still running") from None
         finally:
@@ -640,7 +642,7 @@ class History:
     async def _load(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool = False) -> _Loaded:
         task = self._flights.start(token_id, self._read(token_id, missing, tail_from, direct))
         # Shielded: a client that goes away must not cancel the read others wait on.
-        return await asyncio.shield(task)
+        return await self._flights.wait(task)
 
     async def _read(self, token_id: int, missing: list[int], tail_from: int | None, direct: bool) -> _Loaded:
         """Read closed days (each run of consecutive ones in one statement) and the open days

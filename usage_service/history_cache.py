@@ -32,7 +32,9 @@ class RedisDays:
         self.prefix = prefix
         # Tokens read at once (a started worker's first polls: a month each) share MGETs:
         # hundreds of concurrent ones would wait for the pool's connections past the timeout.
-        self._reads: Batcher[tuple[int, int], bytes] = Batcher(self._read_many, max_batch=1024, slots=2)
+        self._reads: Batcher[tuple[int, int], bytes] = Batcher(
+            self._read_many, max_batch=1024, slots=2, expected=(RedisUnavailable,), what="a read of days from Redis"
+        )
 
     def key(self, token_id: int, day: int) -> str:
         return f"{self.prefix}{token_id}:{day}"
@@ -113,7 +115,9 @@ class RedisTails:
         self._forget = guard.script(_FORGET_TAIL_SCRIPT)
         # Tokens asked for at once (a worker taking up the leader's tails, a started worker)
         # cost a few MGETs, not one GET each, as the balance's records do.
-        self._reads: Batcher[int, bytes] = Batcher(self._read_many, max_batch=256, slots=2)
+        self._reads: Batcher[int, bytes] = Batcher(
+            self._read_many, max_batch=256, slots=2, expected=(RedisUnavailable,), what="a read of tails from Redis"
+        )
 
     def key(self, token_id: int) -> str:
         return f"{self.prefix}{token_id}"

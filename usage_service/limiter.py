@@ -57,7 +57,13 @@ class AuthFailureLimiter:
         self._blocked: LocalCache[float] = LocalCache(max_tracked)  # bucket -> window end (monotonic)
         # Failures that arrive together go to Redis as one pipeline. Each call is its own batch
         # entry (bucket, sequence number), so concurrent failures from one address all count.
-        self._batches: Batcher[tuple[str, int], tuple[int, float]] = Batcher(self._count_shared, max_batch=256, slots=2)
+        self._batches: Batcher[tuple[str, int], tuple[int, float]] = Batcher(
+            self._count_shared,
+            max_batch=256,
+            slots=2,
+            expected=(RedisUnavailable,),
+            what="a count of failures in Redis",
+        )
         self._sequence = itertools.count()
         # The turns of the addresses that have keys being resolved now (bounded by the requests in flight).
         self._turns: dict[bytes, _Turns] = {}

@@ -95,7 +95,9 @@ class TokenLookup:
         self.negative: LocalCache[_NotFound] = LocalCache(settings.negative_cache_size)
         self.stats = LookupStats()
         # The load each key's requests wait on; a load an invalidation overtook is no longer here.
-        self._loads: Flights[bytes, tuple[TokenRecord | None, str]] = Flights()
+        self._loads: Flights[bytes, tuple[TokenRecord | None, str]] = Flights(
+            (StoreUnavailable,), "a read of a token's record"
+        )
         # What the round that last named each token read (its fingerprint; None: no record),
         # until a load of it lands: a record in Redis other than that one is read past to the
         # database (see _load). The newest entries are kept, as many as the in-process layer.
@@ -171,7 +173,7 @@ class TokenLookup:
         client that goes away, does not cancel the trip others are waiting on."""
         try:
             async with asyncio.timeout_at(deadline):
-                return await asyncio.shield(task)
+                return await self._loads.wait(task)
         except TimeoutError:
             raise StoreUnavailable(f"no answer from the database within {self.db_deadline:g} s") from None
 

@@ -301,7 +301,7 @@ class Answers:
         self.budget = budget
         # Fresh for `ttl` from when its read began; never served stale.
         self.kept: AnswerCache[Key, bytes] = AnswerCache(max_entries, max_bytes, ttl, stale_if_error=0.0)
-        self._flights: Flights[Key, bytes] = Flights()
+        self._flights: Flights[Key, bytes] = Flights((StoreUnavailable,), "a read of a token's log")
         # Per token with a read running or waiting: its lock and how many reads hold or await it.
         self._turns: dict[int, tuple[asyncio.Lock, list[int]]] = {}
         self.coalesced = 0
@@ -321,7 +321,7 @@ class Answers:
             flight.add_done_callback(functools.partial(self._landed, key, now))
         else:
             self.coalesced += 1
-        return await asyncio.shield(flight)
+        return await self._flights.wait(flight)
 
     async def _in_turn(self, token_id: int, read: Callable[[], Awaitable[bytes]]) -> bytes:
         """Run `read` once no other read of this token's log is running."""

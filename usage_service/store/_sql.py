@@ -278,7 +278,11 @@ class SQLStore(ABC):
         self._unreadable_logged: dict[object, float] = {}  # token id -> when its unreadable row was last logged
         # Concurrent misses for different keys share one statement per free connection.
         self._by_key: Batcher[str, TokenRecord | UnreadableRow] = Batcher(
-            self._fetch_keys, max_batch=self.fetch_batch, slots=pool_size
+            self._fetch_keys,
+            max_batch=self.fetch_batch,
+            slots=pool_size,
+            expected=(StoreUnavailable,),
+            what="a read of tokens by key",
         )
 
     @abstractmethod
