@@ -9,15 +9,19 @@ import logging
 import re
 import sqlite3
 import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import AppClient, GatewayFactory
 from support import Gateway, Token
 
 from usage_service import budget as budget_module
 from usage_service import tokenlog
+from usage_service.app import create_app
 from usage_service.config import Settings, load_settings
 from usage_service.routing import ShortRoute
 from usage_service.store import StoreUnavailable
@@ -34,6 +38,24 @@ ENGINES = ["sqlite", "postgres", "mysql"]
 @pytest.fixture(params=ENGINES)
 def gateway(request: pytest.FixtureRequest, make_gateway: GatewayFactory) -> Gateway:
     return make_gateway(request.param)
+
+
+@pytest.fixture(params=ENGINES)
+def altered_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
+    """An empty gateway database whose tables the test may alter: a database of its own on a
+    server (the others' tables are made once per session)."""
+    from dbservers import MySQLGateway, PostgresGateway
+
+    name = f"altered-{request.node.name.split('[')[0][-40:]}"
+    gateway: Gateway
+    if request.param == "sqlite":
+        gateway = Gateway(tmp_path / "altered.db")
+    elif request.param == "postgres":
+        gateway = PostgresGateway(request.getfixturevalue("postgres_server"), name)
+    else:
+        gateway = MySQLGateway(request.getfixturevalue("mariadb_server"), name)
+    yield gateway
+    gateway.close()
 
 
 sqlite_only = pytest.mark.parametrize("gateway", ["sqlite"], indirect=True)
@@ -130,6 +152,57 @@ async def test_rows_as_the_gateway_shows_them_to_the_owner(gateway: Gateway, app
         ],
     }
     assert list(response.json()["data"][0]) == list(row(1, token))  # the gateway's member order
+
+
+@asynccontextmanager
+async def served(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    """The app on `gateway`'s database (without Redis), talked to in process."""
+    app = create_app(Settings(sqlite_path=gateway.path, database=gateway.database, db_timeout=0.3))  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            yield client
+
+
+def drop_log_columns(gateway: Gateway, *columns: str) -> None:
+    """As a gateway older than these columns has its log (SQLite drops a column's index first)."""
+    for column in columns:
+        if engine_of(gateway) == "sqlite":
+            gateway._execute(f"DROP INDEX IF EXISTS idx_logs_{column}", ())
+        gateway._execute(f"ALTER TABLE logs DROP COLUMN `{column}`", ())
+
+
+async def test_columns_the_log_lacks_read_as_the_gateways_zero_values(
+    altered_gateway: Gateway,
+) -> None:
+    """A log without some of the columns the route shows (a gateway older than them): those read
+    as empty, as the gateway shows a zero value. (SQLite read a quoted name the table lacks as
+    that name, as text: "ip":"ip".)"""
+    gateway = altered_gateway
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=1_700_000_000, content="x", use_time=3, group="vip", ip="203.0.113.9", other="{}")
+    drop_log_columns(gateway, "content", "use_time", "group", "ip", "other")
+    async with served(gateway) as client:
+        response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200, response.text
+    expected = row(1, token, created_at=1_700_000_000, content="", use_time=0, group="", ip="", other="null")
+    assert response.json()["data"] == [expected]
+
+
+async def test_a_log_without_a_column_everything_reads_is_a_503_said_at_start(
+    altered_gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = altered_gateway
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=1_700_000_000)
+    drop_log_columns(gateway, "token_id")  # one-api's log had no token_id
+    async with served(gateway) as client:
+        log = await client.get(URL, headers=token.bearer)
+        history = await client.get("/api/usage/token/history", headers=token.bearer)
+        balance = await client.get("/api/usage/token", headers=token.bearer)
+    assert log.status_code == 503 and history.status_code == 503
+    assert balance.status_code == 200  # the balance does not need the log
+    said = [r.getMessage() for r in caplog.records if "logs table lacks columns token_id" in r.getMessage()]
+    assert len(said) == 1 and "answer 503" in said[0], said
 
 
 @pytest.mark.parametrize(
@@ -586,7 +659,7 @@ async def test_postgres_plans(gateway: Gateway, query: LogQuery) -> None:
 def _plans(gateway: Gateway, engine: str, token: Token, query: LogQuery) -> list[str]:
     """The plans of the page's SELECT and of the count, for this token and query."""
     reader = LogReader(_never, engine)  # type: ignore[arg-type]
-    select, params, count = select_sql(reader, token.id, query)
+    select, params, count = select_sql(reader, frozenset(tokenlog.COLUMNS), token.id, query)
     statements = ((select, [*params, query.limit, query.offset]), (count, [*params, 10_000]))
     return [_explain(gateway, engine, _inline(sql, values)) for sql, values in statements]
 

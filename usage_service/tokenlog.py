@@ -63,7 +63,8 @@ HIDDEN_OTHER = (
     "stream_status",
 )
 
-# The columns read, in this order; the row's id, channel and channel_name are not shown.
+# The columns read, in this order (those the table lacks read as NULL, shown as the gateway's zero
+# values); the row's id, channel and channel_name are not shown.
 COLUMNS = (
     "user_id",
     "created_at",
@@ -148,8 +149,11 @@ def _whole(values: dict[str, str], name: str) -> int:
     return int(text)
 
 
-def select_sql(reader: LogReader, token_id: int, query: LogQuery) -> tuple[str, list[Any], str]:
-    """The page's SELECT and the COUNT of the newest TOTAL_CAP matching rows, with their parameters."""
+def select_sql(
+    reader: LogReader, columns: frozenset[str], token_id: int, query: LogQuery
+) -> tuple[str, list[Any], str]:
+    """The page's SELECT and the COUNT of the newest TOTAL_CAP matching rows, with their
+    parameters, for a log table of these `columns`."""
     q = reader.q
     # SQLite plans without statistics: a unary + keeps the filters off the log's other indexes
     # (created_at, model_name), so that the token's index range, walked backwards, stays the plan.
@@ -171,15 +175,16 @@ def select_sql(reader: LogReader, token_id: int, query: LogQuery) -> tuple[str, 
         where.append(f"{plus}{q('model_name')} = ?")
         params.append(query.model_name)
     condition = " AND ".join(where)
-    columns = ", ".join(q(c) for c in COLUMNS)
-    select = f"SELECT {columns} FROM {q('logs')} WHERE {condition} ORDER BY {q('id')} DESC LIMIT ? OFFSET ?"
+    # (Never a quoted name the table lacks: SQLite reads that as a string, the name itself.)
+    shown = ", ".join(q(c) if c in columns else "NULL" for c in COLUMNS)
+    select = f"SELECT {shown} FROM {q('logs')} WHERE {condition} ORDER BY {q('id')} DESC LIMIT ? OFFSET ?"
     count = f"SELECT COUNT(*) FROM (SELECT 1 FROM {q('logs')} WHERE {condition} LIMIT ?) AS matching"
     return select, params, count
 
 
 async def read_answer(reader: LogReader, token_id: int, query: LogQuery) -> bytes:
     """Read the rows (and, paged, the count) and render the whole answer."""
-    select, params, count = select_sql(reader, token_id, query)
+    select, params, count = select_sql(reader, await reader.columns(), token_id, query)
     rows: Sequence[Sequence[Any]] = ()
     if query.limit:
         rows = await reader.query(select, [*params, query.limit, query.offset])

@@ -21,7 +21,7 @@ from .._lru import keep_newest
 from ..cache import key_digest
 from ..records import INT64_MAX, INT64_MIN, TokenRecord, as_bool, as_int, parse_model_limits
 from . import STATEMENT_GUARD, SchemaError, StoreUnavailable, UnreadableRow
-from .logs import Engine, LogReader, Resent, uncounted
+from .logs import LOG_REQUIRED, Engine, LogReader, Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
 
@@ -45,10 +45,6 @@ REQUIRED = {
 OPTIONAL_TOKEN_COLUMNS = ("model_limits_enabled", "model_limits")
 # The owner's balance (billing routes); one-api era users tables may lack used_quota.
 OPTIONAL_USER_COLUMNS = {"quota": "user_quota", "used_quota": "user_used_quota"}
-
-# The log's columns everything built on it reads (history and GET /api/log/token read a few
-# more, which every new-api gateway has); a database LOG_SQL_DSN names must have them.
-LOG_REQUIRED = {"id", "token_id", "created_at", "type", "model_name", "quota", "prompt_tokens", "completion_tokens"}
 
 # Rows fetch_many remembers, to hand back the same record for an unchanged row: at least this
 # many, and at least a whole refresh round's (see rows_kept).

@@ -28,6 +28,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("usage_service.store.logs")
 
+# The log's columns everything built on it reads; the other columns GET /api/log/token shows are
+# read where the table has them.
+LOG_REQUIRED = frozenset(
+    {"id", "token_id", "created_at", "type", "model_name", "quota", "prompt_tokens", "completion_tokens"}
+)
+
+# The statement naming the log table's columns on each engine (no rows: there is no such table).
+LOG_COLUMNS_SQL: dict[str, str] = {
+    "sqlite": "SELECT name FROM pragma_table_info('logs')",
+    "postgres": "SELECT a.attname FROM pg_catalog.pg_attribute AS a"
+    " WHERE a.attrelid = to_regclass('logs') AND a.attnum > 0 AND NOT a.attisdropped",
+    "mysql": "SELECT COLUMN_NAME FROM information_schema.COLUMNS"
+    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'logs'",
+}
+
+# Seconds between two looks at the log table's columns (a gateway upgraded in place adds some).
+LOG_COLUMNS_CHECK = 60.0
+
 Engine = Literal["sqlite", "postgres", "mysql"]
 # Called once for every statement a store sends beyond the one it was asked to run (SQLite sends
 # one again to read text that is not UTF-8): its sender counts it as one of its own.
@@ -98,6 +116,8 @@ class LogReader:
         self._clock = clock
         self._token_order = False  # what the last look for an index in token order found
         self._token_order_seen = -math.inf  # when that look was
+        self._columns: frozenset[str] | None = None  # what the last look at the table's columns found
+        self._columns_seen = -math.inf
 
     def q(self, name: str) -> str:
         """An identifier quoted for the engine (`group` is a reserved word on all three)."""
@@ -166,6 +186,27 @@ class LogReader:
                 await self.look_for_token_order()
         return self._token_order
 
+    async def columns(self) -> frozenset[str]:
+        """The log table's columns (lower case), looked at again at most every LOG_COLUMNS_CHECK
+        seconds (not counted among the log's statements); StoreMisconfigured, naming what is
+        missing, while the table lacks one of LOG_REQUIRED. Until a look succeeds, StoreUnavailable."""
+        now = self._clock()
+        if self._columns is None or now - self._columns_seen >= LOG_COLUMNS_CHECK:
+            self._columns_seen = now  # one look per interval, if it fails too
+            try:
+                rows = await self._run(LOG_COLUMNS_SQL[self.engine], (), uncounted)
+            except StoreUnavailable:
+                if self._columns is None:
+                    raise
+            else:
+                self._columns = frozenset(str(column).lower() for (column,) in rows)
+        if not self._columns:
+            raise StoreMisconfigured("the gateway's database has no logs table")
+        missing = LOG_REQUIRED - self._columns
+        if missing:
+            raise StoreMisconfigured(f"the gateway's logs table lacks columns {', '.join(sorted(missing))}")
+        return self._columns
+
     async def look_for_token_order(self) -> bool:
         """token_order's look, now; raise StoreUnavailable if the database cannot answer."""
         self._token_order = bool(await self._run(_TOKEN_ORDER_INDEX, (), uncounted))
@@ -192,6 +233,7 @@ async def open_log_reader(settings: Settings, store: TokenStore) -> LogReader:
     target = settings.log_database
     if target is None or target == (settings.database or settings.sqlite_path):
         reader = store.log_reader()  # the same database: the same connections
+        await _say_what_the_log_lacks(reader)
     else:
         database = _LogDatabase(target, settings)
         await database.open()
@@ -199,6 +241,17 @@ async def open_log_reader(settings: Settings, store: TokenStore) -> LogReader:
     if reader.engine == "postgres":
         await _advise_token_order_index(reader)
     return reader
+
+
+async def _say_what_the_log_lacks(reader: LogReader) -> None:
+    """Say once, at start, when the main database's log lacks what its routes read (a log
+    database of its own is checked as it is opened)."""
+    try:
+        await reader.columns()
+    except StoreMisconfigured as exc:
+        logger.error("%s: the history and log routes answer 503 (the balance routes are not affected)", exc)
+    except StoreUnavailable:
+        pass  # said elsewhere
 
 
 async def _advise_token_order_index(reader: LogReader) -> None:

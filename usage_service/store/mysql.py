@@ -17,7 +17,7 @@ from asyncmy.errors import MySQLError
 from .._dsn import MySQLDSN
 from . import STATEMENT_GUARD, SchemaError, StoreNotReady, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
-from .logs import Resent, uncounted
+from .logs import LOG_COLUMNS_SQL, Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
 
@@ -28,10 +28,6 @@ IDLE_LIFETIME = 60.0
 _COLUMNS_SQL = (
     "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS"
     " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN ('tokens', 'users', 'options')"
-)
-
-_LOG_COLUMNS_SQL = (
-    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'logs'"
 )
 
 
@@ -85,7 +81,7 @@ class MySQLStore(SQLStore):
         return select_sql(columns["tokens"], columns["users"], "`")
 
     async def _check_logs(self, where: str) -> None:
-        rows = await self._query(_LOG_COLUMNS_SQL, ())
+        rows = await self._query(LOG_COLUMNS_SQL["mysql"], ())
         check_log_schema({str(column).lower() for (column,) in rows}, where, server=True)
         await self._query("SELECT `id` FROM `logs` LIMIT 0", ())  # proves the GRANT
 

@@ -11,7 +11,7 @@ import asyncpg
 from .._dsn import PostgresDSN
 from . import STATEMENT_GUARD, SchemaError, StoreNotReady, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
-from .logs import Resent, uncounted
+from .logs import LOG_COLUMNS_SQL, Resent, uncounted
 
 # Seconds a connection may sit idle in the pool before it is closed.
 IDLE_LIFETIME = 60.0
@@ -24,10 +24,6 @@ WHERE a.attrelid IN (to_regclass('tokens'), to_regclass('users'), to_regclass('o
   AND a.attnum > 0 AND NOT a.attisdropped
 """
 
-_LOG_COLUMNS_SQL = """
-SELECT a.attname FROM pg_catalog.pg_attribute AS a
-WHERE a.attrelid = to_regclass('logs') AND a.attnum > 0 AND NOT a.attisdropped
-"""
 
 # Errors that mean the connection, not the statement, failed.
 _CONNECTION_LOST = (
@@ -98,7 +94,7 @@ class PostgresStore(SQLStore):
         return select_sql(columns["tokens"], columns["users"], '"')
 
     async def _check_logs(self, where: str) -> None:
-        rows = await self._query(_LOG_COLUMNS_SQL, ())
+        rows = await self._query(LOG_COLUMNS_SQL["postgres"], ())
         check_log_schema({column for (column,) in rows}, where, server=True)
         await self._query('SELECT "id" FROM "logs" LIMIT 0', ())  # proves the GRANT
 
