@@ -32,6 +32,7 @@ from usage_service._circuit import CircuitBreaker
 from usage_service._redis_guard import RedisGuard
 from usage_service.cache import key_digest
 from usage_service.config import Settings
+from usage_service.demo import new_key
 from usage_service.invalidation import _parse_digests, _parse_history
 from usage_service.leadership import Leadership
 from usage_service.records import TokenRecord, decode_cached, encode_cached
@@ -72,8 +73,15 @@ async def heard_so_far(app: Starlette, client: httpx.AsyncClient, sentinel: Toke
     message on the same channel, an invalidation of a sentinel token, has reached it."""
     await used(client, sentinel)
     assert fresh_in_process(app, sentinel) is not None
-    await app.state.redis.channel.publish_invalidation([key_digest(sentinel.key.encode())])
+    await app.state.redis.channel.publish_invalidation(*changed(sentinel))
     await until(lambda: fresh_in_process(app, sentinel) is None)
+
+
+def changed(token: Token) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """What the leader publishes for a token whose record changed: its digest, with the
+    fingerprint of a record other than the one held. (A digest alone says it is gone.)"""
+    digest = key_digest(token.key.encode())
+    return [digest], {digest: b"\xff" * 8}
 
 
 async def started(app: Starlette) -> None:
@@ -355,7 +363,7 @@ async def test_an_invalidated_entry_stays_expired_through_later_confirmations(
     async with app_client(redis_url=redis_url, cache_ttl=60.0, local_ttl=60.0, **MANUAL_ROUNDS) as (app, client):
         await started(app)
         assert await used(client, token) == 3
-        await app.state.redis.channel.publish_invalidation([key_digest(token.key.encode())])
+        await app.state.redis.channel.publish_invalidation(*changed(token))
         for _ in range(3):
             await app.state.redis.channel.publish_confirmation(time.time() + 3600)
         await heard_so_far(app, client, sentinel)
@@ -459,13 +467,90 @@ async def test_stale_if_error_survives_an_invalidation(
         assert await used(client, token) == 7
         if local_ttl:
             assert fresh_in_process(app, token) is not None
-            redis_client.publish(app.state.redis.channel.name, key_digest(token.key.encode()).hex())
+            # The token changed: named with the fingerprint of another record.
+            changed = f"{key_digest(token.key.encode()).hex()}={'ff' * 8}"
+            redis_client.publish(app.state.redis.channel.name, changed)
             await until(lambda: fresh_in_process(app, token) is None)
         proxied_redis.black_hole()
         with gateway.exclusive_lock():
             assert await used(client, token) == 7
         proxied_redis.heal()
         assert app.state.lookup.stats.stale_served == 1
+
+
+@pytest.mark.parametrize("change", ["deleted", "key-changed"])
+async def test_a_token_gone_is_never_served_stale(
+    gateway: Gateway, app_client: AppClient, proxied_redis: TCPProxy, change: str
+) -> None:
+    """A round that finds a polled token deleted, or its key changed, names it with no record:
+    each worker lets go of what it holds of it, rather than keep it for stale-if-error. (The
+    revoked key was answered 200, balance and spending, for as long as the database could not.)"""
+    token = gateway.add_token(used=7)
+    settings = {"redis_url": proxied_redis.url, "redis_timeout": 0.1, "redis_cooldown": 60.0}
+    async with app_client(**settings, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, token) == 7
+        await app.state.redis.hot_set.note({key_digest(token.key.encode()): token.id}, time.time())
+        await app.state.refresher.tick()  # the leader sees the token
+        if change == "deleted":
+            gateway.update_token(token, deleted_at="2026-01-01 00:00:00")
+        else:
+            gateway.update_token(token, key=new_key())
+        await app.state.refresher.tick()  # ...and names it with no record
+        await until(lambda: fresh_in_process(app, token) is None)
+        proxied_redis.black_hole()
+        with gateway.exclusive_lock():
+            response = await client.get(URL, headers=token.bearer)
+        proxied_redis.heal()
+    assert response.status_code == 503, response.text
+    assert app.state.lookup.stats.stale_served == 0
+
+
+async def test_a_tombstone_in_redis_outweighs_what_a_worker_kept(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    """A worker that missed the news of a token gone (its channel down) finds the leader's
+    tombstone in Redis, past USAGE_NEGATIVE_TTL: it lets go of what it kept, rather than serve it
+    stale while the database cannot answer."""
+    token = gateway.add_token(used=7)
+    digest = key_digest(token.key.encode())
+    settings = {"redis_url": redis_url, "cache_ttl": 0.5, "local_ttl": 0.1, "negative_ttl": 0.1}
+    async with app_client(**settings, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, token) == 7
+        records = app.state.redis.records
+
+        async def written() -> None:  # the miss's write-behind has landed (the tombstone is newer)
+            while await records.get(digest) is None:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(written(), 5)
+        await records.store_many({digest: encode_cached(None, time.time())}, 60)
+        await until(lambda: fresh_in_process(app, token) is None)  # past its TTL, and the tombstone's
+        with gateway.exclusive_lock():
+            response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 503, response.text
+    assert app.state.lookup.stats.stale_served == 0
+
+
+async def test_a_gone_tokens_tombstone_is_written_once(gateway: Gateway, app_client: AppClient, redis_url: str) -> None:
+    """Rounds rewrite unchanged records before they age out of Redis, but not a gone token's
+    tombstone: renewed, it refused the key to a new token for as long as the old one stayed in
+    the hot set (USAGE_HOT_WINDOW, 60 s), not USAGE_NEGATIVE_TTL."""
+    token = gateway.add_token()
+    digest = key_digest(token.key.encode())
+    async with app_client(redis_url=redis_url, cache_ttl=0.2, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        await app.state.redis.hot_set.note({digest: token.id}, time.time())
+        await app.state.refresher.tick()  # the leader sees the token
+        gateway.update_token(token, deleted_at="2026-01-01 00:00:00")
+        await app.state.refresher.tick()  # ...gone: its tombstone written
+        records = app.state.redis.records
+        written = await records.get(digest)
+        assert written is not None and written[0] is None
+        await asyncio.sleep(0.2)  # every record the leader wrote is due to be written again
+        await app.state.refresher.tick()
+        assert await records.get(digest) == written
 
 
 # --- leadership ---------------------------------------------------------------------------

@@ -195,9 +195,13 @@ class TokenLookup:
             self._named[digest] = fingerprint
             self._named = keep_newest(self._named, self._named_max)
             held = self.local.peek(digest)
-            if fingerprint is not None and held is not None and held[0].fingerprint == fingerprint:
-                continue  # the leader's truth as of its round: the round's confirmation vouches for it
-            self.local.expire(digest, now)  # kept, expired, for stale-if-error
+            if fingerprint is None:
+                # The round read no record: the token is gone, or its key changed. Nothing held
+                # of it may stand in for it, not even while the database cannot answer.
+                self.local.discard(digest)
+            elif held is None or held[0].fingerprint != fingerprint:
+                self.local.expire(digest, now)  # kept, expired, for stale-if-error
+            # (else it holds the leader's truth as of its round: the round's confirmation vouches for it)
 
     def confirm(self, as_of: float) -> None:
         """Hear that a round checked every hot token against the database as of `as_of` (wall
@@ -257,6 +261,10 @@ class TokenLookup:
                     return record, "redis"
                 if record is not None:
                     stale = record, age
+                else:
+                    # The token was gone when this was read: what this worker kept of it (read
+                    # before, if the news of it never came) is not to stand in for it.
+                    self.local.discard(digest)
 
         self.stats.db_reads += 1
         fetched_at = time.time()  # before the read: the record is at least this fresh

@@ -257,7 +257,10 @@ class Refresher:
                         # invalidation reaches (with the setting at 0 a tombstone is never
                         # served, only read past to the database).
                         values[digest] = encode_cached(record, fetched_at)
-                    elif written.get(digest, 0.0) <= due:
+                    elif record is not None and written.get(digest, 0.0) <= due:
+                        # (A gone token's tombstone is written once: kept fresh in Redis, it
+                        # would refuse its key to a new token for as long as the old one is
+                        # hot, not USAGE_NEGATIVE_TTL.)
                         renewed[digest] = encode_cached(record, fetched_at)
                     else:
                         continue
