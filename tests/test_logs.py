@@ -78,6 +78,9 @@ async def test_access_log_is_off_by_default(
         pytest.param("/api/usage/sk-" + "a1B2" * 12, "/api/usage/[redacted]", id="key-in-path"),
         pytest.param("/v1/" + "Z9" * 24 + "/x", "/v1/[redacted]/x", id="bare-key-in-path"),
         pytest.param("/api/usage/tok", "/api/usage/tok", id="short-words-stay"),
+        # Keys may be short: any run after sk- or key= is redacted.
+        pytest.param("/api/log/token;key=sk-qw7rtz", "/api/log/token;key=[redacted]", id="short-key"),
+        pytest.param("/api/log/token;KEY=qw7rtz/x", "/api/log/token;KEY=[redacted]/x", id="short-bare-key"),
         pytest.param("/.well-known/openid-configuration", "/.well-known/openid-configuration", id="words-stay"),
         pytest.param(
             # 186 characters, then a key: cut at 200 first, its first 14 characters would stay.

@@ -29,7 +29,9 @@ OTHER = "other"
 
 # A path no route serves (or a method HTTP has not) is logged with anything that could be a key
 # blanked out, then cut short, then escaped: one request is one line, whatever the client sent.
-_KEYLIKE = re.compile(r"(?:sk-)?[0-9A-Za-z]{16,}")
+# Could be a key: a long run of letters and digits, and any run after `sk-` or `key=` (a key is
+# 1 to 128 of them).
+_KEYLIKE = re.compile(r"(?:sk-|(?<=[Kk][Ee][Yy]=))[0-9A-Za-z]+|[0-9A-Za-z]{16,}")
 _MAX_LOGGED_PATH = 200
 # Printable ASCII but space, '"' and backslash stays as is; anything else is written \xHH, \uHHHH
 # or \UHHHHHHHH (a decoded %0a would start a forged line; %22 would end the quoted path early).
