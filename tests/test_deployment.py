@@ -174,6 +174,7 @@ def local_nginx_conf(workdir: Path, port: int, usage: tuple[int, int], gateway: 
     site = site.replace("usage-service-1:3001", f"127.0.0.1:{usage[0]}")
     site = site.replace("usage-service-2:3001", f"127.0.0.1:{usage[1]}")
     site = site.replace("gateway:3000", f"127.0.0.1:{gateway}").replace("listen 80;", f"listen 127.0.0.1:{port};")
+    site = site.replace("/var/log/nginx/access.log", f"{workdir}/access.log")
     (workdir / "default.conf").write_text(site)
     main = workdir / "nginx.conf"
     main.write_text(
@@ -258,6 +259,9 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
             ):
                 response = httpx.get(base + path, headers=token.bearer)
                 assert response.status_code == 200 and "gateway" not in response.json(), response.text
+            legacy = httpx.get(base + "/api/log/token", params={"key": f"sk-{token.key}"})  # older key checkers
+            assert legacy.status_code == 200, legacy.text
+            assert httpx.get(base + f"/api/usage/sk-{token.key}").status_code == 401  # no credential
             assert httpx.get(base + "/v1/dashboard/billing/other").json()["gateway"] is True
             assert httpx.get(base + "/api/log/self").json()["gateway"] is True
             assert _polls_answered(first) > 0 and _polls_answered(second) > 0
@@ -270,6 +274,10 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
             proxy.terminate()
             proxy.wait(timeout=10)
     db.close()
+    # nginx's own access log never holds the key, nor a piece of it.
+    logged = (tmp_path / "access.log").read_text()
+    assert '"GET /api/log/token" 200' in logged and '"GET [a path with a key]" 401' in logged, logged
+    assert not any(token.key[i : i + 6] in logged for i in range(len(token.key) - 5)), logged
 
 
 @pytest.mark.e2e
