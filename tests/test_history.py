@@ -24,7 +24,7 @@ from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, _Loaded
 from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import TOKEN_ORDER_CHECK, LogReader, uncounted
-from usage_service.store.spending import spending
+from usage_service.store.spending import marks, spending
 
 pytestmark = pytest.mark.asyncio
 
@@ -985,3 +985,21 @@ async def test_postgres_reads_a_busy_tokens_month_through_the_index_in_token_ord
         conn.execute("DROP TABLE logs")
         conn.execute(POSTGRES_LOGS_SCHEMA)
         gateway.close()
+
+
+@sqlite_only
+async def test_the_marks_pass_over_text_in_created_at(gateway: Gateway, settings: Settings) -> None:
+    """SQLite keeps whatever it is given: text in created_at sorts after every number, so the
+    log's newest time was that text, and every history round failed on it ("refresh failed",
+    with a traceback, each second). One bad row fails nothing but itself."""
+    token = gateway.add_token()
+    first = gateway.add_log(token, created_at=T0)
+    bad = gateway.add_log(token, created_at=T0 + 50)
+    gateway.add_log(token, created_at=T0 + 100)
+    gateway._execute("UPDATE logs SET created_at = 'abc' WHERE id = ?", (bad,))
+    store = await open_store(settings)
+    try:
+        # The newest number is T0 + 100: settled up to 60 s before it, the row stamped T0.
+        assert await marks(store.log_reader(), T0 + 1000, 60) == (first, first, T0 + 40)
+    finally:
+        await store.close()

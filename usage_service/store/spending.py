@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ..records import INT64_MAX, INT64_MIN
+from ..records import INT64_MAX, INT64_MIN, as_int
 from . import StoreUnavailable
 from .logs import LogReader
 
@@ -89,14 +89,16 @@ async def marks(reader: LogReader, now: int, settle: int) -> tuple[int, int, int
     clock runs behind would have the mark on rows still being committed (a lower id committed
     after a higher one would fall under it, and never be read).
     """
+    # The newest row's time, one index end: bounded, because SQLite keeps text given for a
+    # number, and text sorts after every number (max() gave the text).
+    newest_sql = f"(SELECT created_at FROM logs WHERE created_at < {INT64_MAX} ORDER BY created_at DESC LIMIT 1)"
     rows = await reader.query(
-        "SELECT (SELECT min(id) FROM logs), (SELECT max(created_at) FROM logs),"
-        " (SELECT id FROM logs WHERE created_at < ? AND created_at < (SELECT max(created_at) FROM logs) - ?"
-        " ORDER BY created_at DESC LIMIT 1)",
+        f"SELECT (SELECT min(id) FROM logs), {newest_sql}, (SELECT id FROM logs"
+        f" WHERE created_at < ? AND created_at < {newest_sql} - ? ORDER BY created_at DESC LIMIT 1)",
         (now - settle, settle),
     )
     low, newest, settled = rows[0] if rows else (None, None, None)
-    settled_at = min(now, int(newest if newest is not None else now)) - settle
+    settled_at = min(now, as_int(newest) if newest is not None else now) - settle
     return int(low or 0), int(settled or 0), settled_at
 
 
