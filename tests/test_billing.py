@@ -18,6 +18,7 @@ from usage_service.auth import relay_verdict, usage_verdict
 from usage_service.billing import BillingOptions
 from usage_service.demo import GATEWAY_SCHEMA
 from usage_service.records import TokenRecord
+from usage_service.store import StoreUnavailable
 
 SUBSCRIPTION = "/v1/dashboard/billing/subscription"
 USAGE = "/v1/dashboard/billing/usage"
@@ -366,6 +367,18 @@ async def test_options_are_read_at_start_only_with_interval_zero(gateway: Gatewa
         await asyncio.sleep(0.3)
         assert (await billing(client, token))[0] == subscription(4)
         assert app.state.store.option_statements == 1
+
+
+async def test_a_failed_read_of_the_options_is_no_statement_error(gateway: Gateway, app_client: AppClient) -> None:
+    """The billing settings' read is counted apart from the token statements, and so are its
+    failures: usage_db_errors_total counts failures of the statements usage_db_statements_total
+    counts (an error ratio past 100 %, an alert with no polling at all, otherwise)."""
+    async with app_client(options_interval=0) as (app, _):
+        store = app.state.store
+        statements, errors = store.statements, store.errors
+        with gateway.exclusive_lock(), pytest.raises(StoreUnavailable):
+            await store.fetch_options(["QuotaPerUnit"])
+        assert (store.statements, store.errors) == (statements, errors)
 
 
 async def test_without_an_options_table_the_defaults_are_used_and_said_once(

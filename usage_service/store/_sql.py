@@ -451,7 +451,7 @@ class SQLStore(ABC):
             count()
             rows = await self._sent(sql, params, count)
         except StoreUnavailable as exc:
-            self._failed(exc)
+            self._failed(exc, counted=not options)
             raise
         if self._failing:
             self._failing = False
@@ -464,9 +464,11 @@ class SQLStore(ABC):
     def _count_option_statement(self) -> None:
         self.option_statements += 1
 
-    def _failed(self, exc: StoreUnavailable) -> None:
-        """Count a statement the database did not answer; say so once, when it starts."""
-        self.errors += 1
+    def _failed(self, exc: StoreUnavailable, *, counted: bool = True) -> None:
+        """Count a statement the database did not answer (among the errors of the statements
+        counted: not the billing settings' read); say so once, when it starts."""
+        if counted:
+            self.errors += 1
         if not self._failing:
             self._failing = True
             logger.warning("database unavailable: %s", exc)
