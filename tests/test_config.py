@@ -418,3 +418,19 @@ def test_a_redis_database_that_is_no_number_stops_start_up(path: str) -> None:
     assert "secret" not in str(refused.value)
     assert load_settings({"REDIS_CONN_STRING": "redis://127.0.0.1:6379/3"}).redis_url is not None
     assert load_settings({"REDIS_CONN_STRING": "redis://127.0.0.1:6379/"}).redis_url is not None
+
+
+# Where the docs and the OpenAPI document name a setting with its default in brackets:
+# "`USAGE_CACHE_TTL` (5 s)", "`USAGE_HISTORY_MAX_DAYS` days (100 by default)".
+_STATED_DEFAULT = re.compile(r"`(USAGE_[A-Z_]+)`(?: days)? \((\d[\d,]*(?:\.\d+)?)(?: s)?(?: by default)?[),]")
+
+
+def test_defaults_the_docs_state_in_passing_are_the_tables() -> None:
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "usage_service" / "openapi.json"]
+    defaults = {v.name: v.default for v in TABLE}
+    stated = [(page.name, m) for page in pages for m in _STATED_DEFAULT.finditer(page.read_text())]
+    assert len(stated) >= 10  # the pattern still finds them
+    for page, match in stated:
+        name, number = match.group(1), float(match.group(2).replace(",", ""))
+        assert number == defaults[name], f"{page}: {match.group(0)!r}, but the default is {defaults[name]}"
