@@ -85,6 +85,7 @@ SERVER_OPTIONS: dict[str, Any] = {
 
 def build_parser() -> argparse.ArgumentParser:
     variables = "\n".join(f"  {name:<26} default {default}: {text}" for name, default, text in VARIABLES)
+    default = {name: shown for name, shown, _ in VARIABLES}
     parser = argparse.ArgumentParser(
         prog="usage-service",
         description="Answer new-api's GET /api/usage/token from the gateway's database, through Redis "
@@ -106,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         default=None,
         choices=LOG_FORMATS,
-        help="log lines as text or one JSON object each (default: $USAGE_LOG_FORMAT or text)",
+        help=f"log lines as text or one JSON object each (default: $USAGE_LOG_FORMAT or {default['USAGE_LOG_FORMAT']})",
     )
     parser.add_argument(
         "--access-log",
         action="store_true",
-        help="log one line per request (default: $USAGE_ACCESS_LOG or off)",
+        help=f"log one line per request (default: $USAGE_ACCESS_LOG or {default['USAGE_ACCESS_LOG']})",
     )
     parser.add_argument(
         "--demo",
