@@ -265,7 +265,7 @@ async def _login(conn: asyncmy.Connection) -> None:
         await conn.connect()
     except (MySQLError, OSError, EOFError):
         raise
-    except Exception as exc:
+    except Exception as exc:  # the driver's own (an authentication plugin it cannot run: KeyError, say)
         raise _driver_failure(exc) from None
 
 
