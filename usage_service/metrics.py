@@ -67,6 +67,10 @@ REDIS_OVERLOADED = Counter(
     "usage_redis_overloaded_timeouts",
     "Redis calls that timed out while the worker's event loop ran late: its own overload, not counted against Redis",
 )
+REDIS_CORRUPT = Counter(
+    "usage_redis_corrupt_values",
+    "Records read from Redis that were no record of ours (another writer under the prefix, a damaged value)",
+)
 LOOP_LAG = Gauge(
     "usage_event_loop_lag_seconds",
     "How late a worker's event loop ran at worst within the last second (a loaded worker)",
@@ -160,6 +164,9 @@ class Publisher:
                 (REDIS_ERRORS, lambda: redis.errors),
                 (REDIS_OVERLOADED, lambda: redis.overloaded),
             ]
+        if lookup.redis is not None:
+            records = lookup.redis
+            self._counters.append((REDIS_CORRUPT, lambda: records.corrupt))
         if logs is not None:
             self._counters += [(LOG_DB_STATEMENTS, lambda: logs.statements), (LOG_DB_BUSY, lambda: logs.busy)]
         self._published = [0] * len(self._counters)
