@@ -39,7 +39,7 @@ class Batcher(Generic[K, V]):
         self._pending: dict[K, asyncio.Future[V | None]] = {}
         # The batches running: the event loop holds its tasks only weakly.
         self._running: set[asyncio.Task[None]] = set()
-        self.batches = 0  # calls made, for tests and metrics
+        self.batches = 0  # calls made (what the tests count batching by)
 
     async def load(self, key: K) -> V | None:
         """Return the value for `key` (None when `load_many` did not return it)."""
