@@ -186,6 +186,7 @@ def test_reads_variables(env: dict[str, str], field: str, expected: object) -> N
         pytest.param({"USAGE_CACHE_TTL": "five"}, "USAGE_CACHE_TTL", "number", id="ttl-not-a-number"),
         pytest.param({"USAGE_CACHE_TTL": "-1"}, "USAGE_CACHE_TTL", "from", id="ttl-negative"),
         pytest.param({"USAGE_CACHE_TTL": "0"}, "USAGE_CACHE_TTL", "from", id="ttl-zero"),
+        pytest.param({"USAGE_DB_TIMEOUT": "0"}, "USAGE_DB_TIMEOUT", "from 0.1", id="db-timeout-zero"),
         # Past it, every Redis write whose expiry derives from it failed, silently.
         pytest.param({"USAGE_STALE_IF_ERROR": "1e16"}, "USAGE_STALE_IF_ERROR", "to 1e+09", id="seconds-huge"),
         pytest.param({"USAGE_CACHE_TTL": "nan"}, "USAGE_CACHE_TTL", "finite", id="ttl-nan"),

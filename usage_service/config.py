@@ -357,7 +357,9 @@ TABLE: tuple[Variable, ...] = (
         "USAGE_DB_TIMEOUT",
         "db_timeout",
         2.0,
-        _seconds(minimum=0.0),
+        # Not 0: PostgreSQL's statement_timeout and MariaDB's max_statement_time read 0 as "no
+        # limit", and MySQL's takes milliseconds; no engine reads it as "do not wait".
+        _seconds(minimum=0.1),
         "seconds a query waits on a locked database before answering 503",
     ),
     Variable(
