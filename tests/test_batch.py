@@ -172,3 +172,32 @@ async def test_a_flight_that_fails_once_its_waiters_have_gone_is_logged_unless_t
     ]
     assert len(logged) == (1 if isinstance(error, RuntimeError) else 0)
     assert not logged or logged[0].exc_info[1] is error
+
+
+async def test_a_waiter_cancelled_as_the_read_fails_leaves_the_failure_unheard_and_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The waiter's deadline passes in the very pass of the loop in which the read fails: it is
+    still counted when the read lands, yet hears nothing; the failure is said as it leaves."""
+    release = asyncio.Event()
+
+    async def read() -> str:
+        await release.wait()
+        raise RuntimeError("a defect")
+
+    async def load_many(keys: Sequence[int]) -> dict[int, str]:
+        return {int(key): await read() for key in keys}
+
+    flights: Flights[str, str] = Flights((ConnectionError,), "a test read")
+    batcher: Batcher[int, str] = Batcher(load_many, max_batch=10, slots=1, **HANDLED)
+    waiters = [asyncio.create_task(flights.wait(flights.start("k", read()))), asyncio.create_task(batcher.load(1))]
+    await settle()
+    release.set()  # the reads fail in the next pass...
+    for waiter in waiters:
+        asyncio.get_running_loop().call_soon(waiter.cancel)  # ...and their waiters are cancelled in it
+    for waiter in waiters:
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    await settle()
+    logged = [r for r in caplog.records if "a test read failed after every request waiting" in r.message]
+    assert len(logged) == 2, logged

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
-from ._flights import Waiters, unheard
+from ._flights import Waiters
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -30,9 +30,7 @@ class Batcher(Generic[K, V]):
         """`expected`: the errors of `load_many` its callers handle (an outage); any other that
         fails a batch nobody waits for any more is logged, as `what` failing."""
         self._load_many = load_many
-        self._expected = expected
-        self._what = what
-        self._waiters = Waiters()
+        self._waiters = Waiters(expected, what)
         self.max_batch = max_batch
         self.slots = slots
         self._busy = 0
@@ -87,14 +85,10 @@ class Batcher(Generic[K, V]):
         except Exception as exc:
             # Broad on purpose: not handled here but handed on, whatever it is, to every caller
             # waiting on this batch, as if each had made the call itself.
-            heard = False
-            for future in batch.values():
-                if not future.done():
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: asyncio is not to report it as lost
-                    heard = heard or self._waiters.any(future)
-            if not heard:
-                unheard(exc, self._expected, self._what)
+            failed = [future for future in batch.values() if not future.done()]
+            for future in failed:
+                future.set_exception(exc)
+            self._waiters.landed(*failed)
         else:
             for key, future in batch.items():
                 if not future.done():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -25,32 +25,63 @@ logger = logging.getLogger("usage_service.flights")
 
 
 class Waiters:
-    """How many callers wait on each shared awaitable (a flight's task, a batch's future)."""
+    """Who waits on each shared read (a flight's task, a batch's futures), and whether anyone
+    heard how it failed: a failure nobody heard is logged, unless it is `expected` (an outage
+    its waiters would have handled), as `what` failing.
 
-    def __init__(self) -> None:
-        self._counts: dict[Awaitable[Any], int] = {}
+    Heard is decided by the outcome, not by the count: a waiter cancelled in the very pass of the
+    loop in which the read fails is still counted when the read lands, and hears nothing. A
+    batch fails all its futures with one error: heard by a waiter of any of them, it is heard."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...], what: str) -> None:
+        self.expected = expected
+        self.what = what
+        self._counts: dict[asyncio.Future[Any], int] = {}
+        self._heard: set[BaseException] = set()  # failures that reached a waiter still being waited on
 
     @contextmanager
-    def on(self, *shared: Awaitable[Any]) -> Iterator[None]:
+    def on(self, *shared: asyncio.Future[Any]) -> Iterator[None]:
         """Count the caller among the waiters of `shared` while it waits."""
         for each in shared:
             self._counts[each] = self._counts.get(each, 0) + 1
         try:
             yield
+        except BaseException as exc:
+            if any(_failed_with(each) is exc for each in shared):
+                self._heard.add(exc)  # the error the read failed with reached this waiter
+            raise
         finally:
             for each in shared:
                 left = self._counts.pop(each) - 1
                 if left:
                     self._counts[each] = left
+                elif (error := _failed_with(each)) is not None:
+                    self._left(error)
 
-    def any(self, shared: Awaitable[Any]) -> bool:
-        return shared in self._counts
+    def landed(self, *shared: asyncio.Future[Any]) -> None:
+        """Say that these futures are done (a batch's, with one error): a failure with nobody
+        waiting is unheard at once; waiters say whether they heard it as they leave. Retrieves
+        the error, so that asyncio does not report as lost an error the waiters handled."""
+        errors = [error for each in shared if (error := _failed_with(each)) is not None]
+        if errors and not any(each in self._counts for each in shared):
+            self.unheard(errors[0])
+
+    def _left(self, error: BaseException) -> None:
+        """The last waiter of a future that failed with `error` has gone."""
+        if any(_failed_with(each) is error for each in self._counts):
+            return  # others still wait for it (a batch's other futures)
+        if error in self._heard:
+            self._heard.discard(error)
+        else:
+            self.unheard(error)
+
+    def unheard(self, error: BaseException) -> None:
+        if not isinstance(error, self.expected):
+            logger.error("%s failed after every request waiting for it had gone", self.what, exc_info=error)
 
 
-def unheard(error: BaseException, expected: tuple[type[BaseException], ...], what: str) -> None:
-    """Log `error`, which failed `what` once nobody waited for it, unless it is `expected`."""
-    if not isinstance(error, expected):
-        logger.error("%s failed after every request waiting for it had gone", what, exc_info=error)
+def _failed_with(shared: asyncio.Future[Any]) -> BaseException | None:
+    return shared.exception() if shared.done() and not shared.cancelled() else None
 
 
 class Flights(Generic[K, T]):
@@ -58,9 +89,7 @@ class Flights(Generic[K, T]):
 
     def __init__(self, expected: tuple[type[BaseException], ...], what: str) -> None:
         self._tasks: dict[K, asyncio.Task[T]] = {}
-        self._waiters = Waiters()
-        self._expected = expected
-        self._what = what
+        self._waiters = Waiters(expected, what)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -92,9 +121,4 @@ class Flights(Generic[K, T]):
     def _landed(self, key: K, task: asyncio.Task[T]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if task.cancelled():
-            return
-        # Retrieved here, so that asyncio does not report an error its waiters handled as lost.
-        error = task.exception()
-        if error is not None and not self._waiters.any(task):
-            unheard(error, self._expected, self._what)
+        self._waiters.landed(task)
