@@ -506,6 +506,33 @@ async def test_a_token_gone_is_never_served_stale(
     assert app.state.lookup.stats.stale_served == 0
 
 
+async def test_a_token_named_gone_is_not_served_stale_from_a_record_redis_kept(
+    gateway: Gateway, app_client: AppClient, redis_url: str
+) -> None:
+    """Redis keeps a record over another by the time of their reads, each by its instance's
+    clock: the record an instance whose clock runs ahead read just before the deletion outlives
+    the leader's tombstone there. A worker that heard the token named gone does not take it back
+    as a stale copy while the database cannot answer."""
+    token = gateway.add_token(used=7)
+    digest = key_digest(token.key.encode())
+    async with app_client(redis_url=redis_url, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        assert await used(client, token) == 7
+        record = app.state.lookup.local.peek(digest)[0]
+        records = app.state.redis.records
+        await records.store_many({digest: encode_cached(record, time.time() + 3)}, 300)  # a clock 3 s ahead
+        await app.state.redis.hot_set.note({digest: token.id}, time.time())
+        await app.state.refresher.tick()  # the leader sees the token
+        gateway.update_token(token, deleted_at="2026-01-01 00:00:00")
+        await app.state.refresher.tick()  # ...and names it with no record; its tombstone is refused
+        await until(lambda: app.state.lookup.local.peek(digest) is None)
+        assert (await records.get(digest))[0] is not None  # the record from ahead is still there
+        with gateway.exclusive_lock():
+            response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 503, response.text
+    assert app.state.lookup.stats.stale_served == 0
+
+
 async def test_a_tombstone_in_redis_outweighs_what_a_worker_kept(
     gateway: Gateway, app_client: AppClient, redis_url: str
 ) -> None:

@@ -260,7 +260,8 @@ class TokenLookup:
                     self._remember(digest, record, age, generation, overtaken=self._overtaken(digest))
                     return record, "redis"
                 if record is not None:
-                    stale = record, age
+                    if named is not None:  # (None: the round said the token is gone)
+                        stale = record, age
                 else:
                     # The token was gone when this was read: what this worker kept of it (read
                     # before, if the news of it never came) is not to stand in for it.
