@@ -175,6 +175,7 @@ def local_nginx_conf(workdir: Path, port: int, usage: tuple[int, int], gateway: 
     site = site.replace("usage-service-2:3001", f"127.0.0.1:{usage[1]}")
     site = site.replace("gateway:3000", f"127.0.0.1:{gateway}").replace("listen 80;", f"listen 127.0.0.1:{port};")
     site = site.replace("/var/log/nginx/access.log", f"{workdir}/access.log")
+    site = site.replace("/var/log/nginx/error.log", f"{workdir}/error.log")
     (workdir / "default.conf").write_text(site)
     main = workdir / "nginx.conf"
     main.write_text(
@@ -267,6 +268,8 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
             assert _polls_answered(first) > 0 and _polls_answered(second) > 0
             # One sidecar goes away: polls keep being answered by the other.
             first.stop()
+            for _ in range(2):  # one of them tried on the replica that is down first: an error
+                assert httpx.get(base + "/api/log/token", params={"key": f"sk-{token.key}"}).status_code == 200
             for _ in range(6):
                 response = httpx.get(base + "/api/usage/token", headers=token.bearer)
                 assert response.status_code == 200, response.text
@@ -274,9 +277,10 @@ def test_nginx_routes_polls_to_the_sidecars_and_the_rest_to_the_gateway(tmp_path
             proxy.terminate()
             proxy.wait(timeout=10)
     db.close()
-    # nginx's own access log never holds the key, nor a piece of it.
+    # nginx's own logs never hold the key, nor a piece of it.
     logged = (tmp_path / "access.log").read_text()
     assert '"GET /api/log/token" 200' in logged and '"GET [a path with a key]" 401' in logged, logged
+    logged += (tmp_path / "error.log").read_text()
     assert not any(token.key[i : i + 6] in logged for i in range(len(token.key) - 5)), logged
 
 
