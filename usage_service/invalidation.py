@@ -4,7 +4,8 @@ One pub/sub channel `<prefix>invalidate:v2` carries every kind of message, so a 
 hears a round's confirmation has heard that round's invalidations:
 - comma-separated digests (hex), each followed by '=' and the fingerprint (hex) of the record
   the round read, unless it read none: these tokens changed, or the leader sees them for the
-  first time; a worker keeps what it holds of one only if it has that very fingerprint;
+  first time; a worker keeps what it holds of one only if it has that very fingerprint, and
+  drops it altogether (no stale copy) for a digest alone: the token is gone, or its key changed;
 - '@' and a wall-clock time: every hot token was checked against the database as of then;
 - '#' as_of ':' the log's smallest id ':' 1 or 0 ':' comma-separated token ids, each with '='
   and its open days' fingerprint: a history round (tails.py) checked the tokens whose history
