@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 import pytest
@@ -93,6 +94,19 @@ async def test_many_keys_go_out_with_the_others_waiting_and_a_failure_reaches_ev
         await failing.load_many([1, 2])
 
 
+async def fails_after_its_waiter_went(gone: asyncio.Task[str | None], release: asyncio.Event) -> None:
+    """The read gets under way, its one waiter goes, then the read fails."""
+    await settle()
+    gone.cancel()
+    await settle()
+    release.set()
+    await settle()
+
+
+def unheard(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "a test read failed after every request waiting for it had gone" in r.message]
+
+
 async def settle() -> None:
     """Let every task ready to run take its steps."""
     for _ in range(5):
@@ -125,14 +139,8 @@ async def test_a_batch_that_fails_once_its_waiters_have_gone_is_logged_unless_th
 
     release.clear()
     gone = asyncio.create_task(batcher.load(3))
-    await settle()  # the read is under way, its waiters waiting
-    gone.cancel()
-    await settle()  # and one has gone
-    release.set()
-    await settle()
-    logged = [
-        r for r in caplog.records if "a test read failed after every request waiting for it had gone" in r.message
-    ]
+    await fails_after_its_waiter_went(gone, release)
+    logged = unheard(caplog)
     assert len(logged) == (1 if isinstance(error, RuntimeError) else 0)
     assert not logged or logged[0].exc_info[1] is error
 
@@ -162,14 +170,8 @@ async def test_a_flight_that_fails_once_its_waiters_have_gone_is_logged_unless_t
     release.clear()
     task = flights.start("k", read())
     gone = asyncio.create_task(flights.wait(task))
-    await settle()  # the read is under way, its waiters waiting
-    gone.cancel()
-    await settle()  # and one has gone
-    release.set()
-    await settle()
-    logged = [
-        r for r in caplog.records if "a test read failed after every request waiting for it had gone" in r.message
-    ]
+    await fails_after_its_waiter_went(gone, release)
+    logged = unheard(caplog)
     assert len(logged) == (1 if isinstance(error, RuntimeError) else 0)
     assert not logged or logged[0].exc_info[1] is error
 
@@ -199,5 +201,4 @@ async def test_a_waiter_cancelled_as_the_read_fails_leaves_the_failure_unheard_a
         with pytest.raises(asyncio.CancelledError):
             await waiter
     await settle()
-    logged = [r for r in caplog.records if "a test read failed after every request waiting" in r.message]
-    assert len(logged) == 2, logged
+    assert len(unheard(caplog)) == 2, caplog.records
