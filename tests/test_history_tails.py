@@ -40,7 +40,7 @@ from usage_service.responses import JSONError
 from usage_service.routing import SCOPE_KEY
 from usage_service.services import Services
 from usage_service.shared import SharedRedis
-from usage_service.store import open_store
+from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import LogReader
 from usage_service.tails import SETTLE, TailKeeper
 from usage_service.usage_history import HistoryEndpoint
@@ -1031,3 +1031,63 @@ async def test_a_row_written_late_within_the_grace_is_in_the_day_handed_over(
         answer = await b.history.slots(token.id, *span)
         assert b.history.stats.days_redis == 1 and b.history.stats.days_read == 0  # as handed over
         assert sum(quota for (slot, _), (quota, *_) in answer.items() if slot < end) == 51
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"])
+@pytest.mark.parametrize("redis_on", [True, False], ids=["shared", "own"])
+async def test_a_token_whose_spending_passes_64_bits_fails_alone_in_the_rounds(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str, engine: str, redis_on: bool
+) -> None:
+    """Every polled token's new rows are summed in one statement, and the tokens that became hot
+    in another: one token's sums past 64 bits (in the database's SUM or in what the rounds add
+    up) fail that token's history alone. The others are kept as before, at two statements a
+    round, and their day is handed over as it closes; that token's polls read its open days
+    directly, and answer 503."""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    end = T0 + DAY
+    born_huge, grows_huge, *others = [gateway.add_token() for _ in range(4)]
+    for token in (born_huge, born_huge, grows_huge, *others):
+        gateway.add_log(token, created_at=end - 3600, quota=2**62)
+    clock = Clock(end - 100)
+    span = (T0, T0 + 2 * DAY)
+
+    async def poll_and_round() -> None:
+        for token in (born_huge, grows_huge, *others):
+            with contextlib.suppress(StoreUnavailable):
+                await w.history.slots(token.id, *span)
+        await round_heard(w, w) if redis_on else await w.refresher.tick()
+
+    async with worker(settings, clock, redis_url if redis_on else None) as w:
+        await poll_and_round()
+        gateway.add_log(grows_huge, created_at=end - 3600 + 1, quota=2**62)  # in the same slot
+        charged_at = int(clock.now) - 1
+        gateway.add_log(others[1], created_at=charged_at, quota=7, model_name="claude")
+        for _ in range(2):  # the rows are new, then settled
+            clock.now += SETTLE
+            await poll_and_round()
+            before = sent(w)
+            for token in others:
+                answer = await w.history.slots(token.id, *span)
+                assert answer == await plain_select(truth(w), token.id, *span)
+            assert sent(w) == before  # kept by the rounds
+            assert answer[(charged_at - charged_at % SLOT, "claude")] == (7, 10, 5, 1)
+            for token in (born_huge, grows_huge):
+                with pytest.raises(StoreUnavailable):
+                    await w.history.slots(token.id, *span)
+        rounds = w.keeper.stats.statements
+        clock.now += SETTLE
+        await poll_and_round()
+        assert w.keeper.stats.statements - rounds == 2
+        # The day closes: the others' are handed over as closed days, the unfit tokens' are not.
+        while clock.now < end + GRACE + 1:
+            clock.now = min(clock.now + 30, end + GRACE + 1)
+            gateway.add_log(others[0], created_at=int(clock.now) - 1, quota=1)
+            await poll_and_round()
+        before = sent(w)
+        for token in others:
+            assert await w.history.slots(token.id, *span) == await plain_select(truth(w), token.id, *span)
+        assert sent(w) == before  # handed over
+        for token in (born_huge, grows_huge):
+            with pytest.raises(StoreUnavailable):
+                await w.history.slots(token.id, *span)

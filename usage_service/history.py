@@ -35,6 +35,7 @@ import orjson
 from ._flights import Flights
 from ._lru import keep_newest
 from .history_cache import RedisDays, RedisTails
+from .records import INT64_MAX, INT64_MIN
 from .store import StoreUnavailable
 from .store.logs import LogReader
 from .store.spending import SpendRow, id_after, id_before, id_range, spending
@@ -104,6 +105,11 @@ def total(spends: Iterable[Spend]) -> Spend:
 
 
 Slots = dict[tuple[int, str], Spend]  # {(slot start, model): Spend}
+
+
+def fits(slots: Slots) -> bool:
+    """Whether every figure is a 64-bit integer, as Redis's JSON and the routes take them."""
+    return all(INT64_MIN <= figure <= INT64_MAX for spend in slots.values() for figure in spend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,8 +410,11 @@ class History:
         """Take closed days this worker's own round kept whole as they closed (no Redis)."""
         self._keep(token_id, {day: entry.encode(day) for day, entry in days.items()}, None)
 
-    def keep_tails(self, tails: dict[int, Tail]) -> None:
-        """Take tails this worker's own round read (no Redis)."""
+    def keep_tails(self, tails: dict[int, Tail], unkept: Iterable[int] = ()) -> None:
+        """Take tails this worker's own round read (no Redis), and drop what it holds of the
+        `unkept` tokens' (read directly from now on)."""
+        for token_id in unkept:
+            self._tails.pop(token_id, None)
         for token_id, tail in tails.items():
             self._tails[token_id] = tail
             self._tails.move_to_end(token_id)

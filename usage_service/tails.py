@@ -41,13 +41,14 @@ and forgets what it kept (refresh.py).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, tail_fingerprint
+from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, fits, tail_fingerprint
 from .hotset import Polled
 from .shared import SharedRedis
 from .store.spending import SpendRow, marks, rows_since, spending
@@ -65,6 +66,8 @@ INIT_CHUNK = 500
 
 LockCheck = Callable[[], Awaitable[bool]]
 
+logger = logging.getLogger("usage_service.tails")
+
 
 @dataclass
 class TailStats:
@@ -75,12 +78,14 @@ class TailStats:
 
 @dataclass
 class _Kept:
-    """What one round leaves: the log's smallest id, every hot token's open days, and the days
-    that closed since the last round (token -> day -> Day)."""
+    """What one round leaves: the log's smallest id, every hot token's open days, the days that
+    closed since the last round (token -> day -> Day), and the hot tokens not kept (`unfit`:
+    a sum of their open days passes 64 bits)."""
 
     min_id: int
     tails: dict[int, Slots]
     closed: dict[int, dict[int, Day]] = field(default_factory=dict)
+    unfit: set[int] = field(default_factory=set)
 
 
 class TailKeeper:
@@ -101,6 +106,8 @@ class TailKeeper:
         # The smallest id among each kept token's rows of each open day: the guard of the day
         # once it closes (history.Day).
         self._guards: dict[int, dict[int, int]] = {}
+        # Kept tokens whose open days hold a sum past 64 bits: not published, read directly.
+        self._unfit: set[int] = set()
         self._published: dict[int, Slots] = {}
         self._written: dict[int, float] = {}
         self._vouched = False  # this round published a complete round's word (see round_ended)
@@ -156,7 +163,8 @@ class TailKeeper:
             self._epoch = uuid.uuid4().hex[:16]
         epoch = self._epoch
         min_id, tails = kept.min_id, kept.tails
-        changed = {t for t, slots in tails.items() if not _same(self._published.get(t), slots)}
+        # The unfit are named as changed, without a fingerprint: workers drop what they hold.
+        changed = {t for t, slots in tails.items() if not _same(self._published.get(t), slots)} | kept.unfit
         due = now - TAIL_KEY_TTL / 2
         writes = {
             t: Tail(self._open_day, slots, now, None, epoch=epoch).encode()
@@ -182,7 +190,7 @@ class TailKeeper:
         # balance's confirmation): past USAGE_HOT_MAX, the others' tails would go stale unseen.
         # With each tail's fingerprint: a worker holding those very open days keeps them (a
         # first sight of 10,000 tokens need not send every worker to Redis for each).
-        fingerprints = {t: tail_fingerprint(self._open_day, tails[t]) for t in changed}
+        fingerprints = {t: tail_fingerprint(self._open_day, tails[t]) for t in changed if t in tails}
         complete = len(members) < self.hot_max
         await redis.channel.publish_history(now, min_id, complete, sorted(changed), fingerprints, epoch)
         self._vouched = complete
@@ -209,7 +217,8 @@ class TailKeeper:
         for token_id, days in kept.closed.items():
             self.history.keep_days(token_id, days)
         until = now + self.history.confirmed_for
-        self.history.keep_tails({t: Tail(self._open_day, slots, now, until) for t, slots in kept.tails.items()})
+        tails = {t: Tail(self._open_day, slots, now, until) for t, slots in kept.tails.items()}
+        self.history.keep_tails(tails, unkept=kept.unfit)
 
     def step_down(self) -> None:
         """Forget what was kept: another leader may have come and gone since."""
@@ -218,6 +227,7 @@ class TailKeeper:
         self._epoch = None
         self._base.clear()
         self._guards.clear()
+        self._unfit.clear()
         self._published.clear()
         self._written.clear()
 
@@ -234,7 +244,8 @@ class TailKeeper:
         closing_from = self._open_day
         closing = self._settled is not None and open_day > closing_from
         read_from = closing_from * DAY if closing else start
-        if open_day != self._open_day:
+        new_day = open_day != self._open_day
+        if new_day:
             if not closing:
                 self._trim(open_day)
             self._open_day = open_day
@@ -260,7 +271,14 @@ class TailKeeper:
                     return None
                 self.stats.statements += 1
                 rows = await spending(
-                    self.reader, chunk, SLOT, start=start, end=None, after_id=after, before_id=self._settled + 1
+                    self.reader,
+                    chunk,
+                    SLOT,
+                    start=start,
+                    end=None,
+                    after_id=after,
+                    before_id=self._settled + 1,
+                    exact=True,  # one token's sum past 64 bits fails it alone (below)
                 )
                 read: dict[int, Slots] = {t: {} for t in chunk}
                 for row in rows:
@@ -309,8 +327,19 @@ class TailKeeper:
                 for key, spend in extra.items():
                     add_to(merged, key, spend)
                 tails[token_id] = merged
+        # A token whose sums pass 64 bits fails alone: it is not kept, and its polls read its
+        # open days directly (and answer 503). What a token holds changes only where rows came.
+        self._unfit.intersection_update(hot)
+        for token_id in hot if new_day else set(new).union(grown, recent):
+            if fits(tails[token_id]):
+                self._unfit.discard(token_id)
+            elif token_id not in self._unfit:
+                self._unfit.add(token_id)
+                logger.warning("token %d: a sum of its open days' spending passes 64 bits (history: 503)", token_id)
+        for token_id in self._unfit:
+            del tails[token_id]
         self.stats.tokens = len(tails)
-        return _Kept(min_id, tails, closed)
+        return _Kept(min_id, tails, closed, set(self._unfit))
 
     def _guard(self, row: SpendRow) -> None:
         days = self._guards.setdefault(row.token_id, {})
@@ -346,7 +375,8 @@ class TailKeeper:
                 if first <= day < end:
                     by_day[day][key] = spend
             guards = self._guards.get(token_id, {})
-            closed[token_id] = {day: Day(day_slots, guards.get(day)) for day, day_slots in by_day.items()}
+            # A day whose sums pass 64 bits is not handed over: read directly, it fails alone.
+            closed[token_id] = {day: Day(s, guards.get(day)) for day, s in by_day.items() if fits(s)}
         return closed
 
 

@@ -102,22 +102,54 @@ async def marks(reader: LogReader, now: int, settle: int) -> tuple[int, int, int
     return int(low or 0), int(settled or 0), settled_at
 
 
-def _select(reader: LogReader, slot: int, where: str, extra: str = "") -> str:
+def _select(reader: LogReader, slot: int, where: str, extra: str = "", *, exact: bool = False) -> str:
+    """The spending statement over `where`; `exact`: its sums never fail in the database, however
+    large (`_exact_sums`), for the statements that read many tokens' rows at once."""
     # Refunds are netted in the sums rather than grouped apart: the fewer the grouping keys, the
     # cheaper the sort that every GROUP BY of a month of rows pays for.
     consume = f"CASE WHEN type = {CONSUME} THEN"
-    # PostgreSQL sums bigints as numeric, which arrives as Decimal: as bigint instead, a cold
-    # month's 20,000 groups cost the worker 50 ms less. A sum past 64 bits then fails its
-    # statement, as SQLite's SUM does (MySQL's DECIMAL sums arrive whole).
-    big = "::bigint" if reader.engine == "postgres" else ""
+    if exact:
+        sums = _exact_sums(reader.engine, consume)
+    else:
+        # PostgreSQL sums bigints as numeric, which arrives as Decimal: as bigint instead, a
+        # cold month's 20,000 groups cost the worker 50 ms less. A sum past 64 bits then fails
+        # its statement, as SQLite's SUM does (MySQL's DECIMAL sums arrive whole): one token's.
+        big = "::bigint" if reader.engine == "postgres" else ""
+        sums = (
+            f"COALESCE(SUM({consume} quota ELSE -quota END), 0){big},"
+            f" COALESCE(SUM({consume} prompt_tokens ELSE 0 END), 0){big},"
+            f" COALESCE(SUM({consume} completion_tokens ELSE 0 END), 0){big}"
+        )
     return (
-        f"SELECT token_id, {_slot(reader, slot)} AS s, model_name,"
-        f" COALESCE(SUM({consume} quota ELSE -quota END), 0){big},"
-        f" COALESCE(SUM({consume} prompt_tokens ELSE 0 END), 0){big},"
-        f" COALESCE(SUM({consume} completion_tokens ELSE 0 END), 0){big},"
+        f"SELECT token_id, {_slot(reader, slot)} AS s, model_name, {sums},"
         f" SUM({consume} 1 ELSE 0 END), MIN(id){extra} FROM logs WHERE {where} AND type IN ({CONSUME}, {REFUND})"
         f" GROUP BY token_id, s, model_name{', settled' if extra else ''}"
     )
+
+
+def _exact_sums(engine: str, consume: str) -> str:
+    """Sums of quota (refunds netted) and of prompt and completion tokens that no value fails,
+    for a statement over many tokens' rows: one token's sum past 64 bits must not fail the
+    others' (the token fails alone, in `TailKeeper`).
+
+    PostgreSQL's and MySQL's SUM of an integer column is a numeric that cannot overflow (the
+    refunds are summed apart: negating the smallest bigint fails). SQLite's SUM fails past 64
+    bits, so each value is summed in two halves, its high 32 bits (an arithmetic shift) and its
+    low 32 bits, which `_exact_row` joins again: neither sum can pass 63 bits."""
+    if engine != "sqlite":
+        return (
+            f"COALESCE(SUM({consume} quota END), 0) - COALESCE(SUM(CASE WHEN type = {REFUND} THEN quota END), 0),"
+            f" COALESCE(SUM({consume} prompt_tokens END), 0), COALESCE(SUM({consume} completion_tokens END), 0)"
+        )
+    halves = []
+    for column, refunded in (("quota", True), ("prompt_tokens", False), ("completion_tokens", False)):
+        for half in (f"{column} >> 32", f"{column} & {_LOW}"):
+            otherwise = f"-({half})" if refunded else "0"
+            halves.append(f"COALESCE(SUM({consume} {half} ELSE {otherwise} END), 0)")
+    return ", ".join(halves)
+
+
+_LOW = 2**32 - 1
 
 
 async def spending(
@@ -129,9 +161,12 @@ async def spending(
     end: int | None,
     after_id: int,
     before_id: int | None,
+    exact: bool = False,
 ) -> list[SpendRow]:
     """The tokens' consume and refund rows with start <= created_at < end (no end: up to now),
-    summed by token, slot and model, reading only ids in (after_id, before_id)."""
+    summed by token, slot and model, reading only ids in (after_id, before_id). Not `exact`, a
+    sum past 64 bits fails the statement (SpendingPast64Bits or the database's error); `exact`,
+    every sum arrives whole, however large."""
     params: list[Any]
     if len(token_ids) == 1 and await reader.token_order():
         (token_id,) = token_ids
@@ -148,34 +183,32 @@ async def spending(
     if end is not None:
         where += " AND created_at < ?"
         params.append(end)
-    rows = await reader.query(_select(reader, slot, where), params, hash_groups=True)
-    return [_row(row) for row in rows]
+    rows = await reader.query(_select(reader, slot, where, exact=exact), params, hash_groups=True)
+    return [_exact_row(row, reader.engine) for row in rows] if exact else [_row(row) for row in rows]
 
 
 async def rows_since(reader: LogReader, slot: int, *, after_id: int, settled: int, start: int) -> list[SpendRow]:
     """Every token's consume and refund rows with an id above `after_id` and created_at >= start,
-    summed by token, slot and model, and split by whether their id is at most `settled`.
+    summed by token, slot and model, and split by whether their id is at most `settled`; the
+    sums exact, however large (`_exact_sums`).
 
     One range of the primary key: what the gateway wrote since `after_id`, whatever the tokens.
     """
     where = "id > ? AND created_at >= ?"
     extra = ", CASE WHEN id <= ? THEN 1 ELSE 0 END AS settled"
-    rows = await reader.query(_select(reader, slot, where, extra), (settled, after_id, start))
-    return [_row(row) for row in rows]
+    rows = await reader.query(_select(reader, slot, where, extra, exact=True), (settled, after_id, start))
+    return [_exact_row(row, reader.engine) for row in rows]
 
 
 def _row(row: Sequence[Any]) -> SpendRow:
     if type(row[2]) is str and type(row[3]) is int and type(row[4]) is int and type(row[5]) is int:
         return SpendRow(*row)  # as SQLite gives it: taken as is (a month read cold is 20,000 rows)
     # SUM comes back as Decimal on MySQL (and as a float on SQLite over a value that is not an
-    # integer); text may come back as bytes on MySQL, and a model as None.
-    model = row[2]
-    if type(model) is not str:
-        model = model.decode(errors="replace") if isinstance(model, bytes) else ""
+    # integer).
     return SpendRow(
         int(row[0]),
         int(row[1]),
-        model,
+        _model(row[2]),
         _sum(row[3]),
         _sum(row[4]),
         _sum(row[5]),
@@ -183,6 +216,26 @@ def _row(row: Sequence[Any]) -> SpendRow:
         int(row[7]),
         int(row[8]) if len(row) > 8 else 1,
     )
+
+
+def _exact_row(row: Sequence[Any], engine: str) -> SpendRow:
+    """A group of an `exact` statement, its sums whole however large."""
+    if engine == "sqlite":  # each sum in two halves: its high 32 bits, then its low 32 bits
+        sums = [int(row[i] or 0) * 2**32 + int(row[i + 1] or 0) for i in (3, 5, 7)]
+        rest = row[9:]
+    else:
+        sums = [int(value or 0) for value in row[3:6]]
+        rest = row[6:]
+    quota, prompt, completion = sums
+    requests, min_id, settled = int(rest[0] or 0), int(rest[1]), int(rest[2]) if len(rest) > 2 else 1
+    return SpendRow(int(row[0]), int(row[1]), _model(row[2]), quota, prompt, completion, requests, min_id, settled)
+
+
+def _model(model: Any) -> str:
+    """A model's name as given: text may come back as bytes on MySQL, and as None."""
+    if type(model) is str:
+        return model
+    return model.decode(errors="replace") if isinstance(model, bytes) else ""
 
 
 class SpendingPast64Bits(StoreUnavailable):
