@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -22,6 +22,7 @@ import orjson
 import pytest
 import redis
 from conftest import GatewayFactory
+from dbservers import PostgresGateway
 from support import Gateway, Token, free_port, sample_value
 from test_freshness import Gate, GatedStore, until
 from test_history import T0, Clock, Recorder, explain, plain_select
@@ -42,7 +43,7 @@ from usage_service.services import Services
 from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import LogReader
-from usage_service.tails import SETTLE, TailKeeper
+from usage_service.tails import LATE, SETTLE, TailKeeper
 from usage_service.usage_history import HistoryEndpoint
 
 pytestmark = pytest.mark.asyncio
@@ -1091,3 +1092,174 @@ async def test_a_token_whose_spending_passes_64_bits_fails_alone_in_the_rounds(
         for token in (born_huge, grows_huge):
             with pytest.raises(StoreUnavailable):
                 await w.history.slots(token.id, *span)
+
+
+@contextlib.contextmanager
+def uncommitted(gateway: Gateway) -> Iterator[Any]:
+    """A second connection to the gateway's database, whose writes stay uncommitted until the
+    caller commits or rolls them back: an insert takes its id at once, and its row shows when
+    the transaction commits."""
+    server = gateway.server  # type: ignore[attr-defined]
+    if isinstance(gateway, PostgresGateway):
+        import psycopg
+
+        writer: Any = psycopg.connect(server.url(gateway.name), autocommit=False)
+    else:
+        import pymysql
+
+        name = gateway.name  # type: ignore[attr-defined]
+        writer = pymysql.connect(unix_socket=str(server.socket), user="root", database=name, autocommit=False)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+@contextlib.contextmanager
+def through(gateway: Gateway, writer: Any) -> Iterator[None]:
+    """`gateway.add_log` writes through `writer` meanwhile."""
+    autocommit, gateway.conn = gateway.conn, writer  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        gateway.conn = autocommit  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+async def test_a_charge_committed_long_after_it_took_its_id_is_counted(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str, engine: str
+) -> None:
+    """x's charge takes its id, then its transaction stays open 40 s (past SETTLE, within LATE)
+    while the gateway goes on writing y's: the rounds settle below the missing id meanwhile,
+    still show y's charges every round at two statements a round, and count x's once it
+    commits. (They settled past it: x's charge was never counted.)"""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    x, y = gateway.add_token(), gateway.add_token()
+    clock = Clock(NOON)
+    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        for token in (x, y):
+            await w.history.slots(token.id, *today)
+        await round_heard(w, w)
+        with uncommitted(gateway) as writer:
+            with through(gateway, writer):
+                gateway.add_log(x, created_at=int(clock.now), quota=500)  # its id taken, not committed
+            for _ in range(40):
+                clock.now += 1
+                gateway.add_log(y, created_at=int(clock.now), quota=7)
+                before = w.keeper.stats.statements
+                await round_heard(w, w)
+                assert w.keeper.stats.statements - before == 2
+                assert await w.history.slots(y.id, *today) == await plain_select(truth(w), y.id, *today)
+                await w.history.slots(x.id, *today)
+            writer.commit()
+        for _ in range(3):
+            clock.now += 1
+            await round_heard(w, w)
+            answer = await w.history.slots(x.id, *today)
+            assert sum(quota for quota, *_ in answer.values()) == 501
+        for _ in range(int(SETTLE) + 2):  # and once settled, it stays counted
+            clock.now += 1
+            gateway.add_log(y, created_at=int(clock.now), quota=7)
+            await w.history.slots(y.id, *today)
+            await round_heard(w, w)
+        answer = await w.history.slots(x.id, *today)
+        assert answer == await plain_select(truth(w), x.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 501
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+async def test_an_id_never_committed_is_waited_for_late_seconds_only(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str, engine: str
+) -> None:
+    """An insert rolled back leaves its id missing for good: the rounds wait LATE seconds for it,
+    then read the new rows from above it again (one statement to find where), rather than read
+    every row written since it each round."""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    y = gateway.add_token()
+    clock = Clock(NOON)
+    gateway.add_log(y, created_at=NOON - 100, quota=1)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        await w.history.slots(y.id, *today)
+        await round_heard(w, w)
+        with uncommitted(gateway) as writer, through(gateway, writer):
+            gateway.add_log(y, created_at=int(clock.now), quota=500)
+            writer.rollback()
+        hole = gateway.add_log(y, created_at=int(clock.now), quota=7) - 1
+        extra_statements = 0
+        first_new: list[int] = []  # the first id each round's read of new rows may count
+        for _ in range(int(LATE + SETTLE) + 5):
+            clock.now += 1
+            gateway.add_log(y, created_at=int(clock.now), quota=7)
+            before, sent_before = w.keeper.stats.statements, sent(w)
+            await round_heard(w, w)
+            extra_statements += w.keeper.stats.statements - before - 2
+            (rows_since_params,) = [p for sql, p in w.recorder.sent[sent_before:] if "CASE WHEN id <=" in sql]
+            first_new.append(int(rows_since_params[1]) + 1)
+            await w.history.slots(y.id, *today)
+        assert await w.history.slots(y.id, *today) == await plain_select(truth(w), y.id, *today)
+        assert extra_statements == 1
+        # Waited for LATE once the mark passed it (SETTLE after it), a round a second, then past it.
+        first_past = next(i for i, first in enumerate(first_new) if first > hole)
+        assert LATE <= first_past <= LATE + SETTLE + 2
+        assert all(first > hole for first in first_new[first_past:])
+
+
+@pytest.mark.parametrize("redis_on", [True, False], ids=["shared", "own"])
+async def test_a_round_that_fails_as_a_day_closes_leaves_nothing_half_moved(
+    gateway: Gateway, settings: Settings, redis_url: str, redis_on: bool
+) -> None:
+    """The round that closes a day fails at its last statement (the database locked for a
+    moment): the next rounds close the day all the same. (The failed round had moved the open
+    days on before it failed: the day then stayed in what the rounds kept, and a token unfit
+    from it, its sums past 64 bits, stayed unfit and read directly all the next day.)"""
+    end = T0 + DAY
+    huge, other = gateway.add_token(), gateway.add_token()
+    gateway.add_log(huge, created_at=end - 3600, quota=2**62)
+    gateway.add_log(huge, created_at=end - 3600 + 1, quota=2**62)  # the same slot: 2**63
+    gateway.add_log(other, created_at=end - 3600, quota=5)
+    clock = Clock(end + 100)  # within the grace: yesterday is still open
+    span, today = (T0, end + DAY), (end, end + DAY)
+
+    async def poll_and_round() -> None:
+        for token in (huge, other):
+            with contextlib.suppress(StoreUnavailable):
+                await w.history.slots(token.id, *span)
+        await round_heard(w, w) if redis_on else await w.refresher.tick()
+
+    async with worker(settings, clock, redis_url if redis_on else None) as w:
+        while clock.now + 30 < end + GRACE:
+            clock.now += 30
+            gateway.add_log(other, created_at=int(clock.now) - 1, quota=1)
+            await poll_and_round()
+        clock.now = end + GRACE + 1  # the next round closes yesterday
+        gateway.add_log(other, created_at=int(clock.now) - 1, quota=1)
+        for token in (huge, other):
+            with contextlib.suppress(StoreUnavailable):
+                await w.history.slots(token.id, *span)
+        run = w.recorder.run
+
+        async def failing(sql: str, params: Any, *resent: Any, **options: Any) -> Any:
+            if "AS settled" in sql:  # the round's read of what came since
+                raise StoreUnavailable("database is locked")
+            return await run(sql, params, *resent, **options)
+
+        w.recorder.run = failing
+        with pytest.raises(StoreUnavailable):
+            await w.refresher.tick()
+        w.recorder.run = run
+        gateway.add_log(huge, created_at=int(clock.now) - 1, quota=3)  # today's: it fits
+        for _ in range(3):
+            clock.now += SETTLE
+            await poll_and_round()
+        before = sent(w)
+        for token in (huge, other):
+            answer = await w.history.slots(token.id, *today)
+            assert answer == await plain_select(truth(w), token.id, *today)
+            if token is huge:
+                assert sum(quota for quota, *_ in answer.values()) == 3
+        assert sent(w) == before  # kept by the rounds

@@ -5,9 +5,11 @@ set, `hist:hot`. Every USAGE_REFRESH_INTERVAL, side by side with the balance's r
 need not wait for the records to be read), the refresher's leader runs a history round over the
 tokens noted within USAGE_HOT_WINDOW:
 
-1. one statement: the log's smallest id (how a clean-up shows) and the *settled* mark, the id of
-   the last row stamped SETTLE seconds before the newest one (the gateway's clock, not ours):
-   every row with an id up to it has been written;
+1. one statement: the log's smallest id (how a clean-up shows), the *settled* mark, the id of
+   the last row stamped SETTLE seconds before the newest one (the gateway's clock, not ours),
+   and the first id missing below it: every row with an id up to the mark has been written,
+   unless its transaction still commits (its id is missing meanwhile). The rounds settle below
+   a missing id for up to LATE seconds, then pass over it;
 2. for tokens that became hot, their open days up to the last settled mark: INIT_CHUNK tokens a
    statement, each token an index range of `idx_logs_token_id` from the open days' first id;
 3. one statement: every row above the last settled mark, whatever its token (one range of the
@@ -51,11 +53,16 @@ from .config import Settings
 from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, fits, tail_fingerprint
 from .hotset import Polled
 from .shared import SharedRedis
-from .store.spending import SpendRow, marks, rows_since, spending
+from .store.spending import SpendRow, marks, present_after, rows_since, spending
 
 # Seconds after which every row stamped before then is taken as written (its transaction
 # committed): rows above the mark they give are read again each round.
 SETTLE = 10.0
+
+# Seconds for which an id missing below the mark is waited for (a row still committing): the
+# rounds settle below it meanwhile, and past it once it shows or this has gone (its insert was
+# rolled back, or it commits later still and is not counted).
+LATE = 60.0
 
 # Seconds a tail stays in Redis without being written again; the leader rewrites unchanged ones
 # once half of it has gone.
@@ -100,7 +107,8 @@ class TailKeeper:
         # What the rounds keep, as leader or on our own: every kept token's rows with an id up
         # to `_settled` and created_at from the open days' start, summed.
         self._settled: int | None = None
-        self._settled_at = 0.0  # every row stamped before then has an id up to `_settled`
+        self._settled_at = 0.0  # the mark's time, by the gateway's clock
+        self._gap: tuple[int, float] | None = None  # the id missing above `_settled`, since when
         self._open_day = -1
         self._base: dict[int, Slots] = {}
         # The smallest id among each kept token's rows of each open day: the guard of the day
@@ -222,23 +230,37 @@ class TailKeeper:
 
     def step_down(self) -> None:
         """Forget what was kept: another leader may have come and gone since."""
-        self._settled = None
-        self._open_day = -1
+        self._forget_kept()
         self._epoch = None
-        self._base.clear()
-        self._guards.clear()
-        self._unfit.clear()
         self._published.clear()
         self._written.clear()
 
+    def _forget_kept(self) -> None:
+        """Forget the open days kept: the next round reads the polled tokens' whole."""
+        self._settled = None
+        self._gap = None
+        self._open_day = -1
+        self._base.clear()
+        self._guards.clear()
+        self._unfit.clear()
+
     async def _round(self, tokens: list[int], now: float, before_statement: LockCheck | None) -> _Kept | None:
-        """Bring the kept open days of these tokens up to date; None when the lock was lost."""
+        """Bring the kept open days of these tokens up to date; None when the lock was lost.
+        A round that fails part-way (a statement, or cancelled) leaves nothing kept: it may have
+        begun to move the open days on or to take tokens in, and what it kept is read again."""
+        try:
+            return await self._read_round(tokens, now, before_statement)
+        except BaseException:
+            self._forget_kept()
+            raise
+
+    async def _read_round(self, tokens: list[int], now: float, before_statement: LockCheck | None) -> _Kept | None:
         open_day = int(now - GRACE) // DAY
         start = open_day * DAY
         if before_statement is not None and not await before_statement():
             return None
         self.stats.statements += 1
-        min_id, settled, settled_at = await marks(self.reader, int(now), int(SETTLE))
+        min_id, settled, settled_at, gap = await marks(self.reader, int(now), int(SETTLE), self._settled)
         # Days that closed since the last round are read once more with the open ones (a row
         # the gateway wrote late, in the same range of ids), then handed over as closed.
         closing_from = self._open_day
@@ -286,9 +308,15 @@ class TailKeeper:
                     self._guard(row)
                 self._base.update(read)
             self.stats.initialised += len(new)
+        newly_settled: int | None = max(self._settled, settled)
+        if gap is not None:
+            newly_settled = await self._settle_below(gap, settled, min_id, now, before_statement)
+        else:
+            self._gap = None
+        if newly_settled is None:
+            return None
         if before_statement is not None and not await before_statement():
             return None
-        newly_settled = max(self._settled, settled)
         self.stats.statements += 1
         rows = await rows_since(self.reader, SLOT, after_id=self._settled, settled=newly_settled, start=read_from)
         grown: dict[int, Slots] = {}
@@ -340,6 +368,26 @@ class TailKeeper:
             del tails[token_id]
         self.stats.tokens = len(tails)
         return _Kept(min_id, tails, closed, set(self._unfit))
+
+    async def _settle_below(
+        self, gap: int, mark: int, min_id: int, now: float, before_statement: LockCheck | None
+    ) -> int | None:
+        """Where to settle when the id `gap` is missing below the mark: below it while it may
+        still be committing (up to LATE), else past the ids missing there (one more statement);
+        None when the lock was lost."""
+        assert self._settled is not None
+        if gap < min_id:  # deleted by the clean-up, as every id below min_id
+            return max(self._settled, min(mark, min_id - 1))
+        if self._gap is None or self._gap[0] != gap:
+            self._gap = (gap, now)
+        if now - self._gap[1] < LATE:
+            return gap - 1
+        if before_statement is not None and not await before_statement():
+            return None
+        self.stats.statements += 1
+        present = await present_after(self.reader, gap)
+        self._gap = None
+        return mark if present is None else min(mark, present - 1)
 
     def _guard(self, row: SpendRow) -> None:
         days = self._guards.setdefault(row.token_id, {})

@@ -80,26 +80,61 @@ async def id_range(reader: LogReader) -> tuple[int, int]:
     return int(low or 0), int(high or 0)
 
 
-async def marks(reader: LogReader, now: int, settle: int) -> tuple[int, int, int]:
-    """(the log's smallest id, the settled mark, when it was stamped): the mark is the id of the
-    last row stamped `settle` seconds before the newest row (before `now` if the gateway's clock
-    runs ahead of ours), 0 when there is none. One statement, index ends only.
+class Marks(NamedTuple):
+    """What a round of the history learns of the log first (`marks`)."""
+
+    min_id: int  # the log's smallest id (0 when empty): how a clean-up shows
+    settled: int  # the id of the last row stamped `settle` seconds before the newest one (0: none)
+    settled_at: int  # when that was, by the gateway's clock
+    gap: int | None  # the smallest id above `after` and below `settled` that no row has, if any
+
+
+async def marks(reader: LogReader, now: int, settle: int, after: int | None = None) -> Marks:
+    """The log's marks (`Marks`), in one statement of index lookups. The mark is taken before
+    `now` as well, should the gateway's clock run ahead of ours.
 
     The gateway stamps its rows with its own clock: measured against ours, a gateway whose
     clock runs behind would have the mark on rows still being committed (a lower id committed
     after a higher one would fall under it, and never be read).
+
+    `gap` (looked for only given `after`, the last mark the rounds settled on): a row stamped
+    before the mark may still be committing (on PostgreSQL and MySQL an id is taken when the row
+    is inserted, and the row shows once its transaction commits); its id is missing until then,
+    as is one whose insert was rolled back. The search stops at the first missing id, so it
+    costs one lookup for each id from `after` up to the first one missing.
     """
     # The newest row's time, one index end: bounded, because SQLite keeps text given for a
     # number, and text sorts after every number (max() gave the text).
     newest_sql = f"(SELECT created_at FROM logs WHERE created_at < {INT64_MAX} ORDER BY created_at DESC LIMIT 1)"
-    rows = await reader.query(
-        f"SELECT (SELECT min(id) FROM logs), {newest_sql}, (SELECT id FROM logs"
-        f" WHERE created_at < ? AND created_at < {newest_sql} - ? ORDER BY created_at DESC LIMIT 1)",
-        (now - settle, settle),
+    settled_sql = (
+        f"(SELECT id FROM logs WHERE created_at < ? AND created_at < {newest_sql} - ? ORDER BY created_at DESC LIMIT 1)"
     )
-    low, newest, settled = rows[0] if rows else (None, None, None)
+    params: list[Any] = [now - settle, settle]
+    gap_sql = "NULL"
+    if after is not None:
+        # -1: the id right after `after` is missing; else the first id after a row whose next
+        # one is missing (the mark's own row is there), if any.
+        gap_sql = (
+            "CASE WHEN EXISTS (SELECT 1 FROM logs WHERE id = ?) THEN (SELECT g.id + 1 FROM logs g"
+            f" WHERE g.id > ? AND g.id < {settled_sql}"
+            " AND NOT EXISTS (SELECT 1 FROM logs n WHERE n.id = g.id + 1) ORDER BY g.id LIMIT 1) ELSE -1 END"
+        )
+        params += [after + 1, after, now - settle, settle]
+    rows = await reader.query(f"SELECT (SELECT min(id) FROM logs), {newest_sql}, {settled_sql}, {gap_sql}", params)
+    low, newest, settled, gap = rows[0] if rows else (None, None, None, None)
+    settled_id = int(settled or 0)
     settled_at = min(now, as_int(newest) if newest is not None else now) - settle
-    return int(low or 0), int(settled or 0), settled_at
+    if after is None or settled_id <= after or gap is None:
+        missing = None
+    else:
+        missing = after + 1 if int(gap) == -1 else int(gap)
+    return Marks(int(low or 0), settled_id, settled_at, missing)
+
+
+async def present_after(reader: LogReader, after: int) -> int | None:
+    """The smallest id above `after` that a row has (None: none)."""
+    rows = await reader.query("SELECT min(id) FROM logs WHERE id > ?", (after,))
+    return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 def _select(reader: LogReader, slot: int, where: str, extra: str = "", *, exact: bool = False) -> str:
