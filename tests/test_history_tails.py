@@ -1263,3 +1263,62 @@ async def test_a_round_that_fails_as_a_day_closes_leaves_nothing_half_moved(
             if token is huge:
                 assert sum(quota for quota, *_ in answer.values()) == 3
         assert sent(w) == before  # kept by the rounds
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"])
+async def test_model_names_differing_in_case_are_kept_apart_as_read_directly(
+    make_gateway: GatewayFactory, settings: Settings, engine: str
+) -> None:
+    """ "gpt-4o" and "GPT-4o" in one slot, written in different rounds: what the rounds keep, a
+    direct read and a plain SELECT agree on every engine. (MySQL's collation grouped them in a
+    direct read, as one of the two names, while the rounds kept them apart.)"""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    token, other = gateway.add_token(), gateway.add_token()
+    gateway.add_log(token, created_at=NOON - 100, quota=10, model_name="gpt-4o")
+    gateway.add_log(other, created_at=NOON - 60, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, None) as w:
+        await w.history.slots(token.id, *today)
+        await w.refresher.tick()
+        gateway.add_log(token, created_at=NOON - 90, quota=5, model_name="GPT-4o")  # the same slot
+        for _ in range(3):
+            clock.now += SETTLE
+            gateway.add_log(other, created_at=int(clock.now) - 1, quota=1)
+            await w.history.slots(token.id, *today)
+            await w.refresher.tick()
+        before = sent(w)
+        kept = await w.history.slots(token.id, *today)
+        assert sent(w) == before  # as the rounds keep it
+        direct = await History(truth(w), clock=clock).slots(token.id, *today)
+        assert kept == direct == await plain_select(truth(w), token.id, *today)
+        assert {model for _, model in kept} == {"gpt-4o", "GPT-4o"}
+
+
+@pytest.mark.parametrize("real, expected", [(1e19, None), (12.7, 25)], ids=["past-64-bits", "fraction"])
+async def test_a_real_in_the_quota_column_reads_the_same_kept_or_read_directly(
+    gateway: Gateway, settings: Settings, real: float, expected: int | None
+) -> None:
+    """SQLite keeps a REAL given for a number (the gateway never writes one): the rounds' sums
+    read it as a direct read does, past 64 bits or not. (Their exact sums took it through a
+    64-bit integer: 1e19 was kept as 2**63 - 1 where a direct read answered 503, two 12.7 as 24
+    where it answered 25.)"""
+    token = gateway.add_token()
+    for _ in range(1 if expected is None else 2):
+        row = gateway.add_log(token, created_at=NOON - 3600, quota=1)
+        gateway._execute("UPDATE logs SET quota = ? WHERE id = ?", (real, row))
+    gateway.add_log(gateway.add_token(), created_at=NOON - 60, quota=1)  # a newer row: ours settle
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, None) as w:
+        for round_ in range(3):
+            if round_:
+                clock.now += SETTLE
+                await w.refresher.tick()
+            if expected is None:
+                with pytest.raises(StoreUnavailable):
+                    await w.history.slots(token.id, *today)
+            else:
+                answer = await w.history.slots(token.id, *today)
+                assert [quota for quota, *_ in answer.values()] == [expected]

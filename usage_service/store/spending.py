@@ -155,10 +155,14 @@ def _select(reader: LogReader, slot: int, where: str, extra: str = "", *, exact:
             f" COALESCE(SUM({consume} prompt_tokens ELSE 0 END), 0){big},"
             f" COALESCE(SUM({consume} completion_tokens ELSE 0 END), 0){big}"
         )
+    # A model's name as written: MySQL's usual collations compare text without case, and would
+    # group "gpt-4o" with "GPT-4o" (one of the two names), as SQLite and PostgreSQL do not, nor
+    # the rounds adding up groups read apart.
+    model = "CAST(model_name AS BINARY)" if reader.engine == "mysql" else "model_name"
     return (
-        f"SELECT token_id, {_slot(reader, slot)} AS s, model_name, {sums},"
+        f"SELECT token_id, {_slot(reader, slot)} AS s, {model} AS m, {sums},"
         f" SUM({consume} 1 ELSE 0 END), MIN(id){extra} FROM logs WHERE {where} AND type IN ({CONSUME}, {REFUND})"
-        f" GROUP BY token_id, s, model_name{', settled' if extra else ''}"
+        f" GROUP BY token_id, s, m{', settled' if extra else ''}"
     )
 
 
@@ -169,19 +173,23 @@ def _exact_sums(engine: str, consume: str) -> str:
 
     PostgreSQL's and MySQL's SUM of an integer column is a numeric that cannot overflow (the
     refunds are summed apart: negating the smallest bigint fails). SQLite's SUM fails past 64
-    bits, so each value is summed in two halves, its high 32 bits (an arithmetic shift) and its
-    low 32 bits, which `_exact_row` joins again: neither sum can pass 63 bits."""
+    bits, so each integer is summed in two halves, its high 32 bits (an arithmetic shift) and
+    its low 32 bits, which `_exact_row` joins again: neither sum can pass 63 bits. What SQLite
+    holds there that is not an integer (a REAL or text, which the gateway never writes) is
+    summed apart, as a float, as SQLite's SUM sums it."""
     if engine != "sqlite":
         return (
             f"COALESCE(SUM({consume} quota END), 0) - COALESCE(SUM(CASE WHEN type = {REFUND} THEN quota END), 0),"
             f" COALESCE(SUM({consume} prompt_tokens END), 0), COALESCE(SUM({consume} completion_tokens END), 0)"
         )
-    halves = []
+    sums = []
     for column, refunded in (("quota", True), ("prompt_tokens", False), ("completion_tokens", False)):
-        for half in (f"{column} >> 32", f"{column} & {_LOW}"):
-            otherwise = f"-({half})" if refunded else "0"
-            halves.append(f"COALESCE(SUM({consume} {half} ELSE {otherwise} END), 0)")
-    return ", ".join(halves)
+        whole = f"CASE WHEN typeof({column}) = 'integer' THEN {column} END"
+        for part in (f"({whole}) >> 32", f"({whole}) & {_LOW}"):
+            sums.append(f"COALESCE(SUM({consume} {part} ELSE {f'-({part})' if refunded else '0'} END), 0)")
+        signed = f"{consume} {column} ELSE {f'-{column}' if refunded else '0'} END"
+        sums.append(f"TOTAL(CASE WHEN typeof({column}) <> 'integer' THEN {signed} END)")
+    return ", ".join(sums)
 
 
 _LOW = 2**32 - 1
@@ -255,15 +263,28 @@ def _row(row: Sequence[Any]) -> SpendRow:
 
 def _exact_row(row: Sequence[Any], engine: str) -> SpendRow:
     """A group of an `exact` statement, its sums whole however large."""
-    if engine == "sqlite":  # each sum in two halves: its high 32 bits, then its low 32 bits
-        sums = [int(row[i] or 0) * 2**32 + int(row[i + 1] or 0) for i in (3, 5, 7)]
-        rest = row[9:]
+    if engine == "sqlite":  # each sum as its integers' high and low 32 bits, and the rest
+        sums = [_joined(row[i], row[i + 1], row[i + 2]) for i in (3, 6, 9)]
+        rest = row[12:]
     else:
         sums = [int(value or 0) for value in row[3:6]]
         rest = row[6:]
     quota, prompt, completion = sums
     requests, min_id, settled = int(rest[0] or 0), int(rest[1]), int(rest[2]) if len(rest) > 2 else 1
     return SpendRow(int(row[0]), int(row[1]), _model(row[2]), quota, prompt, completion, requests, min_id, settled)
+
+
+def _joined(high: Any, low: Any, other: float) -> int:
+    """A SQLite sum from `_exact_sums`: past 64 bits if what is not an integer sums past them
+    (an infinite float too), as `_sum` reads SQLite's own SUM."""
+    whole = int(high or 0) * 2**32 + int(low or 0)
+    if not other:
+        return whole
+    if math.isnan(other):
+        return whole
+    if math.isinf(other):
+        return INT64_MAX + 1 if other > 0 else INT64_MIN - 1
+    return int(whole + other)
 
 
 def _model(model: Any) -> str:
