@@ -21,6 +21,7 @@ from usage_service.app import _open_redis
 from usage_service.config import Settings
 from usage_service.days import DaySums
 from usage_service.history import DAY, GRACE, SLOT, Day, History, Spend, _Loaded, plus
+from usage_service.records import INT64_MAX, INT64_MIN
 from usage_service.shared import SharedRedis
 from usage_service.store import StoreUnavailable, open_store
 from usage_service.store.logs import TOKEN_ORDER_CHECK, LogReader, uncounted
@@ -245,6 +246,31 @@ async def test_a_sum_past_64_bits_fails_its_tokens_history_alone(gateway: Gatewa
         answer = await history.slots(other.id, T0, T0 + DAY)
         assert answer == await plain_select(history.reader, other.id, T0, T0 + DAY)
         assert [spend[0] for spend in answer.values()] == [2**62 + 5]
+
+
+@pytest.mark.parametrize("gateway", ["sqlite", "postgres", "mysql"], indirect=True)
+@pytest.mark.parametrize(
+    "rows, net",
+    [
+        pytest.param([(2, 2**62), (2, 2**62), (6, 2**62)], 2**62, id="past-64-bits-on-the-way"),
+        pytest.param([(2, -1), (6, INT64_MIN)], INT64_MAX, id="a-refund-of-the-smallest-int64"),
+    ],
+)
+async def test_sums_that_fit_are_answered_whatever_passes_64_bits_on_the_way(
+    gateway: Gateway, settings: Settings, rows: list[tuple[int, int]], net: int
+) -> None:
+    """A token's sums that a 64-bit integer holds are answered, read directly as the rounds
+    read them, though a running sum (SQLite's SUM) or a refund negated (the smallest int64, on
+    every engine) passes 64 bits on the way. (They answered 503, and logged the log database
+    as unavailable.)"""
+    token = gateway.add_token()
+    for i, (type_, quota) in enumerate(rows):
+        gateway.add_log(token, created_at=T0 + 60 + i, type=type_, quota=quota)
+    async with engine(settings, Clock(T0 + 2 * DAY)) as (history, _):
+        answer = await history.slots(token.id, T0, T0 + DAY)
+        assert answer == await plain_select(history.reader, token.id, T0, T0 + DAY)
+        assert [spend[0] for spend in answer.values()] == [net]
+        assert history.reader.errors == 0
 
 
 @sqlite_only

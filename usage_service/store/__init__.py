@@ -32,6 +32,11 @@ class StoreMisconfigured(StoreUnavailable):
     """
 
 
+class StoreDataError(StoreUnavailable):
+    """A statement failed on the values it read (a sum, or a number negated, past 64 bits), not
+    because the database could not answer: the same statement fails again, another may not."""
+
+
 class UnreadableRow(StoreUnavailable):
     """A token's row is there but cannot be made into a record (a value no record can hold).
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .._dsn import MySQLDSN, PostgresDSN
 from ..config import Settings
-from . import SchemaError, StoreMisconfigured, StoreUnavailable
+from . import SchemaError, StoreDataError, StoreMisconfigured, StoreUnavailable
 
 if TYPE_CHECKING:
     from . import TokenStore
@@ -158,6 +158,8 @@ class LogReader:
         self.statements += 1
         try:
             rows = await self._run(self.sql(text), params, self._resent, hash_groups=hash_groups)
+        except StoreDataError:
+            raise  # the values read, not the database: whoever sent it knows what to do
         except StoreUnavailable as exc:
             self.errors += 1
             if not self._failing:

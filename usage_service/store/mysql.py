@@ -15,7 +15,7 @@ import asyncmy
 from asyncmy.errors import MySQLError
 
 from .._dsn import MySQLDSN
-from . import STATEMENT_GUARD, SchemaError, StoreNotReady, StoreUnavailable
+from . import STATEMENT_GUARD, SchemaError, StoreDataError, StoreNotReady, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 from .logs import LOG_COLUMNS_SQL, Resent, uncounted
 
@@ -139,6 +139,8 @@ class MySQLStore(SQLStore):
                 reused, conn = conn is not None and conn is not fresh, None
                 if reused and _is_connection_lost(exc):
                     raise _ConnectionLost(_reason(exc)) from None
+                if isinstance(exc, MySQLError) and exc.args and exc.args[0] in _OUT_OF_RANGE:
+                    raise StoreDataError(_reason(exc)) from None
                 raise StoreUnavailable(_reason(exc)) from None
             except BaseException:
                 # Cancelled or timed out mid-statement: the protocol state is unknown.
@@ -289,6 +291,10 @@ def _ssl_context(tls: str) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+# ER_DATA_OUT_OF_RANGE ("BIGINT value is out of range in …"), ER_WARN_DATA_OUT_OF_RANGE.
+_OUT_OF_RANGE = (1690, 1264)
 
 
 def _reason(exc: BaseException) -> str:

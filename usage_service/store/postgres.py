@@ -9,7 +9,7 @@ from typing import Any, cast
 import asyncpg
 
 from .._dsn import PostgresDSN
-from . import STATEMENT_GUARD, SchemaError, StoreNotReady, StoreUnavailable
+from . import STATEMENT_GUARD, SchemaError, StoreDataError, StoreNotReady, StoreUnavailable
 from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
 from .logs import LOG_COLUMNS_SQL, Resent, uncounted
 
@@ -164,6 +164,8 @@ class PostgresStore(SQLStore):
                     return await self._fetch(pool, sql, params, hash_groups)
         except TimeoutError:
             raise StoreUnavailable("database timed out") from None
+        except asyncpg.DataError as exc:  # a number out of range, say
+            raise StoreDataError(_reason(exc)) from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailable(_reason(exc)) from None
 

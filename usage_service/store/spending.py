@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ..records import INT64_MAX, INT64_MIN, as_int
-from . import StoreUnavailable
+from . import StoreDataError, StoreUnavailable
 from .logs import LogReader
 
 # Seconds by which a row's created_at may run out of id order: the id bounds of a time range are
@@ -226,8 +226,18 @@ async def spending(
     if end is not None:
         where += " AND created_at < ?"
         params.append(end)
-    rows = await reader.query(_select(reader, slot, where, exact=exact), params, hash_groups=True)
-    return [_exact_row(row, reader.engine) for row in rows] if exact else [_row(row) for row in rows]
+    if not exact:
+        try:
+            rows = await reader.query(_select(reader, slot, where), params, hash_groups=True)
+            return [_row(row) for row in rows]
+        except (StoreDataError, SpendingPast64Bits):
+            # A running sum past 64 bits (SQLite's SUM), or a refund of the smallest int64
+            # negated (an error, or a float on SQLite): read exactly, and fail only if a sum
+            # itself is past 64 bits.
+            rows = await reader.query(_select(reader, slot, where, exact=True), params, hash_groups=True)
+            return [_fits(_exact_row(row, reader.engine)) for row in rows]
+    rows = await reader.query(_select(reader, slot, where, exact=True), params, hash_groups=True)
+    return [_exact_row(row, reader.engine) for row in rows]
 
 
 async def rows_since(reader: LogReader, slot: int, *, after_id: int, settled: int, start: int) -> list[SpendRow]:
@@ -292,6 +302,12 @@ def _model(model: Any) -> str:
     if type(model) is str:
         return model
     return model.decode(errors="replace") if isinstance(model, bytes) else ""
+
+
+def _fits(row: SpendRow) -> SpendRow:
+    if not all(INT64_MIN <= figure <= INT64_MAX for figure in row[3:7]):
+        raise SpendingPast64Bits("a sum of the log past 64 bits")
+    return row
 
 
 class SpendingPast64Bits(StoreUnavailable):

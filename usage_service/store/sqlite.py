@@ -16,7 +16,15 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from . import STATEMENT_GUARD, SchemaError, StoreMisconfigured, StoreNotReady, StoreUnavailable, UnreadableRow
+from . import (
+    STATEMENT_GUARD,
+    SchemaError,
+    StoreDataError,
+    StoreMisconfigured,
+    StoreNotReady,
+    StoreUnavailable,
+    UnreadableRow,
+)
 from ._sql import (
     ROW_MEMORY,
     Column,
@@ -271,6 +279,8 @@ class SQLiteStore(SQLStore):
                     self._schema_stale = True
                 # A connection that failed for any reason but a lock may be broken (file replaced,
                 # disk error): drop it and let the next request open a fresh one.
+                if str(exc) == _OVERFLOW:
+                    raise StoreDataError(str(exc)) from None
                 if conn is not None and not _is_busy(exc):
                     await self._discard(conn)
                     conn = None
@@ -440,6 +450,10 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+# What SQLite's SUM says when a running sum of integers passes 64 bits.
+_OVERFLOW = "integer overflow"
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
