@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.client import Pipeline
@@ -163,17 +163,18 @@ class RedisGuard:
             slot_values.append(value)
         return list(by_slot.values())
 
-    async def mget(self, keys: Sequence[str]) -> list[Any]:
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of many keys, in order (one MGET per hash slot on Cluster, pipelined)."""
+        # Replies are bytes: the clients are made without decode_responses (redis_client.py).
         if self.cluster is None:
-            return await self.client.mget(keys)
-        return await self.cluster.mget_nonatomic(keys)
+            return cast(list[bytes | None], await self.client.mget(keys))
+        return cast(list[bytes | None], await self.cluster.mget_nonatomic(keys))
 
-    async def found(self, keys: Sequence[K], name: Callable[[K], str]) -> dict[K, Any]:
+    async def found(self, keys: Sequence[K], name: Callable[[K], str]) -> dict[K, bytes]:
         """The values Redis holds for these keys (`name` gives each one's Redis key), read as
         `mget` does under `run`; any failure reads as a miss."""
 
-        async def read() -> dict[K, Any]:
+        async def read() -> dict[K, bytes]:
             values = await self.mget([name(key) for key in keys])
             # Inside run(): a reply that does not match the request is a Redis failure, not a 500.
             return {key: value for key, value in zip(keys, values, strict=True) if value is not None}

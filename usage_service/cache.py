@@ -212,7 +212,7 @@ class RedisRecords:
             self.corrupt += 1
             return None
 
-    async def _read_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes | str]:
+    async def _read_many(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
         return await self.guard.found(digests, self.key)
 
     def write(self, digest: bytes, value: bytes, ttl: float) -> None:

@@ -59,7 +59,7 @@ class TokenRecord:
     _fingerprint: bytes | None = field(default=None, init=False, repr=False, compare=False)
     _rendered: dict[str, tuple[object, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def usage_data(self) -> dict[str, Any]:
+    def usage_data(self) -> dict[str, object]:
         """Return the `data` object of GET /api/usage/token."""
         return {
             "object": "token_usage",
