@@ -788,8 +788,6 @@ async def test_a_charge_committed_after_a_later_one_shows_whatever_the_gateways_
     y's. The rounds' settled mark must stay below it until it commits, however far the gateway's
     clock runs behind ours: measured against ours, it was on y's row, x's fell under it and no
     round ever read it (1 instead of 501, for as long as the token was polled)."""
-    import psycopg
-
     gateway = make_gateway("postgres")
     settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
     x, y = gateway.add_token(), gateway.add_token()
@@ -800,19 +798,13 @@ async def test_a_charge_committed_after_a_later_one_shows_whatever_the_gateways_
         await w.history.slots(x.id, *today)
         await round_heard(w, w)
         clock.now += 1
-        autocommit = gateway.conn  # type: ignore[attr-defined]
-        writer = psycopg.connect(gateway.server.url(gateway.name), autocommit=False)  # type: ignore[attr-defined]
-        try:
-            gateway.conn = writer  # type: ignore[attr-defined]
-            gateway.add_log(x, created_at=int(clock.now) - skew, quota=500)  # its id taken, not committed
-            gateway.conn = autocommit  # type: ignore[attr-defined]
+        with uncommitted(gateway) as writer:
+            with through(gateway, writer):
+                gateway.add_log(x, created_at=int(clock.now) - skew, quota=500)  # its id taken, not committed
             gateway.add_log(y, created_at=int(clock.now) - skew, quota=7)
             clock.now += 1
             await round_heard(w, w)  # a round runs meanwhile
             writer.commit()
-        finally:
-            gateway.conn = autocommit  # type: ignore[attr-defined]
-            writer.close()
         for _ in range(12):  # the rounds go on, and so does the gateway
             clock.now += 1
             gateway.add_log(y, created_at=int(clock.now) - skew, quota=7)
