@@ -163,6 +163,24 @@ def test_a_second_sigint_forces_the_stop_and_says_so(tmp_path: Path, first: sign
     gateway.close()
 
 
+def test_sighup_stops_nothing(tmp_path: Path, server: str) -> None:
+    """SIGHUP (a logrotate script, a closed terminal) leaves the service answering: granian
+    respawns its worker gracefully, and one uvicorn process ignores it, saying so. (Its default
+    action killed the process mid-request, exit 129.) SIGTERM still stops it cleanly."""
+    gateway = Gateway(tmp_path / "one-api.db")
+    token = gateway.add_token(used=3)
+    with Service({"SQLITE_PATH": str(gateway.path)}, server=server) as service:
+        service.process.send_signal(signal.SIGHUP)
+        said = "SIGHUP ignored" if server == "uvicorn" else "HUP signal received"
+        assert wait_until(lambda: said in service.output(), timeout=10), service.output()
+        response = httpx.get(service.url + URL, headers=token.bearer, timeout=10)
+        assert response.status_code == 200 and response.json()["data"]["total_used"] == 3
+        assert service.process.poll() is None
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(timeout=30) == 0, service.output()
+    gateway.close()
+
+
 def test_redis_black_holed_under_the_real_process(
     tmp_path: Path, redis_server: RedisServer, redis_url: str, server: str
 ) -> None:

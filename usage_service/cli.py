@@ -210,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # while uvicorn runs: past it, a process that cannot exit (a thread that will not stop) must
     # still be stopped by the signals.
     previous = {signum: signal.signal(signum, _note_shutdown_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    if args.workers == 1:
+        # With workers, uvicorn's supervisor (as granian's) restarts them gracefully on SIGHUP.
+        # One process has nothing to restart and nothing to read again (settings come from the
+        # environment at start), and SIGHUP's default would kill it mid-request: it is ignored.
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _ignore_hangup)
     try:
         uvicorn.run(
             APP_FACTORY,
@@ -261,6 +266,10 @@ def _share_metrics_between_workers() -> None:
 
 # The signals uvicorn stopped on, as it hands them on once stopped.
 _STOPPED_BY: list[int] = []
+
+
+def _ignore_hangup(signum: int, frame: object) -> None:
+    logger.warning("SIGHUP ignored: one worker has nothing to reload (settings are read at start)")
 
 
 def _note_shutdown_signal(signum: int, frame: object) -> None:
