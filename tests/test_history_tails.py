@@ -363,7 +363,9 @@ async def test_round_statements_read_index_ranges(
         gateway.add_log(tokens[0], created_at=NOON, quota=3)
         await w.refresher.tick()
         statements = list(zip(w.recorder.sent, w.recorder.hashed, strict=True))[started:]
-        assert len(statements) == 5  # marks, the two tokens whole, what came since; marks, what came since
+        # marks, the last row LATE before the mark (the one right before it: no id to look
+        # for in between), the two tokens whole, what came since; marks, what came since
+        assert len(statements) == 6
         for (sql, params), hash_groups in statements:
             plan = await explain(w.history.reader, w.recorder, sql, params, hash_groups=hash_groups)
             if engine == "sqlite":
@@ -566,8 +568,9 @@ async def test_round_cost_is_flat_in_the_number_of_polled_tokens(
         await w.redis.history_hot.note(ids, clock.now)  # as the workers' polls would
         started = sent(w)
         await round_heard(w, w)
-        # Marks, the day's first id, 1,200 tokens in chunks of 500, what came since.
-        assert sent(w) - started == 1 + 1 + 3 + 1
+        # Marks, the last row LATE before the mark (none: no id to look for), the day's first
+        # id, 1,200 tokens in chunks of 500, what came since.
+        assert sent(w) - started == 1 + 1 + 1 + 3 + 1
         for _ in range(3):
             clock.now += 1
             gateway.add_log(Token(ids[7], "", 0), created_at=int(clock.now), quota=1)
@@ -1314,3 +1317,93 @@ async def test_a_real_in_the_quota_column_reads_the_same_kept_or_read_directly(
             else:
                 answer = await w.history.slots(token.id, *today)
                 assert [quota for quota, *_ in answer.values()] == [expected]
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+@pytest.mark.parametrize("when", ["first-round", "after-a-failed-round"])
+async def test_a_charge_committing_as_the_rounds_begin_or_fail_is_counted(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str, engine: str, when: str
+) -> None:
+    """x's charge takes its id and commits 16 s later: meanwhile the rounds begin (the first
+    poll of the token; a new leader's first round is the same) or one of them fails. Its charge
+    is counted once it commits. (A first round settled on its mark unseen, and a failed round
+    forgot the id it waited for: the charge was never counted.)"""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    x, y = gateway.add_token(), gateway.add_token()
+    clock = Clock(NOON)
+    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        if when == "after-a-failed-round":
+            await w.history.slots(x.id, *today)
+            await round_heard(w, w)
+        with uncommitted(gateway) as writer:
+            with through(gateway, writer):
+                gateway.add_log(x, created_at=int(clock.now), quota=500)  # its id taken, not committed
+            for _ in range(15):
+                clock.now += 1
+                gateway.add_log(y, created_at=int(clock.now), quota=7)
+                if when == "after-a-failed-round":
+                    await w.history.slots(x.id, *today)
+                    await round_heard(w, w)
+            if when == "after-a-failed-round":
+                run = w.recorder.run
+
+                async def failing(sql: str, params: Any, *resent: Any, **options: Any) -> Any:
+                    if "AS settled" in sql:  # the round's read of what came since
+                        raise StoreUnavailable("database is locked")
+                    return await run(sql, params, *resent, **options)
+
+                w.recorder.run = failing
+                clock.now += 1
+                with pytest.raises(StoreUnavailable):
+                    await w.refresher.tick()
+                w.recorder.run = run
+            clock.now += 1
+            await w.history.slots(x.id, *today)
+            await round_heard(w, w)
+            writer.commit()
+        for _ in range(int(LATE)):
+            clock.now += 1
+            gateway.add_log(y, created_at=int(clock.now), quota=7)
+            await w.history.slots(x.id, *today)
+            await round_heard(w, w)
+        answer = await w.history.slots(x.id, *today)
+        assert answer == await plain_select(truth(w), x.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 501
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"])
+async def test_ids_missing_for_good_keep_the_rounds_within_twice_late_of_the_mark(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str, engine: str
+) -> None:
+    """An insert rolled back every 20 s, one charge a second: the ids the rounds read again each
+    round stay within about 2 × LATE + SETTLE seconds of the log. (Each missing id waited LATE
+    of its own from when the rounds reached it: the rounds fell behind without bound, reading
+    every row since each round.)"""
+    gateway = make_gateway(engine)
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    y = gateway.add_token()
+    clock = Clock(NOON)
+    gateway.add_log(y, created_at=NOON - 100, quota=1)
+    today = (T0, T0 + DAY)
+    reread: list[int] = []
+    async with worker(settings, clock, redis_url) as w:
+        await w.history.slots(y.id, *today)
+        await round_heard(w, w)
+        for i in range(300):
+            clock.now += 1
+            if i % 20 == 0:
+                with uncommitted(gateway) as writer, through(gateway, writer):
+                    gateway.add_log(y, created_at=int(clock.now), quota=500)
+                    writer.rollback()
+            newest = gateway.add_log(y, created_at=int(clock.now), quota=7)
+            before = sent(w)
+            await round_heard(w, w)
+            (params,) = [p for sql, p in w.recorder.sent[before:] if "CASE WHEN id <=" in sql]
+            reread.append(newest - int(params[1]))  # the ids above what the round had settled
+            await w.history.slots(y.id, *today)
+        assert await w.history.slots(y.id, *today) == await plain_select(truth(w), y.id, *today)
+    ids_a_second = 1 + 1 / 20  # (the first round read the log from its start)
+    assert max(reread[1:]) <= (2 * LATE + SETTLE + 5) * ids_a_second, reread[::20]

@@ -9,7 +9,8 @@ tokens noted within USAGE_HOT_WINDOW:
    the last row stamped SETTLE seconds before the newest one (the gateway's clock, not ours),
    and the first id missing below it: every row with an id up to the mark has been written,
    unless its transaction still commits (its id is missing meanwhile). The rounds settle below
-   a missing id for up to LATE seconds, then pass over it;
+   a missing id for up to LATE seconds, then pass over it (`_settle_below`); a leadership's
+   first round looks for one in the LATE seconds below its mark (`_first_settled`);
 2. for tokens that became hot, their open days up to the last settled mark: INIT_CHUNK tokens a
    statement, each token an index range of `idx_logs_token_id` from the open days' first id;
 3. one statement: every row above the last settled mark, whatever its token (one range of the
@@ -48,12 +49,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .config import Settings
 from .history import DAY, GRACE, SLOT, Day, History, Slots, Tail, add_row, add_to, fits, tail_fingerprint
 from .hotset import Polled
 from .shared import SharedRedis
-from .store.spending import SpendRow, marks, present_after, rows_since, spending
+from .store.spending import SpendRow, first_missing, last_id_before, marks, rows_since, spending
 
 # Seconds after which every row stamped before then is taken as written (its transaction
 # committed): rows above the mark they give are read again each round.
@@ -83,6 +85,14 @@ class TailStats:
     statements: int = 0  # statements the rounds sent, since start
 
 
+class _Gap(NamedTuple):
+    """An id missing below the mark, waited for (TailKeeper._settle_below)."""
+
+    id: int
+    since: float  # when a round first found it missing (our clock)
+    mark: int  # that round's mark: every id missing below it has been missing since then
+
+
 @dataclass
 class _Kept:
     """What one round leaves: the log's smallest id, every hot token's open days, the days that
@@ -108,7 +118,7 @@ class TailKeeper:
         # to `_settled` and created_at from the open days' start, summed.
         self._settled: int | None = None
         self._settled_at = 0.0  # the mark's time, by the gateway's clock
-        self._gap: tuple[int, float] | None = None  # the id missing above `_settled`, since when
+        self._gap: _Gap | None = None  # the first id missing above `_settled`
         self._open_day = -1
         self._base: dict[int, Slots] = {}
         # The smallest id among each kept token's rows of each open day: the guard of the day
@@ -230,31 +240,32 @@ class TailKeeper:
 
     def step_down(self) -> None:
         """Forget what was kept: another leader may have come and gone since."""
-        self._forget_kept()
-        self._epoch = None
-        self._published.clear()
-        self._written.clear()
-
-    def _forget_kept(self) -> None:
-        """Forget the open days kept: the next round reads the polled tokens' whole."""
         self._settled = None
         self._gap = None
         self._open_day = -1
+        self._epoch = None
         self._base.clear()
         self._guards.clear()
         self._unfit.clear()
+        self._published.clear()
+        self._written.clear()
 
     async def _round(self, tokens: list[int], now: float, before_statement: LockCheck | None) -> _Kept | None:
         """Bring the kept open days of these tokens up to date; None when the lock was lost.
-        A round that fails part-way (a statement, or cancelled) leaves nothing kept: it may have
-        begun to move the open days on or to take tokens in, and what it kept is read again."""
+        A round that fails part-way (a statement, or cancelled) leaves what was kept as it was:
+        the open days not moved on, the tokens it began to take in not taken."""
+        taking: list[int] = []
         try:
-            return await self._read_round(tokens, now, before_statement)
+            return await self._read_round(tokens, now, before_statement, taking)
         except BaseException:
-            self._forget_kept()
+            for token_id in taking:  # read whole again by the next round
+                self._base.pop(token_id, None)
+                self._guards.pop(token_id, None)
             raise
 
-    async def _read_round(self, tokens: list[int], now: float, before_statement: LockCheck | None) -> _Kept | None:
+    async def _read_round(
+        self, tokens: list[int], now: float, before_statement: LockCheck | None, taking: list[int]
+    ) -> _Kept | None:
         open_day = int(now - GRACE) // DAY
         start = open_day * DAY
         if before_statement is not None and not await before_statement():
@@ -266,19 +277,20 @@ class TailKeeper:
         closing_from = self._open_day
         closing = self._settled is not None and open_day > closing_from
         read_from = closing_from * DAY if closing else start
-        new_day = open_day != self._open_day
-        if new_day:
-            if not closing:
-                self._trim(open_day)
-            self._open_day = open_day
+        new_day = open_day != self._open_day  # (self._open_day moves on once the round is done)
+        if new_day and not closing:
+            self._trim(open_day)
         hot = set(tokens)
         if len(self._base) > len(hot) or not hot.issuperset(self._base):
             self._base = {t: slots for t, slots in self._base.items() if t in hot}
             self._guards = {t: days for t, days in self._guards.items() if t in hot}
+        first_round = self._settled is None
         if self._settled is None:
-            self._settled = settled
             self._base.clear()
             self._guards.clear()
+            self._settled = await self._first_settled(settled, settled_at, min_id, now, before_statement)
+            if self._settled is None:
+                return None
         # The gateway's clean-up deleted every row below min_id: a token with a kept row under
         # it lost rows from its open days, which are read again whole (as new tokens' are).
         for token_id in [t for t, days in self._guards.items() if min(days.values(), default=min_id) < min_id]:
@@ -303,18 +315,21 @@ class TailKeeper:
                     exact=True,  # one token's sum past 64 bits fails it alone (below)
                 )
                 read: dict[int, Slots] = {t: {} for t in chunk}
+                taking.extend(chunk)
                 for row in rows:
                     add_row(read[row.token_id], row)
                     self._guard(row)
                 self._base.update(read)
             self.stats.initialised += len(new)
-        newly_settled: int | None = max(self._settled, settled)
+        newly_settled = self._settled
         if gap is not None:
-            newly_settled = await self._settle_below(gap, settled, min_id, now, before_statement)
-        else:
+            below = await self._settle_below(gap, settled, min_id, now, before_statement)
+            if below is None:
+                return None
+            newly_settled = below
+        elif not first_round:  # (a first round's settled where `_first_settled` said)
             self._gap = None
-        if newly_settled is None:
-            return None
+            newly_settled = max(self._settled, settled)
         if before_statement is not None and not await before_statement():
             return None
         self.stats.statements += 1
@@ -339,6 +354,7 @@ class TailKeeper:
         self._base.update(grown)
         self._settled = newly_settled
         self._settled_at = settled_at
+        self._open_day = open_day
         closed: dict[int, dict[int, Day]] = {}
         if closing:
             # Days closed: what was kept of them is whole, and is each token's closed day.
@@ -369,25 +385,50 @@ class TailKeeper:
         self.stats.tokens = len(tails)
         return _Kept(min_id, tails, closed, set(self._unfit))
 
+    async def _first_settled(
+        self, mark: int, mark_at: int, min_id: int, now: float, before_statement: LockCheck | None
+    ) -> int | None:
+        """Where a keeper's first round settles: at the mark, unless an id is missing in the
+        LATE seconds below it (a row still committing, as after the ones the rounds found
+        missing: `_settle_below`); then below that one. Up to two statements, once a
+        leadership; None when the lock was lost."""
+        if before_statement is not None and not await before_statement():
+            return None
+        self.stats.statements += 1
+        floor = max(await last_id_before(self.reader, mark_at - int(LATE)), min_id - 1)
+        missing = None
+        if mark > floor + 1:
+            if before_statement is not None and not await before_statement():
+                return None
+            self.stats.statements += 1
+            missing = await first_missing(self.reader, floor, mark)
+        self._gap = None if missing is None else _Gap(missing, now, mark)
+        return mark if missing is None else missing - 1
+
     async def _settle_below(
         self, gap: int, mark: int, min_id: int, now: float, before_statement: LockCheck | None
     ) -> int | None:
         """Where to settle when the id `gap` is missing below the mark: below it while it may
-        still be committing (up to LATE), else past the ids missing there (one more statement);
-        None when the lock was lost."""
+        still be committing (up to LATE since a round first found it missing); after that,
+        past it and every other id missing below the mark of that round (missing as long), up
+        to the first id missing above that mark (one more statement). None when the lock was
+        lost."""
         assert self._settled is not None
         if gap < min_id:  # deleted by the clean-up, as every id below min_id
             return max(self._settled, min(mark, min_id - 1))
-        if self._gap is None or self._gap[0] != gap:
-            self._gap = (gap, now)
-        if now - self._gap[1] < LATE:
+        if self._gap is None or self._gap.id != gap:
+            self._gap = _Gap(gap, now, mark)
+        if now - self._gap.since < LATE:
             return gap - 1
-        if before_statement is not None and not await before_statement():
-            return None
-        self.stats.statements += 1
-        present = await present_after(self.reader, gap)
-        self._gap = None
-        return mark if present is None else min(mark, present - 1)
+        passed = max(self._gap.mark, gap)
+        missing = None
+        if mark > passed + 1:
+            if before_statement is not None and not await before_statement():
+                return None
+            self.stats.statements += 1
+            missing = await first_missing(self.reader, passed, mark)
+        self._gap = None if missing is None else _Gap(missing, now, mark)
+        return mark if missing is None else missing - 1
 
     def _guard(self, row: SpendRow) -> None:
         days = self._guards.setdefault(row.token_id, {})

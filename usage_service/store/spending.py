@@ -59,9 +59,12 @@ def _slot(reader: LogReader, slot: int) -> str:
 async def id_before(reader: LogReader, at: int) -> int:
     """An id below every row with created_at >= at: that of the last row stamped MARGIN
     seconds before it (0 when there is none)."""
-    rows = await reader.query(
-        "SELECT id FROM logs WHERE created_at < ? ORDER BY created_at DESC LIMIT 1", (at - MARGIN,)
-    )
+    return await last_id_before(reader, at - MARGIN)
+
+
+async def last_id_before(reader: LogReader, at: int) -> int:
+    """The id of the last row stamped before `at` (0 when there is none)."""
+    rows = await reader.query("SELECT id FROM logs WHERE created_at < ? ORDER BY created_at DESC LIMIT 1", (at,))
     return int(rows[0][0]) if rows else 0
 
 
@@ -100,8 +103,7 @@ async def marks(reader: LogReader, now: int, settle: int, after: int | None = No
     `gap` (looked for only given `after`, the last mark the rounds settled on): a row stamped
     before the mark may still be committing (on PostgreSQL and MySQL an id is taken when the row
     is inserted, and the row shows once its transaction commits); its id is missing until then,
-    as is one whose insert was rolled back. The search stops at the first missing id, so it
-    costs one lookup for each id from `after` up to the first one missing.
+    as is one whose insert was rolled back (`first_missing`).
     """
     # The newest row's time, one index end: bounded, because SQLite keeps text given for a
     # number, and text sorts after every number (max() gave the text).
@@ -112,29 +114,41 @@ async def marks(reader: LogReader, now: int, settle: int, after: int | None = No
     params: list[Any] = [now - settle, settle]
     gap_sql = "NULL"
     if after is not None:
-        # -1: the id right after `after` is missing; else the first id after a row whose next
-        # one is missing (the mark's own row is there), if any.
-        gap_sql = (
-            "CASE WHEN EXISTS (SELECT 1 FROM logs WHERE id = ?) THEN (SELECT g.id + 1 FROM logs g"
-            f" WHERE g.id > ? AND g.id < {settled_sql}"
-            " AND NOT EXISTS (SELECT 1 FROM logs n WHERE n.id = g.id + 1) ORDER BY g.id LIMIT 1) ELSE -1 END"
-        )
+        gap_sql = _first_missing_sql(settled_sql)
         params += [after + 1, after, now - settle, settle]
     rows = await reader.query(f"SELECT (SELECT min(id) FROM logs), {newest_sql}, {settled_sql}, {gap_sql}", params)
     low, newest, settled, gap = rows[0] if rows else (None, None, None, None)
     settled_id = int(settled or 0)
     settled_at = min(now, as_int(newest) if newest is not None else now) - settle
-    if after is None or settled_id <= after or gap is None:
-        missing = None
-    else:
-        missing = after + 1 if int(gap) == -1 else int(gap)
+    missing = None if after is None else _missing(after, settled_id, gap)
     return Marks(int(low or 0), settled_id, settled_at, missing)
 
 
-async def present_after(reader: LogReader, after: int) -> int | None:
-    """The smallest id above `after` that a row has (None: none)."""
-    rows = await reader.query("SELECT min(id) FROM logs WHERE id > ?", (after,))
-    return int(rows[0][0]) if rows and rows[0][0] is not None else None
+async def first_missing(reader: LogReader, after: int, below: int) -> int | None:
+    """The smallest id above `after` and below `below` (a row's id) that no row has, if any.
+
+    The search stops at the first missing id: it costs one index lookup for each id from
+    `after` up to it."""
+    if below <= after + 1:
+        return None
+    rows = await reader.query(f"SELECT {_first_missing_sql('?')}", (after + 1, after, below))
+    return _missing(after, below, rows[0][0] if rows else None)
+
+
+def _first_missing_sql(below: str) -> str:
+    """-1 if the id right after `after` is missing; else the first id after a row whose next
+    one is missing, below `below`, if any. Parameters: after + 1, after, then `below`'s."""
+    return (
+        "CASE WHEN EXISTS (SELECT 1 FROM logs WHERE id = ?) THEN (SELECT g.id + 1 FROM logs g"
+        f" WHERE g.id > ? AND g.id < {below}"
+        " AND NOT EXISTS (SELECT 1 FROM logs n WHERE n.id = g.id + 1) ORDER BY g.id LIMIT 1) ELSE -1 END"
+    )
+
+
+def _missing(after: int, below: int, found: Any) -> int | None:
+    if below <= after + 1 or found is None:
+        return None
+    return after + 1 if int(found) == -1 else int(found)
 
 
 def _select(reader: LogReader, slot: int, where: str, extra: str = "", *, exact: bool = False) -> str:
