@@ -275,7 +275,7 @@ class TailKeeper:
         # Days that closed since the last round are read once more with the open ones (a row
         # the gateway wrote late, in the same range of ids), then handed over as closed.
         closing_from = self._open_day
-        closing = self._settled is not None and open_day > closing_from
+        closing = self._settled is not None and 0 <= closing_from < open_day  # (-1: no day kept yet)
         read_from = closing_from * DAY if closing else start
         new_day = open_day != self._open_day  # (self._open_day moves on once the round is done)
         if new_day and not closing:
