@@ -1407,3 +1407,85 @@ async def test_ids_missing_for_good_keep_the_rounds_within_twice_late_of_the_mar
         assert await w.history.slots(y.id, *today) == await plain_select(truth(w), y.id, *today)
     ids_a_second = 1 + 1 / 20  # (the first round read the log from its start)
     assert max(reread[1:]) <= (2 * LATE + SETTLE + 5) * ids_a_second, reread[::20]
+
+
+async def test_the_rounds_catch_up_after_an_outage_of_10_minutes(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """The database is out for the service for 10 minutes while the gateway writes 10 rows a
+    second: the first round after it begins afresh, as a leader's first does, rather than read
+    the 10 minutes in one statement each round. (A round kept trying to: past the statement
+    timeout, modelled here by failing a read of more than 1,500 ids, the rounds never succeeded
+    again while this worker led.)"""
+    x, other = gateway.add_token(), gateway.add_token()
+    newest = gateway.add_log(x, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    run = None
+    out = False
+
+    async def database(sql: str, params: Any, *resent: Any, **options: Any) -> Any:
+        assert run is not None
+        if out:
+            raise StoreUnavailable("could not connect to server")
+        # The first id a round's read of new rows, or its search for missing ids, starts from.
+        if "AS settled" in sql or "NOT EXISTS" in sql:
+            after = params[3] if "min(id)" in sql else params[1]  # marks' search, or the others'
+            if newest - int(after) > 1500:
+                raise StoreUnavailable("canceling statement due to statement timeout")
+        return await run(sql, params, *resent, **options)
+
+    async with worker(settings, clock, redis_url) as w:
+        run, w.recorder.run = w.recorder.run, database
+        for minute in range(12):  # a minute of polling, 10 minutes out, a minute of polling
+            out = 1 <= minute <= 10
+            for _ in range(6):
+                clock.now += 10
+                for _ in range(100):
+                    newest = gateway.add_log(other, created_at=int(clock.now) - 1, quota=1)
+                with contextlib.suppress(StoreUnavailable):
+                    await w.history.slots(x.id, *today)
+                with contextlib.suppress(StoreUnavailable):
+                    await w.refresher.tick()
+        gateway.add_log(x, created_at=int(clock.now) - 1, quota=5)
+        clock.now += 1
+        statements = w.keeper.stats.statements
+        await round_heard(w, w)
+        assert w.keeper.stats.statements - statements == 2
+        before = sent(w)
+        answer = await w.history.slots(x.id, *today)
+        assert sent(w) == before  # kept by the rounds again
+        assert answer == await plain_select(truth(w), x.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 6
+
+
+async def test_a_day_handed_over_stays_closed_if_our_clock_steps_back(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """The leader's clock steps back 2 s across the day's close (an NTP correction) after the
+    round that closed it: the closed day in Redis stays whole. (That round took the day as open
+    again, its rows already trimmed, and the next closed it again from nothing: a fresh worker
+    read yesterday as empty, for 7 days.)"""
+    end = T0 + DAY
+    x, other = gateway.add_token(), gateway.add_token()
+    gateway.add_log(x, created_at=end - 3600, quota=1000)
+    clock = Clock(end + 100)
+    span, yesterday = (T0, end + DAY), (T0, end)
+
+    async def poll_and_round(at: float) -> None:
+        clock.now = at
+        gateway.add_log(other, created_at=int(clock.now) - 1, quota=1)
+        await a.history.slots(x.id, *span)
+        await round_heard(a, a)
+
+    async with worker(settings, clock, redis_url) as a:
+        while clock.now + SETTLE < end + GRACE:
+            await poll_and_round(clock.now + SETTLE)
+        await poll_and_round(end + GRACE + 1)  # closes yesterday
+        await poll_and_round(end + GRACE - 1)  # our clock steps back
+        await poll_and_round(end + GRACE + 3)
+        async with worker(settings, clock, redis_url) as fresh:
+            answer = await fresh.history.slots(x.id, *yesterday)
+            assert fresh.history.stats.days_redis == 1  # as handed over
+            assert answer == await plain_select(truth(fresh), x.id, *yesterday)
+            assert sum(quota for quota, *_ in answer.values()) == 1000

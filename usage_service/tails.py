@@ -45,6 +45,7 @@ and forgets what it kept (refresh.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -69,6 +70,11 @@ LATE = 60.0
 # Seconds a tail stays in Redis without being written again; the leader rewrites unchanged ones
 # once half of it has gone.
 TAIL_KEY_TTL = 60.0
+
+# Seconds without a round done (the database out, this worker stalled) after which the next
+# begins afresh, as a leadership's first, rather than read all that came since in one statement:
+# within them, a day that closed meanwhile is still handed over whole.
+AFRESH_AFTER = GRACE
 
 # Tokens whose open days one statement reads when they become hot.
 INIT_CHUNK = 500
@@ -118,6 +124,7 @@ class TailKeeper:
         # to `_settled` and created_at from the open days' start, summed.
         self._settled: int | None = None
         self._settled_at = 0.0  # the mark's time, by the gateway's clock
+        self._kept_at = -math.inf  # when the last round was done (our clock)
         self._gap: _Gap | None = None  # the first id missing above `_settled`
         self._open_day = -1
         self._base: dict[int, Slots] = {}
@@ -240,15 +247,19 @@ class TailKeeper:
 
     def step_down(self) -> None:
         """Forget what was kept: another leader may have come and gone since."""
+        self._forget_kept()
+        self._epoch = None
+        self._published.clear()
+        self._written.clear()
+
+    def _forget_kept(self) -> None:
+        """Forget the open days kept: the next round begins afresh, as a leadership's first."""
         self._settled = None
         self._gap = None
         self._open_day = -1
-        self._epoch = None
         self._base.clear()
         self._guards.clear()
         self._unfit.clear()
-        self._published.clear()
-        self._written.clear()
 
     async def _round(self, tokens: list[int], now: float, before_statement: LockCheck | None) -> _Kept | None:
         """Bring the kept open days of these tokens up to date; None when the lock was lost.
@@ -266,7 +277,10 @@ class TailKeeper:
     async def _read_round(
         self, tokens: list[int], now: float, before_statement: LockCheck | None, taking: list[int]
     ) -> _Kept | None:
-        open_day = int(now - GRACE) // DAY
+        if self._settled is not None and now - self._kept_at > AFRESH_AFTER:
+            self._forget_kept()
+        # A day kept as closed stays closed, should our clock step back across its close.
+        open_day = max(int(now - GRACE) // DAY, self._open_day)
         start = open_day * DAY
         if before_statement is not None and not await before_statement():
             return None
@@ -355,6 +369,7 @@ class TailKeeper:
         self._settled = newly_settled
         self._settled_at = settled_at
         self._open_day = open_day
+        self._kept_at = now
         closed: dict[int, dict[int, Day]] = {}
         if closing:
             # Days closed: what was kept of them is whole, and is each token's closed day.
@@ -417,7 +432,10 @@ class TailKeeper:
         if gap < min_id:  # deleted by the clean-up, as every id below min_id
             return max(self._settled, min(mark, min_id - 1))
         if self._gap is None or self._gap.id != gap:
-            self._gap = _Gap(gap, now, mark)
+            if self._gap is not None and gap < self._gap.mark:  # missing as long as the last one
+                self._gap = self._gap._replace(id=gap)
+            else:
+                self._gap = _Gap(gap, now, mark)
         if now - self._gap.since < LATE:
             return gap - 1
         passed = max(self._gap.mark, gap)
