@@ -266,9 +266,11 @@ class TailKeeper:
         A round that fails part-way (a statement, or cancelled) leaves what was kept as it was:
         the open days not moved on, the tokens it began to take in not taken."""
         taking: list[int] = []
+        settled, gap = self._settled, self._gap
         try:
             return await self._read_round(tokens, now, before_statement, taking)
         except BaseException:
+            self._settled, self._gap = settled, gap  # (a missing id waited for: since as long)
             for token_id in taking:  # read whole again by the next round
                 self._base.pop(token_id, None)
                 self._guards.pop(token_id, None)
