@@ -267,3 +267,37 @@ async def test_an_address_has_no_more_loads_running_than_turns(gateway: Gateway,
     for response in answers:
         assert_unavailable(response)
     assert most == 1
+
+
+async def test_a_store_closed_while_reads_its_callers_left_run_leaves_no_connection_behind(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """A read whose callers were cancelled goes on (a batch shared with others, as a round stopped
+    at shutdown leaves one), here held on the gateway's lock: the store's close waits for it and
+    closes its connection, so that no connection's thread outlives the event loop. (It closed
+    only the idle ones: a thread left behind wrote "Event loop is closed" from itself once the
+    loop was gone, a failure of whichever test came next.)"""
+    import threading
+
+    from usage_service.store import open_store
+
+    key = gateway.add_token().key
+    store = await open_store(settings)
+    before = set(threading.enumerate())
+    try:
+        with gateway.exclusive_lock():
+            sent = store.statements
+            reads = [asyncio.create_task(store.fetch(key)) for _ in range(4)]
+            async with asyncio.timeout(5):
+                while store.statements == sent:  # the batch's statement is on its way
+                    await asyncio.sleep(0.01)
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            await store.close()
+    finally:
+        await store.close()
+    left = [t for t in threading.enumerate() if "_connection_worker_thread" in t.name and t not in before]
+    for thread in left:  # (blocking the loop: a connection closed only by a task never is)
+        thread.join(timeout=5)
+    assert not [t for t in left if t.is_alive()]
