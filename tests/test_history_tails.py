@@ -1089,6 +1089,28 @@ async def test_a_token_whose_spending_passes_64_bits_fails_alone_in_the_rounds(
                 await w.history.slots(token.id, *span)
 
 
+async def rounds_go_on(
+    w: Worker, gateway: Gateway, clock: Clock, writing: Token, polled: Token, seconds: int
+) -> dict[tuple[int, str], tuple[int, int, int, int]]:
+    """`seconds` more rounds, one a second, each after a charge of `writing` and a poll of
+    `polled`; then `polled`'s open day as the worker answers it."""
+    today = (T0, T0 + DAY)
+    for _ in range(seconds):
+        clock.now += 1
+        gateway.add_log(writing, created_at=int(clock.now), quota=7)
+        await w.history.slots(polled.id, *today)
+        await round_heard(w, w)
+    return await w.history.slots(polled.id, *today)
+
+
+def roll_back_a_charge(gateway: Gateway, token: Token, at: int) -> int:
+    """Insert a charge and roll it back: its id stays missing for good. Returns that id."""
+    with uncommitted(gateway) as writer, through(gateway, writer):
+        hole = gateway.add_log(token, created_at=at, quota=500)
+        writer.rollback()
+    return hole
+
+
 @contextlib.contextmanager
 def uncommitted(gateway: Gateway) -> Iterator[Any]:
     """A second connection to the gateway's database, whose writes stay uncommitted until the
@@ -1155,12 +1177,7 @@ async def test_a_charge_committed_long_after_it_took_its_id_is_counted(
             await round_heard(w, w)
             answer = await w.history.slots(x.id, *today)
             assert sum(quota for quota, *_ in answer.values()) == 501
-        for _ in range(int(SETTLE) + 2):  # and once settled, it stays counted
-            clock.now += 1
-            gateway.add_log(y, created_at=int(clock.now), quota=7)
-            await w.history.slots(y.id, *today)
-            await round_heard(w, w)
-        answer = await w.history.slots(x.id, *today)
+        answer = await rounds_go_on(w, gateway, clock, y, x, int(SETTLE) + 2)  # once settled, it stays
         assert answer == await plain_select(truth(w), x.id, *today)
         assert sum(quota for quota, *_ in answer.values()) == 501
 
@@ -1181,10 +1198,8 @@ async def test_an_id_never_committed_is_waited_for_late_seconds_only(
     async with worker(settings, clock, redis_url) as w:
         await w.history.slots(y.id, *today)
         await round_heard(w, w)
-        with uncommitted(gateway) as writer, through(gateway, writer):
-            gateway.add_log(y, created_at=int(clock.now), quota=500)
-            writer.rollback()
-        hole = gateway.add_log(y, created_at=int(clock.now), quota=7) - 1
+        hole = roll_back_a_charge(gateway, y, int(clock.now))
+        gateway.add_log(y, created_at=int(clock.now), quota=7)
         extra_statements = 0
         first_new: list[int] = []  # the first id each round's read of new rows may count
         for _ in range(int(LATE + SETTLE) + 5):
@@ -1364,12 +1379,7 @@ async def test_a_charge_committing_as_the_rounds_begin_or_fail_is_counted(
             await w.history.slots(x.id, *today)
             await round_heard(w, w)
             writer.commit()
-        for _ in range(int(LATE)):
-            clock.now += 1
-            gateway.add_log(y, created_at=int(clock.now), quota=7)
-            await w.history.slots(x.id, *today)
-            await round_heard(w, w)
-        answer = await w.history.slots(x.id, *today)
+        answer = await rounds_go_on(w, gateway, clock, y, x, int(LATE))
         assert answer == await plain_select(truth(w), x.id, *today)
         assert sum(quota for quota, *_ in answer.values()) == 501
 
@@ -1395,9 +1405,7 @@ async def test_ids_missing_for_good_keep_the_rounds_within_twice_late_of_the_mar
         for i in range(300):
             clock.now += 1
             if i % 20 == 0:
-                with uncommitted(gateway) as writer, through(gateway, writer):
-                    gateway.add_log(y, created_at=int(clock.now), quota=500)
-                    writer.rollback()
+                roll_back_a_charge(gateway, y, int(clock.now))
             newest = gateway.add_log(y, created_at=int(clock.now), quota=7)
             before = sent(w)
             await round_heard(w, w)
@@ -1507,10 +1515,8 @@ async def test_a_round_that_fails_as_it_passes_a_missing_id_does_not_wait_for_it
     async with worker(settings, clock, redis_url) as w:
         await w.history.slots(y.id, *today)
         await round_heard(w, w)
-        with uncommitted(gateway) as writer, through(gateway, writer):
-            gateway.add_log(y, created_at=int(clock.now), quota=500)
-            writer.rollback()
-        hole = gateway.add_log(y, created_at=int(clock.now), quota=7) - 1
+        hole = roll_back_a_charge(gateway, y, int(clock.now))
+        gateway.add_log(y, created_at=int(clock.now), quota=7)
         run = w.recorder.run
         passing = False  # the round passes over the hole: it looks for the next missing id
 

@@ -413,14 +413,7 @@ class TailKeeper:
             return None
         self.stats.statements += 1
         floor = max(await last_id_before(self.reader, mark_at - int(LATE)), min_id - 1)
-        missing = None
-        if mark > floor + 1:
-            if before_statement is not None and not await before_statement():
-                return None
-            self.stats.statements += 1
-            missing = await first_missing(self.reader, floor, mark)
-        self._gap = None if missing is None else _Gap(missing, now, mark)
-        return mark if missing is None else missing - 1
+        return await self._below_first_missing(floor, mark, now, before_statement)
 
     async def _settle_below(
         self, gap: int, mark: int, min_id: int, now: float, before_statement: LockCheck | None
@@ -440,13 +433,19 @@ class TailKeeper:
                 self._gap = _Gap(gap, now, mark)
         if now - self._gap.since < LATE:
             return gap - 1
-        passed = max(self._gap.mark, gap)
+        return await self._below_first_missing(max(self._gap.mark, gap), mark, now, before_statement)
+
+    async def _below_first_missing(
+        self, after: int, mark: int, now: float, before_statement: LockCheck | None
+    ) -> int | None:
+        """The mark, or just below the first id missing above `after` (waited for from now on);
+        one statement if there are ids to look at. None when the lock was lost."""
         missing = None
-        if mark > passed + 1:
+        if mark > after + 1:
             if before_statement is not None and not await before_statement():
                 return None
             self.stats.statements += 1
-            missing = await first_missing(self.reader, passed, mark)
+            missing = await first_missing(self.reader, after, mark)
         self._gap = None if missing is None else _Gap(missing, now, mark)
         return mark if missing is None else missing - 1
 
