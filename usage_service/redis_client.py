@@ -62,7 +62,8 @@ def _sentinel_master(settings: Settings, url: str, timeouts: dict[str, Any]) -> 
     options = {k: v for k, v in parse_url(url).items() if k not in ("host", "port", "connection_class")}
     if parse_url(url).get("connection_class") is SSLConnection:
         options["ssl"] = True  # Sentinel's pool picks its own TLS connection class from this
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # (redis-py types this from 8.2; untyped before)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         settings.redis_sentinels,
         sentinel_kwargs={"password": settings.redis_sentinel_password, **timeouts},
         retry=Retry(NoBackoff(), 1),
