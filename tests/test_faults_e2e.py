@@ -118,9 +118,11 @@ def test_sigterm_with_a_head_half_sent_runs_the_shutdown(tmp_path: Path, server:
         time.sleep(0.2)  # (not synchronisation: whether or not the byte has been read, the stop must hold)
         started = time.monotonic()
         assert service.stop() == 0, service.output()
+        # Well before granian's kill (11 + 10 s). (Its "Killing worker-1" line alone proves
+        # nothing: it may come just after the worker exited, when the process still looks alive
+        # 1 ms after its join returned, as on a loaded machine.)
         assert time.monotonic() - started < 11 + 3
-    assert "Killing" not in service.output()
-    assert not list(metrics_dir.glob("gauge_live*.db")), service.output()
+    assert not list(metrics_dir.glob("gauge_live*.db")), service.output()  # the shutdown ran
     gateway.close()
 
 
