@@ -1219,6 +1219,44 @@ async def test_an_id_never_committed_is_waited_for_late_seconds_only(
         assert all(first > hole for first in first_new[first_past:])
 
 
+async def test_a_charge_still_committing_as_a_clean_up_passes_it_is_counted(
+    make_gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """x's charge takes its id, then a clean-up up to now (an administrator clearing the log)
+    deletes every row around it while its transaction is still open: on PostgreSQL the row, not
+    yet there to delete, outlives the clean-up. The rounds take its id, below the log's smallest,
+    as deleted and settle past it; once it commits, the smallest id drops below the last round's
+    and they begin afresh, counting it. (They never counted the charge: the kept open day, and
+    the closed day handed over after it, showed less than a direct SELECT.)"""
+    gateway = make_gateway("postgres")
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    x, y = gateway.add_token(), gateway.add_token()
+    clock = Clock(NOON)
+    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as w:
+        for token in (x, y):
+            await w.history.slots(token.id, *today)
+        await round_heard(w, w)
+        with uncommitted(gateway) as writer:
+            with through(gateway, writer):
+                gateway.add_log(x, created_at=int(clock.now), quota=500)  # its id taken, not committed
+            for _ in range(int(SETTLE) + 2):  # the rounds' mark passes it
+                clock.now += 1
+                gateway.add_log(y, created_at=int(clock.now), quota=7)
+                await round_heard(w, w)
+            gateway.clean_logs(before=int(clock.now))  # x's charge is not there to be deleted
+            for _ in range(int(SETTLE) + 5):  # the mark passes the log's smallest id
+                clock.now += 1
+                gateway.add_log(y, created_at=int(clock.now), quota=7)
+                await round_heard(w, w)
+                await w.history.slots(x.id, *today)
+            writer.commit()
+        answer = await rounds_go_on(w, gateway, clock, y, x, int(LATE + SETTLE) + 2)  # once settled, it stays
+        assert answer == await plain_select(truth(w), x.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 500
+
+
 @pytest.mark.parametrize("redis_on", [True, False], ids=["shared", "own"])
 async def test_a_round_that_fails_as_a_day_closes_leaves_nothing_half_moved(
     gateway: Gateway, settings: Settings, redis_url: str, redis_on: bool

@@ -125,6 +125,7 @@ class TailKeeper:
         self._settled: int | None = None
         self._settled_at = 0.0  # the mark's time, by the gateway's clock
         self._kept_at = -math.inf  # when the last round was done (our clock)
+        self._min_id = 0  # the log's smallest id, as the last round done read it
         self._gap: _Gap | None = None  # the first id missing above `_settled`
         self._open_day = -1
         self._base: dict[int, Slots] = {}
@@ -288,6 +289,12 @@ class TailKeeper:
             return None
         self.stats.statements += 1
         min_id, settled, settled_at, gap = await marks(self.reader, int(now), int(SETTLE), self._settled)
+        if 0 < min_id < self._min_id:
+            # A row committed below the log's smallest id (still committing as the clean-up
+            # deleted the rows around it, on PostgreSQL): the rounds took its id as deleted, and
+            # may have settled past it. Begin afresh, as a leadership's first round.
+            self._forget_kept()
+            gap = None
         # Days that closed since the last round are read once more with the open ones (a row
         # the gateway wrote late, in the same range of ids), then handed over as closed.
         closing_from = self._open_day
@@ -372,6 +379,7 @@ class TailKeeper:
         self._settled_at = settled_at
         self._open_day = open_day
         self._kept_at = now
+        self._min_id = min_id
         closed: dict[int, dict[int, Day]] = {}
         if closing:
             # Days closed: what was kept of them is whole, and is each token's closed day.
