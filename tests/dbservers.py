@@ -392,6 +392,16 @@ class PostgresGateway(Gateway):
         ).fetchall()
         return len(rows)
 
+    def reader_sessions(self, *, busy: bool = False) -> int:
+        """The service's sessions on this database, as the server lists them (with `busy`, those
+        running a statement)."""
+        row = self.conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s"
+            + (" AND state = 'active'" if busy else ""),
+            (READER, self.name),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
     def close(self) -> None:
         self.conn.close()
 
@@ -489,6 +499,18 @@ class MySQLGateway(Gateway):
             for session in ids:
                 cursor.execute(f"KILL {int(session)}")
         return len(ids)
+
+    def reader_sessions(self, *, busy: bool = False) -> int:
+        """The service's sessions on this database, as the server lists them (with `busy`, those
+        running a statement)."""
+        with self.conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM information_schema.PROCESSLIST WHERE USER = %s AND DB = %s"
+                + (" AND COMMAND = 'Query'" if busy else ""),
+                (READER, self.name),
+            )
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
 
     def close(self) -> None:
         self.conn.close()

@@ -427,6 +427,46 @@ async def test_dropped_sessions_are_replaced(gateway: Gateway, app_client: AppCl
     assert [response.json()["data"]["total_used"] for response in responses] == [0, 1, 2, 3]
 
 
+@on_servers
+async def test_a_store_closed_while_reads_its_callers_left_run_leaves_no_session_behind(
+    gateway: Gateway, settings: Settings
+) -> None:
+    """Reads whose callers were cancelled go on (a batch shared with others, a round stopped at
+    shutdown), one held on the gateway's lock and one waiting for its connection: the store's
+    close waits for them, within a statement's bound, and leaves no session on the server. (The
+    MySQL store closed only its idle sessions: the held read's went on on the server after
+    close(), and the waiting read opened a new one.)"""
+    token = gateway.add_token()
+    store = await open_store(dataclasses.replace(settings, db_timeout=2.0, db_pool_size=1))
+    try:
+        with gateway.exclusive_lock():  # type: ignore[call-arg]
+            # One statement sent (the others queue behind it as one batch), its callers to go.
+            reads = [asyncio.create_task(store.fetch(token.key)) for _ in range(4)]
+            async with asyncio.timeout(5):
+                while not gateway.reader_sessions(busy=True):  # type: ignore[attr-defined]
+                    await asyncio.sleep(0.01)
+            waiting = asyncio.create_task(store.fetch_many([token.id]))  # left running, as a round's
+            await asyncio.sleep(0)
+            for read in reads:
+                read.cancel()
+            await asyncio.gather(*reads, return_exceptions=True)
+            started = time.monotonic()
+            await store.close()
+            assert time.monotonic() - started < 2.0 + STATEMENT_GUARD + 0.5
+
+            async def no_session_left() -> bool:
+                return not gateway.reader_sessions()  # type: ignore[attr-defined]
+
+            # The server's own view (it may take a moment to see a socket closed; the held
+            # read's session went on for as long as its statement's bound, 2 s, and more).
+            await eventually(no_session_left, within=1.0)
+            # The read that waited ends at once, without a session of its own.
+            assert isinstance((await asyncio.gather(waiting, return_exceptions=True))[0], StoreUnavailable)
+            assert not gateway.reader_sessions()  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
 def _through(database: Any, port: int) -> Any:
     """The same database, reached through a proxy listening on `port` on loopback."""
     if isinstance(database, MySQLDSN):
