@@ -6,12 +6,15 @@ Each engine module supplies a connection pool, its parameter style and identifie
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Literal, TypeVar
 
 import orjson
@@ -221,6 +224,42 @@ class RowMemory:
         self._pairs = keep_newest(self._pairs, self.size)
         # A statement reads at most a thousand rows: this many answers hold no more rows than _pairs.
         self._answers = keep_newest(self._answers, self.size // 1000)
+
+
+class Borrowers:
+    """The reads holding a pooled store's connections, for its close() to wait for.
+
+    A read whose callers were cancelled goes on (a batch shared with others, a round stopped at
+    shutdown) and comes back after close(): waited for, within its statement's bound, its
+    connection is closed with the others rather than outliving the store (an aiosqlite thread
+    past the event loop, a session left on the database server).
+    """
+
+    def __init__(self, closed: Callable[[], bool]) -> None:
+        self._closed = closed
+        self._count = 0
+        self._none = asyncio.Event()
+
+    @asynccontextmanager
+    async def borrowing(self) -> AsyncIterator[None]:
+        """Count a read holding a connection (entered once it has its slot)."""
+        if self._closed():  # closed while it waited for a slot
+            raise StoreUnavailable("store is closed")
+        self._count += 1
+        self._none.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if not self._count:
+                self._none.set()
+
+    async def returned(self, within: float) -> None:
+        """Wait, at most `within` seconds, until no read holds a connection."""
+        if self._count:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await self._none.wait()
 
 
 def rows_kept(hot_max: int) -> int:

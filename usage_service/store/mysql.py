@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import ssl
@@ -17,7 +16,7 @@ from asyncmy.errors import MySQLError
 
 from .._dsn import MySQLDSN
 from . import STATEMENT_GUARD, SchemaError, StoreDataError, StoreNotReady, StoreUnavailable
-from ._sql import ROW_MEMORY, Column, SQLStore, check_log_schema, check_schema, select_sql
+from ._sql import ROW_MEMORY, Borrowers, Column, SQLStore, check_log_schema, check_schema, select_sql
 from .logs import LOG_COLUMNS_SQL, Resent, uncounted
 
 logger = logging.getLogger("usage_service.store")
@@ -43,9 +42,7 @@ class MySQLStore(SQLStore):
         self._timeout = timeout
         self._idle: list[tuple[asyncmy.Connection, float]] = []  # (connection, idle since), newest last
         self._slots = asyncio.Semaphore(pool_size)
-        # Reads holding a slot; close() waits for them (see there).
-        self._borrowers = 0
-        self._no_borrowers = asyncio.Event()
+        self._borrowers = Borrowers(lambda: self._closed)  # close() waits for them
         self._closed = False
         # `tls=preferred` on a server that offers no TLS: plain text, as the gateway's driver does.
         self._tls = dsn.tls
@@ -130,7 +127,7 @@ class MySQLStore(SQLStore):
     async def _connection(self) -> AsyncIterator[asyncmy.Connection]:
         if self._closed:
             raise StoreUnavailable("store is closed")
-        async with self._slots, self._borrowed():
+        async with self._slots, self._borrowers.borrowing():
             conn = self._take_idle()
             fresh = None
             try:
@@ -157,19 +154,6 @@ class MySQLStore(SQLStore):
                         self._discard(conn)
                     else:
                         self._idle.append((conn, time.monotonic()))
-
-    @asynccontextmanager
-    async def _borrowed(self) -> AsyncIterator[None]:
-        if self._closed:  # (closed while this waited for a slot)
-            raise StoreUnavailable("store is closed")
-        self._borrowers += 1
-        self._no_borrowers.clear()
-        try:
-            yield
-        finally:
-            self._borrowers -= 1
-            if not self._borrowers:
-                self._no_borrowers.set()
 
     def _drop_idle(self) -> None:
         while self._idle:
@@ -253,14 +237,7 @@ class MySQLStore(SQLStore):
 
     async def close(self) -> None:
         self._closed = True
-        # Reads still under way (a batch its callers left, a round stopped at shutdown) end
-        # within their statement's bound, and their connections are closed as they come back:
-        # waited for, or their sessions would outlive the store on the server (and be cut off
-        # when the process exits).
-        if self._borrowers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._timeout + STATEMENT_GUARD):
-                    await self._no_borrowers.wait()
+        await self._borrowers.returned(self._timeout + STATEMENT_GUARD)
         while self._idle:
             conn, _ = self._idle.pop()
             try:

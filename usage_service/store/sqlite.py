@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -28,6 +27,7 @@ from . import (
 )
 from ._sql import (
     ROW_MEMORY,
+    Borrowers,
     Column,
     Pair,
     SQLStore,
@@ -72,9 +72,7 @@ class SQLiteStore(SQLStore):
         self._timeout = timeout
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
-        # Reads holding a slot; close() waits for them (see there).
-        self._borrowers = 0
-        self._no_borrowers = asyncio.Event()
+        self._borrowers = Borrowers(lambda: self._closed)  # close() waits for them
         self._identity = _file_identity(path)
         self._generation = 0
         self._conn_generation: dict[int, int] = {}
@@ -213,13 +211,7 @@ class SQLiteStore(SQLStore):
 
     async def close(self) -> None:
         self._closed = True
-        # Reads still under way (a batch its callers left, a round stopped at shutdown) end
-        # within their statement's bound, and their connections are closed as they come back:
-        # waited for, or their threads would outlive the event loop.
-        if self._borrowers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._timeout + STATEMENT_GUARD):
-                    await self._no_borrowers.wait()
+        await self._borrowers.returned(self._timeout + STATEMENT_GUARD)
         while not self._idle.empty():
             await self._discard(self._idle.get_nowait())
         for fd in [*self._header_fds.values(), *self._spare_fds]:
@@ -273,7 +265,7 @@ class SQLiteStore(SQLStore):
         if self._closed:
             raise StoreUnavailable("store is closed")
         self._check_identity()
-        async with self._slots, self._borrowed():
+        async with self._slots, self._borrowers.borrowing():
             conn = None
             while not self._idle.empty():
                 candidate = self._idle.get_nowait()
@@ -307,19 +299,6 @@ class SQLiteStore(SQLStore):
                         await self._discard(conn)
                     else:
                         self._idle.put_nowait(conn)
-
-    @asynccontextmanager
-    async def _borrowed(self) -> AsyncIterator[None]:
-        if self._closed:  # (closed while this waited for a slot)
-            raise StoreUnavailable("store is closed")
-        self._borrowers += 1
-        self._no_borrowers.clear()
-        try:
-            yield
-        finally:
-            self._borrowers -= 1
-            if not self._borrowers:
-                self._no_borrowers.set()
 
     async def _connect(self) -> aiosqlite.Connection:
         # mode=ro: SQLite opens the file O_RDONLY and refuses every write; it never creates a
