@@ -792,18 +792,14 @@ async def test_a_charge_committed_after_a_later_one_shows_whatever_the_gateways_
     clock runs behind ours: measured against ours, it was on y's row, x's fell under it and no
     round ever read it (1 instead of 501, for as long as the token was polled)."""
     gateway = make_gateway("postgres")
-    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
-    x, y = gateway.add_token(), gateway.add_token()
-    clock = Clock(NOON)
-    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    settings, x, y, clock = x_and_y(gateway, settings)
     today = (T0, T0 + DAY)
     async with worker(settings, clock, redis_url) as w:
         await w.history.slots(x.id, *today)
         await round_heard(w, w)
         clock.now += 1
         with uncommitted(gateway) as writer:
-            with through(gateway, writer):
-                gateway.add_log(x, created_at=int(clock.now) - skew, quota=500)  # its id taken, not committed
+            charge_held_open(gateway, writer, x, int(clock.now) - skew)
             gateway.add_log(y, created_at=int(clock.now) - skew, quota=7)
             clock.now += 1
             await round_heard(w, w)  # a round runs meanwhile
@@ -1142,6 +1138,21 @@ def through(gateway: Gateway, writer: Any) -> Iterator[None]:
         gateway.conn = autocommit  # type: ignore[attr-defined]
 
 
+def x_and_y(gateway: Gateway, settings: Settings) -> tuple[Settings, Token, Token, Clock]:
+    """Settings reading `gateway`, two tokens on it (x charged once before NOON) and a clock at NOON."""
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    x, y = gateway.add_token(), gateway.add_token()
+    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    return settings, x, y, Clock(NOON)
+
+
+def charge_held_open(gateway: Gateway, writer: Any, token: Token, created_at: int) -> None:
+    """Charge `token` 500 through `writer` (`uncommitted`): its row takes its id now, and shows
+    once the writer commits."""
+    with through(gateway, writer):
+        gateway.add_log(token, created_at=created_at, quota=500)
+
+
 @pytest.mark.parametrize("engine", ["postgres", "mysql"])
 async def test_a_charge_committed_long_after_it_took_its_id_is_counted(
     make_gateway: GatewayFactory, settings: Settings, redis_url: str, engine: str
@@ -1151,18 +1162,14 @@ async def test_a_charge_committed_long_after_it_took_its_id_is_counted(
     still show y's charges every round at two statements a round, and count x's once it
     commits. (They settled past it: x's charge was never counted.)"""
     gateway = make_gateway(engine)
-    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
-    x, y = gateway.add_token(), gateway.add_token()
-    clock = Clock(NOON)
-    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    settings, x, y, clock = x_and_y(gateway, settings)
     today = (T0, T0 + DAY)
     async with worker(settings, clock, redis_url) as w:
         for token in (x, y):
             await w.history.slots(token.id, *today)
         await round_heard(w, w)
         with uncommitted(gateway) as writer:
-            with through(gateway, writer):
-                gateway.add_log(x, created_at=int(clock.now), quota=500)  # its id taken, not committed
+            charge_held_open(gateway, writer, x, int(clock.now))
             for _ in range(40):
                 clock.now += 1
                 gateway.add_log(y, created_at=int(clock.now), quota=7)
@@ -1229,18 +1236,14 @@ async def test_a_charge_still_committing_as_a_clean_up_passes_it_is_counted(
     and they begin afresh, counting it. (They never counted the charge: the kept open day, and
     the closed day handed over after it, showed less than a direct SELECT.)"""
     gateway = make_gateway("postgres")
-    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
-    x, y = gateway.add_token(), gateway.add_token()
-    clock = Clock(NOON)
-    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    settings, x, y, clock = x_and_y(gateway, settings)
     today = (T0, T0 + DAY)
     async with worker(settings, clock, redis_url) as w:
         for token in (x, y):
             await w.history.slots(token.id, *today)
         await round_heard(w, w)
         with uncommitted(gateway) as writer:
-            with through(gateway, writer):
-                gateway.add_log(x, created_at=int(clock.now), quota=500)  # its id taken, not committed
+            charge_held_open(gateway, writer, x, int(clock.now))
             for _ in range(int(SETTLE) + 2):  # the rounds' mark passes it
                 clock.now += 1
                 gateway.add_log(y, created_at=int(clock.now), quota=7)
@@ -1382,18 +1385,14 @@ async def test_a_charge_committing_as_the_rounds_begin_or_fail_is_counted(
     is counted once it commits. (A first round settled on its mark unseen, and a failed round
     forgot the id it waited for: the charge was never counted.)"""
     gateway = make_gateway(engine)
-    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
-    x, y = gateway.add_token(), gateway.add_token()
-    clock = Clock(NOON)
-    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    settings, x, y, clock = x_and_y(gateway, settings)
     today = (T0, T0 + DAY)
     async with worker(settings, clock, redis_url) as w:
         if when == "after-a-failed-round":
             await w.history.slots(x.id, *today)
             await round_heard(w, w)
         with uncommitted(gateway) as writer:
-            with through(gateway, writer):
-                gateway.add_log(x, created_at=int(clock.now), quota=500)  # its id taken, not committed
+            charge_held_open(gateway, writer, x, int(clock.now))
             for _ in range(15):
                 clock.now += 1
                 gateway.add_log(y, created_at=int(clock.now), quota=7)
