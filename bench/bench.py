@@ -579,9 +579,16 @@ def targets(results: list[Result]) -> str:
     uvicorn, granian = found.get(("usage-service", "hot")), found.get(("usage-service-granian", "hot"))
     if uvicorn is not None and granian is not None:
         ratio = paired(granian.round_cpu_us, uvicorn.round_cpu_us)
+        # What the servers alone give: an app that cost nothing would have this ratio.
+        ceilings = found.get(("ceiling-granian", "hot")), found.get(("ceiling", "hot"))
+        alone = (
+            f"; the ceilings' own: {paired(ceilings[0].round_cpu_us, ceilings[1].round_cpu_us):.2f}"
+            if ceilings[0] is not None and ceilings[1] is not None
+            else ""
+        )
         lines.append(
             f"| CPU per hot poll, granian ÷ uvicorn (the median of the rounds' ratios; each server's "
-            f"median round: {granian.cpu_us_per_req:.1f} and {uvicorn.cpu_us_per_req:.1f} µs) "
+            f"median round: {granian.cpu_us_per_req:.1f} and {uvicorn.cpu_us_per_req:.1f} µs{alone}) "
             f"| hot | – | {ratio:.2f} | ≤ 0.75 | {'yes' if ratio <= 0.75 else 'NO'} |"
         )
     return "\n".join(lines)
