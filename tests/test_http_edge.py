@@ -25,7 +25,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 from support import Gateway, Service, Token, free_port, wait_until
 
-from usage_service._http import LimitedHttpToolsProtocol
+from usage_service._http import MAX_PIPELINED, MAX_REQUEST_HEAD, LimitedHttpToolsProtocol
 
 pytestmark = pytest.mark.e2e
 
@@ -398,3 +398,56 @@ def test_the_access_log_keeps_one_request_to_a_line(tmp_path: Path, server: str)
         assert re.fullmatch(r'INFO:     127\.0\.0\.1 - "GET \S+" 404 \d+\.\d{3}ms -', line), line
     assert all(line in lines for line in output.splitlines() if "forged" in line)
     assert key[:12] not in output
+
+
+@pytest.mark.asyncio
+async def test_a_body_length_with_trailing_whitespace_does_not_hide_the_next_head() -> None:
+    """httptools takes `Content-Length: 1 ` (whitespace after the digits) as a length, but the
+    bound read it as no length and fed everything after that head to the parser, uncounted,
+    until a blank line: a pipelined head behind it, twice the bound, was parsed and answered 200.
+
+    In-process, so that the bytes reach the parser in one read: a held request keeps the
+    pipeline full, the rest waits unread, and is parsed at once when it is released."""
+    release = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = uvicorn.Config(app, port=port, lifespan="off", log_level="critical")
+    config.http = LimitedHttpToolsProtocol  # type: ignore[assignment]
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):  # uvicorn's own start-up, at most 5 s
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        small = b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
+        post = b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 1 \r\n\r\nx"
+        oversized = b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * MAX_REQUEST_HEAD) + b"\r\n\r\n"
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n" + small * MAX_PIPELINED + post + oversized)
+        await writer.drain()
+        release.set()
+        statuses = []
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            status = int(head.split()[1])
+            length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+            await reader.readexactly(length)
+            statuses.append(status)
+            if status != 200:
+                break
+        writer.close()
+        assert statuses == [200] * (MAX_PIPELINED + 2) + [431]
+    finally:
+        server.should_exit = True
+        await serving

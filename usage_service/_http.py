@@ -192,6 +192,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """The length of the body to come, if the head gave one (httptools has checked it)."""
         for name, value in self.headers:
             if name == b"content-length":
+                # httptools passes on the whitespace after the digits (`5 `): read as no length,
+                # everything after the head up to a blank line, the next head included, went to
+                # the parser uncounted.
+                value = value.rstrip(b" \t")
                 return int(value) if value.isdigit() else None
         return None
 
