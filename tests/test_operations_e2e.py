@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -155,6 +156,27 @@ def test_a_worker_that_dies_is_replaced_and_its_metrics_address_taken_over(gatew
         assert _listening(port) & _workers(service.process.pid)
         assert service.process.poll() is None
         assert service.stop() == 0, service.output()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_replacement_worker_that_cannot_start_stops_the_server_with_a_failure(tmp_path: Path, server: str) -> None:
+    """With --workers N, a worker that dies is replaced; if its replacement cannot start (the
+    database file became one that is no gateway database meanwhile), the server stops, and the
+    exit status says it failed. uvicorn's supervisor stopped the other workers and returned as
+    after SIGTERM: the command exited 0, and a supervisor restarting only what fails (systemd's
+    Restart=on-failure) left the service down."""
+    gateway = Gateway(tmp_path / "one-api.db")
+    gateway.add_token()
+    gateway.close()
+    with Service({"SQLITE_PATH": str(gateway.path)}, "--workers", "2", server=server) as service:
+        assert wait_until(lambda: len(_workers(service.process.pid)) == 2, 15)
+        gateway.path.unlink()
+        with contextlib.closing(sqlite3.connect(gateway.path)) as other:
+            other.execute("CREATE TABLE other (x)")
+            other.commit()
+        os.kill(min(_workers(service.process.pid)), signal.SIGKILL)
+        status = service.process.wait(timeout=30)
+    assert status != 0, service.output()
 
 
 def test_metrics_address_in_use_stops_start_up(gateway: Gateway) -> None:

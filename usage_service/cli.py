@@ -20,6 +20,8 @@ from typing import Any
 
 import uvicorn
 from redis.exceptions import RedisError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from . import __version__, logs
 from ._http import LimitedHttpToolsProtocol, raise_descriptor_limit
@@ -215,19 +217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One process has nothing to restart and nothing to read again (settings come from the
         # environment at start), and SIGHUP's default would kill it mid-request: it is ignored.
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _ignore_hangup)
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": args.workers,
+        "log_level": args.log_level,
+        "log_config": log_config,
+        # Also how long a connection may take to send a request head (_http.py).
+        "timeout_keep_alive": settings.header_timeout,
+        **SERVER_OPTIONS,
+    }
     try:
-        uvicorn.run(
-            APP_FACTORY,
-            factory=True,
-            host=host,
-            port=port,
-            workers=args.workers,
-            log_level=args.log_level,
-            log_config=log_config,
-            # Also how long a connection may take to send a request head (_http.py).
-            timeout_keep_alive=settings.header_timeout,
-            **SERVER_OPTIONS,
-        )
+        if args.workers == 1:
+            uvicorn.run(APP_FACTORY, **options)  # exits STARTUP_FAILURE itself if the worker cannot start
+        elif _supervise(uvicorn.Config(APP_FACTORY, **options)):
+            return STARTUP_FAILURE
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -237,6 +242,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("forced to stop by a second signal (SIGINT): requests in flight were cut off")
         return 130
     return 0
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of `--workers N`, noting whether it stopped because a worker could not start."""
+
+    worker_failed = False
+
+    def keep_subprocess_alive(self) -> None:
+        stopping = self.should_exit.is_set()
+        super().keep_subprocess_alive()
+        # It stops the server, rather than start that worker again, when one fails its start-up
+        # (a replacement for a worker that died, finding the database gone): not a stop asked for.
+        if not stopping and self.should_exit.is_set():
+            self.worker_failed = True
+
+
+def _supervise(config: uvicorn.Config) -> bool:
+    """Serve with `config.workers` workers as uvicorn.run does; return whether a worker's start-up
+    failed. uvicorn.run returns as after SIGTERM then, and the command exited 0: a supervisor
+    restarting only what fails (systemd's Restart=on-failure) left the service down. (With one
+    worker, uvicorn.run exits STARTUP_FAILURE itself.)"""
+    supervisor = _Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return supervisor.worker_failed
 
 
 def _check_metrics_directory() -> None:
