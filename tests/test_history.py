@@ -1029,3 +1029,30 @@ async def test_the_marks_pass_over_text_in_created_at(gateway: Gateway, settings
         assert await marks(store.log_reader(), T0 + 1000, 60) == (first, first, T0 + 40, None)
     finally:
         await store.close()
+
+
+async def test_a_row_stamped_in_the_future_fails_no_other_rows(gateway: Gateway, settings: Settings) -> None:
+    """A day's rows are read up to the id of the first row stamped MARGIN after its end. A row
+    stamped years ahead (a gateway clock gone wrong), written before the day's rows, was that
+    row while no later row had come yet: the day was read without them, and kept so."""
+    token, other = gateway.add_token(), gateway.add_token()
+    gateway.add_log(other, created_at=4_102_444_800)  # 2100-01-01
+    rows = [gateway.add_log(token, created_at=T0 + 3600, quota=7), gateway.add_log(token, created_at=T0 + DAY - 60)]
+    assert len(rows) == 2
+    async with engine(settings, Clock(T0 + DAY + GRACE + 1)) as (history, _):  # the day has just closed
+        answer = await history.slots(token.id, T0, T0 + DAY)
+        assert answer == await plain_select(history.reader, token.id, T0, T0 + DAY)
+        assert sum(quota for quota, *_ in answer.values()) == 107
+
+
+@sqlite_only
+async def test_text_in_created_at_fails_no_other_rows(gateway: Gateway, settings: Settings) -> None:
+    """SQLite's text sorts after every number: a row with text in created_at was the first row
+    stamped after any moment that no later row had reached yet (as above)."""
+    token = gateway.add_token()
+    bad = gateway.add_log(token, created_at=T0)
+    gateway._execute("UPDATE logs SET created_at = 'abc' WHERE id = ?", (bad,))
+    gateway.add_log(token, created_at=T0 + 3600, quota=7)
+    async with engine(settings, Clock(T0 + DAY + GRACE + 1)) as (history, _):
+        answer = await history.slots(token.id, T0, T0 + DAY)
+        assert sum(quota for quota, *_ in answer.values()) == 7

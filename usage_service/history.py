@@ -797,7 +797,7 @@ class History:
     async def _id_after(self, at: int) -> int | None:
         bound = self._after.get(at)
         if bound is None:
-            bound = await id_after(self.reader, at)
+            bound = await id_after(self.reader, at, int(self.clock()))
             if bound is not None:
                 _remember(self._after, at, bound)
         return bound

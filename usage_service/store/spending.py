@@ -68,10 +68,20 @@ async def last_id_before(reader: LogReader, at: int) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-async def id_after(reader: LogReader, at: int) -> int | None:
+async def id_after(reader: LogReader, at: int, now: int) -> int | None:
     """An id above every row with created_at < at: that of the first row stamped MARGIN
-    seconds after it (None while there is none)."""
-    rows = await reader.query("SELECT id FROM logs WHERE created_at >= ? ORDER BY created_at LIMIT 1", (at + MARGIN,))
+    seconds after it (None while there is none).
+
+    Only a row stamped before `now` (our clock) + MARGIN is taken: one stamped later (a gateway
+    clock gone wrong, years ahead) was written when it was not its time, maybe before the rows
+    stamped < at, and would leave them out of every range ending at `at` (they were read as
+    missing until a later row came, and the closed day kept so). So would text in created_at,
+    which SQLite keeps and sorts after every number. Without such a row, None: read to the end.
+    """
+    rows = await reader.query(
+        "SELECT id FROM logs WHERE created_at >= ? AND created_at < ? ORDER BY created_at LIMIT 1",
+        (at + MARGIN, now + MARGIN),
+    )
     return int(rows[0][0]) if rows else None
 
 
