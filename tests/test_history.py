@@ -1056,3 +1056,17 @@ async def test_text_in_created_at_fails_no_other_rows(gateway: Gateway, settings
     async with engine(settings, Clock(T0 + DAY + GRACE + 1)) as (history, _):
         answer = await history.slots(token.id, T0, T0 + DAY)
         assert sum(quota for quota, *_ in answer.values()) == 7
+
+
+async def test_a_row_stamped_before_the_log_began_fails_no_other_rows(gateway: Gateway, settings: Settings) -> None:
+    """A range's rows are read from the id of the last row stamped MARGIN before its start. A
+    row stamped 0, written after the range's first rows, was that row for a range from the log's
+    beginning (a new gateway's 30 days): the rows before it were left out."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=T0 + 3600, quota=7)
+    gateway.add_log(token, created_at=0, quota=1000)
+    gateway.add_log(token, created_at=T0 + 7200, quota=5)
+    async with engine(settings, Clock(T0 + 2 * DAY)) as (history, _):
+        answer = await history.slots(token.id, T0, T0 + DAY)
+        assert answer == await plain_select(history.reader, token.id, T0, T0 + DAY)
+        assert sum(quota for quota, *_ in answer.values()) == 12

@@ -63,8 +63,18 @@ async def id_before(reader: LogReader, at: int) -> int:
 
 
 async def last_id_before(reader: LogReader, at: int) -> int:
-    """The id of the last row stamped before `at` (0 when there is none)."""
-    rows = await reader.query("SELECT id FROM logs WHERE created_at < ? ORDER BY created_at DESC LIMIT 1", (at,))
+    """The id of the last row stamped before `at` (0 when there is none).
+
+    A row stamped more than MARGIN before the log's first row (the smallest id) is passed over:
+    written after that row, it was stamped when it was not its time (a zero, a gateway clock gone
+    wrong), and where no true row was stamped before `at` (a range from the log's beginning) it
+    was taken as written before the range's rows, which were then left out."""
+    rows = await reader.query(
+        "SELECT id FROM logs WHERE created_at < ?"
+        " AND created_at >= (SELECT created_at FROM logs WHERE id = (SELECT min(id) FROM logs)) - ?"
+        " ORDER BY created_at DESC LIMIT 1",
+        (at, MARGIN),
+    )
     return int(rows[0][0]) if rows else 0
 
 
