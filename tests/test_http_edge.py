@@ -15,8 +15,9 @@ import resource
 import selectors
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -324,24 +325,7 @@ async def test_past_the_in_flight_limit_requests_are_answered_503_in_json() -> N
     """uvicorn's `limit_concurrency` counts requests in flight, not idle connections, and its
     503 is JSON like the service's own."""
     release = asyncio.Event()
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"] == "/slow":
-            await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    port = free_port()
-    config = uvicorn.Config(app, port=port, lifespan="off", log_level="critical", limit_concurrency=2)
-    config.http = LimitedHttpToolsProtocol  # type: ignore[assignment]
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):  # uvicorn's own start-up, at most 5 s
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
+    async with in_process_server(release, limit_concurrency=2) as port:
 
         async def ask(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -367,9 +351,6 @@ async def test_past_the_in_flight_limit_requests_are_answered_503_in_json() -> N
         writer.close()
         for _, idle_writer in idle:
             idle_writer.close()
-    finally:
-        server.should_exit = True
-        await serving
 
 
 def test_the_access_log_keeps_one_request_to_a_line(tmp_path: Path, server: str) -> None:
@@ -409,24 +390,7 @@ async def test_a_body_length_with_trailing_whitespace_does_not_hide_the_next_hea
     In-process, so that the bytes reach the parser in one read: a held request keeps the
     pipeline full, the rest waits unread, and is parsed at once when it is released."""
     release = asyncio.Event()
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"] == "/slow":
-            await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    port = free_port()
-    config = uvicorn.Config(app, port=port, lifespan="off", log_level="critical")
-    config.http = LimitedHttpToolsProtocol  # type: ignore[assignment]
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):  # uvicorn's own start-up, at most 5 s
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
+    async with in_process_server(release) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         small = b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
         post = b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 1 \r\n\r\nx"
@@ -448,6 +412,31 @@ async def test_a_body_length_with_trailing_whitespace_does_not_hide_the_next_hea
                 break
         writer.close()
         assert statuses == [200] * (MAX_PIPELINED + 2) + [431]
+
+
+@contextlib.asynccontextmanager
+async def in_process_server(release: asyncio.Event, **options: Any) -> AsyncIterator[int]:
+    """uvicorn with the service's protocol in this process, serving an app that answers 200 `ok`,
+    `/slow` once `release` is set; yields its port."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    config = uvicorn.Config(app, port=port, lifespan="off", log_level="critical", **options)
+    config.http = LimitedHttpToolsProtocol  # type: ignore[assignment]
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):  # uvicorn's own start-up, at most 5 s
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started
+        yield port
     finally:
         server.should_exit = True
         await serving
