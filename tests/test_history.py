@@ -1037,8 +1037,8 @@ async def test_a_row_stamped_in_the_future_fails_no_other_rows(gateway: Gateway,
     row while no later row had come yet: the day was read without them, and kept so."""
     token, other = gateway.add_token(), gateway.add_token()
     gateway.add_log(other, created_at=4_102_444_800)  # 2100-01-01
-    rows = [gateway.add_log(token, created_at=T0 + 3600, quota=7), gateway.add_log(token, created_at=T0 + DAY - 60)]
-    assert len(rows) == 2
+    gateway.add_log(token, created_at=T0 + 3600, quota=7)
+    gateway.add_log(token, created_at=T0 + DAY - 60)
     async with engine(settings, Clock(T0 + DAY + GRACE + 1)) as (history, _):  # the day has just closed
         answer = await history.slots(token.id, T0, T0 + DAY)
         assert answer == await plain_select(history.reader, token.id, T0, T0 + DAY)
