@@ -270,6 +270,17 @@ async def test_range_limit(gateway: Gateway, app_client: AppClient) -> None:
     assert [b["date"] for b in ended.json()["data"]["buckets"]][::6] == ["2026-01-02", "2026-01-08"]
 
 
+async def test_a_default_start_never_falls_before_the_first_date(gateway: Gateway, app_client: AppClient) -> None:
+    """An end date in the first days of 1970 alone: the default range is cut at 1970-01-01 (the
+    first date a start may name), not 30 days back into 1969."""
+    token = gateway.add_token()
+    gateway.add_log(token, created_at=3 * 86400 + 60, quota=7)  # 1970-01-04
+    async with app_client() as (_, client):
+        data = await history(client, token, end_date="1970-01-05")
+    assert (data["start_date"], data["end_date"]) == ("1970-01-01", "1970-01-05")
+    assert quotas(data) == [(f"1970-01-0{day}", 7 if day == 4 else 0) for day in range(1, 6)]
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .billing import BillingOptions, json_number
 from .budget import TOO_MANY_DAYS, Spent
 from .cache import AnswerCache, query_digest
-from .days import day_starts, horizon, parse_date, parse_zone, today
+from .days import FIRST_DATE, day_starts, horizon, parse_date, parse_zone, today
 from .history import SLOT, History, Spend, Tail, total
 from .records import INT64_MAX, INT64_MIN, TokenRecord
 from .responses import JSONAnswer, JSONError, send_revalidated
@@ -82,8 +82,8 @@ def parse_history_query(params: Mapping[str, str], now: float, max_days: int) ->
     start, end = read_date(params, "start_date"), read_date(params, "end_date")
     if end is None:
         end = today(zone, now) if start is None else max(start, today(zone, now))
-    if start is None:
-        start = end - timedelta(days=min(DEFAULT_DAYS, max_days) - 1)
+    if start is None:  # (the range a default start makes never begins before the first date either)
+        start = max(FIRST_DATE, end - timedelta(days=min(DEFAULT_DAYS, max_days) - 1))
     query = HistoryQuery(start, end, zone, grouping)
     if end < start:
         raise BadQuery("end_date: before start_date")
