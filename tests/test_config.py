@@ -287,6 +287,13 @@ def test_directory_is_not_a_database(tmp_path: Path) -> None:
             id="postgres-failover-and-pgx-parameters",
         ),
         pytest.param(
+            # An empty entry in the host list (a trailing comma) is skipped by the gateway's driver
+            # (pgx); asyncpg, handed it, failed with an IndexError: a traceback at start-up.
+            "postgres://u:pw@,db1:5432,,db2:5433,/new-api",
+            PostgresDSN("postgres://u:pw@db1:5432,db2:5433/new-api", host="db1", database="new-api"),
+            id="postgres-empty-host-entries",
+        ),
+        pytest.param(
             "postgres://u:pw@db:5432/new-api?sslmode=disable",
             PostgresDSN("postgres://u:pw@db:5432/new-api?sslmode=disable", host="db", database="new-api"),
             id="postgres",

@@ -84,9 +84,12 @@ def _postgres(value: str) -> PostgresDSN:
         parts = urlsplit(value)
     except ValueError:
         raise ValueError(_BAD_PORT) from None
-    # Several hosts, for failover (host1:5432,host2:5432), as pgx and asyncpg take them.
+    # Several hosts, for failover (host1:5432,host2:5432), as pgx and asyncpg take them. pgx skips
+    # an empty entry (a stray comma); asyncpg failed on it with an IndexError, a traceback at start.
+    user_info, at, host_list = parts.netloc.rpartition("@")
+    entries = [part for part in host_list.split(",") if part]
     try:
-        hosts = [_split_address(part) for part in parts.netloc.rpartition("@")[2].split(",")]
+        hosts = [_split_address(part) for part in entries] or [("", "")]
     except ValueError:
         raise ValueError(_BAD_PORT) from None
     if any(port and not port.isdigit() for _, port in hosts):
@@ -99,7 +102,8 @@ def _postgres(value: str) -> PostgresDSN:
     query = "&".join(
         pair for pair in parts.query.split("&") if pair and unquote(pair.partition("=")[0]) not in _PGX_ONLY
     )
-    url = parts._replace(netloc=_encoded_user_info(parts.netloc), query=query).geturl()
+    netloc = _encoded_user_info(f"{user_info}{at}{','.join(entries)}")
+    url = parts._replace(netloc=netloc, query=query).geturl()
     return PostgresDSN(url, host=hosts[0][0], database=unquote(parts.path.lstrip("/")))
 
 
