@@ -278,3 +278,29 @@ async def test_a_wal_file_appearing_alone_makes_the_store_say_why(shared_dir: Pa
         assert (await store.fetch(key)) is not None
     finally:
         await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_symlinked_path_finds_the_wal_files_beside_the_file_it_names(shared_dir: Path) -> None:
+    """SQLITE_PATH a symbolic link to the gateway's file: SQLite keeps -wal and -shm beside the
+    file the link names, and the service opens that file. It looked for them beside the link,
+    found none, took the running gateway's database for a closed one and read it immutable,
+    without the commits still in -wal: here, not even the tables."""
+    (shared_dir / "data").mkdir()
+    gateway = Gateway(shared_dir / "data" / "one-api.db", journal_mode="wal")
+    try:
+        gateway.db.execute("PRAGMA wal_autocheckpoint = 0")  # the commits stay in -wal
+        token = gateway.add_token(used=3)
+        link = shared_dir / "one-api.db"
+        link.symlink_to(gateway.path)
+        store = await SQLiteStore.open(link, timeout=1.0, pool_size=1)
+        try:
+            record = await store.fetch(token.key)
+            assert record is not None and record.used_quota == 3
+            gateway.db.execute("UPDATE tokens SET used_quota = 8 WHERE `key` = ?", (token.key,))
+            record = await store.fetch(token.key)
+            assert record is not None and record.used_quota == 8
+        finally:
+            await store.close()
+    finally:
+        gateway.close()

@@ -67,8 +67,12 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: Path, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
         super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.path = path
-        self._uri = path.resolve().as_uri() + "?mode=ro&readonly_shm=1"
-        self._wal, self._shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+        # SQLite keeps -wal and -shm beside the file it opens, the one a symbolic link names:
+        # looked for beside the link, they were never found, and a running gateway's database
+        # was read as a closed one (immutable, without the commits still in -wal).
+        resolved = path.resolve()
+        self._uri = resolved.as_uri() + "?mode=ro&readonly_shm=1"
+        self._wal, self._shm = Path(f"{resolved}-wal"), Path(f"{resolved}-shm")
         self._timeout = timeout
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
