@@ -304,3 +304,29 @@ async def test_a_symlinked_path_finds_the_wal_files_beside_the_file_it_names(sha
             await store.close()
     finally:
         gateway.close()
+
+
+@pytest.mark.asyncio
+async def test_a_symbolic_link_pointed_at_another_file_is_followed(shared_dir: Path) -> None:
+    """A restore that points SQLITE_PATH's link at a new file: the service reads the new file
+    (it noticed the swap, but kept opening the old link target until a restart)."""
+    old, new = Gateway(shared_dir / "old.db"), Gateway(shared_dir / "new.db")
+    try:
+        token = old.add_token(used=3)
+        new.add_token(key=token.key, user_id=new.add_user(), used=9)
+        link = shared_dir / "one-api.db"
+        link.symlink_to(old.path)
+        store = await SQLiteStore.open(link, timeout=1.0, pool_size=1)
+        store.identity_check_interval = 0
+        try:
+            record = await store.fetch(token.key)
+            assert record is not None and record.used_quota == 3
+            (shared_dir / "next").symlink_to(new.path)
+            os.replace(shared_dir / "next", link)  # the link swapped in one step
+            record = await store.fetch(token.key)
+            assert record is not None and record.used_quota == 9
+        finally:
+            await store.close()
+    finally:
+        old.close()
+        new.close()

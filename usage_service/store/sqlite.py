@@ -67,12 +67,7 @@ class SQLiteStore(SQLStore):
     def __init__(self, path: Path, *, timeout: float, pool_size: int, rows_kept: int = ROW_MEMORY) -> None:
         super().__init__(pool_size=pool_size, rows_kept=rows_kept)
         self.path = path
-        # SQLite keeps -wal and -shm beside the file it opens, the one a symbolic link names:
-        # looked for beside the link, they were never found, and a running gateway's database
-        # was read as a closed one (immutable, without the commits still in -wal).
-        resolved = path.resolve()
-        self._uri = resolved.as_uri() + "?mode=ro&readonly_shm=1"
-        self._wal, self._shm = Path(f"{resolved}-wal"), Path(f"{resolved}-shm")
+        self._locate()
         self._timeout = timeout
         self._idle: asyncio.LifoQueue[aiosqlite.Connection] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(pool_size)
@@ -432,6 +427,16 @@ class SQLiteStore(SQLStore):
         for identity in [identity for identity in self._header_fds if identity not in current]:
             os.close(self._header_fds.pop(identity))
 
+    def _locate(self) -> None:
+        """Find the file SQLITE_PATH names now, through any symbolic link: the file connections
+        open, and where SQLite keeps its -wal and -shm. Looked for beside the link, they were
+        never found, and a running gateway's database was read as a closed one (immutable,
+        without the commits still in -wal); and a link pointed at a restored file was followed
+        only by a restart."""
+        resolved = self.path.resolve()
+        self._uri = resolved.as_uri() + "?mode=ro&readonly_shm=1"
+        self._wal, self._shm = Path(f"{resolved}-wal"), Path(f"{resolved}-shm")
+
     def _check_identity(self) -> None:
         now = time.monotonic()
         if now - self._checked_at < self.identity_check_interval:
@@ -443,6 +448,7 @@ class SQLiteStore(SQLStore):
         if identity is not None and identity != self._identity:
             logger.warning("database file %s was replaced; reopening connections", self.path)
             self._identity = identity
+            self._locate()
             self._generation += 1
             self._schema_stale = True  # a restored file may have other columns
 
