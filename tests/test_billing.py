@@ -316,6 +316,30 @@ async def test_whole_amounts_are_rendered_like_the_gateway(gateway: Gateway, app
     assert usage == b'{"object":"list","total_usage":60}'
 
 
+async def test_whole_amounts_past_64_bits_are_answered(gateway: Gateway, app_client: AppClient) -> None:
+    """A whole amount no 64-bit integer holds (a used quota of 2**62 shown in TOKENS is 100 times
+    that in hundredths; a QuotaPerUnit below 1 multiplies too) is still a number the gateway
+    writes (its float64): it was rendered as a Python int orjson refuses, a 500 on every route."""
+    gateway.set_option("general_setting.quota_display_type", "TOKENS")
+    token = gateway.add_token(remain=1, used=2**62, expired_time=NEVER)
+    gateway.add_log(token, created_at=1_700_000_000, quota=2**62)
+    dated = {"start_date": "2023-11-14", "end_date": "2023-11-15"}
+    async with app_client() as (_, client):
+        sub, use = await billing(client, token)
+        ranged = await client.get(USAGE, params=dated, headers=token.bearer)
+        history = await client.get("/api/usage/token/history", params=dated, headers=token.bearer)
+    gateway.set_option("general_setting.quota_display_type", "USD")
+    gateway.set_option("QuotaPerUnit", "0.01")
+    async with app_client() as (_, client):
+        tiny_sub, tiny_use = await billing(client, token)
+    assert sub["hard_limit_usd"] == 2**62 and use["total_usage"] == float(2**62) * 100
+    assert ranged.status_code == 200, ranged.text
+    assert ranged.json()["daily_costs"][0]["line_items"] == [{"name": "gpt-4o-mini", "cost": float(2**62) * 100}]
+    assert history.status_code == 200 and history.json()["data"]["total"]["amount"] == 2**62
+    assert tiny_sub["hard_limit_usd"] == float(2**62 + 1) / 0.01
+    assert tiny_use["total_usage"] == float(2**62) / 0.01 * 100
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [

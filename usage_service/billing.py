@@ -96,8 +96,12 @@ def _positive(raw: str | None, default: float) -> float:
 
 
 def json_number(value: float) -> int | float:
-    """Render a float as Go's encoding/json does: whole numbers without a fraction."""
-    return int(value) if value.is_integer() and abs(value) < 1e21 else value
+    """Render a float as Go's encoding/json does: whole numbers without a fraction.
+
+    Only those orjson writes as integers (-2**63 to 2**64 - 1): a larger one (a used quota of
+    2**58 in hundredths of TOKENS, any large quota over a QuotaPerUnit below 1) stays a float, the
+    same number to every JSON reader; as an int it failed to render, and the answer was a 500."""
+    return int(value) if value.is_integer() and -(2**63) <= value < 2**64 else value
 
 
 def subscription_data(record: TokenRecord, options: BillingOptions) -> dict[str, object]:
