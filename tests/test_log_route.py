@@ -1159,6 +1159,23 @@ async def test_odd_values_read_as_the_gateways_zero_values(gateway: Gateway, app
     assert (past_64_bits["quota"], past_64_bits["use_time"], past_64_bits["is_stream"]) == (0, 0, False)
 
 
+async def test_an_other_nested_deeper_than_orjson_writes_fails_its_row_alone(
+    gateway: Gateway, app_client: AppClient
+) -> None:
+    """orjson reads JSON nested up to 1,024 levels deep but writes only 254: a row whose `other`
+    was nested between the two read as an object and then failed to render, a 500 for every
+    answer holding the row. It shows `null`, as an `other` that cannot be read does."""
+    token = gateway.add_token()
+    gateway.add_log(token, content="fine", created_at=7)
+    gateway.add_log(token, content="deep", created_at=8, other='{"a":' * 300 + "1" + "}" * 300)
+    async with app_client() as (_, client):
+        response = await client.get(URL, headers=token.bearer)
+    assert response.status_code == 200, response.text
+    deep, fine = response.json()["data"]  # newest first
+    assert (deep["content"], deep["other"]) == ("deep", "null")
+    assert (fine["content"], fine["other"]) == ("fine", "{}")
+
+
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
 async def test_postgres_start_up_advises_an_index_in_token_order(
     gateway: Gateway, app_client: AppClient, caplog: pytest.LogCaptureFixture

@@ -262,7 +262,12 @@ def owner_other(text: str) -> str:
         return "null"
     for member in HIDDEN_OTHER:
         value.pop(member, None)
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (254 levels; it reads 1,024): shown as what cannot
+        # be read is, rather than failing every answer that holds the row.
+        return "null"
 
 
 def _text(value: object) -> str:
