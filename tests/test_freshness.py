@@ -506,6 +506,60 @@ async def test_a_token_gone_is_never_served_stale(
     assert app.state.lookup.stats.stale_served == 0
 
 
+@pytest.mark.parametrize("how", ["alone", "asked-meanwhile", "failing"])
+async def test_a_read_that_the_news_of_a_token_gone_overtakes_leaves_no_stale_copy(
+    gateway: Gateway, app_client: AppClient, proxied_redis: TCPProxy, how: str
+) -> None:
+    """A miss reads the row, the token is deleted, the leader names it gone, and only then does
+    the miss land: it answers those already waiting, but leaves nothing behind that stale-if-error
+    could serve for the revoked key later, whether or not a request came between (and found the
+    token gone) before it landed; and a miss that fails keeps no expired record it found in Redis."""
+    token, sentinel = gateway.add_token(used=7), gateway.add_token()
+    digest = key_digest(token.key.encode())
+    settings = {"redis_url": proxied_redis.url, "redis_timeout": 0.1, "redis_cooldown": 60.0, "negative_ttl": 0.0}
+    async with app_client(**settings, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        await app.state.redis.hot_set.note({digest: token.id}, time.time())
+        await app.state.refresher.tick()  # the leader sees the token (and writes its record to Redis)
+        records = app.state.redis.records
+        held = await records.get(digest)
+        await app.state.redis.guard.client.delete(records.key(digest))  # the miss reads the row
+        if how == "failing":  # ...past a record in Redis too old to be taken, but not to stand in
+            await records.store_many({digest: encode_cached(held[0], time.time() - 100)}, 300)
+        store, gate = app.state.store, Gate()
+        fetch = store.fetch
+
+        async def gated_fetch(key: str) -> TokenRecord | None:
+            if key != token.key or gate.reached.is_set():  # the first read of the token only
+                return await fetch(key)
+            record = await fetch(key)
+            await gate.hold()
+            if how == "failing":
+                raise StoreUnavailable("the database stopped answering")
+            return record
+
+        store.fetch = gated_fetch
+        request = asyncio.create_task(client.get(URL, headers=token.bearer))
+        await gate.reached.wait()  # the miss has read the live token
+
+        gateway.update_token(token, deleted_at="2026-01-01 00:00:00")
+        await app.state.refresher.tick()  # the leader names it with no record
+        await heard_so_far(app, client, sentinel)
+        if how == "asked-meanwhile":
+            response = await client.get(URL, headers=token.bearer)
+            assert response.status_code == 401, response.text
+
+        gate.release.set()
+        # Those waiting may be answered with what it read; a failed read has nothing to give them.
+        assert (await request).status_code == (503 if how == "failing" else 200)
+        proxied_redis.black_hole()
+        with gateway.exclusive_lock():
+            response = await client.get(URL, headers=token.bearer)
+        proxied_redis.heal()
+    assert response.status_code == 503, response.text
+    assert app.state.lookup.stats.stale_served == 0
+
+
 async def test_a_token_named_gone_is_not_served_stale_from_a_record_redis_kept(
     gateway: Gateway, app_client: AppClient, redis_url: str
 ) -> None:

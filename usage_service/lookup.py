@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
@@ -98,6 +99,9 @@ class TokenLookup:
         self._loads: Flights[bytes, tuple[TokenRecord | None, str]] = Flights(
             (StoreUnavailable,), "a read of a token's record"
         )
+        # Loads overtaken by the news that their token is gone: what they read was the token
+        # alive, which nothing may stand in for afterwards, not even as a stale copy.
+        self._voided: weakref.WeakSet[asyncio.Task[tuple[TokenRecord | None, str]]] = weakref.WeakSet()
         # What the round that last named each token read (its fingerprint; None: no record),
         # until a load of it lands: a record in Redis other than that one is read past to the
         # database (see _load). The newest entries are kept, as many as the in-process layer.
@@ -191,6 +195,8 @@ class TokenLookup:
         now = time.monotonic()
         for digest, fingerprint in changes:
             self.negative.discard(digest)
+            if fingerprint is None and (load := self._loads.get(digest)) is not None:
+                self._voided.add(load)
             self._loads.detach(digest)  # what it reads may predate the change
             self._named[digest] = fingerprint
             self._named = keep_newest(self._named, self._named_max)
@@ -272,7 +278,7 @@ class TokenLookup:
         try:
             record = await self._fetch(key, deadline)
         except StoreUnavailable:
-            if stale is not None:
+            if stale is not None and asyncio.current_task() not in self._voided:
                 self._keep_stale(digest, *stale)
             if not isinstance(named, _Unnamed):
                 self._named.setdefault(digest, named)  # for the next load to check in turn
@@ -314,11 +320,13 @@ class TokenLookup:
         """Keep what was read from the database `age` seconds ago: fresh for the local TTL (never
         beyond its cache TTL), longer while confirmations cover it if it was loaded under the
         current generation, and never more than `max_age` after that read. What an invalidation
-        overtook is at most a stale copy, and never replaces what a later load may have put."""
+        overtook is at most a stale copy (none when the news was that the token is gone), and
+        never replaces what a later load may have put."""
         now = time.monotonic()
         read_at = now - age
         if overtaken:
-            if record is not None and self.local.peek(digest) is None:
+            voided = asyncio.current_task() in self._voided
+            if record is not None and not voided and self.local.peek(digest) is None:
                 self.local.put(digest, record, now)
             return
         if record is None:
