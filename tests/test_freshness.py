@@ -1147,6 +1147,41 @@ async def test_a_record_read_before_the_leaders_by_a_clock_ahead_is_not_taken_ba
         assert served == [6] * 8
 
 
+async def test_a_token_named_again_is_the_newest_naming_a_worker_keeps(
+    gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker keeps as many namings as its in-process layer holds records, the newest: a token
+    the leader named long ago (its first sight) and names again now is among the newest. (Its
+    naming kept the place of the first one and went first: the record from a clock ahead that
+    the round's naming is there to refuse was taken back, and confirmed.)"""
+    base, mono = float(int(time.time())), time.monotonic()
+    worker = WallClock(base + 1.0, mono)  # the requests' instance
+    leader = WallClock(base, mono)  # the leader's instance
+    monkeypatch.setattr(usage_service.lookup, "time", worker)
+    monkeypatch.setattr(usage_service.refresh, "time", leader)
+    token, sentinel = gateway.add_token(used=1), gateway.add_token()
+    digest = key_digest(token.key.encode())
+    others = [bytes([i]) * 32 for i in range(1, 5)]  # tokens this worker holds nothing of
+    async with app_client(redis_url=redis_url, local_cache_size=5, **MANUAL_ROUNDS) as (app, client):
+        await started(app)
+        refresher, records, lookup = app.state.refresher, app.state.redis.records, app.state.lookup
+        assert await used(client, token) == 1  # a miss: read from the database, written behind
+        await until(lambda: redis_client.get(records.key(digest)) is not None)
+        await app.state.redis.hot_set.note({digest: token.id}, leader.wall)
+        await refresher.tick()  # the leader's first sight: the token named with what the worker holds
+        await heard_so_far(app, client, sentinel)
+        lookup.invalidate([(other, b"\xff" * 8) for other in others[:2]])
+
+        worker.wall += 0.1
+        leader.wall += 0.1
+        gateway.charge(token, 5)
+        await refresher.tick()  # reads used=6; its write is refused; it names the token again
+        await heard_so_far(app, client, sentinel)
+        assert decode_cached(redis_client.get(records.key(digest)))[0].used_quota == 1  # (the refused write)
+        lookup.invalidate([(other, b"\xff" * 8) for other in others[2:]])  # a few namings more
+        assert await used(client, token) == 6
+
+
 async def test_a_charge_after_redis_restarted_empty_is_served_within_a_round(
     gateway: Gateway, app_client: AppClient, own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

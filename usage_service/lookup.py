@@ -198,6 +198,7 @@ class TokenLookup:
             if fingerprint is None and (load := self._loads.get(digest)) is not None:
                 self._voided.add(load)
             self._loads.detach(digest)  # what it reads may predate the change
+            self._named.pop(digest, None)  # (a dict keeps a key where it was first put: moved to the newest)
             self._named[digest] = fingerprint
             self._named = keep_newest(self._named, self._named_max)
             held = self.local.peek(digest)
