@@ -123,3 +123,19 @@ async def test_prepared_answers_stay_unchanged(gateway: Gateway, app_client: App
             response = await client.get(URL, headers={"Origin": DASH})
             assert response.headers.get_list("access-control-allow-origin") == [DASH]
     assert NO_HEADER.headers == before
+
+
+async def test_an_unexpected_error_carries_the_origin_too(gateway: Gateway, app_client: AppClient) -> None:
+    """The front door answers an error nothing else caught with a 500: a page must be able to
+    read that one as well, not see a CORS failure instead."""
+    token = gateway.add_token()
+    async with app_client(cors_origins=(DASH,)) as (app, client):
+
+        async def broken(*args: object) -> None:
+            raise RuntimeError("unexpected")
+
+        app.state.store.fetch = broken
+        response = await client.get(URL, headers={**token.bearer, "Origin": DASH})
+    assert response.status_code == 500
+    assert response.headers["access-control-allow-origin"] == DASH
+    assert response.headers["vary"] == "Origin"

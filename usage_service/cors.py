@@ -11,7 +11,8 @@ from collections.abc import Collection, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .responses import JSONError, send_body
+from .responses import STATUS_KEY, JSONError, send_body
+from .routing import ROUTE_KEY, ShortRoute
 
 ALLOW_METHODS = (b"GET", b"HEAD")
 ALLOW_HEADERS = frozenset({b"authorization", b"if-none-match", b"cache-control"})
@@ -76,7 +77,16 @@ class CORSMiddleware:
                 message = {**message, "headers": [*message.get("headers", ()), *headers]}
             await send(message)
 
-        await self.app(scope, receive, send_with_cors)
+        try:
+            await self.app(scope, receive, send_with_cors)
+        except Exception:
+            # The front door logs an unexpected error and answers it with a 500, but through
+            # the server's own `send`: answered here first, the 500 carries the headers as well
+            # (a page reads it rather than a CORS failure), and the front door sends no other.
+            if STATUS_KEY not in scope:
+                route: ShortRoute = scope[ROUTE_KEY]
+                await route.rules.internal_error(scope, receive, send_with_cors)
+            raise
 
     def response_headers(self, origin: bytes) -> list[tuple[bytes, bytes]]:
         if self.any_origin:
