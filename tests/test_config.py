@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from usage_service._dsn import MySQLDSN, PostgresDSN
-from usage_service.cli import _host, build_parser
+from usage_service.cli import _host, _port, build_parser
 from usage_service.config import (
     TABLE,
     ConfigError,
@@ -409,6 +409,17 @@ def test_host_is_an_address_or_a_name_that_resolves(flag: str, address: str | No
             _host(flag)
     else:
         assert _host(flag) == address
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+def test_a_blank_variable_means_its_default_for_the_ones_read_by_hand_too(
+    blank: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docs' "an empty variable means its default" (configuration.md) holds for the variables
+    read outside TABLE's parsers: the listen port, and the sentinels' password."""
+    monkeypatch.setenv("PORT", blank)
+    assert _port(None) == 3001
+    assert load_settings({"USAGE_REDIS_SENTINEL_PASSWORD": blank}).redis_sentinel_password is None
 
 
 def test_a_metrics_address_with_metrics_off_stops_start_up() -> None:

@@ -307,7 +307,9 @@ def _note_shutdown_signal(signum: int, frame: object) -> None:
 
 
 def _port(flag: str | None) -> int:
-    raw, name = (flag, "--port") if flag is not None else (os.environ.get("PORT", "") or str(DEFAULT_PORT), "PORT")
+    # A blank PORT is unset, as every other variable is ("An empty variable means its default").
+    environ = os.environ.get("PORT", "").strip() or str(DEFAULT_PORT)
+    raw, name = (flag, "--port") if flag is not None else (environ, "PORT")
     try:
         port = int(raw)
     except ValueError:

@@ -569,7 +569,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"LOG_SQL_DSN: {exc}") from None
     values["log_database"] = values["sqlite_path"] if log_dsn and log_database is None else log_database
     values["redis_url"] = redis_url = _redis_url(env.get("REDIS_CONN_STRING", "").strip())
-    values["redis_sentinel_password"] = env.get("USAGE_REDIS_SENTINEL_PASSWORD") or None
+    # Blank is unset, as for every variable; a password that is not blank is taken as it is, spaces included.
+    sentinel_password = env.get("USAGE_REDIS_SENTINEL_PASSWORD", "")
+    values["redis_sentinel_password"] = sentinel_password if sentinel_password.strip() else None
 
     values["local_ttl"] = min(values["local_ttl"], values["cache_ttl"])
     if values["metrics_address"] is not None and not values["metrics"]:
