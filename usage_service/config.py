@@ -374,7 +374,7 @@ TABLE: tuple[Variable, ...] = (
         "retry_after",
         1,
         _count(minimum=0, maximum=int(MAX_SECONDS)),
-        "Retry-After seconds sent with 503 answers",
+        'Retry-After seconds sent with 503 answers (a worker\'s own "server busy" 503 says 1)',
     ),
     Variable(
         "USAGE_REFRESH_INTERVAL",
