@@ -1026,7 +1026,7 @@ async def test_the_marks_pass_over_text_in_created_at(gateway: Gateway, settings
     store = await open_store(settings)
     try:
         # The newest number is T0 + 100: settled up to 60 s before it, the row stamped T0.
-        assert await marks(store.log_reader(), T0 + 1000, 60) == (first, first, T0 + 40, None)
+        assert await marks(store.log_reader(), T0 + 1000, 60) == (first, first, T0 + 40, None, first + 2)
     finally:
         await store.close()
 

@@ -1585,3 +1585,36 @@ async def test_a_round_that_fails_as_it_passes_a_missing_id_does_not_wait_for_it
         # The round after the failed one passes over the hole; the rounds after it read above it.
         assert len(first_new) > 2 and all(first > hole for first in first_new[1:]), (hole, first_new)
         assert await w.history.slots(y.id, *today) == await plain_select(truth(w), y.id, *today)
+
+
+def restore_logs(gateway: Gateway, upto: int) -> None:
+    """Take the log back to a backup holding the rows up to id `upto`, as SQLite's backup API
+    (`.restore`) writes it into the same file: the later rows are gone, and new ones take
+    their ids again."""
+    gateway.db.execute("DELETE FROM logs WHERE id > ?", (upto,))
+    gateway.db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'logs'", (upto,))
+
+
+async def test_a_log_restored_from_a_backup_is_kept_from_scratch(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """The gateway's database is restored from a backup taken before x's last charges while the
+    rounds go on: the log's smallest id is as it was, the new rows take the ids of those the
+    restore took out. The rounds kept the charges the restore took out, and settled past the
+    ids the new charges took: the open day showed the first and lacked the second (and so did
+    the day handed over at its close)."""
+    settings, x, y, clock = x_and_y(gateway, settings)
+    today = (T0, T0 + DAY)
+    backup = gateway.add_log(y, created_at=NOON - 60, quota=1)
+    async with worker(settings, clock, redis_url) as w:
+        await w.history.slots(x.id, *today)
+        await round_heard(w, w)
+        for _ in range(int(SETTLE) + 3):  # the rounds settle past these
+            clock.now += 1
+            gateway.add_log(x, created_at=int(clock.now), quota=100)
+            await w.history.slots(x.id, *today)
+            await round_heard(w, w)
+        restore_logs(gateway, backup)
+        answer = await rounds_go_on(w, gateway, clock, x, x, int(SETTLE) + 5)
+        assert answer == await plain_select(truth(w), x.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 1 + (int(SETTLE) + 5) * 7

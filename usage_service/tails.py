@@ -288,11 +288,17 @@ class TailKeeper:
         if before_statement is not None and not await before_statement():
             return None
         self.stats.statements += 1
-        min_id, settled, settled_at, gap = await marks(self.reader, int(now), int(SETTLE), self._settled)
+        min_id, settled, settled_at, gap, max_id = await marks(self.reader, int(now), int(SETTLE), self._settled)
         if 0 < min_id < self._min_id:
             # A row committed below the log's smallest id (still committing as the clean-up
             # deleted the rows around it, on PostgreSQL): the rounds took its id as deleted, and
             # may have settled past it. Begin afresh, as a leadership's first round.
+            self._forget_kept()
+            gap = None
+        elif self._settled is not None and max_id < self._settled:
+            # The log ends below the rows the rounds settled on: it was restored from a backup
+            # (or emptied). What was kept holds rows it no longer has, and new rows take ids the
+            # rounds settled past. Begin afresh, as a leadership's first round.
             self._forget_kept()
             gap = None
         # Days that closed since the last round are read once more with the open ones (a row

@@ -110,6 +110,7 @@ class Marks(NamedTuple):
     settled: int  # the id of the last row stamped `settle` seconds before the newest one (0: none)
     settled_at: int  # when that was, by the gateway's clock
     gap: int | None  # the smallest id above `after` and below `settled` that no row has, if any
+    max_id: int = 0  # the log's largest id (0 when empty): below a mark the rounds settled on, a restore
 
 
 async def marks(reader: LogReader, now: int, settle: int, after: int | None = None) -> Marks:
@@ -136,12 +137,14 @@ async def marks(reader: LogReader, now: int, settle: int, after: int | None = No
     if after is not None:
         gap_sql = _first_missing_sql(settled_sql)
         params += [after + 1, after, now - settle, settle]
-    rows = await reader.query(f"SELECT (SELECT min(id) FROM logs), {newest_sql}, {settled_sql}, {gap_sql}", params)
-    low, newest, settled, gap = rows[0] if rows else (None, None, None, None)
+    rows = await reader.query(
+        f"SELECT (SELECT min(id) FROM logs), {newest_sql}, {settled_sql}, {gap_sql}, (SELECT max(id) FROM logs)", params
+    )
+    low, newest, settled, gap, high = rows[0] if rows else (None, None, None, None, None)
     settled_id = int(settled or 0)
     settled_at = min(now, as_int(newest) if newest is not None else now) - settle
     missing = None if after is None else _missing(after, settled_id, gap)
-    return Marks(int(low or 0), settled_id, settled_at, missing)
+    return Marks(int(low or 0), settled_id, settled_at, missing, int(high or 0))
 
 
 async def first_missing(reader: LogReader, after: int, below: int) -> int | None:
