@@ -235,6 +235,28 @@ async def test_a_subscription_redis_py_restores_by_itself_is_heard_as_a_loss(
         assert fresh_in_process(app, token) is None
 
 
+async def test_a_subscription_gone_silent_is_heard_as_a_loss_and_the_channel_comes_back(
+    gateway: Gateway, app_client: AppClient, redis_server: RedisServer, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """The subscriber's connection goes silent without closing (Redis's host vanished, a network
+    partition, a failed master powered off): nothing is read from it again, and nothing said.
+    The listener pings a quiet channel, takes a ping left unanswered as a loss, and subscribes
+    again once Redis answers: it was deaf for good, and still said it was listening."""
+    with TCPProxy(("127.0.0.1", redis_server.port)) as proxy:
+        async with app_client(redis_url=proxy.url, **MANUAL_ROUNDS) as (app, client):
+            await started(app)
+            channel, lookup = app.state.redis.channel, app.state.lookup
+            proxy.black_hole()
+            await until(lambda: not lookup.invalidations_live, within=15)
+            assert channel.losses >= 1
+            proxy.heal()
+            await until(lambda: lookup.invalidations_live, within=15)
+            token = gateway.add_token(used=3)
+            assert await used(client, token) == 3
+            redis_client.publish(channel.name, ",".join(d.hex() for d in changed(token)[0]))
+            await until(lambda: fresh_in_process(app, token) is None)
+
+
 async def test_an_error_redis_py_does_not_document_is_a_loss_and_the_channel_comes_back(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

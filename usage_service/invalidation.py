@@ -30,6 +30,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from redis.asyncio.client import PubSub
+
 from ._redis_guard import REDIS_FAILURES, RedisGuard, reraise_cancellation
 
 logger = logging.getLogger("usage_service.invalidation")
@@ -37,6 +39,11 @@ logger = logging.getLogger("usage_service.invalidation")
 # Tokens named per message: a worker reads a message in one go, so a round's first sight of
 # 10,000 tokens goes out as several (in one pipeline, but on Cluster).
 MESSAGE_DIGESTS = 1000
+
+# Seconds of silence on the channel after which the listener pings Redis through it: a connection
+# whose peer vanished without closing it (its host gone, a partition, a failed master powered
+# off) is otherwise read from forever, hearing nothing and saying nothing.
+QUIET_PING_AFTER = 2.0
 
 # Seconds between two log lines about losing the channel (the losses between are counted in the next).
 LOSS_LOG_INTERVAL = 60.0
@@ -118,7 +125,11 @@ class InvalidationChannel:
                 await pubsub.subscribe(self.name)
                 if pubsub.connection is not None:
                     pubsub.connection.register_connect_callback(connects.made)
+                # Live once Redis says the channel is subscribed, not once it was asked to: what is
+                # published before that is not heard.
+                await self._subscribed(pubsub)
                 on_live(True)
+                silence = _Silence(guard.batch_timeout)
                 while True:
                     # redis-py can turn a cancellation that lands as its read times out into an
                     # ordinary empty read; without this check the listener would outlive shutdown.
@@ -130,6 +141,12 @@ class InvalidationChannel:
                         self._lost("connected again")
                         on_live(True)
                     if message is None:
+                        if silence.ping_due():
+                            async with asyncio.timeout(guard.timeout):
+                                await pubsub.ping()
+                        continue
+                    silence.heard()
+                    if message["type"] == "pong":
                         continue
                     data = message["data"]
                     if isinstance(data, bytes) and data.startswith(b"@"):
@@ -163,6 +180,14 @@ class InvalidationChannel:
                         # (redis-py types this from 8.2; untyped before)
                         await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
+    async def _subscribed(self, pubsub: PubSub) -> None:
+        """Wait (a batch timeout at most) for Redis to confirm the subscription."""
+        async with asyncio.timeout(self.guard.batch_timeout):
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "subscribe":
+                    return
+
     def _lost(self, reason: str, *, unexpected: bool = False) -> None:
         # While the channel is down, what a worker holds is confirmed by nothing: its polls go
         # to Redis or the database until a round is heard again. Said now and then, not per loss.
@@ -176,6 +201,32 @@ class InvalidationChannel:
                 exc_info=unexpected,
             )
             self._loss_logged_at = now
+
+
+class _Silence:
+    """When a quiet channel is due a ping, and when its silence means it is gone: once a ping has
+    gone unanswered for `patience` seconds (anything heard from the channel answers it)."""
+
+    def __init__(self, patience: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.patience = patience
+        self.clock = clock
+        self._heard_at = clock()
+        self._pinged_at: float | None = None
+
+    def heard(self) -> None:
+        self._heard_at, self._pinged_at = self.clock(), None
+
+    def ping_due(self) -> bool:
+        """Whether to ping now; raise TimeoutError when the last ping went unanswered."""
+        now = self.clock()
+        if self._pinged_at is not None:
+            if now - self._pinged_at >= self.patience:
+                raise TimeoutError("the channel went silent: a ping went unanswered")
+            return False
+        if now - self._heard_at < QUIET_PING_AFTER:
+            return False
+        self._pinged_at = now
+        return True
 
 
 class _Connects:
