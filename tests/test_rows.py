@@ -181,6 +181,30 @@ async def test_totals_past_64_bits_are_what_the_gateway_shows(
     assert (data["total_granted"], data["total_available"], data["total_used"]) == (granted, remain, used)
 
 
+async def test_a_charge_past_64_bits_fails_its_token_alone(gateway: Gateway, app_client: AppClient) -> None:
+    """SQLite turns a sum past 64 bits into a REAL: a charge (the gateway's `used_quota + ?`) of
+    a token near the edge stores a number no 64-bit integer holds, which the gateway cannot read
+    into a Go int. It was read as junk, a used quota of 0; it fails that token alone."""
+    from usage_service.store import UnreadableRow
+    from usage_service.store.sqlite import SQLiteStore
+
+    good = gateway.add_token(used=1)
+    bad = gateway.add_token(remain=100, used=INT64_MAX - 5)
+    gateway.charge(bad, 10)
+    assert gateway.db.execute("SELECT typeof(used_quota) FROM tokens WHERE id = ?", (bad.id,)).fetchone() == ("real",)
+    async with app_client(refresh_interval=0, negative_ttl=0) as (_, client):
+        response = await client.get(URL, headers=bad.bearer)
+        assert (await client.get(URL, headers=good.bearer)).status_code == 200
+    assert response.status_code == 503, response.text
+    store = await SQLiteStore.open(gateway.path, timeout=2, pool_size=1)
+    try:
+        found = await store.fetch_many([good.id, bad.id])
+    finally:
+        await store.close()
+    assert isinstance(found[bad.id], UnreadableRow)
+    assert not isinstance(found[good.id], UnreadableRow)
+
+
 async def test_subscription_amount_follows_the_wrapped_total(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token(remain=INT64_MAX, used=10)
     async with app_client(refresh_interval=0) as (_, client):

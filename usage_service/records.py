@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -149,13 +150,14 @@ def as_bool(value: object) -> bool:
 
 def as_int(value: object, default: int = 0) -> int:
     """Read an integer column defensively: NULL and junk become the default, floats are truncated,
-    and so are decimals (a NUMERIC or DECIMAL column; one past 64 bits is read whole, for the
-    caller's range check to refuse)."""
+    and so are decimals (a NUMERIC or DECIMAL column). A number past 64 bits, float or decimal,
+    is read whole, for the caller's range check to refuse: SQLite stores a sum past 64 bits (the
+    gateway's `used_quota + ?`) as a REAL, which is no quota of 0. (NaN and infinities are junk.)"""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value == value and abs(value) < 2**63:
+    if isinstance(value, float) and math.isfinite(value):
         return int(value)
     if isinstance(value, Decimal) and value.is_finite():
         return int(value)
