@@ -353,6 +353,9 @@ async def test_whole_amounts_past_64_bits_are_answered(gateway: Gateway, app_cli
         pytest.param(
             {"general_setting.quota_display_type": "EUR"}, BillingOptions(display_type="EUR"), id="unknown-type-kept"
         ),
+        # Any value but "true" turns the legacy switch off, as for every *Enabled option.
+        pytest.param({"DisplayInCurrencyEnabled": "False"}, BillingOptions(display_type="TOKENS"), id="legacy-text"),
+        pytest.param({"DisplayInCurrencyEnabled": "0"}, BillingOptions(display_type="TOKENS"), id="legacy-zero"),
     ],
 )
 def test_options_are_read_like_the_gateway(rows: dict[str, str], expected: BillingOptions) -> None:

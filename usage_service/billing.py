@@ -65,8 +65,10 @@ class BillingOptions:
         token_stat = rows[TOKEN_STAT] == "true" if TOKEN_STAT in rows else default.token_stat
         display_type = rows.get(DISPLAY_TYPE, "").strip()
         if not display_type:
-            # Gateways older than quota_display_type only had this switch: false meant raw quota.
-            display_type = "TOKENS" if rows.get(LEGACY_CURRENCY) == "false" else default.display_type
+            # Gateways older than quota_display_type only had this switch: off meant raw quota, and
+            # the gateway reads every value but "true" as off (as DisplayTokenStatEnabled above).
+            legacy_off = LEGACY_CURRENCY in rows and rows[LEGACY_CURRENCY] != "true"
+            display_type = "TOKENS" if legacy_off else default.display_type
         return cls(
             token_stat=token_stat,
             display_type=display_type,
