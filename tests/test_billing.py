@@ -348,6 +348,13 @@ async def test_whole_amounts_past_64_bits_are_answered(gateway: Gateway, app_cli
         pytest.param({"USDExchangeRate": "-1"}, BillingOptions(), id="negative-rate-is-default"),
         pytest.param({"USDExchangeRate": "nan"}, BillingOptions(), id="nan-rate-is-default"),
         pytest.param({"USDExchangeRate": "7.1"}, BillingOptions(usd_exchange_rate=7.1), id="rate"),
+        # Numbers as Go's strconv.ParseFloat takes them: no spaces, no underscores, hex with an exponent.
+        pytest.param({"QuotaPerUnit": " 1000"}, BillingOptions(), id="spaced-number-is-junk"),
+        pytest.param({"QuotaPerUnit": "1_000"}, BillingOptions(), id="underscored-number-is-junk"),
+        pytest.param({"QuotaPerUnit": "0x1p10"}, BillingOptions(quota_per_unit=1024.0), id="hex-number"),
+        pytest.param({"USDExchangeRate": "0x10"}, BillingOptions(), id="hex-without-exponent-is-junk"),
+        pytest.param({"USDExchangeRate": "0x1p99999"}, BillingOptions(), id="hex-past-float64-is-default"),
+        pytest.param({"QuotaPerUnit": "5e5", "USDExchangeRate": ".5"}, BillingOptions(usd_exchange_rate=0.5), id="e"),
         pytest.param({"DisplayTokenStatEnabled": "false"}, BillingOptions(token_stat=False), id="owner-totals"),
         pytest.param({"DisplayTokenStatEnabled": "TRUE"}, BillingOptions(token_stat=False), id="only-lowercase-true"),
         pytest.param(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -86,12 +87,24 @@ class BillingOptions:
         return value
 
 
+# The numbers Go's strconv.ParseFloat takes (the gateway's reader of these options), finite ones:
+# decimal, or hexadecimal with its binary exponent. Python's float() also takes surrounding
+# spaces and underscores between digits, which the gateway reads as junk.
+_GO_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_GO_HEX = re.compile(r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+")
+
+
 def _positive(raw: str | None, default: float) -> float:
     if raw is None:
         return default
-    try:
+    if _GO_DECIMAL.fullmatch(raw):
         value = float(raw)
-    except ValueError:
+    elif _GO_HEX.fullmatch(raw):
+        try:
+            value = float.fromhex(raw)
+        except OverflowError:  # past float64 (Go's infinity): no positive number either
+            return default
+    else:
         return default
     # The gateway would divide by zero or by junk here; the default is the only sensible reading.
     return value if math.isfinite(value) and value > 0 else default
