@@ -373,6 +373,12 @@ def test_unknown_display_type_counts_like_usd() -> None:
     assert BillingOptions(display_type="EUR").amount(1_000_000) == BillingOptions().amount(1_000_000) == 2.0
 
 
+def test_a_display_type_is_compared_as_stored() -> None:
+    """The gateway compares the stored text as it is: " CNY" is no type it knows, and counts like USD."""
+    options = BillingOptions.from_rows({"general_setting.quota_display_type": " CNY"})
+    assert options.amount(1_000_000) == BillingOptions().amount(1_000_000) == 2.0
+
+
 # --- options refresh --------------------------------------------------------------------------
 
 

@@ -64,8 +64,9 @@ class BillingOptions:
         """Read the options as the gateway does; a missing row keeps its default, a junk number too."""
         default = cls()
         token_stat = rows[TOKEN_STAT] == "true" if TOKEN_STAT in rows else default.token_stat
-        display_type = rows.get(DISPLAY_TYPE, "").strip()
-        if not display_type:
+        # Compared as stored, as the gateway does (" CNY" is no type it knows); a blank one is unset.
+        display_type = rows.get(DISPLAY_TYPE, "")
+        if not display_type.strip():
             # Gateways older than quota_display_type only had this switch: off meant raw quota, and
             # the gateway reads every value but "true" as off (as DisplayTokenStatEnabled above).
             legacy_off = LEGACY_CURRENCY in rows and rows[LEGACY_CURRENCY] != "true"
