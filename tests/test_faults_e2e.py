@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +21,16 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from support import Gateway, RedisServer, Service, Token, redis_contents, wait_until
+from support import (
+    Gateway,
+    RedisServer,
+    Service,
+    Token,
+    environ_without_gateway_settings,
+    free_port,
+    redis_contents,
+    wait_until,
+)
 from tcpproxy import TCPProxy
 
 pytestmark = pytest.mark.e2e
@@ -162,6 +172,42 @@ def test_a_second_sigint_forces_the_stop_and_says_so(tmp_path: Path, first: sign
         with contextlib.suppress(httpx.HTTPError):
             waiting.result()
     assert "forced to stop by a second signal (SIGINT)" in service.output()
+    gateway.close()
+
+
+# The command, with SIGTERM delivered as uvicorn's Config is made: after the command has put
+# its own handlers in, before uvicorn (or its --workers supervisor) has put in its own.
+_SIGTERM_BEFORE_UVICORN_LISTENS = """
+import signal, sys
+import uvicorn
+made = uvicorn.Config.__init__
+def terminated_first(self, *args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)
+    made(self, *args, **kwargs)
+uvicorn.Config.__init__ = terminated_first
+from usage_service.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_sigterm_before_uvicorn_listens_for_signals_still_stops_it(tmp_path: Path, workers: str) -> None:
+    """The command puts its own handlers in before handing over to uvicorn (for exit status 0);
+    a SIGTERM that came before uvicorn put in its own was only noted: the service started and
+    served on, as if it had never come, until another one."""
+    gateway = Gateway(tmp_path / "one-api.db")
+    command = [sys.executable, "-c", _SIGTERM_BEFORE_UVICORN_LISTENS, "--host", "127.0.0.1"]
+    command += ["--port", str(free_port()), "--workers", workers]
+    env = {**environ_without_gateway_settings(), "SQLITE_PATH": str(gateway.path)}
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # a second SIGTERM, which it does act on
+            output, _ = process.communicate()
+            pytest.fail(f"still serving 30 s after SIGTERM:\n{output}")
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
     gateway.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import importlib.util
 import ipaddress
 import logging
@@ -15,7 +16,7 @@ import socket
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -230,7 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.workers == 1:
-            uvicorn.run(APP_FACTORY, **options)  # exits STARTUP_FAILURE itself if the worker cannot start
+            # As uvicorn.run serves one worker: a start-up that fails exits STARTUP_FAILURE itself,
+            # a port that cannot be had returns unstarted.
+            server = _Server(uvicorn.Config(APP_FACTORY, **options))
+            server.run()
+            if not server.started:
+                return STARTUP_FAILURE
         elif _supervise(uvicorn.Config(APP_FACTORY, **options)):
             return STARTUP_FAILURE
     finally:
@@ -244,10 +250,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server of one worker, acting as well on a stop signal that came before it listened."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            # Ours only noted a SIGTERM or SIGINT that came before uvicorn's handlers were in
+            # (as the app was imported, say), and the service served on as if it had not come.
+            # uvicorn acts on it now, as on one that comes while the app starts: it starts, then stops.
+            for signum in _signals_before_the_server():
+                self.handle_exit(signum, None)
+            yield
+
+
 class _Supervisor(Multiprocess):
     """uvicorn's supervisor of `--workers N`, noting whether it stopped because a worker could not start."""
 
     worker_failed = False
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)  # puts its own signal handlers in
+        # A stop signal ours only noted before then (as the socket was bound) is acted on too.
+        self.signal_queue.extend(_signals_before_the_server())
 
     def keep_subprocess_alive(self) -> None:
         stopping = self.should_exit.is_set()
@@ -262,7 +287,7 @@ def _supervise(config: uvicorn.Config) -> bool:
     """Serve with `config.workers` workers as uvicorn.run does; return whether a worker's start-up
     failed. uvicorn.run returns as after SIGTERM then, and the command exited 0: a supervisor
     restarting only what fails (systemd's Restart=on-failure) left the service down. (With one
-    worker, uvicorn.run exits STARTUP_FAILURE itself.)"""
+    worker, the server exits STARTUP_FAILURE itself.)"""
     supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     supervisor.run()
     return supervisor.worker_failed
@@ -293,8 +318,17 @@ def _share_metrics_between_workers() -> None:
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 
-# The signals uvicorn stopped on, as it hands them on once stopped.
+# The signals uvicorn stopped on, as it hands them on once stopped (and, until the server has
+# its own handlers in, the signals that came before it did).
 _STOPPED_BY: list[int] = []
+
+
+def _signals_before_the_server() -> list[int]:
+    """The stop signals noted before the server put its own handlers in, forgotten here: the
+    server, which has them in now, acts on them and hands them on once stopped, as any other."""
+    early = list(_STOPPED_BY)
+    _STOPPED_BY.clear()
+    return early
 
 
 def _ignore_hangup(signum: int, frame: object) -> None:
