@@ -342,8 +342,12 @@ def test_metrics_add_up_across_workers(gateway: Gateway, redis_url: str, server:
     with Service(env, "--workers", "2", server=server) as service, httpx.Client(base_url=service.url) as client:
         for token in tokens:  # new connections: spread over both workers
             assert httpx.get(service.url + URL, headers=token.bearer).status_code == 200
-        time.sleep(1.5)  # each worker publishes once a second
-        text = client.get("/metrics").text
+        # Each worker publishes once a second (and the one scraped, at the scrape): on a loaded
+        # machine the other's may come later than a fixed wait, so wait for the lookups to show.
+        deadline = time.monotonic() + 15
+        while _metric(text := client.get("/metrics").text, "usage_db_lookups_total") < len(tokens):
+            assert time.monotonic() < deadline, "the workers' lookups were not all published"
+            time.sleep(0.1)
     assert _metric(text, "usage_db_statements_total") == len(tokens)
     assert _metric(text, "usage_db_lookups_total") == len(tokens)
     for line in text.splitlines():
