@@ -25,11 +25,25 @@ from usage_service.demo import GATEWAY_SCHEMA, new_key
 SQLITE_LOGS_SCHEMA = GATEWAY_SCHEMA[GATEWAY_SCHEMA.index("CREATE TABLE `logs`") :]
 
 
+# Every port free_port has handed out in this session.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port nothing listens on now, and one not handed out before in this session.
+
+    The port is free only until someone binds it, and a Sentinel group or a Cluster takes all
+    of its ports before its first server starts; the kernel may give the same free port to two
+    binds in a row, which would put two of those servers on one port.
+    """
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this session has not handed out")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 from conftest import AppClient
 from redis_topologies import RedisClusterNodes, RedisTopology, SentinelGroup
-from support import Gateway, Service
+from support import Gateway, Service, free_port
 
 from usage_service._circuit import CircuitBreaker
 from usage_service._redis_guard import RedisGuard, RedisUnavailable
@@ -32,6 +32,18 @@ from usage_service.redis_client import create_client
 from usage_service.shared import SharedRedis
 
 URL = "/api/usage/token"
+
+
+# --- the servers' ports -----------------------------------------------------------------------
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """A Sentinel group or a Cluster takes all its ports (the Cluster's bus ports too) before the
+    first of its servers starts. The kernel may hand the same free port to two binds in a row:
+    two servers of one group on one port, and the session's fixture failed to start (about one
+    session in a few hundred). Enough picks here that such a repeat is all but certain."""
+    ports = [free_port() for _ in range(1000)]
+    assert len(set(ports)) == len(ports)
 
 
 # --- settings ---------------------------------------------------------------------------------
