@@ -1089,8 +1089,11 @@ async def test_the_channel_reads_fingerprints_and_takes_an_unreadable_one_as_non
     a, b, c = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
     message = f"{a.hex()}={'ab' * 8},{b.hex()},{c.hex()}=zz".encode()
     assert _parse_digests(message) == [(a, bytes.fromhex("ab" * 8)), (b, None), (c, None)]
+    history = _parse_history(b"#1.5:7:90:1:0a1b:12=" + b"cd" * 8 + b",13")
+    assert history == (1.5, 7, True, [(12, bytes.fromhex("cd" * 8)), (13, None)], "0a1b", 90)
+    # A leader of the version before sends no largest id.
     history = _parse_history(b"#1.5:7:1:0a1b:12=" + b"cd" * 8 + b",13")
-    assert history == (1.5, 7, True, [(12, bytes.fromhex("cd" * 8)), (13, None)], "0a1b")
+    assert history == (1.5, 7, True, [(12, bytes.fromhex("cd" * 8)), (13, None)], "0a1b", None)
 
 
 class WallClock:

@@ -730,6 +730,37 @@ async def test_cleaned_rows_are_gone_from_the_answer(gateway: Gateway, settings:
         assert sum(sql.count("GROUP BY") for sql, _ in recorder.sent[sent:]) == 1
 
 
+def restore_logs(gateway: Gateway, upto: int) -> None:
+    """Take the log back to a backup holding the rows up to id `upto`, as SQLite's backup API
+    (`.restore`) writes it into the same file: the later rows are gone, and new ones take
+    their ids again."""
+    gateway.db.execute("DELETE FROM logs WHERE id > ?", (upto,))
+    gateway.db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'logs'", (upto,))
+
+
+@sqlite_only
+async def test_a_log_restored_from_a_backup_is_read_with_new_bounds(gateway: Gateway, settings: Settings) -> None:
+    """The gateway's log is restored from a backup taken 3 hours before the open day began: a
+    new charge takes an id below the one the engine found (and kept) as the bound below the day's
+    start. Once it sees the log's largest id below that bound, it finds its bounds again. (It
+    kept them: the open day lacked every new charge, until a restart.)"""
+    token = gateway.add_token()
+    backup = gateway.add_log(token, created_at=T0 - 3 * 3600, quota=1)
+    for i in range(5):
+        gateway.add_log(token, created_at=T0 - 7200 + i * 600, quota=1)
+    gateway.add_log(token, created_at=T0 + 3600, quota=100)
+    clock = Clock(T0 + 2 * 3600)
+    today = (T0, T0 + DAY)
+    async with engine(settings, clock) as (history, _):
+        assert sum(quota for quota, *_ in (await history.slots(token.id, *today)).values()) == 100
+        restore_logs(gateway, backup)
+        gateway.add_log(token, created_at=int(clock.now), quota=7)
+        clock.now += history_module.CLEANUP_CHECK  # (and the open day read lately is no longer fresh)
+        answer = await history.slots(token.id, *today)
+        assert answer == await plain_select(history.reader, token.id, *today)
+        assert sum(quota for quota, *_ in answer.values()) == 7
+
+
 @sqlite_only
 async def test_database_down(gateway: Gateway, settings: Settings) -> None:
     """Closed days in the cache are served; anything that needs the database raises StoreUnavailable.

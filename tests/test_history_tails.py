@@ -107,9 +107,14 @@ async def worker(
                     live.set()
 
             def on_history(
-                as_of: float, min_id: int, complete: bool, changed: list[tuple[int, bytes | None]], epoch: str
+                as_of: float,
+                min_id: int,
+                complete: bool,
+                changed: list[tuple[int, bytes | None]],
+                epoch: str,
+                max_id: int | None,
             ) -> None:
-                history.hear_round(as_of, min_id, complete, changed, epoch)
+                history.hear_round(as_of, min_id, complete, changed, epoch, max_id)
                 me.rounds_heard += 1
 
                 async def notify() -> None:
@@ -1618,3 +1623,35 @@ async def test_a_log_restored_from_a_backup_is_kept_from_scratch(
         answer = await rounds_go_on(w, gateway, clock, x, x, int(SETTLE) + 5)
         assert answer == await plain_select(truth(w), x.id, *today)
         assert sum(quota for quota, *_ in answer.values()) == 1 + (int(SETTLE) + 5) * 7
+
+
+async def test_a_log_restored_from_a_backup_before_the_open_day_is_read_with_new_bounds(
+    gateway: Gateway, settings: Settings, redis_url: str
+) -> None:
+    """The gateway's log is restored from a backup taken 3 hours before the open day began, while
+    the rounds go on: new charges take ids below the one every worker found (and kept) as the
+    bound below the day's start. The rounds report the log's largest id: the leader's first round
+    afresh and the workers that hear it find their bounds again. (They kept them: the leader's
+    round left out y's settled charge, and x's first poll on the follower read nothing.)"""
+    settings = dataclasses.replace(settings, sqlite_path=gateway.path, database=gateway.database)  # type: ignore[arg-type]
+    x, y = gateway.add_token(), gateway.add_token()
+    backup = gateway.add_log(y, created_at=T0 - 3 * 3600, quota=1)
+    for i in range(5):
+        gateway.add_log(y, created_at=T0 - 7200 + i * 600, quota=1)
+    gateway.add_log(x, created_at=NOON - 100, quota=1)
+    clock = Clock(NOON)
+    today = (T0, T0 + DAY)
+    async with worker(settings, clock, redis_url) as a, worker(settings, clock, redis_url) as b:
+        await lead_and_follow(a, b, [y], today)  # both found the bound below T0
+        restore_logs(gateway, backup)
+        clock.now += 1
+        gateway.add_log(y, created_at=int(clock.now), quota=7)
+        gateway.add_log(x, created_at=int(clock.now), quota=7)
+        clock.now += SETTLE + 1  # the rounds settle past these two
+        gateway.add_log(y, created_at=int(clock.now), quota=7)
+        await round_heard(a, a, b)
+        assert await b.history.slots(x.id, *today) == await plain_select(truth(b), x.id, *today)
+        expected = await plain_select(truth(a), y.id, *today)
+        assert sum(quota for quota, *_ in expected.values()) == 14
+        assert await a.history.slots(y.id, *today) == expected
+        assert await b.history.slots(y.id, *today) == expected

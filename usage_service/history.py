@@ -290,9 +290,11 @@ class History:
         # (about 10 ms a collection per 100,000 days held).
         self._days: dict[int, bytes] = {}
         self._tails: OrderedDict[int, Tail] = OrderedDict()
-        # Id bounds of moments (see store/spending.py), which do not change once found.
+        # Id bounds of moments (see store/spending.py), which do not change once found, unless
+        # the log is restored from a backup (note_max_id).
         self._before: OrderedDict[int, int] = OrderedDict()
         self._after: OrderedDict[int, int] = OrderedDict()
+        self._bounds_top = 0  # the largest bound found since they were last forgotten
         self._flights: Flights[int, _Loaded] = Flights(
             (StoreUnavailable,), "a read of a token's spending"
         )  # each token's read of its days
@@ -428,15 +430,19 @@ class History:
         complete: bool,
         changed: Sequence[tuple[int, bytes | None]],
         epoch: str | None = None,
+        max_id: int | None = None,
     ) -> None:
         """Hear the leader's history round: the polled tokens' open days (`complete`: every
         polled token's) were checked as of `as_of`, and these changed or are new to the leader
-        (their tails are in Redis), each with the fingerprint of its tail. The invariant: a tail
-        taken before this worker hears that it changed is never served fresh after, unless it
-        is the very tail the round kept (then it is the leader's from now on); only a complete
-        round keeps the others fresh, and only under its leadership (`epoch`) are tails taken
-        from Redis."""
+        (their tails are in Redis), each with the fingerprint of its tail; the round read the
+        log's smallest id and (None from a leader of the version before) its largest. The
+        invariant: a tail taken before this worker hears that it changed is never served fresh
+        after, unless it is the very tail the round kept (then it is the leader's from now on);
+        only a complete round keeps the others fresh, and only under its leadership (`epoch`)
+        are tails taken from Redis."""
         self.note_min_id(min_id, as_of, self.confirmed_for)
+        if max_id is not None:
+            self.note_max_id(max_id)
         for token_id, fingerprint in changed:
             self._changed[token_id] = as_of  # a read under way may predate the change
             held = self._tails.pop(token_id, None)
@@ -561,11 +567,28 @@ class History:
             self.min_id, self._min_checked = min_id, at
             self._min_reported_until = max(self._min_reported_until, at + vouched_for)
 
+    def note_max_id(self, max_id: int) -> None:
+        """Take the log's largest id, as a round or a look of our own read it. Below a bound
+        found lately, the log was restored from a backup (or emptied): new rows take again the
+        ids the restore freed, below bounds that would leave them out of every read of the open
+        days. Forget the bounds then (found again at the next read), and the open days read
+        directly (they may hold rows the restore took out). (The rounds begin afresh on their
+        own, and name the tokens whose open days changed.) A round's id read a moment before a
+        bound was found may be below it too: the bounds are then found again, to no harm."""
+        if max_id >= self._bounds_top:
+            return
+        self._before.clear()
+        self._after.clear()
+        self._bounds_top = 0
+        for token_id in [t for t, tail in self._tails.items() if tail.until is not None]:
+            del self._tails[token_id]
+
     async def _check_cleanup(self, now: float) -> None:
         self._min_checked = now  # one look per interval, even if it fails
         # A failure leaves the last value: cached days are then served as they were last valid.
         with contextlib.suppress(StoreUnavailable):
-            self.min_id, _ = await id_range(self.reader)
+            self.min_id, max_id = await id_range(self.reader)
+            self.note_max_id(max_id)
 
     def _held_days(self, token_id: int, first: int, last: int) -> tuple[dict[int, Slots], list[int]]:
         held: dict[int, Slots] = {}
@@ -791,7 +814,7 @@ class History:
             # 0 (no row that early) stays right; it would only tighten if rows stamped that long
             # before `at` were still to come, which for a moment already past they are not.
             if bound or at <= self.clock():
-                _remember(self._before, at, bound)
+                self._remember(self._before, at, bound)
         return bound
 
     async def _id_after(self, at: int) -> int | None:
@@ -799,19 +822,19 @@ class History:
         if bound is None:
             bound = await id_after(self.reader, at, int(self.clock()))
             if bound is not None:
-                _remember(self._after, at, bound)
+                self._remember(self._after, at, bound)
         return bound
+
+    def _remember(self, bounds: OrderedDict[int, int], at: int, bound: int) -> None:
+        bounds[at] = bound
+        if len(bounds) > BOUNDS_KEPT:
+            bounds.popitem(last=False)
+        self._bounds_top = max(self._bounds_top, bound)
 
 
 def _day_key(token_id: int, day: int) -> int:
     """One int for (token id, day): days since 1970 of any date lie within ±2**39."""
     return (token_id << 40) + day
-
-
-def _remember(bounds: OrderedDict[int, int], at: int, bound: int) -> None:
-    bounds[at] = bound
-    if len(bounds) > BOUNDS_KEPT:
-        bounds.popitem(last=False)
 
 
 def _select(into: dict[tuple[int, str], Spend], slots: Slots, start: int, end: int) -> None:

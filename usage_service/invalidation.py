@@ -7,10 +7,13 @@ hears a round's confirmation has heard that round's invalidations:
   first time; a worker keeps what it holds of one only if it has that very fingerprint, and
   drops it altogether (no stale copy) for a digest alone: the token is gone, or its key changed;
 - '@' and a wall-clock time: every hot token was checked against the database as of then;
-- '#' as_of ':' the log's smallest id ':' 1 or 0 ':' comma-separated token ids, each with '='
-  and its open days' fingerprint: a history round (tails.py) checked the tokens whose history
-  is polled as of then (all of them: 1; the hot set was cut at USAGE_HOT_MAX: 0), and these
-  ones' open days changed or are new to the leader;
+- '#' as_of ':' the log's smallest id ':' its largest id ':' 1 or 0 ':' the leadership's epoch
+  ':' comma-separated token ids, each with '=' and its open days' fingerprint: a history round
+  (tails.py) checked the tokens whose history is polled as of then (all of them: 1; the hot set
+  was cut at USAGE_HOT_MAX: 0), and these ones' open days changed or are new to the leader. A
+  leader of the version before sends no largest id, and is heard as ever; a worker of the
+  version before cannot read a message that has one, and reads what it needs directly (as
+  without rounds) until it is replaced;
 - '!' and a wall-clock time: the leader began a history round whose word ('#') should come by
   then; '!' alone: its round ended without one (History.round_began).
 
@@ -84,16 +87,18 @@ class InvalidationChannel:
         self,
         as_of: float,
         min_id: int,
+        max_id: int,
         complete: bool,
         token_ids: Iterable[int],
         fingerprints: Mapping[int, bytes] = {},
         epoch: str = "",
     ) -> None:
         """Tell every worker that a history round of leadership `epoch` checked the polled
-        tokens (`complete`: every one) as of `as_of`, and that these tokens' open days changed
-        (written to Redis before), unless what it holds of one has its fingerprint here."""
+        tokens (`complete`: every one) as of `as_of`, when the log's ids ran from `min_id` to
+        `max_id`, and that these tokens' open days changed (written to Redis before), unless
+        what it holds of one has its fingerprint here."""
         changed = ",".join(_part(str(t), fingerprints.get(t)) for t in token_ids)
-        message = f"#{as_of!r}:{min_id}:{int(complete)}:{epoch}:{changed}"
+        message = f"#{as_of!r}:{min_id}:{max_id}:{int(complete)}:{epoch}:{changed}"
         await self.guard.run(lambda: self.guard.client.publish(self.name, message))
 
     async def publish_history_round(self, until: float | None) -> None:
@@ -107,7 +112,7 @@ class InvalidationChannel:
         on_digests: Callable[[list[tuple[bytes, bytes | None]]], None],
         on_confirm: Callable[[float], None],
         on_live: Callable[[bool], None],
-        on_history: Callable[[float, int, bool, list[tuple[int, bytes | None]], str], None] | None = None,
+        on_history: Callable[[float, int, bool, list[tuple[int, bytes | None]], str, int | None], None] | None = None,
         on_history_round: Callable[[float | None], None] | None = None,
     ) -> None:
         """Deliver invalidations and confirmations until cancelled, subscribing again after a failure.
@@ -267,11 +272,17 @@ def _parse_digests(data: object) -> list[tuple[bytes, bytes | None]]:
     return changes
 
 
-def _parse_history(data: bytes) -> tuple[float, int, bool, list[tuple[int, bytes | None]], str]:
-    as_of, min_id, complete, epoch, ids = data[1:].split(b":", 4)
+def _parse_history(data: bytes) -> tuple[float, int, bool, list[tuple[int, bytes | None]], str, int | None]:
+    fields = data[1:].split(b":")
+    max_id: int | None = None
+    if len(fields) == 5:  # from a leader of the version before: no largest id
+        as_of, min_id, complete, epoch, ids = fields
+    else:
+        as_of, min_id, largest, complete, epoch, ids = fields
+        max_id = int(largest)
     changed = []
     for part in ids.decode("ascii").split(","):
         if part:
             token_id, _, fingerprint = part.partition("=")
             changed.append((int(token_id), _fingerprint(fingerprint)))
-    return float(as_of), int(min_id), complete == b"1", changed, epoch.decode("ascii")
+    return float(as_of), int(min_id), complete == b"1", changed, epoch.decode("ascii"), max_id

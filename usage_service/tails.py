@@ -25,9 +25,9 @@ that day again: it holds what reading the day directly would.
 
 It writes the tails that changed to Redis (`hist:tail:<id>`; the others again once half their TTL
 has gone), then publishes one message on the invalidation channel: the round's time, the smallest
-id and the changed tokens. Workers drop what they hold of those and take the rest as confirmed
-(History.hear_round), unless the hot set was cut at USAGE_HOT_MAX: then the round confirms
-nothing, and workers read what they need directly, as they do for any token not kept.
+and largest id and the changed tokens. Workers drop what they hold of those and take the rest as
+confirmed (History.hear_round), unless the hot set was cut at USAGE_HOT_MAX: then the round
+confirms nothing, and workers read what they need directly, as they do for any token not kept.
 
 The steady cost is two statements a round, however many tokens are polled, how often, and by
 how many workers. So that it stays so when the leader is saturated and its rounds run late, it
@@ -101,11 +101,12 @@ class _Gap(NamedTuple):
 
 @dataclass
 class _Kept:
-    """What one round leaves: the log's smallest id, every hot token's open days, the days that
-    closed since the last round (token -> day -> Day), and the hot tokens not kept (`unfit`:
-    a sum of their open days passes 64 bits)."""
+    """What one round leaves: the log's smallest and largest id, every hot token's open days,
+    the days that closed since the last round (token -> day -> Day), and the hot tokens not kept
+    (`unfit`: a sum of their open days passes 64 bits)."""
 
     min_id: int
+    max_id: int
     tails: dict[int, Slots]
     closed: dict[int, dict[int, Day]] = field(default_factory=dict)
     unfit: set[int] = field(default_factory=set)
@@ -218,7 +219,7 @@ class TailKeeper:
         # first sight of 10,000 tokens need not send every worker to Redis for each).
         fingerprints = {t: tail_fingerprint(self._open_day, tails[t]) for t in changed if t in tails}
         complete = len(members) < self.hot_max
-        await redis.channel.publish_history(now, min_id, complete, sorted(changed), fingerprints, epoch)
+        await redis.channel.publish_history(now, min_id, kept.max_id, complete, sorted(changed), fingerprints, epoch)
         self._vouched = complete
         await self._release(redis)
         self._published = tails
@@ -301,6 +302,9 @@ class TailKeeper:
             # rounds settled past. Begin afresh, as a leadership's first round.
             self._forget_kept()
             gap = None
+        # This worker's bounds, which the tokens taken in below are read from, are found again
+        # after such a restore (History.note_max_id): the workers hear of it after this round.
+        self.history.note_max_id(max_id)
         # Days that closed since the last round are read once more with the open ones (a row
         # the gateway wrote late, in the same range of ids), then handed over as closed.
         closing_from = self._open_day
@@ -414,7 +418,7 @@ class TailKeeper:
         for token_id in self._unfit:
             del tails[token_id]
         self.stats.tokens = len(tails)
-        return _Kept(min_id, tails, closed, set(self._unfit))
+        return _Kept(min_id, max_id, tails, closed, set(self._unfit))
 
     async def _first_settled(
         self, mark: int, mark_at: int, min_id: int, now: float, before_statement: LockCheck | None
