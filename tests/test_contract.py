@@ -248,6 +248,21 @@ async def test_etag_revalidation(gateway: Gateway, app_client: AppClient, if_non
         assert response.headers["cache-control"] == "private, no-cache"
 
 
+async def test_if_none_match_over_several_header_lines(gateway: Gateway, app_client: AppClient) -> None:
+    """A list-based field may come as several lines, which mean one list (RFC 9110, 5.3): a
+    client or proxy that sends its validators one to a line gets its 304 all the same."""
+    token = gateway.add_token()
+    async with app_client() as (_, client):
+        etag = (await get(client, token)).headers["etag"]
+        lines = [*token.bearer.items(), ("If-None-Match", '"other"'), ("If-None-Match", etag)]
+        response = await client.get(URL, headers=lines)
+        unmatched = await client.get(URL, headers=[*token.bearer.items(), *[("If-None-Match", '"a"')] * 2])
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["etag"] == etag
+    assert unmatched.status_code == 200
+
+
 async def test_etag_changes_when_usage_changes(gateway: Gateway, app_client: AppClient) -> None:
     token = gateway.add_token()
     async with app_client(cache_ttl=0.05, local_ttl=0.05) as (_, client):

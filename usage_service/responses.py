@@ -65,13 +65,14 @@ class JSONAnswer:
 
 
 async def send_revalidated(scope: Scope, send: Send, answer: JSONAnswer) -> None:
-    """Send the answer, or 304 without its body when the request's If-None-Match matches its ETag."""
+    """Send the answer, or 304 without its body when the request's If-None-Match matches its ETag.
+
+    Every If-None-Match line counts: a list-based field sent as several lines is one list
+    (RFC 9110, 5.3), and the matching validator may be on any of them."""
     for name, value in scope["headers"]:
-        if name == b"if-none-match":
-            if etag_matches(value, answer.etag):
-                await send_body(scope, send, 304, [NO_CACHE, (b"etag", answer.etag)], b"")
-                return
-            break
+        if name == b"if-none-match" and etag_matches(value, answer.etag):
+            await send_body(scope, send, 304, [NO_CACHE, (b"etag", answer.etag)], b"")
+            return
     # A fresh list: the server or a middleware may add to the headers it is given.
     await send_body(scope, send, 200, [*answer.headers], answer.body)
 
