@@ -68,6 +68,18 @@ async def used(client: httpx.AsyncClient, token: Token) -> int:
     return int(response.json()["data"]["total_used"])
 
 
+async def asked_in_an_outage(
+    client: httpx.AsyncClient, token: Token, gateway: Gateway, proxied_redis: TCPProxy
+) -> httpx.Response:
+    """Ask for a token while Redis answers nothing and the database is locked (what stale-if-error is for)."""
+    proxied_redis.black_hole()
+    try:
+        with gateway.exclusive_lock():
+            return await client.get(URL, headers=token.bearer)
+    finally:
+        proxied_redis.heal()
+
+
 async def heard_so_far(app: Starlette, client: httpx.AsyncClient, sentinel: Token) -> None:
     """Return once this worker's listener has handled everything published so far: one more
     message on the same channel, an invalidation of a sentinel token, has reached it."""
@@ -493,10 +505,8 @@ async def test_stale_if_error_survives_an_invalidation(
             changed = f"{key_digest(token.key.encode()).hex()}={'ff' * 8}"
             redis_client.publish(app.state.redis.channel.name, changed)
             await until(lambda: fresh_in_process(app, token) is None)
-        proxied_redis.black_hole()
-        with gateway.exclusive_lock():
-            assert await used(client, token) == 7
-        proxied_redis.heal()
+        response = await asked_in_an_outage(client, token, gateway, proxied_redis)
+        assert response.status_code == 200 and response.json()["data"]["total_used"] == 7
         assert app.state.lookup.stats.stale_served == 1
 
 
@@ -520,10 +530,7 @@ async def test_a_token_gone_is_never_served_stale(
             gateway.update_token(token, key=new_key())
         await app.state.refresher.tick()  # ...and names it with no record
         await until(lambda: fresh_in_process(app, token) is None)
-        proxied_redis.black_hole()
-        with gateway.exclusive_lock():
-            response = await client.get(URL, headers=token.bearer)
-        proxied_redis.heal()
+        response = await asked_in_an_outage(client, token, gateway, proxied_redis)
     assert response.status_code == 503, response.text
     assert app.state.lookup.stats.stale_served == 0
 
@@ -574,10 +581,7 @@ async def test_a_read_that_the_news_of_a_token_gone_overtakes_leaves_no_stale_co
         gate.release.set()
         # Those waiting may be answered with what it read; a failed read has nothing to give them.
         assert (await request).status_code == (503 if how == "failing" else 200)
-        proxied_redis.black_hole()
-        with gateway.exclusive_lock():
-            response = await client.get(URL, headers=token.bearer)
-        proxied_redis.heal()
+        response = await asked_in_an_outage(client, token, gateway, proxied_redis)
     assert response.status_code == 503, response.text
     assert app.state.lookup.stats.stale_served == 0
 
@@ -1132,6 +1136,16 @@ async def test_a_confirmation_from_a_leader_whose_clock_runs_ahead_holds_a_cache
         assert fresh_in_process(app, token) is None
 
 
+def clocks_a_second_apart(monkeypatch: pytest.MonkeyPatch) -> tuple[WallClock, WallClock, float]:
+    """Two instances' clocks, set on the lookup (the requests' instance, a second ahead) and on
+    the refresher (the leader's): (the requests' clock, the leader's, the monotonic start)."""
+    base, mono = float(int(time.time())), time.monotonic()
+    worker, leader = WallClock(base + 1.0, mono), WallClock(base, mono)
+    monkeypatch.setattr(usage_service.lookup, "time", worker)
+    monkeypatch.setattr(usage_service.refresh, "time", leader)
+    return worker, leader, mono
+
+
 async def test_a_record_read_before_the_leaders_by_a_clock_ahead_is_not_taken_back(
     gateway: Gateway, app_client: AppClient, redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1141,11 +1155,7 @@ async def test_a_record_read_before_the_leaders_by_a_clock_ahead_is_not_taken_ba
     request's record over it. Workers its invalidation sends to Redis must not take that record
     back (they did, and later rounds, finding the token unchanged, confirmed it for a minute):
     what they take must be the record the round named, else they read the database."""
-    base, mono = float(int(time.time())), time.monotonic()
-    worker = WallClock(base + 1.0, mono)  # the requests' instance
-    leader = WallClock(base, mono)  # the leader's instance
-    monkeypatch.setattr(usage_service.lookup, "time", worker)
-    monkeypatch.setattr(usage_service.refresh, "time", leader)
+    worker, leader, mono = clocks_a_second_apart(monkeypatch)
     token, sentinel = gateway.add_token(used=1), gateway.add_token()
     digest = key_digest(token.key.encode())
     async with app_client(redis_url=redis_url, **MANUAL_ROUNDS) as (app, client):
@@ -1179,11 +1189,7 @@ async def test_a_token_named_again_is_the_newest_naming_a_worker_keeps(
     the leader named long ago (its first sight) and names again now is among the newest. (Its
     naming kept the place of the first one and went first: the record from a clock ahead that
     the round's naming is there to refuse was taken back, and confirmed.)"""
-    base, mono = float(int(time.time())), time.monotonic()
-    worker = WallClock(base + 1.0, mono)  # the requests' instance
-    leader = WallClock(base, mono)  # the leader's instance
-    monkeypatch.setattr(usage_service.lookup, "time", worker)
-    monkeypatch.setattr(usage_service.refresh, "time", leader)
+    worker, leader, _ = clocks_a_second_apart(monkeypatch)
     token, sentinel = gateway.add_token(used=1), gateway.add_token()
     digest = key_digest(token.key.encode())
     others = [bytes([i]) * 32 for i in range(1, 5)]  # tokens this worker holds nothing of

@@ -280,6 +280,12 @@ async def test_a_wal_file_appearing_alone_makes_the_store_say_why(shared_dir: Pa
         await store.close()
 
 
+async def used_quota(store: SQLiteStore, key: str) -> int:
+    record = await store.fetch(key)
+    assert record is not None
+    return record.used_quota
+
+
 @pytest.mark.asyncio
 async def test_a_symlinked_path_finds_the_wal_files_beside_the_file_it_names(shared_dir: Path) -> None:
     """SQLITE_PATH a symbolic link to the gateway's file: SQLite keeps -wal and -shm beside the
@@ -295,11 +301,9 @@ async def test_a_symlinked_path_finds_the_wal_files_beside_the_file_it_names(sha
         link.symlink_to(gateway.path)
         store = await SQLiteStore.open(link, timeout=1.0, pool_size=1)
         try:
-            record = await store.fetch(token.key)
-            assert record is not None and record.used_quota == 3
+            assert await used_quota(store, token.key) == 3
             gateway.db.execute("UPDATE tokens SET used_quota = 8 WHERE `key` = ?", (token.key,))
-            record = await store.fetch(token.key)
-            assert record is not None and record.used_quota == 8
+            assert await used_quota(store, token.key) == 8
         finally:
             await store.close()
     finally:
@@ -319,12 +323,10 @@ async def test_a_symbolic_link_pointed_at_another_file_is_followed(shared_dir: P
         store = await SQLiteStore.open(link, timeout=1.0, pool_size=1)
         store.identity_check_interval = 0
         try:
-            record = await store.fetch(token.key)
-            assert record is not None and record.used_quota == 3
+            assert await used_quota(store, token.key) == 3
             (shared_dir / "next").symlink_to(new.path)
             os.replace(shared_dir / "next", link)  # the link swapped in one step
-            record = await store.fetch(token.key)
-            assert record is not None and record.used_quota == 9
+            assert await used_quota(store, token.key) == 9
         finally:
             await store.close()
     finally:
